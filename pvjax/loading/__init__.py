@@ -1,0 +1,1 @@
+"""Checkpoint readers. Each maps every source tensor explicitly and fails on a missing or unused one."""

@@ -1,0 +1,151 @@
+"""`pvjax.load` and `pvjax.forward`: the public entry points to the models.
+
+Shape legend: B batch, T positions, L = n_layers + 1 hidden-state rows, D hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pvjax.capture import Capture, ForwardOutput, activations_only
+from pvjax.config import ModelConfig
+from pvjax.interventions import Intervention
+from pvjax.models.decoder import decode
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """An immutable bundle: config, parameter pytree (numpy or jax arrays) and tokenizer."""
+
+    config: ModelConfig
+    params: Any
+    tokenizer: Any
+    source: str = ""
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+    @property
+    def model_id(self) -> str:
+        return self.config.name or Path(self.source).name
+
+    def chat_text(self, messages, *, add_generation_prompt: bool = True) -> str:
+        from pvjax.loading.tokenizer import render_chat
+
+        return render_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
+                           model_name=self.model_id)
+
+    def replace(self, **kw) -> "Model":
+        return dataclasses.replace(self, **kw)
+
+
+def default_dtype():
+    """float32 on CPU (exact parity, and CPUs gain nothing from bf16); bfloat16 on accelerators."""
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+
+
+def load(source: str | os.PathLike, *, dtype=None) -> Model:
+    """Load a model from a local Hugging Face folder (config.json + safetensors, sharded or not), a
+    `.gguf` file (dequantized), or the name `smollm2-135m-instruct` (the embedded model)."""
+    from pvjax.embedded import EMBEDDED_NAME, embedded_gguf_path
+    from pvjax.loading import tokenizer as toks
+
+    dtype = jnp.dtype(dtype or default_dtype())
+    name = str(source)
+    if name == EMBEDDED_NAME:
+        source = embedded_gguf_path()
+    path = Path(source)
+    if path.suffix == ".gguf":
+        from pvjax.loading.gguf_file import load_gguf
+
+        cfg, params, _ = load_gguf(path, dtype)
+        tokenizer = toks.load_gguf_tokenizer(path)
+        if name == EMBEDDED_NAME:
+            cfg = dataclasses.replace(cfg, name=EMBEDDED_NAME)
+    elif path.is_dir():
+        from pvjax.loading.safetensors_folder import load_folder
+
+        cfg, params = load_folder(path, dtype)
+        tokenizer = toks.load_folder_tokenizer(path)
+    elif not path.exists():
+        raise FileNotFoundError(f"model source {name!r} is neither a local folder, a .gguf file, nor "
+                                f"the embedded model name {EMBEDDED_NAME!r}")
+    else:
+        raise ValueError(f"cannot load {name!r}: expected a Hugging Face folder or a .gguf file")
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return Model(config=cfg, params=params, tokenizer=tokenizer, source=str(source))
+
+
+def default_positions(attention_mask_BT) -> jax.Array:
+    """Positions counted over real tokens only, so left padding does not shift a prompt's rotary
+    phases (what transformers' `generate` does; its plain forward uses arange unless told)."""
+    m = jnp.asarray(attention_mask_BT, jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "scan"))
+def _forward(params, cfg, tokens, attention_mask, positions, intervention, capture, scan):
+    return decode(params, cfg, tokens, positions, attention_mask, intervention=intervention,
+                  capture=capture, scan=scan)
+
+
+def forward(model: Model, tokens, *, attention_mask=None, positions=None,
+            intervention: Intervention | None = None, capture: Capture = Capture(),
+            scan: bool = True) -> ForwardOutput:
+    """Run the model on token ids `[B, T]` (left padding marked by `attention_mask` zeros).
+
+    Returns `ForwardOutput(logits [B, T, V] float32, hidden_states [L, B, T, D], pooled, projections)`;
+    which fields are filled is set by `capture`. `hidden_states` follows transformers'
+    `output_hidden_states`: row 0 the embeddings, row l the output of block l, the last row after
+    the final norm. Positions default to `default_positions(attention_mask)`.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    _check_tokens(model, tokens)
+    if attention_mask is None:
+        attention_mask = jnp.ones(tokens.shape, jnp.int32)
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    if positions is None:
+        positions = default_positions(attention_mask)
+    if intervention is not None and intervention.n_rows != model.n_layers + 1:
+        raise ValueError(f"intervention has {intervention.n_rows} rows but {model.model_id} has "
+                         f"n_layers+1 = {model.n_layers + 1}")
+    return _forward(model.params, model.config, tokens, attention_mask, jnp.asarray(positions),
+                    intervention, capture, scan)
+
+
+def activations(model: Model, tokens, *, attention_mask=None, positions=None, intervention=None,
+                pool_weights=None, probes=None, hidden=True, scan=True) -> ForwardOutput:
+    """`forward` without the LM head: only hidden states, pooled statistics or projections."""
+    return forward(model, tokens, attention_mask=attention_mask, positions=positions,
+                   intervention=intervention,
+                   capture=activations_only(pool_weights, probes, hidden), scan=scan)
+
+
+def _check_tokens(model: Model, tokens) -> None:
+    T = tokens.shape[-1]
+    if T > model.config.max_position_embeddings:
+        raise ValueError(f"input of {T} tokens is longer than the context window of "
+                         f"{model.model_id} ({model.config.max_position_embeddings})")
+    if not isinstance(tokens, jax.core.Tracer):
+        hi = int(np.asarray(tokens).max(initial=0))
+        if hi >= model.config.vocab_size:
+            raise ValueError(f"token id {hi} is outside the vocabulary of size {model.config.vocab_size}")

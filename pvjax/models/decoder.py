@@ -1,0 +1,167 @@
+"""One Llama-like decoder (Llama 2/3/3.1, SmolLM2, Qwen2/2.5) as a pure function of a param pytree.
+
+Shape legend: B batch, T new positions, S cache slots, D hidden, H query heads, K kv heads,
+G = H / K query heads per kv head, E head dim, F mlp width, V vocab, N blocks, L = N + 1 rows of
+`hidden_states`.
+
+Per-layer weights are stacked on a leading N axis and the blocks run under `lax.scan`, so a model of
+any depth compiles once and the per-row captures come out stacked. Row l of every capture is what
+transformers reports as `hidden_states[l]`: row 0 the embeddings, row l < N the raw output of block
+l, row N the output of the last block *after the final norm* (transformers' convention; the raw
+block-N output is never reported). Interventions at row N act on the raw block output, before the
+final norm.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pvjax.capture import Capture, ForwardOutput, row_capture
+from pvjax.config import ModelConfig
+from pvjax.interventions import Intervention, apply_row
+from pvjax.models.rope import apply_rope, inverse_frequencies, rope_tables
+
+_MASKED = -1e30  # finite, so fully padded query rows give garbage, not NaN that could leak into sums
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [N, B, S, K, E]
+    v: jax.Array  # [N, B, S, K, E]
+    valid: jax.Array  # [B, S] bool: slot holds a real token
+    index: jax.Array  # [] int32: next slot to write
+
+
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype) -> KVCache:
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                   jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+
+
+def rms_norm(x, w, eps):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return w * x32.astype(x.dtype)
+
+
+def _attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+    B, T, H, E = q_BTHE.shape
+    K = k_BSKE.shape[2]
+    q = q_BTHE.reshape(B, T, K, H // K, E)
+    s = jnp.einsum("btkge,bske->bkgts", q, k_BSKE).astype(jnp.float32) * (E ** -0.5)
+    s = jnp.where(mask_BTS[:, None, None], s, _MASKED)
+    p = jax.nn.softmax(s, axis=-1).astype(v_BSKE.dtype)  # float32 before softmax, as transformers
+    o = jnp.einsum("bkgts,bske->btkge", p, v_BSKE)
+    return o.reshape(B, T, H * E)
+
+
+def _block(cfg: ModelConfig, lp, h, cos, sin, attend):
+    """One decoder block. `attend(k, v) -> (keys, values, mask)` hides cache handling."""
+    B, T, _ = h.shape
+    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+    q, k, v = x @ lp["wq"], x @ lp["wk"], x @ lp["wv"]
+    if cfg.qkv_bias:
+        q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    q = apply_rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
+    k = apply_rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+    v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    keys, values, mask, new_cache = attend(k, v)
+    h = h + _attention(q, keys, values, mask) @ lp["wo"]
+    x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
+    h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+    return h, new_cache
+
+
+def _row_intervention(iv: Intervention | None, row):
+    if iv is None:
+        return None
+    return (iv.steer_vectors[row], iv.steer_coefs[row], iv.ablate_dirs[row], iv.ablate_coefs[row])
+
+
+def _edit(h, iv: Intervention | None, row_iv):
+    if iv is None:
+        return h
+    return apply_row(h, *row_iv, iv.steer_mask, iv.ablate_mask)
+
+
+def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT, *,
+           intervention: Intervention | None = None, capture: Capture = Capture(),
+           cache: KVCache | None = None, scan: bool = True) -> ForwardOutput:
+    """Run the decoder. Without `cache`, attention is causal over `tokens` masked by
+    `attention_mask`. With `cache`, the new tokens are written at `cache.index` and attend to every
+    valid earlier slot; the updated cache is returned in the output."""
+    n_blocks = cfg.num_layers
+    if intervention is not None and intervention.n_rows != n_blocks + 1:
+        raise ValueError(f"intervention has {intervention.n_rows} rows, model has {n_blocks + 1}")
+    probes = capture.probes
+    if probes is not None and probes.ndim == 2:
+        probes = jnp.broadcast_to(probes, (n_blocks + 1,) + probes.shape)
+
+    h = params["embed"][tokens_BT]
+    cos, sin = rope_tables(jnp.asarray(inverse_frequencies(cfg)), positions_BT)
+    B, T = tokens_BT.shape
+    valid_BT = jnp.asarray(attention_mask_BT).astype(bool)
+    if cache is None:
+        causal = jnp.tril(jnp.ones((T, T), bool))
+        mask_BTS = causal[None] & valid_BT[:, None, :]
+        slots = None
+    else:
+        S = cache.valid.shape[1]
+        kv_valid = jax.lax.dynamic_update_slice(cache.valid, valid_BT, (0, cache.index))
+        q_slot = cache.index + jnp.arange(T)
+        mask_BTS = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & kv_valid[:, None, :]
+        slots = kv_valid
+
+    h = _edit(h, intervention, _row_intervention(intervention, 0))
+    first = row_capture(h, capture, None if probes is None else probes[0])
+
+    def body(carry, xs):
+        h, ck, cv = carry
+        lp, i, row_iv, probe = xs
+
+        def attend(k, v):
+            if cache is None:
+                return k, v, mask_BTS, (ck, cv)
+            nk = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, cache.index, 0, 0))
+            nv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, cache.index, 0, 0))
+            return nk[i], nv[i], mask_BTS, (nk, nv)
+
+        h, (ck, cv) = _block(cfg, lp, h, cos, sin, attend)
+        h = _edit(h, intervention, row_iv)
+        return (h, ck, cv), row_capture(h, capture, probe)
+
+    row_ivs = None
+    if intervention is not None:
+        row_ivs = jax.tree_util.tree_map(lambda x: x[1:], _row_intervention(intervention, slice(None)))
+    xs = (params["layers"], jnp.arange(n_blocks), row_ivs, None if probes is None else probes[1:])
+    ck, cv = (cache.k, cache.v) if cache is not None else (jnp.zeros(()), jnp.zeros(()))
+    if scan:
+        (h, ck, cv), rows = jax.lax.scan(body, (h, ck, cv), xs)
+    else:
+        carry, outs = (h, ck, cv), []
+        for n in range(n_blocks):
+            carry, out = body(carry, jax.tree_util.tree_map(lambda x: x[n], xs))
+            outs.append(out)
+        (h, ck, cv) = carry
+        rows = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *outs)
+
+    normed = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    last = row_capture(normed, capture, None if probes is None else probes[-1])
+    # Rows 1..N-1 come from the scan; row N is replaced by its normed version (see module docstring).
+    stacked = jax.tree_util.tree_map(
+        lambda a, mid, z: jnp.concatenate([a[None], mid[:-1], z[None]]), first, rows, last)
+
+    logits = None
+    if capture.logits != "none":
+        x = normed[:, -1:] if capture.logits == "last" else normed
+        head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+        logits = (x @ head).astype(jnp.float32)
+
+    new_cache = None
+    if cache is not None:
+        new_cache = KVCache(ck, cv, slots, cache.index + T)
+    return ForwardOutput(logits=logits, hidden_states=stacked.get("hidden"),
+                         pooled=stacked.get("pooled"), projections=stacked.get("projections"),
+                         cache=new_cache)
