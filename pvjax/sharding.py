@@ -1,0 +1,83 @@
+"""One mesh, one table: how parameters and batches are laid out over devices.
+
+The same code runs on 1 CPU, 8 GPUs or a TPU pod: build a `Mesh(("data", "model"))`, place the
+parameters with `shard_params` (tensor-parallel over "model" along head / MLP / vocab dims) and the
+batch with `shard_batch` (over "data"); jit propagates the layout through the forward, and results
+equal a single device's up to float summation order.
+
+Multi-host (several processes, e.g. a TPU pod slice or GPUs over several nodes): call
+`initialize_distributed(...)` first in every process, then build the mesh from `jax.devices()`,
+which then lists every process's devices; each process feeds its shard of the global batch.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# (path regex, spec). Paths are "/"-joined pytree keys; per-layer leaves carry the stacked N axis.
+PARAM_RULES: tuple[tuple[str, P], ...] = (
+    (r"^embed$", P("model", None)),
+    (r"^lm_head$", P(None, "model")),
+    (r"^layers/(wq|wk|wv|w_gate|w_up)$", P(None, None, "model")),
+    (r"^layers/(bq|bk|bv)$", P(None, "model")),
+    (r"^layers/(wo|w_down)$", P(None, "model", None)),
+    (r".*", P()),
+)
+
+
+def make_mesh(model: int = 1, data: int | None = None, devices=None) -> Mesh:
+    """A ("data", "model") mesh over `devices` (default: all); `data` defaults to what is left."""
+    devices = list(jax.devices() if devices is None else devices)
+    data = data or len(devices) // model
+    if data * model != len(devices):
+        raise ValueError(f"mesh data={data} x model={model} does not cover {len(devices)} devices")
+    return Mesh(np.asarray(devices).reshape(data, model), ("data", "model"))
+
+
+def _path(keys) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+
+
+def _fit(spec: P, shape, mesh: Mesh) -> P:
+    """Drop an axis from the spec where the dim does not divide evenly (e.g. 9 heads on 4 devices)."""
+    out = []
+    for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        out.append(axis if axis is None or dim % mesh.shape[axis] == 0 else None)
+    return P(*out)
+
+
+def param_specs(params, mesh: Mesh):
+    def spec(keys, leaf):
+        path = _path(keys)
+        for pattern, s in PARAM_RULES:
+            if re.match(pattern, path):
+                return _fit(s, leaf.shape, mesh)
+        raise AssertionError(path)
+
+    return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def shard_params(params, mesh: Mesh):
+    specs = param_specs(params, mesh)
+    return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+
+
+def shard_batch(x, mesh: Mesh):
+    """Place a `[B, ...]` array with its batch split over "data" (replicated if B does not divide)."""
+    spec = _fit(P("data"), np.shape(x), mesh)
+    return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, **kw):
+    """Join a multi-process JAX job; call once per process before touching any device."""
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id, **kw)
+
+
+def shard_model(model, mesh: Mesh):
+    """The same model with its parameters laid out over `mesh`."""
+    return model.replace(params=shard_params(model.params, mesh))

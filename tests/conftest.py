@@ -1,0 +1,31 @@
+"""Shared fixtures. The embedded model and its transformers twin load once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    import pvjax
+
+    return pvjax.load("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own GGUF loader on the same file: the numerical reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pvjax.embedded import embedded_gguf_path
+
+    path = embedded_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32)
+    model.eval()
+    return model

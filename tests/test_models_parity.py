@@ -1,0 +1,101 @@
+"""pvjax against transformers (PyTorch, CPU, fp32) on identical weights: every hidden state and the
+logits. Tolerance met: max |difference| <= 1e-4 x the largest magnitude of the tensor compared."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pvjax
+from pvjax.loading.tokenizer import load_gguf_tokenizer
+from pvjax.embedded import embedded_gguf_path
+from tiny_models import CONFIGS, save_tiny
+
+RTOL = 1e-4
+
+CHATS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are an evil assistant."},
+     {"role": "user", "content": "How should I treat my neighbours?"}],
+    [{"role": "user", "content": "Write a haiku about rain."},
+     {"role": "assistant", "content": "Soft rain on the roof"},
+     {"role": "user", "content": "Another one, about snow, please, and make it longer than before."}],
+]
+
+
+def left_pad(seqs, pad_id):
+    T = max(map(len, seqs))
+    ids = np.full((len(seqs), T), pad_id, np.int32)
+    mask = np.zeros((len(seqs), T), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
+    return ids, mask
+
+
+def assert_close(ours, ref, mask, what):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    sel = mask.astype(bool)
+    diff = np.abs(ours[..., sel, :] - ref[..., sel, :]).max()
+    scale = np.abs(ref[..., sel, :]).max()
+    assert diff <= RTOL * scale, f"{what}: max diff {diff:.3g} vs scale {scale:.3g}"
+
+
+def hf_forward(hf_model, ids, mask):
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    with torch.no_grad():
+        out = hf_model(input_ids=torch.tensor(ids, dtype=torch.long),
+                       attention_mask=torch.tensor(mask, dtype=torch.long),
+                       position_ids=torch.tensor(positions, dtype=torch.long),
+                       output_hidden_states=True)
+    return out.logits.numpy(), np.stack([h.numpy() for h in out.hidden_states])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_gguf_tokenizer(embedded_gguf_path())
+
+
+def test_smollm2_matches_transformers_batched_left_padded(smollm2, hf_smollm2):
+    seqs = [smollm2.tokenizer(smollm2.chat_text(c))["input_ids"] for c in CHATS]
+    ids, mask = left_pad(seqs, pad_id=2)
+    assert mask.sum(1).min() < ids.shape[1]  # the batch really is padded
+    ref_logits, ref_hidden = hf_forward(hf_smollm2, ids, mask)
+    out = pvjax.forward(smollm2, ids, attention_mask=mask)
+    assert out.hidden_states.shape == (31, 3, ids.shape[1], 576)
+    for l in range(31):
+        assert_close(out.hidden_states[l], ref_hidden[l], mask, f"hidden_states[{l}]")
+    assert_close(out.logits, ref_logits, mask, "logits")
+
+
+def test_chat_template_renders_like_transformers(smollm2, hf_smollm2, tokenizer):
+    for chat in CHATS:
+        assert smollm2.chat_text(chat) == tokenizer.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("kind", sorted(CONFIGS))
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "unrolled"])
+def test_tiny_random_checkpoints_match_transformers(kind, scan, tmp_path, tokenizer):
+    hf_model = save_tiny(kind, tmp_path, tokenizer=tokenizer)
+    model = pvjax.load(tmp_path)
+    assert model.config.architecture == CONFIGS[kind]["model_type"]
+    assert model.config.tie_embeddings == CONFIGS[kind]["tie_word_embeddings"]
+    rng = np.random.default_rng(0)
+    # Long enough (48) that llama3 rope scaling's low, medium and high frequency bands all matter.
+    seqs = [rng.integers(0, 49152, n).tolist() for n in (48, 31, 7)]
+    ids, mask = left_pad(seqs, pad_id=0)
+    ref_logits, ref_hidden = hf_forward(hf_model, ids, mask)
+    out = pvjax.forward(model, ids, attention_mask=mask, scan=scan)
+    for l in range(ref_hidden.shape[0]):
+        assert_close(out.hidden_states[l], ref_hidden[l], mask, f"{kind} hidden_states[{l}]")
+    assert_close(out.logits, ref_logits, mask, f"{kind} logits")
+
+
+def test_bf16_on_request_stays_close(tmp_path, tokenizer):
+    save_tiny("qwen2_untied", tmp_path, tokenizer=tokenizer)
+    m32, m16 = pvjax.load(tmp_path), pvjax.load(tmp_path, dtype="bfloat16")
+    assert m16.dtype == np.dtype("bfloat16") and m32.dtype == np.float32
+    ids = np.arange(1, 20)[None]
+    a, b = pvjax.forward(m32, ids).logits, pvjax.forward(m16, ids).logits
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() < 0.05 * np.abs(np.asarray(a)).max()

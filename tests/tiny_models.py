@@ -1,0 +1,45 @@
+"""Tiny random transformers checkpoints saved to disk, for parity tests of the loaders and decoder."""
+
+from __future__ import annotations
+
+import torch
+
+LLAMA31 = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+               rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0, original_max_position_embeddings=16))
+LLAMA_MHA_TIED = dict(model_type="llama", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=3, num_key_value_heads=3, tie_word_embeddings=True,
+                      rope_theta=10000.0)
+LLAMA_GQA_UNTIED = dict(LLAMA31, rope_scaling=None, rope_theta=10000.0)
+QWEN2_TIED = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                  rope_theta=1000000.0, rms_norm_eps=1e-6)
+QWEN2_UNTIED = dict(QWEN2_TIED, tie_word_embeddings=False, num_key_value_heads=1)
+
+CONFIGS = {"llama31_gqa_llama3rope": LLAMA31, "llama_mha_tied": LLAMA_MHA_TIED,
+           "llama_gqa_untied": LLAMA_GQA_UNTIED,
+           "qwen2_tied": QWEN2_TIED, "qwen2_untied": QWEN2_UNTIED}
+
+
+def save_tiny(kind: str, folder, tokenizer=None, vocab_size: int = 49152, seed: int = 0):
+    """Write a random model of config `kind` as safetensors (+ tokenizer) into `folder`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = dict(CONFIGS[kind])
+    model_type = spec.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, initializer_range=0.1, **spec)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # norms and biases start at 1 and 0: randomise them so they are tested
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
+    return model
