@@ -101,25 +101,31 @@ def default_positions(attention_mask_BT) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scan"))
-def _forward(params, cfg, tokens, attention_mask, positions, intervention, capture, scan):
+def _forward(params, cfg, tokens, attention_mask, positions, intervention, capture, segment_ids, scan):
     return decode(params, cfg, tokens, positions, attention_mask, intervention=intervention,
-                  capture=capture, scan=scan)
+                  capture=capture, segment_ids_BT=segment_ids, scan=scan)
 
 
 def forward(model: Model, tokens, *, attention_mask=None, positions=None,
             intervention: Intervention | None = None, capture: Capture = Capture(),
-            scan: bool = True) -> ForwardOutput:
+            segment_ids=None, scan: bool = True) -> ForwardOutput:
     """Run the model on token ids `[B, T]` (left padding marked by `attention_mask` zeros).
 
     Returns `ForwardOutput(logits [B, T, V] float32, hidden_states [L, B, T, D], pooled, projections)`;
     which fields are filled is set by `capture`. `hidden_states` follows transformers'
     `output_hidden_states`: row 0 the embeddings, row l the output of block l, the last row after
-    the final norm. Positions default to `default_positions(attention_mask)`.
+    the final norm. Positions default to `default_positions(attention_mask)`. `segment_ids`
+    `[B, T]` (0 = padding) packs several sequences in a row; see `pvjax.packing`.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     if tokens.ndim == 1:
         tokens = tokens[None]
     _check_tokens(model, tokens)
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        attention_mask = (segment_ids > 0).astype(jnp.int32) if attention_mask is None else attention_mask
+        if positions is None:
+            raise ValueError("packed rows (segment_ids) need explicit positions; see pvjax.packing")
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
@@ -129,15 +135,16 @@ def forward(model: Model, tokens, *, attention_mask=None, positions=None,
         raise ValueError(f"intervention has {intervention.n_rows} rows but {model.model_id} has "
                          f"n_layers+1 = {model.n_layers + 1}")
     return _forward(model.params, model.config, tokens, attention_mask, jnp.asarray(positions),
-                    intervention, capture, scan)
+                    intervention, capture, segment_ids, scan)
 
 
 def activations(model: Model, tokens, *, attention_mask=None, positions=None, intervention=None,
-                pool_weights=None, probes=None, hidden=True, scan=True) -> ForwardOutput:
+                pool_weights=None, probes=None, hidden=True, segment_ids=None,
+                scan=True) -> ForwardOutput:
     """`forward` without the LM head: only hidden states, pooled statistics or projections."""
     return forward(model, tokens, attention_mask=attention_mask, positions=positions,
-                   intervention=intervention,
-                   capture=activations_only(pool_weights, probes, hidden), scan=scan)
+                   intervention=intervention, capture=activations_only(pool_weights, probes, hidden),
+                   segment_ids=segment_ids, scan=scan)
 
 
 def _check_tokens(model: Model, tokens) -> None:

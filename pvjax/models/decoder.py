@@ -88,9 +88,10 @@ def _edit(h, iv: Intervention | None, row_iv):
 
 def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT, *,
            intervention: Intervention | None = None, capture: Capture = Capture(),
-           cache: KVCache | None = None, scan: bool = True) -> ForwardOutput:
+           cache: KVCache | None = None, segment_ids_BT=None, scan: bool = True) -> ForwardOutput:
     """Run the decoder. Without `cache`, attention is causal over `tokens` masked by
-    `attention_mask`. With `cache`, the new tokens are written at `cache.index` and attend to every
+    `attention_mask`; with `segment_ids` (packed rows, 0 = padding) a token also attends only within
+    its own segment. With `cache`, the new tokens are written at `cache.index` and attend to every
     valid earlier slot; the updated cache is returned in the output."""
     n_blocks = cfg.num_layers
     if intervention is not None and intervention.n_rows != n_blocks + 1:
@@ -106,6 +107,8 @@ def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT,
     if cache is None:
         causal = jnp.tril(jnp.ones((T, T), bool))
         mask_BTS = causal[None] & valid_BT[:, None, :]
+        if segment_ids_BT is not None:
+            mask_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
         slots = None
     else:
         S = cache.valid.shape[1]

@@ -1,0 +1,117 @@
+"""Activations-only forward: pvjax (batched, all layers pooled over response tokens inside the scan,
+no logits) against what the reference implementation does (transformers, one sample at a time,
+`output_hidden_states=True`, pooled afterwards). Same run, same texts.
+
+    python benchmarks/forward.py             # SmolLM2 on this machine; last line: ratio=<pvjax/ref>
+    python benchmarks/forward.py --random-7b # GPU: Qwen2.5-7B-shaped random bf16 model, tokens/s, MFU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pvjax
+from common import Timer, peak_for, samples
+from pvjax.capture import pooling_weights
+from pvjax.packing import pooled_activations
+
+
+def run_pvjax(model, seqs, prompt_lens, args):
+    """Packed rows (see pvjax.packing): first pass compiles, second is timed."""
+    def run():
+        return pooled_activations(model, seqs, prompt_lens, width=args.width, rows_per_batch=args.rows)
+
+    with Timer() as first:
+        run()
+    with Timer() as t:
+        pooled = run()
+    return t.seconds, first.seconds - t.seconds, pooled
+
+
+def run_reference(seqs, prompt_lens, threads):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pvjax.embedded import embedded_gguf_path
+
+    torch.set_num_threads(threads)
+    path = embedded_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    pooled = []
+    with torch.no_grad(), Timer() as t:
+        for seq, p in zip(seqs, prompt_lens):
+            hs = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+            pooled.append(torch.stack([h[0, p:].mean(0) for h in hs]).numpy())
+    return t.seconds, pooled
+
+
+def smollm2(args):
+    model = pvjax.load("smollm2-135m-instruct")
+    data = samples(model.tokenizer, model.chat_text, args.n)
+    seqs = [model.tokenizer(p + a)["input_ids"] for p, a, _ in data]
+    prompt_lens = [n for _, _, n in data]
+    n_tokens = sum(map(len, seqs))
+    secs, compile_s, ours = run_pvjax(model, seqs, prompt_lens, args)
+    ref_secs, ref_pooled = run_reference(seqs, prompt_lens, os.cpu_count())
+    err = max(float(np.abs(ours[i, :, 0] - r).max() / np.abs(r).max()) for i, r in enumerate(ref_pooled))
+    ours_tps, ref_tps = n_tokens / secs, n_tokens / ref_secs
+    print(f"texts={len(data)} tokens={n_tokens} packed width={args.width} rows={args.rows} "
+          f"backend={jax.default_backend()}")
+    print(f"pvjax: {ours_tps:,.0f} tokens/s (compile {compile_s:.1f} s, excluded)")
+    print(f"reference (transformers, one at a time): {ref_tps:,.0f} tokens/s")
+    print(f"max relative difference of pooled activations: {err:.2e}")
+    print(f"ratio={ours_tps / ref_tps:.2f}")
+
+
+def random_7b(args):
+    from pvjax.config import ModelConfig
+    from pvjax.models.random_init import QWEN25_7B, flops_per_token, random_params
+
+    cfg = QWEN25_7B
+    params = random_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
+    model = pvjax.Model(cfg, params, tokenizer=None, source=cfg.name)
+    B, T = args.batch_size, args.seq_len
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
+    mask = np.ones_like(ids)
+    w = pooling_weights(mask, T // 2)
+    fn = lambda: pvjax.activations(model, ids, attention_mask=mask, pool_weights=w, hidden=False).pooled
+    with Timer() as c:
+        jax.block_until_ready(fn())
+    with Timer() as t:
+        for _ in range(args.iters):
+            out = fn()
+        jax.block_until_ready(out)
+    tps = B * T * args.iters / t.seconds
+    flops = flops_per_token(cfg, context=T // 2) - 2.0 * cfg.hidden_size * cfg.vocab_size  # no LM head
+    kind = jax.devices()[0].device_kind
+    peak = peak_for(kind)
+    print(f"device={kind} model={cfg.name} bf16 batch={B} seq={T} compile={c.seconds:.1f}s")
+    print(f"tokens/s={tps:,.0f} achieved TFLOP/s={tps * flops / 1e12:.1f}")
+    if peak:
+        print(f"MFU={tps * flops / 1e12 / peak[0]:.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--random-7b", action="store_true")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--iters", type=int, default=5)
+    args = ap.parse_args()
+    random_7b(args) if args.random_7b else smollm2(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Packing many short sequences into a few fixed-width rows, for activation statistics.
+
+Shape legend: R rows, W row width, S segments per row, N sequences, L hidden-state rows, D hidden.
+
+Extraction pools thousands of (prompt, answer) sequences of very different lengths. Left-padding
+them into rectangles wastes most of the compute on padding; packing them end to end into rows of
+width W, with attention kept inside each segment (`segment_ids`) and positions restarting per
+segment, wastes almost none. Each segment gets its own three pooling weights (response mean, prompt
+mean, last prompt token), so the pooled output is exact per sequence, as if it ran alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from pvjax.capture import POOLINGS
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedBatch:
+    tokens: np.ndarray  # [R, W] int32
+    segment_ids: np.ndarray  # [R, W] int32, 0 = padding, 1..S
+    positions: np.ndarray  # [R, W] int32, restarting at 0 in every segment
+    pool_weights: np.ndarray  # [R, 3 S, W] float32
+    members: list[tuple[int, int, int]]  # (sequence index, row, segment slot)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def plan_rows(lengths: Sequence[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: sequence indices per row, each row's total length <= width."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(width - n)
+    return rows
+
+
+def pack(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, width: int = 256,
+         rows_per_batch: int = 8, max_segments: int | None = None) -> list[PackedBatch]:
+    """Pack token sequences (prompt then response) into batches of `rows_per_batch` rows.
+
+    `width` grows to the longest sequence (rounded up to 64) if needed. Every batch has the same
+    shapes, so one compiled program serves them all.
+    """
+    lengths = [len(s) for s in seqs]
+    if not lengths:
+        raise ValueError("nothing to pack: the list of sequences is empty")
+    for i, (n, p) in enumerate(zip(lengths, prompt_lens)):
+        if not 0 < p <= n:
+            raise ValueError(f"sequence {i}: prompt length {p} is not within 1..{n}")
+    width = max(width, _round_up(max(lengths), 64))
+    rows = plan_rows(lengths, width)
+    S = max_segments or max(len(r) for r in rows)
+    S = 1 << (S - 1).bit_length()  # powers of two: few distinct compiled shapes across runs
+    batches = []
+    for b in range(0, len(rows), rows_per_batch):
+        R = rows_per_batch
+        tokens = np.zeros((R, width), np.int32)
+        seg = np.zeros((R, width), np.int32)
+        pos = np.zeros((R, width), np.int32)
+        w = np.zeros((R, 3 * S, width), np.float32)
+        members = []
+        for r, row in enumerate(rows[b:b + rows_per_batch]):
+            start = 0
+            for slot, i in enumerate(row):
+                n, p = lengths[i], prompt_lens[i]
+                sl = slice(start, start + n)
+                tokens[r, sl], seg[r, sl], pos[r, sl] = seqs[i], slot + 1, np.arange(n)
+                if n > p:
+                    w[r, 3 * slot, start + p:start + n] = 1.0 / (n - p)
+                w[r, 3 * slot + 1, start:start + p] = 1.0 / p
+                w[r, 3 * slot + 2, start + p - 1] = 1.0
+                members.append((i, r, slot))
+                start += n
+        batches.append(PackedBatch(tokens, seg, pos, w, members))
+    return batches
+
+
+def pooled_activations(model, seqs, prompt_lens, *, width: int = 256, rows_per_batch: int = 8,
+                       progress=None) -> np.ndarray:
+    """Per-sequence pooled activations `[N, L, 3, D]` (poolings in `POOLINGS` order), float32.
+
+    A sequence with no response tokens gets a zero response mean. `progress(n_done)` is called after
+    each batch, for progress bars.
+    """
+    from pvjax.model import activations
+
+    out = None
+    for batch in pack(seqs, prompt_lens, width=width, rows_per_batch=rows_per_batch):
+        pooled = activations(model, batch.tokens, positions=batch.positions,
+                             segment_ids=batch.segment_ids, pool_weights=batch.pool_weights,
+                             hidden=False).pooled  # [L, R, 3S, D]
+        pooled = np.asarray(jax.device_get(pooled))
+        if out is None:
+            out = np.zeros((len(seqs), pooled.shape[0], len(POOLINGS), pooled.shape[-1]), np.float32)
+        for i, r, slot in batch.members:
+            out[i] = pooled[:, r, 3 * slot:3 * slot + 3]
+        if progress is not None:
+            progress(len(batch.members))
+    return out

@@ -1,0 +1,35 @@
+"""Packed rows give each sequence exactly the pooled activations it gets when run alone."""
+
+import numpy as np
+import pytest
+
+import pvjax
+from pvjax.packing import pack, plan_rows, pooled_activations
+
+
+def test_plan_rows_respects_width_and_keeps_everything():
+    lengths = [50, 200, 7, 130, 64, 64, 1, 250]
+    rows = plan_rows(lengths, 256)
+    assert sorted(i for r in rows for i in r) == list(range(8))
+    assert all(sum(lengths[i] for i in r) <= 256 for r in rows)
+    assert len(rows) == 4
+
+
+def test_bad_prompt_lengths_are_named():
+    with pytest.raises(ValueError, match="sequence 1: prompt length 9"):
+        pack([[1, 2, 3], [4, 5]], [2, 9])
+    with pytest.raises(ValueError, match="empty"):
+        pack([], [])
+
+
+def test_packed_pooling_equals_each_sequence_alone(smollm2):
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, 40000, n).tolist() for n in (30, 5, 61, 17, 44, 9)]
+    prompt_lens = [12, 5, 20, 3, 44, 8]  # one row without response tokens, one with one
+    packed = pooled_activations(smollm2, seqs, prompt_lens, width=64, rows_per_batch=2)
+    assert packed.shape == (6, 31, 3, 576)
+    for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
+        h = np.asarray(pvjax.forward(smollm2, np.array([s])).hidden_states[:, 0], np.float64)
+        want = np.stack([h[:, p:].mean(1) if len(s) > p else np.zeros_like(h[:, 0]),
+                         h[:, :p].mean(1), h[:, p - 1]], axis=1)
+        np.testing.assert_allclose(packed[i], want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
