@@ -152,7 +152,8 @@ def _check_tokens(model: Model, tokens) -> None:
     if T > model.config.max_position_embeddings:
         raise ValueError(f"input of {T} tokens is longer than the context window of "
                          f"{model.model_id} ({model.config.max_position_embeddings})")
-    if not isinstance(tokens, jax.core.Tracer):
+    # Across processes only local shards are readable; each process checks what it feeds.
+    if not isinstance(tokens, jax.core.Tracer) and tokens.is_fully_addressable:
         hi = int(np.asarray(tokens).max(initial=0))
         if hi >= model.config.vocab_size:
             raise ValueError(f"token id {hi} is outside the vocabulary of size {model.config.vocab_size}")
