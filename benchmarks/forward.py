@@ -73,10 +73,14 @@ def smollm2(args):
 
 
 def random_7b(args):
-    from pvjax.config import ModelConfig
     from pvjax.models.random_init import QWEN25_7B, flops_per_token, random_params
 
     cfg = QWEN25_7B
+    if args.tiny:  # exercise this code path on a CPU
+        import dataclasses
+        cfg = dataclasses.replace(cfg, hidden_size=256, intermediate_size=512, num_layers=2,
+                                  num_heads=4, num_kv_heads=2, head_dim=64, vocab_size=1024,
+                                  name="random-tiny-qwen2")
     params = random_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
     model = pvjax.Model(cfg, params, tokenizer=None, source=cfg.name)
     B, T = args.batch_size, args.seq_len
@@ -107,6 +111,7 @@ def main():
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--random-7b", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="with --random-7b: a tiny shape, for CPUs")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=5)
     args = ap.parse_args()
