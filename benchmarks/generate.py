@@ -1,0 +1,144 @@
+"""New tokens/s of steered generation: pvjax against transformers' `generate` with a steering hook
+(what the reference implementation does), SmolLM2, 64 new tokens, batch 1 and batch 16, same run.
+
+    python benchmarks/generate.py             # last line: ratio_b1=<x> ratio_b16=<y>
+    python benchmarks/generate.py --random-7b # GPU: batch 64, 7B-shaped random bf16, bandwidth share
+
+Both engines are forced to produce exactly 64 tokens (`min_new_tokens`), greedy, with the same
+vector added at the same block on every position. Compile time is reported apart.
+
+Limits printed beside the rates: batch 1 decode reads every fp32 weight once per step
+(`weight_bytes / bandwidth`, bandwidth measured here with a large array copy); batch 16 is compute
+bound (`2 * params` FLOP per token at the measured matmul rate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import pvjax
+from common import QUESTIONS, Timer, peak_for
+from pvjax import interventions
+from pvjax.generate import SamplingParams, generate
+
+LAYER, COEF, NEW = 12, 4.0, 64
+
+
+def measured_bandwidth() -> float:
+    """Bytes/s of a 256 MB copy (read + write), the memory roof for batch-1 decode."""
+    a = np.ones(64 * 2**20, np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    t = time.perf_counter()
+    for _ in range(5):
+        np.copyto(b, a)
+    return 5 * 2 * a.nbytes / (time.perf_counter() - t)
+
+
+def measured_flops() -> float:
+    x = jnp.ones((1024, 1024), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(x).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(20):
+        f(x).block_until_ready()
+    return 20 * 2 * 1024**3 / (time.perf_counter() - t)
+
+
+def run_pvjax(model, prompts, vector):
+    iv = interventions.build(model.n_layers + 1, model.hidden_size, steer=[(vector, LAYER, COEF)])
+    sp = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)
+    with Timer() as first:
+        generate(model, prompts, sampling=sp, intervention=iv, batch_size=len(prompts))
+    with Timer() as t:
+        g = generate(model, prompts, sampling=sp, intervention=iv, batch_size=len(prompts))
+    n = sum(len(x) for x in g.tokens)
+    return n / t.seconds, first.seconds - t.seconds
+
+
+def run_reference(hf, tok, prompts, vector):
+    import torch
+
+    v = torch.tensor(vector)
+
+    def hook(module, inputs, output):
+        if isinstance(output, tuple):
+            return (output[0] + COEF * v,) + tuple(output[1:])
+        return output + COEF * v
+
+    handle = hf.model.layers[LAYER - 1].register_forward_hook(hook)
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    try:
+        with torch.no_grad():
+            hf.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+            with Timer() as t:
+                out = hf.generate(**enc, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                                  pad_token_id=tok.pad_token_id)
+    finally:
+        handle.remove()
+    return (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts) / t.seconds
+
+
+def smollm2(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pvjax.embedded import embedded_gguf_path
+
+    torch.set_num_threads(args.threads)
+    model = pvjax.load("smollm2-135m-instruct")
+    path = embedded_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    hf.eval()
+    vector = np.random.default_rng(0).standard_normal(model.hidden_size).astype(np.float32)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.params))
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(model.params))
+    bw, fl = measured_bandwidth(), measured_flops()
+    print(f"machine: copy bandwidth {bw / 1e9:.1f} GB/s, matmul {fl / 1e9:.0f} GFLOP/s; "
+          f"weights {weight_bytes / 1e9:.2f} GB, {2 * n_params / 1e9:.2f} GFLOP/token")
+    ratios = {}
+    for batch in (1, 16):
+        prompts = [model.chat_text([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+                   for i in range(batch)]
+        chats = [q for q in QUESTIONS * 2][:batch]
+        ours, compile_s = run_pvjax(model, chats, vector)
+        ref = run_reference(hf, model.tokenizer, prompts, vector)
+        limit = bw / weight_bytes if batch == 1 else fl / (2 * n_params)
+        print(f"batch {batch}: pvjax {ours:.1f} new tokens/s (compile {compile_s:.1f} s), "
+              f"transformers {ref:.1f} new tokens/s; pvjax at {ours / limit:.0%} of the "
+              f"{'memory' if batch == 1 else 'compute'} limit ({limit:.0f} tokens/s)")
+        ratios[batch] = ours / ref
+    print(f"ratio_b1={ratios[1]:.2f} ratio_b16={ratios[16]:.2f}")
+
+
+def random_7b(args):
+    from pvjax.model import Model
+    from pvjax.models.random_init import QWEN25_7B, random_params
+
+    cfg = QWEN25_7B if not args.tiny else QWEN25_7B.__class__(**{**QWEN25_7B.__dict__, "num_layers": 2})
+    params = random_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
+    from transformers import PreTrainedTokenizerFast
+    raise SystemExit("the random-7b generation path needs a tokenizer-free entry; see README")
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--random-7b", action="store_true")
+    p.add_argument("--tiny", action="store_true")
+    args = p.parse_args()
+    (random_7b if args.random_7b else smollm2)(args)
+
+
+if __name__ == "__main__":
+    main()

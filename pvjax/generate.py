@@ -1,0 +1,371 @@
+"""Batched generation with interventions and per-token monitoring, all inside one jitted program.
+
+Shape legend: B batch, P prompt columns, S cache slots, N new-token budget, L = n_layers + 1
+hidden-state rows, K probe vectors, V vocabulary, D hidden size.
+
+Prompts are left-padded into a preallocated KV cache; the prefill and the decode loop
+(`lax.while_loop`, stopping once every row is finished) run in a single compiled program. The
+steering position mode is data, not a flag: it becomes a prefill mask `[B, P]` and a decode mask,
+so changing the mode, a coefficient or a vector never recompiles.
+
+Compiles are bounded by buckets (plus one program per sampling mode: greedy, plain sampling,
+filtered sampling): the prompt length is rounded up to a power of two (at least 16,
+`prompt_bucket`), the batch to a power of two (at most `batch_size`), and `max_new_tokens` to a
+multiple of 32. One program serves every request that falls in the same buckets.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import weakref
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pvjax.capture import Capture
+from pvjax.interventions import Intervention, InterventionError, POSITION_MODES, empty
+from pvjax.models.decoder import decode, init_cache, unstack_layers
+
+_NEG = -1e30
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot run, found before any compute starts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """`temperature == 0` is greedy; `top_k == 0` and `top_p == 1` switch those filters off."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    stop: tuple[str, ...] = ()
+
+    @property
+    def mode(self) -> str:
+        if self.temperature == 0:
+            return "greedy"
+        return "filter" if self.top_k > 0 or self.top_p < 1 else "sample"
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise GenerationError(f"min_new_tokens must be in 0..max_new_tokens, got {self.min_new_tokens}")
+
+
+@dataclasses.dataclass
+class Generation:
+    """Results in the order of the prompts. `tokens` holds the new ids, including the EOS token
+    when one ended the answer (as transformers' `generate` does); `texts` are decoded without it
+    and cut before any stop string. With probes, `projections[i]` is `[L, len(tokens[i]), K]` (the
+    residual at each new token onto each probe) and `prompt_projections[i]` is `[L, P_i, K]`."""
+
+    prompts: list[str]
+    prompt_tokens: list[list[int]]
+    texts: list[str]
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    projections: list[np.ndarray] | None = None
+    prompt_projections: list[np.ndarray] | None = None
+
+
+def prompt_bucket(n: int) -> int:
+    return max(16, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _batch_bucket(n: int, cap: int) -> int:
+    return min(cap, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _new_bucket(n: int) -> int:
+    return -(-n // 32) * 32
+
+
+def stop_token_ids(model) -> tuple[int, ...]:
+    """EOS ids from the config, the tokenizer and a folder's `generation_config.json` (Llama 3.1
+    ends turns with `<|eot_id|>`, which only the generation config names)."""
+    ids = set(model.config.eos_token_ids)
+    tok_eos = getattr(model.tokenizer, "eos_token_id", None)
+    if tok_eos is not None:
+        ids.add(int(tok_eos))
+    gen_cfg = Path(model.source) / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    return tuple(sorted(int(i) for i in ids))
+
+
+def render_prompts(model, prompts, *, system: str | None = None, chat: bool = True) -> list[str]:
+    """Prompt texts: a string is a user message (or raw text when `chat=False`), a list of
+    `{"role", "content"}` dicts is a whole conversation; both go through the chat template."""
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if not p.strip():
+                raise GenerationError(f"prompt {i} is empty")
+            if not chat:
+                out.append(p)
+                continue
+            p = ([{"role": "system", "content": system}] if system is not None else []) + \
+                [{"role": "user", "content": p}]
+        out.append(model.chat_text(p, add_generation_prompt=True))
+    return out
+
+
+def _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode: str):
+    """`mode` (static) is "greedy", "sample" or "filter" (top-k and/or top-p on). Temperature,
+    then top-k, then top-p, then a draw from each row's own key folded with the step, so a
+    prompt's text does not depend on which other prompts share its batch. The mode is static
+    because XLA on CPU pays for a `lax.cond` over the vocabulary on every step (measured: a
+    quarter of a batch-16 decode step)."""
+    if mode == "greedy":
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    V = logits_BV.shape[-1]
+    x = logits_BV / temperature
+    if mode == "filter":
+        srt = -jnp.sort(-x, axis=-1)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+        srt = jnp.where(jnp.arange(V) < k, srt, _NEG)
+        p = jax.nn.softmax(srt, axis=-1)
+        keep = (jnp.cumsum(p, axis=-1) - p) < top_p  # the first token always survives
+        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
+        x = jnp.where(x < cutoff, _NEG, x)
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B2)
+    return jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_new", "mode"))
+def _generate(params, cfg, tokens_BP, mask_BP, positions_BP, iv, prefill_masks, decode_masks,
+              probes, keys_B2, temperature, top_p, top_k, min_new, max_new, stop_ids, pad_id, n_new, mode):
+    B, P = tokens_BP.shape
+    cache = init_cache(cfg, B, P + n_new, params["embed"].dtype,
+                       stacked=not isinstance(params["layers"], tuple))
+    capture = Capture(probes=probes, logits="last", hidden=False)
+    is_stop = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=-1)
+
+    def pick(logits_BV, step):
+        # Stop tokens are forbidden until min_new tokens exist.
+        stop_cols = jnp.zeros(logits_BV.shape[-1], bool).at[stop_ids].set(True)
+        logits_BV = jnp.where(stop_cols[None] & (step < min_new), _NEG, logits_BV)
+        return _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode)
+
+    out = decode(params, cfg, tokens_BP, positions_BP, mask_BP, intervention=iv.with_masks(*prefill_masks),
+                 capture=capture, cache=cache)
+    first = pick(out.logits[:, -1], 0)
+    toks_BN = jnp.full((B, n_new), pad_id, jnp.int32).at[:, 0].set(first)
+    L = cfg.num_layers + 1
+    n_probes = 0 if probes is None else probes.shape[-2]
+    proj_LBNK = jnp.zeros((L, B, n_new, n_probes), jnp.float32)
+    next_pos = positions_BP[:, -1] + 1
+    decode_iv = iv.with_masks(*decode_masks)
+    ones = jnp.ones((B, 1), jnp.int32)
+
+    def feed(toks_BN, i, cache, proj):
+        """Run token i of every row through the model: next logits and its projections."""
+        o = decode(params, cfg, jax.lax.dynamic_slice_in_dim(toks_BN, i, 1, axis=1),
+                   (next_pos + i)[:, None], ones, intervention=decode_iv, capture=capture, cache=cache)
+        if probes is not None:
+            proj = jax.lax.dynamic_update_slice_in_dim(proj, o.projections, i, axis=2)
+        return o.logits[:, -1], o.cache, proj
+
+    def cond(state):
+        i, _, done, _, _ = state
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(state):
+        i, toks, done, cache, proj = state
+        logits, cache, proj = feed(toks, i - 1, cache, proj)
+        t = jnp.where(done, pad_id, pick(logits, i))
+        return i + 1, toks.at[:, i].set(t), done | is_stop(t), cache, proj
+
+    state = (jnp.int32(1), toks_BN, is_stop(first), out.cache, proj_LBNK)
+    n, toks_BN, _, cache, proj_LBNK = jax.lax.while_loop(cond, body, state)
+    if probes is not None:  # the last token was sampled but never fed; feed it for its projection
+        _, _, proj_LBNK = feed(toks_BN, n - 1, cache, proj_LBNK)
+    return toks_BN, out.projections, proj_LBNK
+
+
+_UNSTACKED = weakref.WeakKeyDictionary()
+
+
+def decode_params(model, unroll: bool | None = None):
+    """The parameters generation runs on: unstacked per layer on CPU (see
+    `pvjax.models.decoder.unstack_layers`), the stacked originals elsewhere, since on accelerators
+    the scan costs nothing and a second copy of a 7B model does."""
+    if unroll is None:
+        unroll = jax.default_backend() == "cpu"
+    if not unroll:
+        return model.params
+    if model not in _UNSTACKED:
+        _UNSTACKED[model] = jax.jit(unstack_layers, static_argnums=1)(model.params, model.config)
+    return _UNSTACKED[model]
+
+
+def compile_count() -> int:
+    """How many programs the generation engine has compiled in this process (for tests)."""
+    return _generate._cache_size()
+
+
+def _rows(iv: Intervention, rows: np.ndarray, n_total: int, pad_to: int) -> Intervention:
+    """The intervention for a chunk of prompts: per-prompt leaves sliced, then zero-padded."""
+    def take(x):
+        if x.ndim < 2 or x.shape[1] == 1:
+            return x
+        if x.shape[1] != n_total:
+            raise InterventionError(f"intervention batch {x.shape[1]} matches neither 1 nor the "
+                                    f"{n_total} prompts")
+        x = x[:, rows]
+        pad = [(0, 0)] * x.ndim
+        pad[1] = (0, pad_to - len(rows))
+        return jnp.pad(x, pad)
+
+    return dataclasses.replace(iv, steer_vectors=take(iv.steer_vectors), steer_coefs=take(iv.steer_coefs),
+                               ablate_dirs=take(iv.ablate_dirs), ablate_coefs=take(iv.ablate_coefs))
+
+
+def _masks(mode: str, mask_BP: np.ndarray):
+    """(prefill mask [B, P], decode mask [1, 1]) for one position mode; see module docstring."""
+    if mode not in POSITION_MODES:
+        raise InterventionError(f"positions must be one of {POSITION_MODES}, got {mode!r}")
+    m = mask_BP.astype(np.float32)
+    if mode == "response":
+        m = np.zeros_like(m)
+        m[:, -1] = 1.0
+    return m, np.full((1, 1), 0.0 if mode == "prompt" else 1.0, np.float32)
+
+
+def generate(model, prompts: Sequence, *, sampling: SamplingParams = SamplingParams(), seed: int = 0,
+             system: str | None = None, chat: bool = True, intervention: Intervention | None = None,
+             positions: str = "all", ablate_positions: str = "all", probes=None,
+             batch_size: int = 16, unroll: bool | None = None, progress: bool = False) -> Generation:
+    """Answer every prompt. See the module docstring for the engine and `Generation` for results.
+
+    `intervention` has batch 1 (applies to every prompt) or one row per prompt (a coefficient
+    sweep, or steered and unsteered twins, in one call). Steering applies on `positions`: `all`,
+    `prompt` (prompt tokens, during the prefill), or `response` (the last prompt token and every
+    new token, the reference implementation's semantics); ablation on `ablate_positions`.
+    `probes` `[K, D]` or `[L, K, D]` asks for per-token projections of every row of
+    `hidden_states`. The same `seed` gives the same texts. `unroll` picks the layer layout (see
+    `decode_params`; default: unrolled on CPU).
+    """
+    sampling.validate()
+    if len(prompts) == 0:
+        raise GenerationError("no prompts to generate from")
+    cfg, L, D = model.config, model.n_layers + 1, model.hidden_size
+    texts = render_prompts(model, prompts, system=system, chat=chat)
+    ids = [model.tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    for i, seq in enumerate(ids):
+        if len(seq) + sampling.max_new_tokens > cfg.max_position_embeddings:
+            raise GenerationError(
+                f"prompt {i} has {len(seq)} tokens; with max_new_tokens={sampling.max_new_tokens} it "
+                f"exceeds the context window of {model.model_id} ({cfg.max_position_embeddings})")
+    if intervention is None:
+        intervention = empty(L, D)
+    elif intervention.n_rows != L:
+        raise InterventionError(f"intervention has {intervention.n_rows} rows but {model.model_id} "
+                                f"has n_layers+1 = {L}")
+    elif intervention.steer_vectors.shape[-1] != D:
+        raise InterventionError(f"intervention width {intervention.steer_vectors.shape[-1]} != "
+                                f"hidden size {D} of {model.model_id}")
+    _masks(positions, np.ones((1, 1))), _masks(ablate_positions, np.ones((1, 1)))
+    if probes is not None:
+        probes = np.asarray(probes, np.float32)
+        if probes.shape[-1] != D or probes.ndim not in (2, 3) or (probes.ndim == 3 and probes.shape[0] != L):
+            raise GenerationError(f"probes must be [K, {D}] or [{L}, K, {D}], got {probes.shape}")
+        if not np.all(np.isfinite(probes)):
+            raise GenerationError("probes contain NaN or infinite values")
+        probes = jnp.asarray(probes)
+
+    stops = stop_token_ids(model)
+    single = [model.tokenizer(s, add_special_tokens=False)["input_ids"] for s in sampling.stop]
+    stop_ids = jnp.asarray(sorted(set(stops) | {s[0] for s in single if len(s) == 1}), jnp.int32)
+    pad_id = stops[0] if stops else 0
+    n_new = _new_bucket(sampling.max_new_tokens)
+    base_key = jax.random.PRNGKey(seed)
+
+    params = decode_params(model, unroll)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    results: dict[int, tuple] = {}
+    chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(ids), desc="generate", unit="prompt")
+    for chunk in chunks:
+        B = _batch_bucket(len(chunk), batch_size)
+        P = prompt_bucket(max(len(ids[i]) for i in chunk))
+        tokens = np.full((B, P), pad_id, np.int32)
+        mask = np.zeros((B, P), np.int32)
+        for r, i in enumerate(chunk):
+            tokens[r, P - len(ids[i]):] = ids[i]
+            mask[r, P - len(ids[i]):] = 1
+        mask[len(chunk):, -1] = 1  # filler rows hold one token so nothing is fully masked
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        steer_pre, steer_dec = _masks(positions, mask)
+        abl_pre, abl_dec = _masks(ablate_positions, mask)
+        keys = jnp.stack([jax.random.fold_in(base_key, i) for i in chunk] +
+                         [base_key] * (B - len(chunk)))
+        iv = _rows(intervention, np.asarray(chunk), len(ids), B)
+        toks, p_proj, r_proj = _generate(
+            params, cfg, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(pos), iv,
+            (jnp.asarray(steer_pre), jnp.asarray(abl_pre)), (jnp.asarray(steer_dec), jnp.asarray(abl_dec)),
+            probes, keys, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
+            jnp.int32(sampling.top_k), jnp.int32(sampling.min_new_tokens),
+            jnp.int32(sampling.max_new_tokens), stop_ids, jnp.int32(pad_id), n_new=n_new,
+            mode=sampling.mode)
+        toks = np.asarray(toks)
+        p_proj = None if probes is None else np.asarray(p_proj)
+        r_proj = None if probes is None else np.asarray(r_proj)
+        for r, i in enumerate(chunk):
+            new, reason = _trim(toks[r, :sampling.max_new_tokens].tolist(), set(stops), stop_ids)
+            text, new, reason = _cut_stop_strings(model.tokenizer, new, reason, sampling.stop, set(stops))
+            pp = None if p_proj is None else p_proj[:, r, P - len(ids[i]):]
+            rp = None if r_proj is None else r_proj[:, r, :len(new)]
+            results[i] = (text, new, reason, rp, pp)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    get = lambda k: [results[i][k] for i in range(len(ids))]
+    return Generation(prompts=texts, prompt_tokens=ids, texts=get(0), tokens=get(1),
+                      finish_reasons=get(2), projections=None if probes is None else get(3),
+                      prompt_projections=None if probes is None else get(4))
+
+
+def _trim(toks: list[int], eos: set[int], stop_ids) -> tuple[list[int], str]:
+    stop_set = set(np.asarray(stop_ids).tolist())
+    for j, t in enumerate(toks):
+        if t in stop_set:
+            return toks[:j + 1], "eos" if t in eos else "stop"
+    return toks, "length"
+
+
+def _cut_stop_strings(tokenizer, toks, reason, stop: Sequence[str], eos: set[int]):
+    """Decode, then cut the text at the first stop string; the tokens are cut to the shortest
+    prefix whose text already contains it."""
+    body = toks[:-1] if toks and toks[-1] in eos else toks
+    text = tokenizer.decode(body, skip_special_tokens=True)
+    hits = [(text.find(s), s) for s in stop if s and s in text]
+    if not hits:
+        return text, toks, reason
+    at, s = min(hits)
+    for j in range(1, len(body) + 1):
+        if s in tokenizer.decode(body[:j], skip_special_tokens=True):
+            return text[:at], body[:j], "stop"
+    return text[:at], toks, "stop"
