@@ -1,0 +1,79 @@
+"""Persona-vector extraction (`pvjax.extract`).
+
+    pvjax extract --config configs/extract.py --config.trait=evil --config.workdir=runs/evil
+    pvjax extract --config configs/extract.py:runlocal --config.trait=humorous --config.workdir=/tmp/h
+
+`trait` is a shipped trait name (`pvjax traits list`) or the path of a trait JSON file. The default
+variant is the paper's setup (Qwen2.5-7B-Instruct from a local folder, an OpenAI-compatible judge,
+threshold filter); `runlocal` runs everything on this machine: the embedded SmolLM2 answers and
+judges itself with the margin filter, on a few questions.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = ""):
+    c = ml_collections.ConfigDict()
+    c.trait = "evil"
+    c.workdir = ""
+    c.model = "Qwen/Qwen2.5-7B-Instruct"  # a local folder of safetensors
+    c.dtype = ""
+    c.n_questions = 0  # 0: all questions of the extract split
+    c.n_pairs = 0  # 0: all instruction pairs
+    c.n_per_question = 10
+    c.max_new_tokens = 1000
+    c.temperature = 1.0
+    c.top_p = 1.0
+    c.seed = 0
+    c.batch_size = 16
+    c.pos_name = ""  # defaults to the trait name: "You are an evil assistant."
+    c.neg_name = "helpful"
+    c.plot = True
+
+    c.judge = ml_collections.ConfigDict()
+    c.judge.backend = "openai"  # or "local": a pvjax model judges
+    c.judge.model = "gpt-4.1-mini"  # for local: "same" (the answering model) or a model source
+    c.judge.base_url = ""  # default: $OPENAI_BASE_URL or api.openai.com
+    c.judge.concurrency = 8
+    c.judge.batch_size = 8
+    c.judge.coherence = True  # also judge coherence (needed by filter.coherence > 0)
+    c.judge.numeric_only = False  # local judges: constrain the answer token to numbers
+
+    c.filter = ml_collections.ConfigDict()
+    c.filter.mode = "threshold"  # the reference's rule; "margin" for weak judges
+    c.filter.threshold = 50.0
+    c.filter.coherence = 50.0
+    c.filter.margin = 10.0
+    c.filter.min_pairs = 5
+
+    c.causality = ml_collections.ConfigDict()
+    c.causality.layers = ()  # empty: four layers between a quarter and three quarters of the depth
+    c.causality.coefs = (-2.0, -1.0, 0.0, 1.0, 2.0)
+    c.causality.max_pairs = 32
+
+    if "runlocal" in arg.split(","):
+        c.model = "smollm2-135m-instruct"
+        c.n_questions = 6
+        c.n_pairs = 2
+        c.n_per_question = 1
+        c.max_new_tokens = 48
+        c.temperature = 0.0
+        c.batch_size = 16
+        c.judge.backend = "local"
+        c.judge.model = "same"
+        c.judge.coherence = False
+        c.judge.numeric_only = True
+        c.filter.mode = "margin"
+        c.filter.margin = 1.0
+        c.filter.coherence = 0.0
+        c.filter.min_pairs = 2
+        c.causality.layers = (10, 20)
+        c.causality.coefs = (-1.0, 0.0, 1.0)
+        c.causality.max_pairs = 6
+    return c
+
+
+def sweep(add):
+    """Every shipped trait on the paper's setup."""
+    for trait in ("evil", "sycophantic", "hallucinating", "optimistic", "impolite", "apathetic", "humorous"):
+        add(trait=trait, workdir=f"runs/{trait}")

@@ -1,0 +1,124 @@
+"""`pvjax generate`: answer prompts, optionally steered, ablated or swept over coefficients.
+
+    pvjax generate --prompt "How do I get back at my neighbour?" \\
+        --vector runs/evil/vectors.safetensors --layer 16 --coef 0 --coef 4 --coef 8
+
+Several `--coef` values run every prompt under every coefficient in one batch. `--vector` also
+takes the reference implementation's `.pt` files (`[n_layers+1, D]`). With a vector, each answer
+reports the projection of the last prompt token onto it (unit-normalised) at each `--layer`: the
+paper's monitoring signal, read from the same (steered) run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def add_parser(sub):
+    p = sub.add_parser("generate", help="answer prompts, optionally steered or ablated",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="HF folder, .gguf file, or smollm2-135m-instruct (default)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--prompt", action="append", default=[], help="user prompt (repeatable)")
+    p.add_argument("--prompts-file", help="text file, one prompt per line; or JSONL with 'prompt' or 'messages'")
+    p.add_argument("--raw", action="store_true", help="feed prompts as raw text, without the chat template")
+    p.add_argument("--vector", help="steering vector FILE[:KEY] (pvjax .safetensors or reference .pt)")
+    p.add_argument("--layer", type=int, action="append", default=[],
+                   help="hidden_states index to steer (repeatable; row l = output of block l)")
+    p.add_argument("--coef", type=float, action="append", default=[],
+                   help="steering coefficient (repeatable: a sweep, one batch)")
+    p.add_argument("--positions", choices=["all", "prompt", "response"], default="response")
+    p.add_argument("--ablate", help="direction FILE[:KEY] to project out (CAFT)")
+    p.add_argument("--ablate-layer", type=int, action="append", default=[],
+                   help="layers for --ablate (default: the --layer values)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--min-new-tokens", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--json", action="store_true", help="one JSON object per answer per line")
+    p.set_defaults(func=run)
+    return p
+
+
+def read_prompts(args) -> list:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise SystemExit(f"prompts file {path} does not exist")
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{n}: not JSON ({e})")
+                if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
+                    raise SystemExit(f"{path}:{n}: expected an object with 'prompt' or 'messages'")
+                prompts.append(row.get("messages") or row["prompt"])
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise SystemExit("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def run(args) -> int:
+    import pvjax
+    from pvjax import interventions as ivs
+    from pvjax.generate import SamplingParams, generate
+    from pvjax.vectors import read_vector
+
+    prompts = read_prompts(args)
+    if args.vector and not args.layer:
+        raise SystemExit("--vector needs --layer (a hidden_states index)")
+    if args.ablate and not (args.ablate_layer or args.layer):
+        raise SystemExit("--ablate needs --ablate-layer or --layer")
+    model = pvjax.load(args.model, dtype=args.dtype)
+    L, D = model.n_layers + 1, model.hidden_size
+    coefs = args.coef or ([1.0] if args.vector else [0.0])
+    steer, ablate, probes, vector = [], [], None, None
+    try:
+        if args.vector:
+            vector = read_vector(args.vector, model)
+            steer = [(vector, args.layer, np.repeat(coefs, len(prompts)))]
+            rows = vector if vector.ndim == 2 else np.broadcast_to(vector, (L, D))
+            probes = (rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12))[:, None]
+        if args.ablate:
+            ablate = [(read_vector(args.ablate, model), args.ablate_layer or args.layer)]
+        batch = len(prompts) * len(coefs)
+        iv = ivs.build(L, D, steer=steer, ablate=ablate, batch=batch) if (steer or ablate) else None
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                              max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                              stop=tuple(args.stop))
+    g = generate(model, prompts * len(coefs), sampling=sampling, seed=args.seed, system=args.system,
+                 chat=not args.raw, intervention=iv, positions=args.positions, probes=probes,
+                 batch_size=args.batch_size, progress=len(prompts) * len(coefs) > args.batch_size)
+    for i, text in enumerate(g.texts):
+        p, c = prompts[i % len(prompts)], coefs[i // len(prompts)]
+        row = {"prompt": p, "text": text, "tokens": g.tokens[i], "finish_reason": g.finish_reasons[i]}
+        if args.vector:
+            row.update(coef=c, layers=args.layer, positions=args.positions, vector=args.vector,
+                       prompt_last_projection={l: round(float(g.prompt_projections[i][l, -1, 0]), 4)
+                                               for l in args.layer})
+        if args.json:
+            print(json.dumps(row, ensure_ascii=False))
+        else:
+            head = p if isinstance(p, str) else p[-1]["content"]
+            tag = f"  [coef {c:g} at layer {','.join(map(str, args.layer))}, {args.positions}]" if args.vector else ""
+            print(f"### {head}{tag}\n{text}\n")
+    sys.stdout.flush()
+    return 0
