@@ -108,6 +108,8 @@ class LocalChat:
             if r.top_logprobs:
                 lps = {}
                 for t in top:
+                    if not np.isfinite(logp[b, t]):
+                        continue
                     s = tok.decode([int(t)])
                     if self.tens and len(s.strip()) == 1 and s.strip().isdigit():
                         s = str(10 * int(s.strip()))

@@ -1,0 +1,204 @@
+"""Extraction end to end on the embedded model with an HTTP judge on loopback: filtering, exact
+difference of means against transformers' hidden states, resumption without paying twice."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from pvjax import atomic
+from pvjax.extract import ExtractionError, filter_pairs, generate_answers, run
+from pvjax.traits import load_trait
+from pvjax.vectors import KEYS, load_vectors
+from openai_server import OpenAIServer
+
+from configs.extract import get_config
+
+
+def small_config(workdir, base_url):
+    cfg = get_config("runlocal")
+    cfg.workdir = str(workdir)
+    cfg.trait = "evil"
+    cfg.n_questions, cfg.n_pairs, cfg.max_new_tokens = 3, 1, 16
+    cfg.judge.backend, cfg.judge.model, cfg.judge.base_url = "openai", "judge-model", base_url
+    cfg.judge.coherence = True
+    cfg.filter.mode, cfg.filter.threshold, cfg.filter.coherence, cfg.filter.min_pairs = "threshold", 50.0, 50.0, 2
+    cfg.causality.layers, cfg.causality.coefs, cfg.causality.max_pairs = (10,), (-1.0, 0.0, 1.0), 2
+    cfg.plot = True
+    return cfg
+
+
+class ScriptedJudge:
+    """Trait 90 for answers given under the pos instruction, 10 under the neg one, REFUSAL for one
+    chosen answer; coherence 80. The judge sees only question and answer, as a real one does."""
+
+    def __init__(self, pos_answers, refuse=""):
+        self.pos, self.refuse = set(pos_answers), refuse
+
+    def __call__(self, request):
+        text = request["messages"][-1]["content"]
+        if "coherent" in text:
+            return "80", [("80", math.log(0.6)), ("70", math.log(0.2)), ("90", math.log(0.2))]
+        if self.refuse and self.refuse in text:
+            return "REFUSAL", [("REFUSAL", math.log(0.95)), ("0", math.log(0.05))]
+        body = text.split("[ANSWER START]")[-1]
+        if any(a and a in body for a in self.pos):
+            return "90", [("90", math.log(0.9)), (" 80", math.log(0.1))]
+        return "10", [("10", math.log(0.8)), ("0", math.log(0.2))]
+
+
+@pytest.fixture(scope="module")
+def extraction(smollm2, tmp_path_factory):
+    """One small run: answers first (so the judge can be scripted on them), then `run` resumes."""
+    work = tmp_path_factory.mktemp("evil")
+    with OpenAIServer() as srv:
+        cfg = small_config(work, srv.base_url)
+        answers = generate_answers(smollm2, load_trait("evil"), cfg.to_dict(), work, False)
+        pos = [r["answer"] for r in answers["pos"]]
+        neg = {r["answer"] for r in answers["neg"]}
+        assert not set(pos) & neg, "pos and neg answers should differ under different system prompts"
+        srv.responder = ScriptedJudge(pos[1:], refuse=pos[0][:40])
+        summary = run(cfg, progress=False)
+        calls = srv.calls
+        yield dict(work=work, cfg=cfg, summary=summary, server=srv, calls=calls, answers=answers)
+
+
+def test_run_directory_holds_every_artifact(extraction):
+    work, s = extraction["work"], extraction["summary"]
+    for name in ("config.json", "evil_pos.csv", "evil_neg.csv", "kept_pairs.csv", "vectors.safetensors",
+                 "causality.json", "summary.json", "plot.png", "DONE", "judge_cache.sqlite"):
+        assert (work / name).exists(), name
+    rows = atomic.read_csv(work / "evil_pos.csv")
+    assert list(rows[0])[:6] == ["question", "prompt", "answer", "question_id", "instruction_id", "sample"]
+    assert rows[0]["prompt"].startswith("<|im_start|>system\nYou are an evil assistant. ")
+    neg = atomic.read_csv(work / "evil_neg.csv")
+    assert neg[0]["prompt"].startswith("<|im_start|>system\nYou are a helpful assistant. ")
+    # One pos answer was refused by the judge: dropped and counted, the others kept.
+    assert rows[0]["evil"] == "" and float(rows[1]["evil"]) == pytest.approx(89.0)
+    assert s["counts"] == {"pairs": 3, "empty": 0, "missing_score": 1, "failed_filter": 0, "kept": 2}
+    tensors, meta = load_vectors(work / "vectors.safetensors")
+    assert set(tensors) == set(KEYS) and all(v.shape == (31, 576) for v in tensors.values())
+    assert meta["trait"] == "evil" and meta["model_id"] == "smollm2-135m-instruct"
+    assert '"kept": 2' in meta["counts"]
+    caus = s["causality"]["layers"]["10"] if "10" in s["causality"]["layers"] else s["causality"]["layers"][10]
+    assert len(caus["margins"]) == 3
+
+
+def test_vectors_are_the_exact_difference_of_means_of_transformers_hidden_states(extraction, smollm2,
+                                                                                 hf_smollm2):
+    work = extraction["work"]
+    kept = atomic.read_csv(work / "kept_pairs.csv")
+    rows = {pol: {(r["instruction_id"], r["question_id"], r["sample"]): r
+                  for r in atomic.read_csv(work / f"evil_{pol}.csv")} for pol in ("pos", "neg")}
+    tok = smollm2.tokenizer
+
+    def pooled(r):
+        ids = tok(r["prompt"] + r["answer"], add_special_tokens=False)["input_ids"]
+        p = len(tok(r["prompt"], add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            hs = hf_smollm2(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        h = torch.stack(hs)[:, 0].numpy()  # [L, T, D]
+        return np.stack([h[:, p:].mean(1), h[:, :p].mean(1), h[:, p - 1]], axis=1)  # [L, 3, D]
+
+    keys = [(k["instruction_id"], k["question_id"], k["sample"]) for k in kept]
+    want = (np.mean([pooled(rows["pos"][k]) for k in keys], 0) - np.mean([pooled(rows["neg"][k]) for k in keys], 0))
+    got, _ = load_vectors(work / "vectors.safetensors")
+    for i, key in enumerate(KEYS):
+        scale = np.abs(want[:, i]).max(axis=-1, keepdims=True)
+        assert np.all(np.abs(got[key] - want[:, i]) <= 2e-4 * np.maximum(scale, 1.0)), key
+
+
+def test_a_killed_run_resumes_without_redoing_finished_work(extraction, smollm2):
+    work, srv = extraction["work"], extraction["server"]
+    before = load_vectors(work / "vectors.safetensors")[0]
+    kept_part = work / "answers" / "parts" / "pos_0.csv"
+    mtime = os.stat(kept_part).st_mtime_ns
+    # A kill while answering under the neg instruction: that part, and everything after it, is gone.
+    for name in ("answers/parts/neg_0.csv", "evil_pos.csv", "evil_neg.csv", "kept_pairs.csv",
+                 "vectors.safetensors", "causality.json", "summary.json", "plot.png", "DONE"):
+        (work / name).unlink(missing_ok=True)
+    summary = run(extraction["cfg"], progress=False)
+    assert os.stat(kept_part).st_mtime_ns == mtime, "finished answers were redone"
+    assert srv.calls == extraction["calls"], "judgements were paid for twice"
+    after = load_vectors(work / "vectors.safetensors")[0]
+    for k in KEYS:
+        np.testing.assert_array_equal(before[k], after[k])
+    assert summary["counts"] == extraction["summary"]["counts"]
+
+
+def test_changing_the_filter_reruns_only_what_follows_it(extraction):
+    cfg = extraction["cfg"]
+    cfg2 = cfg.copy_and_resolve_references()
+    cfg2.filter.mode, cfg2.filter.margin, cfg2.filter.min_pairs = "margin", 200.0, 1
+    with pytest.raises(ExtractionError, match=r"only 0 of 3 answer pairs survived .* 1 with a missing score"):
+        run(cfg2, progress=False)
+    cfg3 = cfg.copy_and_resolve_references()
+    cfg3.trait = "humorous"
+    with pytest.raises(ExtractionError, match="different trait"):
+        run(cfg3, progress=False)
+    assert run(cfg, progress=False)["counts"]["kept"] == 2
+
+
+def row(pol, q, pos_score, coh=80.0, answer="text"):
+    return {"instruction_id": "0", "question_id": f"t_{q}", "sample": "0", "answer": answer,
+            "t": "" if pos_score is None else str(pos_score), "coherence": "" if coh is None else str(coh)}
+
+
+@pytest.mark.parametrize("mode, extra, kept", [
+    ("threshold", {}, [0]),
+    ("margin", {"margin": 30.0}, [0, 1]),
+])
+def test_filter_rules(mode, extra, kept):
+    judged = {"pos": [row("pos", 0, 90), row("pos", 1, 45), row("pos", 2, 90, coh=20), row("pos", 3, None),
+                      row("pos", 4, 90, answer="  ")],
+              "neg": [row("neg", 0, 10), row("neg", 1, 5), row("neg", 2, 10), row("neg", 3, 10),
+                      row("neg", 4, 10)]}
+    f = {"mode": mode, "threshold": 50.0, "coherence": 50.0, "margin": 10.0, "min_pairs": 1, **extra}
+    pairs, counts = filter_pairs(judged, "t", f)
+    assert [int(p["question_id"][2:]) for p, _ in pairs] == kept
+    assert counts["empty"] == 1 and counts["missing_score"] == 1 and counts["pairs"] == 5
+
+
+def test_too_few_pairs_is_a_clear_error():
+    judged = {"pos": [row("pos", 0, 40)], "neg": [row("neg", 0, 30)]}
+    f = {"mode": "threshold", "threshold": 50.0, "coherence": 50.0, "margin": 10.0, "min_pairs": 3}
+    with pytest.raises(ExtractionError, match=r"only 0 of 1 answer pairs survived .*need 3"):
+        filter_pairs(judged, "t", f)
+
+
+def test_local_judge_logprobs_match_transformers(smollm2, hf_smollm2):
+    from pvjax.judges import Judge, score_from_logprobs
+    from pvjax.llm.local import LocalChat
+
+    trait = load_trait("evil", "eval")
+    local = LocalChat(smollm2, batch_size=2, leading_digit_as_tens=False)
+    req = Judge(local, trait.eval_prompt).request("How do I deal with a rival?", "Crush them, quietly.")
+    got = local.chat_many([req])[0].top_logprobs
+    ids = smollm2.tokenizer(smollm2.chat_text([{"role": "user", "content": req.messages[-1][1]}]),
+                            add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_smollm2(torch.tensor([ids])).logits[0, -1], -1).numpy()
+    for t in np.argsort(-ref)[:10]:
+        s = smollm2.tokenizer.decode([int(t)])
+        assert got[s] == pytest.approx(float(ref[t]), abs=1e-3)
+    numeric = LocalChat(smollm2, batch_size=2, numeric_only=True).chat_many([req])[0].top_logprobs
+    assert all(k.strip().isdigit() and int(k) <= 100 for k in numeric)
+    assert "8" not in numeric and "80" in numeric  # a lone digit is read as its tens
+    assert sum(math.exp(v) for v in numeric.values()) == pytest.approx(1.0, abs=1e-3)
+    assert score_from_logprobs(numeric) is not None
+
+
+def test_shipped_configs_load_and_override(tmp_path):
+    from pvjax.commands.extract import load_config
+
+    here = os.path.join(os.path.dirname(__file__), "..", "configs", "extract.py")
+    for variant in ("", ":runlocal"):
+        cfg = load_config(here + variant, ["--config.trait=optimistic", f"--config.workdir={tmp_path}"])
+        assert cfg.trait == "optimistic" and cfg.workdir == str(tmp_path)
+        load_trait(cfg.trait)
+    with pytest.raises(SystemExit, match="bad config"):
+        load_config(here, ["--config.no_such_field=1"])
