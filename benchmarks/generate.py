@@ -34,14 +34,14 @@ LAYER, COEF, NEW = 12, 4.0, 64
 
 
 def measured_bandwidth() -> float:
-    """Bytes/s of a 256 MB copy (read + write), the memory roof for batch-1 decode."""
-    a = np.ones(64 * 2**20, np.float32)
-    b = np.empty_like(a)
-    np.copyto(b, a)
+    """Read bandwidth (bytes/s) over a 512 MB array, the memory roof for batch-1 decode."""
+    a = jnp.ones(128 * 2**20, jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(a).block_until_ready()
     t = time.perf_counter()
     for _ in range(5):
-        np.copyto(b, a)
-    return 5 * 2 * a.nbytes / (time.perf_counter() - t)
+        f(a).block_until_ready()
+    return 5 * a.nbytes / (time.perf_counter() - t)
 
 
 def measured_flops() -> float:
@@ -122,20 +122,53 @@ def smollm2(args):
 
 
 def random_7b(args):
-    from pvjax.model import Model
+    """GPU: batch 64 on a Qwen2.5-7B-shaped random bf16 model (no tokenizer: random prompt ids).
+    Decode reads every weight and the whole KV cache once per step; the share of the device's
+    memory bandwidth that this traffic reaches is the figure of merit."""
+    import dataclasses
+
+    from pvjax.generate import generate_ids
     from pvjax.models.random_init import QWEN25_7B, random_params
 
-    cfg = QWEN25_7B if not args.tiny else QWEN25_7B.__class__(**{**QWEN25_7B.__dict__, "num_layers": 2})
+    cfg = QWEN25_7B
+    if args.tiny:  # exercise this code path on a CPU
+        cfg = dataclasses.replace(cfg, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                                  num_kv_heads=2, head_dim=64, vocab_size=1024, name="random-tiny-qwen2")
     params = random_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
-    from transformers import PreTrainedTokenizerFast
-    raise SystemExit("the random-7b generation path needs a tokenizer-free entry; see README")
+    model = pvjax.Model(cfg, params, tokenizer=None, source="")
+    B, P = args.batch, 128
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, P)).tolist()
+    v = np.random.default_rng(1).standard_normal(cfg.hidden_size).astype(np.float32)
+    iv = interventions.build(cfg.num_layers + 1, cfg.hidden_size, steer=[(v, cfg.num_layers // 2, 1.0)])
+    sp = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)
+    run = lambda n: generate_ids(model, ids, sampling=dataclasses.replace(sp, max_new_tokens=n, min_new_tokens=n),
+                                 intervention=iv, batch_size=B, unroll=False)
+    with Timer() as first:
+        run(NEW)
+    run(1)
+    with Timer() as t1:
+        run(1)
+    with Timer() as t:
+        run(NEW)
+    step = (t.seconds - t1.seconds) / (NEW - 1)
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+    kv = 2 * cfg.num_layers * B * (P + NEW // 2) * cfg.num_kv_heads * cfg.head_dim * 2
+    kind = jax.devices()[0].device_kind
+    peak = peak_for(kind)
+    print(f"device={kind} model={cfg.name} bf16 batch={B} prompt={P} new={NEW} "
+          f"compile={first.seconds - t.seconds:.1f}s")
+    print(f"new tokens/s={B * NEW / t.seconds:,.0f} (decode only {B / step:,.0f}); "
+          f"step {step * 1e3:.1f} ms reads {(weights + kv) / 1e9:.1f} GB")
+    if peak:
+        print(f"memory bandwidth share={(weights + kv) / step / 1e12 / peak[1]:.2f}")
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--random-7b", action="store_true")
-    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="tiny random shapes for --random-7b on a CPU")
+    p.add_argument("--batch", type=int, default=64, help="batch for --random-7b")
     args = p.parse_args()
     (random_7b if args.random_7b else smollm2)(args)
 

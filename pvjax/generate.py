@@ -104,7 +104,7 @@ def stop_token_ids(model) -> tuple[int, ...]:
     if tok_eos is not None:
         ids.add(int(tok_eos))
     gen_cfg = Path(model.source) / "generation_config.json"
-    if gen_cfg.is_file():
+    if model.source and gen_cfg.is_file():
         eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
     return tuple(sorted(int(i) for i in ids))
@@ -250,11 +250,25 @@ def _masks(mode: str, mask_BP: np.ndarray):
     return m, np.full((1, 1), 0.0 if mode == "prompt" else 1.0, np.float32)
 
 
-def generate(model, prompts: Sequence, *, sampling: SamplingParams = SamplingParams(), seed: int = 0,
-             system: str | None = None, chat: bool = True, intervention: Intervention | None = None,
-             positions: str = "all", ablate_positions: str = "all", probes=None,
-             batch_size: int = 16, unroll: bool | None = None, progress: bool = False) -> Generation:
-    """Answer every prompt. See the module docstring for the engine and `Generation` for results.
+def generate(model, prompts: Sequence, *, system: str | None = None, chat: bool = True,
+             **kw) -> Generation:
+    """Answer every prompt: a string is a user message (raw text with `chat=False`), a list of
+    `{"role", "content"}` dicts a conversation; `system` adds a system message to string prompts.
+    The keywords are those of `generate_ids`, which runs the engine."""
+    if len(prompts) == 0:
+        raise GenerationError("no prompts to generate from")
+    texts = render_prompts(model, prompts, system=system, chat=chat)
+    ids = [model.tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    g = generate_ids(model, ids, **kw)
+    g.prompts = texts
+    return g
+
+
+def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParams = SamplingParams(),
+                 seed: int = 0, intervention: Intervention | None = None, positions: str = "all",
+                 ablate_positions: str = "all", probes=None, batch_size: int = 16,
+                 unroll: bool | None = None, progress: bool = False) -> Generation:
+    """The engine, on token ids (see the module docstring; `Generation` for results).
 
     `intervention` has batch 1 (applies to every prompt) or one row per prompt (a coefficient
     sweep, or steered and unsteered twins, in one call). Steering applies on `positions`: `all`,
@@ -262,15 +276,19 @@ def generate(model, prompts: Sequence, *, sampling: SamplingParams = SamplingPar
     new token, the reference implementation's semantics); ablation on `ablate_positions`.
     `probes` `[K, D]` or `[L, K, D]` asks for per-token projections of every row of
     `hidden_states`. The same `seed` gives the same texts. `unroll` picks the layer layout (see
-    `decode_params`; default: unrolled on CPU).
+    `decode_params`; default: unrolled on CPU). A model without a tokenizer (random weights for
+    benchmarks) returns empty texts.
     """
     sampling.validate()
-    if len(prompts) == 0:
+    if len(ids) == 0:
         raise GenerationError("no prompts to generate from")
+    if sampling.stop and model.tokenizer is None:
+        raise GenerationError("stop strings need a tokenizer")
     cfg, L, D = model.config, model.n_layers + 1, model.hidden_size
-    texts = render_prompts(model, prompts, system=system, chat=chat)
-    ids = [model.tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    ids = [list(map(int, seq)) for seq in ids]
     for i, seq in enumerate(ids):
+        if not seq:
+            raise GenerationError(f"prompt {i} has no tokens")
         if len(seq) + sampling.max_new_tokens > cfg.max_position_embeddings:
             raise GenerationError(
                 f"prompt {i} has {len(seq)} tokens; with max_new_tokens={sampling.max_new_tokens} it "
@@ -293,7 +311,7 @@ def generate(model, prompts: Sequence, *, sampling: SamplingParams = SamplingPar
         probes = jnp.asarray(probes)
 
     stops = stop_token_ids(model)
-    single = [model.tokenizer(s, add_special_tokens=False)["input_ids"] for s in sampling.stop]
+    single = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in sampling.stop]
     stop_ids = jnp.asarray(sorted(set(stops) | {s[0] for s in single if len(s) == 1}), jnp.int32)
     pad_id = stops[0] if stops else 0
     n_new = _new_bucket(sampling.max_new_tokens)
@@ -334,7 +352,9 @@ def generate(model, prompts: Sequence, *, sampling: SamplingParams = SamplingPar
         r_proj = None if probes is None else np.asarray(r_proj)
         for r, i in enumerate(chunk):
             new, reason = _trim(toks[r, :sampling.max_new_tokens].tolist(), set(stops), stop_ids)
-            text, new, reason = _cut_stop_strings(model.tokenizer, new, reason, sampling.stop, set(stops))
+            text = ""
+            if model.tokenizer is not None:
+                text, new, reason = _cut_stop_strings(model.tokenizer, new, reason, sampling.stop, set(stops))
             pp = None if p_proj is None else p_proj[:, r, P - len(ids[i]):]
             rp = None if r_proj is None else r_proj[:, r, :len(new)]
             results[i] = (text, new, reason, rp, pp)
@@ -343,7 +363,7 @@ def generate(model, prompts: Sequence, *, sampling: SamplingParams = SamplingPar
     if bar is not None:
         bar.close()
     get = lambda k: [results[i][k] for i in range(len(ids))]
-    return Generation(prompts=texts, prompt_tokens=ids, texts=get(0), tokens=get(1),
+    return Generation(prompts=[""] * len(ids), prompt_tokens=ids, texts=get(0), tokens=get(1),
                       finish_reasons=get(2), projections=None if probes is None else get(3),
                       prompt_projections=None if probes is None else get(4))
 

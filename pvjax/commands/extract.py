@@ -25,13 +25,15 @@ def load_config(path: str, overrides: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise SystemExit(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.trait=evil)")
+    argv = ["pvjax", f"--config={path}", *overrides]
+    fv = flags.FlagValues()
+    # The override flags are found by scanning an argv at definition time; give it ours, not sys.argv.
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True, sys_argv=argv)
     try:
-        fv(["pvjax", f"--config={path}", *overrides])
+        fv(argv)
     except (flags.Error, KeyError, AttributeError, FileNotFoundError) as e:
         raise SystemExit(f"bad config: {e}")
     return fv.config
