@@ -74,19 +74,36 @@ def rms_norm(x, w, eps):
 
 
 def _attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+    """Grouped-query attention as two batched matmuls over (batch, kv head), queries of a group
+    stacked on the rows. Scores and the softmax are float32 (as transformers); the probabilities
+    are normalised after the value product, which saves a pass over the [.., T, S] tensor (a
+    third of the attention time of a packed 256-token row on CPU)."""
+    B, T, H, E = q_BTHE.shape
+    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    G = H // K
+    if T == 1:
+        return _decode_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
+    q = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
+    k = k_BSKE.transpose(0, 2, 1, 3)
+    v = v_BSKE.transpose(0, 2, 1, 3)
+    s = jnp.einsum("bkqe,bkse->bkqs", q, k).astype(jnp.float32).reshape(B, K, G, T, S) * (E ** -0.5)
+    s = jnp.where(mask_BTS[:, None, None], s, _MASKED)
+    e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+    o = jnp.einsum("bkqs,bkse->bkqe", e.reshape(B, K, G * T, S).astype(v.dtype), v)
+    o = (o.astype(jnp.float32) / jnp.sum(e, axis=-1).reshape(B, K, G * T, 1)).astype(v.dtype)
+    return o.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)
+
+
+def _decode_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+    """One new token: multiply-and-sum fusions beat XLA's CPU batched dots at this size
+    (measured: batch-16 SmolLM2 decode steps take 130 ms this way, 175 ms with the matmuls)."""
     B, T, H, E = q_BTHE.shape
     K = k_BSKE.shape[2]
-    q = q_BTHE.reshape(B, T, K, H // K, E)
-    if T == 1:  # decoding: XLA's CPU batched dots are slow at this size; multiply-and-sum fuses
-        s = jnp.sum(q[:, 0, None] * k_BSKE[:, :, :, None], axis=-1).transpose(0, 2, 3, 1)[:, :, :, None]
-    else:
-        s = jnp.einsum("btkge,bske->bkgts", q, k_BSKE)
+    q = q_BTHE.reshape(B, K, H // K, E)
+    s = jnp.sum(q[:, None] * k_BSKE[:, :, :, None], axis=-1).transpose(0, 2, 3, 1)[:, :, :, None]
     s = jnp.where(mask_BTS[:, None, None], s.astype(jnp.float32) * (E ** -0.5), _MASKED)
-    p = jax.nn.softmax(s, axis=-1).astype(v_BSKE.dtype)  # float32 before softmax, as transformers
-    if T == 1:
-        o = jnp.sum(p[:, :, :, 0].transpose(0, 3, 1, 2)[..., None] * v_BSKE[:, :, :, None], axis=1)[:, None]
-    else:
-        o = jnp.einsum("bkgts,bske->btkge", p, v_BSKE)
+    p = jax.nn.softmax(s, axis=-1).astype(v_BSKE.dtype)
+    o = jnp.sum(p[:, :, :, 0].transpose(0, 3, 1, 2)[..., None] * v_BSKE[:, :, :, None], axis=1)[:, None]
     return o.reshape(B, T, H * E)
 
 

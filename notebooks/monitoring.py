@@ -1,0 +1,58 @@
+# %% [markdown]
+# # Monitoring with a persona vector (percent-format notebook: run it as a script or open it with
+# # jupytext)
+#
+# The paper's monitoring signal is the projection of the **last prompt token** onto the persona
+# vector, read before any token is generated; during generation, the per-token projections trace
+# the trait as the answer unfolds. This notebook uses the vector from
+# `python experiments/quickstart.py` (humorous, SmolLM2) and runs on a CPU in about a minute.
+
+# %%
+import os
+import sys
+
+import numpy as np
+
+import pvjax
+from pvjax.generate import SamplingParams, generate
+from pvjax.traits import load_trait
+from pvjax.vectors import read_vector
+
+RUN = sys.argv[1] if len(sys.argv) > 1 else "runs/quickstart/humorous"
+LAYER = int(sys.argv[2]) if len(sys.argv) > 2 else 20
+model = pvjax.load("smollm2-135m-instruct")
+v = read_vector(os.path.join(RUN, "vectors.safetensors") + ":response_avg_diff", model)
+unit = v / np.linalg.norm(v, axis=-1, keepdims=True)  # [L, D], one unit direction per layer
+
+# %% [markdown]
+# ## Last prompt token under trait and anti-trait system prompts
+# Held-out questions (the eval split) under each instruction pair: the projection at the last
+# prompt token should be higher under the trait prompt, before a single token is generated.
+
+# %%
+trait = load_trait("humorous", "eval")
+questions = list(trait.questions[:4])
+rows = {}
+for pol in ("pos", "neg"):
+    pair = trait.instruction[0]
+    system = (f"You are a humorous assistant. {pair.pos}" if pol == "pos"
+              else f"You are a helpful assistant. {pair.neg}")
+    g = generate(model, questions, system=system, probes=unit[:, None],
+                 sampling=SamplingParams(max_new_tokens=24))
+    rows[pol] = g
+    last = [float(p[LAYER, -1, 0]) for p in g.prompt_projections]
+    print(f"{pol}: last-prompt-token projection at layer {LAYER}: {np.round(last, 2)}")
+gap = np.mean([p[LAYER, -1, 0] for p in rows["pos"].prompt_projections]) - \
+      np.mean([p[LAYER, -1, 0] for p in rows["neg"].prompt_projections])
+print(f"mean gap (pos - neg): {gap:.2f}")
+
+# %% [markdown]
+# ## Per-token trace during generation
+# `projections[i]` is `[L, new tokens, K]`: every layer's residual at every generated token.
+
+# %%
+g = rows["pos"]
+trace = g.projections[0][LAYER, :, 0]
+toks = [model.tokenizer.decode([t]) for t in g.tokens[0]]
+for t, p in zip(toks, trace):
+    print(f"{p:8.2f}  {t!r}")
