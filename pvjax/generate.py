@@ -223,10 +223,11 @@ def compile_count() -> int:
 
 
 def _rows(iv: Intervention, rows: np.ndarray, n_total: int, pad_to: int) -> Intervention:
-    """The intervention for a chunk of prompts: per-prompt leaves sliced, then zero-padded."""
+    """The intervention for a chunk of prompts: per-prompt leaves sliced, then zero-padded; shared
+    ones broadcast, so shared, per-prompt and absent interventions all run one program."""
     def take(x):
-        if x.ndim < 2 or x.shape[1] == 1:
-            return x
+        if x.shape[1] == 1:
+            return jnp.broadcast_to(x, (x.shape[0], pad_to) + x.shape[2:])
         if x.shape[1] != n_total:
             raise InterventionError(f"intervention batch {x.shape[1]} matches neither 1 nor the "
                                     f"{n_total} prompts")
