@@ -6,7 +6,7 @@
    prompts, judges its own answers (a weak local judge, so pairs are kept by margin), and the
    vector at every layer is the difference of mean activations (configs/extract.py:runlocal).
 2. Check that it is causal without a judge: steering raises the likelihood of the trait answers.
-3. Answer a new question unsteered and steered, in one batch (one row per coefficient).
+3. Answer a new question unsteered, steered and over-steered, in one batch (a row per coefficient).
 
 A killed run resumes where it stopped. Everything lands in the workdir (answers CSVs, vectors,
 causality, plot).
@@ -28,7 +28,7 @@ def main():
     p.add_argument("--trait", default="humorous")
     p.add_argument("--workdir", default="runs/quickstart")
     p.add_argument("--question", default="What should I do on a rainy afternoon?")
-    p.add_argument("--coef", type=float, default=4.0)
+    p.add_argument("--coef", type=float, default=2.0)
     args = p.parse_args()
 
     import numpy as np
@@ -57,14 +57,15 @@ def main():
     model = pvjax.load(cfg.model)
     layer = int(best)
     vector = read_vector(os.path.join(cfg.workdir, "vectors.safetensors:response_avg_diff"), model)
-    coefs = [0.0, args.coef]
-    iv = ivs.build(model.n_layers + 1, model.hidden_size, steer=[(vector, layer, coefs)], batch=2)
-    g = generate(model, [args.question] * 2, intervention=iv, positions="response",
+    coefs = [0.0, args.coef, 2 * args.coef]  # unsteered, steered, over-steered: one batch
+    iv = ivs.build(model.n_layers + 1, model.hidden_size, steer=[(vector, layer, coefs)], batch=3)
+    g = generate(model, [args.question] * 3, intervention=iv, positions="response",
                  sampling=SamplingParams(max_new_tokens=80))
     print(f"[3/3] '{args.question}' at layer {layer} (row {layer} of hidden_states), "
           f"||v|| = {np.linalg.norm(vector[layer]):.1f}")
-    for coef, text in zip(coefs, g.texts):
-        print(f"\n--- coef {coef:g} {'(unsteered)' if coef == 0 else '(steered)'} ---\n{text}")
+    labels = ["unsteered", "steered", "over-steered: large coefficients cost coherence"]
+    for coef, label, text in zip(coefs, labels, g.texts):
+        print(f"\n--- coef {coef:g} ({label}) ---\n{text}")
     print(f"\nplot: {os.path.join(cfg.workdir, 'plot.png')}")
 
 
