@@ -25,15 +25,19 @@ from pvjax.packing import pooled_activations
 
 
 def run_pvjax(model, seqs, prompt_lens, args):
-    """Packed rows (see pvjax.packing): first pass compiles, second is timed."""
+    """Packed rows (see pvjax.packing): first pass compiles, then the best of three is timed (this
+    shared 2-core machine varies by tens of percent from run to run)."""
     def run():
         return pooled_activations(model, seqs, prompt_lens, width=args.width, rows_per_batch=args.rows)
 
     with Timer() as first:
         run()
-    with Timer() as t:
-        pooled = run()
-    return t.seconds, first.seconds - t.seconds, pooled
+    times = []
+    for _ in range(3):
+        with Timer() as t:
+            pooled = run()
+        times.append(t.seconds)
+    return min(times), first.seconds - min(times), pooled
 
 
 def run_reference(seqs, prompt_lens, threads):
@@ -46,12 +50,15 @@ def run_reference(seqs, prompt_lens, threads):
     path = embedded_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     model.eval()
-    pooled = []
-    with torch.no_grad(), Timer() as t:
-        for seq, p in zip(seqs, prompt_lens):
-            hs = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
-            pooled.append(torch.stack([h[0, p:].mean(0) for h in hs]).numpy())
-    return t.seconds, pooled
+    times = []
+    for _ in range(3):  # best of three, as for pvjax
+        pooled = []
+        with torch.no_grad(), Timer() as t:
+            for seq, p in zip(seqs, prompt_lens):
+                hs = model(torch.tensor([seq]), output_hidden_states=True).hidden_states
+                pooled.append(torch.stack([h[0, p:].mean(0) for h in hs]).numpy())
+        times.append(t.seconds)
+    return min(times), pooled
 
 
 def smollm2(args):
