@@ -84,9 +84,10 @@ def make_judge_backend(cfg, model, work: Path):
 
     j = cfg["judge"]
     if j["backend"] == "local":
+        import pvjax
         from pvjax.llm.local import LocalChat
 
-        judge_model = model if j.get("model") in (None, "", "same") else __import__("pvjax").load(j["model"])
+        judge_model = model if j.get("model") in (None, "", "same") else pvjax.load(j["model"])
         inner = LocalChat(judge_model, batch_size=j.get("batch_size", 8), numeric_only=j.get("numeric_only", False))
     elif j["backend"] == "openai":
         from pvjax.llm.openai_http import OpenAIChat
