@@ -23,6 +23,7 @@ import numpy as np
 
 from pvjax import interventions as ivs
 from pvjax.capture import Capture
+from pvjax.model import left_pad
 from pvjax.models.decoder import decode
 
 
@@ -56,16 +57,12 @@ def answer_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, ve
     out = np.zeros((len(coefs), len(seqs)), np.float32)
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        tokens = np.zeros((batch_size, T), np.int32)
-        mask = np.zeros((batch_size, T), np.int32)
+        tokens, mask = left_pad([seqs[i] for _, i in chunk], T, batch_size)
         answer = np.zeros((batch_size, T), np.int32)
         row_coefs = np.zeros(batch_size, np.float32)
         for b, (c, i) in enumerate(chunk):
-            n = len(seqs[i])
-            tokens[b, T - n:], mask[b, T - n:] = seqs[i], 1
-            answer[b, T - n + starts[i]:] = 1
+            answer[b, T - len(seqs[i]) + starts[i]:] = 1
             row_coefs[b] = coefs[c]
-        mask[len(chunk):, -1] = 1
         iv = ivs.build(L, D, steer=[(v, layer, row_coefs)], batch=batch_size)
         end = np.array([T - len(seqs[i]) + starts[i] for _, i in chunk] + [T] * (batch_size - len(chunk)))
         iv = iv.with_masks(ivs.position_mask(positions, mask, end))

@@ -29,6 +29,7 @@ import numpy as np
 
 from pvjax.capture import Capture
 from pvjax.interventions import Intervention, InterventionError, POSITION_MODES, empty
+from pvjax.model import left_pad
 from pvjax.models.decoder import decode, init_cache, unstack_layers
 
 _NEG = -1e30
@@ -329,12 +330,7 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
     for chunk in chunks:
         B = _batch_bucket(len(chunk), batch_size)
         P = prompt_bucket(max(len(ids[i]) for i in chunk))
-        tokens = np.full((B, P), pad_id, np.int32)
-        mask = np.zeros((B, P), np.int32)
-        for r, i in enumerate(chunk):
-            tokens[r, P - len(ids[i]):] = ids[i]
-            mask[r, P - len(ids[i]):] = 1
-        mask[len(chunk):, -1] = 1  # filler rows hold one token so nothing is fully masked
+        tokens, mask = left_pad([ids[i] for i in chunk], P, B, pad_id)
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         steer_pre, steer_dec = _masks(positions, mask)
         abl_pre, abl_dec = _masks(ablate_positions, mask)

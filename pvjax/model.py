@@ -100,6 +100,20 @@ def default_positions(attention_mask_BT) -> jax.Array:
     return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
 
 
+def left_pad(seqs, width: int, batch: int | None = None, pad_id: int = 0):
+    """Token lists into `(tokens, mask)` `[batch, width]` int32, right-aligned. Rows past
+    `len(seqs)` are fillers that hold one token, so no row is fully masked (fixed batch shapes
+    mean one compiled program; a fully masked row would attend to nothing)."""
+    batch = len(seqs) if batch is None else batch
+    tokens = np.full((batch, width), pad_id, np.int32)
+    mask = np.zeros((batch, width), np.int32)
+    for r, seq in enumerate(seqs):
+        if len(seq):
+            tokens[r, width - len(seq):], mask[r, width - len(seq):] = seq, 1
+    mask[len(seqs):, -1] = 1
+    return tokens, mask
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "scan"))
 def _forward(params, cfg, tokens, attention_mask, positions, intervention, capture, segment_ids, scan):
     return decode(params, cfg, tokens, positions, attention_mask, intervention=intervention,

@@ -77,6 +77,7 @@ class LocalChat:
     def _next_token(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         import pvjax
         from pvjax.capture import Capture
+        from pvjax.model import left_pad
 
         tok = self.model.tokenizer
         ids = [tok(self._text(r), add_special_tokens=False)["input_ids"] for r in requests]
@@ -86,12 +87,7 @@ class LocalChat:
                 raise LLMError(f"judge prompt of {len(seq)} tokens exceeds the context window of "
                                f"{self.model.model_id} ({limit})")
         T = -(-max(map(len, ids)) // 64) * 64
-        B = self.batch_size
-        tokens = np.zeros((B, T), np.int32)
-        mask = np.zeros((B, T), np.int32)
-        for b, seq in enumerate(ids):
-            tokens[b, T - len(seq):], mask[b, T - len(seq):] = seq, 1
-        mask[len(ids):, -1] = 1
+        tokens, mask = left_pad(ids, T, self.batch_size)
         out = pvjax.forward(self.model, tokens, attention_mask=mask, capture=Capture(logits="last", hidden=False))
         logits = np.asarray(out.logits[:, -1], np.float32)
         if self.numeric_only:  # constrained decoding: the judge can only answer with a number
