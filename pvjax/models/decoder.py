@@ -78,11 +78,11 @@ def _attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
     stacked on the rows. Scores and the softmax are float32 (as transformers); the probabilities
     are normalised after the value product, which saves a pass over the [.., T, S] tensor (a
     third of the attention time of a packed 256-token row on CPU)."""
+    if q_BTHE.shape[1] == 1:
+        return _decode_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
     B, T, H, E = q_BTHE.shape
     S, K = k_BSKE.shape[1], k_BSKE.shape[2]
     G = H // K
-    if T == 1:
-        return _decode_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
     q = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
     k = k_BSKE.transpose(0, 2, 1, 3)
     v = v_BSKE.transpose(0, 2, 1, 3)
@@ -133,9 +133,9 @@ def _block(cfg: ModelConfig, lp, h, cos, sin, attend):
     if "w_gate_up" in lp:
         gu = _mm_t(x, lp["w_gate_up"])
         gate, up = gu[..., :cfg.intermediate_size], gu[..., cfg.intermediate_size:]
-        return h + _mm_t(jax.nn.silu(gate) * up, lp["w_down"]), new_cache
-    gate, up = x @ lp["w_gate"], x @ lp["w_up"]
-    h = h + (jax.nn.silu(gate) * up) @ lp["w_down"]
+        h = h + _mm_t(jax.nn.silu(gate) * up, lp["w_down"])
+    else:
+        h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
     return h, new_cache
 
 
