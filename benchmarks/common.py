@@ -28,6 +28,30 @@ def peak_for(device_kind: str):
     return None
 
 
+def measured_ceilings():
+    """(bf16 matmul TFLOP/s, copy TB/s counting bytes read plus written) measured on the default
+    device: the ceilings that utilisation figures divide by, beside the datasheet's."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 8192
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2**29,), jnp.bfloat16)  # 1 GiB
+    cp = jax.jit(lambda x: x * 1.5)
+    rates = []
+    for f, args, work in ((mm, (a, b), 2.0 * n**3), (cp, (x,), 2.0 * x.nbytes)):
+        f(*args).block_until_ready()
+        reps = 20
+        t = time.perf_counter()
+        for _ in range(reps):
+            out = f(*args)
+        out.block_until_ready()
+        rates.append(reps * work / (time.perf_counter() - t) / 1e12)
+    return tuple(rates)
+
+
 def samples(tokenizer, chat_text, n: int):
     """`n` (prompt, answer) texts of varied answer lengths, with the prompt's token count."""
     out = []

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pvjax
-from common import Timer, peak_for, samples
+from common import Timer, measured_ceilings, peak_for, samples
 from pvjax.capture import pooling_weights
 from pvjax.packing import pooled_activations
 
@@ -102,13 +102,50 @@ def random_7b(args):
             out = fn()
         jax.block_until_ready(out)
     tps = B * T * args.iters / t.seconds
-    flops = flops_per_token(cfg, context=T // 2) - 2.0 * cfg.hidden_size * cfg.vocab_size  # no LM head
+    # Causal attention: on average each token attends to T/2 keys. No LM head (activations only).
+    flops = flops_per_token(cfg, context=T // 2) - 2.0 * cfg.hidden_size * cfg.vocab_size
+    achieved = tps * flops / 1e12
     kind = jax.devices()[0].device_kind
-    peak = peak_for(kind)
     print(f"device={kind} model={cfg.name} bf16 batch={B} seq={T} compile={c.seconds:.1f}s")
-    print(f"tokens/s={tps:,.0f} achieved TFLOP/s={tps * flops / 1e12:.1f}")
-    if peak:
-        print(f"MFU={tps * flops / 1e12 / peak[0]:.3f}")
+    print(f"pvjax: tokens/s={tps:,.0f} achieved TFLOP/s={achieved:.1f}")
+    if jax.default_backend() != "cpu":
+        mm, _ = measured_ceilings()
+        peak = peak_for(kind)
+        print(f"measured bf16 matmul {mm:.0f} TFLOP/s; MFU={achieved / mm:.3f} of measured"
+              + (f", {achieved / peak[0]:.3f} of datasheet {peak[0]:.0f}" if peak else ""))
+    if args.reference:
+        del model, params, out
+        ref = reference_random(cfg, ids, T // 2)
+        print(f"reference (transformers, one at a time, bf16): tokens/s={ref:,.0f}")
+        print(f"ratio={tps / ref:.2f}")
+
+
+def reference_random(cfg, ids, prompt_len):
+    """transformers on the same shapes and random bf16 weights, one sample at a time with
+    `output_hidden_states=True`, pooled afterwards: what the reference implementation does."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    hf_cfg = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                         rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
+                         max_position_embeddings=cfg.max_position_embeddings)
+    with torch.device(dev):
+        hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
+    x = torch.tensor(ids, device=dev)
+
+    def once():
+        with torch.no_grad():
+            for row in x:
+                hs = hf.model(row[None], output_hidden_states=True).hidden_states
+                torch.stack([h[0, prompt_len:].float().mean(0) for h in hs]).cpu()
+
+    once()
+    with Timer() as t:
+        once()
+    return ids.size / t.seconds
 
 
 def main():
@@ -121,6 +158,8 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="with --random-7b: a tiny shape, for CPUs")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--reference", action="store_true",
+                    help="with --random-7b: also time transformers on the same random shapes")
     args = ap.parse_args()
     random_7b(args) if args.random_7b else smollm2(args)
 

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pvjax
-from common import QUESTIONS, Timer, peak_for
+from common import QUESTIONS, Timer, measured_ceilings, peak_for
 from pvjax import interventions
 from pvjax.generate import SamplingParams, generate
 
@@ -142,7 +142,7 @@ def random_7b(args):
     iv = interventions.build(cfg.num_layers + 1, cfg.hidden_size, steer=[(v, cfg.num_layers // 2, 1.0)])
     sp = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)
     run = lambda n: generate_ids(model, ids, sampling=dataclasses.replace(sp, max_new_tokens=n, min_new_tokens=n),
-                                 intervention=iv, batch_size=B, unroll=False)
+                                 intervention=iv, batch_size=B, unroll=not args.scan)
     with Timer() as first:
         run(NEW)
     run(1)
@@ -152,15 +152,21 @@ def random_7b(args):
         run(NEW)
     step = (t.seconds - t1.seconds) / (NEW - 1)
     weights = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+    if not cfg.tie_embeddings:  # a step gathers B rows of the input embedding, not the table
+        weights -= params["embed"].nbytes
     kv = 2 * cfg.num_layers * B * (P + NEW // 2) * cfg.num_kv_heads * cfg.head_dim * 2
     kind = jax.devices()[0].device_kind
-    peak = peak_for(kind)
-    print(f"device={kind} model={cfg.name} bf16 batch={B} prompt={P} new={NEW} "
+    layout = "scanned layers" if args.scan else "unrolled layers"
+    print(f"device={kind} model={cfg.name} bf16 batch={B} prompt={P} new={NEW} {layout} "
           f"compile={first.seconds - t.seconds:.1f}s")
     print(f"new tokens/s={B * NEW / t.seconds:,.0f} (decode only {B / step:,.0f}); "
-          f"step {step * 1e3:.1f} ms reads {(weights + kv) / 1e9:.1f} GB")
-    if peak:
-        print(f"memory bandwidth share={(weights + kv) / step / 1e12 / peak[1]:.2f}")
+          f"step {step * 1e3:.2f} ms reads {(weights + kv) / 1e9:.1f} GB")
+    if jax.default_backend() != "cpu":
+        _, copy = measured_ceilings()
+        peak = peak_for(kind)
+        share = (weights + kv) / step / 1e12
+        print(f"memory bandwidth share={share / copy:.2f} of measured copy {copy:.2f} TB/s"
+              + (f", {share / peak[1]:.2f} of datasheet {peak[1]} TB/s" if peak else ""))
 
 
 def main():
@@ -169,6 +175,8 @@ def main():
     p.add_argument("--random-7b", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny random shapes for --random-7b on a CPU")
     p.add_argument("--batch", type=int, default=64, help="batch for --random-7b")
+    p.add_argument("--scan", action="store_true",
+                   help="with --random-7b: scan stacked layers (one weight copy) instead of unrolling")
     args = p.parse_args()
     (random_7b if args.random_7b else smollm2)(args)
 
