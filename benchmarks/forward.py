@@ -21,7 +21,7 @@ import numpy as np
 import pvjax
 from common import Timer, measured_ceilings, peak_for, samples
 from pvjax.capture import pooling_weights
-from pvjax.packing import pooled_activations
+from pvjax.packing import pack, pooled_activations
 
 
 def run_pvjax(model, seqs, prompt_lens, args):
@@ -71,7 +71,10 @@ def smollm2(args):
     ref_secs, ref_pooled = run_reference(seqs, prompt_lens, os.cpu_count())
     err = max(float(np.abs(ours[i, :, 0] - r).max() / np.abs(r).max()) for i, r in enumerate(ref_pooled))
     ours_tps, ref_tps = n_tokens / secs, n_tokens / ref_secs
-    print(f"texts={len(data)} tokens={n_tokens} packed width={args.width} rows={args.rows} "
+    batches = pack(seqs, prompt_lens, width=args.width, rows_per_batch=args.rows)
+    slots = sum(b.tokens.size for b in batches)
+    print(f"texts={len(data)} tokens={n_tokens} packed into {slots} slots ({n_tokens / slots:.0%} full), "
+          f"batches {[b.tokens.shape for b in batches]} "
           f"backend={jax.default_backend()}")
     print(f"pvjax: {ours_tps:,.0f} tokens/s (compile {compile_s:.1f} s, excluded)")
     print(f"reference (transformers, one at a time): {ref_tps:,.0f} tokens/s")
@@ -151,7 +154,7 @@ def reference_random(cfg, ids, prompt_len):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--width", type=int, default=None, help="packed row width (default: least waste)")
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--random-7b", action="store_true")

@@ -59,10 +59,13 @@ def run_pvjax(model, prompts, vector):
     sp = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)
     with Timer() as first:
         generate(model, prompts, sampling=sp, intervention=iv, batch_size=len(prompts))
-    with Timer() as t:
-        g = generate(model, prompts, sampling=sp, intervention=iv, batch_size=len(prompts))
+    best = float("inf")
+    for _ in range(3):  # best of three: this shared machine varies by tens of percent run to run
+        with Timer() as t:
+            g = generate(model, prompts, sampling=sp, intervention=iv, batch_size=len(prompts))
+        best = min(best, t.seconds)
     n = sum(len(x) for x in g.tokens)
-    return n / t.seconds, first.seconds - t.seconds
+    return n / best, first.seconds - best
 
 
 def run_reference(hf, tok, prompts, vector):
@@ -81,12 +84,15 @@ def run_reference(hf, tok, prompts, vector):
     try:
         with torch.no_grad():
             hf.generate(**enc, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
-            with Timer() as t:
-                out = hf.generate(**enc, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                                  pad_token_id=tok.pad_token_id)
+            best = float("inf")
+            for _ in range(2):  # best of two (each batch-16 run takes tens of seconds)
+                with Timer() as t:
+                    out = hf.generate(**enc, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                                      pad_token_id=tok.pad_token_id)
+                best = min(best, t.seconds)
     finally:
         handle.remove()
-    return (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts) / t.seconds
+    return (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts) / best
 
 
 def smollm2(args):

@@ -33,3 +33,14 @@ def test_packed_pooling_equals_each_sequence_alone(smollm2):
         want = np.stack([h[:, p:].mean(1) if len(s) > p else np.zeros_like(h[:, 0]),
                          h[:, :p].mean(1), h[:, p - 1]], axis=1)
         np.testing.assert_allclose(packed[i], want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
+
+
+def test_last_batch_holds_only_the_rows_left():
+    seqs = [[5] * 60 for _ in range(11)]  # one sequence per 64-wide row: 11 rows
+    batches = pack(seqs, [30] * 11, width=64, rows_per_batch=4)
+    assert [b.tokens.shape[0] for b in batches] == [4, 4, 4]
+    assert [len(b.members) for b in batches] == [4, 4, 3]
+    batches = pack(seqs[:9], [30] * 9, width=64, rows_per_batch=4)
+    assert [b.tokens.shape[0] for b in batches] == [4, 4, 1]
+    batches = pack(seqs[:6], [30] * 6, width=64, rows_per_batch=8)
+    assert [b.tokens.shape[0] for b in batches] == [8]

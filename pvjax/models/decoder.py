@@ -28,29 +28,34 @@ _MASKED = -1e30  # finite, so fully padded query rows give garbage, not NaN that
 
 
 class KVCache(NamedTuple):
-    k: jax.Array | tuple  # [N, B, S, K, E], or N arrays [B, S, K, E] for unstacked layers
-    v: jax.Array | tuple
+    k: jax.Array | tuple  # [N, B, K, E, S], or N arrays [B, K, E, S] for unstacked layers
+    v: jax.Array | tuple  # [N, B, K, S, E], or N arrays [B, K, S, E]
     valid: jax.Array  # [B, S] bool: slot holds a real token
     index: jax.Array  # [] int32: next slot to write
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype, *, stacked: bool = True) -> KVCache:
-    shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
-    def zeros():  # separate buffers, so a cache can be donated
+    # Heads before slots, keys transposed: both decode-attention products are then plain batched
+    # matmuls over contiguous blocks (q [G, E] @ k [E, S], p [G, S] @ v [S, E]).
+    v_shape = (batch, cfg.num_kv_heads, slots, cfg.head_dim)
+    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, slots)
+
+    def zeros(shape):  # separate buffers, so a cache can be donated
         if stacked:
             return jnp.zeros((cfg.num_layers,) + shape, dtype)
         return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
 
-    return KVCache(zeros(), zeros(), jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+    return KVCache(zeros(k_shape), zeros(v_shape), jnp.zeros((batch, slots), bool),
+                   jnp.zeros((), jnp.int32))
 
 
 def unstack_layers(params, cfg: ModelConfig):
     """The same weights as N per-layer dicts, with q/k/v and gate/up fused into single matrices.
 
-    XLA on CPU copies the weight slice that `lax.scan` feeds each step, which doubles the memory
-    traffic of small-batch decoding (measured: 43 ms vs 23 ms per step for SmolLM2's MLPs); an
-    unrolled program over separate arrays reads each weight once. Costs one extra copy of the
-    weights, so it is for decoding models that fit twice, chiefly on CPU.
+    XLA copies the weight slice that `lax.scan` feeds each step, which doubles the memory traffic
+    of small-batch decoding (measured on CPU, 43 ms vs 23 ms per step for SmolLM2's MLPs, and on
+    an H100, 17.1 vs 7.45 ms per 7B batch-64 step); an unrolled program over separate arrays
+    reads each weight once. Costs one extra copy of the weights while both are alive.
     """
     layers = params["layers"]
     out = []
@@ -60,9 +65,6 @@ def unstack_layers(params, cfg: ModelConfig):
         if cfg.qkv_bias:
             lp["bqkv"] = jnp.concatenate([lp.pop("bq"), lp.pop("bk"), lp.pop("bv")], axis=-1)
         lp["w_gate_up"] = jnp.concatenate([lp.pop("w_gate"), lp.pop("w_up")], axis=-1)
-        # Stored [out, in]: XLA's CPU dots with few rows run faster contracting contiguous rows.
-        for name in ("wqkv", "w_gate_up", "wo", "w_down"):
-            lp[name] = lp[name].T
         out.append(lp)
     return {**params, "layers": tuple(out)}
 
@@ -73,20 +75,19 @@ def rms_norm(x, w, eps):
     return w * x32.astype(x.dtype)
 
 
-def _attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
+def _attention(q_BTHE, k_BKES, v_BKSE, mask_BTS):
     """Grouped-query attention as two batched matmuls over (batch, kv head), queries of a group
     stacked on the rows. Scores and the softmax are float32 (as transformers); the probabilities
     are normalised after the value product, which saves a pass over the [.., T, S] tensor (a
     third of the attention time of a packed 256-token row on CPU)."""
     if q_BTHE.shape[1] == 1:
-        return _decode_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS)
+        return _decode_attention(q_BTHE, k_BKES, v_BKSE, mask_BTS)
     B, T, H, E = q_BTHE.shape
-    S, K = k_BSKE.shape[1], k_BSKE.shape[2]
+    K, S = k_BKES.shape[1], k_BKES.shape[3]
     G = H // K
     q = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
-    k = k_BSKE.transpose(0, 2, 1, 3)
-    v = v_BSKE.transpose(0, 2, 1, 3)
-    s = jnp.einsum("bkqe,bkse->bkqs", q, k).astype(jnp.float32).reshape(B, K, G, T, S) * (E ** -0.5)
+    k, v = k_BKES, v_BKSE
+    s = jnp.einsum("bkqe,bkes->bkqs", q, k).astype(jnp.float32).reshape(B, K, G, T, S) * (E ** -0.5)
     s = jnp.where(mask_BTS[:, None, None], s, _MASKED)
     e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     o = jnp.einsum("bkqs,bkse->bkqe", e.reshape(B, K, G * T, S).astype(v.dtype), v)
@@ -94,21 +95,22 @@ def _attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
     return o.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)
 
 
-def _decode_attention(q_BTHE, k_BSKE, v_BSKE, mask_BTS):
-    """One new token: multiply-and-sum fusions beat XLA's CPU batched dots at this size
-    (measured: batch-16 SmolLM2 decode steps take 130 ms this way, 175 ms with the matmuls)."""
+def _decode_attention(q_BTHE, k_BKES, v_BKSE, mask_BTS):
+    """One new token: a batched matmul per (row, kv head) over the contiguous cache blocks, the
+    group's queries on the rows."""
     B, T, H, E = q_BTHE.shape
-    K = k_BSKE.shape[2]
+    K = k_BKES.shape[1]
     q = q_BTHE.reshape(B, K, H // K, E)
-    s = jnp.sum(q[:, None] * k_BSKE[:, :, :, None], axis=-1).transpose(0, 2, 3, 1)[:, :, :, None]
-    s = jnp.where(mask_BTS[:, None, None], s.astype(jnp.float32) * (E ** -0.5), _MASKED)
-    p = jax.nn.softmax(s, axis=-1).astype(v_BSKE.dtype)
-    o = jnp.sum(p[:, :, :, 0].transpose(0, 3, 1, 2)[..., None] * v_BSKE[:, :, :, None], axis=1)[:, None]
-    return o.reshape(B, T, H * E)
+    s = jnp.einsum("bkge,bkes->bkgs", q, k_BKES).astype(jnp.float32) * (E ** -0.5)
+    s = jnp.where(mask_BTS[:, None], s, _MASKED)
+    p = jax.nn.softmax(s, axis=-1).astype(v_BKSE.dtype)
+    return jnp.einsum("bkgs,bkse->bkge", p, v_BKSE).reshape(B, T, H * E)
 
 
-def _mm_t(x, w_OI):
-    return jnp.einsum("...i,oi->...o", x, w_OI)
+def _mm(x, w_IO):
+    """`x @ w` with the leading axes folded into one: XLA's CPU dots run the 2-D form faster."""
+    y = x.reshape(-1, x.shape[-1]) @ w_IO
+    return y.reshape(x.shape[:-1] + y.shape[-1:])
 
 
 def _block(cfg: ModelConfig, lp, h, cos, sin, attend):
@@ -116,11 +118,11 @@ def _block(cfg: ModelConfig, lp, h, cos, sin, attend):
     B, T, _ = h.shape
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     if "wqkv" in lp:  # unstacked layers (see `unstack_layers`)
-        qkv = _mm_t(x, lp["wqkv"]) + (lp["bqkv"] if cfg.qkv_bias else 0)
+        qkv = _mm(x, lp["wqkv"]) + (lp["bqkv"] if cfg.qkv_bias else 0)
         nq, nk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
     else:
-        q, k, v = x @ lp["wq"], x @ lp["wk"], x @ lp["wv"]
+        q, k, v = _mm(x, lp["wq"]), _mm(x, lp["wk"]), _mm(x, lp["wv"])
         if cfg.qkv_bias:
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = apply_rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
@@ -128,14 +130,14 @@ def _block(cfg: ModelConfig, lp, h, cos, sin, attend):
     v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     keys, values, mask, new_cache = attend(k, v)
     o = _attention(q, keys, values, mask)
-    h = h + (_mm_t(o, lp["wo"]) if "wqkv" in lp else o @ lp["wo"])
+    h = h + _mm(o, lp["wo"])
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     if "w_gate_up" in lp:
-        gu = _mm_t(x, lp["w_gate_up"])
+        gu = _mm(x, lp["w_gate_up"])
         gate, up = gu[..., :cfg.intermediate_size], gu[..., cfg.intermediate_size:]
-        h = h + _mm_t(jax.nn.silu(gate) * up, lp["w_down"])
+        h = h + _mm(jax.nn.silu(gate) * up, lp["w_down"])
     else:
-        h = h + (jax.nn.silu(x @ lp["w_gate"]) * (x @ lp["w_up"])) @ lp["w_down"]
+        h = h + _mm(jax.nn.silu(_mm(x, lp["w_gate"])) * _mm(x, lp["w_up"]), lp["w_down"])
     return h, new_cache
 
 
@@ -189,17 +191,18 @@ def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT,
         h, ck, cv = carry
         lp, i, row_iv, probe = xs
 
-        def attend(k, v):
+        def attend(k_BTKE, v_BTKE):
+            k, v = k_BTKE.transpose(0, 2, 3, 1), v_BTKE.transpose(0, 2, 1, 3)
             if cache is None:
                 return k, v, mask_BTS, (ck, cv)
             if unstacked:  # per-layer caches; `i` is a Python int
                 nk = list(ck)
                 nv = list(cv)
-                nk[i] = jax.lax.dynamic_update_slice(ck[i], k.astype(ck[i].dtype), (0, cache.index, 0, 0))
-                nv[i] = jax.lax.dynamic_update_slice(cv[i], v.astype(cv[i].dtype), (0, cache.index, 0, 0))
+                nk[i] = jax.lax.dynamic_update_slice(ck[i], k.astype(ck[i].dtype), (0, 0, 0, cache.index))
+                nv[i] = jax.lax.dynamic_update_slice(cv[i], v.astype(cv[i].dtype), (0, 0, cache.index, 0))
                 return nk[i], nv[i], mask_BTS, (tuple(nk), tuple(nv))
-            nk = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, cache.index, 0, 0))
-            nv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, cache.index, 0, 0))
+            nk = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, 0, 0, cache.index))
+            nv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, 0, cache.index, 0))
             return nk[i], nv[i], mask_BTS, (nk, nv)
 
         h, (ck, cv) = _block(cfg, lp, h, cos, sin, attend)
