@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import pvjax
-from pvjax.packing import pack, plan_rows, pooled_activations
+from pvjax.packing import choose_width, pack, plan_rows, pooled_activations
 
 
 def test_plan_rows_respects_width_and_keeps_everything():
@@ -44,3 +44,17 @@ def test_last_batch_holds_only_the_rows_left():
     assert [b.tokens.shape[0] for b in batches] == [4, 4, 1]
     batches = pack(seqs[:6], [30] * 6, width=64, rows_per_batch=8)
     assert [b.tokens.shape[0] for b in batches] == [8]
+
+
+def test_chosen_width_wastes_less_than_a_fixed_one():
+    # Three length groups (like prompts with short, medium and long answers) that fit 224 well.
+    lengths = [75] * 11 + [110] * 11 + [144] * 10
+    seqs = [[5] * n for n in lengths]
+    w = choose_width(lengths, rows_per_batch=4)
+    assert w >= 144 and w % 32 == 0
+    slots = lambda bs: sum(b.tokens.size for b in bs)
+    auto = pack(seqs, [10] * len(seqs), rows_per_batch=4)
+    fixed = pack(seqs, [10] * len(seqs), width=256, rows_per_batch=4)
+    assert auto[0].tokens.shape[1] == w
+    assert slots(auto) < slots(fixed)
+    assert sorted(i for b in auto for i, _, _ in b.members) == list(range(len(seqs)))
