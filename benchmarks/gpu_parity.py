@@ -52,7 +52,6 @@ def main(tok_dir):
         L = model.n_layers
         v = rng.standard_normal(model.hidden_size).astype(np.float32)
         layer = L // 2 + 1
-        handle = None
         with torch.no_grad():
             ref = hf(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long(),
                      position_ids=torch.tensor(pos).long(), output_hidden_states=True)

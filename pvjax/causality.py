@@ -23,7 +23,7 @@ import numpy as np
 
 from pvjax import interventions as ivs
 from pvjax.capture import Capture
-from pvjax.model import left_pad
+from pvjax.model import default_positions, left_pad
 from pvjax.models.decoder import decode
 
 
@@ -66,9 +66,8 @@ def answer_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, ve
         iv = ivs.build(L, D, steer=[(v, layer, row_coefs)], batch=batch_size)
         end = np.array([T - len(seqs[i]) + starts[i] for _, i in chunk] + [T] * (batch_size - len(chunk)))
         iv = iv.with_masks(ivs.position_mask(positions, mask, end))
-        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         lp = np.asarray(_answer_logprob(model.params, model.config, jnp.asarray(tokens), jnp.asarray(mask),
-                                        jnp.asarray(pos), iv, jnp.asarray(answer)))
+                                        default_positions(mask), iv, jnp.asarray(answer)))
         for b, (c, i) in enumerate(chunk):
             out[c, i] = lp[b]
     return out

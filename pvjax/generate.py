@@ -29,7 +29,7 @@ import numpy as np
 
 from pvjax.capture import Capture
 from pvjax.interventions import Intervention, InterventionError, POSITION_MODES, empty
-from pvjax.model import left_pad
+from pvjax.model import default_positions, left_pad
 from pvjax.models.decoder import decode, init_cache, unstack_layers
 
 _NEG = -1e30
@@ -331,14 +331,14 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
         B = _batch_bucket(len(chunk), batch_size)
         P = prompt_bucket(max(len(ids[i]) for i in chunk))
         tokens, mask = left_pad([ids[i] for i in chunk], P, B, pad_id)
-        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        pos = default_positions(mask)
         steer_pre, steer_dec = _masks(positions, mask)
         abl_pre, abl_dec = _masks(ablate_positions, mask)
         keys = jnp.stack([jax.random.fold_in(base_key, i) for i in chunk] +
                          [base_key] * (B - len(chunk)))
         iv = _rows(intervention, np.asarray(chunk), len(ids), B)
         toks, p_proj, r_proj = _generate(
-            params, cfg, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(pos), iv,
+            params, cfg, jnp.asarray(tokens), jnp.asarray(mask), pos, iv,
             (jnp.asarray(steer_pre), jnp.asarray(abl_pre)), (jnp.asarray(steer_dec), jnp.asarray(abl_dec)),
             probes, keys, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
             jnp.int32(sampling.top_k), jnp.int32(sampling.min_new_tokens),

@@ -61,14 +61,19 @@ def choose_width(lengths: Sequence[int], rows_per_batch: int, *, step: int = 32,
     """The row width that wastes least: fewest computed slots, each weighted by its attention
     cost, which grows with the width (about a seventh of a slot's work at 256 on CPU). Candidates
     are multiples of `step` from the longest sequence up to `widest` (or twice the longest)."""
+    return _least_waste(lengths, rows_per_batch, step, widest)[0]
+
+
+def _least_waste(lengths, rows_per_batch, step=32, widest=512):
+    """`choose_width`'s width with its row plan, so `pack` does not plan that width again."""
     start = _round_up(max(lengths), step)
     best = None
     for w in range(start, max(start, min(widest, 2 * start)) + 1, step):
-        slots = w * sum(_batch_rows(len(plan_rows(lengths, w)), rows_per_batch))
-        cost = slots * (1 + w / 1800)
+        rows = plan_rows(lengths, w)
+        cost = w * sum(_batch_rows(len(rows), rows_per_batch)) * (1 + w / 1800)
         if best is None or cost < best[0]:
-            best = (cost, w)
-    return best[1]
+            best = (cost, w, rows)
+    return best[1:]
 
 
 def pack(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, width: int | None = None,
@@ -87,10 +92,10 @@ def pack(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, width: in
         if not 0 < p <= n:
             raise ValueError(f"sequence {i}: prompt length {p} is not within 1..{n}")
     if width is None:
-        width = choose_width(lengths, rows_per_batch)
+        width, rows = _least_waste(lengths, rows_per_batch)
     else:
         width = max(width, _round_up(max(lengths), 64))
-    rows = plan_rows(lengths, width)
+        rows = plan_rows(lengths, width)
     S = max_segments or max(len(r) for r in rows)
     S = 1 << (S - 1).bit_length()  # powers of two: few distinct compiled shapes across runs
     batches = []

@@ -86,12 +86,11 @@ def _attention(q_BTHE, k_BKES, v_BKSE, mask_BTS):
     K, S = k_BKES.shape[1], k_BKES.shape[3]
     G = H // K
     q = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
-    k, v = k_BKES, v_BKSE
-    s = jnp.einsum("bkqe,bkes->bkqs", q, k).astype(jnp.float32).reshape(B, K, G, T, S) * (E ** -0.5)
+    s = jnp.einsum("bkqe,bkes->bkqs", q, k_BKES).astype(jnp.float32).reshape(B, K, G, T, S) * (E ** -0.5)
     s = jnp.where(mask_BTS[:, None, None], s, _MASKED)
     e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-    o = jnp.einsum("bkqs,bkse->bkqe", e.reshape(B, K, G * T, S).astype(v.dtype), v)
-    o = (o.astype(jnp.float32) / jnp.sum(e, axis=-1).reshape(B, K, G * T, 1)).astype(v.dtype)
+    o = jnp.einsum("bkqs,bkse->bkqe", e.reshape(B, K, G * T, S).astype(v_BKSE.dtype), v_BKSE)
+    o = (o.astype(jnp.float32) / jnp.sum(e, axis=-1).reshape(B, K, G * T, 1)).astype(v_BKSE.dtype)
     return o.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)
 
 
