@@ -92,6 +92,7 @@ class OpenAIServer:
             self.requests.append({"path": h.path, "headers": dict(h.headers), "json": body})
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        h.counted_in_flight = True
         try:
             if self.slow:
                 self._closing.wait(self.slow)
@@ -119,7 +120,14 @@ class OpenAIServer:
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout test); nothing to answer
         finally:
-            with self._lock:
+            self._answered(h)
+
+    def _answered(self, h) -> None:
+        # A call leaves flight before its bytes go out: the client may send its next request the
+        # moment it reads them, and counting both at once would overstate the client's concurrency.
+        with self._lock:
+            if getattr(h, "counted_in_flight", False):
+                h.counted_in_flight = False
                 self.in_flight -= 1
 
     def _completion(self, body: dict) -> dict:
@@ -142,8 +150,8 @@ class OpenAIServer:
     def _send(self, h, status: int, obj: dict, headers: dict | None = None) -> None:
         self._send_raw(h, status, json.dumps(obj).encode(), headers or {})
 
-    @staticmethod
-    def _send_raw(h, status: int, data: bytes, headers: dict) -> None:
+    def _send_raw(self, h, status: int, data: bytes, headers: dict) -> None:
+        self._answered(h)
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))
