@@ -29,3 +29,12 @@ def hf_smollm2():
                                                  dtype=torch.float32)
     model.eval()
     return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's tokenizer, to save beside tiny random checkpoints."""
+    from pvjax.embedded import embedded_gguf_path
+    from pvjax.loading.tokenizer import load_gguf_tokenizer
+
+    return load_gguf_tokenizer(embedded_gguf_path())

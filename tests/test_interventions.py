@@ -8,7 +8,7 @@ import pytest
 
 import pvjax
 from pvjax import interventions as ivs
-from pvjax.capture import Capture, pooling_weights
+from pvjax.capture import pooling_weights
 from pvjax.model import _forward
 
 L, D = 31, 576

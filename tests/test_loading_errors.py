@@ -4,7 +4,6 @@ tensor, file or field."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import gguf
 import numpy as np
@@ -13,16 +12,9 @@ import torch
 
 import pvjax
 from pvjax.config import ConfigError
-from pvjax.embedded import embedded_gguf_path
 from pvjax.loading.layout import CheckpointError
-from pvjax.loading.tokenizer import load_gguf_tokenizer
 from pvjax.loading.safetensors_folder import read_safetensors
 from tiny_models import save_tiny
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_gguf_tokenizer(embedded_gguf_path())
 
 
 @pytest.fixture

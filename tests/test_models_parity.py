@@ -8,8 +8,6 @@ import pytest
 import torch
 
 import pvjax
-from pvjax.loading.tokenizer import load_gguf_tokenizer
-from pvjax.embedded import embedded_gguf_path
 from tiny_models import CONFIGS, save_tiny
 
 RTOL = 1e-4
@@ -49,11 +47,6 @@ def hf_forward(hf_model, ids, mask):
                        position_ids=torch.tensor(positions, dtype=torch.long),
                        output_hidden_states=True)
     return out.logits.numpy(), np.stack([h.numpy() for h in out.hidden_states])
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_gguf_tokenizer(embedded_gguf_path())
 
 
 def test_smollm2_matches_transformers_batched_left_padded(smollm2, hf_smollm2):

@@ -1,0 +1,146 @@
+"""CPU matmul for decoding: float32 weights packed in column panels, multiplied by a native
+kernel that XLA calls through its FFI (source: `packed_matmul.cc`).
+
+Why: XLA's CPU dots run a batch-16 decode step's matmuls (M = 16 rows against SmolLM2's weights)
+at 35-48 GFLOP/s on a 2-core AVX-512 machine, and these take most of the step; the panel kernel
+reads each weight once, as a sequential stream, and reuses it for 8 rows from registers
+(benchmarks/NOTES.md has the measurements). Only the decode weights are packed (`pack`); the
+forward, training and every other backend use XLA's own dots.
+
+The kernel is compiled on first use with the system's C++ compiler for the host CPU
+(`-march=native`) and cached under `$PVJAX_CACHE` (default `~/.cache/pvjax`), keyed by the source,
+the jaxlib version and the CPU's feature flags. Without a compiler, on a CPU other than x86-64 or
+aarch64, or with `PVJAX_CPU_KERNELS=0`, `available()` is False and callers keep XLA's dots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+PANEL = 48  # columns per panel; must match kNR in packed_matmul.cc
+_TARGET = "pvjax_packed_matmul"
+_SOURCE = Path(__file__).with_name("packed_matmul.cc")
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("PVJAX_CACHE", Path.home() / ".cache" / "pvjax")) / "kernels"
+
+
+def _build() -> Path:
+    """The compiled library, built once per (source, jaxlib, CPU) and reused afterwards."""
+    import jaxlib
+
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    arch_flag = "-mcpu=native" if platform.machine() in ("arm64", "aarch64") else "-march=native"
+    flags = ["-std=c++17", "-O3", arch_flag, "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
+    key = hashlib.sha256("\n".join([_SOURCE.read_text(), jaxlib.__version__, compiler, " ".join(flags),
+                                    platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"packed_matmul-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then rename: concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        res = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{compiler} failed to build {_SOURCE.name}:\n{res.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def available() -> bool:
+    """Whether the packed kernel can serve CPU matmuls in this process (built and registered on
+    the first call; a failure warns once and leaves XLA's dots in place)."""
+    with _lock:
+        if "ok" not in _state:
+            _state["ok"] = _register()
+        return _state["ok"]
+
+
+def _register() -> bool:
+    if os.environ.get("PVJAX_CPU_KERNELS", "1") == "0":
+        return False
+    if platform.machine().lower() not in ("x86_64", "amd64", "arm64", "aarch64"):
+        return False
+    try:
+        import ctypes
+
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.PvjaxPackedMatmul), platform="cpu")
+        _state["lib"] = lib  # keep the library loaded for the life of the process
+        return True
+    except Exception as e:  # no compiler, no headers, a foreign toolchain: fall back, loudly once
+        warnings.warn(f"pvjax: CPU decode kernel unavailable, using XLA's dots ({e})", RuntimeWarning)
+        return False
+
+
+@jax.tree_util.register_pytree_node_class
+class PackedWeight:
+    """A `[K, N]` float32 weight stored as `[ceil(N / 48), K, 48]` column panels (zero padded).
+    `N` travels as static pytree data, so jitted code knows the output width."""
+
+    def __init__(self, panels, n: int):
+        self.panels, self.n = panels, n
+
+    @classmethod
+    def pack(cls, w_KN) -> "PackedWeight":
+        K, N = w_KN.shape
+        P = -(-N // PANEL)
+        w = jnp.pad(jnp.asarray(w_KN, jnp.float32), ((0, 0), (0, P * PANEL - N)))
+        return cls(w.reshape(K, P, PANEL).transpose(1, 0, 2), N)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.panels.shape[1], self.n)
+
+    def unpack(self) -> jax.Array:
+        P, K, R = self.panels.shape
+        return self.panels.transpose(1, 0, 2).reshape(K, P * R)[:, :self.n]
+
+    def tree_flatten(self):
+        return (self.panels,), self.n
+
+    @classmethod
+    def tree_unflatten(cls, n, leaves):
+        return cls(leaves[0], n)
+
+    def __rmatmul__(self, x):
+        """`x @ w` for any leading axes of `x`; the result is float32."""
+        if not available():
+            raise RuntimeError("a PackedWeight needs the CPU decode kernel, which is unavailable here "
+                               "(see the warning above, or PVJAX_CPU_KERNELS)")
+        x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        if x2.shape[1] != self.panels.shape[1]:
+            raise ValueError(f"packed weight has K={self.panels.shape[1]}, input has {x2.shape[1]}")
+        call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x2.shape[0], self.n), jnp.float32))
+        return call(x2, self.panels).reshape(x.shape[:-1] + (self.n,))
