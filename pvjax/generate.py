@@ -153,11 +153,11 @@ def _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode: str):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_new", "mode"))
-def _generate(params, cfg, tokens_BP, mask_BP, positions_BP, iv, prefill_masks, decode_masks,
+def _generate(params, prefill_params, cfg, tokens_BP, mask_BP, positions_BP, iv, prefill_masks, decode_masks,
               probes, keys_B2, temperature, top_p, top_k, min_new, max_new, stop_ids, pad_id, n_new, mode):
     B, P = tokens_BP.shape
     cache = init_cache(cfg, B, P + n_new, params["embed"].dtype,
-                       stacked=not isinstance(params["layers"], tuple))
+                       stacked=not isinstance(prefill_params["layers"], tuple))
     capture = Capture(probes=probes, logits="last", hidden=False)
     is_stop = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=-1)
 
@@ -167,8 +167,10 @@ def _generate(params, cfg, tokens_BP, mask_BP, positions_BP, iv, prefill_masks, 
         logits_BV = jnp.where(stop_cols[None] & (step < min_new), _NEG, logits_BV)
         return _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode)
 
-    out = decode(params, cfg, tokens_BP, positions_BP, mask_BP, intervention=iv.with_masks(*prefill_masks),
-                 capture=capture, cache=cache)
+    out = decode(prefill_params, cfg, tokens_BP, positions_BP, mask_BP,
+                 intervention=iv.with_masks(*prefill_masks), capture=capture, cache=cache, prefill=True)
+    if isinstance(params["layers"], tuple) and not isinstance(out.cache.k, tuple):
+        out = out._replace(cache=out.cache._replace(k=tuple(out.cache.k), v=tuple(out.cache.v)))
     first = pick(out.logits[:, -1], 0)
     toks_BN = jnp.full((B, n_new), pad_id, jnp.int32).at[:, 0].set(first)
     L = cfg.num_layers + 1
@@ -332,6 +334,9 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
     base_key = jax.random.PRNGKey(seed)
 
     params = decode_params(model, unroll)
+    # The prompt pass is compute bound (M = B*P rows): XLA's dots on the stacked weights serve it
+    # best; the decode loop is bound by reading weights and runs on `params`.
+    prefill_params = model.params
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     results: dict[int, tuple] = {}
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -350,7 +355,7 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
                          [base_key] * (B - len(chunk)))
         iv = _rows(intervention, np.asarray(chunk), len(ids), B)
         toks, p_proj, r_proj = _generate(
-            params, cfg, jnp.asarray(tokens), jnp.asarray(mask), pos, iv,
+            params, prefill_params, cfg, jnp.asarray(tokens), jnp.asarray(mask), pos, iv,
             (jnp.asarray(steer_pre), jnp.asarray(abl_pre)), (jnp.asarray(steer_dec), jnp.asarray(abl_dec)),
             probes, keys, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
             jnp.int32(sampling.top_k), jnp.int32(sampling.min_new_tokens),
