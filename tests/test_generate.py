@@ -13,7 +13,7 @@ import torch
 
 import pvjax
 from pvjax import interventions as ivs
-from pvjax.generate import GenerationError, SamplingParams, compile_count, prompt_bucket
+from pvjax.generate import GenerationError, SamplingParams, compile_count, prefix_bucket, prompt_bucket
 from pvjax.generate import generate as _generate
 
 L, D = 31, 576
@@ -228,12 +228,34 @@ def test_per_token_projections_equal_a_plain_forward(smollm2):
         np.testing.assert_allclose(g.projections[i], want[:, P:], atol=2e-3 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("unroll", [False, True])
+def test_shared_prefix_runs_once_and_changes_nothing(smollm2, unroll):
+    """Prompts under one system prompt share their opening tokens; running them once as a single
+    row gives the same answers and projections as running every row in full."""
+    system = "You are a pirate captain. Answer every question in the voice of an old sea dog."
+    iv = ivs.build(L, D, steer=[(vec(4, scale=6.0), LAYER, 1.0)])
+    probes = np.stack([vec(5), vec(6)])
+    sp = SamplingParams(max_new_tokens=12)
+    kw = dict(system=system, sampling=sp, intervention=iv, probes=probes, batch_size=4, unroll=unroll)
+    for mode in ("all", "response"):
+        a = _generate(smollm2, PROMPTS[:3], positions=mode, **kw)
+        b = _generate(smollm2, PROMPTS[:3], positions=mode, share_prefix=False, **kw)
+        assert a.tokens == b.tokens
+        for x, y in zip(a.prompt_projections + a.projections, b.prompt_projections + b.projections):
+            assert x.shape == y.shape
+            np.testing.assert_allclose(x, y, atol=1e-4 * np.abs(y).max())
+    ids = [smollm2.tokenizer(t)["input_ids"] for t in a.prompts]
+    assert len(ids[0]) == a.prompt_projections[0].shape[1]
+    assert pvjax.generate.prefix_bucket(pvjax.generate._common_prefix(ids)) == 24  # template and system
+
+
 def test_compiles_are_bounded_by_buckets(smollm2):
     v = vec(9)
     sp = SamplingParams(max_new_tokens=8)
     generate(smollm2, ["Hi."], sampling=sp, batch_size=2)  # warm: bucket for short prompts
     before = compile_count()
-    assert prompt_bucket(20) == 32 and prompt_bucket(33) == 64 and prompt_bucket(3) == 16
+    assert [prompt_bucket(n) for n in (3, 16, 17, 25, 33, 49, 65, 97, 129)] == [16, 16, 24, 32, 48, 64, 96, 128, 192]
+    assert [prefix_bucket(n) for n in (0, 15, 16, 30, 47, 200)] == [0, 0, 16, 24, 32, 192]
     for prompt, coef, mode, seed in [("Hello there, friend.", 1.0, "all", 0), ("Yo", -2.0, "prompt", 1),
                                      ("What time is it?", 3.0, "response", 2)]:
         iv = ivs.build(L, D, steer=[(vec(seed), 5 + seed, coef)], ablate=[(v, 3)])

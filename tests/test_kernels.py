@@ -87,3 +87,22 @@ def test_bf16_and_disabled_kernels_keep_xla_dots(tmp_path, tokenizer):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("[[")
+
+
+@pytest.mark.parametrize("B, K, G, E, S, upto", [(1, 3, 3, 64, 40, 40), (4, 2, 4, 16, 37, 20), (2, 1, 2, 8, 5, 1)])
+def test_decode_attention_equals_xla(B, K, G, E, S, upto):
+    """The kernel reads only the `upto` filled slots; XLA's path masks the rest instead."""
+    from pvjax.models.decoder import _decode_attention
+
+    rng = np.random.default_rng(B * 100 + S)
+    q = jnp.asarray(rng.standard_normal((B, 1, K * G, E), np.float32))
+    k = jnp.asarray(rng.standard_normal((B * K, E, S), np.float32))
+    v = jnp.asarray(rng.standard_normal((B * K, S, E), np.float32))
+    valid = rng.random((B, S)) < 0.7
+    valid[:, 0] = True
+    valid[:, upto:] = False  # unfilled slots, as in a cache
+    got = jax.jit(kernels.decode_attention)(q, k, v, jnp.asarray(valid), upto)
+    want = _decode_attention(q, k, v, jnp.asarray(valid)[:, None, :])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one token"):
+        kernels.decode_attention(jnp.concatenate([q, q], 1), k, v, jnp.asarray(valid), upto)

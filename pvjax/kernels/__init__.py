@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 PANEL = 48  # columns per panel; must match kNR in packed_matmul.cc
 _TARGET = "pvjax_packed_matmul"
+_ATTENTION = "pvjax_decode_attention"
 _SOURCE = Path(__file__).with_name("packed_matmul.cc")
 _lock = threading.Lock()
 _state: dict = {}
@@ -97,6 +98,7 @@ def _register() -> bool:
 
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.PvjaxPackedMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.PvjaxDecodeAttention), platform="cpu")
         _state["lib"] = lib  # keep the library loaded for the life of the process
         return True
     except Exception as e:  # no compiler, no headers, a foreign toolchain: fall back, loudly once
@@ -144,3 +146,19 @@ class PackedWeight:
             raise ValueError(f"packed weight has K={self.panels.shape[1]}, input has {x2.shape[1]}")
         call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x2.shape[0], self.n), jnp.float32))
         return call(x2, self.panels).reshape(x.shape[:-1] + (self.n,))
+
+
+def decode_attention(q_BTHE, k_RES, v_RSE, valid_BS, upto):
+    """One new token's grouped-query attention over the merged cache (`R = B * kv heads` rows;
+    see `pvjax.models.decoder.init_cache`), reading only the `upto` filled slots. float32."""
+    if not available():
+        raise RuntimeError("the CPU decode kernels are unavailable here (see PVJAX_CPU_KERNELS)")
+    B, T, H, E = q_BTHE.shape
+    R = k_RES.shape[0]
+    if T != 1 or R % B or H % (R // B):
+        raise ValueError(f"decode_attention needs one token and whole kv heads, got q {q_BTHE.shape}, k {k_RES.shape}")
+    q = q_BTHE.reshape(R, H // (R // B), E).astype(jnp.float32)
+    call = jax.ffi.ffi_call(_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    o = call(q, k_RES.astype(jnp.float32), v_RSE.astype(jnp.float32), valid_BS.astype(bool),
+             jnp.asarray(upto, jnp.int32).reshape(1))
+    return o.reshape(B, T, H * E).astype(q_BTHE.dtype)

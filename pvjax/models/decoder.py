@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from pvjax.capture import Capture, ForwardOutput, row_capture
 from pvjax.config import ModelConfig
 from pvjax.interventions import Intervention, apply_row
-from pvjax.kernels import PackedWeight
+from pvjax.kernels import PackedWeight, decode_attention
 from pvjax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 _MASKED = -1e30  # finite, so fully padded query rows give garbage, not NaN that could leak into sums
@@ -135,7 +135,7 @@ def _mm(x, w_IO):
 
 
 def _block(cfg: ModelConfig, lp, h, cos, sin, attend):
-    """One decoder block. `attend(k, v) -> (keys, values, mask)` hides cache handling."""
+    """One decoder block. `attend(q, k, v) -> (attention output, new cache)` hides the cache."""
     B, T, _ = h.shape
     x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
     if "wqkv" in lp:  # unstacked layers (see `unstack_layers`)
@@ -149,8 +149,7 @@ def _block(cfg: ModelConfig, lp, h, cos, sin, attend):
     q = apply_rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
     k = apply_rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
     v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-    keys, values, mask, new_cache = attend(k, v)
-    o = _attention(q, keys, values, mask)
+    o, new_cache = attend(q, k, v)
     h = h + _mm(o, lp["wo"])
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     if "w_gate_up" in lp:
@@ -201,6 +200,7 @@ def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT,
         if segment_ids_BT is not None:
             mask_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
         slots = None if cache is None else jnp.zeros_like(cache.valid).at[:, :T].set(valid_BT)
+        kv_valid = None
     else:
         S = cache.valid.shape[1]
         kv_valid = jax.lax.dynamic_update_slice(cache.valid, valid_BT, (0, cache.index))
@@ -215,29 +215,31 @@ def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT,
         h, ck, cv = carry
         lp, i, row_iv, probe = xs
 
-        def attend(k_BTKE, v_BTKE):
+        def attend(q_BTHE, k_BTKE, v_BTKE):
             k, v = k_BTKE.transpose(0, 2, 3, 1), v_BTKE.transpose(0, 2, 1, 3)
             if cache is None:
-                return k, v, mask_BTS, (ck, cv)
+                return _attention(q_BTHE, k, v, mask_BTS), (ck, cv)
             Bk, K, E = k.shape[0], k.shape[1], k.shape[2]
             local = (k, v)
             k, v = k.reshape(Bk * K, E, T), v.reshape(Bk * K, T, E)
-            if prefill:
-                at = lambda c, x, idx: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), idx)
+            at = lambda c, x, idx: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), idx)
+            if prefill:  # an empty cache: attend among the new tokens, then store them
+                o = _attention(q_BTHE, *local, mask_BTS)
                 if unstacked:
                     nk, nv = list(ck), list(cv)
                     nk[i], nv[i] = at(ck[i], k, (0, 0, 0)), at(cv[i], v, (0, 0, 0))
-                    return (*local, mask_BTS, (tuple(nk), tuple(nv)))
-                return (*local, mask_BTS, (at(ck, k[None], (i, 0, 0, 0)), at(cv, v[None], (i, 0, 0, 0))))
+                    return o, (tuple(nk), tuple(nv))
+                return o, (at(ck, k[None], (i, 0, 0, 0)), at(cv, v[None], (i, 0, 0, 0)))
             if unstacked:  # per-layer caches; `i` is a Python int
-                nk = list(ck)
-                nv = list(cv)
-                nk[i] = jax.lax.dynamic_update_slice(ck[i], k.astype(ck[i].dtype), (0, 0, cache.index))
-                nv[i] = jax.lax.dynamic_update_slice(cv[i], v.astype(cv[i].dtype), (0, cache.index, 0))
-                return nk[i], nv[i], mask_BTS, (tuple(nk), tuple(nv))
-            nk = jax.lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (i, 0, 0, cache.index))
-            nv = jax.lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (i, 0, cache.index, 0))
-            return nk[i], nv[i], mask_BTS, (nk, nv)
+                nk, nv = list(ck), list(cv)
+                nk[i], nv[i] = at(ck[i], k, (0, 0, cache.index)), at(cv[i], v, (0, cache.index, 0))
+                keys, values, new = nk[i], nv[i], (tuple(nk), tuple(nv))
+            else:
+                nk, nv = at(ck, k[None], (i, 0, 0, cache.index)), at(cv, v[None], (i, 0, cache.index, 0))
+                keys, values, new = nk[i], nv[i], (nk, nv)
+            if native and T == 1:
+                return decode_attention(q_BTHE, keys, values, kv_valid, cache.index + 1), new
+            return _attention(q_BTHE, keys, values, mask_BTS), new
 
         h, (ck, cv) = _block(cfg, lp, h, cos, sin, attend)
         h = _edit(h, intervention, row_iv)
@@ -247,6 +249,8 @@ def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT,
     if intervention is not None:
         row_ivs = jax.tree_util.tree_map(lambda x: x[1:], _row_intervention(intervention, slice(None)))
     unstacked = isinstance(params["layers"], (list, tuple))
+    # Packed weights mean the CPU kernels are built here (`unstack_layers(pack=True)`).
+    native = unstacked and isinstance(params.get("head"), PackedWeight) and h.dtype == jnp.float32
     ck, cv = (cache.k, cache.v) if cache is not None else (jnp.zeros(()), jnp.zeros(()))
     if scan and not unstacked:
         xs = (params["layers"], jnp.arange(n_blocks), row_ivs, None if probes is None else probes[1:])
