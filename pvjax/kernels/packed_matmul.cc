@@ -22,20 +22,24 @@ namespace {
 constexpr int64_t kNR = 48;  // panel width: three 16-float vectors
 constexpr int64_t kMR = 8;   // rows per register tile: 24 accumulators + 3 weight vectors
 constexpr int64_t kRowBlock = 256;
-constexpr int64_t kPrefetch = 16 * kNR;  // rows of x kept hot in cache while panels stream past
+constexpr int64_t kPrefetch = 16 * kNR;
+constexpr int64_t kKBlock = 64;  // rows of a panel (12 KB) shared by all tiles while in L1  // rows of x kept hot in cache while panels stream past
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
 constexpr v16 kNegZero = {-0.f, -0.f, -0.f, -0.f, -0.f, -0.f, -0.f, -0.f,
                           -0.f, -0.f, -0.f, -0.f, -0.f, -0.f, -0.f, -0.f};
 
+// Accumulates x[MR, kc] @ panel[kc, 48] into acc[MR, 48] (acc row stride 48), or overwrites it
+// when `first`. The accumulators live in registers for the whole k block.
 template <int MR>
-inline __attribute__((always_inline)) void Tile(const float* x, int64_t K, const float* panel,
-                                                float* y, int64_t ldy, int64_t ncols) {
+inline __attribute__((always_inline)) void Tile(const float* x, int64_t ldx, int64_t kc,
+                                                const float* panel, float* acc_out, bool first) {
   v16 acc[MR][3];
   for (int m = 0; m < MR; ++m)
-    for (int j = 0; j < 3; ++j) acc[m][j] = v16{};
-  for (int64_t k = 0; k < K; ++k) {
+    for (int j = 0; j < 3; ++j)
+      acc[m][j] = first ? v16{} : *reinterpret_cast<const v16*>(acc_out + m * kNR + 16 * j);
+  for (int64_t k = 0; k < kc; ++k) {
     const float* w = panel + k * kNR;
     // The hardware prefetcher alone leaves a cold panel's stream latency bound (measured: 12 of
     // the machine's 19 GB/s for the output head at batch 16); ask for lines 16 rows ahead.
@@ -48,44 +52,48 @@ inline __attribute__((always_inline)) void Tile(const float* x, int64_t K, const
     for (int m = 0; m < MR; ++m) {
       // Adding -0.0 leaves every float unchanged, so this folds to one broadcast load; adding
       // +0.0 would not (it turns -0.0 into 0.0) and costs an add and a register broadcast.
-      v16 a = x[m * K + k] + kNegZero;
+      v16 a = x[m * ldx + k] + kNegZero;
       acc[m][0] += a * w0;
       acc[m][1] += a * w1;
       acc[m][2] += a * w2;
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    if (ncols == kNR) {
-      for (int j = 0; j < 3; ++j) *reinterpret_cast<v16u*>(y + m * ldy + 16 * j) = acc[m][j];
-    } else {
-      float tmp[kNR];
-      for (int j = 0; j < 3; ++j) *reinterpret_cast<v16u*>(tmp + 16 * j) = acc[m][j];
-      std::memcpy(y + m * ldy, tmp, ncols * sizeof(float));
-    }
-  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < 3; ++j) *reinterpret_cast<v16*>(acc_out + m * kNR + 16 * j) = acc[m][j];
 }
 
+// Panels p0..p1 of the product. Within a block of rows, every 8-row tile passes over the same
+// k block of a panel before the next block streams in: the panel is read from memory once and
+// the later tiles find it in L1 (two passes over whole panels left the first one bound by
+// memory latency and the second by L2).
 void Panels(const float* x, int64_t M, int64_t K, const float* wp, int64_t N, float* y,
             int64_t p0, int64_t p1) {
+  alignas(64) static thread_local float acc[kRowBlock * kNR];
   for (int64_t r0 = 0; r0 < M; r0 += kRowBlock) {
     const int64_t r1 = std::min(M, r0 + kRowBlock);
     for (int64_t p = p0; p < p1; ++p) {
       const float* panel = wp + p * K * kNR;
-      const int64_t n0 = p * kNR, nc = std::min(kNR, N - n0);
-      for (int64_t m0 = r0; m0 < r1; m0 += kMR) {
-        const float* xs = x + m0 * K;
-        float* ys = y + m0 * N + n0;
-        switch (std::min(kMR, r1 - m0)) {
-          case 8: Tile<8>(xs, K, panel, ys, N, nc); break;
-          case 7: Tile<7>(xs, K, panel, ys, N, nc); break;
-          case 6: Tile<6>(xs, K, panel, ys, N, nc); break;
-          case 5: Tile<5>(xs, K, panel, ys, N, nc); break;
-          case 4: Tile<4>(xs, K, panel, ys, N, nc); break;
-          case 3: Tile<3>(xs, K, panel, ys, N, nc); break;
-          case 2: Tile<2>(xs, K, panel, ys, N, nc); break;
-          default: Tile<1>(xs, K, panel, ys, N, nc); break;
+      for (int64_t k0 = 0; k0 < K; k0 += kKBlock) {
+        const int64_t kc = std::min(kKBlock, K - k0);
+        for (int64_t m0 = r0; m0 < r1; m0 += kMR) {
+          const float* xs = x + m0 * K + k0;
+          const float* ps = panel + k0 * kNR;
+          float* as = acc + (m0 - r0) * kNR;
+          const bool first = k0 == 0;
+          switch (std::min(kMR, r1 - m0)) {
+            case 8: Tile<8>(xs, K, kc, ps, as, first); break;
+            case 7: Tile<7>(xs, K, kc, ps, as, first); break;
+            case 6: Tile<6>(xs, K, kc, ps, as, first); break;
+            case 5: Tile<5>(xs, K, kc, ps, as, first); break;
+            case 4: Tile<4>(xs, K, kc, ps, as, first); break;
+            case 3: Tile<3>(xs, K, kc, ps, as, first); break;
+            case 2: Tile<2>(xs, K, kc, ps, as, first); break;
+            default: Tile<1>(xs, K, kc, ps, as, first); break;
+          }
         }
       }
+      const int64_t n0 = p * kNR, nc = std::min(kNR, N - n0);
+      for (int64_t m = r0; m < r1; ++m) std::memcpy(y + m * N + n0, acc + (m - r0) * kNR, nc * sizeof(float));
     }
   }
 }
@@ -112,11 +120,13 @@ struct Job {
 };
 
 // Runs work over [0, items) on this thread and up to threads-1 helpers, about four chunks per
-// thread so that uneven progress evens out; small jobs stay on this thread.
+// thread so that uneven progress evens out.
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t items, int64_t flops, F work) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t helpers = flops < (1 << 20) ? 0 : threads - 1;
+  // Below about 0.25 MFLOP the hand-off costs more than it saves. Batch-1 decode products sit
+  // above it (a 576 x 576 matrix-vector product is 0.66 MFLOP, bound by reading 1.3 MB).
+  const int64_t helpers = flops < (1 << 18) ? 0 : threads - 1;
   auto job = std::make_shared<Job<F>>(work, items, std::max<int64_t>(1, items / (4 * (helpers + 1))));
   for (int64_t i = 0; i < std::min(helpers, job->n_chunks - 1); ++i) {
     pool.Schedule([job] { job->Work(); });

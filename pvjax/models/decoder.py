@@ -191,7 +191,9 @@ def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT,
         probes = jnp.broadcast_to(probes, (n_blocks + 1,) + probes.shape)
 
     h = params["embed"][tokens_BT]
-    cos, sin = rope_tables(jnp.asarray(inverse_frequencies(cfg)), positions_BT)
+    # Materialised once: left to fusion, XLA recomputes the cosines and sines inside every
+    # layer's rotary fusion, for every head (measured: 3 ms of a 50 ms batch-16 CPU decode step).
+    cos, sin = jax.lax.optimization_barrier(rope_tables(jnp.asarray(inverse_frequencies(cfg)), positions_BT))
     B, T = tokens_BT.shape
     valid_BT = jnp.asarray(attention_mask_BT).astype(bool)
     if cache is None or prefill:
