@@ -15,8 +15,8 @@ cache; the rest of each prompt then attends to it. Exact (only the summation ord
 attention differs), and done only when every row carries the same intervention.
 
 Compiles are bounded by buckets (plus one program per sampling mode: greedy, plain sampling,
-filtered sampling): prompt lengths are rounded up to the next of 16, 32, 48, 64, 96, 128, 192,
-256, ... (powers of two and one and a half times them, `prompt_bucket`); a shared prefix is
+filtered sampling): prompt lengths are rounded up to the next of 16, 24, 32, 48, 64, 96, 128,
+192, ... (powers of two and one and a half times them, `prompt_bucket`); a shared prefix is
 rounded down to the same list (`prefix_bucket`, prefixes under 16 tokens are not shared); the batch
 to a power of two (at most `batch_size`), and `max_new_tokens` to a multiple of 32. One program
 serves every request that falls in the same buckets.

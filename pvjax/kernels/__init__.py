@@ -1,11 +1,13 @@
-"""CPU matmul for decoding: float32 weights packed in column panels, multiplied by a native
-kernel that XLA calls through its FFI (source: `packed_matmul.cc`).
+"""Native CPU kernels for decoding, called by XLA through its FFI (source: `packed_matmul.cc`):
+float32 matmuls against weights packed in 48-column panels (`PackedWeight`), and one-token
+attention over the KV cache (`decode_attention`).
 
 Why: XLA's CPU dots run a batch-16 decode step's matmuls (M = 16 rows against SmolLM2's weights)
 at 35-48 GFLOP/s on a 2-core AVX-512 machine, and these take most of the step; the panel kernel
-reads each weight once, as a sequential stream, and reuses it for 8 rows from registers
-(benchmarks/NOTES.md has the measurements). Only the decode weights are packed (`pack`); the
-forward, training and every other backend use XLA's own dots.
+reads each weight once, as a sequential stream, and reuses it for 8 rows from registers. XLA's
+batched dots for decode attention ran at about 11 GFLOP/s; the attention kernel also reads only
+the filled cache slots (benchmarks/NOTES.md has the measurements). Only generation's weights are
+packed (`pvjax.generate.decode_params`); the forward, training and other backends keep XLA's dots.
 
 The kernel is compiled on first use with the system's C++ compiler for the host CPU
 (`-march=native`) and cached under `$PVJAX_CACHE` (default `~/.cache/pvjax`), keyed by the source,
