@@ -1,13 +1,14 @@
 // y[M, N] = x[M, K] @ W[K, N] for float32, with W stored in column panels: wp[P, K, NR], panel p
 // holding columns p*NR .. p*NR+NR-1 (zero padded past N). Each panel is one contiguous stream, so
 // decoding (M of 1 to a few dozen rows) reads the weights sequentially once per call, and an
-// 8 x 48 register tile of accumulators reuses every loaded weight vector for 8 rows.
+// 8 x 48 register tile of accumulators reuses every loaded weight vector for 8 rows. Also here:
+// one new token's attention over the KV cache (DecodeAttention, below).
 //
 // Written with GCC/Clang vector extensions rather than intrinsics: the same source compiles to
 // AVX-512, AVX2 or NEON under -march=native / -mcpu=native.
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -21,9 +22,9 @@ namespace {
 
 constexpr int64_t kNR = 48;  // panel width: three 16-float vectors
 constexpr int64_t kMR = 8;   // rows per register tile: 24 accumulators + 3 weight vectors
-constexpr int64_t kRowBlock = 256;
-constexpr int64_t kPrefetch = 16 * kNR;
-constexpr int64_t kKBlock = 64;  // rows of a panel (12 KB) shared by all tiles while in L1  // rows of x kept hot in cache while panels stream past
+constexpr int64_t kRowBlock = 256;  // rows of x kept hot in cache while panels stream past
+constexpr int64_t kPrefetch = 16 * kNR;  // floats ahead of the current panel row
+constexpr int64_t kKBlock = 64;  // rows of a panel (12 KB) shared by all tiles while in L1
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v16u __attribute__((vector_size(64), aligned(4)));
