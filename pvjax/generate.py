@@ -206,26 +206,23 @@ def _generate(params, prefill_params, cfg, prefix_1C, tokens_BP, mask_BP, positi
         logits_BV = jnp.where(stop_cols[None] & (step < min_new), _NEG, logits_BV)
         return _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode)
 
-    suffix_masks = tuple(m[:, C:] for m in prefill_masks)
+    S = C + P + n_new
     if C:
-        row0 = dataclasses.replace(iv, steer_vectors=iv.steer_vectors[:, :1], steer_coefs=iv.steer_coefs[:, :1],
-                                   ablate_dirs=iv.ablate_dirs[:, :1], ablate_coefs=iv.ablate_coefs[:, :1])
         pre = decode(prefill_params, cfg, prefix_1C, jnp.arange(C)[None], jnp.ones((1, C), jnp.int32),
-                     intervention=row0.with_masks(*(m[:1, :C] for m in prefill_masks)),
+                     intervention=_rows(iv, np.zeros(1, int), B, 1).with_masks(*(m[:1, :C] for m in prefill_masks)),
                      capture=dataclasses.replace(capture, logits="none"),
-                     cache=init_cache(cfg, 1, C + P + n_new, dtype, stacked=stacked), prefill=True)
+                     cache=init_cache(cfg, 1, S, dtype, stacked=stacked), prefill=True)
         tile = lambda x: jnp.tile(x, (1, B, 1, 1) if stacked else (B, 1, 1))
         k, v = jax.tree_util.tree_map(tile, (pre.cache.k, pre.cache.v))
-        cache = pre.cache._replace(k=k, v=v, valid=jnp.broadcast_to(pre.cache.valid, (B, C + P + n_new)))
-        out = decode(prefill_params, cfg, tokens_BP, positions_BP, mask_BP,
-                     intervention=iv.with_masks(*suffix_masks), capture=capture, cache=cache)
-        if probes is not None:
-            shared = jnp.broadcast_to(pre.projections, (pre.projections.shape[0], B) + pre.projections.shape[2:])
-            out = out._replace(projections=jnp.concatenate([shared, out.projections], axis=2))
+        cache = pre.cache._replace(k=k, v=v, valid=jnp.broadcast_to(pre.cache.valid, (B, S)))
     else:
-        out = decode(prefill_params, cfg, tokens_BP, positions_BP, mask_BP,
-                     intervention=iv.with_masks(*suffix_masks), capture=capture,
-                     cache=init_cache(cfg, B, P + n_new, dtype, stacked=stacked), prefill=True)
+        cache = init_cache(cfg, B, S, dtype, stacked=stacked)
+    out = decode(prefill_params, cfg, tokens_BP, positions_BP, mask_BP,
+                 intervention=iv.with_masks(*(m[:, C:] for m in prefill_masks)), capture=capture,
+                 cache=cache, prefill=not C)
+    if C and probes is not None:
+        shared = jnp.broadcast_to(pre.projections, (pre.projections.shape[0], B) + pre.projections.shape[2:])
+        out = out._replace(projections=jnp.concatenate([shared, out.projections], axis=2))
     if isinstance(params["layers"], tuple) and not isinstance(out.cache.k, tuple):
         out = out._replace(cache=out.cache._replace(k=tuple(out.cache.k), v=tuple(out.cache.v)))
     first = pick(out.logits[:, -1], 0)

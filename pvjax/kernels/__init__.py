@@ -30,6 +30,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from pvjax import atomic
+
 PANEL = 48  # columns per panel; must match kNR in packed_matmul.cc
 _TARGET = "pvjax_packed_matmul"
 _ATTENTION = "pvjax_decode_attention"
@@ -66,18 +68,14 @@ def _build() -> Path:
     out = _cache_dir() / f"packed_matmul-{key}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target, then rename: concurrent processes never load a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        res = subprocess.run([compiler, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True)
+    # The compiler writes into a scratch folder; the library lands by an atomic rename, so
+    # concurrent processes never load a half-written file.
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch) / out.name
+        res = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{compiler} failed to build {_SOURCE.name}:\n{res.stderr[-2000:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic.write_bytes(out, tmp.read_bytes())
     return out
 
 

@@ -225,20 +225,16 @@ def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT,
             local = (k, v)
             k, v = k.reshape(Bk * K, E, T), v.reshape(Bk * K, T, E)
             at = lambda c, x, idx: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), idx)
-            if prefill:  # an empty cache: attend among the new tokens, then store them
-                o = _attention(q_BTHE, *local, mask_BTS)
-                if unstacked:
-                    nk, nv = list(ck), list(cv)
-                    nk[i], nv[i] = at(ck[i], k, (0, 0, 0)), at(cv[i], v, (0, 0, 0))
-                    return o, (tuple(nk), tuple(nv))
-                return o, (at(ck, k[None], (i, 0, 0, 0)), at(cv, v[None], (i, 0, 0, 0)))
+            start = 0 if prefill else cache.index
             if unstacked:  # per-layer caches; `i` is a Python int
                 nk, nv = list(ck), list(cv)
-                nk[i], nv[i] = at(ck[i], k, (0, 0, cache.index)), at(cv[i], v, (0, cache.index, 0))
+                nk[i], nv[i] = at(ck[i], k, (0, 0, start)), at(cv[i], v, (0, start, 0))
                 keys, values, new = nk[i], nv[i], (tuple(nk), tuple(nv))
             else:
-                nk, nv = at(ck, k[None], (i, 0, 0, cache.index)), at(cv, v[None], (i, 0, cache.index, 0))
+                nk, nv = at(ck, k[None], (i, 0, 0, start)), at(cv, v[None], (i, 0, start, 0))
                 keys, values, new = nk[i], nv[i], (nk, nv)
+            if prefill:  # an empty cache: the new tokens attend among themselves only
+                return _attention(q_BTHE, *local, mask_BTS), new
             if native and T == 1:
                 return decode_attention(q_BTHE, keys, values, kv_valid, cache.index + 1), new
             return _attention(q_BTHE, keys, values, mask_BTS), new
