@@ -353,7 +353,7 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
     sampling.validate()
     if len(ids) == 0:
         raise GenerationError("no prompts to generate from")
-    if sampling.stop and model.tokenizer is None:
+    if sampling.stop and not model.tokenizer:
         raise GenerationError("stop strings need a tokenizer")
     cfg, L, D = model.config, model.n_layers + 1, model.hidden_size
     ids = [list(map(int, seq)) for seq in ids]
@@ -429,7 +429,7 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
         for r, i in enumerate(chunk):
             new, reason = _trim(toks[r, :sampling.max_new_tokens].tolist(), set(stops), stop_ids)
             text = ""
-            if model.tokenizer is not None:
+            if model.tokenizer:
                 text, new, reason = _cut_stop_strings(model.tokenizer, new, reason, sampling.stop, set(stops))
             pp = None if p_proj is None else np.concatenate(
                 [p_proj[:, r, :C], p_proj[:, r, C + P - (len(ids[i]) - C):]], axis=1)

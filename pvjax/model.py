@@ -61,9 +61,14 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def load(source: str | os.PathLike, *, dtype=None) -> Model:
+def load(source: str | os.PathLike, *, dtype=None, tokenizer=None) -> Model:
     """Load a model from a local Hugging Face folder (config.json + safetensors, sharded or not), a
-    `.gguf` file (dequantized), or the name `smollm2-135m-instruct` (the embedded model)."""
+    `.gguf` file (dequantized), or the name `smollm2-135m-instruct` (the embedded model).
+
+    The tokenizer comes with the source (a folder's tokenizer files, a GGUF's metadata) unless
+    `tokenizer` names another source (folder, `.gguf`, embedded name) or is a tokenizer object. A
+    folder of weights without tokenizer files loads with a `MissingTokenizer`: token ids work,
+    the first call that needs text says what to pass."""
     from pvjax.embedded import EMBEDDED_NAME, embedded_gguf_path
     from pvjax.loading import tokenizer as toks
 
@@ -72,25 +77,32 @@ def load(source: str | os.PathLike, *, dtype=None) -> Model:
     if name == EMBEDDED_NAME:
         source = embedded_gguf_path()
     path = Path(source)
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" and not path.is_dir():
         from pvjax.loading.gguf_file import load_gguf
 
-        cfg, params, _ = load_gguf(path, dtype)
-        tokenizer = toks.load_gguf_tokenizer(path)
+        cfg, params, reader = load_gguf(path, dtype)
+        own = (lambda: toks.load_gguf_tokenizer(reader))
         if name == EMBEDDED_NAME:
             cfg = dataclasses.replace(cfg, name=EMBEDDED_NAME)
     elif path.is_dir():
         from pvjax.loading.safetensors_folder import load_folder
 
         cfg, params = load_folder(path, dtype)
-        tokenizer = toks.load_folder_tokenizer(path)
+        own = (lambda: toks.load_folder_tokenizer(path))
     elif not path.exists():
         raise FileNotFoundError(f"model source {name!r} is neither a local folder, a .gguf file, nor "
                                 f"the embedded model name {EMBEDDED_NAME!r}")
     else:
         raise ValueError(f"cannot load {name!r}: expected a Hugging Face folder or a .gguf file")
+    if tokenizer is None:
+        tok = own()
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tok = toks.load_tokenizer(tokenizer)
+    else:
+        tok = tokenizer
+    toks.check_fits(tok, cfg.vocab_size, cfg.name or name, tokenizer or source)
     params = jax.tree_util.tree_map(jnp.asarray, params)
-    return Model(config=cfg, params=params, tokenizer=tokenizer, source=str(source))
+    return Model(config=cfg, params=params, tokenizer=tok, source=str(source))
 
 
 def default_positions(attention_mask_BT) -> jax.Array:

@@ -54,8 +54,8 @@ def test_packing_round_trips_and_keeps_leading_axes():
 
 
 @pytest.mark.parametrize("kind", ["llama31_gqa_llama3rope", "qwen2_untied", "llama_mha_tied"])
-def test_packed_decoder_equals_xla_dots(kind, tmp_path, tokenizer):
-    save_tiny(kind, tmp_path, tokenizer=tokenizer, vocab_size=300)
+def test_packed_decoder_equals_xla_dots(kind, tmp_path):
+    save_tiny(kind, tmp_path, vocab_size=300)
     model = pvjax.load(tmp_path)
     cfg = model.config
     ids = [[5, 17, 2, 99, 42, 7, 8], [3, 250, 11]]
@@ -75,8 +75,8 @@ def test_packed_decoder_equals_xla_dots(kind, tmp_path, tokenizer):
     assert a.tokens == b.tokens
 
 
-def test_bf16_and_disabled_kernels_keep_xla_dots(tmp_path, tokenizer):
-    save_tiny("qwen2_tied", tmp_path, tokenizer=tokenizer, vocab_size=300)
+def test_bf16_and_disabled_kernels_keep_xla_dots(tmp_path):
+    save_tiny("qwen2_tied", tmp_path, vocab_size=300)
     m16 = pvjax.load(tmp_path, dtype="bfloat16")
     assert not isinstance(decode_params(m16)["layers"][0]["wqkv"], PackedWeight)
     code = ("import pvjax, sys; from pvjax.generate import decode_params, generate_ids; "

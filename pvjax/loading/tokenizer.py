@@ -1,59 +1,120 @@
-"""Tokenizers (transformers' fast tokenizers) with their chat templates.
+"""Tokenizers with their chat templates: from a Hugging Face folder's tokenizer files, or rebuilt
+from a GGUF file's metadata (`gguf_tokenizer`, no torch and nothing cached on disk).
 
-A GGUF file carries its tokenizer; transformers rebuilds it from the GGUF vocabulary and merges, which
-takes seconds, so the rebuilt tokenizer is saved once under the pvjax cache and reloaded from there.
+A model folder may hold weights and no tokenizer (a common way to ship finetunes). Its weights still
+load; the model then carries a `MissingTokenizer`, which raises a clear error at the first call that
+needs text, unless `pvjax.load(source, tokenizer=OTHER)` names where the tokenizer is.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from pvjax.loading.layout import CheckpointError
+
+# Any of these makes a folder's tokenizer loadable by transformers' AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PVJAX_CACHE", Path.home() / ".cache" / "pvjax"))
+class TokenizerMissing(CheckpointError, AttributeError):
+    """Text was needed from a model loaded without a tokenizer. An AttributeError too, so that
+    `getattr(tokenizer, "eos_token_id", None)` still reads as "not there"."""
+
+
+class MissingTokenizer:
+    """Stands in for the tokenizer of a model loaded from weights alone: falsy, and any use raises
+    `TokenizerMissing` naming the model and the fix."""
+
+    def __init__(self, source: str):
+        self._source = source
+
+    def __bool__(self) -> bool:
+        return False
+
+    def _fail(self, *_a, **_k):
+        raise TokenizerMissing(
+            f"{self._source} was loaded without a tokenizer (no {', '.join(TOKENIZER_FILES)} there), "
+            "so it takes token ids only; for text, load it with pvjax.load(source, tokenizer=FOLDER) "
+            "naming a folder (or .gguf) with the same model's tokenizer")
+
+    __call__ = _fail
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        self._fail()
+
+    def __repr__(self) -> str:
+        return f"MissingTokenizer({self._source!r})"
+
+
+def has_tokenizer_files(folder) -> bool:
+    return any((Path(folder) / f).is_file() for f in TOKENIZER_FILES)
 
 
 def load_folder_tokenizer(folder):
+    """The folder's tokenizer, or a `MissingTokenizer` when it has no tokenizer files."""
     from transformers import AutoTokenizer
 
+    if not has_tokenizer_files(folder):
+        return MissingTokenizer(str(folder))
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{folder}: no usable tokenizer files ({e})") from e
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{folder}: the tokenizer files there do not load ({e})") from e
+    return _check_vocab(tok, folder)
 
 
-def load_gguf_tokenizer(path):
-    from transformers import AutoTokenizer
+def load_gguf_tokenizer(path_or_reader):
+    """The tokenizer a `.gguf` file describes (a path, or an open `gguf.GGUFReader`)."""
+    from pvjax.loading.gguf_tokenizer import gguf_tokenizer
 
-    path = Path(path)
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
-    target = cache_dir() / "tokenizers" / key
-    if (target / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(str(target), local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    try:  # write to a temporary folder then rename, so a killed run never leaves half a tokenizer
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent))
-        tok.save_pretrained(str(tmp))
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:  # a read-only home must not stop the load
-        log.warning("could not cache the GGUF tokenizer under %s: %s", target, e)
+    if isinstance(path_or_reader, (str, os.PathLike)):
+        import gguf
+
+        path_or_reader = gguf.GGUFReader(str(path_or_reader))
+    return gguf_tokenizer(path_or_reader)
+
+
+def load_tokenizer(source):
+    """A tokenizer from a model source (HF folder, `.gguf`, or the embedded model's name): what
+    `pvjax.load(..., tokenizer=source)` takes. A source without one is an error here."""
+    from pvjax.embedded import EMBEDDED_NAME, embedded_gguf_path
+
+    path = embedded_gguf_path() if str(source) == EMBEDDED_NAME else Path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        return load_gguf_tokenizer(path)
+    if path.is_dir():
+        tok = load_folder_tokenizer(path)
+        if not tok:
+            raise CheckpointError(f"tokenizer source {source}: no tokenizer files there "
+                                  f"(looked for {', '.join(TOKENIZER_FILES)})")
+        return tok
+    raise CheckpointError(f"tokenizer source {source!r} is neither a folder with tokenizer files, a "
+                          f".gguf file, nor {EMBEDDED_NAME!r}")
+
+
+def check_fits(tokenizer, vocab_size: int, model_name: str, source) -> None:
+    """A tokenizer with more ids than the model's embedding table belongs to another model."""
+    if tokenizer and len(tokenizer) > vocab_size:
+        raise CheckpointError(f"the tokenizer from {source} has {len(tokenizer)} tokens but {model_name} "
+                              f"has a vocabulary of {vocab_size}: it belongs to another model")
+
+
+def _check_vocab(tok, source):
+    """transformers builds a tokenizer from a bare `tokenizer_config.json` whose vocabulary is one
+    special token, and which turns any text into no ids at all."""
+    if len(tok) < 2 or not tok("hello world", add_special_tokens=False)["input_ids"]:
+        raise CheckpointError(f"{source}: the tokenizer files there hold no vocabulary "
+                              f"({len(tok)} token(s)); pass tokenizer= a source with a full tokenizer")
     return tok
 
 
 def render_chat(tokenizer, messages, *, add_generation_prompt=True, model_name="model") -> str:
     """The chat-templated text, exactly as transformers' `apply_chat_template` renders it."""
+    if isinstance(tokenizer, MissingTokenizer):
+        tokenizer()
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer of {model_name} has no chat template; pass raw text instead")
     return tokenizer.apply_chat_template(list(messages), tokenize=False,
