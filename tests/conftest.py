@@ -23,10 +23,11 @@ def hf_smollm2():
     from transformers import AutoModelForCausalLM
 
     from pvjax.embedded import embedded_gguf_path
+    from tiny_models import DTYPE_KW
 
     path = embedded_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 dtype=torch.float32)
+                                                 **{DTYPE_KW: torch.float32})
     model.eval()
     return model
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import torch
+import transformers
+
+# transformers 5 renamed `torch_dtype`; the suite runs on the 4.x floor too.
+DTYPE_KW = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 LLAMA31 = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -31,7 +35,7 @@ def save_tiny(kind: str, folder, tokenizer=None, vocab_size: int = 49152, seed: 
     model_type = spec.pop("model_type")
     cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, initializer_range=0.1, **spec)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(cfg, **{DTYPE_KW: torch.float32})
     with torch.no_grad():  # norms and biases start at 1 and 0: randomise them so they are tested
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

@@ -128,7 +128,13 @@ def gguf_tokenizer(reader):
     meta = tokenizer_metadata(reader)
     kw = {name: _token(meta, f"{key}_token_id") for name, key in
           (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding"))}
-    return PreTrainedTokenizerFast(
-        tokenizer_object=build_backend(meta), chat_template=meta["chat_template"],
+    backend = build_backend(meta)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, chat_template=meta["chat_template"],
         clean_up_tokenization_spaces=False, add_bos_token=bool(meta["add_bos_token"]),
         add_eos_token=bool(meta["add_eos_token"]), **{k: v for k, v in kw.items() if v is not None})
+    # Listed so that `all_special_ids` names every control token on transformers 4.x as on 5.x.
+    named = set(kw.values())
+    tok.add_special_tokens({"additional_special_tokens": [
+        t.content for t in backend.get_added_tokens_decoder().values() if t.special and t.content not in named]})
+    return tok

@@ -61,8 +61,9 @@ def load_folder_tokenizer(folder):
         return MissingTokenizer(str(folder))
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{folder}: the tokenizer files there do not load ({e})") from e
+    except Exception as e:  # transformers raises anything from OSError to ImportError on broken files
+        raise CheckpointError(f"{folder}: the tokenizer files there do not load "
+                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
     return _check_vocab(tok, folder)
 
 
