@@ -29,6 +29,8 @@ def main():
     p.add_argument("--workdir", default="runs/quickstart")
     p.add_argument("--question", default="What should I do on a rainy afternoon?")
     p.add_argument("--coef", type=float, default=2.0)
+    p.add_argument("--short", action="store_true",
+                   help="shorter answers throughout (CI's check of the main command on a fresh machine)")
     args = p.parse_args()
 
     import numpy as np
@@ -41,6 +43,8 @@ def main():
 
     cfg = get_config("runlocal")
     cfg.trait, cfg.workdir = args.trait, os.path.join(args.workdir, args.trait)
+    if args.short:
+        cfg.max_new_tokens = 32
     print(f"[1/3] extracting a '{args.trait}' vector on {cfg.model} into {cfg.workdir}")
     summary = run(cfg)
     c = summary["counts"]
@@ -60,7 +64,7 @@ def main():
     coefs = [0.0, args.coef, 2 * args.coef]  # unsteered, steered, over-steered: one batch
     iv = ivs.build(model.n_layers + 1, model.hidden_size, steer=[(vector, layer, coefs)], batch=3)
     g = generate(model, [args.question] * 3, intervention=iv, positions="response",
-                 sampling=SamplingParams(max_new_tokens=80))
+                 sampling=SamplingParams(max_new_tokens=32 if args.short else 80))
     print(f"[3/3] '{args.question}' at layer {layer} (row {layer} of hidden_states), "
           f"||v|| = {np.linalg.norm(vector[layer]):.1f}")
     labels = ["unsteered", "steered", "over-steered: large coefficients cost coherence"]

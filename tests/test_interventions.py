@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import numpy as np
 import pytest
 
 import pvjax
 from pvjax import interventions as ivs
-from pvjax.capture import pooling_weights
-from pvjax.model import _forward
+from pvjax.capture import Capture, pooling_weights
+from pvjax.model import _forward, default_positions
+from pvjax.models.decoder import decode
 
 L, D = 31, 576
 
@@ -74,11 +76,19 @@ def test_each_row_carries_its_own_coefficient(smollm2, batch):
 
 
 def test_sweeping_coefficients_vectors_and_layers_never_recompiles(smollm2, batch):
+    """One trace serves every layer, coefficient, vector, ablation and position mode (chex counts
+    the traces of the decoder itself), and the public forward's program cache does not grow."""
     ids, mask = batch
-    pvjax.forward(smollm2, ids, attention_mask=mask, intervention=ivs.build(L, D, steer=[(vec(), 3, 1.0)]))
+    traced = jax.jit(chex.assert_max_traces(
+        lambda params, iv: decode(params, smollm2.config, ids, default_positions(mask), mask,
+                                  intervention=iv, capture=Capture(logits="last", hidden=False)).logits, n=1))
+    warm = ivs.build(L, D, steer=[(vec(), 3, 1.0)]).with_masks(ivs.position_mask("all", mask))
+    pvjax.forward(smollm2, ids, attention_mask=mask, intervention=warm)
     before = _forward._cache_size()
-    for layer, coef, seed in [(5, 2.0, 1), (20, -8.0, 2), (30, 0.5, 3)]:
+    for layer, coef, seed, mode in [(5, 2.0, 1, "all"), (20, -8.0, 2, "prompt"), (30, 0.5, 3, "response")]:
         iv = ivs.build(L, D, steer=[(vec(seed), layer, coef)], ablate=[(vec(seed + 9), layer - 1)])
+        iv = iv.with_masks(ivs.position_mask(mode, mask, ids.shape[1] - 3))
+        traced(smollm2.params, iv)
         pvjax.forward(smollm2, ids, attention_mask=mask, intervention=iv)
     assert _forward._cache_size() == before
 

@@ -13,6 +13,9 @@ from pathlib import Path
 
 from pvjax.loading.layout import CheckpointError
 
+# pvjax takes only tokenizers from transformers; its advice that PyTorch is missing is noise here.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
 # Any of these makes a folder's tokenizer loadable by transformers' AutoTokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
