@@ -37,6 +37,7 @@ import numpy as np
 
 from pvjax import kernels
 from pvjax.capture import Capture
+from pvjax.errors import UserError
 from pvjax.interventions import Intervention, InterventionError, POSITION_MODES, empty
 from pvjax.model import default_positions, left_pad
 from pvjax.models.decoder import decode, init_cache, unstack_layers
@@ -44,7 +45,7 @@ from pvjax.models.decoder import decode, init_cache, unstack_layers
 _NEG = -1e30
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError, ValueError):
     """A generation request that cannot run, found before any compute starts."""
 
 

@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pvjax.errors import UserError
+
 POSITION_MODES = ("all", "prompt", "response")
 
 
-class InterventionError(ValueError):
+class InterventionError(UserError, ValueError):
     """An intervention that does not fit the model it is applied to."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pvjax.capture import POOLINGS
+from pvjax.errors import UserError
 
 KEYS = tuple(f"{p}_diff" for p in POOLINGS)
 FORMAT = "pvjax.persona_vectors/1"
@@ -32,7 +33,7 @@ LAYER_CONVENTION = ("row l = transformers hidden_states[l]: row 0 embeddings, ro
                     "block l (last row after the final norm); steering at layer l shifts row l")
 
 
-class VectorError(ValueError):
+class VectorError(UserError, ValueError):
     """A vector file that is malformed or does not fit the model it is used with."""
 
 
