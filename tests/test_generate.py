@@ -284,7 +284,7 @@ def test_compiles_are_bounded_by_buckets(smollm2):
 ])
 def test_bad_requests_fail_before_compute(smollm2, kwargs, message):
     kwargs = {"prompts": ["Hello"], **kwargs}
-    with pytest.raises((GenerationError, ivs.InterventionError), match=message):
+    with pytest.raises((InputError, ivs.InterventionError), match=message):
         generate(smollm2, kwargs.pop("prompts"), **kwargs)
 
 

@@ -55,9 +55,9 @@ def add_parser(sub):
 
 
 def read_prompts(args) -> list:
-    """The prompts of `--prompt` and `--prompts-file`, each checked (`pvjax.generate.prompt_problem`);
+    """The prompts of `--prompt` and `--prompts-file`, each checked (`pvjax.prompts.prompt_problem`);
     problems in the file name its line."""
-    from pvjax.generate import prompt_problem
+    from pvjax.prompts import prompt_problem
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -83,7 +83,7 @@ def read_prompts(args) -> list:
 
 
 def _jsonl_prompt(line: str, where: str):
-    from pvjax.generate import prompt_problem
+    from pvjax.prompts import prompt_problem
 
     try:
         row = json.loads(line)
