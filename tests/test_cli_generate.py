@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -205,6 +206,12 @@ def test_vector_path_errors_before_loading(capsys, tmp_path, unit_pt, no_load):
     assert "does not exist" in err(str(tmp_path / "missing.safetensors") + ":prompt_avg_diff")
     msg = user_error(capsys, ["generate", "--prompt", A, "--ablate", str(tmp_path), "--layer", "12"])
     assert "is a directory" in msg
+    from safetensors.numpy import save_file
+
+    save_file({"response_avg_diff": np.ones((L, D), np.float32)}, str(tmp_path / "v.safetensors"))
+    assert "has no tensor 'nokey'" in err(str(tmp_path / "v.safetensors") + ":nokey")
+    save_file({"response_avg_diff": np.full((L, D), np.nan, np.float32)}, str(tmp_path / "nan.safetensors"))
+    assert "contains NaN or infinite values" in err(str(tmp_path / "nan.safetensors"))
 
 
 def test_errors_after_loading(capsys, tmp_path, same_model):
