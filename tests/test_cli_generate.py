@@ -139,6 +139,8 @@ def test_errors_before_loading(capsys, tmp_path, unit_pt, no_load):
     msg = err("--prompts-file", str(missing))
     assert str(missing) in msg and "does not exist" in msg
     assert f"{tmp_path} is a directory" in err("--prompts-file", str(tmp_path))
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00prompt")
+    assert "is not UTF-8 text" in err("--prompts-file", str(tmp_path / "binary.txt"))
     assert "--prompt number 2 is empty" in err("--prompt", A, "--prompt", "  ")
 
 

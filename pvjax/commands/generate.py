@@ -66,7 +66,11 @@ def read_prompts(args) -> list:
             raise UsageError(f"--prompts-file {path} is a directory, not a file")
         if not path.is_file():
             raise UsageError(f"--prompts-file {path} does not exist")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
