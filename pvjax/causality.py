@@ -23,6 +23,7 @@ import numpy as np
 
 from pvjax import interventions as ivs
 from pvjax.capture import Capture
+from pvjax.errors import InputError
 from pvjax.model import default_positions, left_pad
 from pvjax.models.decoder import decode
 
@@ -44,6 +45,12 @@ def answer_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, ve
     steered by `coef * vector` at `layer` on `positions` for every coefficient."""
     tok = model.tokenizer
     L, D = model.n_layers + 1, model.hidden_size
+    _check_texts(prompts=prompts, answers=answers)
+    if len(prompts) != len(answers):
+        raise InputError(f"{len(prompts)} prompts but {len(answers)} answers: one answer per prompt")
+    _check_coefs(coefs)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     seqs, starts = [], []
     for p, a in zip(prompts, answers):
         head = tok(p, add_special_tokens=False)["input_ids"]
@@ -52,7 +59,9 @@ def answer_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, ve
     rows = [(c, i) for c in range(len(coefs)) for i in range(len(seqs))]
     T = -(-max(map(len, seqs)) // 64) * 64
     if T > model.config.max_position_embeddings:
-        raise ValueError(f"an answer of {T} tokens exceeds the context window of {model.model_id}")
+        i = max(range(len(seqs)), key=lambda i: len(seqs[i]))
+        raise InputError(f"prompt and answer {i} hold {len(seqs[i])} tokens, padded to {T}: past the "
+                         f"context window of {model.model_id} ({model.config.max_position_embeddings})")
     v = np.zeros(D, np.float32) if vector is None else np.asarray(vector, np.float32)
     out = np.zeros((len(coefs), len(seqs)), np.float32)
     for s in range(0, len(rows), batch_size):
@@ -78,6 +87,19 @@ def likelihood_margins(model, vectors_LD, layers: Sequence[int], coefs: Sequence
                        *, positions: str = "response", batch_size: int = 8) -> dict:
     """`margins[layer][c]` as in the module docstring, with `monotonic` and least-squares `slope`
     per layer."""
+    _check_texts(questions=questions, pos_answers=pos_answers, neg_answers=neg_answers)
+    if len(pos_answers) != len(questions) or len(neg_answers) != len(questions):
+        raise InputError(f"{len(questions)} questions, {len(pos_answers)} pos answers and "
+                         f"{len(neg_answers)} neg answers: every question needs one of each")
+    _check_coefs(coefs)
+    L, D = model.n_layers + 1, model.hidden_size
+    if np.shape(vectors_LD) != (L, D):
+        raise InputError(f"vectors_LD has shape {np.shape(vectors_LD)}; {model.model_id} needs "
+                         f"[n_layers+1, D] = [{L}, {D}]")
+    layers = list(layers)
+    for l in layers:
+        if isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not 0 <= l < L:
+            raise InputError(f"layer {l!r} is not a hidden_states index in 0..{L - 1}")
     prompts = [model.chat_text([{"role": "user", "content": q}]) for q in questions]
     result = {"coefs": list(map(float, coefs)), "layers": {}}
     for layer in layers:
@@ -90,3 +112,19 @@ def likelihood_margins(model, vectors_LD, layers: Sequence[int], coefs: Sequence
         result["layers"][int(layer)] = {"margins": [float(m) for m in margin], "slope": slope,
                                         "monotonic": bool(np.all(np.diff(margin) > 0))}
     return result
+
+
+def _check_texts(**lists) -> None:
+    """Each named argument is a non-empty list of strings (a bare string would be iterated as
+    one text per character)."""
+    for name, texts in lists.items():
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise InputError(f"{name} must be a list of strings")
+        if not texts:
+            raise InputError(f"{name} is empty")
+
+
+def _check_coefs(coefs) -> None:
+    c = np.asarray(coefs, dtype=np.float64)
+    if c.ndim != 1 or not len(c) or not np.all(np.isfinite(c)):
+        raise InputError(f"coefs must be a non-empty list of finite numbers, got {coefs!r}")

@@ -11,11 +11,13 @@ import hashlib
 import json
 from typing import Any, Mapping
 
+from pvjax.errors import UserError
+
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A model config that pvjax cannot run, with the offending field named."""
 
 

@@ -35,16 +35,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pvjax import kernels
+from pvjax import inputs, kernels
 from pvjax.capture import Capture
+from pvjax.errors import InputError
 from pvjax.interventions import Intervention, InterventionError, POSITION_MODES, empty
 from pvjax.model import default_positions, left_pad
 from pvjax.models.decoder import decode, init_cache, unstack_layers
+from pvjax.prompts import check_prompts
 
 _NEG = -1e30
 
 
-class GenerationError(ValueError):
+class GenerationError(InputError):
     """A generation request that cannot run, found before any compute starts."""
 
 
@@ -65,7 +67,20 @@ class SamplingParams:
             return "greedy"
         return "filter" if self.top_k > 0 or self.top_p < 1 else "sample"
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
+        """Refuse settings that cannot run, at construction: before any model is loaded."""
+        for name in ("temperature", "top_p"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, bool) \
+                    or not np.isfinite(v):
+                raise GenerationError(f"{name} must be a finite number, got {v!r}")
+        for name in ("top_k", "max_new_tokens", "min_new_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+                raise GenerationError(f"{name} must be an integer, got {v!r}")
         if self.temperature < 0:
             raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -76,6 +91,8 @@ class SamplingParams:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise GenerationError(f"min_new_tokens must be in 0..max_new_tokens, got {self.min_new_tokens}")
+        if isinstance(self.stop, str) or not all(isinstance(x, str) and x for x in self.stop):
+            raise GenerationError(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
 
 
 @dataclasses.dataclass
@@ -151,10 +168,10 @@ def render_prompts(model, prompts, *, system: str | None = None, chat: bool = Tr
     """Prompt texts: a string is a user message (or raw text when `chat=False`), a list of
     `{"role", "content"}` dicts is a whole conversation; both go through the chat template."""
     out = []
-    for i, p in enumerate(prompts):
+    if system is not None and not isinstance(system, str):
+        raise GenerationError(f"system must be a string, got a {type(system).__name__}")
+    for p in check_prompts(prompts):
         if isinstance(p, str):
-            if not p.strip():
-                raise GenerationError(f"prompt {i} is empty")
             if not chat:
                 out.append(p)
                 continue
@@ -325,8 +342,6 @@ def generate(model, prompts: Sequence, *, system: str | None = None, chat: bool 
     """Answer every prompt: a string is a user message (raw text with `chat=False`), a list of
     `{"role", "content"}` dicts a conversation; `system` adds a system message to string prompts.
     The keywords are those of `generate_ids`, which runs the engine."""
-    if len(prompts) == 0:
-        raise GenerationError("no prompts to generate from")
     texts = render_prompts(model, prompts, system=system, chat=chat)
     ids = [model.tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
     g = generate_ids(model, ids, **kw)
@@ -350,36 +365,9 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
     once (see the module docstring). A model without a tokenizer (random weights for benchmarks)
     returns empty texts.
     """
-    sampling.validate()
-    if len(ids) == 0:
-        raise GenerationError("no prompts to generate from")
-    if sampling.stop and not model.tokenizer:
-        raise GenerationError("stop strings need a tokenizer")
-    cfg, L, D = model.config, model.n_layers + 1, model.hidden_size
-    ids = [list(map(int, seq)) for seq in ids]
-    for i, seq in enumerate(ids):
-        if not seq:
-            raise GenerationError(f"prompt {i} has no tokens")
-        if len(seq) + sampling.max_new_tokens > cfg.max_position_embeddings:
-            raise GenerationError(
-                f"prompt {i} has {len(seq)} tokens; with max_new_tokens={sampling.max_new_tokens} it "
-                f"exceeds the context window of {model.model_id} ({cfg.max_position_embeddings})")
-    if intervention is None:
-        intervention = empty(L, D)
-    elif intervention.n_rows != L:
-        raise InterventionError(f"intervention has {intervention.n_rows} rows but {model.model_id} "
-                                f"has n_layers+1 = {L}")
-    elif intervention.steer_vectors.shape[-1] != D:
-        raise InterventionError(f"intervention width {intervention.steer_vectors.shape[-1]} != "
-                                f"hidden size {D} of {model.model_id}")
-    _masks(positions, np.ones((1, 1))), _masks(ablate_positions, np.ones((1, 1)))
-    if probes is not None:
-        probes = np.asarray(probes, np.float32)
-        if probes.shape[-1] != D or probes.ndim not in (2, 3) or (probes.ndim == 3 and probes.shape[0] != L):
-            raise GenerationError(f"probes must be [K, {D}] or [{L}, K, {D}], got {probes.shape}")
-        if not np.all(np.isfinite(probes)):
-            raise GenerationError("probes contain NaN or infinite values")
-        probes = jnp.asarray(probes)
+    ids, intervention, probes = _check_request(model, ids, sampling, seed, intervention, positions,
+                                               ablate_positions, probes, batch_size)
+    cfg = model.config
 
     stops = stop_token_ids(model)
     single = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in sampling.stop]
@@ -443,6 +431,54 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
     return Generation(prompts=[""] * len(ids), prompt_tokens=ids, texts=get(0), tokens=get(1),
                       finish_reasons=get(2), projections=None if probes is None else get(3),
                       prompt_projections=None if probes is None else get(4))
+
+
+def _check_request(model, ids, sampling, seed, intervention, positions, ablate_positions, probes,
+                   batch_size):
+    """Everything `generate_ids` is asked, checked before any compute: `(ids as lists of ints,
+    the intervention (the identity if None), probes as a device array or None)`."""
+    if not isinstance(sampling, SamplingParams):
+        raise GenerationError(f"sampling must be a SamplingParams, got a {type(sampling).__name__}")
+    sampling.validate()
+    # PRNG keys hold 32 bits of seed: larger or negative seeds would alias others silently.
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2 ** 32:
+        raise GenerationError(f"seed must be an integer in 0..2**32-1, got {seed!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise GenerationError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if sampling.stop and not model.tokenizer:
+        raise GenerationError("stop strings need a tokenizer")
+    cfg, L, D = model.config, model.n_layers + 1, model.hidden_size
+    try:
+        n = len(ids)
+    except TypeError:
+        raise GenerationError(f"ids must be a list of token-id lists, got a {type(ids).__name__}") from None
+    if n == 0:
+        raise GenerationError("no prompts to generate from")
+    ids = inputs.token_lists(ids, cfg.vocab_size, "prompt")
+    for i, seq in enumerate(ids):
+        if len(seq) + sampling.max_new_tokens > cfg.max_position_embeddings:
+            raise GenerationError(
+                f"prompt {i} has {len(seq)} tokens; with max_new_tokens={sampling.max_new_tokens} it "
+                f"exceeds the context window of {model.model_id} ({cfg.max_position_embeddings})")
+    if intervention is None:
+        intervention = empty(L, D)
+    elif not isinstance(intervention, Intervention):
+        raise InterventionError(f"intervention must be an Intervention (see interventions.build), "
+                                f"got a {type(intervention).__name__}")
+    else:
+        try:
+            inputs.check_intervention_batch(intervention, len(ids), D, L, model.model_id)
+        except InputError as e:
+            raise InterventionError(str(e)) from None
+    _masks(positions, np.ones((1, 1))), _masks(ablate_positions, np.ones((1, 1)))
+    if probes is not None:
+        probes = np.asarray(probes, np.float32)
+        if probes.shape[-1] != D or probes.ndim not in (2, 3) or (probes.ndim == 3 and probes.shape[0] != L):
+            raise GenerationError(f"probes must be [K, {D}] or [{L}, K, {D}], got {probes.shape}")
+        if not np.all(np.isfinite(probes)):
+            raise GenerationError("probes contain NaN or infinite values")
+        probes = jnp.asarray(probes)
+    return ids, intervention, probes
 
 
 def _trim(toks: list[int], eos: set[int], stop_ids) -> tuple[list[int], str]:

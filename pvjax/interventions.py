@@ -23,10 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pvjax.errors import UserError
+
 POSITION_MODES = ("all", "prompt", "response")
 
 
-class InterventionError(ValueError):
+class InterventionError(UserError, ValueError):
     """An intervention that does not fit the model it is applied to."""
 
 
@@ -60,7 +62,12 @@ def apply_row(h_BTD, steer_v_BD, steer_c_B, abl_u_BD, abl_c_B, steer_m_BT, abl_m
 
 
 def _check_vector(v: np.ndarray, n_rows: int, width: int, what: str) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float32)
+    try:
+        v = np.asarray(v, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise InterventionError(f"{what} is not an array of numbers ({e})") from None
+    if v.ndim not in (1, 2):
+        raise InterventionError(f"{what} must be [D] or [n_layers+1, D], got shape {v.shape}")
     if v.shape[-1] != width:
         raise InterventionError(f"{what} has width {v.shape[-1]} but the model's hidden size is {width}")
     if not np.all(np.isfinite(v)):
@@ -72,11 +79,34 @@ def _check_vector(v: np.ndarray, n_rows: int, width: int, what: str) -> np.ndarr
 
 
 def _check_layers(layers: Sequence[int], n_rows: int) -> list[int]:
-    layers = [int(l) for l in np.atleast_1d(layers)]
-    for l in layers:
+    out = []
+    for l in np.atleast_1d(np.asarray(layers, dtype=object)):
+        if isinstance(l, (bool, np.bool_)) or not isinstance(l, (int, np.integer)):
+            raise InterventionError(f"layer {l!r} is not an integer (hidden_states indices)")
         if not 0 <= l < n_rows:
             raise InterventionError(f"layer {l} is outside 0..{n_rows - 1} (hidden_states indices)")
-    return layers
+        out.append(int(l))
+    return out
+
+
+def _check_coefs(coef, batch: int, what: str) -> np.ndarray:
+    """`[batch]` finite float32 values from a scalar (every row) or one value per row. A sequence
+    of another length is refused rather than broadcast: it names rows that do not exist."""
+    try:
+        with np.errstate(over="ignore"):  # a value past float32's range becomes inf, refused below
+            c = np.asarray(coef, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise InterventionError(f"{what} {coef!r} is not a number ({e})") from None
+    if c.ndim > 1 or (c.ndim == 1 and len(c) != batch):
+        raise InterventionError(f"{what} has shape {c.shape}: give one number, or one per batch row "
+                                f"(batch={batch})")
+    if not np.all(np.isfinite(c)):
+        raise InterventionError(f"{what} must be finite, got {coef!r}")
+    return np.broadcast_to(c, (batch,))
+
+
+def _brief(item) -> str:
+    return f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
 
 
 def empty(n_rows: int, width: int, batch: int = 1, dtype=jnp.float32) -> Intervention:
@@ -97,24 +127,32 @@ def build(n_rows: int, width: int, *, steer: Sequence[tuple] = (), ablate: Seque
 
     `steer` holds `(vector, layer, coef)` items and `ablate` holds `(vector, layer)` or
     `(vector, layer, strength)` items. A vector is `[D]` or `[n_layers+1, D]` (then row `layer` is
-    used, the reference implementation's file layout). `coef` may be a scalar or a length-`batch`
-    sequence, one coefficient per batch row. Ablation directions are normalised to unit length.
+    used, the reference implementation's file layout). `coef` (and `strength`) may be a scalar or a
+    length-`batch` sequence, one value per batch row; every value must be finite. Ablation
+    directions are normalised to unit length.
     """
+    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+        raise InterventionError(f"batch must be a positive integer, got {batch!r}")
     sv = np.zeros((n_rows, batch, width), np.float32)
     sc = np.zeros((n_rows, batch), np.float32)
     au = np.zeros((n_rows, batch, width), np.float32)
     ac = np.zeros((n_rows, batch), np.float32)
     for item in steer:
+        if not isinstance(item, (tuple, list)) or len(item) != 3:
+            raise InterventionError(f"each steer item is (vector, layer, coef), got {_brief(item)}")
         vec, layer, coef = item
         vec = _check_vector(vec, n_rows, width, "steering vector")
+        coef = _check_coefs(coef, batch, "steering coefficient")
         for l in _check_layers(layer, n_rows):
             if np.any(sc[l] != 0):
                 raise InterventionError(f"two steering vectors target layer {l}; add them first")
             sv[l] = vec[l] if vec.ndim == 2 else vec
-            sc[l] = np.broadcast_to(np.asarray(coef, np.float32), (batch,))
+            sc[l] = coef
     for item in ablate:
+        if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+            raise InterventionError(f"each ablate item is (vector, layer[, strength]), got {_brief(item)}")
         vec, layer = item[:2]
-        strength = item[2] if len(item) > 2 else 1.0
+        strength = _check_coefs(item[2] if len(item) > 2 else 1.0, batch, "ablation strength")
         vec = _check_vector(vec, n_rows, width, "ablation direction")
         for l in _check_layers(layer, n_rows):
             u = vec[l] if vec.ndim == 2 else vec
@@ -122,7 +160,7 @@ def build(n_rows: int, width: int, *, steer: Sequence[tuple] = (), ablate: Seque
             if norm == 0:
                 raise InterventionError(f"ablation direction at layer {l} is zero")
             au[l] = u / norm
-            ac[l] = np.broadcast_to(np.asarray(strength, np.float32), (batch,))
+            ac[l] = strength
     iv = empty(n_rows, width, batch)
     return dataclasses.replace(iv, steer_vectors=jnp.asarray(sv), steer_coefs=jnp.asarray(sc),
                                ablate_dirs=jnp.asarray(au), ablate_coefs=jnp.asarray(ac))

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pvjax.capture import Capture, ForwardOutput, activations_only
+from pvjax import inputs
 from pvjax.config import ModelConfig
+from pvjax.errors import InputError
 from pvjax.interventions import Intervention
 from pvjax.models.decoder import decode
 
@@ -93,7 +95,9 @@ def load(source: str | os.PathLike, *, dtype=None, tokenizer=None) -> Model:
         raise FileNotFoundError(f"model source {name!r} is neither a local folder, a .gguf file, nor "
                                 f"the embedded model name {EMBEDDED_NAME!r}")
     else:
-        raise ValueError(f"cannot load {name!r}: expected a Hugging Face folder or a .gguf file")
+        from pvjax.loading.layout import CheckpointError
+
+        raise CheckpointError(f"cannot load {name!r}: expected a Hugging Face folder or a .gguf file")
     if tokenizer is None:
         tok = own()
     elif isinstance(tokenizer, (str, os.PathLike)):
@@ -143,23 +147,30 @@ def forward(model: Model, tokens, *, attention_mask=None, positions=None,
     the final norm. Positions default to `default_positions(attention_mask)`. `segment_ids`
     `[B, T]` (0 = padding) packs several sequences in a row; see `pvjax.packing`.
     """
+    tokens = _check_tokens(model, tokens)
+    B, T = tokens.shape
+    if segment_ids is not None:
+        segment_ids = inputs.per_token(segment_ids, (B, T), "segment_ids", integer=True)
+        if positions is None:
+            raise InputError("packed rows (segment_ids) need explicit positions; see pvjax.packing")
+    if attention_mask is not None:
+        attention_mask = inputs.per_token(attention_mask, (B, T), "attention_mask", integer=False)
+        inputs.check_mask_values(attention_mask)
+    elif segment_ids is not None:
+        attention_mask = (jnp.asarray(segment_ids) > 0).astype(jnp.int32)
+    if positions is not None:
+        positions = inputs.per_token(positions, (B, T), "positions", integer=True, batch_one=True)
+    if intervention is not None:
+        inputs.check_intervention_batch(intervention, B, model.hidden_size, model.n_layers + 1,
+                                        model.model_id, length=T)
     tokens = jnp.asarray(tokens, jnp.int32)
-    if tokens.ndim == 1:
-        tokens = tokens[None]
-    _check_tokens(model, tokens)
     if segment_ids is not None:
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
-        attention_mask = (segment_ids > 0).astype(jnp.int32) if attention_mask is None else attention_mask
-        if positions is None:
-            raise ValueError("packed rows (segment_ids) need explicit positions; see pvjax.packing")
     if attention_mask is None:
         attention_mask = jnp.ones(tokens.shape, jnp.int32)
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
     if positions is None:
         positions = default_positions(attention_mask)
-    if intervention is not None and intervention.n_rows != model.n_layers + 1:
-        raise ValueError(f"intervention has {intervention.n_rows} rows but {model.model_id} has "
-                         f"n_layers+1 = {model.n_layers + 1}")
     return _forward(model.params, model.config, tokens, attention_mask, jnp.asarray(positions),
                     intervention, capture, segment_ids, scan)
 
@@ -173,13 +184,12 @@ def activations(model: Model, tokens, *, attention_mask=None, positions=None, in
                    segment_ids=segment_ids, scan=scan)
 
 
-def _check_tokens(model: Model, tokens) -> None:
+def _check_tokens(model: Model, tokens):
+    """`tokens` as a checked `[B, T]` array (see `pvjax.inputs.token_batch`) that fits the context
+    window. Host inputs stay on the host: their checks cost no device round trip."""
+    tokens = inputs.token_batch(tokens, model.config.vocab_size)
     T = tokens.shape[-1]
     if T > model.config.max_position_embeddings:
-        raise ValueError(f"input of {T} tokens is longer than the context window of "
+        raise InputError(f"input of {T} tokens is longer than the context window of "
                          f"{model.model_id} ({model.config.max_position_embeddings})")
-    # Across processes only local shards are readable; each process checks what it feeds.
-    if not isinstance(tokens, jax.core.Tracer) and tokens.is_fully_addressable:
-        hi = int(np.asarray(tokens).max(initial=0))
-        if hi >= model.config.vocab_size:
-            raise ValueError(f"token id {hi} is outside the vocabulary of size {model.config.vocab_size}")
+    return tokens

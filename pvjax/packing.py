@@ -17,7 +17,9 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from pvjax import inputs
 from pvjax.capture import POOLINGS
+from pvjax.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +89,12 @@ def pack(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, width: in
     """
     lengths = [len(s) for s in seqs]
     if not lengths:
-        raise ValueError("nothing to pack: the list of sequences is empty")
+        raise InputError("nothing to pack: the list of sequences is empty")
+    if len(prompt_lens) != len(lengths):
+        raise InputError(f"{len(lengths)} sequences but {len(prompt_lens)} prompt lengths")
     for i, (n, p) in enumerate(zip(lengths, prompt_lens)):
-        if not 0 < p <= n:
-            raise ValueError(f"sequence {i}: prompt length {p} is not within 1..{n}")
+        if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 < p <= n:
+            raise InputError(f"sequence {i}: prompt length {p!r} is not within 1..{n}")
     if width is None:
         width, rows = _least_waste(lengths, rows_per_batch)
     else:
@@ -130,6 +134,12 @@ def pooled_activations(model, seqs, prompt_lens, *, width: int | None = None, ro
     """
     from pvjax.model import activations
 
+    seqs = inputs.token_lists(seqs, model.config.vocab_size)
+    longest = max(map(len, seqs), default=0)
+    if longest > model.config.max_position_embeddings:
+        raise InputError(f"sequence {max(range(len(seqs)), key=lambda i: len(seqs[i]))} has {longest} "
+                         f"tokens, past the context window of {model.model_id} "
+                         f"({model.config.max_position_embeddings})")
     out = None
     for batch in pack(seqs, prompt_lens, width=width, rows_per_batch=rows_per_batch):
         pooled = activations(model, batch.tokens, positions=batch.positions,

@@ -18,12 +18,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
+from pvjax.errors import UserError
+
 SPLITS = ("extract", "eval")
 _PLACEHOLDERS = ("{question}", "{answer}")
 _PLACEHOLDER_RE = re.compile(r"\{question\}|\{answer\}")
 
 
-class TraitError(ValueError):
+class TraitError(UserError, ValueError):
     """A malformed or missing trait file, with the file and the field named."""
 
 

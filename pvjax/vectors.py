@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pvjax.capture import POOLINGS
+from pvjax.errors import UserError
 
 KEYS = tuple(f"{p}_diff" for p in POOLINGS)
 FORMAT = "pvjax.persona_vectors/1"
@@ -32,7 +33,7 @@ LAYER_CONVENTION = ("row l = transformers hidden_states[l]: row 0 embeddings, ro
                     "block l (last row after the final norm); steering at layer l shifts row l")
 
 
-class VectorError(ValueError):
+class VectorError(UserError, ValueError):
     """A vector file that is malformed or does not fit the model it is used with."""
 
 
@@ -78,9 +79,7 @@ def load_vectors(path, model=None, *, strict: bool = False) -> tuple[dict[str, n
     an error naming both; a different model id of the same shape (a finetune of the same base)
     only warns, unless `strict`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise VectorError(f"vector file {path} does not exist")
+    path = _existing_file(path)
     if path.suffix == ".pt":
         tensors, meta = {"vector": _read_torch(path)}, {}
     else:
@@ -118,11 +117,26 @@ def _check_fits(path, tensors, meta, model, strict):
                               f"hidden states (row 0 = embeddings)")
 
 
+def _existing_file(path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise VectorError(f"vector file {path} is a directory; pass the .safetensors or .pt file in it")
+    if not path.is_file():
+        raise VectorError(f"vector file {path} does not exist")
+    return path
+
+
+def split_spec(spec: str) -> tuple[Path, str]:
+    """`FILE[:KEY]` as `(an existing file, KEY or "")`; a path that itself contains ':' wins."""
+    path, key = str(spec), ""
+    if not Path(path).exists() and ":" in path:
+        path, _, key = path.rpartition(":")
+    return _existing_file(path), key
+
+
 def read_vector(spec: str, model=None, *, strict: bool = False) -> np.ndarray:
     """One vector from `FILE[:KEY]` (KEY defaults to `response_avg_diff`; a `.pt` has one)."""
-    path, key = str(spec), ""
-    if not Path(path).is_file() and ":" in path:
-        path, _, key = path.rpartition(":")
+    path, key = split_spec(spec)
     tensors, _ = load_vectors(path, model, strict=strict)
     if not key:
         key = "vector" if "vector" in tensors else KEYS[0]

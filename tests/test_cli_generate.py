@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,41 +105,131 @@ def test_prompts_files(capsys, tmp_path, reference, same_model):
     assert len(same_model) == 2
 
 
-def exit_message(argv) -> str:
+def user_error(capsys, argv) -> str:
+    """Run the CLI expecting a user error: exit status 2 and exactly one line on stderr (no
+    traceback), `pvjax generate: error: ...`; returns that line."""
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert isinstance(e.value.code, str), f"expected an error message, got exit code {e.value.code!r}"
-    return e.value.code
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pvjax generate: error: "), err
+    return lines[0]
 
 
-def test_errors_before_loading(tmp_path, unit_pt, same_model):
-    msg = exit_message(["generate", "--prompt", A, "--vector", str(unit_pt), "--coef", "4"])
-    assert "--vector needs --layer" in msg
-    msg = exit_message(["generate", "--prompt", A, "--ablate", str(unit_pt)])
-    assert "--ablate needs --ablate-layer or --layer" in msg
-    msg = exit_message(["generate", "--max-new-tokens", "4"])
+@pytest.fixture
+def no_load(monkeypatch):
+    """`pvjax.load` that fails the test if called: these mistakes must be caught before it."""
+    def load(*a, **kw):
+        raise AssertionError("pvjax.load was called")
+
+    monkeypatch.setattr(pvjax, "load", load)
+
+
+def test_errors_before_loading(capsys, tmp_path, unit_pt, no_load):
+    err = lambda *argv: user_error(capsys, ["generate", *argv])
+    assert "--vector needs --layer" in err("--prompt", A, "--vector", str(unit_pt), "--coef", "4")
+    assert "--ablate needs --ablate-layer or --layer" in err("--prompt", A, "--ablate", str(unit_pt))
+    msg = err("--max-new-tokens", "4")
     assert "no prompts" in msg and "--prompt" in msg and "--prompts-file" in msg
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    assert "no prompts" in exit_message(["generate", "--prompts-file", str(empty)])
+    assert "no prompts" in err("--prompts-file", str(empty))
     missing = tmp_path / "nope.txt"
-    msg = exit_message(["generate", "--prompts-file", str(missing)])
+    msg = err("--prompts-file", str(missing))
     assert str(missing) in msg and "does not exist" in msg
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": A}) + "\n{not json\n")
-    assert f"{bad}:2: not JSON" in exit_message(["generate", "--prompts-file", str(bad)])
-    bad.write_text(json.dumps({"question": A}) + "\n")
-    assert "'prompt' or 'messages'" in exit_message(["generate", "--prompts-file", str(bad)])
-    assert same_model == []  # all refused before the model was asked for
+    assert f"{tmp_path} is a directory" in err("--prompts-file", str(tmp_path))
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00prompt")
+    assert "is not UTF-8 text" in err("--prompts-file", str(tmp_path / "binary.txt"))
+    assert "--prompt number 2 is empty" in err("--prompt", A, "--prompt", "  ")
 
 
-def test_vector_errors_after_loading(tmp_path, same_model):
-    """A vector that does not fit the model is refused with the reason, before anything compiles."""
+def test_steering_flags_need_a_vector(capsys, unit_pt, no_load):
+    """They used to be ignored: an unsteered answer and exit 0."""
+    err = lambda *argv: user_error(capsys, ["generate", "--prompt", A, *argv])
+    assert "--layer, --coef steer along a vector: pass --vector" in err("--layer", "12", "--coef", "4")
+    assert "--coef steer along a vector" in err("--coef", "4")
+    assert "--positions steer along a vector" in err("--positions", "all")
+    assert "--ablate-layer needs --ablate" in err("--ablate-layer", "12")
+    assert "--ablate-layer needs --ablate" in err("--vector", str(unit_pt), "--layer", "3", "--ablate-layer", "4")
+    assert "--coef must be finite, got nan" in err("--vector", str(unit_pt), "--layer", "12", "--coef", "nan")
+    assert "--coef must be finite, got inf" in err("--vector", str(unit_pt), "--layer", "12", "--coef", "inf")
+    assert "--layer takes hidden_states indices" in err("--vector", str(unit_pt), "--layer", "-1")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "nan"], "temperature must be a finite number"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--top-k", "-2"], "top_k must be >= 0"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+    (["--min-new-tokens", "9", "--max-new-tokens", "4"], "min_new_tokens must be in 0..max_new_tokens"),
+    (["--stop", ""], "stop must be a tuple of non-empty strings"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--seed", "-1"], "--seed must be in 0..2**32-1"),
+    (["--max-new-tokens", "x"], "argument --max-new-tokens: invalid int value"),
+    (["--model", "/no/such/model"], "--model /no/such/model: no such folder or .gguf file"),
+])
+def test_sampling_and_argument_errors_before_loading(capsys, argv, message, no_load):
+    """Checked in a fraction of a second, not after a model load."""
+    assert message in user_error(capsys, ["generate", "--prompt", A, *argv])
+
+
+def test_model_file_that_is_not_gguf(capsys, tmp_path, no_load):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    msg = user_error(capsys, ["generate", "--prompt", A, "--model", str(tmp_path / "weights.bin")])
+    assert "a file must be a .gguf" in msg
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": []}, "'messages' is an empty conversation"),
+    ({"messages": [{"role": "user"}]}, "'messages' has a malformed message 0"),
+    ({"messages": [{"role": "user", "content": 3}]}, "'messages' has a malformed message 0"),
+    ({"messages": [{"role": "human", "content": "hi"}]}, "'messages' has a malformed message 0"),
+    ({"messages": "hi"}, "'messages' must be a list"),
+    ({"prompt": 42}, "'prompt' must be a string, got int"),
+    ({"prompt": ""}, "'prompt' is empty"),
+    ({"prompt": [{"role": "user", "content": "hi"}]}, "'prompt' must be a string, got list"),
+])
+def test_malformed_jsonl_rows_name_their_line(capsys, tmp_path, row, message, no_load):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": A}) + "\n" + json.dumps(row) + "\n")
+    assert f"{path}:2: {message}" in user_error(capsys, ["generate", "--prompts-file", str(path)])
+    path.write_text(json.dumps({"prompt": A}) + "\n{not json\n")
+    assert f"{path}:2: not JSON" in user_error(capsys, ["generate", "--prompts-file", str(path)])
+    path.write_text(json.dumps({"question": A}) + "\n")
+    assert "'prompt' or 'messages'" in user_error(capsys, ["generate", "--prompts-file", str(path)])
+
+
+def test_vector_path_errors_before_loading(capsys, tmp_path, unit_pt, no_load):
+    err = lambda spec: user_error(capsys, ["generate", "--prompt", A, "--vector", spec, "--layer", "12"])
+    assert f"vector file {tmp_path / 'missing.pt'} does not exist" in err(str(tmp_path / "missing.pt"))
+    assert f"vector file {tmp_path} is a directory" in err(str(tmp_path))
+    assert "does not exist" in err(str(tmp_path / "missing.safetensors") + ":prompt_avg_diff")
+    msg = user_error(capsys, ["generate", "--prompt", A, "--ablate", str(tmp_path), "--layer", "12"])
+    assert "is a directory" in msg
+    from safetensors.numpy import save_file
+
+    save_file({"response_avg_diff": np.ones((L, D), np.float32)}, str(tmp_path / "v.safetensors"))
+    assert "has no tensor 'nokey'" in err(str(tmp_path / "v.safetensors") + ":nokey")
+    save_file({"response_avg_diff": np.full((L, D), np.nan, np.float32)}, str(tmp_path / "nan.safetensors"))
+    assert "contains NaN or infinite values" in err(str(tmp_path / "nan.safetensors"))
+
+
+def test_errors_after_loading(capsys, tmp_path, same_model):
+    """What needs the model (its width, depth and context) is refused with the reason, before
+    anything compiles."""
+    from pvjax.generate import compile_count
+
+    before = compile_count()
     torch.save(torch.randn(L, 100), tmp_path / "narrow.pt")
-    msg = exit_message(["generate", "--prompt", A, "--vector", str(tmp_path / "narrow.pt"),
-                        "--layer", "12"])
-    assert msg.startswith("error:") and "width 100" in msg and "576" in msg
-    msg = exit_message(["generate", "--prompt", A, "--vector", str(tmp_path / "missing.pt"),
-                        "--layer", "12"])
-    assert "missing.pt does not exist" in msg
-    assert len(same_model) == 2
+    msg = user_error(capsys, ["generate", "--prompt", A, "--vector", str(tmp_path / "narrow.pt"),
+                              "--layer", "12"])
+    assert "width 100" in msg and "576" in msg
+    torch.save(torch.randn(L, D), tmp_path / "x.pt")
+    msg = user_error(capsys, ["generate", "--prompt", A, "--vector", str(tmp_path / "x.pt"), "--layer", "31"])
+    assert "layer 31 is outside 0..30" in msg
+    msg = user_error(capsys, ["generate", "--prompt", A, "--prompt", "hi " * 9000])
+    assert "prompt 1 has 90" in msg and "context window of smollm2-135m-instruct (8192)" in msg
+    assert len(same_model) == 3
+    assert compile_count() == before

@@ -13,8 +13,10 @@ import torch
 
 import pvjax
 from pvjax import interventions as ivs
+from pvjax.errors import InputError
 from pvjax.generate import GenerationError, SamplingParams, compile_count, prefix_bucket, prompt_bucket
 from pvjax.generate import generate as _generate
+from pvjax.generate import generate_ids as _generate_ids
 
 L, D = 31, 576
 LAYER = 10
@@ -271,11 +273,18 @@ def test_compiles_are_bounded_by_buckets(smollm2):
     (dict(prompts=["hi " * 9000]), "context window"),
     (dict(probes=np.ones((2, 100))), "probes must be"),
     (dict(positions="middle"), "positions must be one of"),
-    (dict(sampling=SamplingParams(top_p=0)), "top_p"),
+    (dict(prompts="Hello"), "got a str; wrap a single prompt in a list"),
+    (dict(prompts=[[]]), "prompt 0 is an empty conversation"),
+    (dict(prompts=[[{"role": "user"}]]), "prompt 0 has a malformed message 0"),
+    (dict(prompts=["Hi", 3]), "prompt 1 is a int"),
+    (dict(batch_size=0), "batch_size must be a positive integer"),
+    (dict(seed=-1), "seed must be an integer"),
+    (dict(intervention=ivs.empty(L, D, batch=2)), "batch 2 .* 1 rows"),
+    (dict(intervention=ivs.empty(L, 100)), "width 100"),
 ])
 def test_bad_requests_fail_before_compute(smollm2, kwargs, message):
     kwargs = {"prompts": ["Hello"], **kwargs}
-    with pytest.raises((GenerationError, ivs.InterventionError), match=message):
+    with pytest.raises((InputError, ivs.InterventionError), match=message):
         generate(smollm2, kwargs.pop("prompts"), **kwargs)
 
 
@@ -286,3 +295,34 @@ def test_bad_vectors_fail_before_compute():
         ivs.build(L, D, steer=[(np.ones(D), 31, 1.0)])
     with pytest.raises(ivs.InterventionError, match="NaN"):
         ivs.build(L, D, steer=[(np.full(D, np.nan), 3, 1.0)])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(top_p=0), "top_p"), (dict(temperature=float("nan")), "temperature must be a finite"),
+    (dict(temperature=-1.0), "temperature must be >= 0"), (dict(top_p=float("inf")), "top_p"),
+    (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
+    (dict(min_new_tokens=9, max_new_tokens=4), "min_new_tokens"),
+    (dict(stop="END"), "stop must be a tuple"), (dict(stop=("",)), "non-empty strings"),
+])
+def test_sampling_params_are_checked_when_made(kwargs, message):
+    """Before any model is loaded: the CLI builds its SamplingParams first."""
+    with pytest.raises(GenerationError, match=message):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([[1, -5, 3]], "prompt 0 holds token id -5, outside the vocabulary 0..49151"),
+    ([[1, 2], [3, 49152]], "prompt 1 holds token id 49152"),
+    ([[1.0, 2.0]], "prompt 0 must be integer token ids, got dtype float64"),
+    ([np.array([1.7, 2.2])], "must be integer token ids"),
+    ([1, 2, 3], "prompt 0 is a single id; wrap one sequence in a list"),
+    ([[1, 2], []], "prompt 1 has no tokens"),
+    ([[[1, 2]]], r"prompt 0 must be a flat list of token ids, got shape \(1, 2\)"),
+])
+def test_malformed_ids_fail_before_compute(smollm2, ids, message):
+    """Negative ids used to wrap to other tokens, float ids were truncated."""
+    before = compile_count()
+    with pytest.raises(InputError, match=message):
+        _generate_ids(smollm2, ids)
+    assert compile_count() == before

@@ -169,3 +169,98 @@ def test_missing_checkpoint_and_missing_template(tiny_llama, tmp_path):
     model = pvjax.load(folder)
     with pytest.raises(ValueError, match="no chat template"):
         model.chat_text([{"role": "user", "content": "hi"}])
+
+
+@pytest.fixture(scope="module")
+def gguf_bytes(tmp_path_factory):
+    """A small whole GGUF (metadata and two tensors): the embedded file takes the reader seconds."""
+    path = tmp_path_factory.mktemp("gguf") / "small.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(64)
+    w.add_token_list([f"t{i}" for i in range(100)])
+    w.add_tensor("token_embd.weight", np.ones((100, 64), np.float32))
+    w.add_tensor("output_norm.weight", np.ones(64, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = path.read_bytes()
+    assert len(gguf.GGUFReader(str(path)).tensors) == 2
+    return data
+
+
+@pytest.mark.parametrize("cut, message", [
+    (lambda b: b[:10], "truncated or corrupt"),            # inside the header
+    (lambda b: b[:600], "truncated or corrupt"),           # inside the metadata
+    (lambda b: b[:len(b) // 2], "truncated or corrupt"),   # inside the tensor data
+    (lambda b: b[:-100], "truncated or corrupt"),          # the last tensor cut short
+    (lambda b: b"", "not a GGUF file"),
+    (lambda b: b"PK\x03\x04 a zip, say", "not a GGUF file"),
+    (lambda b: b[:4] + bytes(1000), "truncated or corrupt"),  # the magic, then garbage
+])
+def test_cut_or_foreign_gguf_is_named(tmp_path, gguf_bytes, cut, message):
+    """The gguf reader raises reshape, dtype-view and index errors on such files; the user sees
+    one CheckpointError naming the file."""
+    path = tmp_path / "model.gguf"
+    path.write_bytes(cut(gguf_bytes))
+    with pytest.raises(CheckpointError, match=message) as e:
+        pvjax.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_gguf_whose_tensor_data_overruns_the_file_is_truncated(tmp_path, monkeypatch):
+    """A reader that parses (lazily mapped data, as newer gguf versions may do) still gets the
+    size check: every tensor must end inside the file."""
+    from pvjax.loading import gguf_file
+
+    class Tensor:
+        name, data_offset, n_bytes = "token_embd.weight", 90, 20
+
+    class Reader:
+        def __init__(self, path):
+            self.tensors = [Tensor()]
+
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + bytes(96))
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    with pytest.raises(CheckpointError, match=r"truncated: tensor 'token_embd.weight' ends at byte 110, the file has 100"):
+        gguf_file.open_gguf(str(path))
+
+
+def test_folder_mistakes_are_named(tmp_path):
+    (tmp_path / "a.gguf").mkdir()
+    with pytest.raises(CheckpointError, match="is a directory, not a .gguf file"):
+        pvjax.load(tmp_path / "a.gguf")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(CheckpointError, match="is empty"):
+        pvjax.load(empty)
+    (empty / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        pvjax.load(empty)
+    (empty / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="expected a JSON object"):
+        pvjax.load(empty)
+
+
+def test_config_without_weights_and_broken_safetensors(tiny_llama):
+    folder, _ = tiny_llama
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"config.json but no \*.safetensors weights"):
+        pvjax.load(folder)
+    weights.write_bytes(data[:-1000])
+    with pytest.raises(CheckpointError, match=r"is truncated: tensor .* ends at byte"):
+        pvjax.load(folder)
+    weights.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match="truncated or not a safetensors file"):
+        pvjax.load(folder)
+    weights.write_bytes((7).to_bytes(8, "little") + b"garbage" + data[8:])
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        pvjax.load(folder)
+    weights.write_bytes(data)
+    (folder / "model.safetensors.index.json").write_text('{"weights": {}}')
+    with pytest.raises(CheckpointError, match="not a safetensors index"):
+        pvjax.load(folder)

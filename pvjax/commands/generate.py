@@ -12,10 +12,13 @@ paper's monitoring signal, read from the same (steered) run.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from pvjax.errors import UsageError
 
 
 def add_parser(sub):
@@ -33,7 +36,8 @@ def add_parser(sub):
                    help="hidden_states index to steer (repeatable; row l = output of block l)")
     p.add_argument("--coef", type=float, action="append", default=[],
                    help="steering coefficient (repeatable: a sweep, one batch)")
-    p.add_argument("--positions", choices=["all", "prompt", "response"], default="response")
+    p.add_argument("--positions", choices=["all", "prompt", "response"], default=None,
+                   help="where --vector steers (default response)")
     p.add_argument("--ablate", help="direction FILE[:KEY] to project out (CAFT)")
     p.add_argument("--ablate-layer", type=int, action="append", default=[],
                    help="layers for --ablate (default: the --layer values)")
@@ -51,74 +55,140 @@ def add_parser(sub):
 
 
 def read_prompts(args) -> list:
+    """The prompts of `--prompt` and `--prompts-file`, each checked (`pvjax.prompts.prompt_problem`);
+    problems in the file name its line."""
+    from pvjax.prompts import prompt_problem
+
     prompts = list(args.prompt)
     if args.prompts_file:
         path = Path(args.prompts_file)
+        if path.is_dir():
+            raise UsageError(f"--prompts-file {path} is a directory, not a file")
         if not path.is_file():
-            raise SystemExit(f"prompts file {path} does not exist")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+            raise UsageError(f"--prompts-file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             if path.suffix == ".jsonl":
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{n}: not JSON ({e})")
-                if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
-                    raise SystemExit(f"{path}:{n}: expected an object with 'prompt' or 'messages'")
-                prompts.append(row.get("messages") or row["prompt"])
+                prompts.append(_jsonl_prompt(line, f"{path}:{n}"))
             else:
                 prompts.append(line)
     if not prompts:
-        raise SystemExit("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+        raise UsageError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    for i, p in enumerate(prompts[:len(args.prompt)]):
+        problem = prompt_problem(p)
+        if problem:
+            raise UsageError(f"--prompt number {i + 1} {problem}")
     return prompts
 
 
+def _jsonl_prompt(line: str, where: str):
+    from pvjax.prompts import prompt_problem
+
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{where}: not JSON ({e})") from None
+    if not isinstance(row, dict) or not ("prompt" in row or "messages" in row):
+        raise UsageError(f"{where}: expected an object with 'prompt' or 'messages'")
+    field = "messages" if "messages" in row else "prompt"
+    value = row[field]
+    if field == "prompt" and not isinstance(value, str):
+        raise UsageError(f"{where}: 'prompt' must be a string, got {type(value).__name__} "
+                         f"(a conversation goes in 'messages')")
+    if field == "messages" and not isinstance(value, list):
+        raise UsageError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+    problem = prompt_problem(value)
+    if problem:
+        raise UsageError(f"{where}: '{field}' {problem}")
+    return value
+
+
+def check_args(args) -> None:
+    """Every argument that can be judged without the model, so a typo costs no model load."""
+    from pvjax.embedded import EMBEDDED_NAME
+
+    if not args.vector:
+        given = [f for f, v in (("--layer", args.layer and not args.ablate), ("--coef", args.coef),
+                                ("--positions", args.positions)) if v]
+        if given:
+            raise UsageError(f"{', '.join(given)} steer along a vector: pass --vector FILE[:KEY]")
+    elif not args.layer:
+        raise UsageError("--vector needs --layer (a hidden_states index)")
+    if args.ablate_layer and not args.ablate:
+        raise UsageError("--ablate-layer needs --ablate FILE[:KEY] (the direction to project out)")
+    if args.ablate and not (args.ablate_layer or args.layer):
+        raise UsageError("--ablate needs --ablate-layer or --layer")
+    for flag, values in (("--layer", args.layer), ("--ablate-layer", args.ablate_layer)):
+        if any(l < 0 for l in values):
+            raise UsageError(f"{flag} takes hidden_states indices (0 = embeddings), got {min(values)}")
+    bad = [c for c in args.coef if not math.isfinite(c)]
+    if bad:
+        raise UsageError(f"--coef must be finite, got {bad[0]}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in 0..2**32-1, got {args.seed}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.model != EMBEDDED_NAME:
+        path = Path(args.model)
+        if not path.exists():
+            raise UsageError(f"--model {args.model}: no such folder or .gguf file (nor the embedded "
+                             f"model name {EMBEDDED_NAME!r})")
+        if path.is_file() and path.suffix != ".gguf":
+            raise UsageError(f"--model {args.model}: a file must be a .gguf; otherwise pass a "
+                             f"Hugging Face folder (config.json and *.safetensors)")
+
+
 def run(args) -> int:
-    import pvjax
-    from pvjax import interventions as ivs
-    from pvjax.generate import SamplingParams, generate
+    from pvjax.generate import SamplingParams
     from pvjax.vectors import read_vector
 
     prompts = read_prompts(args)
-    if args.vector and not args.layer:
-        raise SystemExit("--vector needs --layer (a hidden_states index)")
-    if args.ablate and not (args.ablate_layer or args.layer):
-        raise SystemExit("--ablate needs --ablate-layer or --layer")
-    model = pvjax.load(args.model, dtype=args.dtype)
-    L, D = model.n_layers + 1, model.hidden_size
-    coefs = args.coef or ([1.0] if args.vector else [0.0])
-    steer, ablate, probes, vector = [], [], None, None
-    try:
-        if args.vector:
-            vector = read_vector(args.vector, model)
-            steer = [(vector, args.layer, np.repeat(coefs, len(prompts)))]
-            rows = vector if vector.ndim == 2 else np.broadcast_to(vector, (L, D))
-            probes = (rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12))[:, None]
-        if args.ablate:
-            ablate = [(read_vector(args.ablate, model), args.ablate_layer or args.layer)]
-        batch = len(prompts) * len(coefs)
-        iv = ivs.build(L, D, steer=steer, ablate=ablate, batch=batch) if (steer or ablate) else None
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    check_args(args)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                               stop=tuple(args.stop))
+    for spec in (args.vector, args.ablate):  # readable, finite, holding the key: before the load
+        if spec:
+            read_vector(spec)
+
+    import pvjax
+    from pvjax import interventions as ivs
+    from pvjax.generate import generate
+
+    model = pvjax.load(args.model, dtype=args.dtype)
+    L, D = model.n_layers + 1, model.hidden_size
+    positions = args.positions or "response"
+    coefs = args.coef or ([1.0] if args.vector else [0.0])
+    steer, ablate, probes, vector = [], [], None, None
+    if args.vector:
+        vector = read_vector(args.vector, model)
+        steer = [(vector, args.layer, np.repeat(coefs, len(prompts)))]
+        rows = vector if vector.ndim == 2 else np.broadcast_to(vector, (L, D))
+        probes = (rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12))[:, None]
+    if args.ablate:
+        ablate = [(read_vector(args.ablate, model), args.ablate_layer or args.layer)]
+    batch = len(prompts) * len(coefs)
+    iv = ivs.build(L, D, steer=steer, ablate=ablate, batch=batch) if (steer or ablate) else None
     g = generate(model, prompts * len(coefs), sampling=sampling, seed=args.seed, system=args.system,
-                 chat=not args.raw, intervention=iv, positions=args.positions, probes=probes,
+                 chat=not args.raw, intervention=iv, positions=positions, probes=probes,
                  batch_size=args.batch_size, progress=len(prompts) * len(coefs) > args.batch_size)
     for i, text in enumerate(g.texts):
         p, c = prompts[i % len(prompts)], coefs[i // len(prompts)]
         row = {"prompt": p, "text": text, "tokens": g.tokens[i], "finish_reason": g.finish_reasons[i]}
         if args.vector:
-            row.update(coef=c, layers=args.layer, positions=args.positions, vector=args.vector,
+            row.update(coef=c, layers=args.layer, positions=positions, vector=args.vector,
                        prompt_last_projection={l: round(float(g.prompt_projections[i][l, -1, 0]), 4)
                                                for l in args.layer})
         if args.json:
             print(json.dumps(row, ensure_ascii=False))
         else:
             head = p if isinstance(p, str) else p[-1]["content"]
-            tag = f"  [coef {c:g} at layer {','.join(map(str, args.layer))}, {args.positions}]" if args.vector else ""
+            tag = f"  [coef {c:g} at layer {','.join(map(str, args.layer))}, {positions}]" if args.vector else ""
             print(f"### {head}{tag}\n{text}\n")
     sys.stdout.flush()
     return 0

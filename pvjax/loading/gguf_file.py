@@ -45,6 +45,8 @@ def gguf_config(reader, name: str) -> ModelConfig:
                           "loader does not read; load the safetensors folder instead")
     vocab = _field(reader, f"{arch}.vocab_size", required=False)
     if vocab is None:
+        if "tokenizer.ggml.tokens" not in reader.fields:
+            raise ConfigError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     eos = _field(reader, "tokenizer.ggml.eos_token_id", required=False)
     return ModelConfig(
@@ -70,14 +72,41 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str | os.PathLike, dtype) -> tuple[ModelConfig, dict, object]:
+def open_gguf(path: str):
+    """A `gguf.GGUFReader` over a file known to be whole: it starts with the GGUF magic bytes, the
+    reader parses it, and every tensor's data lies inside the file. The reader raises assorted
+    errors (reshape, dtype views, struct) on a cut or foreign file; they become one
+    `CheckpointError` that says "not a GGUF file" or "truncated"."""
     import gguf
+
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a directory, not a .gguf file")
+    if not os.path.exists(path):
+        raise CheckpointError(f"GGUF file not found: {path}")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path} is not a GGUF file ({size} bytes, starting {magic!r} "
+                              f"rather than b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader has no error type of its own for a malformed file
+        raise CheckpointError(f"{path} is truncated or corrupt: the GGUF reader cannot parse its "
+                              f"{size} bytes") from e
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise CheckpointError(f"{path} is truncated: tensor {t.name!r} ends at byte {end}, "
+                                  f"the file has {size}")
+    return reader
+
+
+def load_gguf(path: str | os.PathLike, dtype) -> tuple[ModelConfig, dict, object]:
     from gguf import quants
 
     path = str(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"GGUF file not found: {path}")
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
     cfg = gguf_config(reader, os.path.basename(path))
     by_name = {t.name: t for t in reader.tensors}
 

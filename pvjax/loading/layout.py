@@ -15,9 +15,10 @@ from typing import Callable, Iterable
 import numpy as np
 
 from pvjax.config import ModelConfig
+from pvjax.errors import UserError
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not match its config: names the tensor and the file."""
 
 

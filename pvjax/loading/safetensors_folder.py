@@ -31,30 +31,57 @@ _HF_NAMES = {
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Memory-map every tensor of one `.safetensors` file."""
+    """Memory-map every tensor of one `.safetensors` file, after checking that the header parses
+    and that every tensor's bytes lie inside the file and match its shape: a cut download is
+    reported as truncated, not as a reshape error deep in the loader."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{path} is truncated or not a safetensors file: its header claims "
+                                  f"{n} bytes, the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
     base = 8 + n
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    raw = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        out[name] = raw[base + start:base + end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from e
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        if base + end > size:
+            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {base + end}, "
+                                  f"the file has {size}")
+        if end - start != int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize or start < 0:
+            raise CheckpointError(f"{path}: tensor {name!r} holds {end - start} bytes, not the "
+                                  f"{shape} {dtype} its header declares")
+        out[name] = raw[base + start:base + end].view(_DTYPES[dtype]).reshape(shape)
     return out
 
 
 def read_config(folder: Path) -> ModelConfig:
     cfg_path = folder / "config.json"
+    if not any(folder.iterdir()):
+        raise CheckpointError(f"{folder} is empty: a model folder holds config.json and *.safetensors")
     if not cfg_path.exists():
         raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConfigError(f"{cfg_path}: invalid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     return ModelConfig.from_hf(cfg, name=folder.name)
 
 
@@ -64,13 +91,18 @@ def load_folder(folder: str | os.PathLike, dtype) -> tuple[ModelConfig, dict]:
     files = sorted(folder.glob("*.safetensors"))
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        wanted = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            wanted = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a "
+                                  f"'weight_map' of tensor name to file)") from e
         missing = [w for w in wanted if not (folder / w).exists()]
         if missing:
             raise CheckpointError(f"{folder}: shard(s) {missing} listed in {index.name} are missing")
         files = [folder / w for w in wanted]
     if not files:
-        raise CheckpointError(f"{folder}: no *.safetensors files")
+        raise CheckpointError(f"{folder}: config.json but no *.safetensors weights (pvjax reads "
+                              f"safetensors only; .bin and .pt checkpoints are not supported)")
     tensors: dict[str, np.ndarray] = {}
     for f in files:
         tensors.update(read_safetensors(f))

@@ -75,9 +75,9 @@ def load_gguf_tokenizer(path_or_reader):
     from pvjax.loading.gguf_tokenizer import gguf_tokenizer
 
     if isinstance(path_or_reader, (str, os.PathLike)):
-        import gguf
+        from pvjax.loading.gguf_file import open_gguf
 
-        path_or_reader = gguf.GGUFReader(str(path_or_reader))
+        path_or_reader = open_gguf(str(path_or_reader))
     return gguf_tokenizer(path_or_reader)
 
 
