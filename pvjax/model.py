@@ -79,7 +79,7 @@ def load(source: str | os.PathLike, *, dtype=None, tokenizer=None) -> Model:
     if name == EMBEDDED_NAME:
         source = embedded_gguf_path()
     path = Path(source)
-    if path.suffix == ".gguf" and not path.is_dir():
+    if path.suffix == ".gguf":
         from pvjax.loading.gguf_file import load_gguf
 
         cfg, params, reader = load_gguf(path, dtype)
