@@ -216,7 +216,8 @@ def run(cfg, *, progress: bool = True) -> dict:
     if not vec_path.exists():
         diff = pooled_means(model, [p for p, _ in kept]) - pooled_means(model, [n for _, n in kept])
         save_vectors(vec_path, {k: diff[:, i] for i, k in enumerate(KEYS)}, model=model, trait=trait.name,
-                     extra={"counts": counts, "filter": cfg["filter"], "judge": cfg["judge"]["backend"]})
+                     extra={"counts": counts, "filter": cfg["filter"], "judge": cfg["judge"]["backend"],
+                            "provenance": {k: provenance[k] for k in ("answers", "judge", "filter")}})
     from pvjax.vectors import load_vectors
 
     vectors = load_vectors(vec_path, model)[0]

@@ -67,7 +67,9 @@ def stage_provenance(checked) -> dict[str, dict]:
     if cfg["temperature"] > 0:
         answers.update(seed=cfg["seed"], top_p=float(cfg["top_p"]))
     j = cfg["judge"]
-    judge = {"backend": j["backend"], "model": j["model"], "coherence": j["coherence"],
+    # A local judge named "" or "same" is the answering model, which the answers' digest pins.
+    judge_model = "same" if j["backend"] == "local" and j["model"] in ("", "same") else j["model"]
+    judge = {"backend": j["backend"], "model": judge_model, "coherence": j["coherence"],
              "trait_rubric": _digest(trait.eval_prompt), "after": _digest(answers)}
     if j["backend"] == "openai":
         from pvjax.llm.openai_http import DEFAULT_BASE_URL

@@ -98,6 +98,10 @@ def test_run_directory_holds_every_artifact(extraction):
     assert set(tensors) == set(KEYS) and all(v.shape == (31, 576) for v in tensors.values())
     assert meta["trait"] == "evil" and meta["model_id"] == "smollm2-135m-instruct"
     assert '"kept": 2' in meta["counts"]
+    provenance = json.loads(meta["provenance"])  # the vector file says what produced it
+    assert provenance == {k: v for k, v in json.loads((work / "stages.json").read_text())["stages"].items()
+                          if k != "causality"}
+    assert provenance["answers"]["n_pairs"] == 1 and provenance["answers"]["dtype"] == "float32"
     caus = s["causality"]["layers"]["10"] if "10" in s["causality"]["layers"] else s["causality"]["layers"][10]
     assert len(caus["margins"]) == 3
 

@@ -153,3 +153,22 @@ def test_cli_bad_values_are_reported_before_the_workdir_or_model(tmp_path, monke
                     "--config.judge.backend=bogus", "--config.causality.layers=(99,)")
     assert "max_new_tokens" in msg and "judge.backend" in msg and "causality.layers [99]" in msg
     assert not work.exists()
+
+
+def test_the_model_config_is_read_from_metadata_alone(tmp_path):
+    """The same ModelConfig as gguf's own reader gives a load, and a broken file is named as such."""
+    import gguf
+
+    from pvjax.embedded import embedded_gguf_path
+    from pvjax.loading import read_model_config
+    from pvjax.loading.gguf_file import gguf_config
+
+    path = embedded_gguf_path()
+    assert read_model_config("smollm2-135m-instruct") == gguf_config(gguf.GGUFReader(str(path)),
+                                                                     "smollm2-135m-instruct")
+    head = path.read_bytes()[:200_000]
+    for name, blob, expected in (("cut.gguf", head, "truncated GGUF file"),
+                                 ("text.gguf", b"not a model\n" * 10, "not a GGUF file")):
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(InvalidConfig, match=f"model: .*{name}: {expected}"):
+            validate_config(runlocal(tmp_path / "w", model=str(tmp_path / name)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -20,9 +19,10 @@ def read_model_config(source: str | os.PathLike):
     if path.suffix == ".gguf":
         if not path.is_file():
             raise CheckpointError(f"GGUF file not found: {path}")
-        st = path.stat()
-        return _gguf_config(str(path.resolve()), st.st_size, st.st_mtime_ns,
-                            EMBEDDED_NAME if name == EMBEDDED_NAME else path.name)
+        from pvjax.loading.gguf_file import gguf_config
+        from pvjax.loading.gguf_header import read_header
+
+        return gguf_config(read_header(path), EMBEDDED_NAME if name == EMBEDDED_NAME else path.name)
     if path.is_dir():
         from pvjax.loading.safetensors_folder import read_config
 
@@ -31,14 +31,3 @@ def read_model_config(source: str | os.PathLike):
         raise FileNotFoundError(f"model source {name!r} is neither a local folder, a .gguf file, nor "
                                 f"the embedded model name {EMBEDDED_NAME!r}")
     raise ValueError(f"cannot load {name!r}: expected a Hugging Face folder or a .gguf file")
-
-
-@functools.lru_cache(maxsize=8)
-def _gguf_config(path: str, size: int, mtime_ns: int, name: str):
-    """Cached per file version: gguf's reader parses every metadata array (a 49k-token vocabulary
-    takes seconds), and a run checks its model's config more than once."""
-    import gguf
-
-    from pvjax.loading.gguf_file import gguf_config
-
-    return gguf_config(gguf.GGUFReader(path), name)
