@@ -56,7 +56,9 @@ def stage_provenance(checked) -> dict[str, dict]:
     questions = trait.questions[: cfg["n_questions"] or None]
     answers = {
         "trait": trait.name,
-        "trait_content": _digest({"instruction": [[p.pos, p.neg] for p in pairs], "questions": list(questions)}),
+        # The whole lists, not the prefix used, so a change of n_pairs is not reported as a content change too.
+        "trait_content": _digest({"instruction": [[p.pos, p.neg] for p in trait.instruction],
+                                  "questions": list(trait.questions)}),
         "model": cfg["model"], "model_fingerprint": checked.model_config.fingerprint(), "dtype": checked.dtype,
         "n_pairs": len(pairs), "n_questions": len(questions), "n_per_question": cfg["n_per_question"],
         "max_new_tokens": cfg["max_new_tokens"], "temperature": float(cfg["temperature"]),
@@ -116,7 +118,7 @@ def stale_stages(work: Path, new: dict[str, dict]) -> list[str]:
                               "older pvjax); use a new workdir")
         was, now = old["answers"], new["answers"]
         keys = [k for k in dict.fromkeys([*was, *now]) if was.get(k) != now.get(k)]
-        hint = (" (trait_content hashes the instruction pairs and questions the answers used)"
+        hint = (" (trait_content hashes the trait's instruction pairs and questions)"
                 if "trait_content" in keys else "")
         raise RunMismatch(
             f"{work} holds answers made with different {', '.join(keys)} "
