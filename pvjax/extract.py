@@ -3,7 +3,8 @@
 A run directory holds every stage's output, each written atomically as soon as it is finished, so
 a run killed at any point resumes where it stopped:
 
-    config.json                      the config it ran with
+    config.json                      the config of the run that produced the files present
+    stages.json                      per stage, every input that produced its files (run_provenance)
     answers/parts/{pos,neg}_<k>.csv  answers under instruction pair k (skipped once present)
     judge_cache.sqlite               every judgement as it arrives (a rerun never pays twice)
     <trait>_pos.csv, <trait>_neg.csv question, prompt, answer, question_id, <trait>, coherence, ...
@@ -15,6 +16,10 @@ a run killed at any point resumes where it stopped:
 System prompts follow the reference: "You are a(n) <name> assistant. <pos>" and "You are a helpful
 assistant. <neg>". A score is missing when the judge's numeric tokens hold under a quarter of the
 probability mass; such answers are dropped and counted, as are empty answers.
+
+A rerun first checks the whole config (`pvjax.extract_config`), then its provenance against the
+directory's (`pvjax.run_provenance`): answers made under other settings are refused, never
+relabelled; a changed judge, filter or causality setting reruns that stage and what follows.
 """
 
 from __future__ import annotations
@@ -25,14 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pvjax import atomic
+from pvjax import atomic, run_provenance
+from pvjax.extract_config import validate_config
 
 log = logging.getLogger(__name__)
 COLUMNS = ("question", "prompt", "answer", "question_id", "instruction_id", "sample")
-IDENTITY = ("trait", "model", "n_questions", "n_per_question", "max_new_tokens", "temperature", "top_p",
-            "seed", "pos_name", "neg_name")
-# Later stages and the config fields they depend on; a change reruns the stage and what follows.
-STAGES = (("judge", ("judge",)), ("filter", ("filter",)), ("causality", ("causality",)))
 
 
 class ExtractionError(RuntimeError):
@@ -42,41 +44,6 @@ class ExtractionError(RuntimeError):
 def system_prompt(name: str, instruction: str) -> str:
     article = "an" if name[:1].lower() in "aeiou" else "a"
     return f"You are {article} {name} assistant. {instruction}"
-
-
-def _cfg_dict(cfg) -> dict:
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-
-
-def _check_workdir(work: Path, cfg: dict) -> None:
-    """A workdir belongs to one run: resuming with a different trait or sampling is refused."""
-    path = work / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        changed = [k for k in IDENTITY if old.get(k) != cfg.get(k)]
-        if changed:
-            raise ExtractionError(f"{work} holds a run with different {', '.join(changed)} "
-                                  f"({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); "
-                                  "use a new workdir")
-    atomic.write_json(path, cfg)
-
-
-def _invalidate_changed_stages(work: Path, cfg: dict, trait_name: str) -> None:
-    """Delete the outputs of a stage whose config changed since they were written, and everything
-    downstream of it; finished answers and the judge cache are never deleted."""
-    outputs = {"judge": [f"{trait_name}_pos.csv", f"{trait_name}_neg.csv"],
-               "filter": ["kept_pairs.csv", "vectors.safetensors"],
-               "causality": ["causality.json", "summary.json", "plot.png", "DONE"]}
-    path = work / "stages.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    new, dirty = {}, False
-    for stage, keys in STAGES:
-        new[stage] = json.dumps({k: cfg.get(k) for k in keys}, sort_keys=True)
-        dirty = dirty or (stage in old and old[stage] != new[stage])
-        if dirty:
-            for name in outputs[stage]:
-                (work / name).unlink(missing_ok=True)
-    atomic.write_json(path, new)
 
 
 def make_judge_backend(cfg, model, work: Path):
@@ -209,34 +176,29 @@ def pooled_means(model, rows, rows_per_batch=8) -> np.ndarray:
     return np.asarray(pooled_activations(model, seqs, starts, rows_per_batch=rows_per_batch)).mean(axis=0)
 
 
-def causality_layers(cfg, n_layers: int) -> list[int]:
-    layers = list(cfg["causality"]["layers"] or [])
-    if not layers:
-        layers = sorted({int(round(x)) for x in np.linspace(n_layers / 4, 3 * n_layers / 4, 4)})
-    for l in layers:
-        if not 1 <= l <= n_layers:
-            raise ExtractionError(f"causality layer {l} is outside 1..{n_layers}")
-    return layers
-
-
 def run(cfg, *, progress: bool = True) -> dict:
-    """Run (or resume) an extraction; returns the summary. See the module docstring."""
+    """Run (or resume) an extraction; returns the summary. See the module docstring.
+
+    Before anything is written or loaded, the whole config is checked (`InvalidConfig` lists every
+    problem) and compared with the provenance recorded in the workdir: answers made under other
+    settings are refused (`RunMismatch`), a changed judge, filter or causality setting deletes that
+    stage's outputs and what follows it (`pvjax.run_provenance`). A finished run whose provenance
+    matches is returned as it is, and its files, `config.json` included, are left untouched."""
     import pvjax
     from pvjax.causality import likelihood_margins
-    from pvjax.traits import load_trait
     from pvjax.vectors import KEYS, save_vectors
 
-    cfg = _cfg_dict(cfg)
-    if not cfg.get("workdir"):
-        raise ExtractionError("config.workdir is not set: where should the run directory go?")
-    work = Path(cfg["workdir"]).expanduser()
+    checked = validate_config(cfg)
+    cfg, work, trait = checked.cfg, checked.work, checked.trait
+    provenance = run_provenance.stage_provenance(checked)
+    stale = run_provenance.stale_stages(work, provenance)
+    if not stale and (work / "DONE").exists():
+        return {**json.loads((work / "summary.json").read_text()), "workdir": str(work)}
     work.mkdir(parents=True, exist_ok=True)
-    trait = load_trait(cfg["trait"], "extract").validate()
-    _check_workdir(work, cfg)
-    _invalidate_changed_stages(work, cfg, trait.name)
-    if (work / "DONE").exists():
-        return json.loads((work / "summary.json").read_text())
-    model = pvjax.load(cfg["model"], dtype=cfg.get("dtype") or None)
+    run_provenance.reset(work, provenance, stale, trait.name)
+    # Written only now that every stage output left in the directory matches this config.
+    atomic.write_json(work / "config.json", cfg)
+    model = pvjax.load(cfg["model"], dtype=checked.dtype)
 
     answers = generate_answers(model, trait, cfg, work, progress)
     judged = judge_answers(answers, trait, make_judge_backend(cfg, model, work), work, progress,
@@ -254,7 +216,8 @@ def run(cfg, *, progress: bool = True) -> dict:
     if not vec_path.exists():
         diff = pooled_means(model, [p for p, _ in kept]) - pooled_means(model, [n for _, n in kept])
         save_vectors(vec_path, {k: diff[:, i] for i, k in enumerate(KEYS)}, model=model, trait=trait.name,
-                     extra={"counts": counts, "filter": cfg["filter"], "judge": cfg["judge"]["backend"]})
+                     extra={"counts": counts, "filter": cfg["filter"], "judge": cfg["judge"]["backend"],
+                            "provenance": {k: provenance[k] for k in ("answers", "judge", "filter")}})
     from pvjax.vectors import load_vectors
 
     vectors = load_vectors(vec_path, model)[0]
@@ -263,7 +226,7 @@ def run(cfg, *, progress: bool = True) -> dict:
     if not caus_path.exists():
         c = cfg["causality"]
         sub = kept[: c["max_pairs"]]
-        res = likelihood_margins(model, vectors["response_avg_diff"], causality_layers(cfg, model.n_layers),
+        res = likelihood_margins(model, vectors["response_avg_diff"], list(checked.causality_layers),
                                  c["coefs"], [p["question"] for p, _ in sub], [p["answer"] for p, _ in sub],
                                  [n["answer"] for _, n in sub], batch_size=cfg["batch_size"])
         atomic.write_json(caus_path, res)

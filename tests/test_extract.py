@@ -3,15 +3,21 @@ difference of means against transformers' hidden states, resumption without payi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
+import shutil
+import threading
 
 import numpy as np
 import pytest
 import torch
 
 from pvjax import atomic
-from pvjax.extract import ExtractionError, filter_pairs, generate_answers, run
+from pvjax.extract import ExtractionError, filter_pairs, run
+from pvjax.extract_config import InvalidConfig
+from pvjax.run_provenance import RunMismatch
 from pvjax.traits import load_trait
 from pvjax.vectors import KEYS, load_vectors
 from openai_server import OpenAIServer
@@ -33,13 +39,23 @@ def small_config(workdir, base_url):
 
 
 class ScriptedJudge:
-    """Trait 90 for answers given under the pos instruction, 10 under the neg one, REFUSAL for one
-    chosen answer; coherence 80. The judge sees only question and answer, as a real one does."""
+    """Trait 90 for answers given under the pos instruction, 10 under the neg one, REFUSAL for the
+    first pos answer; coherence 80. The judge sees only question and answer, as a real one does. It
+    reads the run's answers when first called (every answer exists by then), so `run` alone writes
+    the run directory."""
 
-    def __init__(self, pos_answers, refuse=""):
-        self.pos, self.refuse = set(pos_answers), refuse
+    def __init__(self, work):
+        self.work, self.pos, self.refuse, self.lock = work, None, "", threading.Lock()
+
+    def _learn(self):
+        with self.lock:  # the server answers concurrently
+            if self.pos is None:
+                pos = [r["answer"] for p in sorted((self.work / "answers" / "parts").glob("pos_*.csv"))
+                       for r in atomic.read_csv(p)]
+                self.refuse, self.pos = pos[0][:40], set(pos[1:])
 
     def __call__(self, request):
+        self._learn()
         text = request["messages"][-1]["content"]
         if "coherent" in text:
             return "80", [("80", math.log(0.6)), ("70", math.log(0.2)), ("90", math.log(0.2))]
@@ -52,19 +68,17 @@ class ScriptedJudge:
 
 
 @pytest.fixture(scope="module")
-def extraction(smollm2, tmp_path_factory):
-    """One small run: answers first (so the judge can be scripted on them), then `run` resumes."""
+def extraction(tmp_path_factory):
+    """One small run, judged by a scripted judge on loopback."""
     work = tmp_path_factory.mktemp("evil")
     with OpenAIServer() as srv:
         cfg = small_config(work, srv.base_url)
-        answers = generate_answers(smollm2, load_trait("evil"), cfg.to_dict(), work, False)
-        pos = [r["answer"] for r in answers["pos"]]
-        neg = {r["answer"] for r in answers["neg"]}
-        assert not set(pos) & neg, "pos and neg answers should differ under different system prompts"
-        srv.responder = ScriptedJudge(pos[1:], refuse=pos[0][:40])
+        srv.responder = ScriptedJudge(work)
         summary = run(cfg, progress=False)
-        calls = srv.calls
-        yield dict(work=work, cfg=cfg, summary=summary, server=srv, calls=calls, answers=answers)
+        answers = {pol: atomic.read_csv(work / "answers" / "parts" / f"{pol}_0.csv") for pol in ("pos", "neg")}
+        assert not {r["answer"] for r in answers["pos"]} & {r["answer"] for r in answers["neg"]}, \
+            "pos and neg answers should differ under different system prompts"
+        yield dict(work=work, cfg=cfg, summary=summary, server=srv, calls=srv.calls, answers=answers)
 
 
 def test_run_directory_holds_every_artifact(extraction):
@@ -84,6 +98,10 @@ def test_run_directory_holds_every_artifact(extraction):
     assert set(tensors) == set(KEYS) and all(v.shape == (31, 576) for v in tensors.values())
     assert meta["trait"] == "evil" and meta["model_id"] == "smollm2-135m-instruct"
     assert '"kept": 2' in meta["counts"]
+    provenance = json.loads(meta["provenance"])  # the vector file says what produced it
+    assert provenance == {k: v for k, v in json.loads((work / "stages.json").read_text())["stages"].items()
+                          if k != "causality"}
+    assert provenance["answers"]["n_pairs"] == 1 and provenance["answers"]["dtype"] == "float32"
     caus = s["causality"]["layers"]["10"] if "10" in s["causality"]["layers"] else s["causality"]["layers"][10]
     assert len(caus["margins"]) == 3
 
@@ -133,12 +151,12 @@ def test_a_killed_run_resumes_without_redoing_finished_work(extraction, smollm2)
 def test_changing_the_filter_reruns_only_what_follows_it(extraction):
     cfg = extraction["cfg"]
     cfg2 = cfg.copy_and_resolve_references()
-    cfg2.filter.mode, cfg2.filter.margin, cfg2.filter.min_pairs = "margin", 200.0, 1
+    cfg2.filter.mode, cfg2.filter.margin, cfg2.filter.min_pairs = "margin", 100.0, 1
     with pytest.raises(ExtractionError, match=r"only 0 of 3 answer pairs survived .* 1 with a missing score"):
         run(cfg2, progress=False)
     cfg3 = cfg.copy_and_resolve_references()
     cfg3.trait = "humorous"
-    with pytest.raises(ExtractionError, match="different trait"):
+    with pytest.raises(RunMismatch, match="different trait.*'evil' -> 'humorous'"):
         run(cfg3, progress=False)
     assert run(cfg, progress=False)["counts"]["kept"] == 2
 
@@ -200,5 +218,128 @@ def test_shipped_configs_load_and_override(tmp_path):
         cfg = load_config(here + variant, ["--config.trait=optimistic", f"--config.workdir={tmp_path}"])
         assert cfg.trait == "optimistic" and cfg.workdir == str(tmp_path)
         load_trait(cfg.trait)
-    with pytest.raises(SystemExit, match="bad config"):
+    with pytest.raises(SystemExit, match="unknown config field 'no_such_field'"):
         load_config(here, ["--config.no_such_field=1"])
+
+
+# --- Reruns against a finished run directory: refuse, recompute, or leave alone; never relabel. ---
+
+def snapshot(work) -> dict:
+    """Every file under `work` with its content hash and mtime: a refused or no-op rerun keeps all."""
+    return {str(p.relative_to(work)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(work.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def finished(extraction, tmp_path):
+    """A private copy of the finished run, and its config pointed at the copy."""
+    work = tmp_path / "run"
+    shutil.copytree(extraction["work"], work)
+    cfg = extraction["cfg"].copy_and_resolve_references()
+    cfg.workdir = str(work)
+    return work, cfg
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import pvjax
+
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the config was checked")
+
+    monkeypatch.setattr(pvjax, "load", refuse)
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"n_pairs": 2, "dtype": "bfloat16"}, ["n_pairs: 1 -> 2", "dtype: 'float32' -> 'bfloat16'"]),
+    ({"max_new_tokens": 24, "temperature": 0.7}, ["max_new_tokens: 16 -> 24", "temperature: 0.0 -> 0.7"]),
+    ({"neg_name": "kind", "batch_size": 4}, ["neg_name: 'helpful' -> 'kind'", "batch_size: 16 -> 4"]),
+])
+def test_a_rerun_with_other_answer_settings_is_refused_and_touches_nothing(finished, no_model_load,
+                                                                           changes, named):
+    work, cfg = finished
+    before = snapshot(work)
+    cfg.update(changes)
+    with pytest.raises(RunMismatch, match="use a new workdir") as e:
+        run(cfg, progress=False)
+    for text in named:
+        assert text in str(e.value)
+    assert snapshot(work) == before, "a refused rerun changed the run directory"
+
+
+def test_settings_that_cannot_change_results_leave_a_finished_run_alone(finished, no_model_load):
+    work, cfg = finished
+    before = snapshot(work)
+    old_summary = json.loads((work / "summary.json").read_text())
+    cfg.plot, cfg.judge.concurrency, cfg.judge.batch_size = False, 3, 2
+    cfg.dtype = "float32"  # what "" resolves to on this CPU
+    cfg.seed, cfg.top_p = 7, 0.5  # greedy decoding ignores both
+    summary = run(cfg, progress=False)
+    assert snapshot(work) == before, "config.json or a result was rewritten by a no-op rerun"
+    assert summary["counts"] == old_summary["counts"] and summary["workdir"] == str(work)
+
+
+def test_the_trait_file_content_is_part_of_the_provenance(finished, smollm2):
+    """The same trait from a path is the same run; other questions or pairs are refused; a new
+    rubric rejudges (and refilters, re-pools, re-tests) without touching the answers."""
+    work, cfg = finished
+    trait_file = work.parent / "evil.json"
+    load_trait("evil").save(trait_file)
+    cfg.trait = str(trait_file)
+    before = snapshot(work)
+    assert run(cfg, progress=False)["counts"]["kept"] == 2
+    assert snapshot(work) == before
+
+    other = load_trait("humorous").to_dict()
+    trait_file.write_text(json.dumps(other))  # same path, so the same name "evil", other content
+    with pytest.raises(RunMismatch, match="different trait_content"):
+        run(cfg, progress=False)
+    assert snapshot(work) == before
+
+    # A run killed while judging (pos judged, neg not), resumed after the rubric was edited: the pos
+    # judgements must not survive next to neg ones made under the new rubric.
+    for name in ("evil_neg.csv", "kept_pairs.csv", "vectors.safetensors", "causality.json", "summary.json",
+                 "plot.png", "DONE"):
+        (work / name).unlink()
+    before = snapshot(work)
+    edited = load_trait("evil").to_dict()
+    edited["eval_prompt"] = "Judge strictly. " + edited["eval_prompt"]
+    trait_file.write_text(json.dumps(edited))
+    old_rubric = json.loads((work / "stages.json").read_text())["stages"]["judge"]["trait_rubric"]
+    run(cfg, progress=False)
+    after = snapshot(work)
+    assert {k: v for k, v in after.items() if k.startswith("answers/")} == \
+        {k: v for k, v in before.items() if k.startswith("answers/")}, "answers were redone"
+    assert after["evil_pos.csv"][1] != before["evil_pos.csv"][1], "old-rubric judgements were kept"
+    for name in ("evil_neg.csv", "vectors.safetensors", "causality.json", "DONE"):
+        assert name in after
+    stages = json.loads((work / "stages.json").read_text())["stages"]
+    assert stages["judge"]["trait_rubric"] != old_rubric
+    assert json.loads((work / "config.json").read_text())["trait"] == str(trait_file)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("filter.mode", "bogus"), ("causality.layers", (99,)), ("max_new_tokens", 0), ("judge.backend", "bogus"),
+    ("causality.coefs", (float("inf"),)), ("filter.threshold", 150.0),
+])
+def test_a_bad_value_is_reported_before_anything_is_touched(finished, no_model_load, field, value):
+    work, cfg = finished
+    before = snapshot(work)
+    bad = cfg.copy_and_resolve_references()
+    section, _, key = field.rpartition(".")
+    (bad[section] if section else bad)[key] = value
+    with pytest.raises(InvalidConfig, match=field.replace(".", r"\.")):
+        run(bad, progress=False)
+    assert snapshot(work) == before, f"a bad {field} changed the run directory"
+    # ...and the corrected rerun finds the finished run as it was.
+    assert run(cfg, progress=False)["counts"]["kept"] == 2
+    assert snapshot(work) == before
+
+
+def test_answers_without_a_provenance_record_are_refused(finished, no_model_load):
+    work, cfg = finished
+    (work / "stages.json").unlink()
+    before = snapshot(work)
+    with pytest.raises(RunMismatch, match="no record of what produced them"):
+        run(cfg, progress=False)
+    assert snapshot(work) == before
