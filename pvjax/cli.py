@@ -1,8 +1,8 @@
 """The `pvjax` command line. Each subcommand lives in `pvjax/commands/<name>.py` and exposes
 `add_parser(subparsers)` returning its parser with `func` set; imports stay lazy so `--help` is fast.
 
-Errors: a user mistake (any `pvjax.errors.UserError`, an extraction config error, or a path that
-does not exist or is a directory) prints one line, `pvjax <command>: error: <message>`, on stderr
+Errors: a user mistake (any `pvjax.errors.UserError`, or a path that does not exist or is a
+directory) prints one line, `pvjax <command>: error: <message>`, on stderr
 and exits with status 2, as argparse does for bad arguments. Anything else is a bug and keeps its
 traceback; `PVJAX_DEBUG=1` shows the traceback for user mistakes too.
 """
@@ -29,13 +29,8 @@ class _Parser(argparse.ArgumentParser):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception classes that mean "the input is wrong", not "pvjax is wrong". Path errors
-    count: pvjax opens no file the user did not name. `ExtractionError` is looked up only once
-    `pvjax.extract` is imported, which it must be for one to have been raised."""
-    classes = [UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError]
-    extract = sys.modules.get("pvjax.extract")
-    if extract is not None and hasattr(extract, "ExtractionError"):
-        classes.append(extract.ExtractionError)
-    return tuple(classes)
+    count: pvjax opens no file the user did not name."""
+    return (UserError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
 
 
 def main(argv=None) -> int:

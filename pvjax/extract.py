@@ -31,13 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from pvjax import atomic, run_provenance
+from pvjax.errors import UserError
 from pvjax.extract_config import validate_config
 
 log = logging.getLogger(__name__)
 COLUMNS = ("question", "prompt", "answer", "question_id", "instruction_id", "sample")
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(UserError, RuntimeError):
     """A run that cannot go on; the message says what to change."""
 
 

@@ -16,12 +16,14 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from pvjax.errors import UserError
+
 DTYPES = ("", "float32", "bfloat16")
 JUDGE_BACKENDS = ("openai", "local")
 FILTER_MODES = ("threshold", "margin")
 
 
-class InvalidConfig(ValueError):
+class InvalidConfig(UserError, ValueError):
     """One or more bad config fields; the message lists them all."""
 
 

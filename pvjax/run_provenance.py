@@ -27,12 +27,13 @@ import os
 from pathlib import Path
 
 from pvjax import atomic
+from pvjax.errors import UserError
 
 FORMAT = 1
 STAGES = ("answers", "judge", "filter", "causality")
 
 
-class RunMismatch(ValueError):
+class RunMismatch(UserError, ValueError):
     """The workdir holds answers made under other settings; the message names them."""
 
 

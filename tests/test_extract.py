@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pvjax import atomic
+from pvjax.errors import UsageError
 from pvjax.extract import ExtractionError, filter_pairs, run
 from pvjax.extract_config import InvalidConfig
 from pvjax.run_provenance import RunMismatch
@@ -218,7 +219,7 @@ def test_shipped_configs_load_and_override(tmp_path):
         cfg = load_config(here + variant, ["--config.trait=optimistic", f"--config.workdir={tmp_path}"])
         assert cfg.trait == "optimistic" and cfg.workdir == str(tmp_path)
         load_trait(cfg.trait)
-    with pytest.raises(SystemExit, match="unknown config field 'no_such_field'"):
+    with pytest.raises(UsageError, match="unknown config field 'no_such_field'"):
         load_config(here, ["--config.no_such_field=1"])
 
 

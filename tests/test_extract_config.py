@@ -113,20 +113,25 @@ def test_a_workdir_that_is_a_file_or_under_one(tmp_path):
 
 # --- The command line: one line naming the problem, non-zero exit, no traceback, no model load. ---
 
-def cli_error(*argv) -> str:
+@pytest.fixture
+def cli_error(capsys):
+    """The one line `pvjax extract ARGV` prints on stderr, asserting it exits with status 2."""
     from pvjax.cli import main
 
-    with pytest.raises(SystemExit) as e:
-        main(["extract", *argv])
-    msg = str(e.value.code)
-    assert e.value.code not in (0, None) and "\n" not in msg and "Traceback" not in msg
-    return msg
+    def run(*argv) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(["extract", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        return err.removeprefix("pvjax extract: error: ")
+
+    return run
 
 
 CONFIG = "configs/extract.py:runlocal"
 
 
-def test_cli_config_file_mistakes(tmp_path, monkeypatch):
+def test_cli_config_file_mistakes(tmp_path, monkeypatch, cli_error):
     import os
 
     monkeypatch.chdir(os.path.join(os.path.dirname(__file__), ".."))
@@ -141,7 +146,7 @@ def test_cli_config_file_mistakes(tmp_path, monkeypatch):
     assert "--config.n_pairs=abc" in cli_error("--config", CONFIG, "--config.n_pairs=abc")
 
 
-def test_cli_bad_values_are_reported_before_the_workdir_or_model(tmp_path, monkeypatch):
+def test_cli_bad_values_are_reported_before_the_workdir_or_model(tmp_path, monkeypatch, cli_error):
     import os
 
     monkeypatch.chdir(os.path.join(os.path.dirname(__file__), ".."))

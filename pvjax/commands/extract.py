@@ -10,6 +10,8 @@ import json
 import logging
 from pathlib import Path
 
+from pvjax.errors import UsageError
+
 
 def add_parser(sub):
     p = sub.add_parser("extract", help="extract persona vectors for a trait (config-driven)",
@@ -24,21 +26,21 @@ def load_config(path: str, overrides: list[str]):
     """Load a `get_config(arg)` file and apply `--config.a.b=value` overrides through absl flags,
     exactly as `ml_collections.config_flags` does for scripts. Every mistake (a missing file, a
     folder, a file that fails to run, an unknown field, a value of the wrong type) exits with one
-    line naming it; nothing here loads a model."""
+    line naming it (a `UsageError`); nothing here loads a model."""
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
-        raise SystemExit(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.trait=evil)")
+        raise UsageError(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.trait=evil)")
     file = Path(path.split(":", 1)[0])
     if not file.exists():
-        raise SystemExit(f"config file {str(file)!r} not found (e.g. configs/extract.py:runlocal)")
+        raise UsageError(f"config file {str(file)!r} not found (e.g. configs/extract.py:runlocal)")
     if not file.is_file():
-        raise SystemExit(f"config {str(file)!r} is a directory, not a config file "
+        raise UsageError(f"config {str(file)!r} is a directory, not a config file "
                          "(e.g. configs/extract.py:runlocal)")
     known = _flat_keys(_parse(path, []).to_dict())
     for o in overrides:
         key = o[len("--config."):].split("=", 1)[0]
         if key not in known:
-            raise SystemExit(f"unknown config field {key!r} (known: {', '.join(known)})")
+            raise UsageError(f"unknown config field {key!r} (known: {', '.join(known)})")
     return _parse(path, overrides)
 
 
@@ -59,10 +61,10 @@ def _parse(path: str, overrides: list[str]):
         fv(argv)
         return fv.config
     except flags.Error as e:
-        raise SystemExit(f"bad config override: {e}")
+        raise UsageError(f"bad config override: {e}") from None
     except Exception as e:  # whatever the config file itself raised while it ran
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SystemExit(f"cannot load config file {path!r}: {type(e).__name__}: {first}")
+        raise UsageError(f"cannot load config file {path!r}: {type(e).__name__}: {first}")
 
 
 def run(args) -> int:
@@ -74,7 +76,7 @@ def run(args) -> int:
     try:
         summary = extract(cfg, progress=not args.quiet)
     except (ExtractionError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise UsageError(f"error: {e}")
     c = summary["counts"]
     print(f"kept {c['kept']} of {c['pairs']} pairs; vectors in {summary['workdir']}/vectors.safetensors")
     for layer, r in summary["causality"]["layers"].items():
