@@ -123,6 +123,7 @@ def cli_error(capsys):
             main(["extract", *argv])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith("pvjax extract: error: ") and "error: error:" not in err, err
         return err.removeprefix("pvjax extract: error: ")
 
     return run

@@ -117,8 +117,9 @@ def test_cli_new_writes_splits_and_reruns_from_cache(tmp_path, capsys, monkeypat
         assert main(argv) == 0
         assert srv.calls == 1
         assert (tmp_path / "cache" / "llm.sqlite").is_file()
-        assert main(argv) == 1  # refuses to overwrite
-        assert "--force" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as e:  # refuses to overwrite: a user error, one line
+            main(argv)
+        assert e.value.code == 2 and "--force" in capsys.readouterr().err
         assert main(argv + ["--force"]) == 0
         assert srv.calls == 1  # answered from the cache
         assert "Authorization" not in srv.requests[0]["headers"]
@@ -145,5 +146,7 @@ def test_cli_list_and_show_errors(capsys):
 
     assert main(["traits", "list"]) == 0
     assert capsys.readouterr().out.split() == shipped_traits()
-    assert main(["traits", "show", "no_such_trait_xyz"]) == 1
-    assert "no_such_trait_xyz" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["traits", "show", "no_such_trait_xyz"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("pvjax traits: error: ") and "no_such_trait_xyz" in err

@@ -68,15 +68,11 @@ def _parse(path: str, overrides: list[str]):
 
 
 def run(args) -> int:
-    from pvjax.extract import ExtractionError
     from pvjax.extract import run as extract
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = load_config(args.config, args.extra)
-    try:
-        summary = extract(cfg, progress=not args.quiet)
-    except (ExtractionError, ValueError) as e:
-        raise UsageError(f"error: {e}")
+    summary = extract(cfg, progress=not args.quiet)  # its UserErrors reach the CLI's one-line report
     c = summary["counts"]
     print(f"kept {c['kept']} of {c['pairs']} pairs; vectors in {summary['workdir']}/vectors.safetensors")
     for layer, r in summary["causality"]["layers"].items():

@@ -13,6 +13,8 @@ import re
 import sys
 from pathlib import Path
 
+from pvjax.errors import UsageError
+
 DEFAULT_MODEL = "gpt-4.1-mini"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -72,13 +74,9 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from pvjax.traits import TraitError, load_trait
+    from pvjax.traits import load_trait
 
-    try:
-        trait = load_trait(args.name, args.split)
-    except TraitError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    trait = load_trait(args.name, args.split)  # a TraitError is a user error: one line, status 2
     print(json.dumps(trait.to_dict(), indent=2, ensure_ascii=False))
     return 0
 
@@ -88,15 +86,13 @@ def cmd_new(args) -> int:
     from pvjax.trait_gen import TraitGenError, generate_trait
 
     if not _NAME.fullmatch(args.name):
-        print(f"error: trait name {args.name!r} must be letters, digits, '_', '-' or '.'", file=sys.stderr)
-        return 2
+        raise UsageError(f"trait name {args.name!r} must be letters, digits, '_', '-' or '.'")
     folder = args.out / args.name
     targets = [folder / "extract.json", folder / "eval.json"]
     existing = [str(t) for t in targets if t.exists()]
     # Checked before any API call, so a mistyped name does not cost a generation.
     if existing and not args.force:
-        print(f"error: {', '.join(existing)} already exist(s); pass --force to overwrite", file=sys.stderr)
-        return 1
+        raise UsageError(f"{', '.join(existing)} already exist(s); pass --force to overwrite")
     api_key = os.environ.get(args.api_key_env) or None
     backend = OpenAIChat(args.model, base_url=args.base_url, api_key=api_key)
     cache_path = args.cache or default_cache_path()
@@ -105,8 +101,8 @@ def cmd_new(args) -> int:
             extract, eval_ = generate_trait(CachedBackend(backend, cache), args.name, args.description,
                                             n_pairs=args.pairs, n_questions=args.questions,
                                             max_attempts=args.max_attempts, temperature=args.temperature)
-        except (LLMError, TraitGenError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (LLMError, TraitGenError, ValueError) as e:  # the server or the model failed, not the user
+            print(f"pvjax traits: error: {e}", file=sys.stderr)
             return 1
     folder.mkdir(parents=True, exist_ok=True)
     extract.save(targets[0])
