@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
     c.plot = True
 
     c.judge = ml_collections.ConfigDict()
-    c.judge.backend = "openai"  # or "local": a pvjax model judges
+    c.judge.backend = "openai"  # or "local": a pvjax model judges; "none": no judge (contrast/none filters)
     c.judge.model = "gpt-4.1-mini"  # for local: "same" (the answering model) or a model source
     c.judge.base_url = ""  # default: $OPENAI_BASE_URL or api.openai.com
     c.judge.concurrency = 8
@@ -40,10 +40,14 @@ def get_config(arg: str = ""):
     c.judge.numeric_only = False  # local judges: constrain the answer token to numbers
 
     c.filter = ml_collections.ConfigDict()
-    c.filter.mode = "threshold"  # the reference's rule; "margin" for weak judges
+    # "threshold": the reference's rule on judge scores; "margin": pos - neg judge score, for weak
+    # judges; "contrast": judge-free, pos - neg contrast score (log-likelihood of the answer under the
+    # pos vs the neg system prompt, nats/token) >= contrast_margin; "none": every non-empty pair.
+    c.filter.mode = "threshold"
     c.filter.threshold = 50.0
     c.filter.coherence = 50.0
     c.filter.margin = 10.0
+    c.filter.contrast_margin = 0.1  # nats per token, filter.mode="contrast"
     c.filter.min_pairs = 5
 
     c.causality = ml_collections.ConfigDict()
