@@ -71,7 +71,7 @@ def test_every_problem_is_reported_at_once_and_nothing_is_written(tmp_path):
 @pytest.mark.parametrize("changes, expected", [
     ({"n_pairs": 9}, "n_pairs=9 but trait 'humorous' has only 5 instruction pairs"),
     ({"n_questions": 50}, "n_questions=50 but trait 'humorous' has only 20 questions"),
-    ({"filter__min_pairs": 13}, "filter.min_pairs=13 exceeds the 12 answer pairs"),
+    ({"filter__min_pairs": 13, "n_per_question": 1}, "filter.min_pairs=13 exceeds the 12 answer pairs"),
     ({"filter__coherence": 50.0, "judge__backend": "local"},
      "filter.coherence=50 needs coherence scores, but judge.coherence is False"),
     ({"trait": "nosuch"}, "trait: no shipped trait 'nosuch'"),
