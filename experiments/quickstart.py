@@ -3,8 +3,9 @@
     python experiments/quickstart.py [--trait humorous] [--workdir runs/quickstart]
 
 1. Extract a persona vector: the model answers a few questions under trait and anti-trait system
-   prompts, judges its own answers (a weak local judge, so pairs are kept by margin), and the
-   vector at every layer is the difference of mean activations (configs/extract.py:runlocal).
+   prompts, keeps the pairs whose trait answer it finds clearly likelier under the trait prompt than
+   its anti-trait twin (the judge-free contrast filter: no judge), and the vector at every layer is
+   the difference of mean activations (configs/extract.py:runlocal).
 2. Check that it is causal without a judge: steering raises the likelihood of the trait answers.
 3. Answer a new question unsteered, steered and over-steered, in one batch (a row per coefficient).
 
@@ -49,7 +50,7 @@ def main():
     summary = run(cfg)
     c = summary["counts"]
     print(f"      kept {c['kept']} of {c['pairs']} answer pairs "
-          f"({c['missing_score']} unscored, {c['failed_filter']} below the margin)")
+          f"({c['failed_filter']} below the margin, {c['empty']} with an empty answer)")
 
     layers = summary["causality"]["layers"]
     best = max(layers, key=lambda l: layers[l]["slope"])

@@ -8,6 +8,9 @@ a run killed at any point resumes where it stopped:
     answers/parts/{pos,neg}_<k>.csv  answers under instruction pair k (skipped once present)
     judge_cache.sqlite               every judgement as it arrives (a rerun never pays twice)
     <trait>_pos.csv, <trait>_neg.csv question, prompt, answer, question_id, <trait>, coherence, ...
+    contrast_scores.csv              filter.mode=contrast: per answer, its mean per-token log-likelihood
+                                     under the pos and the neg system prompt and their difference
+    scores.csv                       filter.mode=contrast: judge and contrast scores side by side
     kept_pairs.csv                   the pairs that passed the filter
     vectors.safetensors              response_avg_diff, prompt_avg_diff, prompt_last_diff [L, D]
     causality.json, summary.json, plot.png
@@ -15,7 +18,16 @@ a run killed at any point resumes where it stopped:
 
 System prompts follow the reference: "You are a(n) <name> assistant. <pos>" and "You are a helpful
 assistant. <neg>". A score is missing when the judge's numeric tokens hold under a quarter of the
-probability mass; such answers are dropped and counted, as are empty answers.
+probability mass; such answers are dropped and counted, as are empty answers and questions whose
+prompt does not fit the model's context with `max_new_tokens` (never sent to the model).
+
+Filters (`filter.mode`): `threshold` and `margin` read the judge's scores; `contrast` needs no judge:
+an answer's contrast score is its mean per-token log-likelihood given (pos system prompt, question)
+minus given (neg system prompt, question), computed by the answering model in batched forwards (no
+generation), and a pair is kept when its pos answer's score exceeds its neg answer's by at least
+`filter.contrast_margin` (nats per token); `none` keeps every non-empty pair. With a judge and the
+contrast filter, both scores are recorded per answer and their Spearman rank correlation lands in
+`summary.json` (`agreement`).
 
 A rerun first checks the whole config (`pvjax.extract_config`), then its provenance against the
 directory's (`pvjax.run_provenance`): answers made under other settings are refused, never
@@ -61,13 +73,15 @@ def make_judge_backend(cfg, model, work: Path):
         from pvjax.llm.openai_http import OpenAIChat
 
         inner = OpenAIChat(j["model"], j.get("base_url") or None, concurrency=j.get("concurrency", 8))
+    elif j["backend"] == "none":
+        return None
     else:
-        raise ExtractionError(f"judge.backend must be 'local' or 'openai', got {j['backend']!r}")
+        raise ExtractionError(f"judge.backend must be 'local', 'openai' or 'none', got {j['backend']!r}")
     return CachedBackend(inner, ChatCache(work / "judge_cache.sqlite"))
 
 
 def generate_answers(model, trait, cfg, work: Path, progress: bool) -> dict[str, list[dict]]:
-    from pvjax.generate import SamplingParams, generate
+    from pvjax.generate import SamplingParams, generate, render_prompts
 
     questions = list(trait.questions[: cfg["n_questions"] or None])
     pairs = list(trait.instruction[: cfg["n_pairs"] or None])
@@ -82,11 +96,22 @@ def generate_answers(model, trait, cfg, work: Path, progress: bool) -> dict[str,
             if not part.exists():
                 system = system_prompt(names[pol], pair.pos if pol == "pos" else pair.neg)
                 prompts = [q for q in questions for _ in range(n)]
-                log.info("answering %d prompts under %s instruction %d", len(prompts), pol, k)
-                g = generate(model, prompts, system=system, sampling=sampling,
-                             seed=cfg["seed"] * 1000 + pol_i * 100 + k, batch_size=cfg["batch_size"],
-                             progress=progress)
-                rows = [{"question": q, "prompt": g.prompts[i], "answer": g.texts[i],
+                texts = render_prompts(model, prompts, system=system)
+                # A prompt that cannot fit the context with max_new_tokens is never sent to the model:
+                # its answer stays empty, and the filter counts it as too long.
+                fits = [i for i, t in enumerate(texts) if prompt_fits(model, t, cfg["max_new_tokens"])]
+                answers = [""] * len(prompts)
+                log.info("answering %d prompts under %s instruction %d (%d too long)", len(fits), pol, k,
+                         len(prompts) - len(fits))
+                if fits:
+                    # Sample i of a question draws from its own key (generate folds the prompt index
+                    # into the seed), so the n samples differ and the same seed repeats them.
+                    g = generate(model, [prompts[i] for i in fits], system=system, sampling=sampling,
+                                 seed=cfg["seed"] * 1000 + pol_i * 100 + k, batch_size=cfg["batch_size"],
+                                 progress=progress)
+                    for i, text in zip(fits, g.texts):
+                        answers[i] = text
+                rows = [{"question": q, "prompt": texts[i], "answer": answers[i],
                          "question_id": f"{trait.name}_{i // n}", "instruction_id": k, "sample": i % n}
                         for i, q in enumerate(prompts)]
                 atomic.write_csv(part, rows, COLUMNS)
@@ -94,19 +119,29 @@ def generate_answers(model, trait, cfg, work: Path, progress: bool) -> dict[str,
     return out
 
 
+def _n_tokens(model, text: str) -> int:
+    return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_fits(model, prompt: str, max_new_tokens: int) -> bool:
+    """Whether a rendered prompt leaves room for `max_new_tokens` in the model's context."""
+    return _n_tokens(model, prompt) + max_new_tokens <= model.config.max_position_embeddings
+
+
 def judge_answers(answers, trait, backend, work: Path, progress: bool,
                   coherence: bool = True) -> dict[str, list[dict]]:
-    """Trait and (unless switched off) coherence scores for every non-empty answer."""
+    """Trait and (unless switched off) coherence scores for every non-empty answer; with no judge
+    (`backend` None, `judge.backend='none'`) the files hold the answers with empty scores."""
     from pvjax.judges import COHERENCE_RUBRIC, Judge
 
     judged = {}
     for pol, rows in answers.items():
         path = work / f"{trait.name}_{pol}.csv"
         if not path.exists():
-            live = [r for r in rows if r["answer"].strip()]
+            live = [r for r in rows if r["answer"].strip()] if backend is not None else []
             pairs = [(r["question"], r["answer"]) for r in live]
-            scores = Judge(backend, trait.eval_prompt).score(pairs, progress=progress)
-            coh = (Judge(backend, COHERENCE_RUBRIC).score(pairs, progress=progress) if coherence
+            scores = Judge(backend, trait.eval_prompt).score(pairs, progress=progress) if live else []
+            coh = (Judge(backend, COHERENCE_RUBRIC).score(pairs, progress=progress) if coherence and live
                    else [None] * len(pairs))
             for r, s, c in zip(live, scores, coh):
                 r[trait.name], r["coherence"] = s, c
@@ -115,54 +150,173 @@ def judge_answers(answers, trait, backend, work: Path, progress: bool,
     return judged
 
 
+CONTRAST_COLUMNS = ("polarity", "instruction_id", "question_id", "sample", "logprob_pos", "logprob_neg",
+                    "contrast")
+
+
+def _key(r) -> tuple[str, str, str]:
+    return (str(r["instruction_id"]), str(r["question_id"]), str(r["sample"]))
+
+
+def contrast_scores(model, answers, work: Path, batch_size: int = 8) -> dict[tuple, float]:
+    """The contrast score of every non-empty answer that has a twin, keyed `(polarity, instruction_id,
+    question_id, sample)`: mean per-token log-likelihood of the answer after the pos prompt minus after
+    the neg prompt of the same instruction pair and question (the prompts the answers were generated
+    from, chat template included). Written to `contrast_scores.csv` and read back from it on a rerun.
+
+    An answer whose prompt + answer does not fit the context (padded to the forward's 64-token
+    buckets) gets no score (the filter counts it as too long) and never reaches the forward."""
+    from pvjax.causality import answer_logprobs
+
+    path = work / "contrast_scores.csv"
+    if not path.exists():
+        prompts = {pol: {_key(r): r["prompt"] for r in rows} for pol, rows in answers.items()}
+        ctx = model.config.max_position_embeddings
+        todo = []  # (polarity, key, answer, pos prompt, neg prompt, tokens)
+        for pol, rows in answers.items():
+            for r in rows:
+                k = _key(r)
+                if not r["answer"].strip() or k not in prompts["pos"] or k not in prompts["neg"]:
+                    continue
+                longest = max(_n_tokens(model, prompts[side][k] + r["answer"]) for side in ("pos", "neg"))
+                if -(-longest // 64) * 64 <= ctx:
+                    todo.append((pol, k, r["answer"], prompts["pos"][k], prompts["neg"][k], longest))
+        out = []
+        # Similar lengths share a call, so each call pads only to its own longest sequence.
+        todo.sort(key=lambda t: t[-1])
+        step = 4 * batch_size
+        for s in range(0, len(todo), step):
+            chunk = todo[s:s + step]
+            lp = answer_logprobs(model, [t[3] for t in chunk] + [t[4] for t in chunk], [t[2] for t in chunk] * 2,
+                                 batch_size=batch_size)[0]
+            n = len(chunk)
+            for i, (pol, k, *_rest) in enumerate(chunk):
+                out.append({"polarity": pol, "instruction_id": k[0], "question_id": k[1], "sample": k[2],
+                            "logprob_pos": float(lp[i]), "logprob_neg": float(lp[n + i]),
+                            "contrast": float(lp[i] - lp[n + i])})
+        atomic.write_csv(path, out, CONTRAST_COLUMNS)
+    return {(r["polarity"], *_key(r)): float(r["contrast"]) for r in atomic.read_csv(path)}
+
+
 def _score(row, key):
     v = row.get(key, "")
     return None if v in ("", None) else float(v)
 
 
-def filter_pairs(judged, trait_name: str, f) -> tuple[list[tuple[dict, dict]], dict]:
+def _rule(f) -> str:
+    if f["mode"] == "threshold":
+        return f"pos >= {f['threshold']}, neg < {100 - f['threshold']}"
+    if f["mode"] == "margin":
+        return f"pos - neg >= {f['margin']}"
+    if f["mode"] == "contrast":
+        return f"pos contrast - neg contrast >= {f['contrast_margin']} nats/token"
+    return "every non-empty pair"
+
+
+def filter_pairs(judged, trait_name: str, f, contrast: dict | None = None,
+                 too_long: frozenset = frozenset()) -> tuple[list[tuple[dict, dict]], dict]:
     """Pair pos and neg answers by (instruction, question, sample) and keep the pairs that really
     differ: `threshold` mode is the reference's rule (pos trait >= T, neg trait < 100 - T, both
     coherence >= C); `margin` mode, for weak judges, asks pos trait - neg trait >= margin and both
-    coherence >= C. Returns the kept pairs and counts of what was dropped and why."""
-    key = lambda r: (r["instruction_id"], r["question_id"], r["sample"])
-    neg = {key(r): r for r in judged["neg"]}
-    counts = {"pairs": 0, "empty": 0, "missing_score": 0, "failed_filter": 0, "kept": 0}
+    coherence >= C; `contrast` mode (no judge needed) asks pos contrast - neg contrast >=
+    contrast_margin, with `contrast` the scores of `contrast_scores`; `none` keeps every non-empty
+    pair. Coherence >= C applies in every mode when C > 0. `too_long` holds the keys of pairs whose
+    prompt did not fit the context. Returns the kept pairs and counts of what was dropped and why."""
+    if f["mode"] not in ("threshold", "margin", "contrast", "none"):
+        raise ExtractionError(f"filter.mode must be 'threshold', 'margin', 'contrast' or 'none', got {f['mode']!r}")
+    if f["mode"] == "contrast" and contrast is None:
+        raise ExtractionError("filter.mode='contrast' needs contrast scores")
+    neg = {_key(r): r for r in judged["neg"]}
+    counts = {"pairs": 0, "too_long": 0, "empty": 0, "empty_pos": 0, "empty_neg": 0, "missing_score": 0,
+              "failed_filter": 0, "kept": 0}
     kept = []
     for p in judged["pos"]:
-        n = neg.get(key(p))
+        k = _key(p)
+        n = neg.get(k)
         if n is None:
             continue
         counts["pairs"] += 1
-        if not p["answer"].strip() or not n["answer"].strip():
-            counts["empty"] += 1
+        if k in too_long:
+            counts["too_long"] += 1
             continue
-        ps, ns = _score(p, trait_name), _score(n, trait_name)
+        pe, ne = not p["answer"].strip(), not n["answer"].strip()
+        if pe or ne:
+            counts["empty"] += 1
+            counts["empty_pos"] += pe
+            counts["empty_neg"] += ne
+            continue
         pc, nc = _score(p, "coherence"), _score(n, "coherence")
+        if f["mode"] in ("threshold", "margin"):
+            ps, ns = _score(p, trait_name), _score(n, trait_name)
+        elif f["mode"] == "contrast":
+            ps, ns = contrast.get(("pos", *k)), contrast.get(("neg", *k))
+            if ps is None or ns is None:  # only an answer that does not fit the context has none
+                counts["too_long"] += 1
+                continue
+        else:
+            ps = ns = 0.0
         if None in (ps, ns) or (f["coherence"] > 0 and None in (pc, nc)):
             counts["missing_score"] += 1
             continue
         coherent = f["coherence"] <= 0 or (pc >= f["coherence"] and nc >= f["coherence"])
         if f["mode"] == "threshold":
-            ok = ps >= f["threshold"] and ns < 100 - f["threshold"] and coherent
+            ok = ps >= f["threshold"] and ns < 100 - f["threshold"]
         elif f["mode"] == "margin":
-            ok = ps - ns >= f["margin"] and coherent
+            ok = ps - ns >= f["margin"]
+        elif f["mode"] == "contrast":
+            ok = ps - ns >= f["contrast_margin"]
         else:
-            raise ExtractionError(f"filter.mode must be 'threshold' or 'margin', got {f['mode']!r}")
-        if ok:
+            ok = True
+        if ok and coherent:
             kept.append((p, n))
         else:
             counts["failed_filter"] += 1
     counts["kept"] = len(kept)
     if len(kept) < f["min_pairs"]:
-        rule = (f"pos >= {f['threshold']}, neg < {100 - f['threshold']}" if f["mode"] == "threshold"
-                else f"pos - neg >= {f['margin']}")
         raise ExtractionError(
-            f"only {len(kept)} of {counts['pairs']} answer pairs survived the filter ({f['mode']}: {rule}, "
-            f"coherence >= {f['coherence']}; {counts['empty']} empty, {counts['missing_score']} with a "
-            f"missing score, {counts['failed_filter']} failed the rule); need {f['min_pairs']}. Use more "
-            "questions or samples, a stronger judge, or filter.mode='margin' with a smaller margin")
+            f"only {len(kept)} of {counts['pairs']} answer pairs survived the filter ({f['mode']}: {_rule(f)}, "
+            f"coherence >= {f['coherence']}; {counts['too_long']} too long for the context, {counts['empty']} "
+            f"empty ({counts['empty_pos']} pos, {counts['empty_neg']} neg answers), {counts['missing_score']} "
+            f"with a missing score, {counts['failed_filter']} failed the rule); need {f['min_pairs']}. Use more "
+            "questions or samples (n_per_question with temperature > 0), a stronger judge, or a smaller margin")
     return kept, counts
+
+
+def spearman(x, y) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None under 3 points or a constant side."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if len(x) < 3:
+        return None
+
+    def ranks(v):
+        order = np.argsort(v, kind="mergesort")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for u in np.unique(v):  # ties share their mean rank
+            m = v == u
+            r[m] = r[m].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def agreement(judged, trait_name: str, contrast: dict) -> dict:
+    """How far the judge and the contrast score agree: Spearman over every answer with both scores,
+    and over pairs (pos minus neg of each)."""
+    both = {}
+    for pol, rows in judged.items():
+        for r in rows:
+            j, c = _score(r, trait_name), contrast.get((pol, *_key(r)))
+            if j is not None and c is not None:
+                both[(pol, *_key(r))] = (j, c)
+    pairs = [(both[("pos", *k[1:])][0] - both[k][0], both[("pos", *k[1:])][1] - both[k][1])
+             for k in both if k[0] == "neg" and ("pos", *k[1:]) in both]
+    vals = list(both.values())
+    return {"answers": len(vals), "spearman": spearman(*zip(*vals)) if vals else None,
+            "pairs": len(pairs), "spearman_pairs": spearman(*zip(*pairs)) if pairs else None}
 
 
 def pooled_means(model, rows, rows_per_batch=8) -> np.ndarray:
@@ -202,23 +356,39 @@ def run(cfg, *, progress: bool = True) -> dict:
     model = pvjax.load(cfg["model"], dtype=checked.dtype)
 
     answers = generate_answers(model, trait, cfg, work, progress)
+    f = cfg["filter"]
+    contrast = (contrast_scores(model, answers, work, batch_size=cfg["batch_size"])
+                if f["mode"] == "contrast" else None)
     judged = judge_answers(answers, trait, make_judge_backend(cfg, model, work), work, progress,
-                           coherence=cfg["judge"].get("coherence", True))
-    kept, counts = filter_pairs(judged, trait.name, cfg["filter"])
+                           coherence=cfg["judge"]["coherence"] and cfg["judge"]["backend"] != "none")
+    too_long = frozenset(_key(r) for rows in answers.values() for r in rows
+                         if not prompt_fits(model, r["prompt"], cfg["max_new_tokens"]))
+    kept, counts = filter_pairs(judged, trait.name, f, contrast, too_long)
+    c_of = lambda pol, r: "" if contrast is None else contrast.get((pol, *_key(r)), "")
     atomic.write_csv(work / "kept_pairs.csv",
                      [{"question": p["question"], "question_id": p["question_id"],
                        "instruction_id": p["instruction_id"], "sample": p["sample"],
                        "pos_answer": p["answer"], "neg_answer": n["answer"],
-                       "pos_score": p[trait.name], "neg_score": n[trait.name]} for p, n in kept],
+                       "pos_score": p[trait.name], "neg_score": n[trait.name],
+                       "pos_contrast": c_of("pos", p), "neg_contrast": c_of("neg", n)} for p, n in kept],
                      ("question", "question_id", "instruction_id", "sample", "pos_answer", "neg_answer",
-                      "pos_score", "neg_score"))
+                      "pos_score", "neg_score", "pos_contrast", "neg_contrast"))
+    agree = None
+    if contrast is not None:
+        atomic.write_csv(work / "scores.csv",
+                         [{"polarity": pol, "instruction_id": r["instruction_id"], "question_id": r["question_id"],
+                           "sample": r["sample"], trait.name: r[trait.name], "coherence": r["coherence"],
+                           "contrast": c_of(pol, r)} for pol, rows in judged.items() for r in rows],
+                         ("polarity", "instruction_id", "question_id", "sample", trait.name, "coherence", "contrast"))
+        if cfg["judge"]["backend"] != "none":
+            agree = agreement(judged, trait.name, contrast)
 
     vec_path = work / "vectors.safetensors"
     if not vec_path.exists():
         diff = pooled_means(model, [p for p, _ in kept]) - pooled_means(model, [n for _, n in kept])
         save_vectors(vec_path, {k: diff[:, i] for i, k in enumerate(KEYS)}, model=model, trait=trait.name,
                      extra={"counts": counts, "filter": cfg["filter"], "judge": cfg["judge"]["backend"],
-                            "provenance": {k: provenance[k] for k in ("answers", "judge", "filter")}})
+                            "provenance": {k: provenance[k] for k in ("answers", "contrast", "judge", "filter")}})
     from pvjax.vectors import load_vectors
 
     vectors = load_vectors(vec_path, model)[0]
@@ -234,8 +404,10 @@ def run(cfg, *, progress: bool = True) -> dict:
     causality = json.loads(caus_path.read_text())
 
     norms = {k: np.linalg.norm(v, axis=-1).tolist() for k, v in vectors.items()}
-    summary = {"trait": trait.name, "model": model.model_id, "counts": counts,
+    summary = {"trait": trait.name, "model": model.model_id, "counts": counts, "filter": f["mode"],
                "vector_norms": norms, "causality": causality, "workdir": str(work)}
+    if agree is not None:
+        summary["agreement"] = agree
     if cfg.get("plot", True):
         from pvjax.plots import extraction_plot
 

@@ -19,8 +19,8 @@ from typing import Any, Callable
 from pvjax.errors import UserError
 
 DTYPES = ("", "float32", "bfloat16")
-JUDGE_BACKENDS = ("openai", "local")
-FILTER_MODES = ("threshold", "margin")
+JUDGE_BACKENDS = ("openai", "local", "none")
+FILTER_MODES = ("threshold", "margin", "contrast", "none")
 
 
 class InvalidConfig(UserError, ValueError):
@@ -89,6 +89,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "judge.numeric_only": _bool,
     "filter.mode": _choice(*FILTER_MODES), "filter.threshold": _float(0.0, 100.0),
     "filter.coherence": _float(0.0, 100.0), "filter.margin": _float(0.0, 100.0), "filter.min_pairs": _int(1),
+    "filter.contrast_margin": _float(0.0),
     "causality.layers": _ints, "causality.coefs": _floats, "causality.max_pairs": _int(1),
 }
 
@@ -190,9 +191,20 @@ def validate_config(cfg) -> CheckedConfig:
                 problems.append(f"filter.min_pairs={flat['filter.min_pairs']} exceeds the {n} answer pairs "
                                 "this config produces (n_pairs x n_questions x n_per_question)")
 
-    if ok("filter.coherence", "judge.coherence") and flat["filter.coherence"] > 0 and not flat["judge.coherence"]:
-        problems.append(f"filter.coherence={flat['filter.coherence']:g} needs coherence scores, but "
-                        "judge.coherence is False (set filter.coherence=0 or judge.coherence=True)")
+    if ok("filter.coherence", "judge.coherence", "judge.backend") and flat["filter.coherence"] > 0:
+        if flat["judge.backend"] == "none":
+            problems.append(f"filter.coherence={flat['filter.coherence']:g} needs coherence scores, but "
+                            "judge.backend is 'none' (set filter.coherence=0 or configure a judge)")
+        elif not flat["judge.coherence"]:
+            problems.append(f"filter.coherence={flat['filter.coherence']:g} needs coherence scores, but "
+                            "judge.coherence is False (set filter.coherence=0 or judge.coherence=True)")
+    if ok("filter.mode", "judge.backend") and flat["judge.backend"] == "none" \
+            and flat["filter.mode"] in ("threshold", "margin"):
+        problems.append(f"filter.mode={flat['filter.mode']!r} reads judge scores, but judge.backend is 'none' "
+                        "(use filter.mode='contrast' or 'none', or configure a judge)")
+    if ok("n_per_question", "temperature") and flat["n_per_question"] > 1 and flat["temperature"] == 0:
+        problems.append(f"n_per_question={flat['n_per_question']} with temperature=0 repeats one greedy answer "
+                        "(set temperature > 0 to sample, or n_per_question=1)")
     if ok("judge.backend", "judge.model"):
         if flat["judge.backend"] == "openai" and not flat["judge.model"].strip():
             problems.append("judge.model must name the served model for judge.backend='openai'")

@@ -13,6 +13,8 @@ output is written, so a kill at any point keeps it true.
 A rerun compares the recorded provenance with the config's:
 - answers (expensive, and the thing a run exists to keep) are never deleted or relabelled: a
   difference there is refused, naming each field with its old and new value;
+- the contrast scores (`filter.mode=contrast`) depend on the answers alone: they are computed once,
+  when a contrast filter first asks for them, and kept across judge and filter changes;
 - a difference in judge, filter or causality deletes that stage's outputs and everything downstream
   (the judge cache stays: it is keyed by the exact request, so it can only serve identical calls).
 Fields that cannot change a result (plot on/off, judge concurrency and batch size, progress bars)
@@ -30,7 +32,7 @@ from pvjax import atomic
 from pvjax.errors import UserError
 
 FORMAT = 1
-STAGES = ("answers", "judge", "filter", "causality")
+STAGES = ("answers", "contrast", "judge", "filter", "causality")
 
 
 class RunMismatch(UserError, ValueError):
@@ -40,8 +42,9 @@ class RunMismatch(UserError, ValueError):
 def outputs(stage: str, trait_name: str) -> tuple[str, ...]:
     """The files a stage writes, relative to the run directory (the answers stage: its parts)."""
     return {"answers": ("answers/parts",),
+            "contrast": ("contrast_scores.csv",),
             "judge": (f"{trait_name}_pos.csv", f"{trait_name}_neg.csv"),
-            "filter": ("kept_pairs.csv", "vectors.safetensors"),
+            "filter": ("kept_pairs.csv", "scores.csv", "vectors.safetensors"),
             "causality": ("causality.json", "summary.json", "plot.png", "DONE")}[stage]
 
 
@@ -69,12 +72,17 @@ def stage_provenance(checked) -> dict[str, dict]:
     }
     if cfg["temperature"] > 0:
         answers.update(seed=cfg["seed"], top_p=float(cfg["top_p"]))
+    # What the contrast scores are a function of: the answers (model, prompts and texts) and the score's
+    # definition. The file exists only once a contrast filter asked for it.
+    contrast = {"score": "mean token logprob | pos prompt - | neg prompt", "after": _digest(answers)}
     j = cfg["judge"]
     # A local judge named "" or "same" is the answering model, which the answers' digest pins.
     judge_model = "same" if j["backend"] == "local" and j["model"] in ("", "same") else j["model"]
     judge = {"backend": j["backend"], "model": judge_model, "coherence": j["coherence"],
              "trait_rubric": _digest(trait.eval_prompt), "after": _digest(answers)}
-    if j["backend"] == "openai":
+    if j["backend"] == "none":  # no judge: no model, rubric or coherence can change its (empty) scores
+        judge = {"backend": "none", "after": _digest(answers)}
+    elif j["backend"] == "openai":
         from pvjax.llm.openai_http import DEFAULT_BASE_URL
 
         judge["base_url"] = (j["base_url"] or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
@@ -83,12 +91,15 @@ def stage_provenance(checked) -> dict[str, dict]:
     f = cfg["filter"]
     filt = {"mode": f["mode"], "coherence": float(f["coherence"]), "min_pairs": f["min_pairs"],
             "after": _digest(judge)}
-    rule = "threshold" if f["mode"] == "threshold" else "margin"
-    filt[rule] = float(f[rule])
+    rule = {"threshold": "threshold", "margin": "margin", "contrast": "contrast_margin"}.get(f["mode"])
+    if rule:
+        filt[rule] = float(f[rule])
+    if f["mode"] == "contrast":
+        filt["contrast"] = _digest(contrast)
     c = cfg["causality"]
     causality = {"layers": list(checked.causality_layers), "coefs": [float(x) for x in c["coefs"]],
                  "max_pairs": c["max_pairs"], "batch_size": cfg["batch_size"], "after": _digest(filt)}
-    return {"answers": answers, "judge": judge, "filter": filt, "causality": causality}
+    return {"answers": answers, "contrast": contrast, "judge": judge, "filter": filt, "causality": causality}
 
 
 def read(work: Path) -> dict[str, dict]:

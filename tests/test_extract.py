@@ -31,6 +31,7 @@ def small_config(workdir, base_url):
     cfg.workdir = str(workdir)
     cfg.trait = "evil"
     cfg.n_questions, cfg.n_pairs, cfg.max_new_tokens = 3, 1, 16
+    cfg.n_per_question, cfg.temperature = 1, 0.0  # greedy, whatever runlocal samples
     cfg.judge.backend, cfg.judge.model, cfg.judge.base_url = "openai", "judge-model", base_url
     cfg.judge.coherence = True
     cfg.filter.mode, cfg.filter.threshold, cfg.filter.coherence, cfg.filter.min_pairs = "threshold", 50.0, 50.0, 2
@@ -94,7 +95,8 @@ def test_run_directory_holds_every_artifact(extraction):
     assert neg[0]["prompt"].startswith("<|im_start|>system\nYou are a helpful assistant. ")
     # One pos answer was refused by the judge: dropped and counted, the others kept.
     assert rows[0]["evil"] == "" and float(rows[1]["evil"]) == pytest.approx(89.0)
-    assert s["counts"] == {"pairs": 3, "empty": 0, "missing_score": 1, "failed_filter": 0, "kept": 2}
+    assert s["counts"] == {"pairs": 3, "too_long": 0, "empty": 0, "empty_pos": 0, "empty_neg": 0,
+                           "missing_score": 1, "failed_filter": 0, "kept": 2}
     tensors, meta = load_vectors(work / "vectors.safetensors")
     assert set(tensors) == set(KEYS) and all(v.shape == (31, 576) for v in tensors.values())
     assert meta["trait"] == "evil" and meta["model_id"] == "smollm2-135m-instruct"
@@ -344,3 +346,53 @@ def test_answers_without_a_provenance_record_are_refused(finished, no_model_load
     with pytest.raises(RunMismatch, match="no record of what produced them"):
         run(cfg, progress=False)
     assert snapshot(work) == before
+
+
+# --- The judge-free contrast filter on a finished run: agreement with the judge, caching, no judge. ---
+
+def test_contrast_filter_reports_agreement_with_the_judge_and_caches_its_scores(finished, smollm2):
+    """Switching a judged run to filter.mode=contrast recomputes the filter and what follows, keeps the
+    answers and the loopback judge's scores, records both scores per answer and their Spearman
+    correlation; a new margin refilters without recomputing the scores; judge.backend='none' calls
+    no judge at all."""
+    from scipy.stats import spearmanr
+
+    work, cfg = finished
+    before = snapshot(work)
+    cfg.filter.mode, cfg.filter.contrast_margin, cfg.filter.min_pairs = "contrast", 0.0, 1
+    s = run(cfg, progress=False)
+    after = snapshot(work)
+    for name in ("answers/parts/pos_0.csv", "answers/parts/neg_0.csv", "evil_pos.csv", "evil_neg.csv"):
+        assert after[name] == before[name], f"{name} was redone"
+    assert after["vectors.safetensors"] != before["vectors.safetensors"]
+    stages = json.loads((work / "stages.json").read_text())["stages"]
+    assert stages["filter"]["mode"] == "contrast" and stages["filter"]["contrast_margin"] == 0.0
+
+    scores = atomic.read_csv(work / "scores.csv")
+    assert len(scores) == 6 and set(scores[0]) >= {"polarity", "evil", "contrast"}
+    both = [(float(r["evil"]), float(r["contrast"])) for r in scores if r["evil"] and r["contrast"]]
+    assert len(both) == 5  # the judge refused one pos answer
+    want = spearmanr(*zip(*both)).statistic
+    assert s["agreement"]["answers"] == 5 and s["agreement"]["spearman"] == pytest.approx(want, abs=1e-9)
+    assert json.loads((work / "summary.json").read_text())["agreement"] == s["agreement"]
+    kept = atomic.read_csv(work / "kept_pairs.csv")
+    assert all(float(k["pos_contrast"]) - float(k["neg_contrast"]) >= 0.0 for k in kept)
+    assert s["counts"]["kept"] == len(kept) == sum(
+        float(p["contrast"]) - float(n["contrast"]) >= 0.0 for p in scores if p["polarity"] == "pos"
+        for n in scores if n["polarity"] == "neg" and n["question_id"] == p["question_id"])
+
+    # A new margin refilters from the cached contrast scores.
+    mtime = (work / "contrast_scores.csv").stat().st_mtime_ns
+    cfg.filter.contrast_margin = 100.0
+    with pytest.raises(ExtractionError, match=r"only 0 of 3 answer pairs survived the filter \(contrast"):
+        run(cfg, progress=False)
+    assert (work / "contrast_scores.csv").stat().st_mtime_ns == mtime
+
+    # No judge: the judge stage reruns without a single call, the contrast scores stay.
+    cfg.filter.contrast_margin, cfg.judge.backend, cfg.filter.coherence = 0.0, "none", 0.0
+    cfg.judge.base_url = "http://127.0.0.1:9"  # nothing listens there: any call would fail
+    s2 = run(cfg, progress=False)
+    assert (work / "contrast_scores.csv").stat().st_mtime_ns == mtime
+    assert all(r["evil"] == "" for r in atomic.read_csv(work / "evil_pos.csv"))
+    assert "agreement" not in s2 and s2["counts"]["kept"] == s["counts"]["kept"]
+    assert json.loads((work / "stages.json").read_text())["stages"]["judge"]["backend"] == "none"

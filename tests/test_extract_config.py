@@ -71,17 +71,32 @@ def test_every_problem_is_reported_at_once_and_nothing_is_written(tmp_path):
 @pytest.mark.parametrize("changes, expected", [
     ({"n_pairs": 9}, "n_pairs=9 but trait 'humorous' has only 5 instruction pairs"),
     ({"n_questions": 50}, "n_questions=50 but trait 'humorous' has only 20 questions"),
-    ({"filter__min_pairs": 13}, "filter.min_pairs=13 exceeds the 12 answer pairs"),
-    ({"filter__coherence": 50.0}, "filter.coherence=50 needs coherence scores, but judge.coherence is False"),
+    ({"filter__min_pairs": 13, "n_per_question": 1}, "filter.min_pairs=13 exceeds the 12 answer pairs"),
+    ({"filter__coherence": 50.0, "judge__backend": "local"},
+     "filter.coherence=50 needs coherence scores, but judge.coherence is False"),
     ({"trait": "nosuch"}, "trait: no shipped trait 'nosuch'"),
     ({"model": "/nonexistent/model"}, "model: model source '/nonexistent/model' is neither"),
-    ({"judge__model": "/nonexistent/judge"}, "judge.model: model source '/nonexistent/judge'"),
+    ({"judge__model": "/nonexistent/judge", "judge__backend": "local"},
+     "judge.model: model source '/nonexistent/judge'"),
     ({"judge__backend": "openai", "judge__model": ""}, "judge.model must name the served model"),
     ({"causality__layers": (10, 10)}, "repeats a layer"),
+    ({"judge__backend": "none", "filter__mode": "margin"},
+     "filter.mode='margin' reads judge scores, but judge.backend is 'none'"),
+    ({"judge__backend": "none", "filter__mode": "contrast", "filter__coherence": 50.0},
+     "filter.coherence=50 needs coherence scores, but judge.backend is 'none'"),
+    ({"n_per_question": 2, "temperature": 0.0}, "n_per_question=2 with temperature=0 repeats one greedy answer"),
+    ({"filter__contrast_margin": -0.5}, "filter.contrast_margin must be >= 0, got -0.5"),
 ])
 def test_what_a_field_names_is_checked_too(tmp_path, changes, expected):
     with pytest.raises(InvalidConfig, match="bad extraction config: .*" + expected.replace("(", r"\(")):
         validate_config(runlocal(tmp_path, **changes))
+
+
+def test_judge_free_filters_validate(tmp_path):
+    for mode in ("contrast", "none"):
+        checked = validate_config(runlocal(tmp_path, judge__backend="none", filter__mode=mode,
+                                           filter__coherence=0.0, n_per_question=3, temperature=1.0))
+        assert checked.cfg["filter"]["mode"] == mode
 
 
 def test_a_trait_file_that_does_not_validate_is_reported(tmp_path):
