@@ -71,42 +71,31 @@ def load(source: str | os.PathLike, *, dtype=None, tokenizer=None) -> Model:
     `tokenizer` names another source (folder, `.gguf`, embedded name) or is a tokenizer object. A
     folder of weights without tokenizer files loads with a `MissingTokenizer`: token ids work,
     the first call that needs text says what to pass."""
-    from pvjax.embedded import EMBEDDED_NAME, embedded_gguf_path
+    from pvjax.embedded import EMBEDDED_NAME
+    from pvjax.loading import resolve_source
     from pvjax.loading import tokenizer as toks
 
     dtype = jnp.dtype(dtype or default_dtype())
-    name = str(source)
-    if name == EMBEDDED_NAME:
-        source = embedded_gguf_path()
-    path = Path(source)
-    if path.suffix == ".gguf":
+    kind, path = resolve_source(source)
+    if kind == "gguf":
         from pvjax.loading.gguf_file import load_gguf
 
         cfg, params, reader = load_gguf(path, dtype)
-        own = (lambda: toks.load_gguf_tokenizer(reader))
-        if name == EMBEDDED_NAME:
+        if str(source) == EMBEDDED_NAME:
             cfg = dataclasses.replace(cfg, name=EMBEDDED_NAME)
-    elif path.is_dir():
+    else:
         from pvjax.loading.safetensors_folder import load_folder
 
         cfg, params = load_folder(path, dtype)
-        own = (lambda: toks.load_folder_tokenizer(path))
-    elif not path.exists():
-        raise FileNotFoundError(f"model source {name!r} is neither a local folder, a .gguf file, nor "
-                                f"the embedded model name {EMBEDDED_NAME!r}")
-    else:
-        from pvjax.loading.layout import CheckpointError
-
-        raise CheckpointError(f"cannot load {name!r}: expected a Hugging Face folder or a .gguf file")
     if tokenizer is None:
-        tok = own()
+        tok = toks.load_gguf_tokenizer(reader) if kind == "gguf" else toks.load_folder_tokenizer(path)
     elif isinstance(tokenizer, (str, os.PathLike)):
         tok = toks.load_tokenizer(tokenizer)
     else:
         tok = tokenizer
-    toks.check_fits(tok, cfg.vocab_size, cfg.name or name, tokenizer or source)
+    toks.check_fits(tok, cfg.vocab_size, cfg.name or str(source), tokenizer or path)
     params = jax.tree_util.tree_map(jnp.asarray, params)
-    return Model(config=cfg, params=params, tokenizer=tok, source=str(source))
+    return Model(config=cfg, params=params, tokenizer=tok, source=str(path))
 
 
 def default_positions(attention_mask_BT) -> jax.Array:

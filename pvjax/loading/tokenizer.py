@@ -84,19 +84,16 @@ def load_gguf_tokenizer(path_or_reader):
 def load_tokenizer(source):
     """A tokenizer from a model source (HF folder, `.gguf`, or the embedded model's name): what
     `pvjax.load(..., tokenizer=source)` takes. A source without one is an error here."""
-    from pvjax.embedded import EMBEDDED_NAME, embedded_gguf_path
+    from pvjax.loading import resolve_source
 
-    path = embedded_gguf_path() if str(source) == EMBEDDED_NAME else Path(source)
-    if path.suffix == ".gguf" and path.is_file():
+    kind, path = resolve_source(source)
+    if kind == "gguf":
         return load_gguf_tokenizer(path)
-    if path.is_dir():
-        tok = load_folder_tokenizer(path)
-        if not tok:
-            raise CheckpointError(f"tokenizer source {source}: no tokenizer files there "
-                                  f"(looked for {', '.join(TOKENIZER_FILES)})")
-        return tok
-    raise CheckpointError(f"tokenizer source {source!r} is neither a folder with tokenizer files, a "
-                          f".gguf file, nor {EMBEDDED_NAME!r}")
+    tok = load_folder_tokenizer(path)
+    if not tok:
+        raise CheckpointError(f"tokenizer source {source}: no tokenizer files there "
+                              f"(looked for {', '.join(TOKENIZER_FILES)})")
+    return tok
 
 
 def check_fits(tokenizer, vocab_size: int, model_name: str, source) -> None:
