@@ -1,0 +1,12 @@
+"""Studies: what researchers run on top of a persona vector, each from a config file.
+
+The contract every study keeps (so `pvjax run` / `pvjax sweep` can run any of them):
+
+- `configs/<study>.py` has `get_config(arg)` returning a ConfigDict with `study = "<name>"` (the
+  module `pvjax.studies.<name>`), `model`, `trait`, `vector` (`FILE[:KEY]`, or empty: extract the
+  trait's vector first, see `vector_source`), `extract` (an extraction config, used only when
+  `vector` is empty) and `workdir`; optionally `sweep(add)` beside it.
+- `pvjax.studies.<name>.run(cfg, work: Path, *, progress: bool = True) -> list[dict]` runs (or
+  resumes) one point into `work` and returns its summary rows; it writes its own results and plots
+  there, atomically, and skips what a previous attempt finished.
+"""
