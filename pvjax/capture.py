@@ -23,7 +23,9 @@ POOLINGS = ("response_avg", "prompt_avg", "prompt_last")
 class Capture:
     """A capture spec. Flags are static (they change the program); weights and probes are data.
 
-    logits: "all" positions, "last" position only, or "none".
+    logits: "all" positions, "last" position only, "tail:N" the last N positions (scoring
+        left-padded answers: the head, a V x D matmul per position, runs only where it is read), or
+        "none".
     hidden: return `hidden_states [L, B, T, D]`.
     pool_weights: `[B, K, T]`; returns `pooled[L, B, K, D] = sum_t w[b,k,t] * h[l,b,t]`.
     probes: `[L, K, D]` or `[K, D]`; returns `projections[L, B, T, K] = h[l,b,t] . probe[l,k]`.

@@ -164,7 +164,7 @@ def contrast_scores(model, answers, work: Path, batch_size: int = 8) -> dict[tup
     the neg prompt of the same instruction pair and question (the prompts the answers were generated
     from, chat template included). Written to `contrast_scores.csv` and read back from it on a rerun.
 
-    An answer whose prompt + answer does not fit the context (padded to the forward's 64-token
+    An answer whose prompt + answer does not fit the context (padded to the forward's 32-token
     buckets) gets no score (the filter counts it as too long) and never reaches the forward."""
     from pvjax.causality import answer_logprobs
 
@@ -179,7 +179,7 @@ def contrast_scores(model, answers, work: Path, batch_size: int = 8) -> dict[tup
                 if not r["answer"].strip() or k not in prompts["pos"] or k not in prompts["neg"]:
                     continue
                 longest = max(_n_tokens(model, prompts[side][k] + r["answer"]) for side in ("pos", "neg"))
-                if -(-longest // 64) * 64 <= ctx:
+                if -(-longest // 32) * 32 <= ctx:
                     todo.append((pol, k, r["answer"], prompts["pos"][k], prompts["neg"][k], longest))
         out = []
         # Similar lengths share a call, so each call pads only to its own longest sequence.

@@ -271,7 +271,9 @@ def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT,
 
     logits = None
     if capture.logits != "none":
-        x = normed[:, -1:] if capture.logits == "last" else normed
+        x = {"last": normed[:, -1:], "all": normed}.get(capture.logits)
+        if x is None:  # "tail:N": the last N positions (left-padded answers end the row)
+            x = normed[:, -int(capture.logits.split(":")[1]):]
         head = params.get("head")  # packed for the CPU kernel (`unstack_layers`)
         if head is None:
             head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
