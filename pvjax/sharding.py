@@ -42,23 +42,27 @@ def _path(keys) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
 
 
-def _fit(spec: P, shape, mesh: Mesh) -> P:
-    """Drop an axis from the spec where the dim does not divide evenly (e.g. 9 heads on 4 devices)."""
+def _fit(spec: P, shape, axis_sizes) -> P:
+    """Drop an axis from the spec where the dim does not divide evenly (e.g. 9 heads on 4 devices).
+    `axis_sizes` maps axis name to size (`mesh.shape`)."""
     out = []
     for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        out.append(axis if axis is None or dim % mesh.shape[axis] == 0 else None)
+        out.append(axis if axis is None or dim % axis_sizes[axis] == 0 else None)
     return P(*out)
 
 
-def param_specs(params, mesh: Mesh):
-    def spec(keys, leaf):
-        path = _path(keys)
-        for pattern, s in PARAM_RULES:
-            if re.match(pattern, path):
-                return _fit(s, leaf.shape, mesh)
-        raise AssertionError(path)
+def spec_for(path: str, shape, axis_sizes) -> P:
+    """The `PartitionSpec` of the parameter at `path` ("layers/wq", ...) with `shape`, on a mesh of
+    `axis_sizes` (`mesh.shape`, or a plain dict for planning without devices)."""
+    for pattern, s in PARAM_RULES:
+        if re.match(pattern, path):
+            return _fit(s, shape, axis_sizes)
+    raise AssertionError(path)
 
-    return jax.tree_util.tree_map_with_path(spec, params)
+
+def param_specs(params, mesh: Mesh):
+    return jax.tree_util.tree_map_with_path(lambda keys, leaf: spec_for(_path(keys), leaf.shape, mesh.shape),
+                                            params)
 
 
 def shard_params(params, mesh: Mesh):
@@ -68,7 +72,7 @@ def shard_params(params, mesh: Mesh):
 
 def shard_batch(x, mesh: Mesh):
     """Place a `[B, ...]` array with its batch split over "data" (replicated if B does not divide)."""
-    spec = _fit(P("data"), np.shape(x), mesh)
+    spec = _fit(P("data"), np.shape(x), mesh.shape)
     return jax.device_put(x, NamedSharding(mesh, spec))
 
 

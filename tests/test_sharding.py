@@ -24,6 +24,7 @@ def test_sharded_forward_equals_single_device(kind, tmp_path):
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["n_devices_wq"] == 8 and "model" in res["wq_spec"], res
     assert res["logits_devices"] == 8, res
+    assert res["param_elements_device0"] == res["param_elements_predicted"], res
     for name in ("logits", "hidden_states", "pooled", "projections"):
         assert res[name] < 1e-5, (name, res)
 
