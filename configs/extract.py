@@ -6,17 +6,17 @@
 `trait` is a shipped trait name (`pvjax traits list`) or the path of a trait JSON file. The default
 variant is the paper's setup (Qwen2.5-7B-Instruct from a local folder, an OpenAI-compatible judge,
 threshold filter); `runlocal` runs everything on this machine: the embedded SmolLM2 answers a few
-questions (greedy, 6 questions x 2 instruction pairs) and the judge-free contrast filter keeps the
-pairs (no judge at all; `--config.judge.backend=local` adds the model judging itself, and the
-agreement of its scores with the contrast scores lands in summary.json).
+questions (6 questions x 2 instruction pairs, three answers each sampled at temperature 1: 36
+candidate pairs) and the judge-free contrast filter keeps the pairs (no judge at all;
+`--config.judge.backend=local` adds the model judging itself, and the agreement of its scores with
+the contrast scores lands in summary.json).
 
-Why runlocal filters by contrast and not by its own judge's margin: measured on every shipped trait
-with `experiments/trait_table.py` (README, "Trait table on the embedded model"), the 135M judge
-keeps 0-5 of 12 pairs and leaves two traits without a vector, while the contrast filter keeps
-7-9 of 12 on six of the seven traits, with causality slopes that rise monotonically at layer 20 on
-all six. Greedy single answers (n_per_question=1) keep the README's main command within ~3 minutes
-on a 2-core CPU; three sampled answers per question (n_per_question=3, temperature=1.0) keep
-over a third of 36 pairs for every trait, hallucinating included, at about 1.6x the time (README).
+Why runlocal samples and filters by contrast, measured on every shipped trait with
+`experiments/trait_table.py` (README, "Trait table on the embedded model"): sampled, the contrast
+filter keeps 14-31 of 36 pairs, over a third for every trait, and the causality margin rises
+monotonically at layer 20 for all seven. Greedy single answers keep 7-9 of 12 on six traits but 1
+on hallucinating (the 135M model's pos and neg answers barely differ), and the 135M model judging
+itself keeps 0-5 of 12 and leaves two traits without a vector.
 """
 
 import ml_collections
@@ -69,10 +69,10 @@ def get_config(arg: str = ""):
         c.model = "smollm2-135m-instruct"
         c.n_questions = 6
         c.n_pairs = 2
-        c.n_per_question = 1
+        c.n_per_question = 3
         c.max_new_tokens = 48
-        c.temperature = 0.0
-        c.batch_size = 16
+        c.temperature = 1.0
+        c.batch_size = 18  # one instruction's 6 x 3 prompts in one batch: one program, no ragged tail
         c.judge.backend = "none"  # "local": the model judges itself with the settings below
         c.judge.model = "same"
         c.judge.coherence = False

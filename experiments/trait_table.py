@@ -2,7 +2,7 @@
 
     python experiments/trait_table.py                        # runlocal, judge-free contrast filter
     python experiments/trait_table.py --filter margin        # runlocal with the local judge's margin filter
-    python experiments/trait_table.py --traits evil,humorous --set n_per_question=2 --set temperature=1.0
+    python experiments/trait_table.py --set n_per_question=1 --set temperature=0.0 --set batch_size=16  # greedy
 
 Each trait runs `configs/extract.py:runlocal` (its own defaults, whatever they are) with the filter
 named by `--filter`: `contrast` (judge.backend='none', no judge at all), `margin` (the local judge,

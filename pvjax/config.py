@@ -42,7 +42,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
-    name: str = ""
+    # Not compared (nor hashed): configs are jit's static arguments, and a finetune saved under
+    # another name must reuse its base's compiled programs.
+    name: str = dataclasses.field(default="", compare=False)
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
