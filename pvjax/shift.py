@@ -143,7 +143,7 @@ def finetuning_shift(base, finetuned, vector_LD, questions: Sequence[str], *, wo
     if trait is not None:
         margin, contrast, generated["reference"] = _likelihood_measures(
             base, finetuned, trait, n_pairs, questions, prompts, a_base.texts, a_ft.texts, per_q, sampling,
-            ask, batch_size)
+            ask, batch_size, work)
     if judge is not None:
         s_base = judge.score(list(zip(questions, a_base.texts)), progress=progress)
         s_ft = judge.score(list(zip(questions, a_ft.texts)), progress=progress)
@@ -169,10 +169,10 @@ def finetuning_shift(base, finetuned, vector_LD, questions: Sequence[str], *, wo
 
 
 def _likelihood_measures(base, finetuned, trait, n_pairs, questions, prompts, ans_base, ans_ft, per_q, sampling,
-                         ask, batch_size):
+                         ask, batch_size, work):
     """(likelihood margin per model, contrast of each model's answers, answers generated): see the
     module docstring. Reference answers come from the base model under each pair's system prompts,
-    cached like the others."""
+    cached like the others, and are written to `reference_answers.csv`."""
     from pvjax.answer_cache import own_answers
     from pvjax.causality import answer_logprobs
     from pvjax.extract import system_prompt
@@ -185,8 +185,11 @@ def _likelihood_measures(base, finetuned, trait, n_pairs, questions, prompts, an
     ref_prompts = [render(s) for pair in sys_prompts for s in pair]  # pos_0, neg_0, pos_1, ...
     ref = own_answers(base, [p for group in ref_prompts for p in group], sampling, **ask)
     margins = {"base": [], "finetuned": []}
+    ref_rows = []
     for k in range(n_pairs):
         pos, neg = ref.texts[2 * k * N:(2 * k + 1) * N], ref.texts[(2 * k + 1) * N:(2 * k + 2) * N]
+        ref_rows += [{"pair": k, "question": q, "pos_answer": x, "neg_answer": y}
+                     for q, x, y in zip(questions, pos, neg)]
         keep = [i for i in range(N) if pos[i].strip() and neg[i].strip()]
         if not keep:
             continue
@@ -194,6 +197,7 @@ def _likelihood_measures(base, finetuned, trait, n_pairs, questions, prompts, an
             lp = answer_logprobs(m, [prompts[i] for i in keep] * 2, [pos[i] for i in keep] + [neg[i] for i in keep],
                                  batch_size=batch_size)[0]
             margins[name] += list(lp[:len(keep)] - lp[len(keep):])
+    atomic.write_csv(work / "reference_answers.csv", ref_rows, ("pair", "question", "pos_answer", "neg_answer"))
     mb, mf = _mean(margins["base"]), _mean(margins["finetuned"])
     margin = {"base": mb, "finetuned": mf, "delta": None if None in (mb, mf) else mf - mb,
               "pairs": len(margins["base"])}
