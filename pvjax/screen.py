@@ -95,6 +95,27 @@ def flag(diffs, flagging: Flagging) -> np.ndarray:
     return out
 
 
+def auroc(positive, negative) -> float:
+    """The probability that a random positive scores above a random negative (ties count half):
+    how well the projection difference ranks trait samples above control samples."""
+    p, n = np.asarray(positive, float), np.asarray(negative, float)
+    p, n = p[~np.isnan(p)], n[~np.isnan(n)]
+    if not len(p) or not len(n):
+        raise InputError("auroc needs at least one scored sample on each side")
+    return float(((p[:, None] > n[None]).sum() + 0.5 * (p[:, None] == n[None]).sum()) / (len(p) * len(n)))
+
+
+def sample_diffs(work, name: str) -> np.ndarray:
+    """The projection differences `[N]` of dataset `name` screened into `work`, in the dataset's
+    order (NaN where a sample was not scored)."""
+    rows = atomic.read_csv(Path(work) / name / "samples.csv")
+    out = np.full(len(rows), np.nan)
+    for r in rows:
+        if r["diff"] != "":
+            out[int(r["index"])] = float(r["diff"])
+    return out
+
+
 def unit_rows(vector_LD) -> np.ndarray:
     """Each layer's row scaled to unit norm (a zero row stays zero)."""
     v = np.asarray(vector_LD, np.float64)
@@ -246,12 +267,9 @@ def screen(model, vector_LD, datasets, *, layer: int, work, sampling=None, flagg
                "datasets": rows}
     atomic.write_json(work / "summary.json", summary)
     if plot:
-        histogram(work / "histogram.png", {r["name"]: _diffs(work / r["name"]) for r in rows}, flagging, layer)
+        series = {r["name"]: sample_diffs(work, r["name"]) for r in rows}
+        histogram(work / "histogram.png", {k: d[~np.isnan(d)] for k, d in series.items()}, flagging, layer)
     return rows
-
-
-def _diffs(folder: Path) -> np.ndarray:
-    return np.array([float(r["diff"]) for r in atomic.read_csv(folder / "samples.csv") if r["diff"] != ""])
 
 
 def _write_npz(path: Path, **arrays) -> None:
@@ -299,7 +317,7 @@ def histogram(path, series: dict, flagging: Flagging, layer: int):
 
     fig, ax = plt.subplots(figsize=(7, 4))
     every = np.concatenate([np.asarray(v, float) for v in series.values()] + [np.zeros(0)])
-    bins = np.histogram_bin_edges(every, bins=min(40, max(5, len(every) // 3))) if len(every) else 10
+    bins = np.histogram_bin_edges(every, bins=min(40, max(10, len(every) // 3))) if len(every) else 10
     for k, (name, values) in enumerate(series.items()):
         if len(values):
             color = f"C{k % 10}"

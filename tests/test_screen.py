@@ -15,7 +15,7 @@ from pvjax.answer_cache import prompt_key
 from pvjax.datasets import read_dataset, write_dataset, write_filtered
 from pvjax.errors import InputError
 from pvjax.generate import SamplingParams
-from pvjax.screen import Flagging, flag, screen
+from pvjax.screen import Flagging, auroc, flag, sample_diffs, screen
 from pvjax.vectors import KEYS, VectorError, save_vectors
 from tiny_models import save_tiny
 
@@ -86,6 +86,7 @@ def test_projection_difference_matches_a_hand_computation(tiny, vector, screened
         assert float(got[i]["proj_own"]) == pytest.approx(own_p, abs=2e-4)
         assert float(got[i]["diff"]) == pytest.approx(train_p - own_p, abs=3e-4)
         diffs.append(train_p - own_p)
+    assert np.allclose(sample_diffs(work, "chat")[[0, 1, 2, 4]], diffs, atol=3e-4)
     row = screened["rows"][0]
     assert row["name"] == "chat" and row["n_samples"] == 5 and row["n_scored"] == 4 and row["empty_answer"] == 1
     assert row["mean_diff"] == pytest.approx(np.mean(diffs), abs=3e-4)
@@ -170,6 +171,9 @@ def test_flagging_by_threshold_and_top_fraction():
     assert flag(d, Flagging("top_fraction", top_fraction=0.2)).tolist() == [False, False, True, False, False, False]
     assert flag(d, Flagging("top_fraction", top_fraction=0.0)).sum() == 0
     assert flag(d, Flagging("top_fraction", top_fraction=1.0)).sum() == 5
+    assert auroc([3, 2, np.nan], [1, 0]) == 1.0 and auroc([1], [1, 2]) == 0.25
+    with pytest.raises(InputError, match="auroc needs"):
+        auroc([np.nan], [1.0])
     for bad in (dict(mode="best"), dict(mode="top_fraction", top_fraction=1.5),
                 dict(mode="threshold", threshold=float("nan"))):
         with pytest.raises(InputError):
@@ -265,3 +269,18 @@ def test_the_command_runs_the_study_and_a_finished_run_is_reused(tiny, tmp_path,
     assert (tmp_path / "w" / "DONE").is_file() and (tmp_path / "w" / "d" / "filtered.csv").read_text().split() == ["prompt,answer"]
     stamp = (tmp_path / "w" / "run.json").stat().st_mtime_ns
     assert main(args) == 0 and (tmp_path / "w" / "run.json").stat().st_mtime_ns == stamp
+
+
+def test_shipped_configs_load_and_name_files_that_exist():
+    from pathlib import Path
+
+    from configs import screen, shift
+    from pvjax.studies.screen import datasets_of
+
+    for variant in ("", "runlocal"):
+        for module in (screen, shift):
+            cfg = module.get_config(variant)
+            assert cfg.study == module.__name__.split(".")[-1] and cfg.extract.trait
+    paths = datasets_of(screen.get_config("runlocal"))
+    assert len(paths) == 2 and all(Path(p).is_file() for p in paths)
+    assert [len(read_dataset(p).samples) for p in paths] == [8, 8]

@@ -42,7 +42,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
         return done
     (work / "DONE").unlink(missing_ok=True)
     base = pvjax.load(cfg.model, dtype=cfg.dtype or None)
-    finetuned = pvjax.load(cfg.finetuned, dtype=cfg.dtype or None)
+    finetuned = base if cfg.finetuned == cfg.model else pvjax.load(cfg.finetuned, dtype=cfg.dtype or None)
     vector, spec = study_vector(cfg, base, work, progress=progress)
     judge = None
     if cfg.judge.backend != "none":
