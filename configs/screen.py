@@ -1,6 +1,7 @@
 """Data screening (`pvjax.studies.screen`): the projection difference of every training sample.
 
-    pvjax screen --config configs/screen.py --config.datasets=data/train.jsonl --config.vector=runs/evil/vectors.safetensors --config.workdir=runs/screen
+    pvjax screen --config configs/screen.py --config.datasets=data/train.jsonl \
+        --config.vector=runs/evil/vectors.safetensors --config.workdir=runs/screen
     pvjax screen --config configs/screen.py:runlocal --config.workdir=/tmp/screen
 
 `datasets` is one file or several, comma-separated (chat JSONL `{"messages": [...]}` or CSV with

@@ -1,6 +1,7 @@
 """Finetuning shift (`pvjax.studies.shift`): how far a finetune moved the model along the vector.
 
-    pvjax shift --config configs/shift.py --config.finetuned=runs/ft/merged --config.vector=runs/evil/vectors.safetensors --config.workdir=runs/shift
+    pvjax shift --config configs/shift.py --config.finetuned=runs/ft/merged \
+        --config.vector=runs/evil/vectors.safetensors --config.workdir=runs/shift
     pvjax shift --config configs/shift.py:runlocal --config.workdir=/tmp/shift
 
 `model` is the base, `finetuned` any model source of the same architecture and shape (a folder of

@@ -125,7 +125,8 @@ def finetuning_shift(base, finetuned, vector_LD, questions: Sequence[str], *, wo
     d_resp = (p_ft[ok, :, r].mean(0) - p_base[ok, :, r].mean(0)) if ok.any() else np.full_like(d_last, np.nan)
     vnorm = np.linalg.norm(vector_LD, axis=-1)
     cos = lambda d: np.einsum("ld,ld->l", d, unit) / np.maximum(np.linalg.norm(d, axis=-1), 1e-30)
-    rows = [{"layer": l, "shift_prompt_last": float(d_last[l] @ unit[l]), "shift_response_avg": float(d_resp[l] @ unit[l]),
+    rows = [{"layer": l, "shift_prompt_last": float(d_last[l] @ unit[l]),
+             "shift_response_avg": float(d_resp[l] @ unit[l]),
              "norm_diff_prompt_last": float(np.linalg.norm(d_last[l])),
              "norm_diff_response_avg": float(np.linalg.norm(d_resp[l])),
              "cos_prompt_last": float(cos(d_last)[l]), "cos_response_avg": float(cos(d_resp)[l]),
