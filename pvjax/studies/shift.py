@@ -1,0 +1,64 @@
+"""The finetuning-shift study: `configs/shift.py`, run by `pvjax shift` (or any runner of studies).
+
+`run(cfg, work)` checks the config, then that the base (`model`) and the finetuned model
+(`finetuned`: any model source) share one architecture and shape, from their metadata alone,
+before loading either; gets the vector of the base model (a file, or extracted into `work/vector`)
+and calls `pvjax.shift.finetuning_shift` on the trait's eval questions. Answers are cached; a
+finished run with the same config returns its row without loading anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pvjax.errors import InputError
+from pvjax.studies.screen import check_layer, finish, finished, run_key, sampling_of
+
+
+def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
+    """One row: the shift at the study layer, the likelihood margin, contrast and judged scores."""
+    import pvjax
+    from pvjax.judges import Judge
+    from pvjax.loading import read_model_config
+    from pvjax.shift import RESPONSE_SOURCES, check_same_shape, finetuning_shift
+    from pvjax.studies.vector_source import study_vector
+    from pvjax.traits import load_trait
+
+    work = Path(work)
+    if not cfg.finetuned:
+        raise InputError("the config names no finetuned model (--config.finetuned=FOLDER|FILE.gguf)")
+    if cfg.response_source not in RESPONSE_SOURCES:
+        raise InputError(f"response_source must be one of {RESPONSE_SOURCES}, got {cfg.response_source!r}")
+    trait = load_trait(cfg.trait, "eval")
+    questions = list(trait.questions[: cfg.n_questions or None])
+    sampling = sampling_of(cfg)
+    check_layer(cfg.model, cfg.layer)
+    check_same_shape(read_model_config(cfg.model), read_model_config(cfg.finetuned))
+    if cfg.judge.backend not in ("none", "local", "openai"):
+        raise InputError(f"judge.backend must be 'none', 'local' or 'openai', got {cfg.judge.backend!r}")
+    key = run_key(cfg)
+    done = finished(work, key)
+    if done is not None:
+        return done
+    (work / "DONE").unlink(missing_ok=True)
+    base = pvjax.load(cfg.model, dtype=cfg.dtype or None)
+    finetuned = base if cfg.finetuned == cfg.model else pvjax.load(cfg.finetuned, dtype=cfg.dtype or None)
+    vector, spec = study_vector(cfg, base, work, progress=progress)
+    judge = None
+    if cfg.judge.backend != "none":
+        from pvjax.extract import make_judge_backend
+
+        judge = Judge(make_judge_backend(cfg, base, work), trait.eval_prompt)
+    s = finetuning_shift(base, finetuned, vector, questions, work=work, layer=cfg.layer, sampling=sampling,
+                         response_source=cfg.response_source, trait=trait if cfg.margin else None,
+                         n_pairs=cfg.n_pairs, judge=judge, cache_dir=cfg.cache_dir or None, seed=cfg.seed,
+                         batch_size=cfg.batch_size, plot=cfg.plot, progress=progress, vector_spec=spec)
+    pick = lambda d, k: None if d is None else d.get(k)
+    row = {"base": s["base"], "finetuned": s["finetuned"], "trait": trait.name, "layer": s["layer"],
+           "response_source": s["response_source"], "shift_prompt_last": s["shift_prompt_last"],
+           "shift_response_avg": s["shift_response_avg"],
+           "margin_base": pick(s["likelihood_margin"], "base"),
+           "margin_finetuned": pick(s["likelihood_margin"], "finetuned"),
+           "margin_delta": pick(s["likelihood_margin"], "delta"), "contrast_delta": pick(s["contrast"], "delta"),
+           "judge_base": pick(s["judge"], "base"), "judge_finetuned": pick(s["judge"], "finetuned")}
+    return finish(work, key, [row])
