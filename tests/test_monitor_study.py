@@ -20,16 +20,15 @@ from pvjax.vectors import VectorError, save_vectors
 from pvjax.studies import monitor as study
 from pvjax.studies.vector_source import MissingVector
 from openai_server import OpenAIServer
-from tiny_models import save_tiny
+from monitor_tiny import tiny_checkpoint
 
 from configs.monitor import get_config
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("monitor")
-    save_tiny("llama_gqa_untied", root / "tiny", tokenizer=tokenizer, seed=1)
-    model = pvjax.load(root / "tiny")
+def setup(tokenizer):
+    folder, _, model = tiny_checkpoint(tokenizer)
+    root = folder.parent
     v = np.random.default_rng(0).standard_normal((model.n_layers + 1, model.hidden_size)).astype(np.float32)
     vpath = save_vectors(root / "vec" / "vectors.safetensors", {"response_avg_diff": v}, model=model, trait="evil")
     return root, model, v, vpath
@@ -40,8 +39,8 @@ def small_config(setup, **kw):
     cfg = get_config("runlocal")
     cfg.model, cfg.vector, cfg.trait = str(root / "tiny"), str(vpath), "evil"
     cfg.n_questions, cfg.shots, cfg.trace_turns = 2, (0, 1, 2), 1
-    cfg.max_new_tokens = cfg.shot_max_new_tokens = 8
-    cfg.bootstrap.n, cfg.batch_size = 200, 8
+    cfg.max_new_tokens = 8
+    cfg.bootstrap.n, cfg.batch_size = 200, 32  # one engine call per round
     for k, val in kw.items():  # "a.b": nested fields
         *parents, leaf = k.split(".")
         target = cfg
@@ -75,7 +74,8 @@ def test_study_writes_its_tables_plots_and_monitor(finished, setup):
     work, rows = finished
     _, model, v, vpath = setup
     L = model.n_layers + 1
-    for f in ("config.json", "stages.json", "shots.csv", "points.csv", "correlations.csv", "trace.csv", "trace.json",
+    for f in ("config.json", "stages.json", "answers/round1_0.csv", "answers/round2_0.csv", "scores.csv",
+              "projections.npy", "points.csv", "correlations.csv", "trace.csv", "trace.json",
               "scatter.png", "r_by_layer.png", "trace.png", "monitor.json", "summary.json", "DONE"):
         assert (work / f).exists(), f
     assert [(r["experiment"], r["layer"]) for r in rows] == [(e, l) for e in ("system_prompts", "many_shot", "combined")
@@ -94,7 +94,7 @@ def test_study_writes_its_tables_plots_and_monitor(finished, setup):
     # layer 0 holds the embedding of the same last token for every prompt: undefined, said so
     assert all(r["r"] is None and "projection is constant" in r["note"] for r in rows if r["layer"] == 0)
     # the contrast scores are the engine's log-likelihoods under the pos and neg prompts
-    s = atomic.read_csv(work / "system_prompts" / "scores.csv")[0]
+    s = atomic.read_csv(work / "scores.csv")[0]
     assert float(s["score"]) == pytest.approx(float(s["logprob_pos"]) - float(s["logprob_neg"]), abs=1e-6)
     # the monitor beside the vector is the one in the run directory, and fits model and vector
     m = mon.load_monitor(mon.monitor_path(str(vpath)), model, vector_LD=v)
@@ -105,8 +105,19 @@ def test_study_writes_its_tables_plots_and_monitor(finished, setup):
     # the trace covers the conversation and the answer, and its projections are the engine's
     tr = json.loads((work / "trace.json").read_text())
     assert len(tr["tokens"]) == len(tr["roles"]) > tr["n_prompt"]
-    ids = mon.prompt_ids(model, [[{"role": "user", "content": atomic.read_csv(work / "shots.csv")[0]["question"]}]])
-    assert {"user", "assistant"} <= set(tr["roles"]) and ids
+    assert tr["roles"][:tr["n_prompt"]].count("assistant") > 0 and tr["roles"][-1] == "assistant"
+    trace = atomic.read_csv(work / "trace.csv")
+    gen = [r for r in trace if r["generated"] == "1"]
+    assert len(gen) == len(trace) - tr["n_prompt"] > 0
+    answers = atomic.read_csv(work / "answers" / "round2_0.csv")
+    assert answers[-1]["experiment"] == "trace" and tr["answer"] == answers[-1]["answer"]
+    # at the last prompt token the trace reads what the monitor reads
+    shots = [{"question": r["question"], "answer": r["answer"].strip()}
+             for r in atomic.read_csv(work / "answers" / "round1_0.csv") if r["experiment"] == "shots"]
+    msgs = study._trace_messages(shots, small_config(setup), answers[-1]["question"])
+    want = mon.last_prompt_projections(model, mon.prompt_ids(model, [msgs]), v)[0]
+    got = [float(trace[tr["n_prompt"] - 1][f"layer_{l}"]) for l in range(L)]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_finished_run_is_returned_without_the_model(finished, setup, monkeypatch):
@@ -123,7 +134,7 @@ def test_an_interrupted_run_resumes_from_its_files(finished, setup, tmp_path, mo
     shutil.copytree(work, copy)
     for f in ("DONE", "correlations.csv", "monitor.json", "summary.json", "scatter.png"):
         (copy / f).unlink()
-    (copy / "many_shot" / "scores.csv").unlink()  # killed while scoring
+    (copy / "scores.csv").unlink()  # killed while scoring
     no_engine(monkeypatch)
     assert study.run(small_config(setup), copy, progress=False) == rows
 
@@ -146,7 +157,7 @@ def test_a_judge_replaces_the_contrast_score_and_reuses_the_answers(finished, se
         rows = study.run(cfg, copy, progress=False)
         assert srv.calls > 0
     assert {r["score"] for r in rows} == {"judge"}
-    scores = {float(r["score"]) for r in atomic.read_csv(copy / "system_prompts" / "scores.csv")}
+    scores = {float(r["score"]) for r in atomic.read_csv(copy / "scores.csv")}
     assert scores <= {10.0, 89.0}
     assert json.loads((copy / "summary.json").read_text())["score"] == "judge"
 
@@ -204,3 +215,16 @@ def test_bad_input_is_refused_before_the_model_loads(setup, tmp_path, no_load):
     with pytest.raises(study.MonitorStudyError, match="monitor.rule must be one of"):
         study.run(small_config(setup, **{"monitor.rule": "best"}), tmp_path, progress=False)
     assert not (tmp_path / "config.json").exists()
+
+
+def test_shipped_config_variants_load_and_pass_the_checks():
+    from pathlib import Path
+
+    from pvjax.commands.extract import load_config
+
+    here = str(Path(__file__).parent.parent / "configs" / "monitor.py")
+    for variant in ("", ":runlocal"):
+        cfg = load_config(here + variant, ["--config.trait=humorous", "--config.extract.n_questions=3"])
+        assert cfg.study == "monitor" and cfg.extract.n_questions == 3 and cfg.vector == ""
+        _, _, questions, exps = study.check_config(cfg)
+        assert exps == ["system_prompts", "many_shot"] and len(questions) == (6 if variant else 20)

@@ -4,7 +4,8 @@ strongly the answer will express the trait? The paper's two prompt-induced shift
 (a) `system_prompts`: eight system prompts from trait-encouraging to trait-discouraging
     (`monitor_prompts.system_ladder`), each with every eval-split question;
 (b) `many_shot`: 0..N trait-expressing exchanges before each question (`cfg.shots`); the examples
-    are extract-split questions answered under the extraction's pos system prompt (`shots.csv`).
+    are extract-split questions answered under the extraction's pos system prompt (experiment
+    `shots` in the answers).
 
 A point is one (condition, question): its projection per layer (`pvjax.monitor.last_prompt_projections`)
 and the mean trait score of its `n_samples` answers. The score is the judge's (0-100, the trait's
@@ -17,16 +18,20 @@ and a question is answered with per-token probes: its projection trace. The moni
 on all points (layer of largest r unless `monitor.layer` is set; label: score >= the stated
 threshold; threshold rule `monitor.rule`) and saved beside the vector (`pvjax.monitor.monitor_path`).
 
-Files in `work` (each written atomically; `stages.json` records the inputs of every expensive
-stage, a changed input reruns that stage and what depends on it, a killed run resumes per condition):
+Generation runs in two rounds, each in as few engine calls as possible (a call may compile a
+program): the examples and experiment (a), then experiment (b) and the trace's answer.
 
-    config.json, stages.json, shots.csv
-    <experiment>/parts/<condition>.csv   answers (condition, strength, question, sample, answer)
-    <experiment>/scores.csv              + score (and logprob_pos, logprob_neg for contrast)
-    <experiment>/projections.npy         [prompts, L] float32
-    trace.csv, trace.json                per token: position, token, message, role, generated, layer_<l>
-    points.csv                           experiment, condition, strength, question, n_scored, score, layer_<l>
-    correlations.csv                     experiment, layer, r, r_low, r_high, n, score, note
+Files in `work` (each written atomically; `stages.json` records the inputs of every expensive
+stage, a changed input reruns that stage and what depends on it; a killed run resumes per block of
+`answer_block` answers):
+
+    config.json, stages.json
+    answers/round{1,2}_<k>.csv    experiment, condition, strength, question_id, question, sample, answer
+    scores.csv                    + score (and logprob_pos, logprob_neg for the contrast score)
+    projections.npy               [prompts, L] float32, every (experiment, condition, question)
+    trace.csv, trace.json         per token: position, token, message, role, generated, layer_<l>
+    points.csv                    experiment, condition, strength, question, n_scored, score, layer_<l>
+    correlations.csv              experiment, layer, r, r_low, r_high, n, score, note
     scatter.png, r_by_layer.png, trace.png, monitor.json, summary.json, DONE
 """
 
@@ -47,7 +52,7 @@ from pvjax.studies import monitor_prompts as mp
 log = logging.getLogger(__name__)
 EXPERIMENTS = ("system_prompts", "many_shot")
 COLUMNS = ("experiment", "layer", "r", "r_low", "r_high", "n", "score", "note")
-ANSWER_COLUMNS = ("condition", "strength", "question_id", "question", "sample", "answer")
+ANSWER_COLUMNS = ("experiment", "condition", "strength", "question_id", "question", "sample", "answer")
 
 
 class MonitorStudyError(InputError):
@@ -155,40 +160,48 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     """Run (or resume) the study into `work`; returns the rows of `correlations.csv`. A finished
     run (DONE) with the same config is returned as it is, without loading the model."""
     import pvjax
+    from pvjax.monitor import vector_sha256
+    from pvjax.studies.monitor_report import report
     from pvjax.studies.vector_source import study_vector
 
     work = Path(work)
     trait, ev, questions, exps = check_config(cfg)
     _vector_check(cfg, trait.name)
-    snapshot = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    if (work / "DONE").exists() and json.loads((work / "config.json").read_text()) == json.loads(
-            json.dumps(snapshot, default=str)):
+    snapshot = json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), default=str))
+    if (work / "DONE").exists() and json.loads((work / "config.json").read_text()) == snapshot:
         return _read_rows(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "DONE").unlink(missing_ok=True)
     atomic.write_json(work / "config.json", snapshot)
     model = pvjax.load(cfg.model, dtype=cfg.get("dtype") or None)
     vector, spec = study_vector(cfg, model, work, progress=progress)
-    from pvjax.monitor import vector_sha256
 
     base = {"model": str(cfg.model), "fingerprint": model.config.fingerprint(), "dtype": str(model.dtype),
-            "trait": trait.to_dict(), "eval": ev.to_dict(), "questions": questions, "seed": cfg.seed,
-            "sampling": [cfg.temperature, cfg.top_p, cfg.max_new_tokens], "names": [cfg.pos_name, cfg.neg_name]}
-    vec_key = vector_sha256(vector)
+            "trait": trait.to_dict(), "eval": ev.to_dict(), "seed": cfg.seed, "batch": cfg.batch_size,
+            "sampling": [cfg.temperature, cfg.top_p, cfg.max_new_tokens]}
     st = Stages(work)
-    shots, shots_key = _shots(model, trait, cfg, work, st, base, progress)
-    results = {}
-    for e, exp in enumerate(exps):
-        conds = mp.conditions(exp, trait, cfg, shots)
-        answers, a_key = _answers(model, exp, e, conds, questions, cfg, work, st, {**base, "shots": shots_key}, progress)
-        scores, kind = _scores(model, exp, answers, trait, ev, cfg, work, st, a_key, progress)
-        proj = _projections(model, exp, conds, questions, vector, work, st, {**base, "shots": shots_key,
-                                                                          "vector": vec_key})
-        results[exp] = _points(exp, conds, questions, scores, proj)
-    trace = _trace(model, shots, questions[0], vector, cfg, work, st, {**base, "shots": shots_key, "vector": vec_key,
-                                                                      "turns": cfg.trace_turns})
-    from pvjax.studies.monitor_report import report
-
+    # Two rounds of generation, each as few engine calls as possible (every call may compile a
+    # program): what needs nothing, then what needs the examples the first round wrote.
+    first = _shot_items(trait, cfg) + (_items("system_prompts", mp.conditions("system_prompts", trait, cfg, []),
+                                              questions, cfg.n_samples) if "system_prompts" in exps else [])
+    rows1, key1 = _generate_round(model, "round1", first, cfg, work, st, base, progress)
+    shots = [{"question": r["question"], "answer": r["answer"].strip()} for r in rows1 if r["experiment"] == "shots"]
+    conds = {e: mp.conditions(e, trait, cfg, shots) for e in exps}
+    second = (_items("many_shot", conds["many_shot"], questions, cfg.n_samples) if "many_shot" in exps else []) + \
+        ([{"experiment": "trace", "condition": f"exchanges_{cfg.trace_turns}", "strength": 1.0, "question_id": 0,
+           "question": questions[0], "sample": 0, "messages": _trace_messages(shots, cfg, questions[0])}]
+         if cfg.trace_turns else [])
+    rows2, key2 = _generate_round(model, "round2", second, cfg, work, st, {**base, "round1": key1}, progress)
+    answers = [r for r in rows1 + rows2 if r["experiment"] in exps]
+    scores, kind = _scores(model, answers, trait, ev, cfg, work, st, _hash([key1, key2]), progress)
+    vec_key = vector_sha256(vector)
+    prompts = [(e, name, qi, make(q)) for e in exps for name, _, make in conds[e] for qi, q in enumerate(questions)]
+    proj = _projections(model, [p[3] for p in prompts], vector, work, st, {**base, "vector": vec_key})
+    results = {e: _points(e, conds[e], questions, scores, proj[[i for i, p in enumerate(prompts) if p[0] == e]])
+               for e in exps}
+    trace_row = next((r for r in rows2 if r["experiment"] == "trace"), None)
+    trace = _trace(model, trace_row, _trace_messages(shots, cfg, questions[0]), vector, work, st,
+                   {"round2": key2, "vector": vec_key}) if trace_row else None
     rows = report(cfg, work, model, trait, results, kind, trace, vector, spec, progress)
     atomic.write_text(work / "DONE", "")
     return rows
@@ -202,66 +215,72 @@ def _read_rows(work: Path) -> list[dict]:
              "r_high": num(r["r_high"])} for r in atomic.read_csv(work / "correlations.csv")]
 
 
-def _sampling(cfg, max_new=None):
+def _sampling(cfg):
     from pvjax.generate import SamplingParams
 
-    return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=max_new or cfg.max_new_tokens)
+    return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
 
 
-def _shots(model, trait, cfg, work, st, base, progress):
-    """Trait-expressing examples: the first max(shots, trace_turns) extract-split questions answered
-    under the extraction's pos system prompt (instruction pair 0), `shot_max_new_tokens` long."""
+def _items(exp, conds, questions, n_samples) -> list[dict]:
+    return [{"experiment": exp, "condition": name, "strength": strength, "question_id": qi, "question": q,
+             "sample": k, "messages": make(q)}
+            for name, strength, make in conds for qi, q in enumerate(questions) for k in range(n_samples)]
+
+
+def _shot_items(trait, cfg) -> list[dict]:
+    """Trait-expressing examples for the many-shot prompts and the trace: the first
+    max(shots, trace_turns) extract-split questions answered under the extraction's pos system
+    prompt (instruction pair 0)."""
     from pvjax.extract import system_prompt
-    from pvjax.generate import generate
 
     n = max(list(cfg.shots) + [cfg.trace_turns, 0])
-    path = work / "shots.csv"
-    key = _hash({**base, "n": n, "shot_tokens": cfg.shot_max_new_tokens})
-    if not st.done("shots", key, [path]):
-        st.begin("shots", key, [path])
-        qs = list(trait.questions[:n])
-        answers = generate(model, qs, system=system_prompt(cfg.pos_name or trait.name, trait.instruction[0].pos),
-                           sampling=_sampling(cfg, cfg.shot_max_new_tokens), seed=cfg.seed,
-                           batch_size=cfg.batch_size, progress=progress).texts if qs else []
-        atomic.write_csv(path, [{"question": q, "answer": a.strip()} for q, a in zip(qs, answers)], ("question", "answer"))
-        st.end("shots", key)
-    return atomic.read_csv(path), key
+    system = system_prompt(cfg.pos_name or trait.name, trait.instruction[0].pos)
+    return [{"experiment": "shots", "condition": "pos_persona", "strength": 1.0, "question_id": i, "question": q,
+             "sample": 0, "messages": [{"role": "system", "content": system}, {"role": "user", "content": q}]}
+            for i, q in enumerate(trait.questions[:n])]
 
 
-def _answers(model, exp, e, conds, questions, cfg, work, st, base, progress):
+def _trace_messages(shots, cfg, question) -> list[dict]:
+    return mp.exchanges(shots, cfg.trace_turns) + [{"role": "user", "content": question}]
+
+
+def _generate_round(model, name, items, cfg, work, st, base, progress):
+    """Answer every item (`messages` and its labels), `cfg.answer_block` prompts per engine call,
+    each block written as `answers/<name>_<k>.csv` when done (a killed run redoes one block at
+    most). Returns the rows with their answers and the round's stage key."""
     from pvjax.generate import generate
 
-    parts = work / exp / "parts"
-    key = _hash({**base, "exp": exp, "prompts": [c[2]("{question}") for c in conds], "n": cfg.n_samples})
-    files = [parts / f"{name}.csv" for name, *_ in conds]
-    if not st.done(f"answers/{exp}", key, files):
-        st.begin(f"answers/{exp}", key, [parts])
-        for c, ((name, strength, make), path) in enumerate(zip(conds, files)):
+    key = _hash({**base, "items": [{k: v for k, v in it.items()} for it in items]})
+    block = cfg.answer_block
+    files = [work / "answers" / f"{name}_{k}.csv" for k in range(-(-len(items) // block))]
+    if not st.done(name, key, files):
+        st.begin(name, key, files + sorted((work / "answers").glob(f"{name}_*.csv")))
+        for k, path in enumerate(files):
             if path.exists():
                 continue
-            prompts = [make(q) for q in questions for _ in range(cfg.n_samples)]
-            log.info("%s: answering %d prompts under %s", exp, len(prompts), name)
-            g = generate(model, prompts, sampling=_sampling(cfg), seed=cfg.seed * 1000 + e * 100 + c,
-                         batch_size=cfg.batch_size, progress=progress)
-            atomic.write_csv(path, [{"condition": name, "strength": strength, "question_id": i // cfg.n_samples,
-                                     "question": questions[i // cfg.n_samples], "sample": i % cfg.n_samples,
-                                     "answer": t} for i, t in enumerate(g.texts)], ANSWER_COLUMNS)
-        st.end(f"answers/{exp}", key)
+            chunk = items[k * block:(k + 1) * block]
+            log.info("%s: answering %d prompts (block %d of %d)", name, len(chunk), k + 1, len(files))
+            g = generate(model, [it["messages"] for it in chunk], sampling=_sampling(cfg),
+                         seed=cfg.seed * 1000 + (name == "round2") * 100 + k, batch_size=cfg.batch_size,
+                         progress=progress)
+            atomic.write_csv(path, [{**it, "answer": t} for it, t in zip(chunk, g.texts)], ANSWER_COLUMNS)
+        st.end(name, key)
     return [r for f in files for r in atomic.read_csv(f)], key
 
 
-def _scores(model, exp, answers, trait, ev, cfg, work, st, a_key, progress):
+def _scores(model, answers, trait, ev, cfg, work, st, a_key, progress):
     """Per answer a trait score (None for an empty answer or a judge without a number), and the
     kind: "judge" or "contrast"."""
     from pvjax.extract import make_judge_backend
 
     kind = "contrast" if cfg.judge.backend == "none" else "judge"
-    path = work / exp / "scores.csv"
+    path = work / "scores.csv"
     j = cfg.judge.to_dict() if hasattr(cfg.judge, "to_dict") else dict(cfg.judge)
     key = _hash({"answers": a_key, "kind": kind, "judge": j if kind == "judge" else None,
-                 "pairs": cfg.score.contrast_pairs if kind == "contrast" else None})
-    if not st.done(f"scores/{exp}", key, [path]):
-        st.begin(f"scores/{exp}", key, [path])
+                 "pairs": cfg.score.contrast_pairs if kind == "contrast" else None,
+                 "names": [cfg.pos_name, cfg.neg_name] if kind == "contrast" else None})
+    if not st.done("scores", key, [path]):
+        st.begin("scores", key, [path])
         live = [i for i, r in enumerate(answers) if r["answer"].strip()]
         out = [dict(r, score=None) for r in answers]
         if kind == "judge" and live:
@@ -276,7 +295,7 @@ def _scores(model, exp, answers, trait, ev, cfg, work, st, a_key, progress):
             for i, p, n in zip(live, pos, neg):
                 out[i].update(score=float(p - n), logprob_pos=float(p), logprob_neg=float(n))
         atomic.write_csv(path, out, ANSWER_COLUMNS + ("score", "logprob_pos", "logprob_neg"))
-        st.end(f"scores/{exp}", key)
+        st.end("scores", key)
     return [dict(r, score=None if r["score"] == "" else float(r["score"])) for r in atomic.read_csv(path)], kind
 
 
@@ -286,37 +305,42 @@ def _contrast(model, rows, trait, cfg):
     from pvjax.causality import answer_logprobs
     from pvjax.extract import system_prompt
 
-    pos = np.zeros(len(rows))
-    neg = np.zeros(len(rows))
     k = cfg.score.contrast_pairs
+    prompts, answers, slots = [], [], []
     for pair in trait.instruction[:k]:
-        for side, name, text, acc in (("pos", cfg.pos_name or trait.name, pair.pos, pos),
-                                      ("neg", cfg.neg_name or "helpful", pair.neg, neg)):
-            prompts = [model.chat_text([{"role": "system", "content": system_prompt(name, text)},
-                                        {"role": "user", "content": r["question"]}]) for r in rows]
-            order = sorted(range(len(rows)), key=lambda i: len(prompts[i]) + len(rows[i]["answer"]))
-            step = 4 * cfg.batch_size  # similar lengths share a call: each pads only to its own longest
-            for s in range(0, len(order), step):
-                ix = order[s:s + step]
-                lp = answer_logprobs(model, [prompts[i] for i in ix], [rows[i]["answer"] for i in ix],
-                                     batch_size=cfg.batch_size)[0]
-                acc[ix] += lp / k
-    return pos, neg
+        for side, name, text in (("pos", cfg.pos_name or trait.name, pair.pos),
+                                 ("neg", cfg.neg_name or "helpful", pair.neg)):
+            for i, r in enumerate(rows):
+                prompts.append(model.chat_text([{"role": "system", "content": system_prompt(name, text)},
+                                                {"role": "user", "content": r["question"]}]))
+                answers.append(r["answer"])
+                slots.append((side, i))
+    acc = {"pos": np.zeros(len(rows)), "neg": np.zeros(len(rows))}
+    # Similar lengths share a call, so each call pads only to its own longest sequence.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(answers[i]))
+    step = 4 * cfg.batch_size
+    for s in range(0, len(order), step):
+        ix = order[s:s + step]
+        lp = answer_logprobs(model, [prompts[i] for i in ix], [answers[i] for i in ix], batch_size=cfg.batch_size)[0]
+        for i, v in zip(ix, lp):
+            side, r = slots[i]
+            acc[side][r] += v / k
+    return acc["pos"], acc["neg"]
 
 
-def _projections(model, exp, conds, questions, vector, work, st, base):
+def _projections(model, prompts, vector, work, st, base):
+    """`[prompts, L]` last-prompt-token projections, one packed forward for every prompt."""
     from pvjax.monitor import last_prompt_projections, prompt_ids
 
-    path = work / exp / "projections.npy"
-    prompts = [make(q) for _, _, make in conds for q in questions]
+    path = work / "projections.npy"
     key = _hash({**base, "prompts": prompts})
-    if not st.done(f"projections/{exp}", key, [path]):
-        st.begin(f"projections/{exp}", key, [path])
+    if not st.done("projections", key, [path]):
+        st.begin("projections", key, [path])
         proj = last_prompt_projections(model, prompt_ids(model, prompts), vector)
         buf = io.BytesIO()
         np.save(buf, proj)
         atomic.write_bytes(path, buf.getvalue())
-        st.end(f"projections/{exp}", key)
+        st.end("projections", key)
     return np.load(path)
 
 
@@ -324,7 +348,7 @@ def _points(exp, conds, questions, scores, proj_NL):
     """One point per (condition, question): its projections and the mean of its defined scores."""
     by = {}
     for r in scores:
-        if r["score"] is not None:
+        if r["experiment"] == exp and r["score"] is not None:
             by.setdefault((r["condition"], int(r["question_id"])), []).append(r["score"])
     pts, i = [], 0
     for name, strength, _ in conds:
@@ -337,38 +361,37 @@ def _points(exp, conds, questions, scores, proj_NL):
     return pts
 
 
-def _trace(model, shots, question, vector, cfg, work, st, base):
-    """The first `trace_turns` shots as a conversation, then `question`, answered with per-token
-    probes; per token its position, text, message index, role and the projection at every layer."""
-    from pvjax.generate import generate_ids
-    from pvjax.monitor import prompt_ids, unit_rows
+def _trace(model, row, msgs, vector, work, st, base):
+    """Per-token projections over the conversation `msgs` and its generated answer (`row`), from one
+    forward with probes; per token its position, text, message index, role and every layer."""
+    from pvjax.model import activations, left_pad
+    from pvjax.monitor import unit_rows
 
-    if not cfg.trace_turns:
-        return None
     paths = [work / "trace.csv", work / "trace.json"]
     key = _hash(base)
     if not st.done("trace", key, paths):
         st.begin("trace", key, paths)
-        msgs = mp.exchanges(shots, cfg.trace_turns) + [{"role": "user", "content": question}]
-        ids = prompt_ids(model, [msgs])[0]
-        g = generate_ids(model, [ids], sampling=_sampling(cfg), seed=cfg.seed,
-                         probes=unit_rows(vector)[:, None, :])
-        proj = np.concatenate([g.prompt_projections[0][..., 0], g.projections[0][..., 0]], axis=1)  # [L, T]
-        ends = [len(model.tokenizer(model.chat_text(msgs[:j + 1], add_generation_prompt=False),
-                                    add_special_tokens=False)["input_ids"]) for j in range(len(msgs))]
-        toks = list(ids) + list(g.tokens[0])
+        tok = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]
+        prompt = model.chat_text(msgs)
+        # The prompt alone fixes where the answer starts, as in extraction's pooling.
+        ids, n_prompt = tok(prompt + row["answer"]), len(tok(prompt))
+        T = -(-len(ids) // 64) * 64  # a few widths, a few programs
+        tokens, mask = left_pad([ids], T)
+        out = activations(model, tokens, attention_mask=mask, probes=unit_rows(vector)[:, None, :], hidden=False)
+        proj = np.asarray(out.projections)[:, 0, T - len(ids):, 0]  # [L, T]
+        ends = [len(tok(model.chat_text(msgs[:j + 1], add_generation_prompt=False))) for j in range(len(msgs))]
         rows, which = [], []
-        for t, tok in enumerate(toks):
+        for t, tid in enumerate(ids):
             m = next((j for j, end in enumerate(ends) if t < end), len(msgs))
-            role = msgs[m]["role"] if m < len(msgs) else "assistant"
             which.append(m)
-            rows.append({"position": t, "token": model.tokenizer.decode([tok]), "message": m, "role": role,
-                         "generated": int(t >= len(ids)), **{f"layer_{l}": float(proj[l, t]) for l in range(len(proj))}})
+            rows.append({"position": t, "token": model.tokenizer.decode([tid]), "message": m,
+                         "role": msgs[m]["role"] if m < len(msgs) else "assistant", "generated": int(t >= n_prompt),
+                         **{f"layer_{l}": float(proj[l, t]) for l in range(len(proj))}})
         atomic.write_csv(paths[0], rows, ("position", "token", "message", "role", "generated",
                                           *(f"layer_{l}" for l in range(len(proj)))))
         atomic.write_json(paths[1], {"messages": which, "roles": [r["role"] for r in rows],
-                                     "tokens": [r["token"] for r in rows], "n_prompt": len(ids),
-                                     "n_turns": cfg.trace_turns, "answer": g.texts[0],
+                                     "tokens": [r["token"] for r in rows], "n_prompt": n_prompt,
+                                     "n_turns": len(msgs) // 2, "answer": row["answer"],
                                      "projections": proj.round(5).tolist()})
         st.end("trace", key)
     return json.loads(paths[1].read_text())
