@@ -120,10 +120,20 @@ def test_study_writes_its_tables_plots_and_monitor(finished, setup):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_a_finished_run_is_returned_without_the_model(finished, setup, monkeypatch):
+def test_a_finished_run_is_returned_without_the_model(finished, setup, monkeypatch, tmp_path):
     work, rows = finished
     monkeypatch.setattr(pvjax, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     assert study.run(small_config(setup), work, progress=False) == rows
+    # the same config naming a file whose vector changed is not the finished run: the work starts again
+    import shutil
+
+    root, model, v, _ = setup
+    other = save_vectors(tmp_path / "v.safetensors", {"response_avg_diff": v + 1}, model=model, trait="evil")
+    shutil.copytree(work, tmp_path / "run")
+    cfg = small_config(setup, vector=str(other))
+    atomic.write_json(tmp_path / "run" / "config.json", cfg.to_dict())
+    with pytest.raises(AssertionError, match="loaded"):
+        study.run(cfg, tmp_path / "run", progress=False)
 
 
 def test_an_interrupted_run_resumes_from_its_files(finished, setup, tmp_path, monkeypatch):

@@ -169,7 +169,11 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     _vector_check(cfg, trait.name)
     snapshot = json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), default=str))
     if (work / "DONE").exists() and json.loads((work / "config.json").read_text()) == snapshot:
-        return _read_rows(work)
+        from pvjax.vectors import read_vector
+
+        done = json.loads((work / "summary.json").read_text())
+        if not cfg.vector or done.get("vector_sha256") == vector_sha256(read_vector(cfg.vector)):
+            return _read_rows(work)
     work.mkdir(parents=True, exist_ok=True)
     (work / "DONE").unlink(missing_ok=True)
     atomic.write_json(work / "config.json", snapshot)

@@ -89,7 +89,14 @@ def trace(path, tr: dict, layers, trait: str):
     for l in layers:
         ax.plot(proj[l], lw=0.9, label=f"layer {l}")
     ax.axvline(tr["n_prompt"] - 0.5, color="black", ls=":", lw=1, label="answer starts")
-    ax.set(xlabel="token position (user turns shaded)", ylabel="projection onto unit vector",
+    # The first token is an attention sink with a residual norm hundreds of times the others':
+    # the axis is scaled to the rest.
+    rest = proj[list(layers), 1:]
+    if rest.size:
+        lo, hi = float(rest.min()), float(rest.max())
+        pad = 0.08 * (hi - lo or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set(xlabel="token position (user turns shaded; token 0 off scale)", ylabel="projection onto unit vector",
            title=f"{trait}: per-token projection over a {tr['n_turns']}-exchange conversation, then a question")
     ax.legend(fontsize=8)
     return _save(fig, path)

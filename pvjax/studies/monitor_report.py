@@ -71,7 +71,10 @@ def report(cfg, work, model, trait, results: dict, kind: str, trace, vector, spe
         ok = [r for r in corr[exp] if r["r"] is not None]
         return max(ok, key=lambda r: r["r"]) if ok else None
 
-    summary = {"trait": trait.name, "model": model.model_id, "vector": spec, "score": kind,
+    from pvjax.monitor import vector_sha256
+
+    summary = {"trait": trait.name, "model": model.model_id, "vector": spec, "vector_sha256": vector_sha256(vector),
+               "score": kind,
                "score_meaning": label.split(" >=")[0], "experiments": list(results),
                "points": {e: len(p) for e, p in groups.items()},
                "best_layer": {e: best(e) for e in corr}, "plot_layer": layer,
