@@ -7,6 +7,12 @@ Several `--coef` values run every prompt under every coefficient in one batch. `
 takes the reference implementation's `.pt` files (`[n_layers+1, D]`). With a vector, each answer
 reports the projection of the last prompt token onto it (unit-normalised) at each `--layer`: the
 paper's monitoring signal, read from the same (steered) run.
+
+`--monitor FILE.monitor.json` (written by the monitoring study, `configs/monitor.py`) adds its flag
+per answer: the projection at the monitor's layer and last prompt token, its threshold, and
+`flagged` (projection >= threshold). A monitor beside `--vector` (`<stem>.<key>.monitor.json`) is
+used without asking, unless it was calibrated on another vector (then a warning says so). Under
+steering the projection, like `prompt_last_projection`, is read from the steered run.
 """
 
 from __future__ import annotations
@@ -49,6 +55,8 @@ def add_parser(sub):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--monitor", help="calibrated monitor FILE.monitor.json: report its flag per answer "
+                                     "(default: the one beside --vector, if any)")
     p.add_argument("--json", action="store_true", help="one JSON object per answer per line")
     p.set_defaults(func=run)
     return p
@@ -155,6 +163,9 @@ def run(args) -> int:
     for spec in (args.vector, args.ablate):  # readable, finite, holding the key: before the load
         if spec:
             read_vector(spec)
+    from pvjax.monitor import attach_monitor
+
+    monitor, monitor_file = attach_monitor(args.monitor, args.vector)  # the file checked before the load
 
     import pvjax
     from pvjax import interventions as ivs
@@ -170,6 +181,12 @@ def run(args) -> int:
         steer = [(vector, args.layer, np.repeat(coefs, len(prompts)))]
         rows = vector if vector.ndim == 2 else np.broadcast_to(vector, (L, D))
         probes = (rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12))[:, None]
+    if monitor is not None:
+        monitor, monitor_file = attach_monitor(args.monitor, args.vector, model, vector)
+    if monitor is not None:  # one more probe column: the monitor's direction at its layer
+        m = np.zeros((L, 1, D), np.float32)
+        m[monitor.layer, 0] = monitor.direction
+        probes = m if probes is None else np.concatenate([probes, m], axis=1)
     if args.ablate:
         ablate = [(read_vector(args.ablate, model), args.ablate_layer or args.layer)]
     batch = len(prompts) * len(coefs)
@@ -184,11 +201,17 @@ def run(args) -> int:
             row.update(coef=c, layers=args.layer, positions=positions, vector=args.vector,
                        prompt_last_projection={l: round(float(g.prompt_projections[i][l, -1, 0]), 4)
                                                for l in args.layer})
+        if monitor is not None:
+            x = float(g.prompt_projections[i][monitor.layer, -1, -1])
+            row["monitor"] = {"layer": monitor.layer, "projection": round(x, 4), "threshold": monitor.threshold,
+                              "flagged": bool(monitor.flag(x)), "file": monitor_file}
         if args.json:
             print(json.dumps(row, ensure_ascii=False))
         else:
             head = p if isinstance(p, str) else p[-1]["content"]
             tag = f"  [coef {c:g} at layer {','.join(map(str, args.layer))}, {positions}]" if args.vector else ""
+            if monitor is not None:
+                tag += f"  [monitor: {'FLAGGED' if row['monitor']['flagged'] else 'ok'}, {x:.2f} vs {monitor.threshold:.2f}]"
             print(f"### {head}{tag}\n{text}\n")
     sys.stdout.flush()
     return 0
