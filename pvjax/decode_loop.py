@@ -8,7 +8,7 @@ The arguments are grouped by what travels together: the prompt batch (`PromptBat
 settings and per-row PRNG keys (`Sampler`), and the intervention with its prefill and decode
 position masks (`Steering`). Every field is an array (traced) except `Sampler.mode` and
 `Sampler.n_new`, which are pytree metadata and so pick the compiled program, as the static
-arguments they replace did.
+arguments they replace did; and `mesh` (None on one device), which picks the KV-cache layout.
 """
 
 from __future__ import annotations
