@@ -25,7 +25,6 @@ serves every request that falls in the same buckets.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import weakref
 from pathlib import Path
@@ -35,15 +34,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pvjax import inputs, kernels
-from pvjax.capture import Capture
+from pvjax import generate_mesh, inputs, kernels
+from pvjax.decode_loop import PromptBatch, Sampler, Steering, compile_count, run
 from pvjax.errors import InputError
 from pvjax.interventions import Intervention, InterventionError, POSITION_MODES, empty
 from pvjax.model import default_positions, left_pad
-from pvjax.models.decoder import decode, init_cache, unstack_layers
+from pvjax.models.decoder import unstack_layers
 from pvjax.prompts import check_prompts
 
-_NEG = -1e30
+__all__ = ["Generation", "GenerationError", "SamplingParams", "compile_count", "decode_params",
+           "generate", "generate_ids", "prefix_bucket", "prompt_bucket", "render_prompts",
+           "stop_token_ids"]
 
 
 class GenerationError(InputError):
@@ -181,101 +182,6 @@ def render_prompts(model, prompts, *, system: str | None = None, chat: bool = Tr
     return out
 
 
-def _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode: str):
-    """`mode` (static) is "greedy", "sample" or "filter" (top-k and/or top-p on). Temperature,
-    then top-k, then top-p, then a draw from each row's own key folded with the step, so a
-    prompt's text does not depend on which other prompts share its batch. The mode is static
-    because XLA on CPU pays for a `lax.cond` over the vocabulary on every step (measured: a
-    quarter of a batch-16 decode step)."""
-    if mode == "greedy":
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-    V = logits_BV.shape[-1]
-    x = logits_BV / temperature
-    if mode == "filter":
-        srt = -jnp.sort(-x, axis=-1)
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-        srt = jnp.where(jnp.arange(V) < k, srt, _NEG)
-        p = jax.nn.softmax(srt, axis=-1)
-        keep = (jnp.cumsum(p, axis=-1) - p) < top_p  # the first token always survives
-        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
-        x = jnp.where(x < cutoff, _NEG, x)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B2)
-    return jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "n_new", "mode"))
-def _generate(params, prefill_params, cfg, prefix_1C, tokens_BP, mask_BP, positions_BP, iv, prefill_masks,
-              decode_masks, probes, keys_B2, temperature, top_p, top_k, min_new, max_new, stop_ids, pad_id,
-              n_new, mode):
-    """`prefix_1C` (C may be 0) is shared by every row and comes before `tokens_BP`, whose
-    positions already count it; `prefill_masks` cover both, `[B, C + P]`."""
-    B, P = tokens_BP.shape
-    C = prefix_1C.shape[1]
-    stacked = not isinstance(prefill_params["layers"], tuple)
-    dtype = params["embed"].dtype
-    capture = Capture(probes=probes, logits="last", hidden=False)
-    is_stop = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=-1)
-
-    def pick(logits_BV, step):
-        # Stop tokens are forbidden until min_new tokens exist.
-        stop_cols = jnp.zeros(logits_BV.shape[-1], bool).at[stop_ids].set(True)
-        logits_BV = jnp.where(stop_cols[None] & (step < min_new), _NEG, logits_BV)
-        return _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode)
-
-    S = C + P + n_new
-    if C:
-        pre = decode(prefill_params, cfg, prefix_1C, jnp.arange(C)[None], jnp.ones((1, C), jnp.int32),
-                     intervention=_rows(iv, np.zeros(1, int), B, 1).with_masks(*(m[:1, :C] for m in prefill_masks)),
-                     capture=dataclasses.replace(capture, logits="none"),
-                     cache=init_cache(cfg, 1, S, dtype, stacked=stacked), prefill=True)
-        tile = lambda x: jnp.tile(x, (1, B, 1, 1) if stacked else (B, 1, 1))
-        k, v = jax.tree_util.tree_map(tile, (pre.cache.k, pre.cache.v))
-        cache = pre.cache._replace(k=k, v=v, valid=jnp.broadcast_to(pre.cache.valid, (B, S)))
-    else:
-        cache = init_cache(cfg, B, S, dtype, stacked=stacked)
-    out = decode(prefill_params, cfg, tokens_BP, positions_BP, mask_BP,
-                 intervention=iv.with_masks(*(m[:, C:] for m in prefill_masks)), capture=capture,
-                 cache=cache, prefill=not C)
-    if C and probes is not None:
-        shared = jnp.broadcast_to(pre.projections, (pre.projections.shape[0], B) + pre.projections.shape[2:])
-        out = out._replace(projections=jnp.concatenate([shared, out.projections], axis=2))
-    if isinstance(params["layers"], tuple) and not isinstance(out.cache.k, tuple):
-        out = out._replace(cache=out.cache._replace(k=tuple(out.cache.k), v=tuple(out.cache.v)))
-    first = pick(out.logits[:, -1], 0)
-    toks_BN = jnp.full((B, n_new), pad_id, jnp.int32).at[:, 0].set(first)
-    L = cfg.num_layers + 1
-    n_probes = 0 if probes is None else probes.shape[-2]
-    proj_LBNK = jnp.zeros((L, B, n_new, n_probes), jnp.float32)
-    next_pos = positions_BP[:, -1] + 1
-    decode_iv = iv.with_masks(*decode_masks)
-    ones = jnp.ones((B, 1), jnp.int32)
-
-    def feed(toks_BN, i, cache, proj):
-        """Run token i of every row through the model: next logits and its projections."""
-        o = decode(params, cfg, jax.lax.dynamic_slice_in_dim(toks_BN, i, 1, axis=1),
-                   (next_pos + i)[:, None], ones, intervention=decode_iv, capture=capture, cache=cache)
-        if probes is not None:
-            proj = jax.lax.dynamic_update_slice_in_dim(proj, o.projections, i, axis=2)
-        return o.logits[:, -1], o.cache, proj
-
-    def cond(state):
-        i, _, done, _, _ = state
-        return (i < max_new) & ~jnp.all(done)
-
-    def body(state):
-        i, toks, done, cache, proj = state
-        logits, cache, proj = feed(toks, i - 1, cache, proj)
-        t = jnp.where(done, pad_id, pick(logits, i))
-        return i + 1, toks.at[:, i].set(t), done | is_stop(t), cache, proj
-
-    state = (jnp.int32(1), toks_BN, is_stop(first), out.cache, proj_LBNK)
-    n, toks_BN, _, cache, proj_LBNK = jax.lax.while_loop(cond, body, state)
-    if probes is not None:  # the last token was sampled but never fed; feed it for its projection
-        _, _, proj_LBNK = feed(toks_BN, n - 1, cache, proj_LBNK)
-    return toks_BN, out.projections, proj_LBNK
-
-
 _UNSTACKED = weakref.WeakKeyDictionary()
 
 
@@ -301,29 +207,6 @@ def _use_kernel(params) -> bool:
     on_one_cpu = all(getattr(x, "sharding", None) is not None and len(x.sharding.device_set) == 1
                      and next(iter(x.sharding.device_set)).platform == "cpu" for x in leaves)
     return on_one_cpu and all(x.dtype == jnp.float32 for x in leaves) and kernels.available()
-
-
-def compile_count() -> int:
-    """How many programs the generation engine has compiled in this process (for tests)."""
-    return _generate._cache_size()
-
-
-def _rows(iv: Intervention, rows: np.ndarray, n_total: int, pad_to: int) -> Intervention:
-    """The intervention for a chunk of prompts: per-prompt leaves sliced, then zero-padded; shared
-    ones broadcast, so shared, per-prompt and absent interventions all run one program."""
-    def take(x):
-        if x.shape[1] == 1:
-            return jnp.broadcast_to(x, (x.shape[0], pad_to) + x.shape[2:])
-        if x.shape[1] != n_total:
-            raise InterventionError(f"intervention batch {x.shape[1]} matches neither 1 nor the "
-                                    f"{n_total} prompts")
-        x = x[:, rows]
-        pad = [(0, 0)] * x.ndim
-        pad[1] = (0, pad_to - len(rows))
-        return jnp.pad(x, pad)
-
-    return dataclasses.replace(iv, steer_vectors=take(iv.steer_vectors), steer_coefs=take(iv.steer_coefs),
-                               ablate_dirs=take(iv.ablate_dirs), ablate_coefs=take(iv.ablate_coefs))
 
 
 def _masks(mode: str, mask_BP: np.ndarray):
@@ -352,7 +235,8 @@ def generate(model, prompts: Sequence, *, system: str | None = None, chat: bool 
 def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParams = SamplingParams(),
                  seed: int = 0, intervention: Intervention | None = None, positions: str = "all",
                  ablate_positions: str = "all", probes=None, batch_size: int = 16,
-                 unroll: bool = True, share_prefix: bool = True, progress: bool = False) -> Generation:
+                 unroll: bool = True, share_prefix: bool = True, progress: bool = False,
+                 mesh=None) -> Generation:
     """The engine, on token ids (see the module docstring; `Generation` for results).
 
     `intervention` has batch 1 (applies to every prompt) or one row per prompt (a coefficient
@@ -364,24 +248,38 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
     `decode_params`; default: unrolled). `share_prefix` runs a prefix common to a batch's prompts
     once (see the module docstring). A model without a tokenizer (random weights for benchmarks)
     returns empty texts.
+
+    `mesh` (a `("data", "model")` `jax.sharding.Mesh`, `pvjax.sharding.make_mesh`) runs the batch
+    over "data" and the weights and kv heads over "model" (see `pvjax.generate_mesh`); each batch
+    is padded to a multiple of the data axis. Without it, one device, as before.
     """
     ids, intervention, probes = _check_request(model, ids, sampling, seed, intervention, positions,
                                                ablate_positions, probes, batch_size)
+    if mesh is not None:
+        generate_mesh.check_mesh(mesh)
     cfg = model.config
 
     stops = stop_token_ids(model)
     single = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in sampling.stop]
     stop_ids = jnp.asarray(sorted(set(stops) | {s[0] for s in single if len(s) == 1}), jnp.int32)
     pad_id = stops[0] if stops else 0
-    n_new = _new_bucket(sampling.max_new_tokens)
     base_key = jax.random.PRNGKey(seed)
+    sampler = Sampler(keys_B2=None, temperature=jnp.float32(sampling.temperature),
+                      top_p=jnp.float32(sampling.top_p), top_k=jnp.int32(sampling.top_k),
+                      min_new=jnp.int32(sampling.min_new_tokens), max_new=jnp.int32(sampling.max_new_tokens),
+                      stop_ids=stop_ids, pad_id=jnp.int32(pad_id), mode=sampling.mode,
+                      n_new=_new_bucket(sampling.max_new_tokens))
 
-    params = decode_params(model, unroll)
-    # The prompt pass is compute bound (M = B*P rows). Off the CPU kernels, XLA's dots on the
-    # stacked weights serve it as well as unrolled ones and compile faster; the packed kernel is
-    # a little faster than XLA's dots there too (measured: 16 x 24 rows, 0.52-0.67 s against
-    # 0.61-0.72 s).
-    prefill_params = params if isinstance(params.get("head"), kernels.PackedWeight) else model.params
+    if mesh is not None:
+        params, prefill_params = generate_mesh.place_params(model, mesh, unroll)
+        generate_mesh.note_cache_layout(cfg, mesh, model.model_id)
+    else:
+        params = decode_params(model, unroll)
+        # The prompt pass is compute bound (M = B*P rows). Off the CPU kernels, XLA's dots on the
+        # stacked weights serve it as well as unrolled ones and compile faster; the packed kernel
+        # is a little faster than XLA's dots there too (measured: 16 x 24 rows, 0.52-0.67 s
+        # against 0.61-0.72 s).
+        prefill_params = params if isinstance(params.get("head"), kernels.PackedWeight) else model.params
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     results: dict[int, tuple] = {}
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -389,9 +287,15 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(ids), desc="generate", unit="prompt")
-    shared_iv = intervention.steer_vectors.shape[1] == 1  # one intervention for every row
+    # Fixed and closed-loop requests share one program (see pvjax.interventions).
+    intervention = intervention.with_closed_loop()
+    # One intervention for every row: a shared prefix can run once, as row 0.
+    shared_iv = all(x.shape[1] == 1 for x in jax.tree_util.tree_leaves(
+        dataclasses.replace(intervention, steer_mask=None, ablate_mask=None)))
     for chunk in chunks:
         B = _batch_bucket(len(chunk), batch_size)
+        if mesh is not None:
+            B = generate_mesh.pad_batch(B, mesh)
         seqs = [ids[i] for i in chunk]
         C = prefix_bucket(_common_prefix(seqs)) if share_prefix and shared_iv and len(chunk) > 1 else 0
         P = prompt_bucket(max(len(x) for x in seqs) - C)
@@ -402,15 +306,15 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
         abl_pre, abl_dec = _masks(ablate_positions, full_mask)
         keys = jnp.stack([jax.random.fold_in(base_key, i) for i in chunk] +
                          [base_key] * (B - len(chunk)))
-        iv = _rows(intervention, np.asarray(chunk), len(ids), B)
-        toks, p_proj, r_proj = _generate(
-            params, prefill_params, cfg, jnp.asarray([seqs[0][:C]], jnp.int32).reshape(1, C),
-            jnp.asarray(tokens), jnp.asarray(mask), pos, iv,
-            (jnp.asarray(steer_pre), jnp.asarray(abl_pre)), (jnp.asarray(steer_dec), jnp.asarray(abl_dec)),
-            probes, keys, jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
-            jnp.int32(sampling.top_k), jnp.int32(sampling.min_new_tokens),
-            jnp.int32(sampling.max_new_tokens), stop_ids, jnp.int32(pad_id), n_new=n_new,
-            mode=sampling.mode)
+        batch = PromptBatch(prefix_1C=jnp.asarray([seqs[0][:C]], jnp.int32).reshape(1, C),
+                            tokens_BP=jnp.asarray(tokens), mask_BP=jnp.asarray(mask), positions_BP=pos)
+        sampler = dataclasses.replace(sampler, keys_B2=keys)
+        steering = Steering(iv=intervention.take_rows(chunk, len(ids), B),
+                            prefill_masks=(jnp.asarray(steer_pre), jnp.asarray(abl_pre)),
+                            decode_masks=(jnp.asarray(steer_dec), jnp.asarray(abl_dec)))
+        if mesh is not None:
+            batch, sampler, steering = generate_mesh.place_inputs(mesh, batch, sampler, steering)
+        toks, p_proj, r_proj = run(params, prefill_params, cfg, batch, sampler, steering, probes, mesh)
         toks = np.asarray(toks)
         p_proj = None if probes is None else np.asarray(p_proj)
         r_proj = None if probes is None else np.asarray(r_proj)

@@ -110,8 +110,14 @@ def check_intervention_batch(iv, batch: int, width: int, n_rows: int, model_id: 
     if iv.steer_vectors.shape[-1] != width or iv.ablate_dirs.shape[-1] != width:
         raise InputError(f"intervention width {iv.steer_vectors.shape[-1]} != hidden size {width} "
                          f"of {model_id}")
-    for name in ("steer_vectors", "steer_coefs", "ablate_dirs", "ablate_coefs"):
-        b = getattr(iv, name).shape[1]
+    closed = {} if iv.closed_loop is None else {f"closed_loop.{k}": getattr(iv.closed_loop, k)
+                                                for k in ("mode", "value", "gain", "max_step")}
+    for name, x in [(n, getattr(iv, n)) for n in ("steer_vectors", "steer_coefs", "ablate_dirs",
+                                                   "ablate_coefs")] + list(closed.items()):
+        if name.startswith("closed_loop") and x.shape[0] != n_rows:
+            raise InputError(f"intervention {name} has {x.shape[0]} rows but {model_id} has "
+                             f"n_layers+1 = {n_rows}")
+        b = x.shape[1]
         if b not in (1, batch):
             raise InputError(f"intervention has batch {b} ({name}) but the input has {batch} rows; "
                              f"use batch 1 to apply it to every row, or one row per input")

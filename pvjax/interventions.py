@@ -12,6 +12,22 @@ right after block l-1 writes row l. At each row, ablation runs first, then addit
 Coefficient 0 is the identity, so steering, ablation, preventative steering and multi-layer steering
 share one compiled program: coefficients, vectors, layer choice and position masks are all traced,
 so sweeping them never recompiles. Every batch row may carry its own coefficients and vectors.
+
+Closed-loop steering (optional `closed_loop` field, `ClosedLoop`): a row and layer whose mode is
+`cap` or `target` does not use its fixed coefficient; at every position the steering mask selects,
+the current projection `p = h . v / |v|` (after that row's ablation, before steering) sets it:
+
+    cap:     delta = min(0, value - p)       only the part above the ceiling `value` is removed
+    target:  delta = value - p               steer toward `value`
+    delta <- clip(gain * delta, -max_step, max_step);   h <- h + delta * v / |v|
+
+so with gain 1 the projection lands exactly on the ceiling or the target. `p`, `value` and `max_step`
+are in units of the projection onto the unit vector, the same numbers `probes=` of a unit vector
+report. Mode `fixed` rows use `c` exactly as above (bit for bit: the coefficient is selected, not
+recomputed), so fixed, cap and target rows share one batch and one compiled program. Each position
+is edited from its own projection only, so the rule is causal: in generation it acts per new token
+(and on the prompt tokens where the position mask covers them), and a plain forward over prompt and
+answer reproduces what generation did.
 """
 
 from __future__ import annotations
@@ -32,6 +48,61 @@ class InterventionError(UserError, ValueError):
     """An intervention that does not fit the model it is applied to."""
 
 
+FIXED, CAP, TARGET = 0, 1, 2  # ClosedLoop.mode values
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ClosedLoop:
+    """Per-layer, per-row feedback rule for the steering vector (see the module docstring)."""
+
+    mode: jax.Array  # [L, B|1] int32: FIXED, CAP or TARGET
+    value: jax.Array  # [L, B|1] float32: the ceiling (CAP) or the set point (TARGET)
+    gain: jax.Array  # [L, B|1] float32: share of the gap closed per position (1: all of it)
+    max_step: jax.Array  # [L, B|1] float32: largest |delta| per position (inf: no limit)
+
+    @classmethod
+    def fixed(cls, n_rows: int, batch: int = 1) -> "ClosedLoop":
+        """Every row and layer in fixed mode: the same edits as no closed loop at all."""
+        return cls(mode=jnp.zeros((n_rows, batch), jnp.int32), value=jnp.zeros((n_rows, batch), jnp.float32),
+                   gain=jnp.ones((n_rows, batch), jnp.float32),
+                   max_step=jnp.full((n_rows, batch), jnp.inf, jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class Feedback:
+    """A closed-loop steering coefficient for `build`: use `cap(...)` or `target(...)`."""
+
+    mode: int
+    value: float
+    gain: float = 1.0
+    max_step: float = float("inf")
+
+    def __post_init__(self):
+        for name in ("value", "gain", "max_step"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or np.isnan(v):
+                raise InterventionError(f"closed-loop {name} must be a number, got {v!r}")
+        if not np.isfinite(self.value):
+            raise InterventionError(f"closed-loop value must be finite, got {self.value!r}")
+        if not (np.isfinite(self.gain) and self.gain > 0):
+            raise InterventionError(f"closed-loop gain must be a finite number > 0, got {self.gain!r}")
+        if not self.max_step > 0:
+            raise InterventionError(f"closed-loop max_step must be > 0 (inf: no limit), got {self.max_step!r}")
+
+
+def cap(ceiling: float, *, gain: float = 1.0, max_step: float = float("inf")) -> Feedback:
+    """Closed-loop coefficient: remove only the part of the projection onto the unit vector above
+    `ceiling`, at every steered position (rows below the ceiling are left untouched)."""
+    return Feedback(CAP, ceiling, gain, max_step)
+
+
+def target(value: float, *, gain: float = 1.0, max_step: float = float("inf")) -> Feedback:
+    """Closed-loop coefficient: move the projection onto the unit vector toward `value` (by
+    `gain` of the gap, at most `max_step`) at every steered position."""
+    return Feedback(TARGET, value, gain, max_step)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Intervention:
@@ -41,6 +112,7 @@ class Intervention:
     ablate_coefs: jax.Array  # [L, B|1]
     steer_mask: jax.Array  # [B|1, T] 1 where steering applies
     ablate_mask: jax.Array  # [B|1, T]
+    closed_loop: ClosedLoop | None = None  # None: every row fixed (and no projection computed)
 
     @property
     def n_rows(self) -> int:
@@ -50,14 +122,58 @@ class Intervention:
         return dataclasses.replace(self, steer_mask=steer_mask,
                                    ablate_mask=steer_mask if ablate_mask is None else ablate_mask)
 
+    def with_closed_loop(self) -> "Intervention":
+        """The same edits, with a `closed_loop` field in any case (all fixed when absent), so
+        that fixed and closed-loop requests share a compiled program."""
+        if self.closed_loop is not None:
+            return self
+        return dataclasses.replace(self, closed_loop=ClosedLoop.fixed(self.n_rows))
 
-def apply_row(h_BTD, steer_v_BD, steer_c_B, abl_u_BD, abl_c_B, steer_m_BT, abl_m_BT):
-    """Edit one residual row; the edit is computed in float32 whatever the activation dtype."""
+    def take_rows(self, rows, n_total: int, pad_to: int) -> "Intervention":
+        """The intervention for a chunk of `n_total` inputs: per-input leaves (batch `n_total` on
+        axis 1) take `rows` and are zero-padded to `pad_to` rows (zero is the identity); shared
+        ones (batch 1) are broadcast. So shared, per-input and absent interventions all run one
+        program. The masks are left as they are."""
+        rows = np.asarray(rows)
+
+        def take(x):
+            if x.shape[1] == 1:
+                return jnp.broadcast_to(x, (x.shape[0], pad_to) + x.shape[2:])
+            if x.shape[1] != n_total:
+                raise InterventionError(f"intervention batch {x.shape[1]} matches neither 1 nor the "
+                                        f"{n_total} inputs")
+            x = x[:, rows]
+            pad = [(0, 0)] * x.ndim
+            pad[1] = (0, pad_to - len(rows))
+            return jnp.pad(x, pad)
+
+        masks = (self.steer_mask, self.ablate_mask)
+        out = jax.tree_util.tree_map(take, dataclasses.replace(self, steer_mask=None, ablate_mask=None))
+        return out.with_masks(*masks)
+
+
+def apply_row(h_BTD, steer_v_BD, steer_c_B, abl_u_BD, abl_c_B, steer_m_BT, abl_m_BT,
+              closed: ClosedLoop | None = None):
+    """Edit one residual row; the edit is computed in float32 whatever the activation dtype.
+    `closed` holds this row's `ClosedLoop` leaves (`[B]` each), or None (all fixed)."""
     h = h_BTD.astype(jnp.float32)
     u = abl_u_BD.astype(jnp.float32)[:, None, :]
     proj_BT = jnp.sum(h * u, axis=-1)
     h = h - (abl_c_B[:, None] * abl_m_BT * proj_BT)[..., None] * u
-    h = h + (steer_c_B[:, None] * steer_m_BT)[..., None] * steer_v_BD.astype(jnp.float32)[:, None, :]
+    v = steer_v_BD.astype(jnp.float32)[:, None, :]
+    if closed is not None:  # measured before the fixed edit, which is zero on closed-loop rows
+        norm_B1 = jnp.sqrt(jnp.sum(v * v, axis=-1))
+        inv_B1 = jnp.where(norm_B1 > 0, 1 / jnp.where(norm_B1 > 0, norm_B1, 1), 0)
+        p_BT = jnp.sum(h * v, axis=-1) * inv_B1
+        delta_BT = closed.value[:, None] - p_BT
+        delta_BT = jnp.where(closed.mode[:, None] == CAP, jnp.minimum(delta_BT, 0), delta_BT)
+        step_B1 = closed.max_step[:, None]
+        delta_BT = jnp.clip(closed.gain[:, None] * delta_BT, -step_B1, step_B1)
+        closed_c_BT = jnp.where(closed.mode[:, None] == FIXED, 0.0, delta_BT * inv_B1)
+    h = h + (steer_c_B[:, None] * steer_m_BT)[..., None] * v
+    if closed is not None:
+        # A second, separate edit: on fixed rows it adds exact zeros.
+        h = h + (closed_c_BT * steer_m_BT)[..., None] * v
     return h.astype(h_BTD.dtype)
 
 
@@ -105,6 +221,20 @@ def _check_coefs(coef, batch: int, what: str) -> np.ndarray:
     return np.broadcast_to(c, (batch,))
 
 
+def _steer_coefs(coef, batch: int):
+    """`([batch] fixed coefficients (0 on closed-loop rows), [batch] Feedback or None)` from a
+    number, a `Feedback`, or one of either per row."""
+    items = [coef] * batch if isinstance(coef, Feedback) else coef if isinstance(coef, (list, tuple)) else None
+    if items is None or not any(isinstance(x, Feedback) for x in items):
+        return _check_coefs(coef, batch, "steering coefficient"), [None] * batch
+    if len(items) != batch:
+        raise InterventionError(f"steering coefficient has {len(items)} entries: give one, or one per "
+                                f"batch row (batch={batch})")
+    fixed = [0.0 if isinstance(x, Feedback) else x for x in items]
+    return _check_coefs(fixed, batch, "steering coefficient"), \
+        [x if isinstance(x, Feedback) else None for x in items]
+
+
 def _brief(item) -> str:
     return f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
 
@@ -130,6 +260,11 @@ def build(n_rows: int, width: int, *, steer: Sequence[tuple] = (), ablate: Seque
     used, the reference implementation's file layout). `coef` (and `strength`) may be a scalar or a
     length-`batch` sequence, one value per batch row; every value must be finite. Ablation
     directions are normalised to unit length.
+
+    A steering `coef` (or any entry of a per-row list) may also be closed loop: `cap(ceiling)` or
+    `target(value, gain=, max_step=)` (see the module docstring), e.g.
+    `steer=[(v, 12, [4.0, cap(2.5), target(0.0, gain=0.5)])]` with `batch=3` runs a fixed, a capped
+    and a targeted row side by side. The intervention then carries a `ClosedLoop`.
     """
     if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
         raise InterventionError(f"batch must be a positive integer, got {batch!r}")
@@ -137,17 +272,26 @@ def build(n_rows: int, width: int, *, steer: Sequence[tuple] = (), ablate: Seque
     sc = np.zeros((n_rows, batch), np.float32)
     au = np.zeros((n_rows, batch, width), np.float32)
     ac = np.zeros((n_rows, batch), np.float32)
+    fixed = ClosedLoop.fixed(n_rows, batch)
+    loop = {f.name: np.array(getattr(fixed, f.name)) for f in dataclasses.fields(ClosedLoop)}
     for item in steer:
         if not isinstance(item, (tuple, list)) or len(item) != 3:
             raise InterventionError(f"each steer item is (vector, layer, coef), got {_brief(item)}")
         vec, layer, coef = item
         vec = _check_vector(vec, n_rows, width, "steering vector")
-        coef = _check_coefs(coef, batch, "steering coefficient")
+        coef, feedback = _steer_coefs(coef, batch)
         for l in _check_layers(layer, n_rows):
-            if np.any(sc[l] != 0):
+            if np.any(sc[l] != 0) or np.any(loop["mode"][l] != FIXED):
                 raise InterventionError(f"two steering vectors target layer {l}; add them first")
             sv[l] = vec[l] if vec.ndim == 2 else vec
             sc[l] = coef
+            for b, fb in enumerate(feedback):
+                if fb is None:
+                    continue
+                if not np.any(sv[l]):
+                    raise InterventionError(f"closed-loop steering vector at layer {l} is zero")
+                for name in loop:
+                    loop[name][l, b] = getattr(fb, name)
     for item in ablate:
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
             raise InterventionError(f"each ablate item is (vector, layer[, strength]), got {_brief(item)}")
@@ -162,8 +306,11 @@ def build(n_rows: int, width: int, *, steer: Sequence[tuple] = (), ablate: Seque
             au[l] = u / norm
             ac[l] = strength
     iv = empty(n_rows, width, batch)
+    closed = None
+    if np.any(loop["mode"] != FIXED):
+        closed = ClosedLoop(**{k: jnp.asarray(x) for k, x in loop.items()})
     return dataclasses.replace(iv, steer_vectors=jnp.asarray(sv), steer_coefs=jnp.asarray(sc),
-                               ablate_dirs=jnp.asarray(au), ablate_coefs=jnp.asarray(ac))
+                               ablate_dirs=jnp.asarray(au), ablate_coefs=jnp.asarray(ac), closed_loop=closed)
 
 
 def position_mask(mode: str, attention_mask_BT, prompt_end: int | np.ndarray | None = None):

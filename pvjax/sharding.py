@@ -38,6 +38,33 @@ def make_mesh(model: int = 1, data: int | None = None, devices=None) -> Mesh:
     return Mesh(np.asarray(devices).reshape(data, model), ("data", "model"))
 
 
+def parse_mesh(text: str) -> tuple[int, int]:
+    """`(data, model)` from the CLI's `data=D,model=M` (either part may be left out: 1 model,
+    data = what is left). Raises `UsageError` naming the problem."""
+    from pvjax.errors import UsageError
+
+    sizes = {}
+    for part in text.split(","):
+        key, eq, value = part.strip().partition("=")
+        if key not in ("data", "model") or not eq or not value.strip().isdigit() or int(value) < 1 \
+                or key in sizes:
+            raise UsageError(f"--mesh {text!r}: expected data=D,model=M with positive integers")
+        sizes[key] = int(value)
+    return sizes.get("data", 0), sizes.get("model", 1)
+
+
+def mesh_from_flag(text: str) -> Mesh:
+    """The mesh of `--mesh data=D,model=M`, refused when it does not cover this job's devices."""
+    from pvjax.errors import UsageError
+
+    data, model = parse_mesh(text)
+    n = len(jax.devices())
+    if (data or n // model) * model != n or n % model:
+        raise UsageError(f"--mesh {text!r} does not cover the {n} devices here "
+                         f"(data x model must equal {n})")
+    return make_mesh(model=model, data=data or None)
+
+
 def _path(keys) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
 

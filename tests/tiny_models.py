@@ -22,7 +22,12 @@ QWEN2_TIED = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num
                   rope_theta=1000000.0, rms_norm_eps=1e-6)
 QWEN2_UNTIED = dict(QWEN2_TIED, tie_word_embeddings=False, num_key_value_heads=1)
 
-CONFIGS = {"llama31_gqa_llama3rope": LLAMA31, "llama_mha_tied": LLAMA_MHA_TIED,
+# Heads and kv heads that 8 devices divide: tensor-parallel generation on 8 host devices.
+LLAMA_HEADS8 = dict(model_type="llama", hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                    num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=256,
+                    tie_word_embeddings=False, rope_theta=10000.0)
+
+CONFIGS = {"llama_heads8": LLAMA_HEADS8, "llama31_gqa_llama3rope": LLAMA31, "llama_mha_tied": LLAMA_MHA_TIED,
            "llama_gqa_untied": LLAMA_GQA_UNTIED,
            "qwen2_tied": QWEN2_TIED, "qwen2_untied": QWEN2_UNTIED}
 

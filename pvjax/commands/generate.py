@@ -3,7 +3,9 @@
     pvjax generate --prompt "How do I get back at my neighbour?" \\
         --vector runs/evil/vectors.safetensors --layer 16 --coef 0 --coef 4 --coef 8
 
-Several `--coef` values run every prompt under every coefficient in one batch. `--vector` also
+Several `--coef` values run every prompt under every coefficient in one batch; `--cap CEIL` and
+`--target VALUE` add closed-loop rows to the same batch (the projection onto the unit vector is
+held under CEIL, or moved toward VALUE, at every steered token; `pvjax.interventions.cap`). `--vector` also
 takes the reference implementation's `.pt` files (`[n_layers+1, D]`). With a vector, each answer
 reports the projection of the last prompt token onto it (unit-normalised) at each `--layer`: the
 paper's monitoring signal, read from the same (steered) run.
@@ -42,6 +44,15 @@ def add_parser(sub):
                    help="hidden_states index to steer (repeatable; row l = output of block l)")
     p.add_argument("--coef", type=float, action="append", default=[],
                    help="steering coefficient (repeatable: a sweep, one batch)")
+    p.add_argument("--cap", type=float, action="append", default=[],
+                   help="closed-loop steering: per token, remove only the projection onto the unit "
+                        "--vector above CEIL (repeatable, each a batch row set like --coef)")
+    p.add_argument("--target", type=float, action="append", default=[],
+                   help="closed-loop steering: per token, move that projection toward VALUE (repeatable)")
+    p.add_argument("--gain", type=float, default=1.0, help="share of the gap --cap/--target close per token")
+    p.add_argument("--max-step", type=float, default=float("inf"),
+                   help="largest projection change --cap/--target make per token")
+    p.add_argument("--mesh", help="run on a device mesh: data=D,model=M (batch over data, heads over model)")
     p.add_argument("--positions", choices=["all", "prompt", "response"], default=None,
                    help="where --vector steers (default response)")
     p.add_argument("--ablate", help="direction FILE[:KEY] to project out (CAFT)")
@@ -122,6 +133,7 @@ def check_args(args) -> None:
 
     if not args.vector:
         given = [f for f, v in (("--layer", args.layer and not args.ablate), ("--coef", args.coef),
+                                ("--cap", args.cap), ("--target", args.target),
                                 ("--positions", args.positions)) if v]
         if given:
             raise UsageError(f"{', '.join(given)} steer along a vector: pass --vector FILE[:KEY]")
@@ -134,9 +146,16 @@ def check_args(args) -> None:
     for flag, values in (("--layer", args.layer), ("--ablate-layer", args.ablate_layer)):
         if any(l < 0 for l in values):
             raise UsageError(f"{flag} takes hidden_states indices (0 = embeddings), got {min(values)}")
-    bad = [c for c in args.coef if not math.isfinite(c)]
-    if bad:
-        raise UsageError(f"--coef must be finite, got {bad[0]}")
+    for flag, values in (("--coef", args.coef), ("--cap", args.cap), ("--target", args.target)):
+        bad = [c for c in values if not math.isfinite(c)]
+        if bad:
+            raise UsageError(f"{flag} must be finite, got {bad[0]}")
+    if not (math.isfinite(args.gain) and args.gain > 0) or not args.max_step > 0:
+        raise UsageError(f"--gain must be finite and > 0 and --max-step > 0, got {args.gain}, {args.max_step}")
+    if args.mesh:
+        from pvjax.sharding import parse_mesh
+
+        parse_mesh(args.mesh)
     if not 0 <= args.seed < 2 ** 32:
         raise UsageError(f"--seed must be in 0..2**32-1, got {args.seed}")
     if args.batch_size < 1:
@@ -171,14 +190,22 @@ def run(args) -> int:
     from pvjax import interventions as ivs
     from pvjax.generate import generate
 
+    mesh = None
+    if args.mesh:  # a mesh that does not fit this job's devices is refused before the load
+        from pvjax.sharding import mesh_from_flag
+
+        mesh = mesh_from_flag(args.mesh)
     model = pvjax.load(args.model, dtype=args.dtype)
     L, D = model.n_layers + 1, model.hidden_size
     positions = args.positions or "response"
-    coefs = args.coef or ([1.0] if args.vector else [0.0])
+    loop = [ivs.cap(x, gain=args.gain, max_step=args.max_step) for x in args.cap] + \
+        [ivs.target(x, gain=args.gain, max_step=args.max_step) for x in args.target]
+    coefs = args.coef or ([] if loop else [1.0] if args.vector else [0.0])
+    coefs = coefs + loop  # one batch-row set per coefficient, fixed or closed loop
     steer, ablate, probes, vector = [], [], None, None
     if args.vector:
         vector = read_vector(args.vector, model)
-        steer = [(vector, args.layer, np.repeat(coefs, len(prompts)))]
+        steer = [(vector, args.layer, [c for c in coefs for _ in prompts])]
         rows = vector if vector.ndim == 2 else np.broadcast_to(vector, (L, D))
         probes = (rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12))[:, None]
     if monitor is not None:
@@ -193,12 +220,14 @@ def run(args) -> int:
     iv = ivs.build(L, D, steer=steer, ablate=ablate, batch=batch) if (steer or ablate) else None
     g = generate(model, prompts * len(coefs), sampling=sampling, seed=args.seed, system=args.system,
                  chat=not args.raw, intervention=iv, positions=positions, probes=probes,
-                 batch_size=args.batch_size, progress=len(prompts) * len(coefs) > args.batch_size)
+                 batch_size=args.batch_size, progress=len(prompts) * len(coefs) > args.batch_size, mesh=mesh)
     for i, text in enumerate(g.texts):
         p, c = prompts[i % len(prompts)], coefs[i // len(prompts)]
         row = {"prompt": p, "text": text, "tokens": g.tokens[i], "finish_reason": g.finish_reasons[i]}
+        setting = {"coef": c} if not isinstance(c, ivs.Feedback) else \
+            {("cap" if c.mode == ivs.CAP else "target"): c.value, "gain": c.gain}
         if args.vector:
-            row.update(coef=c, layers=args.layer, positions=positions, vector=args.vector,
+            row.update(**setting, layers=args.layer, positions=positions, vector=args.vector,
                        prompt_last_projection={l: round(float(g.prompt_projections[i][l, -1, 0]), 4)
                                                for l in args.layer})
         if monitor is not None:
@@ -209,7 +238,8 @@ def run(args) -> int:
             print(json.dumps(row, ensure_ascii=False))
         else:
             head = p if isinstance(p, str) else p[-1]["content"]
-            tag = f"  [coef {c:g} at layer {','.join(map(str, args.layer))}, {positions}]" if args.vector else ""
+            what = " ".join(f"{k} {v:g}" for k, v in setting.items() if k != "gain")
+            tag = f"  [{what} at layer {','.join(map(str, args.layer))}, {positions}]" if args.vector else ""
             if monitor is not None:
                 tag += f"  [monitor: {'FLAGGED' if row['monitor']['flagged'] else 'ok'}, {x:.2f} vs {monitor.threshold:.2f}]"
             print(f"### {head}{tag}\n{text}\n")

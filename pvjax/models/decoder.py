@@ -35,14 +35,19 @@ class KVCache(NamedTuple):
     index: jax.Array  # [] int32: next slot to write
 
 
-def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype, *, stacked: bool = True) -> KVCache:
+def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype, *, stacked: bool = True,
+               split: bool = False) -> KVCache:
+    """An empty cache. `split` keeps batch and kv heads on two axes (`[.., B, K, E, S]` and
+    `[.., B, K, S, E]`), so that a mesh can lay the batch over "data" and the kv heads over
+    "model"; the merged default is the faster single-device layout."""
     # Heads before slots, keys transposed: both decode-attention products are then plain batched
     # matmuls over contiguous blocks (q [G, E] @ k [E, S], p [G, S] @ v [S, E]). Batch and kv heads
     # share one axis so that no axis has size 1 at batch 1: XLA turns a size-1 axis into a bitcast,
     # which stops the cache update from running in place (measured: three copies of every cache
     # buffer per step, 4 ms of a 36 ms SmolLM2 step on this CPU).
-    v_shape = (batch * cfg.num_kv_heads, slots, cfg.head_dim)
-    k_shape = (batch * cfg.num_kv_heads, cfg.head_dim, slots)
+    bk = (batch, cfg.num_kv_heads) if split else (batch * cfg.num_kv_heads,)
+    v_shape = bk + (slots, cfg.head_dim)
+    k_shape = bk + (cfg.head_dim, slots)
 
     def zeros(shape):  # separate buffers, so a cache can be donated
         if stacked:
@@ -53,10 +58,11 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, dtype, *, stacked: bool
                    jnp.zeros((), jnp.int32))
 
 
-def unstack_layers(params, cfg: ModelConfig, pack: bool = False):
-    """The same weights as N per-layer dicts, with q/k/v and gate/up fused into single matrices.
-    With `pack`, every matrix (and the output head, as `head`) becomes a `PackedWeight` for the
-    CPU decode kernel (`pvjax.kernels`).
+def unstack_layers(params, cfg: ModelConfig, pack: bool = False, fuse: bool = True):
+    """The same weights as N per-layer dicts, with q/k/v and gate/up fused into single matrices
+    (unless `fuse=False`: a tensor-parallel mesh splits each over its heads, which a fused matrix
+    would mix). With `pack`, every matrix (and the output head, as `head`) becomes a
+    `PackedWeight` for the CPU decode kernel (`pvjax.kernels`).
 
     XLA copies the weight slice that `lax.scan` feeds each step, which doubles the memory traffic
     of small-batch decoding (measured on CPU, 43 ms vs 23 ms per step for SmolLM2's MLPs, and on
@@ -67,6 +73,9 @@ def unstack_layers(params, cfg: ModelConfig, pack: bool = False):
     out = []
     for i in range(cfg.num_layers):
         lp = {k: v[i] for k, v in layers.items()}
+        if not fuse:
+            out.append(lp)
+            continue
         lp["wqkv"] = jnp.concatenate([lp.pop("wq"), lp.pop("wk"), lp.pop("wv")], axis=-1)
         if cfg.qkv_bias:
             lp["bqkv"] = jnp.concatenate([lp.pop("bq"), lp.pop("bk"), lp.pop("bv")], axis=-1)
@@ -164,13 +173,15 @@ def _block(cfg: ModelConfig, lp, h, cos, sin, attend):
 def _row_intervention(iv: Intervention | None, row):
     if iv is None:
         return None
-    return (iv.steer_vectors[row], iv.steer_coefs[row], iv.ablate_dirs[row], iv.ablate_coefs[row])
+    closed = None if iv.closed_loop is None else jax.tree_util.tree_map(lambda x: x[row], iv.closed_loop)
+    return (iv.steer_vectors[row], iv.steer_coefs[row], iv.ablate_dirs[row], iv.ablate_coefs[row], closed)
 
 
 def _edit(h, iv: Intervention | None, row_iv):
     if iv is None:
         return h
-    return apply_row(h, *row_iv, iv.steer_mask, iv.ablate_mask)
+    *edits, closed = row_iv
+    return apply_row(h, *edits, iv.steer_mask, iv.ablate_mask, closed)
 
 
 def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT, *,
@@ -223,19 +234,21 @@ def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT,
                 return _attention(q_BTHE, k, v, mask_BTS), (ck, cv)
             Bk, K, E = k.shape[0], k.shape[1], k.shape[2]
             local = (k, v)
-            k, v = k.reshape(Bk * K, E, T), v.reshape(Bk * K, T, E)
+            if not split:
+                k, v = k.reshape(Bk * K, E, T), v.reshape(Bk * K, T, E)
             at = lambda c, x, idx: jax.lax.dynamic_update_slice(c, x.astype(c.dtype), idx)
             start = 0 if prefill else cache.index
+            at_k, at_v = (0,) * (k.ndim - 1) + (start,), (0,) * (v.ndim - 2) + (start, 0)
             if unstacked:  # per-layer caches; `i` is a Python int
                 nk, nv = list(ck), list(cv)
-                nk[i], nv[i] = at(ck[i], k, (0, 0, start)), at(cv[i], v, (0, start, 0))
+                nk[i], nv[i] = at(ck[i], k, at_k), at(cv[i], v, at_v)
                 keys, values, new = nk[i], nv[i], (tuple(nk), tuple(nv))
             else:
-                nk, nv = at(ck, k[None], (i, 0, 0, start)), at(cv, v[None], (i, 0, start, 0))
+                nk, nv = at(ck, k[None], (i,) + at_k), at(cv, v[None], (i,) + at_v)
                 keys, values, new = nk[i], nv[i], (nk, nv)
             if prefill:  # an empty cache: the new tokens attend among themselves only
                 return _attention(q_BTHE, *local, mask_BTS), new
-            if native and T == 1:
+            if native and T == 1 and not split:
                 return decode_attention(q_BTHE, keys, values, kv_valid, cache.index + 1), new
             return _attention(q_BTHE, keys, values, mask_BTS), new
 
@@ -250,6 +263,8 @@ def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT,
     # Packed weights mean the CPU kernels are built here (`unstack_layers(pack=True)`).
     native = unstacked and isinstance(params.get("head"), PackedWeight) and h.dtype == jnp.float32
     ck, cv = (cache.k, cache.v) if cache is not None else (jnp.zeros(()), jnp.zeros(()))
+    # The split layout (`init_cache(split=True)`) has one more axis than the merged one.
+    split = cache is not None and (ck[0].ndim == 4 if isinstance(ck, tuple) else ck.ndim == 5)
     if scan and not unstacked:
         xs = (params["layers"], jnp.arange(n_blocks), row_ivs, None if probes is None else probes[1:])
         (h, ck, cv), rows = jax.lax.scan(body, (h, ck, cv), xs)

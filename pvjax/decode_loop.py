@@ -1,0 +1,198 @@
+"""The compiled generation program: prefill and decode loop in one `jax.jit`, and the small pytree
+dataclasses its arguments travel in (see `pvjax.generate` for the engine around it).
+
+Shape legend: B batch, C shared-prefix tokens (may be 0), P prompt columns, S cache slots,
+N new-token budget, L = n_layers + 1 hidden-state rows, K probe vectors, V vocabulary.
+
+The arguments are grouped by what travels together: the prompt batch (`PromptBatch`), the sampling
+settings and per-row PRNG keys (`Sampler`), and the intervention with its prefill and decode
+position masks (`Steering`). Every field is an array (traced) except `Sampler.mode` and
+`Sampler.n_new`, which are pytree metadata and so pick the compiled program, as the static
+arguments they replace did; and `mesh` (None on one device), which picks the KV-cache layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pvjax.capture import Capture
+from pvjax.interventions import Intervention
+from pvjax.models.decoder import KVCache, decode, init_cache
+
+_NEG = -1e30
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """Left-padded prompts. `prefix_1C` is shared by every row and comes before `tokens_BP`, whose
+    positions already count it."""
+
+    prefix_1C: jax.Array  # [1, C] int32
+    tokens_BP: jax.Array  # [B, P] int32
+    mask_BP: jax.Array  # [B, P] 1 for real tokens
+    positions_BP: jax.Array  # [B, P] int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """What picks each new token, and when a row stops. `mode` ("greedy", "sample" or "filter")
+    and `n_new` (the token buffer, a bucket) are static: they choose the program."""
+
+    keys_B2: jax.Array  # [B, 2] one PRNG key per row
+    temperature: jax.Array  # [] float32
+    top_p: jax.Array  # [] float32
+    top_k: jax.Array  # [] int32
+    min_new: jax.Array  # [] int32
+    max_new: jax.Array  # [] int32
+    stop_ids: jax.Array  # [n_stop] int32
+    pad_id: jax.Array  # [] int32
+    mode: str = dataclasses.field(metadata=dict(static=True), default="greedy")
+    n_new: int = dataclasses.field(metadata=dict(static=True), default=32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Steering:
+    """The intervention and where it acts: `prefill_masks` (steer, ablate) `[B, C + P]` over the
+    prompt columns, `decode_masks` (steer, ablate) `[1, 1]` for every new token."""
+
+    iv: Intervention
+    prefill_masks: tuple[jax.Array, jax.Array]
+    decode_masks: tuple[jax.Array, jax.Array]
+
+
+def _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode: str):
+    """`mode` (static) is "greedy", "sample" or "filter" (top-k and/or top-p on). Temperature,
+    then top-k, then top-p, then a draw from each row's own key folded with the step, so a
+    prompt's text does not depend on which other prompts share its batch. The mode is static
+    because XLA on CPU pays for a `lax.cond` over the vocabulary on every step (measured: a
+    quarter of a batch-16 decode step)."""
+    if mode == "greedy":
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    V = logits_BV.shape[-1]
+    x = logits_BV / temperature
+    if mode == "filter":
+        srt = -jnp.sort(-x, axis=-1)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+        srt = jnp.where(jnp.arange(V) < k, srt, _NEG)
+        p = jax.nn.softmax(srt, axis=-1)
+        keep = (jnp.cumsum(p, axis=-1) - p) < top_p  # the first token always survives
+        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
+        x = jnp.where(x < cutoff, _NEG, x)
+    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B2)
+    return jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
+
+
+def prefix_rows(iv: Intervention) -> Intervention:
+    """The intervention of row 0 alone (the shared prefix runs as one row)."""
+    return iv.take_rows(np.zeros(1, int), iv.steer_vectors.shape[1], 1)
+
+
+def run(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler, steering: Steering, probes,
+        mesh: Mesh | None = None):
+    """Generate `sampler.n_new` tokens for every row: `(tokens [B, N], prompt projections
+    [L, B, C + P, K] or None, new-token projections [L, B, N, K])`. With a `mesh`, the KV cache
+    takes the split layout with its batch over "data" and kv heads over "model" (see
+    `pvjax.generate_mesh`, which places the inputs)."""
+    return _generate(params, prefill_params, cfg, batch, sampler, steering, probes, mesh=mesh)
+
+
+def _cache_on_mesh(cache: KVCache, cfg, mesh: Mesh | None) -> KVCache:
+    if mesh is None:
+        return cache
+    kv = "model" if cfg.num_kv_heads % mesh.shape["model"] == 0 else None
+    data = "data" if cache.valid.shape[0] % mesh.shape["data"] == 0 else None
+    spec = lambda x: NamedSharding(mesh, P(*((None,) * (x.ndim - 4) + (data, kv, None, None))))
+    put = lambda x: jax.lax.with_sharding_constraint(x, spec(x))
+    return KVCache(jax.tree_util.tree_map(put, cache.k), jax.tree_util.tree_map(put, cache.v),
+                   jax.lax.with_sharding_constraint(cache.valid, NamedSharding(mesh, P(data, None))),
+                   cache.index)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+def _generate(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler, steering: Steering,
+              probes, mesh=None):
+    B, P = batch.tokens_BP.shape
+    C = batch.prefix_1C.shape[1]
+    n_new = sampler.n_new
+    iv, prefill_masks, decode_masks = steering.iv, steering.prefill_masks, steering.decode_masks
+    stop_ids = sampler.stop_ids
+    stacked = not isinstance(prefill_params["layers"], tuple)
+    split = mesh is not None  # batch and kv heads on separate cache axes, for the mesh
+    dtype = params["embed"].dtype
+    capture = Capture(probes=probes, logits="last", hidden=False)
+    is_stop = lambda t: jnp.any(t[:, None] == stop_ids[None, :], axis=-1)
+
+    def pick(logits_BV, step):
+        # Stop tokens are forbidden until min_new tokens exist.
+        stop_cols = jnp.zeros(logits_BV.shape[-1], bool).at[stop_ids].set(True)
+        logits_BV = jnp.where(stop_cols[None] & (step < sampler.min_new), _NEG, logits_BV)
+        return _sample(logits_BV, sampler.keys_B2, step, sampler.temperature, sampler.top_p,
+                       sampler.top_k, sampler.mode)
+
+    S = C + P + n_new
+    if C:
+        pre = decode(prefill_params, cfg, batch.prefix_1C, jnp.arange(C)[None], jnp.ones((1, C), jnp.int32),
+                     intervention=prefix_rows(iv).with_masks(*(m[:1, :C] for m in prefill_masks)),
+                     capture=dataclasses.replace(capture, logits="none"),
+                     cache=init_cache(cfg, 1, S, dtype, stacked=stacked, split=split), prefill=True)
+        tile = lambda x: jnp.tile(x, tuple(B if a == int(stacked) else 1 for a in range(x.ndim)))
+        k, v = jax.tree_util.tree_map(tile, (pre.cache.k, pre.cache.v))
+        cache = pre.cache._replace(k=k, v=v, valid=jnp.broadcast_to(pre.cache.valid, (B, S)))
+    else:
+        cache = init_cache(cfg, B, S, dtype, stacked=stacked, split=split)
+    cache = _cache_on_mesh(cache, cfg, mesh)
+    out = decode(prefill_params, cfg, batch.tokens_BP, batch.positions_BP, batch.mask_BP,
+                 intervention=iv.with_masks(*(m[:, C:] for m in prefill_masks)), capture=capture,
+                 cache=cache, prefill=not C)
+    if C and probes is not None:
+        shared = jnp.broadcast_to(pre.projections, (pre.projections.shape[0], B) + pre.projections.shape[2:])
+        out = out._replace(projections=jnp.concatenate([shared, out.projections], axis=2))
+    if isinstance(params["layers"], tuple) and not isinstance(out.cache.k, tuple):
+        out = out._replace(cache=out.cache._replace(k=tuple(out.cache.k), v=tuple(out.cache.v)))
+    first = pick(out.logits[:, -1], 0)
+    toks_BN = jnp.full((B, n_new), sampler.pad_id, jnp.int32).at[:, 0].set(first)
+    L = cfg.num_layers + 1
+    n_probes = 0 if probes is None else probes.shape[-2]
+    proj_LBNK = jnp.zeros((L, B, n_new, n_probes), jnp.float32)
+    next_pos = batch.positions_BP[:, -1] + 1
+    decode_iv = iv.with_masks(*decode_masks)
+    ones = jnp.ones((B, 1), jnp.int32)
+
+    def feed(toks_BN, i, cache, proj):
+        """Run token i of every row through the model: next logits and its projections."""
+        o = decode(params, cfg, jax.lax.dynamic_slice_in_dim(toks_BN, i, 1, axis=1),
+                   (next_pos + i)[:, None], ones, intervention=decode_iv, capture=capture, cache=cache)
+        if probes is not None:
+            proj = jax.lax.dynamic_update_slice_in_dim(proj, o.projections, i, axis=2)
+        return o.logits[:, -1], o.cache, proj
+
+    def cond(state):
+        i, _, done, _, _ = state
+        return (i < sampler.max_new) & ~jnp.all(done)
+
+    def body(state):
+        i, toks, done, cache, proj = state
+        logits, cache, proj = feed(toks, i - 1, cache, proj)
+        t = jnp.where(done, sampler.pad_id, pick(logits, i))
+        return i + 1, toks.at[:, i].set(t), done | is_stop(t), cache, proj
+
+    state = (jnp.int32(1), toks_BN, is_stop(first), out.cache, proj_LBNK)
+    n, toks_BN, _, cache, proj_LBNK = jax.lax.while_loop(cond, body, state)
+    if probes is not None:  # the last token was sampled but never fed; feed it for its projection
+        _, _, proj_LBNK = feed(toks_BN, n - 1, cache, proj_LBNK)
+    return toks_BN, out.projections, proj_LBNK
+
+
+def compile_count() -> int:
+    """How many programs the generation engine has compiled in this process (for tests)."""
+    return _generate._cache_size()

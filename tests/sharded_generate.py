@@ -1,0 +1,53 @@
+"""Run as a script with 8 fake host devices: generation on ("data", "model") meshes must give the
+greedy tokens of one device. Prints one JSON line."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json
+import logging
+
+import jax
+import numpy as np
+
+import pvjax
+import pvjax.generate_mesh
+from pvjax import interventions as ivs
+from pvjax import sharding
+from pvjax.generate import SamplingParams, generate_ids
+
+
+def main(folder):
+    assert len(jax.devices()) == 8, jax.devices()
+    logging.basicConfig(level=logging.WARNING)
+    model = pvjax.load(folder)
+    L, D = model.n_layers + 1, model.hidden_size
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (7, 12, 19)]
+    v = rng.standard_normal(D).astype(np.float32)
+    v *= 2 / np.linalg.norm(v)
+    iv = ivs.build(L, D, steer=[(v, 1, [0.0, 4.0, ivs.cap(0.0)])], ablate=[(rng.standard_normal(D), 2, 0.5)],
+                   batch=3)
+    kw = dict(sampling=SamplingParams(max_new_tokens=12, min_new_tokens=12), intervention=iv,
+              probes=v[None] / 2)
+    result = {}
+    for unroll, shapes in ((True, ((8, 1), (2, 4), (1, 8))), (False, ((2, 4),))):
+        ref = generate_ids(model, ids, unroll=unroll, **kw)
+        for data, mdl in shapes:
+            mesh = sharding.make_mesh(model=mdl, data=data)
+            g = generate_ids(model, ids, mesh=mesh, unroll=unroll, **kw)
+            name = f"data={data},model={mdl},unroll={unroll}"
+            proj = max(float(np.abs(a - b).max()) for a, b in zip(g.projections, ref.projections))
+            result[name] = {"same_tokens": g.tokens == ref.tokens, "projections": proj}
+    mesh = sharding.make_mesh(model=4, data=2)
+    placed, _ = pvjax.generate_mesh.place_params(model, mesh, True)
+    result["wq_spec"] = str(placed["layers"][0]["wq"].sharding.spec)
+    result["wq_devices"] = len(placed["layers"][0]["wq"].sharding.device_set)
+    result["n_new"] = [len(t) for t in ref.tokens]
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
