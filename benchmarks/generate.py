@@ -147,8 +147,14 @@ def random_7b(args):
     v = np.random.default_rng(1).standard_normal(cfg.hidden_size).astype(np.float32)
     iv = interventions.build(cfg.num_layers + 1, cfg.hidden_size, steer=[(v, cfg.num_layers // 2, 1.0)])
     sp = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)
+    mesh = None
+    if args.mesh:  # the sharded path on whatever devices there are (one GPU: a 1 x 1 mesh)
+        from pvjax.sharding import make_mesh, shard_model
+
+        mesh = make_mesh(model=1)
+        model = shard_model(model, mesh)
     run = lambda n: generate_ids(model, ids, sampling=dataclasses.replace(sp, max_new_tokens=n, min_new_tokens=n),
-                                 intervention=iv, batch_size=B, unroll=not args.scan)
+                                 intervention=iv, batch_size=B, unroll=not args.scan, mesh=mesh)
     with Timer() as first:
         run(NEW)
     run(1)
@@ -162,7 +168,7 @@ def random_7b(args):
         weights -= params["embed"].nbytes
     kv = 2 * cfg.num_layers * B * (P + NEW // 2) * cfg.num_kv_heads * cfg.head_dim * 2
     kind = jax.devices()[0].device_kind
-    layout = "scanned layers" if args.scan else "unrolled layers"
+    layout = ("scanned layers" if args.scan else "unrolled layers") + (", on a mesh" if mesh else "")
     print(f"device={kind} model={cfg.name} bf16 batch={B} prompt={P} new={NEW} {layout} "
           f"compile={first.seconds - t.seconds:.1f}s")
     print(f"new tokens/s={B * NEW / t.seconds:,.0f} (decode only {B / step:,.0f}); "
@@ -183,6 +189,8 @@ def main():
     p.add_argument("--batch", type=int, default=64, help="batch for --random-7b")
     p.add_argument("--scan", action="store_true",
                    help="with --random-7b: scan stacked layers (one weight copy) instead of unrolling")
+    p.add_argument("--mesh", action="store_true",
+                   help="with --random-7b: the sharded path (generate_ids(mesh=...)) on the devices there are")
     args = p.parse_args()
     (random_7b if args.random_7b else smollm2)(args)
 
