@@ -186,3 +186,13 @@ def test_shipped_study_configs_load_with_their_sweeps():
             cfg = load_config(path + variant, [])
             assert cfg.get("study", "extract") == name
         assert runner.sweep_points(path)
+
+
+def test_a_point_that_names_its_workdir_runs_there(study, tmp_path):
+    """configs/extract.py's sweep gives each trait its own directory; the summary stays in --workdir."""
+    mod, _ = study
+    where = tmp_path / "elsewhere"
+    config = write_config(tmp_path, f"add(x=1, workdir={str(where / 'one')!r})\nadd(x=2, workdir={str(where / 'two')!r})")
+    assert cli.main(["sweep", "--config", config, "--workdir", str(tmp_path / "w"), "--quiet"]) == 0
+    assert (where / "one" / "DONE").exists() and (where / "two" / "results.csv").exists()
+    assert [r.split(",")[-1] for r in (tmp_path / "w" / "summary.csv").read_text().splitlines()] == ["point", "x=1", "x=2"]

@@ -52,8 +52,8 @@ def generate_grid(model, iv_S: ivs.Intervention, prompt_ids: Sequence[Sequence[i
     Rows go through `pvjax.generate.generate_ids` in parts of `part_rows` (default: 4 batches),
     each with an intervention of one row per prompt. With `work`, each part is written to
     `work/answers/part_<k>.csv` as it finishes and read back instead of recomputed, so a killed
-    study loses at most one part. A row's sampling key depends on its prompt and its index in the
-    grid, not on the part it falls in."""
+    study loses at most one part. Sampling (temperature > 0) draws row k of a part from the key of
+    `seed + the part's first row` folded with k, so the same config repeats the same texts."""
     from pvjax.generate import generate_ids
 
     S, N = iv_S.steer_vectors.shape[1], len(prompt_ids)

@@ -7,7 +7,8 @@
 own `workdir`). `sweep` expands the config module's `sweep(add)` declaration, as big_vision does:
 each `add(**values)` call is a point whose values (dotted keys for nested fields:
 `add(**{"judge.backend": "local"})`) override the config; `product` and `zip_` build lists of
-points. Each point runs in `DIR/<name>/`, its name made of its values (`layers=10,coefs=2`).
+points. Each point runs in `DIR/<name>/`, its name made of its values (`layers=10,coefs=2`), or in
+the `workdir` its values name.
 
 Each point's directory holds `point.json` (the study, the resolved config, the sweep values, the git
 revision and pvjax version that produced it), the study's own files and plots, `results.csv` /
@@ -133,7 +134,7 @@ def point_name(values: dict) -> str:
             return "_".join(text(x) for x in v)
         return f"{v:g}" if isinstance(v, float) else str(v)
 
-    raw = ",".join(f"{k.split('.')[-1]}={text(v)}" for k, v in values.items())
+    raw = ",".join(f"{k.split('.')[-1]}={text(v)}" for k, v in values.items() if k != "workdir")
     clean = re.sub(r"[^A-Za-z0-9=,._+-]", "_", raw)
     if clean == raw and len(raw) <= 80:
         return raw or "default"
@@ -184,9 +185,9 @@ def load(config_path: str, overrides: list[str], workdir: str, *, sweep: bool) -
         for k, v in values.items():
             _set(cfg, k, v, known)
         points.append(Point(point_name(values), values, cfg))
-    names = [p.name for p in points]
-    if len(set(names)) != len(names):
-        raise UsageError(f"two sweep points share a directory name: {sorted(n for n in names if names.count(n) > 1)[0]}")
+    dirs = [str(point_dir(root, p)) for p in points]
+    if len(set(dirs)) != len(dirs):
+        raise UsageError(f"two sweep points share the directory {sorted(d for d in dirs if dirs.count(d) > 1)[0]}")
     return study, root, points
 
 
@@ -258,7 +259,7 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
     """Run (or skip, or resume) every point; returns the summary rows (with `point` in a sweep) and
     writes `root/summary.csv`."""
     module = study_module(study)
-    works = [root / p.name if p.name else root for p in points]
+    works = [point_dir(root, p) for p in points]
     for p, work in zip(points, works):  # everything checked before anything runs
         _cfg_with_workdir(p.cfg, work)
         if hasattr(module, "validate"):
@@ -293,6 +294,14 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
         summary += [({**r, "point": p.name} if p.name else r) for r in rows]
     atomic.write_csv(root / "summary.csv", summary, columns(summary))
     return summary
+
+
+def point_dir(root: Path, p: Point) -> Path:
+    """`root/<name>`; `root` itself for `pvjax run`; the point's own `workdir` when its sweep values
+    set one (configs/extract.py's sweep names a directory per trait)."""
+    if "workdir" in p.values and p.values["workdir"]:
+        return Path(p.values["workdir"]).expanduser()
+    return root / p.name if p.name else root
 
 
 def shared_vectors(root: Path, points: list[Point]) -> dict[int, tuple[Path, Any]]:
