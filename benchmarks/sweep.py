@@ -121,13 +121,16 @@ def main():
     print(f"reference (transformers generate + hook per grid point, {len(layers) * len(coefs)} calls): {ref_s:.1f} s "
           f"({n_tokens / ref_s:.0f} new tokens/s)")
     same = sum(r["n_tokens"] == NEW for r in rows)
-    agree = 0
+    agree = compared = 0
     for (layer, coef), s in index.items():
         mine = [r for r in rows if r["setting"] == s]
         texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in ref[(layer, coef)]]
         agree += sum(a["text"] == b for a, b in zip(mine, texts))
-    print(f"check: {same}/{len(rows)} pvjax rows hold {NEW} tokens; {agree}/{len(rows)} answers identical to the "
-          f"reference's (fp32 summation order can flip a greedy near-tie, after which a row diverges)")
+        compared += len(mine)
+    print(f"check: {same}/{len(rows)} pvjax rows hold {NEW} tokens (the grid's rows and the unsteered baseline's, "
+          f"which the study adds); {agree}/{compared} steered answers identical to the reference's (fp32 summation "
+          f"order can flip a greedy near-tie, after which a row diverges)")
+    print(f"machine load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"ratio_with_compile={ref_s / first:.2f}")
     print(f"ratio={ref_s / steady:.2f}")
 
