@@ -233,3 +233,22 @@ def test_bad_input_is_refused_before_any_model_loads(tiny, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert message in err, err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_judged_steer_study_reports_trait_score_and_coherence(tiny, tmp_path):
+    """judge.backend=local: the tiny model judges itself, numbers only (its scores mean nothing; the
+    path from answers to judged columns, the judged metric and the cache are what is tested)."""
+    from pvjax.commands.extract import load_config
+
+    cfg = load_config(STEER + ":runlocal", [f"--config.model={tiny['folder']}", f"--config.vector={tiny['vfile']}",
+                                            "--config.layers=(1,2)", "--config.coefs=(-1.0,0.0,1.0)",
+                                            "--config.n_questions=2", "--config.max_new_tokens=4",
+                                            "--config.judge.backend=local", "--config.mc.path=",
+                                            "--config.best.min_coherence=0.0"])
+    rows = steer.run(cfg, tmp_path, progress=False)
+    assert list(rows[0])[:6] == ["layer", "coef", "positions", "margin", "trait_score", "coherence"]
+    assert all(0 <= r["trait_score"] <= 100 and 0 <= r["coherence"] <= 100 for r in rows)
+    judged = atomic.read_csv(tmp_path / "judged.csv")
+    assert len(judged) == 5 * 2 and (tmp_path / "judge_cache.sqlite").exists()
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["metric"] == "trait_score" and best["layer"] in (1, 2) and len(best["slopes"]) == 2
