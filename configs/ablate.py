@@ -10,7 +10,7 @@ variant the likelihood margin (judge-free), trait score and coherence when `judg
 and multiple-choice accuracy on `mc.path`, each against the unablated baseline; ablation.png plots
 the effect against the layer. `vector` as in configs/steer.py (empty: extract first).
 
-runlocal: the embedded SmolLM2, 6 eval questions, 8 layers, no judge, 16 multiple-choice items.
+runlocal: the embedded SmolLM2, 6 eval questions, 5 layers, no judge, 16 multiple-choice items.
 """
 
 import importlib.util
@@ -61,7 +61,7 @@ def get_config(arg: str = ""):
 
     if "runlocal" in arg.split(","):
         c.model = "smollm2-135m-instruct"
-        c.layers = (4, 8, 12, 16, 20, 24, 28)
+        c.layers = (5, 10, 15, 20, 25)
         c.n_questions = 6
         c.max_new_tokens = 48
         c.batch_size = 32

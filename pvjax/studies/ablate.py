@@ -17,7 +17,8 @@ Per variant: the judge-free likelihood margin (as in the steering study) and its
 baseline; with a judge, the trait score and coherence of generated answers; with `mc.path`,
 multiple-choice accuracy. The plot (`ablation.png`): the change of each against the baseline per
 layer, the all-layer variants as horizontal lines. Ablation and the mean-ablation's shift apply at
-every position.
+every position. (At the last row, `hidden_states` is read after the final norm while the edit acts
+on the block output before it, so `mu` there is measured in the normed space: an approximation.)
 """
 
 from __future__ import annotations
