@@ -9,4 +9,10 @@ The contract every study keeps (so `pvjax run` / `pvjax sweep` can run any of th
 - `pvjax.studies.<name>.run(cfg, work: Path, *, progress: bool = True) -> list[dict]` runs (or
   resumes) one point into `work` and returns its summary rows; it writes its own results and plots
   there, atomically, and skips what a previous attempt finished.
+- Optional: `validate(cfg, work)` raises a `UserError` for anything wrong with the config, before
+  any compute (the runner calls it for every point of a sweep before the first one runs), and
+  `OWN_PROVENANCE = True` for a study that decides itself what a rerun under a changed config
+  redoes (extraction), instead of the runner refusing the directory.
+
+`pvjax run` / `pvjax sweep` (`pvjax.studies.runner`) run a study from its config file.
 """

@@ -1,0 +1,33 @@
+"""`pvjax run --config configs/<study>.py[:variant] [--config.x=y ...] --workdir DIR`: one point of a
+study (see `pvjax.studies.runner`). `pvjax sweep` (same arguments) runs every point the config's
+`sweep(add)` declares, each in `DIR/<point>/`. Both write `DIR/summary.csv` and print it; a rerun
+skips finished points and resumes a killed one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+
+def add_parser(sub, name: str = "run"):
+    sweep = name == "sweep"
+    p = sub.add_parser(name, help=("run every point of a config's sweep(add)" if sweep else
+                                   "run a study from a config file (steer, ablate, extract, ...)"),
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="config file, e.g. configs/steer.py:runlocal")
+    p.add_argument("--workdir", default="", help="output directory (default: the config's workdir)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=lambda args: run(args, sweep=sweep), accepts_extra=True)
+    return p
+
+
+def run(args, *, sweep: bool = False) -> int:
+    from pvjax.studies import runner
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    study, root, points = runner.load(args.config, args.extra, args.workdir, sweep=sweep)
+    rows = runner.run_points(study, root, points, progress=not args.quiet)
+    print(runner.table(rows))
+    print(f"summary: {root / 'summary.csv'} ({len(rows)} rows from {len(points)} point"
+          f"{'s' if len(points) != 1 else ''})")
+    return 0

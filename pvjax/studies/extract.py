@@ -1,0 +1,43 @@
+"""Extraction as a study: `pvjax run --config configs/extract.py:runlocal --workdir DIR` runs
+`pvjax.extract.run` into DIR (the same directory `pvjax extract --config.workdir=DIR` makes), and a
+sweep over `configs/extract.py`'s `sweep(add)` extracts every trait it lists.
+
+Extraction tracks its own provenance per stage (`pvjax.run_provenance`): a rerun under another
+judge or filter redoes only what follows, so the runner hands every rerun to it
+(`OWN_PROVENANCE`) instead of refusing a changed config. Summary rows: the causality check, one
+row per (layer, coefficient) with its likelihood margin, and the kept pair counts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+OWN_PROVENANCE = True
+
+
+def _plain(cfg, work: Path) -> dict:
+    """The extraction config as `pvjax.extract` takes it: no `study` field, `workdir` = the point's."""
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    d.pop("study", None)
+    d["workdir"] = str(work)
+    return d
+
+
+def validate(cfg, work: Path):
+    from pvjax.extract_config import validate_config
+
+    return validate_config(_plain(cfg, work))
+
+
+def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
+    from pvjax.extract import run as extract
+
+    s = extract(_plain(cfg, work), progress=progress)
+    caus = s["causality"]
+    rows = []
+    for layer, r in sorted(caus["layers"].items(), key=lambda kv: int(kv[0])):
+        for coef, margin in zip(caus["coefs"], r["margins"]):
+            rows.append({"layer": int(layer), "coef": float(coef), "positions": "response", "margin": margin,
+                         "slope": r["slope"], "monotonic": r["monotonic"], "trait": s["trait"],
+                         "kept": s["counts"]["kept"], "pairs": s["counts"]["pairs"]})
+    return rows

@@ -1,0 +1,179 @@
+"""A study's grid as batch rows: settings stacked into one per-row intervention, then generation,
+answer likelihoods and judging over (setting, prompt) rows in the batched engine.
+
+A *setting* is one intervention (a coefficient at a layer, an ablation at some layers, nothing).
+`stack` puts S settings on the batch axis; `take` gathers the rows of a batch from them. Every
+grid point is then a row of the same compiled programs: the whole grid costs the compiles of its
+shape buckets (a handful), never one per point.
+
+Shape legend: L hidden-state rows, S settings, N prompts, B rows, T positions, D width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from pvjax import atomic
+from pvjax import interventions as ivs
+from pvjax.model import default_positions, left_pad
+
+
+def stack(settings: Sequence[ivs.Intervention]) -> ivs.Intervention:
+    """S batch-1 interventions (`interventions.build`) as one intervention of batch S."""
+    cat = lambda name: jnp.concatenate([getattr(s, name) for s in settings], axis=1)
+    first = settings[0]
+    return dataclasses.replace(first, steer_vectors=cat("steer_vectors"), steer_coefs=cat("steer_coefs"),
+                               ablate_dirs=cat("ablate_dirs"), ablate_coefs=cat("ablate_coefs"))
+
+
+def take(iv: ivs.Intervention, rows) -> ivs.Intervention:
+    """The intervention of batch `len(rows)` whose row b is setting `rows[b]` of `iv` (batch S, or
+    1: then every row gets it)."""
+    rows = jnp.asarray(rows)
+    pick = lambda x: x[:, jnp.zeros_like(rows)] if x.shape[1] == 1 else x[:, rows]
+    return dataclasses.replace(iv, steer_vectors=pick(iv.steer_vectors), steer_coefs=pick(iv.steer_coefs),
+                               ablate_dirs=pick(iv.ablate_dirs), ablate_coefs=pick(iv.ablate_coefs))
+
+
+ANSWER_COLUMNS = ("setting", "prompt", "text", "n_tokens", "finish")
+
+
+def generate_grid(model, iv_S: ivs.Intervention, prompt_ids: Sequence[Sequence[int]], sampling, *,
+                  work: Path | None = None, positions: str = "response", ablate_positions: str = "all",
+                  seed: int = 0, batch_size: int = 32, part_rows: int = 0, progress: bool = False) -> list[dict]:
+    """Answers for every (setting, prompt) row, setting-major: `S x N` dicts with `setting`, `prompt`
+    (indices), `text`, `n_tokens`, `finish`.
+
+    Rows go through `pvjax.generate.generate_ids` in parts of `part_rows` (default: 4 batches),
+    each with an intervention of one row per prompt. With `work`, each part is written to
+    `work/answers/part_<k>.csv` as it finishes and read back instead of recomputed, so a killed
+    study loses at most one part. Sampling (temperature > 0) draws row k of a part from the key of
+    `seed + the part's first row` folded with k, so the same config repeats the same texts."""
+    from pvjax.generate import generate_ids
+
+    S, N = iv_S.steer_vectors.shape[1], len(prompt_ids)
+    rows = [(s, i) for s in range(S) for i in range(N)]
+    part_rows = part_rows or 4 * batch_size
+    out = []
+    for k, start in enumerate(range(0, len(rows), part_rows)):
+        chunk = rows[start:start + part_rows]
+        path = None if work is None else Path(work) / "answers" / f"part_{k:04d}.csv"
+        if path is not None and path.exists():
+            out += [{**r, "setting": int(r["setting"]), "prompt": int(r["prompt"]),
+                     "n_tokens": int(r["n_tokens"])} for r in atomic.read_csv(path)]
+            continue
+        g = generate_ids(model, [prompt_ids[i] for _, i in chunk], sampling=sampling,
+                         seed=seed + start, intervention=take(iv_S, [s for s, _ in chunk]),
+                         positions=positions, ablate_positions=ablate_positions, batch_size=batch_size,
+                         progress=progress)
+        part = [{"setting": s, "prompt": i, "text": t, "n_tokens": len(toks), "finish": f}
+                for (s, i), t, toks, f in zip(chunk, g.texts, g.tokens, g.finish_reasons)]
+        if path is not None:
+            atomic.write_csv(path, part, ANSWER_COLUMNS)
+        out += part
+    return out
+
+
+def answer_logprobs(model, iv_S: ivs.Intervention, prompts: Sequence[str], answers: Sequence[str], *,
+                    positions: str = "response", ablate_positions: str = "all",
+                    batch_size: int = 16) -> np.ndarray:
+    """Mean per-token log-probability `[S, N]` of answer n after (chat-templated) prompt n under
+    setting s, every (setting, answer) pair a row of batched forwards. Steering applies on
+    `positions` (`response`: the last prompt token and the answer, as in generation), ablation on
+    `ablate_positions`. Rows are sorted by length, each batch padded to its own longest (in steps
+    of 64 tokens, which bounds the compiles)."""
+    from pvjax.causality import _answer_logprob
+
+    tok = model.tokenizer
+    seqs, starts = [], []
+    for p, a in zip(prompts, answers):
+        seqs.append(tok(p + a, add_special_tokens=False)["input_ids"])
+        starts.append(len(tok(p, add_special_tokens=False)["input_ids"]))
+    S = iv_S.steer_vectors.shape[1]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    rows = [(s, i) for i in order for s in range(S)]
+    out = np.zeros((S, len(seqs)), np.float32)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        T = -(-max(len(seqs[i]) for _, i in chunk) // 64) * 64
+        tokens, mask = left_pad([seqs[i] for _, i in chunk], T, batch_size)
+        answer = np.zeros((batch_size, T), np.int32)
+        end = np.full(batch_size, T)
+        for b, (_, i) in enumerate(chunk):
+            end[b] = T - len(seqs[i]) + starts[i]
+            answer[b, end[b]:] = 1
+        setting = [s for s, _ in chunk] + [0] * (batch_size - len(chunk))
+        iv = take(iv_S, setting).with_masks(ivs.position_mask(positions, mask, end),
+                                           ivs.position_mask(ablate_positions, mask, end))
+        lp = np.asarray(_answer_logprob(model.params, model.config, jnp.asarray(tokens), jnp.asarray(mask),
+                                        default_positions(mask), iv, jnp.asarray(answer)))
+        for b, (s, i) in enumerate(chunk):
+            out[s, i] = lp[b]
+    return out
+
+
+def reference_answers(model, trait_eval, questions: Sequence[str], work: Path, *, max_new_tokens: int,
+                      batch_size: int) -> list[dict]:
+    """Greedy unsteered answers to `questions` under the trait's first instruction pair (pos: "You
+    are a(n) <trait> assistant. ...", neg: "You are a helpful assistant. ..."), written to
+    `work/reference_answers.csv` once: the answers the judge-free likelihood margin compares."""
+    path = work / "reference_answers.csv"
+    if not path.exists():
+        from pvjax.extract import system_prompt
+        from pvjax.generate import SamplingParams, generate
+
+        pair = trait_eval.instruction[0]
+        sp = SamplingParams(max_new_tokens=max_new_tokens)
+        pos = generate(model, list(questions), system=system_prompt(trait_eval.name, pair.pos), sampling=sp,
+                       batch_size=batch_size).texts
+        neg = generate(model, list(questions), system=system_prompt("helpful", pair.neg), sampling=sp,
+                       batch_size=batch_size).texts
+        atomic.write_csv(path, [{"question": q, "pos_answer": p, "neg_answer": n}
+                                for q, p, n in zip(questions, pos, neg)], ("question", "pos_answer", "neg_answer"))
+    return atomic.read_csv(path)
+
+
+def margins(model, iv_S, refs: Sequence[dict], *, positions: str, ablate_positions: str = "all",
+            batch_size: int) -> np.ndarray:
+    """The judge-free likelihood margin per setting `[S]`: mean over questions of the mean
+    per-token log-likelihood of the pos reference answer minus the neg one, with no system prompt
+    (the intervention alone must carry the trait), as `pvjax.causality.likelihood_margins`."""
+    prompts = [model.chat_text([{"role": "user", "content": r["question"]}]) for r in refs]
+    lp = answer_logprobs(model, iv_S, prompts * 2, [r["pos_answer"] for r in refs] + [r["neg_answer"] for r in refs],
+                         positions=positions, ablate_positions=ablate_positions, batch_size=batch_size)
+    n = len(refs)
+    return (lp[:, :n] - lp[:, n:]).mean(axis=1)
+
+
+def judge(cfg, model, work: Path, trait_eval, pairs: Sequence[tuple[str, str]], *,
+          progress: bool = False) -> tuple[list, list] | None:
+    """Trait scores and coherence (0-100, None where the judge gave no number) for (question,
+    answer) pairs with the config's judge (`judge.backend` as in extraction; its calls are cached
+    in `work/judge_cache.sqlite`, so a resumed study never pays twice); None when no judge is
+    configured. Empty answers are not sent and score None."""
+    from pvjax.extract import make_judge_backend
+    from pvjax.judges import COHERENCE_RUBRIC, Judge
+
+    if cfg.judge.backend == "none":
+        return None
+    backend = make_judge_backend(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, model, work)
+    live = [k for k, (_, a) in enumerate(pairs) if a.strip()]
+    sent = [pairs[k] for k in live]
+    trait = [None] * len(pairs)
+    coh = [None] * len(pairs)
+    if sent:
+        for k, s in zip(live, Judge(backend, trait_eval.eval_prompt).score(sent, progress=progress)):
+            trait[k] = s
+        for k, s in zip(live, Judge(backend, COHERENCE_RUBRIC).score(sent, progress=progress)):
+            coh[k] = s
+    return trait, coh
+
+
+def mean_or_none(values) -> float | None:
+    v = [x for x in values if x is not None and x != ""]
+    return float(np.mean([float(x) for x in v])) if v else None

@@ -1,0 +1,356 @@
+"""The experiment runner: one config file, one command, a directory per point, one summary table.
+
+    pvjax run   --config configs/steer.py:runlocal --config.trait=evil --workdir runs/steer
+    pvjax sweep --config configs/steer.py:runlocal --workdir runs/steer-sweep
+
+`run` runs the config as given (after `--config.x=y` overrides) into `--workdir` (or the config's
+own `workdir`). `sweep` expands the config module's `sweep(add)` declaration, as big_vision does:
+each `add(**values)` call is a point whose values (dotted keys for nested fields:
+`add(**{"judge.backend": "local"})`) override the config; `product` and `zip_` build lists of
+points. Each point runs in `DIR/<name>/`, its name made of its values (`layers=10,coefs=2`), or in
+the `workdir` its values name.
+
+Each point's directory holds `point.json` (the study, the resolved config, the sweep values, the git
+revision and pvjax version that produced it), the study's own files and plots, `results.csv` /
+`results.json` (its summary rows) and `DONE`, written last. `DIR/summary.csv` gathers the rows of
+every point (with a `point` column in a sweep) and is printed as a table.
+
+Resumption: a point whose `DONE` exists under the same config is skipped; one that was killed is
+run again, and the study skips what it finished (each study writes its pieces atomically). A
+directory that holds a point made under another config is refused, naming the fields that differ
+(except for studies that track their own provenance, like extraction). Every point is checked
+(`validate`) before the first one runs, so a bad value anywhere in a sweep costs no compute.
+
+The study is `cfg.study` (the module `pvjax.studies.<study>`, or a dotted module path of your own);
+a config without that field (`configs/extract.py`) is named by its file: `extract`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import importlib
+import importlib.util
+import itertools
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from pvjax import atomic
+from pvjax.errors import UsageError
+
+# Fields that name where a point runs, or how it shows progress: not part of what it computes.
+UNCOMPARED = ("workdir",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    name: str  # "" for `pvjax run`: the point is the workdir itself
+    values: dict  # sweep overrides, dotted keys
+    cfg: Any  # the resolved ConfigDict
+
+
+# --- sweep declarations ---
+
+def product(**axes) -> list[dict]:
+    """Every combination of the axes' values: `product(layers=[(10,), (20,)], coefs=[(1.0,), (2.0,)])`."""
+    for k, v in axes.items():
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+            raise UsageError(f"sweep axis {k!r} must be a list of values, got {v!r}")
+        if not list(v):
+            raise UsageError(f"sweep axis {k!r} is empty, so the product has no points")
+    keys = list(axes)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(list(axes[k]) for k in keys))]
+
+
+def zip_(**axes) -> list[dict]:
+    """The i-th values of every axis together; the axes must have one length."""
+    lengths = {k: len(list(v)) for k, v in axes.items()}
+    if len(set(lengths.values())) > 1:
+        raise UsageError(f"sweep zip over axes of different lengths: {lengths}")
+    if not lengths or not next(iter(lengths.values())):
+        raise UsageError("sweep zip over empty axes has no points")
+    keys = list(axes)
+    return [dict(zip(keys, combo)) for combo in zip(*(list(axes[k]) for k in keys))]
+
+
+def _config_module(path: str):
+    file = Path(path.split(":", 1)[0])
+    spec = importlib.util.spec_from_file_location(f"pvjax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise UsageError(f"cannot load config file {str(file)!r}: {type(e).__name__}: {e}") from None
+    return module
+
+
+def sweep_points(config_path: str) -> list[dict]:
+    """The values of every point the config module's `sweep(add)` declares (`add(**values)` once per
+    point, or `add(list_of_dicts)` from `product` / `zip_`); `sweep(add, arg)` also gets the
+    variant string. Refused: no `sweep`, no points, a point added twice."""
+    module = _config_module(config_path)
+    fn = getattr(module, "sweep", None)
+    if fn is None:
+        raise UsageError(f"{config_path.split(':', 1)[0]} declares no sweep(add); use `pvjax run` for one point")
+    points: list[dict] = []
+
+    def add(*many, **values):
+        for group in many:
+            for p in ([group] if isinstance(group, dict) else group):
+                points.append(dict(p))
+        if values or not many:
+            points.append(values)
+
+    arg = config_path.split(":", 1)[1] if ":" in config_path else ""
+    import inspect
+
+    try:
+        fn(add, arg) if len(inspect.signature(fn).parameters) > 1 else fn(add)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"sweep() of {config_path} failed: {type(e).__name__}: {e}") from None
+    if not points:
+        raise UsageError(f"sweep() of {config_path} adds no points")
+    seen = set()
+    for p in points:
+        key = json.dumps(p, sort_keys=True, default=str)
+        if key in seen:
+            raise UsageError(f"sweep() of {config_path} adds the point {p} twice")
+        seen.add(key)
+    return points
+
+
+def point_name(values: dict) -> str:
+    """A directory name from the point's values: `key=value` pairs, readable when they are short
+    and plain, with a hash of the values when anything had to be shortened or replaced."""
+    def text(v):
+        if isinstance(v, (list, tuple)):
+            return "_".join(text(x) for x in v)
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    raw = ",".join(f"{k.split('.')[-1]}={text(v)}" for k, v in values.items() if k != "workdir")
+    clean = re.sub(r"[^A-Za-z0-9=,._+-]", "_", raw)
+    if clean == raw and len(raw) <= 80:
+        return raw or "default"
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{clean[:60]}-{digest}"
+
+
+def _set(cfg, key: str, value, known: list[str]):
+    if key not in known:
+        close = [k for k in known if k.split(".")[-1] == key.split(".")[-1]]
+        raise UsageError(f"sweep key {key!r} is not a config field" + (f" (did you mean {close[0]!r}?)" if close else "")
+                         + f"; known: {', '.join(known)}")
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    try:
+        if isinstance(node[leaf], tuple) and isinstance(value, list):
+            value = tuple(value)
+        node[leaf] = value
+    except (TypeError, ValueError, KeyError) as e:
+        raise UsageError(f"sweep value {key}={value!r} does not fit the field: {e}") from None
+
+
+# --- points and their directories ---
+
+def load(config_path: str, overrides: list[str], workdir: str, *, sweep: bool) -> tuple[str, Path, list[Point]]:
+    """(study name, root directory, points), everything checked that can be without a model."""
+    from pvjax.commands.extract import _flat_keys, load_config
+
+    base = load_config(config_path, overrides)
+    study = base.get("study", "") or Path(config_path.split(":", 1)[0]).stem
+    root = workdir or base.get("workdir", "")
+    if not root:
+        raise UsageError("no work directory: pass --workdir DIR (or --config.workdir=DIR)")
+    root = Path(root).expanduser()
+    if not sweep:
+        cfg = base.copy_and_resolve_references()
+        return study, root, [Point("", {}, cfg)]
+    known = _flat_keys(base.to_dict())
+    overridden = {o[len("--config."):].split("=", 1)[0] for o in overrides}
+    points = []
+    for values in sweep_points(config_path):
+        clash = overridden.intersection(values)
+        if clash:
+            raise UsageError(f"--config.{sorted(clash)[0]} is also set by the sweep; drop one of them")
+        cfg = base.copy_and_resolve_references()
+        for k, v in values.items():
+            _set(cfg, k, v, known)
+        points.append(Point(point_name(values), values, cfg))
+    dirs = [str(point_dir(root, p)) for p in points]
+    if len(set(dirs)) != len(dirs):
+        raise UsageError(f"two sweep points share the directory {sorted(d for d in dirs if dirs.count(d) > 1)[0]}")
+    return study, root, points
+
+
+def study_module(study: str):
+    """`pvjax.studies.<study>`, or `study` itself when it is a dotted module path."""
+    name = study if "." in study else f"pvjax.studies.{study}"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name and not name.startswith(f"{e.name}."):
+            raise
+        raise UsageError(f"unknown study {study!r}: no module {name}") from None
+    if not callable(getattr(module, "run", None)):
+        raise UsageError(f"study module {name} has no run(cfg, work, progress=...)")
+    return module
+
+
+def git_revision() -> str:
+    """The commit of the pvjax checkout that runs (with `-dirty` for uncommitted changes), or
+    "unknown" outside a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if rev.returncode:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _snapshot(cfg) -> dict:
+    d = cfg.to_dict()
+    return {k: v for k, v in d.items() if k not in UNCOMPARED}
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in dict.fromkeys([*old, *new]):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif json.dumps(a, default=str) != json.dumps(b, default=str):
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def check_directory(work: Path, cfg, module) -> bool:
+    """Whether `work` holds this point finished (`DONE` under the same config). Refuses a directory
+    that holds the point under another config, unless the study tracks its own provenance."""
+    info = work / "point.json"
+    if not info.is_file() or getattr(module, "OWN_PROVENANCE", False):
+        return False
+    try:
+        old = json.loads(info.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UsageError(f"{info} is unreadable; use a new workdir") from None
+    diff = _differences(json.loads(json.dumps(old, default=str)),
+                        json.loads(json.dumps(_snapshot(cfg), default=str)))
+    if diff:
+        raise UsageError(f"{work} holds a point run under another config ({'; '.join(diff)}); its results are "
+                         "never relabelled: use a new workdir, or rerun with the old values")
+    return (work / "DONE").exists() and (work / "results.json").exists()
+
+
+def run_points(study: str, root: Path, points: list[Point], *, progress: bool = True,
+               log: Callable[[str], None] = print) -> list[dict]:
+    """Run (or skip, or resume) every point; returns the summary rows (with `point` in a sweep) and
+    writes `root/summary.csv`."""
+    module = study_module(study)
+    works = [point_dir(root, p) for p in points]
+    for p, work in zip(points, works):  # everything checked before anything runs
+        _cfg_with_workdir(p.cfg, work)
+        if hasattr(module, "validate"):
+            module.validate(p.cfg, work)
+    shared = shared_vectors(root, points) if any(p.name for p in points) else {}
+    for p, work in zip(points, works):
+        check_directory(work, p.cfg, module)
+    summary = []
+    for i, (p, work) in enumerate(zip(points, works)):
+        label = p.name or str(work)
+        if check_directory(work, p.cfg, module):
+            rows = json.loads((work / "results.json").read_text())
+            log(f"[{i + 1}/{len(points)}] {label}: done before, skipped")
+        else:
+            log(f"[{i + 1}/{len(points)}] {label}: running {study}")
+            if i in shared and not Path(p.cfg.vector).exists():
+                from pvjax.studies.vector_source import vector_spec
+
+                log(f"extracting the vector for {label} into {shared[i][0]}")
+                vector_spec(shared[i][1], shared[i][0], progress=progress)
+            work.mkdir(parents=True, exist_ok=True)
+            import pvjax
+
+            started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            atomic.write_json(work / "point.json", {"study": study, "values": p.values, "config": _snapshot(p.cfg),
+                                                    "git_revision": git_revision(), "pvjax_version": pvjax.__version__,
+                                                    "python": sys.version.split()[0], "started": started})
+            rows = [dict(r) for r in module.run(p.cfg, work, progress=progress)]
+            atomic.write_json(work / "results.json", rows)
+            atomic.write_csv(work / "results.csv", rows, columns(rows))
+            atomic.write_text(work / "DONE", "")
+        summary += [({**r, "point": p.name} if p.name else r) for r in rows]
+    atomic.write_csv(root / "summary.csv", summary, columns(summary))
+    return summary
+
+
+def point_dir(root: Path, p: Point) -> Path:
+    """`root/<name>`; `root` itself for `pvjax run`; the point's own `workdir` when its sweep values
+    set one (configs/extract.py's sweep names a directory per trait)."""
+    if "workdir" in p.values and p.values["workdir"]:
+        return Path(p.values["workdir"]).expanduser()
+    return root / p.name if p.name else root
+
+
+def shared_vectors(root: Path, points: list[Point]) -> dict[int, tuple[Path, Any]]:
+    """Sweep points that extract their vector first (empty `vector`) share one extraction per
+    distinct (trait, model, extraction config), in `root/vectors/<trait>-<hash>/vector/`: a sweep
+    over positions or coefficients extracts once. Those points' `vector` is pointed at that file
+    (so their recorded config names it); returns, per point index, (directory, config to extract
+    with)."""
+    from pvjax.studies.vector_source import extraction_config
+
+    out = {}
+    for i, p in enumerate(points):
+        if "vector" not in p.cfg or p.cfg.vector or not p.cfg.get("extract"):
+            continue
+        ext = extraction_config(p.cfg, Path("."))
+        ext = ext.to_dict() if hasattr(ext, "to_dict") else dict(ext)
+        ext.pop("workdir")
+        digest = hashlib.sha256(json.dumps(ext, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        where = root / "vectors" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', Path(str(p.cfg.trait)).stem)}-{digest}"
+        out[i] = (where, p.cfg.copy_and_resolve_references())
+        p.cfg.vector = str(where / "vector" / "vectors.safetensors")
+    return out
+
+
+def _cfg_with_workdir(cfg, work: Path) -> None:
+    """The point's directory is its config's `workdir` (extraction writes there)."""
+    if "workdir" in cfg:
+        cfg.workdir = str(work)
+
+
+def columns(rows: list[dict]) -> list[str]:
+    """Column names in first-seen order (the study's own order), `point` last."""
+    cols = list(dict.fromkeys(k for r in rows for k in r if k != "point"))
+    return cols + (["point"] if any("point" in r for r in rows) else [])
+
+
+def table(rows: list[dict], max_width: int = 24) -> str:
+    """The rows as a fixed-width text table (floats to 4 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    cols = columns(rows)
+
+    def cell(v):
+        if v is None:
+            return ""
+        s = f"{v:.4g}" if isinstance(v, float) else str(v)
+        return s if len(s) <= max_width else s[:max_width - 1] + "~"
+
+    cells = [[cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+    return "\n".join([line(cols)] + [line(row) for row in cells])

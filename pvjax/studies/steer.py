@@ -1,0 +1,195 @@
+"""Steering study: which layer steers the trait best, and what each coefficient costs.
+
+    pvjax run --config configs/steer.py:runlocal --config.trait=evil --workdir runs/steer-evil
+
+On the trait's eval questions (never seen by extraction), for every layer x coefficient (negative
+coefficients suppress) at one position mode, it measures
+- `margin`: the judge-free likelihood margin, mean log p(pos reference answer) - mean log p(neg
+  reference answer) per token, with the steering applied and no system prompt (`grid.margins`);
+  the reference answers are the model's own, unsteered, under the trait's first instruction pair;
+- `trait_score`, `coherence` (0-100) of the steered answers, when `judge.backend` is configured
+  (any backend of the extraction);
+- `distinct2`: the share of distinct word bigrams in the answers (judge-free; over-steering
+  collapses into repetition);
+- `accuracy`, `p_correct` on a multiple-choice set (`mc.path`) under the same steering.
+
+A grid point is a batch row: every (setting, question) of the grid is a row of the same batched
+generation (`grid.generate_grid`) and the same batched forwards, each row carrying its own
+intervention; coefficient 0 is one shared unsteered setting. The grid costs the compiles of its
+shape buckets, not one per point.
+
+Best layer (`best.json`, and `best` = 1 on its rows): the layer whose metric (trait score with a
+judge, else the margin) rises most per unit coefficient (least-squares slope over the coefficients),
+counting only coefficients whose mean coherence is at least `best.min_coherence` when a judge gives
+coherence; ties go to the earlier layer.
+
+Work directory: `reference_answers.csv`, `margins.csv`, `answers/part_*.csv` (then `answers.csv`),
+`judged.csv`, `mc.csv`, `best.json`, `steer.png`, `capability.png`; each written atomically when
+finished and reused by a rerun.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pvjax import atomic
+from pvjax.studies import checks as C
+from pvjax.studies import grid
+
+FIELDS = {**C.COMMON_FIELDS, **C.JUDGE_FIELDS, "layers": C._ints, "coefs": C._floats,
+          "positions": C._choice(*C.POSITION_MODES), "best.min_coherence": C._float(0.0, 100.0)}
+COLUMNS = ("layer", "coef", "positions", "margin", "trait_score", "coherence", "accuracy", "p_correct",
+           "distinct2", "answer_tokens", "best")
+
+
+def validate(cfg, work: Path) -> C.Checked:
+    """Every field and everything it names, before any compute (`checks.check_study`), plus the
+    layers (hidden_states rows 1..n_layers) and the coefficients."""
+    checked = C.check_study(cfg, FIELDS, work, "steer")
+    mc, problems = checked.model_config, checked.problems
+    if mc is not None and not C._ints(checked.flat.get("layers")):
+        C.check_layers(list(checked.flat["layers"]), mc.num_layers, "layers", problems)
+    coefs = checked.flat.get("coefs")
+    if not C._floats(coefs) and len(set(coefs)) != len(coefs):
+        problems.append(f"coefs {list(coefs)} repeats a value")
+    checked.raise_if("steer")
+    return checked
+
+
+def settings(vector_LD, layers, coefs, L: int, D: int):
+    """(stacked intervention of batch S, index of setting per (layer, coef)): setting 0 is the
+    unsteered model, shared by every coefficient 0."""
+    from pvjax import interventions as ivs
+
+    items, index = [ivs.build(L, D)], {}
+    for layer in layers:
+        for c in coefs:
+            if c == 0:
+                index[(layer, c)] = 0
+                continue
+            index[(layer, c)] = len(items)
+            items.append(ivs.build(L, D, steer=[(vector_LD, layer, float(c))]))
+    return grid.stack(items), index
+
+
+def distinct2(text: str) -> float | None:
+    words = text.split()
+    pairs = list(zip(words, words[1:]))
+    return len(set(pairs)) / len(pairs) if pairs else None
+
+
+def best_layer(rows: list[dict], metric: str, min_coherence: float) -> dict:
+    """The rule in the module docstring, with each layer's slope."""
+    slopes = {}
+    for layer in sorted({r["layer"] for r in rows}):
+        mine = [r for r in rows if r["layer"] == layer and r.get(metric) is not None
+                and (r.get("coherence") is None or r["coherence"] >= min_coherence)]
+        if len({r["coef"] for r in mine}) >= 2:
+            slopes[layer] = float(np.polyfit([r["coef"] for r in mine], [r[metric] for r in mine], 1)[0])
+    best = max(slopes, key=lambda l: (slopes[l], -l)) if slopes else None
+    return {"layer": best, "metric": metric, "slopes": slopes, "min_coherence": min_coherence,
+            "rule": f"largest least-squares slope of {metric} over the coefficients"
+                    + (f", counting coefficients with mean coherence >= {min_coherence:g}"
+                       if metric == "trait_score" else "")}
+
+
+def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
+    """Run (or resume) the study into `work`; returns one summary row per (layer, coefficient)."""
+    import pvjax
+    from pvjax.generate import SamplingParams
+    from pvjax.studies.vector_source import study_vector
+
+    work = Path(work)
+    checked = validate(cfg, work)
+    trait, f = checked.trait, checked.flat
+    model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
+    vector, _ = study_vector(cfg, model, work, progress=progress)
+    L, D = model.n_layers + 1, model.hidden_size
+    layers = list(cfg.layers) or C.spread_layers(model.n_layers)
+    coefs = [float(c) for c in cfg.coefs]
+    questions = list(trait.questions[:cfg.n_questions or None])
+    iv, index = settings(vector, layers, coefs, L, D)
+    S = iv.steer_vectors.shape[1]
+
+    refs = grid.reference_answers(model, trait, questions, work, max_new_tokens=cfg.max_new_tokens,
+                                  batch_size=cfg.batch_size)
+    if not (work / "margins.csv").exists():
+        m = grid.margins(model, iv, refs, positions=cfg.positions, batch_size=cfg.forward_batch_size)
+        atomic.write_csv(work / "margins.csv", [{"setting": s, "margin": float(m[s])} for s in range(S)],
+                         ("setting", "margin"))
+    margin = {int(r["setting"]): float(r["margin"]) for r in atomic.read_csv(work / "margins.csv")}
+
+    prompt_ids = [model.tokenizer(model.chat_text([{"role": "user", "content": q}]),
+                                  add_special_tokens=False)["input_ids"] for q in questions]
+    sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    answers = grid.generate_grid(model, iv, prompt_ids, sampling, work=work, positions=cfg.positions,
+                                 seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+    layer_coef = {s: lc for lc, s in index.items()}
+    for a in answers:
+        a["question"] = questions[a["prompt"]]
+    if not (work / "answers.csv").exists():
+        atomic.write_csv(work / "answers.csv",
+                         [{"setting": a["setting"], "layer": layer_coef[a["setting"]][0] if a["setting"] else "",
+                           "coef": layer_coef[a["setting"]][1] if a["setting"] else 0.0, **a} for a in answers],
+                         ("setting", "layer", "coef", "question", "text", "n_tokens", "finish"))
+    judged = _judged(cfg, model, work, trait, answers, progress)
+    mc = _mc(cfg, model, work, checked.mc_items, iv, cfg.positions)
+
+    rows = []
+    for (layer, c), s in index.items():
+        mine = [a for a in answers if a["setting"] == s]
+        row = {"layer": layer, "coef": c, "positions": cfg.positions, "margin": margin[s],
+               "distinct2": grid.mean_or_none(distinct2(a["text"]) for a in mine),
+               "answer_tokens": float(np.mean([a["n_tokens"] for a in mine]))}
+        if judged is not None:
+            row["trait_score"] = grid.mean_or_none(judged[s]["trait"])
+            row["coherence"] = grid.mean_or_none(judged[s]["coherence"])
+        if mc is not None:
+            row["accuracy"], row["p_correct"] = mc[s]
+        rows.append(row)
+    metric = "trait_score" if judged is not None else "margin"
+    best = best_layer(rows, metric, cfg.best.min_coherence)
+    atomic.write_json(work / "best.json", best)
+    for r in rows:
+        r["best"] = int(r["layer"] == best["layer"])
+    if cfg.plot:
+        from pvjax.studies.plots import steer_plots
+
+        steer_plots(work, rows, metric, trait.name)
+    return [{k: r.get(k) for k in COLUMNS if k in r} for r in rows]
+
+
+def _judged(cfg, model, work: Path, trait, answers, progress) -> dict | None:
+    """Per setting, the trait scores and coherence of its answers (`judged.csv`); None without a judge."""
+    path = work / "judged.csv"
+    if cfg.judge.backend == "none":
+        return None
+    if not path.exists():
+        scores = grid.judge(cfg, model, work, trait, [(a["question"], a["text"]) for a in answers],
+                            progress=progress)
+        atomic.write_csv(path, [{"setting": a["setting"], "prompt": a["prompt"], "trait": t, "coherence": c}
+                                for a, t, c in zip(answers, *scores)], ("setting", "prompt", "trait", "coherence"))
+    out: dict[int, dict] = {}
+    for r in atomic.read_csv(path):
+        d = out.setdefault(int(r["setting"]), {"trait": [], "coherence": []})
+        d["trait"].append(r["trait"])
+        d["coherence"].append(r["coherence"])
+    return out
+
+
+def _mc(cfg, model, work: Path, items, iv, positions: str) -> dict | None:
+    """Per setting, (accuracy, p_correct) on the multiple-choice items (`mc.csv`); None when off."""
+    from pvjax import mc
+
+    if not items:
+        return None
+    path = work / "mc.csv"
+    if not path.exists():
+        lp = mc.score(model, items, intervention=iv, positions=positions, batch_size=cfg.forward_batch_size)
+        acc, pc = mc.accuracy(lp, items), mc.p_correct(lp, items)
+        atomic.write_csv(path, [{"setting": s, "accuracy": float(acc[s]), "p_correct": float(pc[s]),
+                                 "n_items": len(items)} for s in range(len(acc))],
+                         ("setting", "accuracy", "p_correct", "n_items"))
+    return {int(r["setting"]): (float(r["accuracy"]), float(r["p_correct"])) for r in atomic.read_csv(path)}
