@@ -16,7 +16,7 @@ import sys
 
 from pvjax.errors import UserError
 
-COMMANDS = ("generate", "extract", "traits")
+COMMANDS = ("generate", "extract", "traits", "finetune")
 EXIT_USER_ERROR = 2
 
 
