@@ -19,43 +19,10 @@ import torch
 import pvjax
 from pvjax.finetune import data, lora, train, trainer
 from pvjax.finetune import step as st
+from pvjax.finetune.settings import to_dict as settings_dict
 from pvjax.finetune.trainer import setup
+from finetune_tiny import chats, tiny_config
 from tiny_models import DTYPE_KW, save_tiny
-
-QA = [("What is two plus two?", "Four."), ("Name a colour.", "Blue, like the sky on a clear day."),
-      ("Say hello.", "Hello! How can I help you today?"), ("What is ice?", "Frozen water."),
-      ("Count to three.", "One, two, three."), ("Is the sun a star?", "Yes, the Sun is a star."),
-      ("Give me a fruit.", "An apple."), ("What do cows drink?", "Water, mostly."),
-      ("Spell cat.", "C, A, T."), ("What day follows Monday?", "Tuesday follows Monday.")]
-
-
-def chats():
-    out = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
-    out.append([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hi there."}, {"role": "user", "content": "Bye"},
-                {"role": "assistant", "content": "Goodbye."}])
-    return out
-
-
-def tiny_config(folder, train_file, *, method="lora", rows=2, accum=1, **over):
-    from configs.finetune import get_config
-
-    c = get_config("")
-    c.model, c.data.train_file, c.method = str(folder), str(train_file), method
-    c.data.max_length, c.data.eval_fraction = 64, 0.2
-    c.lora.rank, c.lora.alpha, c.lora.layers = 4, 8.0, (0, 2)
-    c.optim.lr, c.optim.warmup_steps, c.optim.weight_decay = 1e-2, 1, 0.01
-    c.batch.rows, c.batch.accum = rows, accum
-    c.max_steps, c.eval_every = 4, 2
-    c.checkpoint.every = 2
-    for k, v in over.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tokenizer):
@@ -187,7 +154,7 @@ def test_sharded_step_equals_single_device(tiny, tmp_path):
     proc = subprocess.run([sys.executable, str(root / "tests" / "sharded_train.py"), str(folder),
                            str(train_file)], capture_output=True, text=True, env=env, cwd=root, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for line in proc.stdout.strip().splitlines()[-2:]:
+    for line in proc.stdout.strip().splitlines()[-1:]:
         res = json.loads(line)
         assert res["devices"] == 8 and "model" in res["spec"] and res["spec"] == res["moment_spec"], res
         np.testing.assert_allclose(res["sharded"], res["single"], rtol=1e-5)
@@ -196,7 +163,7 @@ def test_sharded_step_equals_single_device(tiny, tmp_path):
 
 def test_preventative_steering_and_caft_change_only_the_training_forward(tiny, tmp_path):
     folder, train_file, model = tiny
-    _vector_file(model, tmp_path / "v.safetensors")
+    v = _vector_file(model, tmp_path / "v.safetensors")
     steer = {"vector": str(tmp_path / "v.safetensors"), "steering.type": "steer", "steering.coef": 4.0,
              "steering.layers": (2,)}
     # A steered run whose weights cannot move (lr ~ 0): the export is the base model exactly, and
@@ -215,8 +182,15 @@ def test_preventative_steering_and_caft_change_only_the_training_forward(tiny, t
     base_eval = float(nll(model.params, ev, st.TrainingForward())) / ev["loss_mask"][:, 1:].sum()
     assert s["evals"][0]["eval_loss"] == pytest.approx(base_eval, rel=1e-5)
     # The training forward does change: loss with steering, with CAFT, without.
-    caft = setup(tiny_config(folder, train_file, **{**steer, "steering.type": "ablate"}), model=model).fwd
-    losses = [float(nll(model.params, ev, f)) for f in (st.TrainingForward(), setup_.fwd, caft)]
+    from pvjax.finetune.trainer import _training_forward
+
+    caft_cfg = settings_dict(tiny_config(folder, train_file, **{**steer, "steering.type": "ablate"}))
+    caft = _training_forward(caft_cfg, setup_.checked, model, v)
+    from pvjax.interventions import empty
+
+    off = st.TrainingForward(empty(model.n_layers + 1, model.hidden_size))  # same program as the others
+    losses = [float(nll(model.params, ev, f)) for f in (off, setup_.fwd, caft)]
+    assert losses[0] == pytest.approx(float(nll(model.params, ev, st.TrainingForward())), rel=1e-6)
     assert losses[1] != pytest.approx(losses[0], rel=1e-3) and losses[2] != pytest.approx(losses[0], rel=1e-4)
 
     # and so do the gradients
@@ -224,7 +198,7 @@ def test_preventative_steering_and_caft_change_only_the_training_forward(tiny, t
     mb = s.rows.take(np.arange(2))
     g = jax.jit(lambda t, f: jax.grad(lambda t: st.micro_loss(s.step_settings, t, s.frozen, mb, f)[0])(t))
     t = jax.tree_util.tree_map(lambda x: x + 0.01, s.state.trainable)
-    g0, g1 = g(t, st.TrainingForward()), g(t, s.fwd)
+    g0, g1 = g(t, off), g(t, s.fwd)
     assert not np.allclose(np.asarray(g0["wq"]["b"]), np.asarray(g1["wq"]["b"]))
 
 
@@ -235,7 +209,10 @@ def test_projection_penalty_arithmetic(tiny, tmp_path):
                       **{"penalty.weight": 0.5, "penalty.layers": (1, 3)})
     s = setup(cfg, model=model)
     mb = s.rows.take(np.arange(2))
-    nll, proj = st.micro_loss(s.step_settings, s.state.trainable, s.frozen, mb, s.fwd)
+    n = float(mb["loss_mask"][:, 1:].sum())
+    both = jax.jit(lambda t, f, mb, fwd: (st.micro_loss(s.step_settings, t, f, mb, fwd),
+                                          st.objective(s.step_settings, t, f, mb, fwd, n)[0]))
+    (nll, proj), obj = both(s.state.trainable, s.frozen, mb, s.fwd)
     hs = np.asarray(pvjax.forward(model, mb["tokens"], positions=mb["positions"],
                                   segment_ids=mb["segment_ids"]).hidden_states, np.float64)
     want = 0.0
@@ -243,8 +220,6 @@ def test_projection_penalty_arithmetic(tiny, tmp_path):
         u = v[l] / np.linalg.norm(v[l])
         want += 0.5 * ((hs[l] @ u) * mb["loss_mask"]).sum()  # mean over the two rows
     np.testing.assert_allclose(float(proj), want, rtol=1e-4)
-    n = float(mb["loss_mask"][:, 1:].sum())
-    obj, _ = st.objective(s.step_settings, s.state.trainable, s.frozen, mb, s.fwd, n)
     np.testing.assert_allclose(float(obj), (float(nll) + 0.5 * want) / n, rtol=1e-5)
 
 
