@@ -283,3 +283,20 @@ def test_cli_finetune(tiny, tmp_path, capsys):
         main(args + ["--workdir", str(tmp_path / "bad"), "--config.steering.type=push"])
     assert e.value.code == 2
     assert "steering.type: steer, ablate or empty, got 'push'" in capsys.readouterr().err
+
+
+def test_bf16_compute_keeps_float32_master_weights(tiny):
+    folder, _, model = tiny
+    spec = lora.LoraSpec(rank=4, alpha=8.0)
+    trainable, frozen = lora.split(spec, model.params, jax.random.PRNGKey(0))
+    trainable = jax.tree_util.tree_map(lambda x: x + 0.02, trainable)
+    exs, _ = data.build_examples(model.tokenizer, chats()[:4], max_length=64)
+    mb = data.pack_rows(exs, 64).take(np.arange(2))
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        settings = st.StepSettings(model.config, spec, dtype)
+        base = frozen if dtype == "float32" else jax.tree_util.tree_map(lambda x: x.astype(dtype), frozen)
+        out[dtype] = jax.jit(jax.value_and_grad(lambda t: st.micro_loss(settings, t, base, mb, st.TrainingForward())[0]))(trainable)
+    (l32, g32), (l16, g16) = out["float32"], out["bfloat16"]
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(g16))  # masters stay float32
+    assert float(l16) == pytest.approx(float(l32), rel=2e-2) and float(l16) != float(l32)
