@@ -214,8 +214,10 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
         base_proj = meta.get("base_projection")
         log = [m for m in _read_log(work) if m["step"] <= latest]
         print(f"resumed from step {latest} of {s.total_steps}", flush=True)
-    else:
-        base_proj = evaluate(s, state).get("projection") if s.monitor_probes is not None else None
+    else:  # the base model's eval loss (and projection, the shift's zero) as step 0
+        ev0 = evaluate(s, state)
+        base_proj = ev0.get("projection")
+        log = [{"step": 0, **ev0, **({"shift": 0.0} if base_proj is not None else {})}]
     atomic.write_text(work / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in log))
 
     step_fn = st.compile_step(s.step_settings, s.optimizer, s.mesh, s.shardings, s.frozen, key=s.optimizer_key)
