@@ -16,7 +16,7 @@ import sys
 
 from pvjax.errors import UserError
 
-COMMANDS = ("generate", "extract", "traits", "run", "sweep", "screen", "shift")
+COMMANDS = ("generate", "extract", "traits", "run", "sweep", "screen", "shift", "finetune")
 EXIT_USER_ERROR = 2
 
 

@@ -23,6 +23,7 @@ from pvjax.capture import Capture, ForwardOutput, row_capture
 from pvjax.config import ModelConfig
 from pvjax.interventions import Intervention, apply_row
 from pvjax.kernels import PackedWeight, decode_attention
+from pvjax.models.low_rank import LowRank
 from pvjax.models.rope import apply_rope, inverse_frequencies, rope_tables
 
 _MASKED = -1e30  # finite, so fully padded query rows give garbage, not NaN that could leak into sums
@@ -139,6 +140,8 @@ def _mm(x, w_IO):
     """`x @ w` with the leading axes folded into one: XLA's CPU dots run the 2-D form faster."""
     if isinstance(w_IO, PackedWeight):
         return (x @ w_IO).astype(x.dtype)
+    if isinstance(w_IO, LowRank):  # LoRA in training: x @ W + s (x @ A) @ B, W never updated
+        return _mm(x, w_IO.base) + (_mm(_mm(x, w_IO.a), w_IO.b) * w_IO.scale).astype(x.dtype)
     y = x.reshape(-1, x.shape[-1]) @ w_IO
     return y.reshape(x.shape[:-1] + y.shape[-1:])
 
@@ -187,13 +190,15 @@ def _edit(h, iv: Intervention | None, row_iv):
 def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT, *,
            intervention: Intervention | None = None, capture: Capture = Capture(),
            cache: KVCache | None = None, segment_ids_BT=None, scan: bool = True,
-           prefill: bool = False) -> ForwardOutput:
+           prefill: bool = False, remat: bool = False) -> ForwardOutput:
     """Run the decoder. Without `cache`, attention is causal over `tokens` masked by
     `attention_mask`; with `segment_ids` (packed rows, 0 = padding) a token also attends only within
     its own segment. With `cache`, the new tokens are written at `cache.index` and attend to every
     valid earlier slot; the updated cache is returned in the output. `prefill` promises an empty
     cache (index 0): the tokens then attend among themselves only, not over the cache's empty
-    slots (a prompt of P tokens in a cache of P + new slots)."""
+    slots (a prompt of P tokens in a cache of P + new slots). `remat` recomputes each scanned block
+    in the backward pass (`jax.checkpoint` on the block): training keeps one `[B, T, D]` residual
+    per block instead of every intermediate, the memory that lets long packed rows fit."""
     n_blocks = cfg.num_layers
     if intervention is not None and intervention.n_rows != n_blocks + 1:
         raise ValueError(f"intervention has {intervention.n_rows} rows, model has {n_blocks + 1}")
@@ -256,6 +261,7 @@ def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT,
         h = _edit(h, intervention, row_iv)
         return (h, ck, cv), row_capture(h, capture, probe)
 
+
     row_ivs = None
     if intervention is not None:
         row_ivs = jax.tree_util.tree_map(lambda x: x[1:], _row_intervention(intervention, slice(None)))
@@ -267,7 +273,9 @@ def decode(params, cfg: ModelConfig, tokens_BT, positions_BT, attention_mask_BT,
     split = cache is not None and (ck[0].ndim == 4 if isinstance(ck, tuple) else ck.ndim == 5)
     if scan and not unstacked:
         xs = (params["layers"], jnp.arange(n_blocks), row_ivs, None if probes is None else probes[1:])
-        (h, ck, cv), rows = jax.lax.scan(body, (h, ck, cv), xs)
+        # The scan already stops CSE across iterations, hence prevent_cse=False (jax's advice).
+        step = jax.checkpoint(body, prevent_cse=False) if remat else body
+        (h, ck, cv), rows = jax.lax.scan(step, (h, ck, cv), xs)
     else:
         carry, outs = (h, ck, cv), []
         for n in range(n_blocks):

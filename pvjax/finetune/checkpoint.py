@@ -1,0 +1,123 @@
+"""Training checkpoints (orbax): the train state, the step's data position and what produced them.
+
+A run directory holds:
+
+    train_config.json      the training config (checked on resume: another config is refused)
+    vector.json            the steering/penalty/monitor vector's provenance (file, key, sha256, metadata)
+    checkpoints/<step>/    orbax: `state` (TrainState: step, trainable params, optimiser state, PRNG)
+                           and `meta` (data position, model fingerprint, config hash, the monitor's
+                           base projection); orbax writes a step atomically, so a step that is
+                           listed is whole.
+    metrics.jsonl          one line per step (loss, grad norm, lr) and per evaluation
+
+Resuming restores the latest step into a state laid out like a fresh one (same shardings), and
+the data position follows from the step (`data.step_rows`), so the loss curve of a resumed run is
+identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import jax
+
+from pvjax import atomic
+from pvjax.errors import UserError
+
+# Config fields a resumed run may change: where it runs and how often it reports or saves.
+MAY_DIFFER = ("workdir", "checkpoint.every", "checkpoint.keep", "log_every", "export.merged",
+              "export.adapters", "progress")
+
+
+class CheckpointMismatch(UserError, ValueError):
+    """A run directory whose checkpoints come from another config or another base model."""
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_hash(cfg: dict) -> str:
+    kept = {k: v for k, v in _flat(cfg).items() if k not in MAY_DIFFER}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_or_write_config(work: Path, cfg: dict) -> None:
+    """Write `train_config.json`, or, when the run directory has one, refuse a config that differs
+    in anything but `MAY_DIFFER`, naming the fields."""
+    path = work / "train_config.json"
+    if path.exists():
+        old = _flat(json.loads(path.read_text()))
+        new = _flat(json.loads(json.dumps(cfg, default=str)))
+        diff = sorted(k for k in set(old) | set(new) if k not in MAY_DIFFER and old.get(k) != new.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
+            raise CheckpointMismatch(f"{work} holds a run with another training config ({shown}"
+                                     f"{', ...' if len(diff) > 4 else ''}); use a new workdir")
+    atomic.write_json(path, cfg)
+
+
+class Checkpoints:
+    """An orbax CheckpointManager over `<work>/checkpoints` that keeps the last `keep` steps."""
+
+    def __init__(self, work: Path, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.dir = Path(work).absolute() / "checkpoints"
+        self.mngr = ocp.CheckpointManager(self.dir, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True), item_names=("state", "meta"))
+
+    def latest(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, step: int, state, meta: dict) -> None:
+        ocp = self._ocp
+        self.mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                    meta=ocp.args.JsonSave(meta)), force=True)
+        self.mngr.wait_until_finished()
+
+    def meta(self, step: int) -> dict:
+        ocp = self._ocp
+        return dict(self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
+
+    def restore(self, step: int, like_state, shardings):
+        """The state of `step`, laid out with `shardings` (a fresh state's)."""
+        ocp = self._ocp
+        abstract = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                          like_state, shardings)
+        got = self.mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                              meta=ocp.args.JsonRestore()))
+        return got.state, dict(got.meta)
+
+    def close(self):
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+
+def check_meta(meta: dict, model, cfg_hash: str, where: Path) -> None:
+    """Refuse a checkpoint of another base model or another config."""
+    fp = model.config.fingerprint()
+    if meta.get("model_fingerprint") != fp or meta.get("model_id") != model.model_id:
+        raise CheckpointMismatch(
+            f"{where} was trained from {meta.get('model_id')!r} (fingerprint {meta.get('model_fingerprint')}), "
+            f"not {model.model_id!r} ({fp}); use a new workdir")
+    if meta.get("config_hash") != cfg_hash:
+        raise CheckpointMismatch(f"{where} was saved by another training config (hash {meta.get('config_hash')}, "
+                                 f"now {cfg_hash}); use a new workdir")
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
