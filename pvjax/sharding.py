@@ -71,7 +71,9 @@ def _path(keys) -> str:
 
 def _fit(spec: P, shape, axis_sizes) -> P:
     """Drop an axis from the spec where the dim does not divide evenly (e.g. 9 heads on 4 devices).
-    `axis_sizes` maps axis name to size (`mesh.shape`)."""
+    `axis_sizes` is a mesh or a map from axis name to size (planning without devices)."""
+    if isinstance(axis_sizes, Mesh):
+        axis_sizes = axis_sizes.shape
     out = []
     for dim, axis in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
         out.append(axis if axis is None or dim % axis_sizes[axis] == 0 else None)
