@@ -110,8 +110,10 @@ def answer_logprobs(model, iv_S: ivs.Intervention, prompts: Sequence[str], answe
         setting = [s for s, _ in chunk] + [0] * (batch_size - len(chunk))
         iv = take(iv_S, setting).with_masks(ivs.position_mask(positions, mask, end),
                                            ivs.position_mask(ablate_positions, mask, end))
+        # The head runs on the answer tail only (`_answer_logprob`); 32-token steps bound the compiles.
+        tail = min(T - 1, -(-max(len(seqs[i]) - starts[i] for _, i in chunk) // 32) * 32)
         lp = np.asarray(_answer_logprob(model.params, model.config, jnp.asarray(tokens), jnp.asarray(mask),
-                                        default_positions(mask), iv, jnp.asarray(answer)))
+                                        default_positions(mask), iv, jnp.asarray(answer), tail=tail))
         for b, (s, i) in enumerate(chunk):
             out[s, i] = lp[b]
     return out
