@@ -18,7 +18,6 @@
 # `humorous`). Plots land in `<workdir>/plots/`.
 
 # %%
-import importlib.util
 import os
 from pathlib import Path
 
@@ -27,11 +26,12 @@ import matplotlib
 matplotlib.use("Agg")  # files, not windows: the notebook also runs headless in CI
 import matplotlib.pyplot as plt
 import numpy as np
+from _common import extract_vector, save
 
 import pvjax
 from pvjax import interventions as ivs
 from pvjax.causality import likelihood_margins
-from pvjax.extract import run as extract, system_prompt
+from pvjax.extract import system_prompt
 from pvjax.generate import SamplingParams, generate
 from pvjax.monitor import last_prompt_projections, prompt_ids, unit_rows
 from pvjax.studies import grid
@@ -41,38 +41,9 @@ from pvjax.vectors import read_vector
 SHORT = os.environ.get("PVJAX_NOTEBOOK_SHORT", "") not in ("", "0")
 WORK = Path(os.environ.get("PVJAX_NOTEBOOK_WORKDIR", "runs/notebook")).resolve()
 TRAIT = os.environ.get("PVJAX_NOTEBOOK_TRAIT", "humorous")
-PLOTS = WORK / "plots"
-PLOTS.mkdir(parents=True, exist_ok=True)
 LAYER = 20  # hidden_states row: the output of block 20 of SmolLM2's 30
 N_Q = 2 if SHORT else 6  # eval questions for steering, monitoring and ablation
 NEW = 16 if SHORT else 48  # new tokens per answer
-
-
-def repo_root() -> Path:
-    """The checkout holding configs/ (the script's parent, or the working directory upwards when a
-    notebook kernel has no `__file__`)."""
-    here = [Path(__file__).resolve().parent] if "__file__" in globals() else []
-    for p in here + [Path.cwd(), *Path.cwd().parents]:
-        for q in (p, p.parent):
-            if (q / "configs" / "extract.py").exists():
-                return q
-    raise FileNotFoundError("configs/extract.py not found above the working directory")
-
-
-def load_config(name: str, arg: str):
-    spec = importlib.util.spec_from_file_location(f"_nb_{name}", repo_root() / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
-
-
-def save(fig, name: str) -> Path:
-    path = PLOTS / name
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return path
 
 
 # %% [markdown]
@@ -84,15 +55,7 @@ def save(fig, name: str) -> Path:
 # for the demo, not a good one).
 
 # %%
-cfg = load_config("extract", "runlocal")
-cfg.trait, cfg.workdir = TRAIT, str(WORK / "extract")
-if SHORT:
-    cfg.n_questions, cfg.n_pairs, cfg.n_per_question = 3, 1, 1
-    cfg.max_new_tokens, cfg.temperature, cfg.batch_size = 24, 0.0, 4
-    cfg.filter.mode, cfg.filter.min_pairs = "none", 2
-    cfg.causality.layers, cfg.causality.coefs, cfg.causality.max_pairs = (LAYER,), (-1.0, 0.0, 1.0), 3
-summary = extract(cfg, progress=False)
-print({k: summary[k] for k in ("n_pairs_kept", "workdir") if k in summary})
+summary = extract_vector(WORK / "extract", TRAIT, short=SHORT, layer=LAYER)
 
 model = pvjax.load("smollm2-135m-instruct")
 L, D = model.n_layers + 1, model.hidden_size
@@ -104,14 +67,14 @@ print(f"vector {v_LD.shape}, norm at layer {LAYER}: {norms[LAYER]:.2f}")
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.plot(norms, marker=".")
 ax.set(xlabel="layer (hidden_states row)", ylabel="||v||", title=f"{TRAIT}: vector norm per layer")
-save(fig, "vector_norms.png")
+save(fig, WORK / "plots" / "vector_norms.png")
 
 # %% [markdown]
 # ## 2. Steer: fixed and closed-loop rows in one batch
 # Every (setting, question) is a row of one batched generation, each row with its own
 # intervention. Fixed rows add `coef * v` at the layer; the `cap` row removes only the part of the
-# projection above a ceiling (here the projection of unsteered prompts under the *anti*-trait
-# system prompt), the `target` row pulls the projection half-way toward it at every token. All
+# projection above a ceiling (here 0), the `target` row pulls the projection half-way toward it
+# at every token. All
 # rows answer under the trait's *pos* system prompt, so the closed-loop rows suppress.
 
 # %%
@@ -121,7 +84,7 @@ pair = trait_eval.instruction[0]
 pos_sys, neg_sys = system_prompt(TRAIT, pair.pos), system_prompt("helpful", pair.neg)
 
 neg_last = last_prompt_projections(model, prompt_ids(model, questions, system=neg_sys), v_LD)
-ceiling = float(neg_last[:, LAYER].mean())
+ceiling = 0.0  # the answer may not lean toward the trait at this layer at all
 settings = {"coef -1": -1.0, "coef 0": 0.0, "coef +1": 1.0,
             f"cap {ceiling:.1f}": ivs.cap(ceiling), f"target {ceiling:.1f}": ivs.target(ceiling, gain=0.5)}
 names = list(settings)
@@ -145,7 +108,7 @@ axes[0].legend(fontsize=7)
 axes[1].bar(range(len(names)), [mean_proj[n] for n in names])
 axes[1].set_xticks(range(len(names)), names, rotation=30, fontsize=7)
 axes[1].set(ylabel="mean projection", title="mean over tokens and questions")
-save(fig, "steer_projection.png")
+save(fig, WORK / "plots" / "steer_projection.png")
 
 # %% [markdown]
 # The judge-free likelihood margin: mean per-token log-likelihood of the model's own pos answer
@@ -163,7 +126,7 @@ print("margin per coefficient:", dict(zip(coefs, np.round(margins, 3))), f"slope
 fig, ax = plt.subplots(figsize=(5, 3))
 ax.plot(coefs, margins, marker="o")
 ax.set(xlabel="steering coefficient", ylabel="likelihood margin (nats/token)", title=f"layer {LAYER}")
-save(fig, "steer_margin.png")
+save(fig, WORK / "plots" / "steer_margin.png")
 
 # %% [markdown]
 # ## 3. Monitor: the last prompt token, before generation
@@ -183,7 +146,7 @@ axes[1].scatter(np.ones(N_Q), pos_last[:, LAYER], label="pos system prompt")
 axes[1].set_xticks([0, 1], ["neg", "pos"])
 axes[1].set(ylabel=f"projection at layer {LAYER}", title="per prompt")
 axes[1].legend(fontsize=7)
-save(fig, "monitor.png")
+save(fig, WORK / "plots" / "monitor.png")
 
 # %% [markdown]
 # ## 4. Ablate: project the direction out
@@ -202,4 +165,4 @@ fig, ax = plt.subplots(figsize=(5, 3))
 ax.bar(range(len(variants)), ablated)
 ax.set_xticks(range(len(variants)), list(variants), fontsize=8)
 ax.set(ylabel="likelihood margin (nats/token)", title="directional ablation vs baseline")
-save(fig, "ablate.png")
+save(fig, WORK / "plots" / "ablate.png")
