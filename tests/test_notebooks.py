@@ -36,6 +36,7 @@ def test_every_notebook_has_expected_plots():
     assert {p.name for p in NOTEBOOKS} == set(PLOTS), "a new notebook needs its plots listed in PLOTS"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(notebook, shared):
     work, cwd = shared / "work", shared / "cwd"
