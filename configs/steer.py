@@ -44,6 +44,7 @@ def get_config(arg: str = ""):
     c.workdir = ""
     c.layers = ()  # hidden_states rows; empty: five layers between a quarter and three quarters of the depth
     c.coefs = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5)
+    c.caps = ()  # closed-loop rows: per layer, `interventions.cap(ceiling)` for each ceiling (projection units)
     c.positions = "response"  # response (the paper's), prompt or all
     c.n_questions = 0  # 0: every eval question
     c.max_new_tokens = 512

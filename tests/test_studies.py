@@ -252,3 +252,36 @@ def test_a_judged_steer_study_reports_trait_score_and_coherence(tiny, tmp_path):
     assert len(judged) == 5 * 2 and (tmp_path / "judge_cache.sqlite").exists()
     best = json.loads((tmp_path / "best.json").read_text())
     assert best["metric"] == "trait_score" and best["layer"] in (1, 2) and len(best["slopes"]) == 2
+
+
+def test_closed_loop_cap_rows_join_the_grid_without_a_new_program(tiny, tmp_path):
+    """`caps` adds one capped row per layer: same batch, same compiled programs as a fixed grid of
+    as many rows, its own summary rows (control "cap", the ceiling, no coef), and the cap bites."""
+    from pvjax.commands.extract import load_config
+    from pvjax.generate import SamplingParams, compile_count
+
+    model, v = tiny["model"], tiny["vector"]
+    L, D = model.n_layers + 1, model.hidden_size
+    ids = [model.tokenizer(model.chat_text([{"role": "user", "content": q}]), add_special_tokens=False)["input_ids"]
+           for q in QUESTIONS]
+    sp = SamplingParams(max_new_tokens=6)
+    fixed, _ = steer.settings(v, [1, 2, 3], [-2.0, 0.0, 2.0, 4.0], L, D)
+    grid.generate_grid(model, fixed, ids, sp, batch_size=8)  # warm: the fixed grid's programs
+    before = compile_count()
+    capped, index = steer.settings(v, [1, 2, 3], [-2.0, 0.0, 2.0], L, D, caps=(-0.5,))
+    assert capped.steer_vectors.shape[1] == fixed.steer_vectors.shape[1] == 10
+    a = grid.generate_grid(model, capped, ids, sp, batch_size=8)
+    assert compile_count() == before, "cap rows compiled a program of their own"
+    cap_rows = [r["text"] for r in a if r["setting"] == index[(2, ("cap", -0.5))]]
+    assert cap_rows != [r["text"] for r in a if r["setting"] == 0]
+
+    cfg = load_config(STEER + ":runlocal", [f"--config.model={tiny['folder']}", f"--config.vector={tiny['vfile']}",
+                                            "--config.layers=(2,)", "--config.coefs=(-1.0,0.0,1.0)",
+                                            "--config.caps=(-0.5,)", "--config.n_questions=2",
+                                            "--config.max_new_tokens=4", "--config.mc.n_items=4"])
+    rows = steer.run(cfg, tmp_path, progress=False)
+    assert [(r["control"], r["coef"], r["cap"]) for r in rows] == [
+        ("fixed", -1.0, None), ("fixed", 0.0, None), ("fixed", 1.0, None), ("cap", None, -0.5)]
+    cap_row = rows[-1]
+    assert cap_row["margin"] != rows[1]["margin"] and 0 <= cap_row["accuracy"] <= 1
+    assert (tmp_path / "steer.png").exists()

@@ -15,6 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,20 +25,29 @@ from pvjax.model import default_positions, left_pad
 
 
 def stack(settings: Sequence[ivs.Intervention]) -> ivs.Intervention:
-    """S batch-1 interventions (`interventions.build`) as one intervention of batch S."""
+    """S batch-1 interventions (`interventions.build`) as one intervention of batch S. When any
+    setting is closed loop (`cap`/`target`), every setting carries a `closed_loop` (fixed where it
+    had none), so the grid stays one pytree structure: one program for all its rows."""
     cat = lambda name: jnp.concatenate([getattr(s, name) for s in settings], axis=1)
     first = settings[0]
+    closed = None
+    if any(s.closed_loop is not None for s in settings):
+        loops = [s.with_closed_loop().closed_loop for s in settings]
+        closed = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *loops)
     return dataclasses.replace(first, steer_vectors=cat("steer_vectors"), steer_coefs=cat("steer_coefs"),
-                               ablate_dirs=cat("ablate_dirs"), ablate_coefs=cat("ablate_coefs"))
+                               ablate_dirs=cat("ablate_dirs"), ablate_coefs=cat("ablate_coefs"),
+                               closed_loop=closed)
 
 
 def take(iv: ivs.Intervention, rows) -> ivs.Intervention:
     """The intervention of batch `len(rows)` whose row b is setting `rows[b]` of `iv` (batch S, or
-    1: then every row gets it)."""
+    1: then every row gets it); closed-loop rules travel with their rows."""
     rows = jnp.asarray(rows)
     pick = lambda x: x[:, jnp.zeros_like(rows)] if x.shape[1] == 1 else x[:, rows]
+    closed = None if iv.closed_loop is None else jax.tree_util.tree_map(pick, iv.closed_loop)
     return dataclasses.replace(iv, steer_vectors=pick(iv.steer_vectors), steer_coefs=pick(iv.steer_coefs),
-                               ablate_dirs=pick(iv.ablate_dirs), ablate_coefs=pick(iv.ablate_coefs))
+                               ablate_dirs=pick(iv.ablate_dirs), ablate_coefs=pick(iv.ablate_coefs),
+                               closed_loop=closed)
 
 
 ANSWER_COLUMNS = ("setting", "prompt", "text", "n_tokens", "finish")
@@ -110,8 +120,10 @@ def answer_logprobs(model, iv_S: ivs.Intervention, prompts: Sequence[str], answe
         setting = [s for s, _ in chunk] + [0] * (batch_size - len(chunk))
         iv = take(iv_S, setting).with_masks(ivs.position_mask(positions, mask, end),
                                            ivs.position_mask(ablate_positions, mask, end))
+        # The head runs on the answer tail only (`_answer_logprob`); 32-token steps bound the compiles.
+        tail = min(T - 1, -(-max(len(seqs[i]) - starts[i] for _, i in chunk) // 32) * 32)
         lp = np.asarray(_answer_logprob(model.params, model.config, jnp.asarray(tokens), jnp.asarray(mask),
-                                        default_positions(mask), iv, jnp.asarray(answer)))
+                                        default_positions(mask), iv, jnp.asarray(answer), tail=tail))
         for b, (s, i) in enumerate(chunk):
             out[s, i] = lp[b]
     return out

@@ -13,6 +13,12 @@ coefficients suppress) at one position mode, it measures
   collapses into repetition);
 - `accuracy`, `p_correct` on a multiple-choice set (`mc.path`) under the same steering.
 
+Closed loop (`caps`, beyond the paper): each ceiling adds a row per layer steered by
+`interventions.cap(ceiling)` (only the part of the projection above the ceiling is removed, token
+by token) with the same measurements, so the summary compares it with fixed coefficients; its rows
+have `control` = "cap", the ceiling in `cap` and no `coef` (fixed rows: `control` = "fixed"). The
+best-layer rule and the plots are over the fixed coefficients.
+
 A grid point is a batch row: every (setting, question) of the grid is a row of the same batched
 generation (`grid.generate_grid`) and the same batched forwards, each row carrying its own
 intervention; coefficient 0 is one shared unsteered setting. The grid costs the compiles of its
@@ -39,9 +45,10 @@ from pvjax.studies import checks as C
 from pvjax.studies import grid
 
 FIELDS = {**C.COMMON_FIELDS, **C.JUDGE_FIELDS, "layers": C._ints, "coefs": C._floats,
+          "caps": lambda v: None if isinstance(v, (list, tuple)) and not v else C._floats(v),
           "positions": C._choice(*C.POSITION_MODES), "best.min_coherence": C._float(0.0, 100.0)}
 COLUMNS = ("layer", "coef", "positions", "margin", "trait_score", "coherence", "accuracy", "p_correct",
-           "distinct2", "answer_tokens", "best")
+           "distinct2", "answer_tokens", "best", "control", "cap")
 
 
 def validate(cfg, work: Path) -> C.Checked:
@@ -58,9 +65,11 @@ def validate(cfg, work: Path) -> C.Checked:
     return checked
 
 
-def settings(vector_LD, layers, coefs, L: int, D: int):
+def settings(vector_LD, layers, coefs, L: int, D: int, caps=()):
     """(stacked intervention of batch S, index of setting per (layer, coef)): setting 0 is the
-    unsteered model, shared by every coefficient 0."""
+    unsteered model, shared by every coefficient 0. Each ceiling in `caps` adds a closed-loop row
+    per layer (`interventions.cap`), indexed by (layer, ("cap", ceiling)); fixed and capped rows
+    share one batch and one compiled program (the rule is data)."""
     from pvjax import interventions as ivs
 
     items, index = [ivs.build(L, D)], {}
@@ -71,7 +80,17 @@ def settings(vector_LD, layers, coefs, L: int, D: int):
                 continue
             index[(layer, c)] = len(items)
             items.append(ivs.build(L, D, steer=[(vector_LD, layer, float(c))]))
+        for ceiling in caps:
+            index[(layer, ("cap", float(ceiling)))] = len(items)
+            items.append(ivs.build(L, D, steer=[(vector_LD, layer, [ivs.cap(float(ceiling))])]))
     return grid.stack(items), index
+
+
+def _control(key) -> dict:
+    """The summary columns of a setting key's coefficient: fixed `coef`, or a closed-loop rule."""
+    if isinstance(key, tuple):
+        return {"coef": None, "control": key[0], "cap": key[1]}
+    return {"coef": key, "control": "fixed", "cap": None}
 
 
 def distinct2(text: str) -> float | None:
@@ -110,7 +129,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     layers = list(cfg.layers) or C.spread_layers(model.n_layers)
     coefs = [float(c) for c in cfg.coefs]
     questions = list(trait.questions[:cfg.n_questions or None])
-    iv, index = settings(vector, layers, coefs, L, D)
+    iv, index = settings(vector, layers, coefs, L, D, [float(c) for c in cfg.get("caps", ())])
     S = iv.steer_vectors.shape[1]
 
     refs = grid.reference_answers(model, trait, questions, work, max_new_tokens=cfg.max_new_tokens,
@@ -132,15 +151,16 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     if not (work / "answers.csv").exists():
         atomic.write_csv(work / "answers.csv",
                          [{"setting": a["setting"], "layer": layer_coef[a["setting"]][0] if a["setting"] else "",
-                           "coef": layer_coef[a["setting"]][1] if a["setting"] else 0.0, **a} for a in answers],
-                         ("setting", "layer", "coef", "question", "text", "n_tokens", "finish"))
+                           **(_control(layer_coef[a["setting"]][1]) if a["setting"] else _control(0.0)), **a}
+                          for a in answers],
+                         ("setting", "layer", "coef", "control", "cap", "question", "text", "n_tokens", "finish"))
     judged = _judged(cfg, model, work, trait, answers, progress)
     mc = _mc(cfg, model, work, checked.mc_items, iv, cfg.positions)
 
     rows = []
     for (layer, c), s in index.items():
         mine = [a for a in answers if a["setting"] == s]
-        row = {"layer": layer, "coef": c, "positions": cfg.positions, "margin": margin[s],
+        row = {"layer": layer, **_control(c), "positions": cfg.positions, "margin": margin[s],
                "distinct2": grid.mean_or_none(distinct2(a["text"]) for a in mine),
                "answer_tokens": float(np.mean([a["n_tokens"] for a in mine]))}
         if judged is not None:
@@ -150,14 +170,15 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
             row["accuracy"], row["p_correct"] = mc[s]
         rows.append(row)
     metric = "trait_score" if judged is not None else "margin"
-    best = best_layer(rows, metric, cfg.best.min_coherence)
+    fixed = [r for r in rows if r["control"] == "fixed"]  # the rule and the plots are over coefficients
+    best = best_layer(fixed, metric, cfg.best.min_coherence)
     atomic.write_json(work / "best.json", best)
     for r in rows:
         r["best"] = int(r["layer"] == best["layer"])
     if cfg.plot:
         from pvjax.studies.plots import steer_plots
 
-        steer_plots(work, rows, metric, trait.name)
+        steer_plots(work, fixed, metric, trait.name)
     return [{k: r.get(k) for k in COLUMNS if k in r} for r in rows]
 
 
