@@ -65,6 +65,22 @@ def get_config(arg: str = ""):
     c.causality.coefs = (-2.0, -1.0, 0.0, 1.0, 2.0)
     c.causality.max_pairs = 32
 
+    # A mesh of this process's devices for the forwards (pooling, contrast and causality scores, a
+    # local judge): data x model must equal the device count; 1 x 1 is one device, no mesh.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.model = 1
+
+    # A multi-process job (README, "Running on a pod"): every process runs the same command, each
+    # does a share of every stage, process 0 writes the workdir. "" is one process; "auto" detects
+    # a TPU slice, SLURM or Open MPI job; HOST:PORT is process 0's address, with num_processes and
+    # process_id (0 and -1: from the cluster environment).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator = ""
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.timeout = 300  # seconds to wait for every process to join
+
     if "runlocal" in arg.split(","):
         c.model = "smollm2-135m-instruct"
         c.n_questions = 6

@@ -40,13 +40,23 @@ def write_json(path, obj) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def write_csv(path, rows: Sequence[dict], columns: Iterable[str]) -> Path:
+def csv_text(rows: Sequence[dict], columns: Iterable[str]) -> str:
+    """The text `write_csv` writes (None as empty), for sending a file's content between processes."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow({k: "" if v is None else v for k, v in r.items()})
-    return write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def write_csv(path, rows: Sequence[dict], columns: Iterable[str]) -> Path:
+    return write_text(path, csv_text(rows, columns))
+
+
+def parse_csv(text: str) -> list[dict]:
+    """Rows of CSV text, exactly as `read_csv` reads them from a file holding it."""
+    return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
 def read_csv(path) -> list[dict]:

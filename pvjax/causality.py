@@ -24,7 +24,7 @@ import numpy as np
 from pvjax import interventions as ivs
 from pvjax.capture import Capture
 from pvjax.errors import InputError
-from pvjax.model import default_positions, left_pad
+from pvjax.model import left_pad
 from pvjax.models.decoder import decode
 
 
@@ -43,9 +43,14 @@ def _answer_logprob(params, cfg, tokens_BT, mask_BT, positions_BT, iv, answer_BT
 
 def answer_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, vector=None, layer=0,
                     coefs: Sequence[float] = (0.0,), positions: str = "response",
-                    batch_size: int = 8) -> np.ndarray:
+                    batch_size: int = 8, mesh=None) -> np.ndarray:
     """Mean per-token log-probability `[C, N]` of each answer after its (chat-templated) prompt,
-    steered by `coef * vector` at `layer` on `positions` for every coefficient."""
+    steered by `coef * vector` at `layer` on `positions` for every coefficient.
+
+    On a `mesh` (`pvjax.sharding.make_mesh`) each batch's rows are split over "data" (`batch_size`
+    rounded up to a multiple of it, the extra rows filler) and the parameters laid out by
+    `pvjax.sharding`'s rule table; equal to one device up to float summation order."""
+    from pvjax import sharding
     tok = model.tokenizer
     L, D = model.n_layers + 1, model.hidden_size
     _check_texts(prompts=prompts, answers=answers)
@@ -68,20 +73,23 @@ def answer_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, ve
         raise InputError(f"prompt and answer {i} hold {len(seqs[i])} tokens, padded to {T}: past the "
                          f"context window of {model.model_id} ({model.config.max_position_embeddings})")
     v = np.zeros(D, np.float32) if vector is None else np.asarray(vector, np.float32)
+    B = sharding.pad_batch(batch_size, mesh)  # rows per forward; batch_size of them carry answers
+    params = model.params if mesh is None else sharding.placed_params(model, mesh)
     out = np.zeros((len(coefs), len(seqs)), np.float32)
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
-        tokens, mask = left_pad([seqs[i] for _, i in chunk], T, batch_size)
-        answer = np.zeros((batch_size, T), np.int32)
-        row_coefs = np.zeros(batch_size, np.float32)
+        tokens, mask = left_pad([seqs[i] for _, i in chunk], T, B)
+        answer = np.zeros((B, T), np.int32)
+        row_coefs = np.zeros(B, np.float32)
         for b, (c, i) in enumerate(chunk):
             answer[b, T - len(seqs[i]) + starts[i]:] = 1
             row_coefs[b] = coefs[c]
-        iv = ivs.build(L, D, steer=[(v, layer, row_coefs)], batch=batch_size)
-        end = np.array([T - len(seqs[i]) + starts[i] for _, i in chunk] + [T] * (batch_size - len(chunk)))
+        iv = ivs.build(L, D, steer=[(v, layer, row_coefs)], batch=B)
+        end = np.array([T - len(seqs[i]) + starts[i] for _, i in chunk] + [T] * (B - len(chunk)))
         iv = iv.with_masks(ivs.position_mask(positions, mask, end))
-        lp = np.asarray(_answer_logprob(model.params, model.config, jnp.asarray(tokens), jnp.asarray(mask),
-                                        default_positions(mask), iv, jnp.asarray(answer), tail=tail))
+        put = lambda x: sharding.put_rows(x, mesh) if mesh is not None else jnp.asarray(x)
+        lp = np.asarray(_answer_logprob(params, model.config, put(tokens), put(mask), put(_positions(mask)),
+                                        iv, put(answer), tail=tail))
         for b, (c, i) in enumerate(chunk):
             out[c, i] = lp[b]
     return out
@@ -89,9 +97,9 @@ def answer_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, ve
 
 def likelihood_margins(model, vectors_LD, layers: Sequence[int], coefs: Sequence[float],
                        questions: Sequence[str], pos_answers: Sequence[str], neg_answers: Sequence[str],
-                       *, positions: str = "response", batch_size: int = 8) -> dict:
+                       *, positions: str = "response", batch_size: int = 8, mesh=None) -> dict:
     """`margins[layer][c]` as in the module docstring, with `monotonic` and least-squares `slope`
-    per layer."""
+    per layer; on a `mesh` as `answer_logprobs` runs there."""
     _check_texts(questions=questions, pos_answers=pos_answers, neg_answers=neg_answers)
     if len(pos_answers) != len(questions) or len(neg_answers) != len(questions):
         raise InputError(f"{len(questions)} questions, {len(pos_answers)} pos answers and "
@@ -110,13 +118,18 @@ def likelihood_margins(model, vectors_LD, layers: Sequence[int], coefs: Sequence
     for layer in layers:
         lp = answer_logprobs(model, prompts * 2, list(pos_answers) + list(neg_answers),
                              vector=vectors_LD[layer], layer=layer, coefs=coefs, positions=positions,
-                             batch_size=batch_size)
+                             batch_size=batch_size, mesh=mesh)
         n = len(pos_answers)
         margin = (lp[:, :n] - lp[:, n:]).mean(axis=1)
         slope = float(np.polyfit(np.asarray(coefs, float), margin, 1)[0]) if len(coefs) > 1 else 0.0
         result["layers"][int(layer)] = {"margins": [float(m) for m in margin], "slope": slope,
                                         "monotonic": bool(np.all(np.diff(margin) > 0))}
     return result
+
+
+def _positions(mask_BT: np.ndarray) -> np.ndarray:
+    """`pvjax.model.default_positions` on the host, so the rows can be placed before the forward."""
+    return np.maximum(np.cumsum(mask_BT, axis=-1) - 1, 0).astype(np.int32)
 
 
 def _check_texts(**lists) -> None:

@@ -45,6 +45,7 @@ import numpy as np
 from pvjax import atomic, run_provenance
 from pvjax.errors import UserError
 from pvjax.extract_config import validate_config
+from pvjax.multihost import SINGLE, Job
 
 log = logging.getLogger(__name__)
 COLUMNS = ("question", "prompt", "answer", "question_id", "instruction_id", "sample")
@@ -59,7 +60,10 @@ def system_prompt(name: str, instruction: str) -> str:
     return f"You are {article} {name} assistant. {instruction}"
 
 
-def make_judge_backend(cfg, model, work: Path):
+def make_judge_backend(cfg, model, work: Path, job: Job = SINGLE):
+    """The configured judge behind a cache of every judgement. In a multi-process job each process
+    judges its own share and keeps its own cache (`judge_cache.process<k>.sqlite` beside process 0's
+    `judge_cache.sqlite`); a local judge runs on the process's mesh."""
     from pvjax.llm.cache import CachedBackend, ChatCache
 
     j = cfg["judge"]
@@ -68,7 +72,8 @@ def make_judge_backend(cfg, model, work: Path):
         from pvjax.llm.local import LocalChat
 
         judge_model = model if j.get("model") in (None, "", "same") else pvjax.load(j["model"])
-        inner = LocalChat(judge_model, batch_size=j.get("batch_size", 8), numeric_only=j.get("numeric_only", False))
+        inner = LocalChat(judge_model, batch_size=j.get("batch_size", 8), numeric_only=j.get("numeric_only", False),
+                          mesh=job.mesh)
     elif j["backend"] == "openai":
         from pvjax.llm.openai_http import OpenAIChat
 
@@ -77,46 +82,69 @@ def make_judge_backend(cfg, model, work: Path):
         return None
     else:
         raise ExtractionError(f"judge.backend must be 'local', 'openai' or 'none', got {j['backend']!r}")
-    return CachedBackend(inner, ChatCache(work / "judge_cache.sqlite"))
+    name = "judge_cache.sqlite" if job.writer else f"judge_cache.process{job.index}.sqlite"
+    return CachedBackend(inner, ChatCache(work / name))
 
 
-def generate_answers(model, trait, cfg, work: Path, progress: bool) -> dict[str, list[dict]]:
-    from pvjax.generate import SamplingParams, generate, render_prompts
+def generate_answers(model, trait, cfg, work: Path, progress: bool, job: Job = SINGLE) -> dict[str, list[dict]]:
+    """Every answer part (one per polarity and instruction pair), from the run directory where
+    finished, else generated and written as each finishes. In a multi-process job the parts left
+    are dealt out one per process per wave, each wave's parts written by process 0 (and sent to
+    all), so a part is never generated twice and a killed job loses at most one wave."""
+    from pvjax.generate import SamplingParams
 
-    questions = list(trait.questions[: cfg["n_questions"] or None])
     pairs = list(trait.instruction[: cfg["n_pairs"] or None])
-    n = cfg["n_per_question"]
     sampling = SamplingParams(temperature=cfg["temperature"], top_p=cfg.get("top_p", 1.0),
                               max_new_tokens=cfg["max_new_tokens"])
-    names = {"pos": cfg.get("pos_name") or trait.name, "neg": cfg.get("neg_name") or "helpful"}
-    out = {"pos": [], "neg": []}
-    for pol_i, pol in enumerate(("pos", "neg")):
-        for k, pair in enumerate(pairs):
-            part = work / "answers" / "parts" / f"{pol}_{k}.csv"
-            if not part.exists():
-                system = system_prompt(names[pol], pair.pos if pol == "pos" else pair.neg)
-                prompts = [q for q in questions for _ in range(n)]
-                texts = render_prompts(model, prompts, system=system)
-                # A prompt that cannot fit the context with max_new_tokens is never sent to the model:
-                # its answer stays empty, and the filter counts it as too long.
-                fits = [i for i, t in enumerate(texts) if prompt_fits(model, t, cfg["max_new_tokens"])]
-                answers = [""] * len(prompts)
-                log.info("answering %d prompts under %s instruction %d (%d too long)", len(fits), pol, k,
-                         len(prompts) - len(fits))
-                if fits:
-                    # Sample i of a question draws from its own key (generate folds the prompt index
-                    # into the seed), so the n samples differ and the same seed repeats them.
-                    g = generate(model, [prompts[i] for i in fits], system=system, sampling=sampling,
-                                 seed=cfg["seed"] * 1000 + pol_i * 100 + k, batch_size=cfg["batch_size"],
-                                 progress=progress)
-                    for i, text in zip(fits, g.texts):
-                        answers[i] = text
-                rows = [{"question": q, "prompt": texts[i], "answer": answers[i],
-                         "question_id": f"{trait.name}_{i // n}", "instruction_id": k, "sample": i % n}
-                        for i, q in enumerate(prompts)]
-                atomic.write_csv(part, rows, COLUMNS)
-            out[pol] += atomic.read_csv(part)
-    return out
+    parts = [(pol_i, pol, k, pair) for pol_i, pol in enumerate(("pos", "neg")) for k, pair in enumerate(pairs)]
+    path = lambda pol, k: work / "answers" / "parts" / f"{pol}_{k}.csv"
+    texts = job.from_writer(lambda: {f"{pol}_{k}": path(pol, k).read_text() for _, pol, k, _ in parts
+                                     if path(pol, k).exists()})
+    todo = [p for p in parts if f"{p[1]}_{p[2]}" not in texts]
+    for w in range(0, len(todo), job.count):
+        wave = todo[w:w + job.count]
+        mine = wave[job.index] if job.index < len(wave) else None
+        got = job.each(lambda: _answer_part(model, trait, cfg, sampling, *mine, progress, job.mesh).encode()
+                       if mine else b"", raw=True)
+        for (_, pol, k, _), text in zip(wave, got):
+            if job.writer:
+                atomic.write_bytes(path(pol, k), text)
+            texts[f"{pol}_{k}"] = text.decode()
+    return {pol: [r for _, p, k, _ in parts if p == pol for r in atomic.parse_csv(texts[f"{p}_{k}"])]
+            for pol in ("pos", "neg")}
+
+
+def _answer_part(model, trait, cfg, sampling, pol_i: int, pol: str, k: int, pair, progress: bool, mesh) -> str:
+    """The CSV text of answer part `pol`_`k`: every question `n_per_question` times under that
+    instruction's system prompt."""
+    from pvjax.generate import generate, render_prompts
+
+    questions = list(trait.questions[: cfg["n_questions"] or None])
+    n = cfg["n_per_question"]
+    name = (cfg.get("pos_name") or trait.name) if pol == "pos" else (cfg.get("neg_name") or "helpful")
+    system = system_prompt(name, pair.pos if pol == "pos" else pair.neg)
+    prompts = [q for q in questions for _ in range(n)]
+    texts = render_prompts(model, prompts, system=system)
+    # A prompt that cannot fit the context with max_new_tokens is never sent to the model:
+    # its answer stays empty, and the filter counts it as too long.
+    fits = [i for i, t in enumerate(texts) if prompt_fits(model, t, cfg["max_new_tokens"])]
+    answers = [""] * len(prompts)
+    log.info("answering %d prompts under %s instruction %d (%d too long)", len(fits), pol, k,
+             len(prompts) - len(fits))
+    if fits:
+        # Sample i of a question draws from its own key (generate folds the prompt index
+        # into the seed), so the n samples differ and the same seed repeats them.
+        # On a mesh, generation runs on one device until pvjax.generate takes `mesh=` (issue 12,
+        # item 1); then the one change is to pass mesh=mesh below.
+        g = generate(model, [prompts[i] for i in fits], system=system, sampling=sampling,
+                     seed=cfg["seed"] * 1000 + pol_i * 100 + k, batch_size=cfg["batch_size"],
+                     progress=progress)
+        for i, text in zip(fits, g.texts):
+            answers[i] = text
+    rows = [{"question": q, "prompt": texts[i], "answer": answers[i],
+             "question_id": f"{trait.name}_{i // n}", "instruction_id": k, "sample": i % n}
+            for i, q in enumerate(prompts)]
+    return atomic.csv_text(rows, COLUMNS)
 
 
 def _n_tokens(model, text: str) -> int:
@@ -128,26 +156,34 @@ def prompt_fits(model, prompt: str, max_new_tokens: int) -> bool:
     return _n_tokens(model, prompt) + max_new_tokens <= model.config.max_position_embeddings
 
 
-def judge_answers(answers, trait, backend, work: Path, progress: bool,
-                  coherence: bool = True) -> dict[str, list[dict]]:
+def judge_answers(answers, trait, backend, work: Path, progress: bool, coherence: bool = True,
+                  job: Job = SINGLE) -> dict[str, list[dict]]:
     """Trait and (unless switched off) coherence scores for every non-empty answer; with no judge
-    (`backend` None, `judge.backend='none'`) the files hold the answers with empty scores."""
+    (`backend` None, `judge.backend='none'`) the files hold the answers with empty scores. In a
+    multi-process job each process judges every `count`-th answer; process 0 writes the files."""
     from pvjax.judges import COHERENCE_RUBRIC, Judge
 
-    judged = {}
+    names = {pol: f"{trait.name}_{pol}.csv" for pol in answers}
+    texts = job.from_writer(lambda: {pol: (work / n).read_text() for pol, n in names.items() if (work / n).exists()})
     for pol, rows in answers.items():
-        path = work / f"{trait.name}_{pol}.csv"
-        if not path.exists():
-            live = [r for r in rows if r["answer"].strip()] if backend is not None else []
-            pairs = [(r["question"], r["answer"]) for r in live]
-            scores = Judge(backend, trait.eval_prompt).score(pairs, progress=progress) if live else []
-            coh = (Judge(backend, COHERENCE_RUBRIC).score(pairs, progress=progress) if coherence and live
-                   else [None] * len(pairs))
-            for r, s, c in zip(live, scores, coh):
-                r[trait.name], r["coherence"] = s, c
-            atomic.write_csv(path, rows, COLUMNS + (trait.name, "coherence"))
-        judged[pol] = atomic.read_csv(path)
-    return judged
+        if pol not in texts:
+            live = [i for i, r in enumerate(rows) if r["answer"].strip()] if backend is not None else []
+            pairs = [(rows[i]["question"], rows[i]["answer"]) for i in live]
+
+            def score():
+                mine = [pairs[i] for i in job.mine(len(pairs))]
+                s = Judge(backend, trait.eval_prompt).score(mine, progress=progress) if mine else []
+                c = (Judge(backend, COHERENCE_RUBRIC).score(mine, progress=progress) if coherence and mine
+                     else [None] * len(mine))
+                return list(zip(s, c))
+
+            scored = dict(zip(live, job.unshare(len(pairs), job.each(score))))
+            out = [{**r, trait.name: scored[i][0], "coherence": scored[i][1]} if i in scored else r
+                   for i, r in enumerate(rows)]
+            texts[pol] = atomic.csv_text(out, COLUMNS + (trait.name, "coherence"))
+            if job.writer:
+                atomic.write_text(work / names[pol], texts[pol])
+    return {pol: atomic.parse_csv(texts[pol]) for pol in answers}
 
 
 CONTRAST_COLUMNS = ("polarity", "instruction_id", "question_id", "sample", "logprob_pos", "logprob_neg",
@@ -158,18 +194,20 @@ def _key(r) -> tuple[str, str, str]:
     return (str(r["instruction_id"]), str(r["question_id"]), str(r["sample"]))
 
 
-def contrast_scores(model, answers, work: Path, batch_size: int = 8) -> dict[tuple, float]:
+def contrast_scores(model, answers, work: Path, batch_size: int = 8, job: Job = SINGLE) -> dict[tuple, float]:
     """The contrast score of every non-empty answer that has a twin, keyed `(polarity, instruction_id,
     question_id, sample)`: mean per-token log-likelihood of the answer after the pos prompt minus after
     the neg prompt of the same instruction pair and question (the prompts the answers were generated
     from, chat template included). Written to `contrast_scores.csv` and read back from it on a rerun.
 
     An answer whose prompt + answer does not fit the context (padded to the forward's 32-token
-    buckets) gets no score (the filter counts it as too long) and never reaches the forward."""
+    buckets) gets no score (the filter counts it as too long) and never reaches the forward. In a
+    multi-process job the calls are dealt out by process (each on its mesh); process 0 writes."""
     from pvjax.causality import answer_logprobs
 
     path = work / "contrast_scores.csv"
-    if not path.exists():
+    text = job.from_writer(lambda: path.read_text() if path.exists() else None)
+    if text is None:
         prompts = {pol: {_key(r): r["prompt"] for r in rows} for pol, rows in answers.items()}
         ctx = model.config.max_position_embeddings
         todo = []  # (polarity, key, answer, pos prompt, neg prompt, tokens)
@@ -181,21 +219,24 @@ def contrast_scores(model, answers, work: Path, batch_size: int = 8) -> dict[tup
                 longest = max(_n_tokens(model, prompts[side][k] + r["answer"]) for side in ("pos", "neg"))
                 if -(-longest // 32) * 32 <= ctx:
                     todo.append((pol, k, r["answer"], prompts["pos"][k], prompts["neg"][k], longest))
-        out = []
         # Similar lengths share a call, so each call pads only to its own longest sequence.
         todo.sort(key=lambda t: t[-1])
         step = 4 * batch_size
-        for s in range(0, len(todo), step):
-            chunk = todo[s:s + step]
+        chunks = [todo[s:s + step] for s in range(0, len(todo), step)]
+
+        def score(chunk):
             lp = answer_logprobs(model, [t[3] for t in chunk] + [t[4] for t in chunk], [t[2] for t in chunk] * 2,
-                                 batch_size=batch_size)[0]
+                                 batch_size=batch_size, mesh=job.mesh)[0]
             n = len(chunk)
-            for i, (pol, k, *_rest) in enumerate(chunk):
-                out.append({"polarity": pol, "instruction_id": k[0], "question_id": k[1], "sample": k[2],
-                            "logprob_pos": float(lp[i]), "logprob_neg": float(lp[n + i]),
-                            "contrast": float(lp[i] - lp[n + i])})
-        atomic.write_csv(path, out, CONTRAST_COLUMNS)
-    return {(r["polarity"], *_key(r)): float(r["contrast"]) for r in atomic.read_csv(path)}
+            return [{"polarity": pol, "instruction_id": k[0], "question_id": k[1], "sample": k[2],
+                     "logprob_pos": float(lp[i]), "logprob_neg": float(lp[n + i]),
+                     "contrast": float(lp[i] - lp[n + i])} for i, (pol, k, *_rest) in enumerate(chunk)]
+
+        done = job.unshare(len(chunks), job.each(lambda: [score(chunks[c]) for c in job.mine(len(chunks))]))
+        text = atomic.csv_text([r for rows in done for r in rows], CONTRAST_COLUMNS)
+        if job.writer:
+            atomic.write_text(path, text)
+    return {(r["polarity"], *_key(r)): float(r["contrast"]) for r in atomic.parse_csv(text)}
 
 
 def _score(row, key):
@@ -319,16 +360,31 @@ def agreement(judged, trait_name: str, contrast: dict) -> dict:
             "pairs": len(pairs), "spearman_pairs": spearman(*zip(*pairs)) if pairs else None}
 
 
-def pooled_means(model, rows, rows_per_batch=8) -> np.ndarray:
-    """Mean over `rows` of the per-layer pooled activations `[L, 3, D]` (response mean, prompt mean,
-    last prompt token) of prompt + answer, tokenized as the reference does (the prompt alone fixes
-    where the response starts)."""
+def pooled_difference(model, kept, job: Job = SINGLE, rows_per_batch: int = 8) -> np.ndarray:
+    """Mean over the kept pairs of the per-layer pooled activations `[L, 3, D]` (response mean,
+    prompt mean, last prompt token) of pos minus neg prompt + answer, tokenized as the reference
+    does (the prompt alone fixes where the response starts). Sums run in float64; in a
+    multi-process job each process pools every `count`-th sequence on its mesh and the sums are
+    added, so the result equals one process's up to float summation order."""
     from pvjax.packing import pooled_activations
 
     tok = model.tokenizer
-    seqs = [tok(r["prompt"] + r["answer"], add_special_tokens=False)["input_ids"] for r in rows]
-    starts = [len(tok(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows]
-    return np.asarray(pooled_activations(model, seqs, starts, rows_per_batch=rows_per_batch)).mean(axis=0)
+    rows = [p for p, _ in kept] + [n for _, n in kept]
+    shape = (2, model.n_layers + 1, 3, model.hidden_size)
+
+    def sums() -> bytes:
+        acc = np.zeros(shape, np.float64)
+        mine = job.mine(len(rows))
+        if mine:
+            seqs = [tok(rows[i]["prompt"] + rows[i]["answer"], add_special_tokens=False)["input_ids"] for i in mine]
+            starts = [len(tok(rows[i]["prompt"], add_special_tokens=False)["input_ids"]) for i in mine]
+            pooled = pooled_activations(model, seqs, starts, rows_per_batch=rows_per_batch, mesh=job.mesh)
+            for j, i in enumerate(mine):
+                acc[int(i >= len(kept))] += pooled[j]
+        return acc.tobytes()
+
+    total = sum(np.frombuffer(b, np.float64).reshape(shape) for b in job.each(sums, raw=True))
+    return ((total[0] - total[1]) / len(kept)).astype(np.float32)
 
 
 def run(cfg, *, progress: bool = True) -> dict:
@@ -338,80 +394,130 @@ def run(cfg, *, progress: bool = True) -> dict:
     problem) and compared with the provenance recorded in the workdir: answers made under other
     settings are refused (`RunMismatch`), a changed judge, filter or causality setting deletes that
     stage's outputs and what follows it (`pvjax.run_provenance`). A finished run whose provenance
-    matches is returned as it is, and its files, `config.json` included, are left untouched."""
+    matches is returned as it is, and its files, `config.json` included, are left untouched.
+
+    `mesh.data` x `mesh.model` > 1 runs the forwards (pooling, contrast and causality scores, a local
+    judge) on a mesh of this process's devices. With `distributed.coordinator` set, this is one
+    process of a job that runs the same config everywhere (`pvjax.multihost`): each process does
+    its share of every stage, process 0 alone reads and writes the workdir, every process returns
+    the same summary."""
     import pvjax
+    from pvjax import multihost
     from pvjax.causality import likelihood_margins
     from pvjax.vectors import KEYS, save_vectors
 
-    checked = validate_config(cfg)
+    plain = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    dist = plain.get("distributed")
+    # The job is joined before anything starts JAX (checking the config reads the backend's dtype);
+    # from then on an error on one process is raised on all (none waits for a process that gave up).
+    joined = (multihost.join(dist) if isinstance(dist, dict) and dist.get("coordinator")
+              and not multihost.check_distributed(dist) else SINGLE)
+    box = []
+    joined.each(lambda: box.append(validate_config(plain)))
+    checked = box[0]
+    mesh = checked.cfg["mesh"]
+    joined.each(lambda: box.append(multihost.join(checked.cfg["distributed"], mesh["data"], mesh["model"])))
+    job = box[1]
+    job.check_same("config", {**checked.cfg, "distributed": {**checked.cfg["distributed"], "process_id": None}})
+    progress = progress and job.writer
     cfg, work, trait = checked.cfg, checked.work, checked.trait
     provenance = run_provenance.stage_provenance(checked)
-    stale = run_provenance.stale_stages(work, provenance)
-    if not stale and (work / "DONE").exists():
-        return {**json.loads((work / "summary.json").read_text()), "workdir": str(work)}
-    work.mkdir(parents=True, exist_ok=True)
-    run_provenance.reset(work, provenance, stale, trait.name)
-    # Written only now that every stage output left in the directory matches this config.
-    atomic.write_json(work / "config.json", cfg)
+
+    def start():  # on process 0, the only one that looks at the workdir
+        stale = run_provenance.stale_stages(work, provenance)
+        if not stale and (work / "DONE").exists():
+            return json.loads((work / "summary.json").read_text())
+        work.mkdir(parents=True, exist_ok=True)
+        run_provenance.reset(work, provenance, stale, trait.name)
+        # Written only now that every stage output left in the directory matches this config.
+        atomic.write_json(work / "config.json", cfg)
+        return None
+
+    finished = job.from_writer(start)
+    if finished is not None:
+        return {**finished, "workdir": str(work)}
     model = pvjax.load(cfg["model"], dtype=checked.dtype)
 
-    answers = generate_answers(model, trait, cfg, work, progress)
+    answers = generate_answers(model, trait, cfg, work, progress, job)
     f = cfg["filter"]
-    contrast = (contrast_scores(model, answers, work, batch_size=cfg["batch_size"])
+    contrast = (contrast_scores(model, answers, work, batch_size=cfg["batch_size"], job=job)
                 if f["mode"] == "contrast" else None)
-    judged = judge_answers(answers, trait, make_judge_backend(cfg, model, work), work, progress,
-                           coherence=cfg["judge"]["coherence"] and cfg["judge"]["backend"] != "none")
+    judged = judge_answers(answers, trait, make_judge_backend(cfg, model, work, job), work, progress,
+                           coherence=cfg["judge"]["coherence"] and cfg["judge"]["backend"] != "none", job=job)
     too_long = frozenset(_key(r) for rows in answers.values() for r in rows
                          if not prompt_fits(model, r["prompt"], cfg["max_new_tokens"]))
     kept, counts = filter_pairs(judged, trait.name, f, contrast, too_long)
     c_of = lambda pol, r: "" if contrast is None else contrast.get((pol, *_key(r)), "")
-    atomic.write_csv(work / "kept_pairs.csv",
-                     [{"question": p["question"], "question_id": p["question_id"],
-                       "instruction_id": p["instruction_id"], "sample": p["sample"],
-                       "pos_answer": p["answer"], "neg_answer": n["answer"],
-                       "pos_score": p[trait.name], "neg_score": n[trait.name],
-                       "pos_contrast": c_of("pos", p), "neg_contrast": c_of("neg", n)} for p, n in kept],
-                     ("question", "question_id", "instruction_id", "sample", "pos_answer", "neg_answer",
-                      "pos_score", "neg_score", "pos_contrast", "neg_contrast"))
+    if job.writer:
+        atomic.write_csv(work / "kept_pairs.csv",
+                         [{"question": p["question"], "question_id": p["question_id"],
+                           "instruction_id": p["instruction_id"], "sample": p["sample"],
+                           "pos_answer": p["answer"], "neg_answer": n["answer"],
+                           "pos_score": p[trait.name], "neg_score": n[trait.name],
+                           "pos_contrast": c_of("pos", p), "neg_contrast": c_of("neg", n)} for p, n in kept],
+                         ("question", "question_id", "instruction_id", "sample", "pos_answer", "neg_answer",
+                          "pos_score", "neg_score", "pos_contrast", "neg_contrast"))
     agree = None
     if contrast is not None:
-        atomic.write_csv(work / "scores.csv",
-                         [{"polarity": pol, "instruction_id": r["instruction_id"], "question_id": r["question_id"],
-                           "sample": r["sample"], trait.name: r[trait.name], "coherence": r["coherence"],
-                           "contrast": c_of(pol, r)} for pol, rows in judged.items() for r in rows],
-                         ("polarity", "instruction_id", "question_id", "sample", trait.name, "coherence", "contrast"))
+        if job.writer:
+            atomic.write_csv(work / "scores.csv",
+                             [{"polarity": pol, "instruction_id": r["instruction_id"],
+                               "question_id": r["question_id"], "sample": r["sample"], trait.name: r[trait.name],
+                               "coherence": r["coherence"], "contrast": c_of(pol, r)}
+                              for pol, rows in judged.items() for r in rows],
+                             ("polarity", "instruction_id", "question_id", "sample", trait.name, "coherence",
+                              "contrast"))
         if cfg["judge"]["backend"] != "none":
             agree = agreement(judged, trait.name, contrast)
 
-    vec_path = work / "vectors.safetensors"
-    if not vec_path.exists():
-        diff = pooled_means(model, [p for p, _ in kept]) - pooled_means(model, [n for _, n in kept])
-        save_vectors(vec_path, {k: diff[:, i] for i, k in enumerate(KEYS)}, model=model, trait=trait.name,
-                     extra={"counts": counts, "filter": cfg["filter"], "judge": cfg["judge"]["backend"],
-                            "provenance": {k: provenance[k] for k in ("answers", "contrast", "judge", "filter")}})
-    from pvjax.vectors import load_vectors
+    from pvjax.vectors import vectors_from_bytes
 
-    vectors = load_vectors(vec_path, model)[0]
+    vec_path = work / "vectors.safetensors"
+    read_vec = lambda: vec_path.read_bytes() if vec_path.exists() else b""
+    blob = job.from_writer(read_vec, raw=True)
+    if not blob:
+        diff = pooled_difference(model, kept, job)
+        if job.writer:
+            save_vectors(vec_path, {k: diff[:, i] for i, k in enumerate(KEYS)}, model=model, trait=trait.name,
+                         extra={"counts": counts, "filter": cfg["filter"], "judge": cfg["judge"]["backend"],
+                                "provenance": {k: provenance[k] for k in ("answers", "contrast", "judge", "filter")}})
+        blob = job.from_writer(read_vec, raw=True)
+    # Every process steers with the file process 0 wrote, so the causality scores match one process's.
+    vectors = vectors_from_bytes(blob, model, name=vec_path)[0]
 
     caus_path = work / "causality.json"
-    if not caus_path.exists():
+    text = job.from_writer(lambda: caus_path.read_text() if caus_path.exists() else None)
+    if text is None:
         c = cfg["causality"]
         sub = kept[: c["max_pairs"]]
-        res = likelihood_margins(model, vectors["response_avg_diff"], list(checked.causality_layers),
-                                 c["coefs"], [p["question"] for p, _ in sub], [p["answer"] for p, _ in sub],
-                                 [n["answer"] for _, n in sub], batch_size=cfg["batch_size"])
-        atomic.write_json(caus_path, res)
-    causality = json.loads(caus_path.read_text())
+        layers = list(checked.causality_layers)
+
+        def margins():  # one layer per process and wave: each layer's coefficients share one program
+            mine = [layers[i] for i in job.mine(len(layers))]
+            if not mine:
+                return {}
+            res = likelihood_margins(model, vectors["response_avg_diff"], mine, c["coefs"],
+                                     [p["question"] for p, _ in sub], [p["answer"] for p, _ in sub],
+                                     [n["answer"] for _, n in sub], batch_size=cfg["batch_size"], mesh=job.mesh)
+            return {str(l): r for l, r in res["layers"].items()}
+
+        per_layer = {k: v for got in job.each(margins) for k, v in got.items()}
+        res = {"coefs": [float(x) for x in c["coefs"]], "layers": {l: per_layer[str(l)] for l in layers}}
+        text = json.dumps(res, indent=2, default=str) + "\n"  # what atomic.write_json writes
+        if job.writer:
+            atomic.write_text(caus_path, text)
+    causality = json.loads(text)
 
     norms = {k: np.linalg.norm(v, axis=-1).tolist() for k, v in vectors.items()}
     summary = {"trait": trait.name, "model": model.model_id, "counts": counts, "filter": f["mode"],
                "vector_norms": norms, "causality": causality, "workdir": str(work)}
     if agree is not None:
         summary["agreement"] = agree
-    if cfg.get("plot", True):
-        from pvjax.plots import extraction_plot
+    if job.writer:
+        if cfg.get("plot", True):
+            from pvjax.plots import extraction_plot
 
-        extraction_plot(work / "plot.png", norms, causality, trait.name)
-    atomic.write_json(work / "summary.json", summary)
-    atomic.write_text(work / "DONE", "")
+            extraction_plot(work / "plot.png", norms, causality, trait.name)
+        atomic.write_json(work / "summary.json", summary)
+        atomic.write_text(work / "DONE", "")
     return summary

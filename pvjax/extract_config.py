@@ -91,6 +91,9 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "filter.coherence": _float(0.0, 100.0), "filter.margin": _float(0.0, 100.0), "filter.min_pairs": _int(1),
     "filter.contrast_margin": _float(0.0),
     "causality.layers": _ints, "causality.coefs": _floats, "causality.max_pairs": _int(1),
+    "mesh.data": _int(1), "mesh.model": _int(1),
+    "distributed.coordinator": _str(), "distributed.num_processes": _int(0), "distributed.process_id": _int(-1),
+    "distributed.timeout": _int(1),
 }
 
 
@@ -210,6 +213,12 @@ def validate_config(cfg) -> CheckedConfig:
             problems.append("judge.model must name the served model for judge.backend='openai'")
         if flat["judge.backend"] == "local" and flat["judge.model"] not in ("", "same"):
             _model_config(flat["judge.model"], "judge.model", problems)
+
+    if ok("distributed.coordinator", "distributed.num_processes", "distributed.process_id", "distributed.timeout"):
+        from pvjax.multihost import check_distributed
+
+        problems += check_distributed({k.split(".", 1)[1]: v for k, v in flat.items()
+                                       if k.startswith("distributed.")})
 
     model_config = _model_config(flat["model"], "model", problems) if ok("model") else None
     layers: tuple[int, ...] = ()

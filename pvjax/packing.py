@@ -126,12 +126,16 @@ def pack(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, width: in
 
 
 def pooled_activations(model, seqs, prompt_lens, *, width: int | None = None, rows_per_batch: int = 8,
-                       progress=None) -> np.ndarray:
+                       progress=None, mesh=None) -> np.ndarray:
     """Per-sequence pooled activations `[N, L, 3, D]` (poolings in `POOLINGS` order), float32.
 
     A sequence with no response tokens gets a zero response mean. `progress(n_done)` is called after
-    each batch, for progress bars.
+    each batch, for progress bars. On a `mesh` (`pvjax.sharding.make_mesh`) the packed rows of each
+    batch are split over "data" (padded with empty rows to a multiple of it) and the parameters laid
+    out by `pvjax.sharding`'s rule table; the pooling stays inside the sharded program, so only
+    `[L, R, 3S, D]` comes back. The numbers equal one device's up to float summation order.
     """
+    from pvjax import sharding
     from pvjax.model import activations
 
     seqs = inputs.token_lists(seqs, model.config.vocab_size)
@@ -140,11 +144,15 @@ def pooled_activations(model, seqs, prompt_lens, *, width: int | None = None, ro
         raise InputError(f"sequence {max(range(len(seqs)), key=lambda i: len(seqs[i]))} has {longest} "
                          f"tokens, past the context window of {model.model_id} "
                          f"({model.config.max_position_embeddings})")
+    if mesh is not None:
+        model = sharding.on_mesh(model, mesh)
     out = None
     for batch in pack(seqs, prompt_lens, width=width, rows_per_batch=rows_per_batch):
-        pooled = activations(model, batch.tokens, positions=batch.positions,
-                             segment_ids=batch.segment_ids, pool_weights=batch.pool_weights,
-                             hidden=False).pooled  # [L, R, 3S, D]
+        rows = [_pad_rows(x, sharding.pad_batch(len(x), mesh)) for x in
+                (batch.tokens, batch.positions, batch.segment_ids, batch.pool_weights)]
+        tokens, positions, segment_ids, weights = (sharding.put_rows(x, mesh) for x in rows)
+        pooled = activations(model, tokens, positions=positions, segment_ids=segment_ids,
+                             pool_weights=weights, hidden=False).pooled  # [L, R, 3S, D]
         pooled = np.asarray(jax.device_get(pooled))
         if out is None:
             out = np.zeros((len(seqs), pooled.shape[0], len(POOLINGS), pooled.shape[-1]), np.float32)
@@ -153,3 +161,11 @@ def pooled_activations(model, seqs, prompt_lens, *, width: int | None = None, ro
         if progress is not None:
             progress(len(batch.members))
     return out
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """`x` with empty rows appended up to `rows`: segment 0 (padding) and zero pool weights, so they
+    add nothing to any sequence's statistics."""
+    if len(x) == rows:
+        return x
+    return np.concatenate([x, np.zeros((rows - len(x),) + x.shape[1:], x.dtype)])

@@ -12,11 +12,15 @@ which then lists every process's devices; each process feeds its shard of the gl
 
 from __future__ import annotations
 
+import logging
 import re
+import weakref
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 # (path regex, spec). Paths are "/"-joined pytree keys; per-layer leaves carry the stacked N axis.
 PARAM_RULES: tuple[tuple[str, P], ...] = (
@@ -114,3 +118,82 @@ def initialize_distributed(coordinator_address: str, num_processes: int, process
 def shard_model(model, mesh: Mesh):
     """The same model with its parameters laid out over `mesh`."""
     return model.replace(params=shard_params(model.params, mesh))
+
+
+# ---- Pipelines on a mesh: pooled activations, causality, the local judge, extraction. ----
+
+_PLACED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {mesh: params}
+_NOTED: set = set()  # (model id, path, mesh shape) already logged
+
+
+def check_mesh(mesh) -> Mesh:
+    """`mesh` if it is a ("data", "model") `Mesh`, else an `InputError` saying what to pass."""
+    from pvjax.errors import InputError
+
+    if not isinstance(mesh, Mesh):
+        raise InputError(f"mesh must be a jax.sharding.Mesh (see pvjax.sharding.make_mesh), "
+                         f"got a {type(mesh).__name__}")
+    if tuple(mesh.axis_names) != ("data", "model"):
+        raise InputError(f"mesh axes must be ('data', 'model'), got {tuple(mesh.axis_names)}")
+    return mesh
+
+
+def pad_batch(B: int, mesh: Mesh | None) -> int:
+    """`B` rounded up to a multiple of the data axis: the rows a batch of `B` is padded to, so that
+    every device holds the same number of rows (the extra rows compute nothing anyone reads)."""
+    d = 1 if mesh is None else mesh.shape["data"]
+    return -(-B // d) * d
+
+
+def placed_params(model, mesh: Mesh):
+    """`model.params` laid out by the rule table over `mesh`, placed once per (model, mesh) and
+    reused by every later call. A weight whose dimension the model axis does not divide (9 heads on
+    4 devices) is replicated along that axis; that is logged once per weight and mesh shape."""
+    check_mesh(mesh)
+    per_model = _PLACED.setdefault(model, {})
+    if mesh not in per_model:
+        specs = param_specs(model.params, mesh)
+
+        def note(keys, leaf, spec):
+            path = _path(keys)
+            want = next(s for pattern, s in PARAM_RULES if re.match(pattern, path))
+            pad = lambda s: tuple(s) + (None,) * (leaf.ndim - len(tuple(s)))
+            key = (model.model_id, path, tuple(mesh.shape.items()))
+            if pad(spec) != pad(want) and key not in _NOTED:
+                _NOTED.add(key)
+                log.info("%s: %s %s does not divide over mesh %s: replicated along 'model' (%s, not %s)",
+                         model.model_id, path, tuple(leaf.shape), dict(mesh.shape), spec, want)
+            return jax.device_put(leaf, NamedSharding(mesh, spec))
+
+        per_model[mesh] = jax.tree_util.tree_map_with_path(note, model.params, specs)
+    return per_model[mesh]
+
+
+def on_mesh(model, mesh: Mesh | None):
+    """The model with its parameters on `mesh` (`placed_params`), or the model itself without one."""
+    return model if mesh is None else model.replace(params=placed_params(model, mesh))
+
+
+def put_rows(x, mesh: Mesh | None):
+    """A `[B, ...]` host array split over "data" (B a multiple of it, see `pad_batch`); unchanged
+    without a mesh."""
+    if mesh is None:
+        return x
+    return jax.device_put(np.asarray(x), NamedSharding(mesh, P("data")))
+
+
+def local_mesh(data: int = 1, model: int = 1) -> Mesh | None:
+    """The mesh of config keys `mesh.data` x `mesh.model` over this process's devices; None for
+    1 x 1 (no mesh: one device, as without the keys). In a multi-process job each process has its
+    own mesh over its own devices and the processes split the work between them (`pvjax.multihost`).
+    Refused, naming the counts, when data x model is not the number of devices here."""
+    from pvjax.errors import UsageError
+
+    if data * model == 1:
+        return None
+    devices = jax.local_devices()
+    if data * model != len(devices):
+        raise UsageError(f"mesh data={data} x model={model} = {data * model} devices, but this process has "
+                         f"{len(devices)} ({devices[0].platform}); set mesh.data x mesh.model to {len(devices)}, "
+                         "or 1 x 1 for one device")
+    return make_mesh(model=model, data=data, devices=devices)

@@ -96,6 +96,23 @@ def load_vectors(path, model=None, *, strict: bool = False) -> tuple[dict[str, n
     return tensors, meta
 
 
+def vectors_from_bytes(data: bytes, model=None, *, strict: bool = False,
+                       name="vector bytes") -> tuple[dict[str, np.ndarray], dict]:
+    """`load_vectors` of a safetensors file's bytes (sent between processes, `pvjax.multihost`);
+    `name` stands for the file in messages."""
+    from safetensors.numpy import load
+
+    try:
+        n = int.from_bytes(data[:8], "little")
+        meta = dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
+        tensors = load(data)
+    except Exception as e:  # a truncated or foreign blob: say which
+        raise VectorError(f"{name}: not a readable safetensors vector file ({e})") from e
+    if model is not None:
+        _check_fits(name, tensors, meta, model, strict)
+    return tensors, meta
+
+
 def _check_fits(path, tensors, meta, model, strict):
     L, D = model.n_layers + 1, model.hidden_size
     fp = meta.get("model_fingerprint")

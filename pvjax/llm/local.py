@@ -12,6 +12,10 @@ for such tokenizers) a digit token d is reported as the number 10*d, a coarse bu
 ("8" is taken as the eighties); it is meant for the margin filter of weak local judges, not for the
 paper's absolute thresholds.
 
+On a `mesh` (`pvjax.sharding.make_mesh`) the judge's batch is split over "data" (rounded up to a
+multiple of it) and its weights laid out by `pvjax.sharding`'s rule table; longer (generated)
+requests still run on one device until `pvjax.generate` takes a mesh.
+
 `numeric_only` constrains the judge's token to numbers (structured output, done locally): small
 models rarely keep to "reply with a number", and without it their numeric mass falls under the
 quarter that makes a score count. The price is that a refusal can no longer be seen.
@@ -33,8 +37,11 @@ def _splits_numbers(tokenizer) -> bool:
 
 class LocalChat:
     def __init__(self, model, *, batch_size: int = 8, leading_digit_as_tens: bool | None = None,
-                 numeric_only: bool = False):
+                 numeric_only: bool = False, mesh=None):
+        from pvjax import sharding
+
         self.model = model
+        self.mesh = None if mesh is None else sharding.check_mesh(mesh)
         self.batch_size = batch_size
         self.numeric_only = numeric_only
         self._numeric_ids = None
@@ -76,6 +83,7 @@ class LocalChat:
 
     def _next_token(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         import pvjax
+        from pvjax import sharding
         from pvjax.capture import Capture
         from pvjax.model import left_pad
 
@@ -87,8 +95,11 @@ class LocalChat:
                 raise LLMError(f"judge prompt of {len(seq)} tokens exceeds the context window of "
                                f"{self.model.model_id} ({limit})")
         T = -(-max(map(len, ids)) // 64) * 64
-        tokens, mask = left_pad(ids, T, self.batch_size)
-        out = pvjax.forward(self.model, tokens, attention_mask=mask, capture=Capture(logits="last", hidden=False))
+        tokens, mask = left_pad(ids, T, sharding.pad_batch(self.batch_size, self.mesh))
+        model = sharding.on_mesh(self.model, self.mesh)
+        out = pvjax.forward(model, sharding.put_rows(tokens, self.mesh),
+                            attention_mask=sharding.put_rows(mask, self.mesh),
+                            capture=Capture(logits="last", hidden=False))
         logits = np.asarray(out.logits[:, -1], np.float32)
         if self.numeric_only:  # constrained decoding: the judge can only answer with a number
             keep = np.full(logits.shape[-1], -np.inf, np.float32)
