@@ -6,7 +6,8 @@ a run killed at any point resumes where it stopped:
     config.json                      the config of the run that produced the files present
     stages.json                      per stage, every input that produced its files (run_provenance)
     answers/parts/{pos,neg}_<k>.csv  answers under instruction pair k (skipped once present)
-    judge_cache.sqlite               every judgement as it arrives (a rerun never pays twice)
+    judge_cache.sqlite               every judgement as it arrives (a rerun never pays twice); process k > 0
+                                     of a multi-process job keeps its own, judge_cache.process<k>.sqlite
     <trait>_pos.csv, <trait>_neg.csv question, prompt, answer, question_id, <trait>, coherence, ...
     contrast_scores.csv              filter.mode=contrast: per answer, its mean per-token log-likelihood
                                      under the pos and the neg system prompt and their difference
@@ -28,6 +29,10 @@ generation), and a pair is kept when its pos answer's score exceeds its neg answ
 `filter.contrast_margin` (nats per token); `none` keeps every non-empty pair. With a judge and the
 contrast filter, both scores are recorded per answer and their Spearman rank correlation lands in
 `summary.json` (`agreement`).
+
+`mesh.data` x `mesh.model` runs the forwards on a mesh of the process's devices; `distributed.*`
+makes the run one process of a job that splits every stage between its processes, with process 0
+alone writing the directory (`pvjax.multihost`; README, "Running on a pod").
 
 A rerun first checks the whole config (`pvjax.extract_config`), then its provenance against the
 directory's (`pvjax.run_provenance`): answers made under other settings are refused, never

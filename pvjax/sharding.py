@@ -8,6 +8,10 @@ equal a single device's up to float summation order.
 Multi-host (several processes, e.g. a TPU pod slice or GPUs over several nodes): call
 `initialize_distributed(...)` first in every process, then build the mesh from `jax.devices()`,
 which then lists every process's devices; each process feeds its shard of the global batch.
+
+The pipelines (`pooled_activations`, the causality scores, the local judge, extraction) take
+`mesh=`: their weights are placed once per (model, mesh) by `placed_params`, their rows padded to
+a multiple of the data axis (`pad_batch`) and split over it (`put_rows`).
 """
 
 from __future__ import annotations

@@ -103,11 +103,13 @@ def main(folder, workdir, reference):
     close = {}
     for name, col in (("evil_pos.csv", "evil"), ("evil_neg.csv", "evil"), ("contrast_scores.csv", "contrast")):
         a, b = (atomic.read_csv(os.path.join(d, name)) for d in (reference, workdir))
-        close[name] = max(abs(float(x[col]) - float(y[col])) for x, y in zip(a, b) if x[col] or y[col])
-    out["extract"] = {"vectors": max(rel(v1[k], v8[k]) for k in v1), "kept": [s1["counts"]["kept"], s8["counts"]["kept"]],
-                      "scores": close,
-                      "margins": max(rel(s1["causality"]["layers"][l]["margins"], s8["causality"]["layers"][l]["margins"])
-                                     for l in ("1", "2"))}
+        assert [x[col] == "" for x in a] == [y[col] == "" for y in b], name  # the same answers scored
+        close[name] = [sum(x[col] != "" for x in a),
+                       max((abs(float(x[col]) - float(y[col])) for x, y in zip(a, b) if x[col]), default=0.0)]
+    layers = s1["causality"]["layers"]
+    out["extract"] = {"vectors": max(rel(v1[k], v8[k]) for k in v1), "scores": close,
+                      "kept": [s1["counts"]["kept"], s8["counts"]["kept"]],
+                      "margins": max(rel(layers[l]["margins"], s8["causality"]["layers"][l]["margins"]) for l in layers)}
     print(json.dumps(out))
 
 
