@@ -110,15 +110,28 @@ class Job:
         same JSON-able `value`: the processes of a job must run the same command."""
         if self.count == 1:
             return
-        values = self.gather(value)
+        values = self.gather(_flat(value))
         odd = [i for i, v in enumerate(values) if v != values[0]]
         if odd:
-            raise UsageError(f"process(es) {odd} run with another {what} than process 0 "
-                             f"({values[odd[0]]!r} vs {values[0]!r}): start every process with the same "
-                             "command (only distributed.process_id may differ)")
+            a, b = values[0], values[odd[0]]
+            diff = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                             if a.get(k) != b.get(k)) if isinstance(a, dict) and isinstance(b, dict) else f"{b!r}"
+            raise UsageError(f"process(es) {odd} run with another {what} than process 0 ({diff}): start "
+                             "every process with the same command (only distributed.process_id may differ)")
 
 
 SINGLE = Job()
+
+
+def _flat(value, prefix: str = ""):
+    """Nested dicts as one dict of "a.b" keys (JSON round trip: tuples become lists), so that a
+    difference can be named by its field."""
+    if not isinstance(value, dict):
+        return json.loads(json.dumps(value))
+    out = {}
+    for k, v in value.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": json.loads(json.dumps(v))})
+    return out
 
 _ADDRESS = re.compile(r"^[\w.\-\[\]:]+:\d{1,5}$")
 

@@ -65,6 +65,31 @@ def test_pipelines_on_8_host_devices_equal_one_device(tiny):
     assert kept(tiny / "mesh") == kept(tiny / "one")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _job(tiny, workdir, per_process=((), ())):
+    """Start `pvjax extract` as process 0 and 1 of a loopback job (the tiny config plus each
+    process's extra overrides); returns [(returncode, stdout, stderr)] once both exited."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "pvjax.cli", "extract", "--config", str(ROOT / "configs" / "extract.py:runlocal"),
+           "--quiet", *overrides(tiny / "model", workdir)]
+    procs = [subprocess.Popen(cmd + [f"--config.distributed.coordinator=127.0.0.1:{port}",
+                                     "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                                     "--config.distributed.timeout=120", *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tiny)
+             for i, extra in enumerate(per_process)]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, *o) for p, o in zip(procs, outs)]
+
+
 def test_two_process_job_resumes_and_writes_one_process_run_directory(tiny):
     """Two processes on loopback (gloo collectives, one CPU device each), resuming a run that was
     killed after two of its four answer parts: the other two are generated, one per process, and
@@ -74,25 +99,11 @@ def test_two_process_job_resumes_and_writes_one_process_run_directory(tiny):
     for name in ("stages.json", "config.json", "answers/parts/pos_0.csv", "answers/parts/neg_1.csv"):
         shutil.copy2(one / name, two / name)
     kept_mtime = os.stat(two / "answers/parts/pos_0.csv").st_mtime_ns
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "pvjax.cli", "extract", "--config", str(ROOT / "configs" / "extract.py:runlocal"),
-           "--quiet", *overrides(tiny / "model", two)]
-    procs = [subprocess.Popen(cmd + [f"--config.distributed.coordinator=127.0.0.1:{port}",
-                                     "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                                     "--config.distributed.timeout=120"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tiny)
-             for i in range(2)]
-    try:
-        results = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (out, err) in zip(procs, results):
-        assert p.returncode == 0, err[-3000:]
-    # Both processes report the same summary; the answer parts each generated are in the log.
-    assert results[0][0].splitlines()[-1] == results[1][0].splitlines()[-1]
+    results = _job(tiny, two)
+    for code, _, err in results:
+        assert code == 0, err[-3000:]
+    # Both processes report the same summary.
+    assert results[0][1].splitlines()[-1] == results[1][1].splitlines()[-1]
     assert os.stat(two / "answers/parts/pos_0.csv").st_mtime_ns == kept_mtime, "a finished part was redone"
     files = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*")
                              if p.is_file() and p.name != "config.json" and not p.name.startswith("judge_cache"))
@@ -123,3 +134,11 @@ def test_bad_mesh_and_process_settings_are_refused_before_any_model_loads(tiny, 
     with pytest.raises(InvalidConfig, match=r"mesh.model must be >= 1"):
         run(config(tiny / "model", tmp_path / "e", **{"mesh.model": 0}), progress=False)
     assert not any(tmp_path.iterdir()), "nothing is written for a refused config"
+
+
+def test_processes_started_with_different_configs_are_refused_by_every_process(tiny, tmp_path):
+    results = _job(tiny, tmp_path / "run", per_process=((), ("--config.n_questions=1",)))
+    for code, _, err in results:  # one line each, exit 2, before any model loads or anything is written
+        assert code == 2, err[-3000:]
+        assert "process(es) [1] run with another config than process 0 (n_questions: 2 vs 1)" in err, err[-2000:]
+    assert not (tmp_path / "run").exists()

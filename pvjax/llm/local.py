@@ -128,6 +128,7 @@ class LocalChat:
         from pvjax.generate import SamplingParams, generate
 
         msgs = [{"role": r, "content": c} for r, c in request.messages]
+        # One device until pvjax.generate takes a mesh (issue 12, item 1): then pass mesh=self.mesh.
         g = generate(self.model, [msgs], sampling=SamplingParams(temperature=request.temperature,
                                                                  max_new_tokens=request.max_tokens),
                      seed=request.seed or 0)
