@@ -65,8 +65,8 @@ def get_config(arg: str = ""):
     c.causality.coefs = (-2.0, -1.0, 0.0, 1.0, 2.0)
     c.causality.max_pairs = 32
 
-    # A mesh of this process's devices for the forwards (pooling, contrast and causality scores, a
-    # local judge): data x model must equal the device count; 1 x 1 is one device, no mesh.
+    # A mesh of this process's devices for generation and the forwards (pooling, contrast and causality
+    # scores, a local judge): data x model must equal the device count; 1 x 1 is one device, no mesh.
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
     c.mesh.model = 1

@@ -30,7 +30,7 @@ generation), and a pair is kept when its pos answer's score exceeds its neg answ
 contrast filter, both scores are recorded per answer and their Spearman rank correlation lands in
 `summary.json` (`agreement`).
 
-`mesh.data` x `mesh.model` runs the forwards on a mesh of the process's devices; `distributed.*`
+`mesh.data` x `mesh.model` runs generation and the forwards on a mesh of the process's devices; `distributed.*`
 makes the run one process of a job that splits every stage between its processes, with process 0
 alone writing the directory (`pvjax.multihost`; README, "Running on a pod").
 
@@ -139,11 +139,9 @@ def _answer_part(model, trait, cfg, sampling, pol_i: int, pol: str, k: int, pair
     if fits:
         # Sample i of a question draws from its own key (generate folds the prompt index
         # into the seed), so the n samples differ and the same seed repeats them.
-        # On a mesh, generation runs on one device until pvjax.generate takes `mesh=` (issue 12,
-        # item 1); then the one change is to pass mesh=mesh below.
         g = generate(model, [prompts[i] for i in fits], system=system, sampling=sampling,
                      seed=cfg["seed"] * 1000 + pol_i * 100 + k, batch_size=cfg["batch_size"],
-                     progress=progress)
+                     progress=progress, mesh=mesh)
         for i, text in zip(fits, g.texts):
             answers[i] = text
     rows = [{"question": q, "prompt": texts[i], "answer": answers[i],
@@ -401,8 +399,8 @@ def run(cfg, *, progress: bool = True) -> dict:
     stage's outputs and what follows it (`pvjax.run_provenance`). A finished run whose provenance
     matches is returned as it is, and its files, `config.json` included, are left untouched.
 
-    `mesh.data` x `mesh.model` > 1 runs the forwards (pooling, contrast and causality scores, a local
-    judge) on a mesh of this process's devices. With `distributed.coordinator` set, this is one
+    `mesh.data` x `mesh.model` > 1 runs every stage (generation, pooling, contrast and causality
+    scores, a local judge) on a mesh of this process's devices. With `distributed.coordinator` set, this is one
     process of a job that runs the same config everywhere (`pvjax.multihost`): each process does
     its share of every stage, process 0 alone reads and writes the workdir, every process returns
     the same summary."""

@@ -27,27 +27,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pvjax import sharding
 from pvjax.decode_loop import PromptBatch, Sampler, Steering
-from pvjax.errors import InputError
 from pvjax.models.decoder import KVCache, unstack_layers
+from pvjax.sharding import check_mesh, pad_batch  # noqa: F401  (generate calls them from here)
 
 log = logging.getLogger(__name__)
 
 _PLACED = weakref.WeakKeyDictionary()  # model -> {(mesh, unroll): (decode params, prefill params)}
-
-
-def check_mesh(mesh) -> Mesh:
-    if not isinstance(mesh, Mesh):
-        raise InputError(f"mesh must be a jax.sharding.Mesh (see pvjax.sharding.make_mesh), "
-                         f"got a {type(mesh).__name__}")
-    if tuple(mesh.axis_names) != ("data", "model"):
-        raise InputError(f"mesh axes must be ('data', 'model'), got {tuple(mesh.axis_names)}")
-    return mesh
-
-
-def pad_batch(B: int, mesh: Mesh) -> int:
-    """The batch rounded up to a multiple of the data axis (extra rows are padding)."""
-    d = mesh.shape["data"]
-    return -(-B // d) * d
 
 
 def _rule(path: str) -> P:

@@ -84,14 +84,8 @@ def main(folder, workdir, reference):
                                                                     for r in records),
                   "wq_replicated": wq.sharding.is_fully_replicated or "model" not in str(wq.sharding.spec)}
 
-    # The whole extraction on a 2 x 4 mesh against one device's run (`reference`, made by the test),
-    # resumed from its answers: generation takes no mesh yet (pvjax.generate, issue 12 item 1), and
-    # every stage after it runs on the mesh.
-    import shutil
-
-    os.makedirs(os.path.join(workdir, "answers"))
-    shutil.copytree(os.path.join(reference, "answers", "parts"), os.path.join(workdir, "answers", "parts"))
-    shutil.copy2(os.path.join(reference, "stages.json"), workdir)
+    # The whole extraction on a 2 x 4 mesh (generation included) against one device's run
+    # (`reference`, made by the test).
     s8 = run(config(folder, workdir, **{"mesh.data": 2, "mesh.model": 4}), progress=False)
     from pvjax import atomic
     from pvjax.vectors import load_vectors
@@ -109,7 +103,8 @@ def main(folder, workdir, reference):
     layers = s1["causality"]["layers"]
     out["extract"] = {"vectors": max(rel(v1[k], v8[k]) for k in v1), "scores": close,
                       "kept": [s1["counts"]["kept"], s8["counts"]["kept"]],
-                      "margins": max(rel(layers[l]["margins"], s8["causality"]["layers"][l]["margins"]) for l in layers)}
+                      "margins": max(rel(layers[l]["margins"], s8["causality"]["layers"][l]["margins"])
+                                     for l in layers)}
     print(json.dumps(out))
 
 

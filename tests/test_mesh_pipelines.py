@@ -57,12 +57,15 @@ def test_pipelines_on_8_host_devices_equal_one_device(tiny):
     assert res["odd"]["pooled"] < 1e-5 and res["odd"]["wq_replicated"], res
     assert res["odd"]["notes"] == ["embed", "layers/w_down", "layers/w_gate", "layers/w_up", "layers/wk",
                                    "layers/wo", "layers/wq", "layers/wv", "lm_head"], res
-    ext = res["extract"]  # on data=2 x model=4: pooling, contrast scores, local judge, causality
+    ext = res["extract"]  # on data=2 x model=4: generation, pooling, contrast scores, local judge, causality
     assert ext["vectors"] < 1e-5 and ext["margins"] < 1e-5 and ext["kept"][0] == ext["kept"][1], ext
     for name, (n_scored, diff) in ext["scores"].items():  # judge scores 0..100, contrast in nats/token
         assert n_scored > 0 and diff < 1e-3, (name, ext)
     kept = lambda d: [(r["instruction_id"], r["question_id"]) for r in atomic.read_csv(d / "kept_pairs.csv")]
     assert kept(tiny / "mesh") == kept(tiny / "one")
+    for part in ("pos_0", "pos_1", "neg_0", "neg_1"):  # greedy answers generated on the mesh: the same text
+        name = f"answers/parts/{part}.csv"
+        assert (tiny / "mesh" / name).read_bytes() == (tiny / "one" / name).read_bytes(), name
 
 
 def _free_port() -> int:

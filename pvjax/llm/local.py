@@ -13,8 +13,8 @@ for such tokenizers) a digit token d is reported as the number 10*d, a coarse bu
 paper's absolute thresholds.
 
 On a `mesh` (`pvjax.sharding.make_mesh`) the judge's batch is split over "data" (rounded up to a
-multiple of it) and its weights laid out by `pvjax.sharding`'s rule table; longer (generated)
-requests still run on one device until `pvjax.generate` takes a mesh.
+multiple of it) and its weights laid out by `pvjax.sharding`'s rule table; longer requests are generated on the same
+mesh (`pvjax.generate`).
 
 `numeric_only` constrains the judge's token to numbers (structured output, done locally): small
 models rarely keep to "reply with a number", and without it their numeric mass falls under the
@@ -128,8 +128,7 @@ class LocalChat:
         from pvjax.generate import SamplingParams, generate
 
         msgs = [{"role": r, "content": c} for r, c in request.messages]
-        # One device until pvjax.generate takes a mesh (issue 12, item 1): then pass mesh=self.mesh.
         g = generate(self.model, [msgs], sampling=SamplingParams(temperature=request.temperature,
                                                                  max_new_tokens=request.max_tokens),
-                     seed=request.seed or 0)
+                     seed=request.seed or 0, mesh=self.mesh)
         return ChatResult(text=g.texts[0])
