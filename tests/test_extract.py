@@ -31,7 +31,7 @@ def small_config(workdir, base_url):
     cfg.workdir = str(workdir)
     cfg.trait = "evil"
     cfg.n_questions, cfg.n_pairs, cfg.max_new_tokens = 3, 1, 16
-    cfg.n_per_question, cfg.temperature = 1, 0.0  # greedy, whatever runlocal samples
+    cfg.n_per_question, cfg.temperature, cfg.batch_size = 1, 0.0, 16  # greedy, whatever runlocal samples
     cfg.judge.backend, cfg.judge.model, cfg.judge.base_url = "openai", "judge-model", base_url
     cfg.judge.coherence = True
     cfg.filter.mode, cfg.filter.threshold, cfg.filter.coherence, cfg.filter.min_pairs = "threshold", 50.0, 50.0, 2
