@@ -12,6 +12,7 @@ whole or absent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -83,6 +84,23 @@ def _tmpdir(folder: Path) -> Path:
     return Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
 
 
+@contextlib.contextmanager
+def _staged(folder: Path, extra: dict | None):
+    """A temporary folder beside `folder` to write into; when the block ends without an error it
+    gets `extra` as `pvjax_finetune.json` (provenance) and replaces `folder` whole, so a reader
+    never sees half an export. The temporary folder is removed in any case."""
+    tmp = _tmpdir(folder)
+    try:
+        yield tmp
+        if extra is not None:
+            (tmp / "pvjax_finetune.json").write_text(json.dumps(extra, indent=2, default=str))
+        os.chmod(tmp, 0o755)
+        _replace_dir(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def save_hf_folder(folder, cfg: ModelConfig, params, tokenizer=None, *, dtype=None,
                    shard_bytes: int = 4 << 30, extra: dict | None = None) -> Path:
     """Write plain (merged) parameters as a Hugging Face model folder. `dtype` defaults to the
@@ -91,8 +109,7 @@ def save_hf_folder(folder, cfg: ModelConfig, params, tokenizer=None, *, dtype=No
 
     folder = Path(folder)
     dtype = np.dtype(dtype or params["embed"].dtype)
-    tmp = _tmpdir(folder)
-    try:
+    with _staged(folder, extra) as tmp:
         shards, cur, size = [], {}, 0
         for name, arr in _hf_tensors(cfg, params, dtype):
             if cur and size + arr.nbytes > shard_bytes:
@@ -114,13 +131,6 @@ def save_hf_folder(folder, cfg: ModelConfig, params, tokenizer=None, *, dtype=No
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2))
         if tokenizer:
             tokenizer.save_pretrained(str(tmp))
-        if extra is not None:
-            (tmp / "pvjax_finetune.json").write_text(json.dumps(extra, indent=2, default=str))
-        os.chmod(tmp, 0o755)
-        _replace_dir(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder
 
 
@@ -148,15 +158,7 @@ def save_peft_adapter(folder, spec: LoraSpec, trainable, cfg: ModelConfig, *, ba
             "target_modules": sorted(TARGETS[t][1].split(".")[-1] for t in spec.targets),
             "layers_to_transform": list(spec.layers) or None, "bias": "none", "fan_in_fan_out": False,
             "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
-    tmp = _tmpdir(folder)
-    try:
+    with _staged(folder, extra) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2))
-        if extra is not None:
-            (tmp / "pvjax_finetune.json").write_text(json.dumps(extra, indent=2, default=str))
-        os.chmod(tmp, 0o755)
-        _replace_dir(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return folder
