@@ -18,7 +18,7 @@ Beside the shift, judge-free measures of trait expression before and after finet
   pos and neg system prompts, the mean per-token log-likelihood of the pos answer minus the neg
   answer given the bare question (`pvjax.causality.answer_logprobs`), under each model; it rises
   when finetuning makes trait answers likelier.
-- `contrast`: each model's own answers scored as `pvjax.extract.contrast_scores` does, by the base
+- `contrast`: each model's own answers scored as `pvjax.pair_filter.contrast_scores` does, by the base
   model: log-likelihood under the pos system prompt minus under the neg one, per token.
 and, with a judge, the judged trait score of each model's answers.
 

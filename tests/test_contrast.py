@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pvjax import atomic
-from pvjax.extract import (ExtractionError, contrast_scores, filter_pairs, generate_answers, spearman,
-                           system_prompt)
+from pvjax.extract import generate_answers, system_prompt
+from pvjax.pair_filter import ExtractionError, contrast_scores, filter_pairs, spearman
 from pvjax.generate import render_prompts
 from pvjax.traits import load_trait
 

@@ -16,7 +16,8 @@ import torch
 
 from pvjax import atomic
 from pvjax.errors import UsageError
-from pvjax.extract import ExtractionError, filter_pairs, run
+from pvjax.extract import ExtractionError, run
+from pvjax.pair_filter import filter_pairs
 from pvjax.extract_config import InvalidConfig
 from pvjax.run_provenance import RunMismatch
 from pvjax.traits import load_trait
