@@ -44,7 +44,13 @@ def get_config(arg: str = ""):
     c.workdir = ""
     c.layers = ()  # hidden_states rows; empty: five layers between a quarter and three quarters of the depth
     c.coefs = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5)
-    c.caps = ()  # closed-loop rows: per layer, `interventions.cap(ceiling)` for each ceiling (projection units)
+    # Closed-loop rows, per layer (projection onto the unit vector, token by token): `interventions.cap`
+    # for each ceiling in caps, `interventions.target` for each set point in targets; gain and
+    # max_step as `pvjax generate --gain/--max-step` (share of the gap closed per token; largest step).
+    c.caps = ()
+    c.targets = ()
+    c.gain = 1.0
+    c.max_step = float("inf")
     c.positions = "response"  # response (the paper's), prompt or all
     c.n_questions = 0  # 0: every eval question
     c.max_new_tokens = 512
