@@ -14,7 +14,6 @@ import pytest
 
 import pvjax
 from pvjax import atomic, cli
-from pvjax import interventions as ivs
 from pvjax.studies import ablate, grid, steer
 from pvjax.vectors import save_vectors
 from tiny_models import save_tiny

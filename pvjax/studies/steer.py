@@ -132,7 +132,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
 
     work = Path(work)
     checked = validate(cfg, work)
-    trait, f = checked.trait, checked.flat
+    trait = checked.trait
     model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
     vector, _ = study_vector(cfg, model, work, progress=progress)
     L, D = model.n_layers + 1, model.hidden_size
