@@ -163,9 +163,19 @@ def test_steer_sweep_end_to_end_extracting_the_vector_once(tiny, tmp_path, capsy
 
 def test_ablation_and_extraction_through_the_runner(tiny, tmp_path, capsys):
     work = tmp_path / "ablate"
-    assert cli.main(["run", "--config", ABLATE + ":runlocal", f"--config.vector={tiny['vfile']}",
-                     "--config.layers=(1,2)", "--config.window=3", "--workdir", str(work), *tiny_overrides(tiny)]) == 0
+    argv = ["run", "--config", ABLATE + ":runlocal", f"--config.vector={tiny['vfile']}", "--config.layers=(1,2)",
+            "--config.window=3", "--workdir", str(work), *tiny_overrides(tiny)]
+    assert cli.main([*argv, "--config.plot=False"]) == 0
+    assert not (work / "ablation.png").exists()
+    first = atomic.read_csv(work / "summary.csv")
+    stages = {p.name: p.stat().st_mtime_ns for p in work.glob("*.csv") if p.name not in ("summary.csv", "results.csv")}
+    capsys.readouterr()
+    # Switching plot on draws the figure from the finished stages; nothing is computed again.
+    assert cli.main(argv) == 0
+    assert "done before" not in capsys.readouterr().out and (work / "ablation.png").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.csv") if p.name in stages} == stages and len(stages) >= 2
     rows = atomic.read_csv(work / "summary.csv")
+    assert rows == first
     assert list(rows[0])[:3] == ["variant", "layer", "layers"]
     assert [r["variant"] for r in rows][:3] == ["baseline", "ablate", "window"] and len(rows) == 1 + 2 * 4 + 3
     assert float(rows[0]["margin_change"]) == 0 and (work / "ablation.png").exists()
@@ -216,6 +226,8 @@ def test_a_killed_steer_point_resumes_from_its_finished_parts(tiny, tmp_path, mo
     (["--config.mc.path={bad}"], "bad.csv line 2: expected 6 columns"),
     (["--config.positions=middle"], "positions must be one of"),
     (["--config.coefs=(1.0,1.0)"], "coefs [1.0, 1.0] repeats a value"),
+    (["--config.targets=(1.0,1.0)"], "targets [1.0, 1.0] repeats a value"),
+    (["--config.max_step=0.0", "--config.gain=-1.0"], "gain must be > 0, got -1; max_step must be a number > 0"),
     (["--config.n_questions=99"], "n_questions=99 but the eval split"),
 ])
 def test_bad_input_is_refused_before_any_model_loads(tiny, tmp_path, capsys, monkeypatch, extra, message):

@@ -126,19 +126,14 @@ def best_layer(rows: list[dict], metric: str, min_coherence: float) -> dict:
 
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     """Run (or resume) the study into `work`; returns one summary row per (layer, coefficient)."""
-    import pvjax
     from pvjax.generate import SamplingParams
-    from pvjax.studies.vector_source import study_vector
 
     work = Path(work)
     checked = validate(cfg, work)
     trait = checked.trait
-    model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
-    vector, _ = study_vector(cfg, model, work, progress=progress)
+    model, vector, layers, questions = grid.study_inputs(cfg, checked, work, progress=progress)
     L, D = model.n_layers + 1, model.hidden_size
-    layers = list(cfg.layers) or C.spread_layers(model.n_layers)
     coefs = [float(c) for c in cfg.coefs]
-    questions = list(trait.questions[:cfg.n_questions or None])
     loop = dict(gain=float(cfg.gain), max_step=float(cfg.max_step))
     iv, index = settings(vector, layers, coefs, L, D, [float(c) for c in cfg.caps],
                          [float(c) for c in cfg.targets], **loop)
