@@ -13,7 +13,10 @@ likelihood margin, the judged trait score and coherence when `judge.backend` is 
 extraction: openai, local or none), multiple-choice accuracy on `mc.path` (the shipped "general"
 set, or any MMLU-layout CSV; "" switches it off); the best layer by the rule in the study's
 docstring; plots steer.png (metric vs coefficient per layer, coherence vs coefficient, layer x
-coefficient heat map) and capability.png (metric vs accuracy).
+coefficient heat map) and capability.png (metric vs accuracy). Closed loop, beside the fixed
+coefficients in the same grid: `caps` (per layer, a row whose projection onto the unit vector is
+held under each ceiling, token by token) and `targets` (moved toward each set point), with `gain`
+and `max_step`, e.g. `--config.caps='(-20.0,)' --config.targets='(20.0,)'`.
 
 runlocal: the embedded SmolLM2, 6 eval questions, layers 10/15/20 x coefficients -4..4, 48 new
 tokens, no judge (the margin is the metric), 16 multiple-choice items: a few minutes on a 2-core

@@ -125,7 +125,8 @@ def best_layer(rows: list[dict], metric: str, min_coherence: float) -> dict:
 
 
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
-    """Run (or resume) the study into `work`; returns one summary row per (layer, coefficient)."""
+    """Run (or resume) the study into `work`; returns one summary row per (layer, coefficient or
+    closed-loop rule)."""
     from pvjax.generate import SamplingParams
 
     work = Path(work)
