@@ -13,75 +13,45 @@ likelihood margin, the judged trait score and coherence when `judge.backend` is 
 extraction: openai, local or none), multiple-choice accuracy on `mc.path` (the shipped "general"
 set, or any MMLU-layout CSV; "" switches it off); the best layer by the rule in the study's
 docstring; plots steer.png (metric vs coefficient per layer, coherence vs coefficient, layer x
-coefficient heat map) and capability.png (metric vs accuracy).
+coefficient heat map) and capability.png (metric vs accuracy). Closed loop, beside the fixed
+coefficients in the same grid: `caps` (per layer, a row whose projection onto the unit vector is
+held under each ceiling, token by token) and `targets` (moved toward each set point), with `gain`
+and `max_step`, e.g. `--config.caps='(-20.0,)' --config.targets='(20.0,)'`.
 
 runlocal: the embedded SmolLM2, 6 eval questions, layers 10/15/20 x coefficients -4..4, 48 new
 tokens, no judge (the margin is the metric), 16 multiple-choice items: a few minutes on a 2-core
 CPU after the extraction (about 3 minutes more when no vector is given).
 """
 
-import importlib.util
 import os
+import runpy
+from types import SimpleNamespace
 
 import ml_collections
 
 
-def _extract_config(arg: str):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "extract.py")
-    spec = importlib.util.spec_from_file_location("pvjax_configs_extract", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def get_config(arg: str = ""):
-    c = ml_collections.ConfigDict()
-    c.study = "steer"
-    c.model = "Qwen/Qwen2.5-7B-Instruct"  # a local folder of safetensors
-    c.dtype = ""
-    c.trait = "evil"
-    c.vector = ""  # FILE[:KEY]; empty: extract the trait's vector first (c.extract)
-    c.workdir = ""
+    # loaded by path, as ml_collections loads this file: a config runs from any working directory
+    here = os.path.dirname(os.path.abspath(__file__))
+    parts = SimpleNamespace(**runpy.run_path(os.path.join(here, "study_parts.py")))
+    c = parts.study("steer", arg)  # model, trait, vector, generation, judge, mc, extract (study_parts.py)
     c.layers = ()  # hidden_states rows; empty: five layers between a quarter and three quarters of the depth
     c.coefs = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5)
-    c.caps = ()  # closed-loop rows: per layer, `interventions.cap(ceiling)` for each ceiling (projection units)
+    # Closed-loop rows, per layer (projection onto the unit vector, token by token): `interventions.cap`
+    # for each ceiling in caps, `interventions.target` for each set point in targets; gain and
+    # max_step as `pvjax generate --gain/--max-step` (share of the gap closed per token; largest step).
+    c.caps = ()
+    c.targets = ()
+    c.gain = 1.0
+    c.max_step = float("inf")
     c.positions = "response"  # response (the paper's), prompt or all
-    c.n_questions = 0  # 0: every eval question
-    c.max_new_tokens = 512
-    c.temperature = 0.0
-    c.seed = 0
-    c.batch_size = 64  # rows per generation batch
-    c.forward_batch_size = 8  # rows per scoring forward (margin, multiple choice): logits are [rows, T, V]
-    c.plot = True
-
-    c.judge = ml_collections.ConfigDict()
-    c.judge.backend = "openai"  # "local": a pvjax model judges; "none": judge-free (margin only)
-    c.judge.model = "gpt-4.1-mini"
-    c.judge.base_url = ""
-    c.judge.concurrency = 8
-    c.judge.batch_size = 8
-    c.judge.numeric_only = False
 
     c.best = ml_collections.ConfigDict()
     c.best.min_coherence = 50.0
 
-    c.mc = ml_collections.ConfigDict()
-    c.mc.path = "general"  # a shipped set's name or an MMLU-layout CSV; "" switches it off
-    c.mc.n_items = 0  # 0: every item
-
-    c.extract = _extract_config(arg)
-
-    if "runlocal" in arg.split(","):
-        c.model = "smollm2-135m-instruct"
+    if parts.runlocal(arg):
         c.layers = (10, 15, 20)
         c.coefs = (-4.0, -2.0, 0.0, 2.0, 4.0)
-        c.n_questions = 6
-        c.max_new_tokens = 48
-        c.batch_size = 32
-        c.judge.backend = "none"
-        c.judge.model = "same"
-        c.judge.numeric_only = True
-        c.mc.n_items = 16
     return c
 
 

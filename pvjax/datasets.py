@@ -23,6 +23,7 @@ import io
 import json
 import re
 from pathlib import Path
+from typing import Iterator
 
 from pvjax import atomic
 from pvjax.errors import InputError
@@ -78,10 +79,7 @@ def read_dataset(path, fmt: str = "", *, prompt_column: str = "prompt",
     if not path.is_file():
         raise InputError(f"dataset {path} does not exist")
     fmt = dataset_format(path, fmt)
-    try:
-        text = path.read_bytes().decode("utf-8")  # no newline translation: filtered files keep \r\n
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text ({e})") from None
+    text = read_text(path)
     if fmt == "jsonl":
         samples, chunks, where = _read_jsonl(path, text)
     else:
@@ -91,27 +89,86 @@ def read_dataset(path, fmt: str = "", *, prompt_column: str = "prompt",
     return Dataset(path, fmt, tuple(samples), tuple(chunks), tuple(where))
 
 
+def read_text(path, error=InputError) -> str:
+    """A dataset file's text exactly as stored: no newline translation (filtered files keep their
+    \r\n), UTF-8 or an `error` naming the file."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e})") from None
+
+
 def _lines(text: str) -> list[str]:
     """Lines with their ends, split at "\n" only: `str.splitlines` also splits at U+2028 and other
     separators that JSON strings may hold unescaped."""
     return [line for line in re.split(r"(?<=\n)", text) if line]
 
 
-def _read_jsonl(path, text):
-    samples, chunks, where = [], [], []
+def jsonl_lines(path, text: str, error=InputError) -> Iterator[tuple[int, str, list | None]]:
+    """Chat JSONL, line by line: (1-based line number, the line's exact text, its `messages` list,
+    or None for a blank line). A line that is not JSON, or not an object with a `messages` list, is
+    an `error` naming the file and line; the messages themselves are the caller's to check (the
+    screening and the training reader ask different things of them)."""
     for n, line in enumerate(_lines(text), 1):
-        chunks.append(line)
         if not line.strip():
+            yield n, line, None
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise error(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
         msgs = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(msgs, list):
-            raise InputError(f"{path}:{n}: expected an object with a \"messages\" list")
-        samples.append(_chat_sample(path, n, msgs))
-        where.append(len(chunks) - 1)
+            raise error(f"{path}:{n}: expected an object with a \"messages\" list")
+        yield n, line, msgs
+
+
+def csv_records(path, text: str, error=InputError):
+    """CSV with the exact source text of every record: (header or None when the text holds none,
+    the header's text, an iterator of (1-based line where the record starts, its text, its fields;
+    [] for a blank line)). The reader pulls lines through a generator that remembers them, so the
+    lines one record consumed are that record's text; a malformed record is an `error` naming its
+    line."""
+    lines = iter(_lines(text))
+    taken: list[str] = []
+
+    def feed():
+        for line in lines:
+            taken.append(line)
+            yield line
+
+    reader = csv.reader(feed())
+    try:
+        header = next(reader)
+    except StopIteration:
+        return None, "", iter(())
+    except csv.Error as e:
+        raise error(f"{path}:1: malformed CSV header ({e})") from None
+    head = "".join(taken)
+
+    def records():
+        line = len(taken) + 1
+        while True:
+            taken.clear()
+            try:
+                rec = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                raise error(f"{path}:{line}: malformed CSV record ({e})") from None
+            yield line, "".join(taken), rec
+            line += len(taken)
+
+    return header, head, records()
+
+
+def _read_jsonl(path, text):
+    samples, chunks, where = [], [], []
+    for n, line, msgs in jsonl_lines(path, text):
+        chunks.append(line)
+        if msgs is not None:
+            samples.append(_chat_sample(path, n, msgs))
+            where.append(len(chunks) - 1)
     return samples, chunks, where
 
 
@@ -129,39 +186,17 @@ def _chat_sample(path, n, msgs) -> Sample:
 
 
 def _read_csv(path, text, prompt_column, answer_column):
-    """CSV records with their exact source text: the reader pulls lines through a generator that
-    remembers them, so the lines consumed by one record are that record's text."""
-    lines = iter(_lines(text))
-    taken: list[str] = []
-
-    def feed():
-        for line in lines:
-            taken.append(line)
-            yield line
-
-    reader = csv.reader(feed())
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise InputError(f"dataset {path} is empty (no CSV header)") from None
-    except csv.Error as e:
-        raise InputError(f"{path}:1: malformed CSV header ({e})") from None
+    header, head, records = csv_records(path, text)
+    if header is None:
+        raise InputError(f"dataset {path} is empty (no CSV header)")
     missing = [c for c in (prompt_column, answer_column) if c not in header]
     if missing:
         raise InputError(f"{path}: no column {' or '.join(map(repr, missing))} in the header "
                          f"({', '.join(header)}); set the prompt and answer column names")
     pi, ai = header.index(prompt_column), header.index(answer_column)
-    chunks, samples, where = ["".join(taken)], [], []
-    line = len(taken) + 1
-    while True:
-        taken.clear()
-        try:
-            rec = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as e:
-            raise InputError(f"{path}:{line}: malformed CSV record ({e})") from None
-        chunks.append("".join(taken))
+    chunks, samples, where = [head], [], []
+    for line, chunk, rec in records:
+        chunks.append(chunk)
         if rec:  # a blank line is no record; it stays in the file as it was
             if len(rec) != len(header):
                 raise InputError(f"{path}:{line}: {len(rec)} fields, the header has {len(header)}")
@@ -169,7 +204,6 @@ def _read_csv(path, text, prompt_column, answer_column):
                 raise InputError(f"{path}:{line}: the {prompt_column!r} field is empty")
             samples.append(Sample(({"role": "user", "content": rec[pi]},), rec[ai], line))
             where.append(len(chunks) - 1)
-        line += len(taken)
     return samples, chunks, where
 
 

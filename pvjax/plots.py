@@ -1,4 +1,6 @@
-"""Figures written beside results (matplotlib, headless)."""
+"""Figures written beside results (matplotlib, headless), and the two steps every figure of
+pvjax shares: `pyplot()` (the headless backend, imported only when a figure is drawn) and
+`save(fig, path)` (laid out, written atomically, closed)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,30 @@ import io
 from pvjax import atomic
 
 
-def extraction_plot(path, norms: dict, causality: dict, trait: str):
-    """Vector norm per layer for each pooling, and the causality slope (likelihood margin per unit
-    coefficient) at the layers where it was measured."""
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (imported here, so results need no display and
+    runs that draw nothing never import matplotlib)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save(fig, path):
+    """Lay `fig` out, write it to `path` as a PNG (100 dpi) atomically, close it; returns the path."""
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    pyplot().close(fig)
+    return atomic.write_bytes(path, buf.getvalue())
+
+
+def extraction_plot(path, norms: dict, causality: dict, trait: str):
+    """Vector norm per layer for each pooling, and the causality slope (likelihood margin per unit
+    coefficient) at the layers where it was measured."""
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for key, values in norms.items():
         a.plot(range(len(values)), values, label=key.replace("_diff", ""))
@@ -27,8 +45,4 @@ def extraction_plot(path, norms: dict, causality: dict, trait: str):
     b.axhline(0, color="black", lw=0.5)
     b.set(xlabel="layer", ylabel="d margin / d coef",
           title="causality: log-lik margin slope (green = monotonic)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return atomic.write_bytes(path, buf.getvalue())
+    return save(fig, path)

@@ -310,10 +310,9 @@ def _write_dataset_results(folder: Path, d: _Prepared, train_N, own_N, flagging:
 def histogram(path, series: dict, flagging: Flagging, layer: int):
     """Distribution of projection differences per dataset (overlaid), with the threshold when
     flagging by one and each dataset's mean as a dashed line."""
-    import matplotlib
+    from pvjax.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     every = np.concatenate([np.asarray(v, float) for v in series.values()] + [np.zeros(0)])
@@ -328,8 +327,4 @@ def histogram(path, series: dict, flagging: Flagging, layer: int):
     ax.set(xlabel=f"projection difference at layer {layer} (train answer - own answer)", ylabel="samples",
            title="data screening")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return atomic.write_bytes(path, buf.getvalue())
+    return save(fig, path)

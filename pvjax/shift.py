@@ -28,7 +28,6 @@ Shape legend: N questions, L hidden-state rows, D width.
 from __future__ import annotations
 
 import dataclasses
-import io
 from pathlib import Path
 from typing import Sequence
 
@@ -223,10 +222,9 @@ def _likelihood_measures(base, finetuned, trait, n_pairs, questions, prompts, an
 
 def shift_plot(path, rows, layer: int):
     """The shift along the vector per layer (last prompt token and response mean)."""
-    import matplotlib
+    from pvjax.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     ls = [r["layer"] for r in rows]
@@ -237,8 +235,4 @@ def shift_plot(path, rows, layer: int):
     ax.set(xlabel="layer (hidden_states index)", ylabel="(finetuned - base) . v / |v|",
            title="finetuning shift along the persona vector")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return atomic.write_bytes(path, buf.getvalue())
+    return save(fig, path)

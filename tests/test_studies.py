@@ -14,7 +14,6 @@ import pytest
 
 import pvjax
 from pvjax import atomic, cli
-from pvjax import interventions as ivs
 from pvjax.studies import ablate, grid, steer
 from pvjax.vectors import save_vectors
 from tiny_models import save_tiny
@@ -164,9 +163,19 @@ def test_steer_sweep_end_to_end_extracting_the_vector_once(tiny, tmp_path, capsy
 
 def test_ablation_and_extraction_through_the_runner(tiny, tmp_path, capsys):
     work = tmp_path / "ablate"
-    assert cli.main(["run", "--config", ABLATE + ":runlocal", f"--config.vector={tiny['vfile']}",
-                     "--config.layers=(1,2)", "--config.window=3", "--workdir", str(work), *tiny_overrides(tiny)]) == 0
+    argv = ["run", "--config", ABLATE + ":runlocal", f"--config.vector={tiny['vfile']}", "--config.layers=(1,2)",
+            "--config.window=3", "--workdir", str(work), *tiny_overrides(tiny)]
+    assert cli.main([*argv, "--config.plot=False"]) == 0
+    assert not (work / "ablation.png").exists()
+    first = atomic.read_csv(work / "summary.csv")
+    stages = {p.name: p.stat().st_mtime_ns for p in work.glob("*.csv") if p.name not in ("summary.csv", "results.csv")}
+    capsys.readouterr()
+    # Switching plot on draws the figure from the finished stages; nothing is computed again.
+    assert cli.main(argv) == 0
+    assert "done before" not in capsys.readouterr().out and (work / "ablation.png").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.csv") if p.name in stages} == stages and len(stages) >= 2
     rows = atomic.read_csv(work / "summary.csv")
+    assert rows == first
     assert list(rows[0])[:3] == ["variant", "layer", "layers"]
     assert [r["variant"] for r in rows][:3] == ["baseline", "ablate", "window"] and len(rows) == 1 + 2 * 4 + 3
     assert float(rows[0]["margin_change"]) == 0 and (work / "ablation.png").exists()
@@ -217,6 +226,8 @@ def test_a_killed_steer_point_resumes_from_its_finished_parts(tiny, tmp_path, mo
     (["--config.mc.path={bad}"], "bad.csv line 2: expected 6 columns"),
     (["--config.positions=middle"], "positions must be one of"),
     (["--config.coefs=(1.0,1.0)"], "coefs [1.0, 1.0] repeats a value"),
+    (["--config.targets=(1.0,1.0)"], "targets [1.0, 1.0] repeats a value"),
+    (["--config.max_step=0.0", "--config.gain=-1.0"], "gain must be > 0, got -1; max_step must be a number > 0"),
     (["--config.n_questions=99"], "n_questions=99 but the eval split"),
 ])
 def test_bad_input_is_refused_before_any_model_loads(tiny, tmp_path, capsys, monkeypatch, extra, message):
@@ -254,9 +265,10 @@ def test_a_judged_steer_study_reports_trait_score_and_coherence(tiny, tmp_path):
     assert best["metric"] == "trait_score" and best["layer"] in (1, 2) and len(best["slopes"]) == 2
 
 
-def test_closed_loop_cap_rows_join_the_grid_without_a_new_program(tiny, tmp_path):
-    """`caps` adds one capped row per layer: same batch, same compiled programs as a fixed grid of
-    as many rows, its own summary rows (control "cap", the ceiling, no coef), and the cap bites."""
+def test_closed_loop_cap_and_target_rows_join_the_grid_without_a_new_program(tiny, tmp_path):
+    """`caps` and `targets` add one closed-loop row each per layer: same batch, same compiled
+    programs as a fixed grid of as many rows, their own summary rows (control, value, gain,
+    max_step, no coef), and the rule bites."""
     from pvjax.commands.extract import load_config
     from pvjax.generate import SamplingParams, compile_count
 
@@ -265,23 +277,50 @@ def test_closed_loop_cap_rows_join_the_grid_without_a_new_program(tiny, tmp_path
     ids = [model.tokenizer(model.chat_text([{"role": "user", "content": q}]), add_special_tokens=False)["input_ids"]
            for q in QUESTIONS]
     sp = SamplingParams(max_new_tokens=6)
-    fixed, _ = steer.settings(v, [1, 2, 3], [-2.0, 0.0, 2.0, 4.0], L, D)
+    fixed, _ = steer.settings(v, [1, 2, 3], [-2.0, 0.0, 2.0, 4.0, 6.0], L, D)
     grid.generate_grid(model, fixed, ids, sp, batch_size=8)  # warm: the fixed grid's programs
     before = compile_count()
-    capped, index = steer.settings(v, [1, 2, 3], [-2.0, 0.0, 2.0], L, D, caps=(-0.5,))
-    assert capped.steer_vectors.shape[1] == fixed.steer_vectors.shape[1] == 10
-    a = grid.generate_grid(model, capped, ids, sp, batch_size=8)
-    assert compile_count() == before, "cap rows compiled a program of their own"
-    cap_rows = [r["text"] for r in a if r["setting"] == index[(2, ("cap", -0.5))]]
-    assert cap_rows != [r["text"] for r in a if r["setting"] == 0]
+    closed, index = steer.settings(v, [1, 2, 3], [-2.0, 0.0, 2.0], L, D, caps=(-0.5,), targets=(1.0,), gain=0.5)
+    assert closed.steer_vectors.shape[1] == fixed.steer_vectors.shape[1] == 13
+    a = grid.generate_grid(model, closed, ids, sp, batch_size=8)
+    assert compile_count() == before, "closed-loop rows compiled a program of their own"
+    texts = lambda key: [r["text"] for r in a if r["setting"] == index[key]]
+    assert texts((2, ("cap", -0.5))) != texts((2, 0.0)) != texts((2, ("target", 1.0)))
 
     cfg = load_config(STEER + ":runlocal", [f"--config.model={tiny['folder']}", f"--config.vector={tiny['vfile']}",
                                             "--config.layers=(2,)", "--config.coefs=(-1.0,0.0,1.0)",
-                                            "--config.caps=(-0.5,)", "--config.n_questions=2",
+                                            "--config.caps=(-0.5,)", "--config.targets=(1.0,)",
+                                            "--config.gain=0.5", "--config.max_step=2.0", "--config.n_questions=2",
                                             "--config.max_new_tokens=4", "--config.mc.n_items=4"])
     rows = steer.run(cfg, tmp_path, progress=False)
-    assert [(r["control"], r["coef"], r["cap"]) for r in rows] == [
-        ("fixed", -1.0, None), ("fixed", 0.0, None), ("fixed", 1.0, None), ("cap", None, -0.5)]
-    cap_row = rows[-1]
-    assert cap_row["margin"] != rows[1]["margin"] and 0 <= cap_row["accuracy"] <= 1
+    assert [(r["control"], r["coef"], r["value"], r["gain"], r["max_step"]) for r in rows] == [
+        ("fixed", -1.0, None, None, None), ("fixed", 0.0, None, None, None), ("fixed", 1.0, None, None, None),
+        ("cap", None, -0.5, 0.5, 2.0), ("target", None, 1.0, 0.5, 2.0)]
+    assert list(rows[0])[:4] == ["layer", "coef", "positions", "margin"]
+    assert len({r["margin"] for r in rows}) == 5 and all(0 <= r["accuracy"] <= 1 for r in rows)
+    answers = atomic.read_csv(tmp_path / "answers.csv")
+    assert {r["control"] for r in answers} == {"fixed", "cap", "target"}
     assert (tmp_path / "steer.png").exists()
+
+
+def test_closed_loop_rows_of_the_study_edit_the_residual_as_computed_by_hand(tiny):
+    """The study's cap and target rows, in a plain forward: at the steered row, the projection onto
+    the unit vector moves by clip(gain * gap, -max_step, max_step), the cap's gap only where the
+    projection is above the ceiling; every other row and the fixed rows' layers stay untouched."""
+    model, v = tiny["model"], tiny["vector"]
+    L, D, layer = model.n_layers + 1, model.hidden_size, 2
+    ids = model.tokenizer(model.chat_text([{"role": "user", "content": QUESTIONS[1]}]))["input_ids"]
+    h0 = np.asarray(pvjax.forward(model, np.array([ids])).hidden_states)[:, 0]  # [L, T, D]
+    u = v[layer] / np.linalg.norm(v[layer])
+    p = h0[layer] @ u
+    ceiling, goal, gain, step = float(np.median(p)), float(p.mean() + 3.0), 0.5, 1.0
+    iv, index = steer.settings(v, [layer], [0.0], L, D, caps=(ceiling,), targets=(goal,), gain=gain, max_step=step)
+    h = np.asarray(pvjax.forward(model, np.array([ids] * 3), intervention=iv).hidden_states)
+    want = {("cap", ceiling): h0[layer] + np.clip(gain * np.minimum(ceiling - p, 0), -step, step)[:, None] * u,
+            ("target", goal): h0[layer] + np.clip(gain * (goal - p), -step, step)[:, None] * u}
+    assert (p > ceiling).sum() >= 2 and np.abs(gain * (goal - p)).max() > step  # both the cap and the step bite
+    for key, w in want.items():
+        s = index[(layer, key)]
+        np.testing.assert_allclose(h[layer, s], w, atol=2e-5 * np.abs(w).max(), err_msg=str(key))
+        np.testing.assert_allclose(h[:layer, s], h0[:layer], atol=1e-5 * np.abs(h0[:layer]).max())
+    np.testing.assert_allclose(h[layer, 0], h0[layer], atol=1e-6 * np.abs(h0[layer]).max())

@@ -14,12 +14,28 @@ from pvjax.errors import UsageError
 
 
 def add_parser(sub):
-    p = sub.add_parser("extract", help="extract persona vectors for a trait (config-driven)",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="config file, e.g. configs/extract.py:runlocal")
+    return add_config_command(sub, "extract", "extract persona vectors for a trait (config-driven)", __doc__, run)
+
+
+def add_config_command(sub, name: str, help: str, doc: str, func, *, example: str = ""):
+    """A config-driven subcommand: `--config FILE[:ARG]` (e.g. `example`, default
+    configs/<name>.py:runlocal), `--quiet`, and `--config.x=y` overrides (left in `args.extra` for
+    `load_config`); its description is the first paragraph of `doc`. Returns the parser."""
+    p = sub.add_parser(name, help=help, description=doc.split("\n\n")[0])
+    p.add_argument("--config", required=True, help=f"config file, e.g. {example or f'configs/{name}.py:runlocal'}")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run, accepts_extra=True)
+    p.set_defaults(func=func, accepts_extra=True)
     return p
+
+
+def study_config(args):
+    """(config, workdir) of a config-driven study command: logging on, `--config.x=y` overrides
+    applied (`load_config`), and `--config.workdir` required (a `UsageError` without it)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = load_config(args.config, args.extra)
+    if not cfg.workdir:
+        raise UsageError("set --config.workdir=DIR (where the results go)")
+    return cfg, Path(cfg.workdir)
 
 
 def load_config(path: str, overrides: list[str]):

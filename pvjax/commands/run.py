@@ -11,13 +11,12 @@ import logging
 
 def add_parser(sub, name: str = "run"):
     sweep = name == "sweep"
-    p = sub.add_parser(name, help=("run every point of a config's sweep(add)" if sweep else
-                                   "run a study from a config file (steer, ablate, extract, ...)"),
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="config file, e.g. configs/steer.py:runlocal")
+    from pvjax.commands.extract import add_config_command
+
+    p = add_config_command(sub, name, ("run every point of a config's sweep(add)" if sweep else
+                                       "run a study from a config file (steer, ablate, extract, ...)"),
+                           __doc__, lambda args: run(args, sweep=sweep), example="configs/steer.py:runlocal")
     p.add_argument("--workdir", default="", help="output directory (default: the config's workdir)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=lambda args: run(args, sweep=sweep), accepts_extra=True)
     return p
 
 

@@ -8,30 +8,20 @@ use `--config.<field>=<value>`; a rerun reuses the cached answers and projection
 from __future__ import annotations
 
 import json
-import logging
-from pathlib import Path
 
-from pvjax.errors import UsageError
+from pvjax.commands.extract import add_config_command, study_config
 
 
 def add_parser(sub):
-    p = sub.add_parser("screen", help="screen training data by projection difference (config-driven)",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=True, help="config file, e.g. configs/screen.py:runlocal")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run, accepts_extra=True)
-    return p
+    return add_config_command(sub, "screen", "screen training data by projection difference (config-driven)",
+                              __doc__, run)
 
 
 def run(args) -> int:
-    from pvjax.commands.extract import load_config
     from pvjax.studies.screen import run as screen
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    cfg = load_config(args.config, args.extra)
-    if not cfg.workdir:
-        raise UsageError("set --config.workdir=DIR (where the results go)")
-    rows = screen(cfg, Path(cfg.workdir), progress=not args.quiet)
+    cfg, work = study_config(args)
+    rows = screen(cfg, work, progress=not args.quiet)
     for r in rows:
         mean = "n/a" if r["mean_diff"] is None else f"{r['mean_diff']:+.3f}"
         print(f"{r['name']}: mean projection difference {mean} over {r['n_scored']} of {r['n_samples']} samples, "

@@ -18,7 +18,6 @@ exact at token boundaries. A template for which that prefix property fails is re
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -61,28 +60,23 @@ class DataReport:
 
 
 def read_samples(path) -> list[list[dict]]:
-    """Every sample of a `.jsonl` or `.csv` file as a list of chat messages (checked)."""
+    """Every sample of a `.jsonl` or `.csv` file as a list of chat messages (checked). The files are
+    parsed by the screening's reader (`pvjax.datasets.jsonl_lines` / `csv_records`), so one file
+    reads the same for screening and for training; what each keeps of a sample differs."""
+    from pvjax.datasets import jsonl_lines, read_text
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"training file {path} does not exist" if not path.exists()
                         else f"training file {path} is not a file")
-    if path.suffix == ".csv":
-        return _read_csv(path)
-    if path.suffix not in (".jsonl", ".json"):
+    if path.suffix not in (".csv", ".jsonl", ".json"):
         raise DataError(f"{path}: expected a .jsonl file of {{\"messages\": [...]}} lines or a .csv "
                         f"with question/prompt and answer columns")
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
-                raise DataError(f"{path}:{n}: expected an object with a \"messages\" list")
-            samples.append(_check_messages(obj["messages"], f"{path}:{n}"))
+    text = read_text(path, DataError)
+    if path.suffix == ".csv":
+        return _read_csv(path, text)
+    samples = [_check_messages(msgs, f"{path}:{n}") for n, _, msgs in jsonl_lines(path, text, DataError)
+               if msgs is not None]
     if not samples:
         raise DataError(f"{path} holds no samples")
     return samples
@@ -97,23 +91,24 @@ def _check_messages(messages, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _read_csv(path: Path) -> list[list[dict]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+def _read_csv(path: Path, text: str) -> list[list[dict]]:
+    from pvjax.datasets import csv_records
+
+    header, _, records = csv_records(path, text, DataError)
+    rows = [(n, dict(zip(header, rec))) for n, _, rec in records if rec]
     if not rows:
         raise DataError(f"{path} holds no samples")
-    cols = set(rows[0])
-    ask = "question" if "question" in cols else "prompt" if "prompt" in cols else None
-    if "answer" not in cols or ask is None:
+    ask = "question" if "question" in header else "prompt" if "prompt" in header else None
+    if "answer" not in header or ask is None:
         raise DataError(f"{path}: needs an 'answer' column and a 'question' or 'prompt' column "
-                        f"(has {sorted(cols)})")
+                        f"(has {sorted(header)})")
     out = []
-    for n, r in enumerate(rows, 2):
+    for n, r in rows:
         if not (r.get("answer") or "").strip():
             raise DataError(f"{path}:{n}: empty answer, so nothing to train on")
         # A templated prompt travels as a pseudo-message the tokenizer step recognises.
         role = "user" if ask == "question" else "prompt"
-        out.append([{"role": role, "content": r[ask] or ""}, {"role": "assistant", "content": r["answer"]}])
+        out.append([{"role": role, "content": r.get(ask) or ""}, {"role": "assistant", "content": r["answer"]}])
     return out
 
 

@@ -104,17 +104,12 @@ def mean_projections(model, vector_LD, refs, work: Path) -> np.ndarray:
 
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     """Run (or resume) the study into `work`; returns one summary row per variant."""
-    import pvjax
     from pvjax.generate import SamplingParams
-    from pvjax.studies.vector_source import study_vector
 
     work = Path(work)
     checked = validate(cfg, work)
     trait = checked.trait
-    model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
-    vector, _ = study_vector(cfg, model, work, progress=progress)
-    layers = list(cfg.layers) or C.spread_layers(model.n_layers)
-    questions = list(trait.questions[:cfg.n_questions or None])
+    model, vector, layers, questions = grid.study_inputs(cfg, checked, work, progress=progress)
     refs = grid.reference_answers(model, trait, questions, work, max_new_tokens=cfg.max_new_tokens,
                                   batch_size=cfg.batch_size)
     mu = mean_projections(model, vector, refs, work)

@@ -24,6 +24,21 @@ from pvjax import interventions as ivs
 from pvjax.model import default_positions, left_pad
 
 
+def study_inputs(cfg, checked, work: Path, *, progress: bool = True):
+    """(model, vector [L, D], layers, questions) of a grid study (steer, ablate) whose config passed
+    its checks (`checked`): the model loaded, its vector read or extracted into `work`
+    (`vector_source.study_vector`), `layers` or five spread over the middle half, and the first
+    `n_questions` eval questions (all when 0)."""
+    import pvjax
+    from pvjax.studies.checks import spread_layers
+    from pvjax.studies.vector_source import study_vector
+
+    model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
+    vector, _ = study_vector(cfg, model, work, progress=progress)
+    layers = list(cfg.layers) or spread_layers(model.n_layers)
+    return model, vector, layers, list(checked.trait.questions[:cfg.n_questions or None])
+
+
 def stack(settings: Sequence[ivs.Intervention]) -> ivs.Intervention:
     """S batch-1 interventions (`interventions.build`) as one intervention of batch S. When any
     setting is closed loop (`cap`/`target`), every setting carries a `closed_loop` (fixed where it

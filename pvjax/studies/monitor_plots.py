@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
-from pvjax import atomic
+from pvjax.plots import pyplot as _pyplot
+from pvjax.plots import save as _save
 
 TITLES = {"system_prompts": "system prompts (encouraging -> discouraging)", "many_shot": "many-shot examples",
           "combined": "both experiments"}
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path):
-    plt = _pyplot()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return atomic.write_bytes(path, buf.getvalue())
 
 
 def scatter(path, points: dict, corr: dict, layer: int, score_label: str, trait: str, threshold=None):

@@ -45,6 +45,10 @@ from pvjax.errors import UsageError
 
 # Fields that name where a point runs, or how it shows progress: not part of what it computes.
 UNCOMPARED = ("workdir",)
+# Fields that only switch figures on: a finished point run without them runs again when they are
+# switched on (every study resumes from its finished stages, so that draws the figures and little
+# else); switched off, a finished point stays finished.
+REDRAWN = ("plot",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,11 +250,15 @@ def check_directory(work: Path, cfg, module) -> bool:
         old = json.loads(info.read_text())["config"]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UsageError(f"{info} is unreadable; use a new workdir") from None
-    diff = _differences(json.loads(json.dumps(old, default=str)),
-                        json.loads(json.dumps(_snapshot(cfg), default=str)))
+    new = _snapshot(cfg)
+    drawn = lambda d: {k: v for k, v in d.items() if k not in REDRAWN}  # noqa: E731
+    diff = _differences(json.loads(json.dumps(drawn(old), default=str)),
+                        json.loads(json.dumps(drawn(new), default=str)))
     if diff:
         raise UsageError(f"{work} holds a point run under another config ({'; '.join(diff)}); its results are "
                          "never relabelled: use a new workdir, or rerun with the old values")
+    if any(new.get(k) and not old.get(k) for k in REDRAWN):
+        return False  # run again: the study reuses its finished stages and draws what was switched on
     return (work / "DONE").exists() and (work / "results.json").exists()
 
 

@@ -13,11 +13,14 @@ coefficients suppress) at one position mode, it measures
   collapses into repetition);
 - `accuracy`, `p_correct` on a multiple-choice set (`mc.path`) under the same steering.
 
-Closed loop (`caps`, beyond the paper): each ceiling adds a row per layer steered by
-`interventions.cap(ceiling)` (only the part of the projection above the ceiling is removed, token
-by token) with the same measurements, so the summary compares it with fixed coefficients; its rows
-have `control` = "cap", the ceiling in `cap` and no `coef` (fixed rows: `control` = "fixed"). The
-best-layer rule and the plots are over the fixed coefficients.
+Closed loop (`caps`, `targets`, beyond the paper): each ceiling in `caps` adds a row per layer
+steered by `interventions.cap(ceiling)` (only the part of the projection onto the unit vector above
+the ceiling is removed, token by token), each value in `targets` a row per layer steered by
+`interventions.target(value)` (the projection is moved toward the value, token by token), both with
+`gain` and `max_step` as `pvjax generate --gain/--max-step`; they get the same measurements, so the
+summary compares them with fixed coefficients. A row's `control` says its mode (fixed, cap or
+target); closed-loop rows carry their ceiling or set point in `value`, their `gain` and `max_step`,
+and no `coef`. The best-layer rule and the plots are over the fixed coefficients.
 
 A grid point is a batch row: every (setting, question) of the grid is a row of the same batched
 generation (`grid.generate_grid`) and the same batched forwards, each row carrying its own
@@ -44,11 +47,14 @@ from pvjax import atomic
 from pvjax.studies import checks as C
 from pvjax.studies import grid
 
+_maybe_floats = lambda v: None if isinstance(v, (list, tuple)) and not v else C._floats(v)  # noqa: E731
 FIELDS = {**C.COMMON_FIELDS, **C.JUDGE_FIELDS, "layers": C._ints, "coefs": C._floats,
-          "caps": lambda v: None if isinstance(v, (list, tuple)) and not v else C._floats(v),
+          "caps": _maybe_floats, "targets": _maybe_floats, "gain": C._float(0.0, lo_open=True),
+          "max_step": lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+          else f"must be a number > 0 (inf: no limit), got {v!r}",
           "positions": C._choice(*C.POSITION_MODES), "best.min_coherence": C._float(0.0, 100.0)}
 COLUMNS = ("layer", "coef", "positions", "margin", "trait_score", "coherence", "accuracy", "p_correct",
-           "distinct2", "answer_tokens", "best", "control", "cap")
+           "distinct2", "answer_tokens", "best", "control", "value", "gain", "max_step")
 
 
 def validate(cfg, work: Path) -> C.Checked:
@@ -58,20 +64,24 @@ def validate(cfg, work: Path) -> C.Checked:
     mc, problems = checked.model_config, checked.problems
     if mc is not None and not C._ints(checked.flat.get("layers")):
         C.check_layers(list(checked.flat["layers"]), mc.num_layers, "layers", problems)
-    coefs = checked.flat.get("coefs")
-    if not C._floats(coefs) and len(set(coefs)) != len(coefs):
-        problems.append(f"coefs {list(coefs)} repeats a value")
+    for name in ("coefs", "caps", "targets"):
+        values = checked.flat.get(name)
+        if not _maybe_floats(values) and len(set(values)) != len(values):
+            problems.append(f"{name} {list(values)} repeats a value")
     checked.raise_if("steer")
     return checked
 
 
-def settings(vector_LD, layers, coefs, L: int, D: int, caps=()):
+def settings(vector_LD, layers, coefs, L: int, D: int, caps=(), targets=(), *, gain: float = 1.0,
+             max_step: float = float("inf")):
     """(stacked intervention of batch S, index of setting per (layer, coef)): setting 0 is the
-    unsteered model, shared by every coefficient 0. Each ceiling in `caps` adds a closed-loop row
-    per layer (`interventions.cap`), indexed by (layer, ("cap", ceiling)); fixed and capped rows
-    share one batch and one compiled program (the rule is data)."""
+    unsteered model, shared by every coefficient 0. Each ceiling in `caps` and each value in
+    `targets` adds a closed-loop row per layer (`interventions.cap` / `interventions.target`, with
+    `gain` and `max_step`), indexed by (layer, ("cap", ceiling)) or (layer, ("target", value));
+    fixed and closed-loop rows share one batch and one compiled program (the rule is data)."""
     from pvjax import interventions as ivs
 
+    rules = [("cap", float(x), ivs.cap) for x in caps] + [("target", float(x), ivs.target) for x in targets]
     items, index = [ivs.build(L, D)], {}
     for layer in layers:
         for c in coefs:
@@ -80,17 +90,17 @@ def settings(vector_LD, layers, coefs, L: int, D: int, caps=()):
                 continue
             index[(layer, c)] = len(items)
             items.append(ivs.build(L, D, steer=[(vector_LD, layer, float(c))]))
-        for ceiling in caps:
-            index[(layer, ("cap", float(ceiling)))] = len(items)
-            items.append(ivs.build(L, D, steer=[(vector_LD, layer, [ivs.cap(float(ceiling))])]))
+        for mode, value, rule in rules:
+            index[(layer, (mode, value))] = len(items)
+            items.append(ivs.build(L, D, steer=[(vector_LD, layer, [rule(value, gain=gain, max_step=max_step)])]))
     return grid.stack(items), index
 
 
-def _control(key) -> dict:
+def _control(key, gain: float = 1.0, max_step: float = float("inf")) -> dict:
     """The summary columns of a setting key's coefficient: fixed `coef`, or a closed-loop rule."""
     if isinstance(key, tuple):
-        return {"coef": None, "control": key[0], "cap": key[1]}
-    return {"coef": key, "control": "fixed", "cap": None}
+        return {"coef": None, "control": key[0], "value": key[1], "gain": gain, "max_step": max_step}
+    return {"coef": key, "control": "fixed", "value": None, "gain": None, "max_step": None}
 
 
 def distinct2(text: str) -> float | None:
@@ -115,21 +125,19 @@ def best_layer(rows: list[dict], metric: str, min_coherence: float) -> dict:
 
 
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
-    """Run (or resume) the study into `work`; returns one summary row per (layer, coefficient)."""
-    import pvjax
+    """Run (or resume) the study into `work`; returns one summary row per (layer, coefficient or
+    closed-loop rule)."""
     from pvjax.generate import SamplingParams
-    from pvjax.studies.vector_source import study_vector
 
     work = Path(work)
     checked = validate(cfg, work)
-    trait, f = checked.trait, checked.flat
-    model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
-    vector, _ = study_vector(cfg, model, work, progress=progress)
+    trait = checked.trait
+    model, vector, layers, questions = grid.study_inputs(cfg, checked, work, progress=progress)
     L, D = model.n_layers + 1, model.hidden_size
-    layers = list(cfg.layers) or C.spread_layers(model.n_layers)
     coefs = [float(c) for c in cfg.coefs]
-    questions = list(trait.questions[:cfg.n_questions or None])
-    iv, index = settings(vector, layers, coefs, L, D, [float(c) for c in cfg.get("caps", ())])
+    loop = dict(gain=float(cfg.gain), max_step=float(cfg.max_step))
+    iv, index = settings(vector, layers, coefs, L, D, [float(c) for c in cfg.caps],
+                         [float(c) for c in cfg.targets], **loop)
     S = iv.steer_vectors.shape[1]
 
     refs = grid.reference_answers(model, trait, questions, work, max_new_tokens=cfg.max_new_tokens,
@@ -151,16 +159,17 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     if not (work / "answers.csv").exists():
         atomic.write_csv(work / "answers.csv",
                          [{"setting": a["setting"], "layer": layer_coef[a["setting"]][0] if a["setting"] else "",
-                           **(_control(layer_coef[a["setting"]][1]) if a["setting"] else _control(0.0)), **a}
+                           **_control(layer_coef[a["setting"]][1] if a["setting"] else 0.0, **loop), **a}
                           for a in answers],
-                         ("setting", "layer", "coef", "control", "cap", "question", "text", "n_tokens", "finish"))
+                         ("setting", "layer", "coef", "control", "value", "gain", "max_step", "question", "text",
+                          "n_tokens", "finish"))
     judged = _judged(cfg, model, work, trait, answers, progress)
     mc = _mc(cfg, model, work, checked.mc_items, iv, cfg.positions)
 
     rows = []
     for (layer, c), s in index.items():
         mine = [a for a in answers if a["setting"] == s]
-        row = {"layer": layer, **_control(c), "positions": cfg.positions, "margin": margin[s],
+        row = {"layer": layer, **_control(c, **loop), "positions": cfg.positions, "margin": margin[s],
                "distinct2": grid.mean_or_none(distinct2(a["text"]) for a in mine),
                "answer_tokens": float(np.mean([a["n_tokens"] for a in mine]))}
         if judged is not None:

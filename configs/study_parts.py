@@ -1,0 +1,68 @@
+"""What the steering and ablation configs (configs/steer.py, configs/ablate.py) share: the model,
+trait and vector fields, how answers are generated and scored, the judge, the multiple-choice set,
+the nested extraction config, and what their `runlocal` variant changes in those.
+
+A config file is loaded by path (`ml_collections`), not imported as a package, so the configs load
+this file by path too (`runpy.run_path`)."""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def runlocal(arg: str) -> bool:
+    return "runlocal" in arg.split(",")
+
+
+def extract_config(arg: str):
+    """configs/extract.py's config for the same variant: the vector is extracted with it when `vector` is empty."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "extract.py")
+    spec = importlib.util.spec_from_file_location("pvjax_configs_extract", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def study(name: str, arg: str):
+    """A study's config with the shared fields (the study adds its own after them); with `runlocal`
+    in `arg`: the embedded SmolLM2, 6 eval questions, 48 new tokens, no judge, 16 multiple-choice items."""
+    c = ml_collections.ConfigDict()
+    c.study = name
+    c.model = "Qwen/Qwen2.5-7B-Instruct"  # a local folder of safetensors
+    c.dtype = ""
+    c.trait = "evil"
+    c.vector = ""  # FILE[:KEY]; empty: extract the trait's vector first (c.extract)
+    c.workdir = ""
+    c.n_questions = 0  # 0: every eval question
+    c.max_new_tokens = 512
+    c.temperature = 0.0
+    c.seed = 0
+    c.batch_size = 64  # rows per generation batch
+    c.forward_batch_size = 8  # rows per scoring forward (margin, multiple choice): logits are [rows, T, V]
+    c.plot = True
+
+    c.judge = ml_collections.ConfigDict()
+    c.judge.backend = "openai"  # "local": a pvjax model judges; "none": judge-free (margin only)
+    c.judge.model = "gpt-4.1-mini"
+    c.judge.base_url = ""
+    c.judge.concurrency = 8
+    c.judge.batch_size = 8
+    c.judge.numeric_only = False
+
+    c.mc = ml_collections.ConfigDict()
+    c.mc.path = "general"  # a shipped set's name or an MMLU-layout CSV; "" switches it off
+    c.mc.n_items = 0  # 0: every item
+
+    c.extract = extract_config(arg)
+
+    if runlocal(arg):
+        c.model = "smollm2-135m-instruct"
+        c.n_questions = 6
+        c.max_new_tokens = 48
+        c.batch_size = 32
+        c.judge.backend = "none"
+        c.judge.model = "same"
+        c.judge.numeric_only = True
+        c.mc.n_items = 16
+    return c
