@@ -9,10 +9,15 @@ run directory; what it finds there (finished parts, an error) it sends to the ot
 process takes the same decisions and nothing is computed twice.
 
 Everything travels as bytes (JSON, CSV text, safetensors) in one all-gather: lengths first, then
-the bytes padded to a power of two (few distinct shapes, few compiled programs). A `UserError`
-raised inside `each` or `from_writer` reaches every process, so no process is left waiting in a collective for
+the bytes padded to a power of two (few distinct shapes, few compiled programs). An error raised
+inside `each` or `from_writer` reaches every process, so no process is left waiting in a collective for
 one that gave up; a process that dies outright is noticed by the coordinator (heartbeats), which
 stops the others; the writer's files are whole (`pvjax.atomic`), so a rerun resumes.
+
+Joining: with `HOST:PORT`, the processes first meet at the coordinator's port (`rendezvous`): a
+process that never comes, or was told another process count, is a `JobError` naming the
+coordinator, the count and the process, where JAX would abort the process. `alone()` lets a
+process work by itself inside a joined job (the study runner's points).
 """
 
 from __future__ import annotations
