@@ -24,11 +24,11 @@ def add_parser(sub, name: str = "run"):
 
 
 def run(args, *, sweep: bool = False) -> int:
-    from pvjax.studies import runner
+    from pvjax.studies import jobs, runner
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     study, root, points = runner.load(args.config, args.extra, args.workdir, sweep=sweep)
-    job = runner.join_job(points)  # a multi-process job: every process runs this same command
+    job = jobs.join_job(points)  # a multi-process job: every process runs this same command
     rows = runner.run_points(study, root, points, progress=not args.quiet and job.writer, job=job)
     if not job.writer:
         return 0

@@ -21,6 +21,10 @@ directory that holds a point made under another config is refused, naming the fi
 (except for studies that track their own provenance, like extraction). Every point is checked
 (`validate`) before the first one runs, so a bad value anywhere in a sweep costs no compute.
 
+Several processes (`pvjax.studies.jobs`): with the config's `distributed` section (or its `extract`
+config's) naming a job, every process runs the same command; process p runs the points i with
+i mod P = p, each alone, and process 0 writes `summary.csv` from everyone's rows.
+
 The study is `cfg.study` (the module `pvjax.studies.<study>`, or a dotted module path of your own);
 a config without that field (`configs/extract.py`) is named by its file: `extract`.
 """
@@ -312,7 +316,9 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
         got = [one(i, p, w, done[i], job.writer) for i, (p, w) in enumerate(zip(points, works))]
     else:
         mine = job.mine(len(points))
-        _share_vectors(job, shared, {i: check_directory(works[i], points[i].cfg, module) for i in mine},
+        from pvjax.studies.jobs import share_vectors
+
+        share_vectors(job, shared, {i: check_directory(works[i], points[i].cfg, module) for i in mine},
                        progress, log)
 
         def my_points():
@@ -325,46 +331,6 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
     if job.writer:
         atomic.write_csv(root / "summary.csv", summary, columns(summary))
     return summary
-
-
-def _share_vectors(job: Job, shared: dict, done: dict[int, bool], progress: bool, log) -> None:
-    """In a multi-process sweep, each vector that unfinished points share is extracted once: by the
-    process of the first such point, alone, before any point runs; its file then goes to every
-    process that lacks it (hosts of a pod share no filesystem)."""
-    from pvjax.studies.vector_source import vector_spec
-
-    todo = {int(i) for got in job.gather([i for i, d in done.items() if not d]) for i in got}
-    owner: dict[Path, tuple[int, Any]] = {}
-    for i in sorted(todo):
-        if i in shared:
-            owner.setdefault(shared[i][0], (i % job.count, shared[i][1]))
-    for where, (proc, cfg) in owner.items():
-        path = where / "vector" / "vectors.safetensors"  # what `shared_vectors` points the points at
-        if proc == job.index and not path.exists():
-            log(f"extracting the shared vector into {where} (process {job.index})")
-            with multihost.alone():
-                vector_spec(cfg, where, progress=progress)
-    for where, (proc, cfg) in owner.items():
-        path = where / "vector" / "vectors.safetensors"
-        data = job.each(lambda: path.read_bytes() if proc == job.index else b"", raw=True)[proc]
-        if not path.exists():
-            atomic.write_bytes(path, data)
-
-
-def join_job(points: list[Point]) -> Job:
-    """The job the points run in: one process, unless their config's `distributed` section (its
-    own, or its `extract` config's: every study config carries one there) names a coordinator;
-    then this process joins it (`pvjax.multihost.join`), before anything touches a JAX device."""
-    d = distributed_section(points[0].cfg)
-    return multihost.join(d) if d and d.get("coordinator") else SINGLE
-
-
-def distributed_section(cfg) -> dict | None:
-    for node in (cfg, cfg.get("extract") or {}):
-        if "distributed" in node and node["distributed"] is not None:
-            d = node["distributed"]
-            return d.to_dict() if hasattr(d, "to_dict") else dict(d)
-    return None
 
 
 def _comparable(snapshot: dict) -> dict:
