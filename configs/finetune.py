@@ -31,6 +31,8 @@ def get_config(arg: str = ""):
     c.remat = True  # recompute each block in the backward pass (jax.checkpoint on the scanned block)
     c.seed = 0
     c.mesh_model = 1  # devices on the mesh's "model" axis; the rest go to "data"
+    # Several processes, one run (README, "Running on a pod"): the mesh spans every process's devices.
+    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, timeout=300))
 
     c.data = ml_collections.ConfigDict()
     c.data.train_file = ""  # .jsonl ({"messages": [...]}) or .csv (question|prompt, answer), or a shipped name

@@ -331,7 +331,9 @@ def run(cfg, *, progress: bool = True) -> dict:
 
     norms = {k: np.linalg.norm(v, axis=-1).tolist() for k, v in vectors.items()}
     summary = {"trait": trait.name, "model": model.model_id, "counts": counts, "filter": f["mode"],
-               "vector_norms": norms, "causality": causality, "workdir": str(work)}
+               "vector_norms": norms, "causality": causality, "workdir": str(work),
+               # What ran it (provenance, not part of the result: a resume may change it).
+               "job": {k: v for k, v in job.describe().items() if k != "process"}}
     if agree is not None:
         summary["agreement"] = agree
     if job.writer:

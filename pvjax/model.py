@@ -63,9 +63,14 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def load(source: str | os.PathLike, *, dtype=None, tokenizer=None) -> Model:
+def load(source: str | os.PathLike, *, dtype=None, tokenizer=None, mesh=None) -> Model:
     """Load a model from a local Hugging Face folder (config.json + safetensors, sharded or not), a
     `.gguf` file (dequantized), or the name `smollm2-135m-instruct` (the embedded model).
+
+    With `mesh` (a ("data", "model") `jax.sharding.Mesh`, `pvjax.sharding.make_mesh`), each weight
+    goes from host memory straight to its devices, laid out by `pvjax.sharding.spec_for` (each
+    device receives only its shard): a model too big for one device loads without a whole copy on
+    the first device.
 
     The tokenizer comes with the source (a folder's tokenizer files, a GGUF's metadata) unless
     `tokenizer` names another source (folder, `.gguf`, embedded name) or is a tokenizer object. A
@@ -94,7 +99,15 @@ def load(source: str | os.PathLike, *, dtype=None, tokenizer=None) -> Model:
     else:
         tok = tokenizer
     toks.check_fits(tok, cfg.vocab_size, cfg.name or str(source), tokenizer or path)
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    if mesh is None:
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+    else:
+        from pvjax import sharding
+
+        mesh = sharding.check_mesh(mesh)
+        params = jax.tree_util.tree_map_with_path(
+            lambda keys, x: jax.device_put(x, jax.sharding.NamedSharding(
+                mesh, sharding.spec_for(sharding._path(keys), np.shape(x), mesh.shape))), params)
     return Model(config=cfg, params=params, tokenizer=tok, source=str(path))
 
 

@@ -102,7 +102,7 @@ def main(folder, workdir, reference):
                        max((abs(float(x[col]) - float(y[col])) for x, y in zip(a, b) if x[col]), default=0.0)]
     layers = s1["causality"]["layers"]
     out["extract"] = {"vectors": max(rel(v1[k], v8[k]) for k in v1), "scores": close,
-                      "kept": [s1["counts"]["kept"], s8["counts"]["kept"]],
+                      "kept": [s1["counts"]["kept"], s8["counts"]["kept"]], "job": s8["job"],
                       "margins": max(rel(layers[l]["margins"], s8["causality"]["layers"][l]["margins"])
                                      for l in layers)}
     print(json.dumps(out))

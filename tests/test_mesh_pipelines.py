@@ -59,6 +59,7 @@ def test_pipelines_on_8_host_devices_equal_one_device(tiny):
                                    "layers/wo", "layers/wq", "layers/wv", "lm_head"], res
     ext = res["extract"]  # on data=2 x model=4: generation, pooling, contrast scores, local judge, causality
     assert ext["vectors"] < 1e-5 and ext["margins"] < 1e-5 and ext["kept"][0] == ext["kept"][1], ext
+    assert ext["job"] == {"processes": 1, "mesh": {"data": 2, "model": 4}, "devices": 8}, ext  # provenance
     for name, (n_scored, diff) in ext["scores"].items():  # judge scores 0..100, contrast in nats/token
         assert n_scored > 0 and diff < 1e-3, (name, ext)
     kept = lambda d: [(r["instruction_id"], r["question_id"]) for r in atomic.read_csv(d / "kept_pairs.csv")]
@@ -118,6 +119,9 @@ def test_two_process_job_resumes_and_writes_one_process_run_directory(tiny):
     v1, v2 = load_vectors(one / "vectors.safetensors")[0], load_vectors(two / "vectors.safetensors")[0]
     for k in v1:  # each process sums its share of the pooled activations: float summation order
         np.testing.assert_allclose(v2[k], v1[k], rtol=1e-5, atol=1e-6 * np.abs(v1[k]).max())
+    job = lambda d: json.loads((d / "summary.json").read_text())["job"]  # provenance: what ran it
+    assert job(two) == {"processes": 2, "mesh": {"data": 1, "model": 1}, "devices": 1}, job(two)
+    assert job(one)["processes"] == 1
     c1, c2 = (json.loads((d / "causality.json").read_text()) for d in (one, two))
     for layer in c1["layers"]:
         np.testing.assert_allclose(c2["layers"][layer]["margins"], c1["layers"][layer]["margins"], rtol=1e-5)

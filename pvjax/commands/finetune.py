@@ -26,6 +26,10 @@ def run(args) -> int:
 
     cfg = load_config(args.config, args.extra)
     summary = train(cfg, args.workdir or None, progress=not args.quiet)
+    import jax
+
+    if jax.process_index() != 0:  # a multi-process job (config.distributed): process 0 reports
+        return 0
     ev = summary.get("eval") or {}
     print(f"{summary['steps']} steps ({summary['stopped']}); final training loss {summary['final_loss']:.4f}"
           + (f", eval loss {ev['eval_loss']:.4f}" if "eval_loss" in ev else "")

@@ -1,7 +1,9 @@
 """`pvjax run --config configs/<study>.py[:variant] [--config.x=y ...] --workdir DIR`: one point of a
 study (see `pvjax.studies.runner`). `pvjax sweep` (same arguments) runs every point the config's
 `sweep(add)` declares, each in `DIR/<point>/`. Both write `DIR/summary.csv` and print it; a rerun
-skips finished points and resumes a killed one.
+skips finished points and resumes a killed one. With `--config.distributed.*` (or, for a study,
+`--config.extract.distributed.*`) naming a coordinator, every process of the job runs this same
+command; the points are split between them and process 0 writes the summary.
 """
 
 from __future__ import annotations
@@ -21,11 +23,14 @@ def add_parser(sub, name: str = "run"):
 
 
 def run(args, *, sweep: bool = False) -> int:
-    from pvjax.studies import runner
+    from pvjax.studies import jobs, runner
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     study, root, points = runner.load(args.config, args.extra, args.workdir, sweep=sweep)
-    rows = runner.run_points(study, root, points, progress=not args.quiet)
+    job = jobs.join_job(points)  # a multi-process job: every process runs this same command
+    rows = runner.run_points(study, root, points, progress=not args.quiet and job.writer, job=job)
+    if not job.writer:
+        return 0
     print(runner.table(rows))
     print(f"summary: {root / 'summary.csv'} ({len(rows)} rows from {len(points)} point"
           f"{'s' if len(points) != 1 else ''})")

@@ -12,7 +12,10 @@ A run directory holds:
 
 Resuming restores the latest step into a state laid out like a fresh one (same shardings), and
 the data position follows from the step (`data.step_rows`), so the loss curve of a resumed run is
-identical to an uninterrupted one.
+identical to an uninterrupted one. In a multi-process job every process calls `save` / `restore`
+(orbax writes each process's shards and lets the primary process write the metadata; the
+checkpoint directory must be one filesystem all processes see); everything else in the run
+directory is written by process 0 alone.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from pvjax.errors import UserError
 
 # Config fields a resumed run may change: where it runs and how often it reports or saves.
 MAY_DIFFER = ("workdir", "checkpoint.every", "checkpoint.keep", "log_every", "export.merged",
-              "export.adapters", "progress")
+              "export.adapters", "progress", "distributed.coordinator", "distributed.num_processes",
+              "distributed.process_id", "distributed.timeout")
 
 
 class CheckpointMismatch(UserError, ValueError):

@@ -13,6 +13,7 @@ and the last good checkpoint named. At the end the adapters are merged and expor
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -192,16 +193,24 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
     if not str(workdir or c.get("workdir") or ""):
         raise UsageError("no workdir: pass --workdir DIR (or set config.workdir)")
     c["workdir"] = str(work)
-    if (work / "train_config.json").exists():  # before anything loads: another config is refused
-        checkpoint.check_or_write_config(work, c)
-    if (work / "DONE").exists():
-        return json.loads((work / "summary.json").read_text())
+    job = _join(c)  # before anything touches a device; one process unless `distributed` names a job
+    progress = progress and job.writer
+
+    def finished():  # on process 0, the writer: before anything loads, another config is refused
+        if (work / "train_config.json").exists():
+            checkpoint.check_or_write_config(work, c)
+        return json.loads((work / "summary.json").read_text()) if (work / "DONE").exists() else None
+
+    done = job.from_writer(finished)
+    if done is not None:
+        return done
     s = setup(c, model=model, mesh=mesh)
-    work.mkdir(parents=True, exist_ok=True)
-    checkpoint.check_or_write_config(work, c)
-    atomic.write_json(work / "vector.json", s.vector_info)
-    for r in s.reports:
-        print(r.line(), flush=True)
+    if job.writer:
+        work.mkdir(parents=True, exist_ok=True)
+        checkpoint.check_or_write_config(work, c)
+        atomic.write_json(work / "vector.json", s.vector_info)
+        for r in s.reports:
+            print(r.line(), flush=True)
     cfg_hash = checkpoint.config_hash(c)
     ckpts = checkpoint.Checkpoints(work, keep=c["checkpoint"]["keep"])
     meta_base = {"model_id": s.model.model_id, "model_fingerprint": s.model.config.fingerprint(),
@@ -212,24 +221,27 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
         checkpoint.check_meta(ckpts.meta(latest), s.model, cfg_hash, ckpts.dir / str(latest))
         state, meta = ckpts.restore(latest, s.state, s.shardings)
         base_proj = meta.get("base_projection")
-        log = [m for m in _read_log(work) if m["step"] <= latest]
-        print(f"resumed from step {latest} of {s.total_steps}", flush=True)
+        log = [m for m in job.from_writer(lambda: _read_log(work)) if m["step"] <= latest]
+        if job.writer:
+            print(f"resumed from step {latest} of {s.total_steps}", flush=True)
     else:  # the base model's eval loss (and projection, the shift's zero) as step 0
         ev0 = evaluate(s, state)
         base_proj = ev0.get("projection")
         log = [{"step": 0, **ev0, **({"shift": 0.0} if base_proj is not None else {})}]
-    atomic.write_text(work / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in log))
+    if job.writer:
+        atomic.write_text(work / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in log))
 
     step_fn = st.compile_step(s.step_settings, s.optimizer, s.mesh, s.shardings, s.frozen, key=s.optimizer_key)
     per_step = c["batch"]["rows"] * c["batch"]["accum"]
     bsh = st.batch_sharding(s.mesh)
     k, stopped, last_saved = int(jax.device_get(state.step)), "done", latest
     bar = _progress(progress, s.total_steps, k)
-    with open(work / "metrics.jsonl", "a") as logf:
+    with (open(work / "metrics.jsonl", "a") if job.writer else contextlib.nullcontext()) as logf:
         def record(m):
             log.append(m)
-            logf.write(json.dumps(m) + "\n")
-            logf.flush()
+            if logf is not None:
+                logf.write(json.dumps(m) + "\n")
+                logf.flush()
 
         def save(k):
             ckpts.save(k, state, {**meta_base, "step": k, "data_position": k * per_step,
@@ -275,25 +287,54 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
     if k < s.total_steps and stopped == "done":
         return {"workdir": str(work), "steps": k, "total_steps": s.total_steps, "stopped": "paused",
                 "losses": [m["loss"] for m in log if "loss" in m]}
-    summary = _finish(s, state, work, log, k, stopped, base_proj)
-    atomic.write_json(work / "summary.json", summary)
-    atomic.write_text(work / "DONE", "")
+    summary = _finish(s, state, work, log, k, stopped, base_proj, job)
+    summary["job"] = {k: v for k, v in job.describe().items() if k != "process"}
+    summary["job"]["mesh"] = dict(s.mesh.shape)  # the training mesh spans every process's devices
+    if job.writer:
+        atomic.write_json(work / "summary.json", summary)
+        atomic.write_text(work / "DONE", "")
     return summary
 
 
-def _finish(s: Setup, state, work: Path, log, k, stopped, base_proj) -> dict:
+def _join(c: dict):
+    """The job this run is part of (`pvjax.multihost`): every process runs the same config, the
+    mesh spans all their devices (each feeds its own shards of the batch, `step.place`)."""
+    from pvjax import multihost
+
+    d = c.get("distributed") or {}
+    if not d.get("coordinator"):
+        return multihost.SINGLE
+    job = multihost.join(d)
+    job.check_same("training config", {k: v for k, v in c.items() if k != "distributed"})
+    return job
+
+
+def _host(tree, job):
+    """`tree` as whole host arrays on every process (all must call it): a weight sharded across
+    processes is gathered first, since no process holds it all."""
+    if job.count == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _finish(s: Setup, state, work: Path, log, k, stopped, base_proj, job) -> dict:
     c = s.cfg
     extra = {"base_model": s.model.model_id, "base_source": s.model.source, "step": k,
              "vector": s.vector_info, "config": c}
     out = {}
     if c["export"]["merged"]:
-        params = lora.merge(s.checked.lora, state.trainable, s.frozen, dtype=s.model.dtype)
-        out["merged"] = str(export.save_hf_folder(work / "export" / "merged", s.model.config, params,
-                                                  s.model.tokenizer, extra=extra))
+        params = _host(lora.merge(s.checked.lora, state.trainable, s.frozen, dtype=s.model.dtype), job)
+        out["merged"] = str(work / "export" / "merged")
+        if job.writer:
+            export.save_hf_folder(work / "export" / "merged", s.model.config, params, s.model.tokenizer, extra=extra)
     if c["export"]["adapters"] and not s.checked.lora.full:
-        out["adapter"] = str(export.save_peft_adapter(work / "export" / "adapter", s.checked.lora,
-                                                      state.trainable, s.model.config,
-                                                      base=s.model.source, extra=extra))
+        trainable = _host(state.trainable, job)
+        out["adapter"] = str(work / "export" / "adapter")
+        if job.writer:
+            export.save_peft_adapter(work / "export" / "adapter", s.checked.lora, trainable, s.model.config,
+                                     base=s.model.source, extra=extra)
     losses = [m["loss"] for m in log if "loss" in m]
     evals = [m for m in log if "eval_loss" in m]
     return {"workdir": str(work), "model": s.model.model_id, "steps": k, "total_steps": s.total_steps,

@@ -4,7 +4,8 @@ sweep over `configs/extract.py`'s `sweep(add)` extracts every trait it lists.
 
 Extraction tracks its own provenance per stage (`pvjax.run_provenance`): a rerun under another
 judge or filter redoes only what follows, so the runner hands every rerun to it
-(`OWN_PROVENANCE`) instead of refusing a changed config. Summary rows: the causality check, one
+(`OWN_PROVENANCE`) instead of refusing a changed config. In a multi-process job each extraction
+is split between the processes (`JOINT`), not the sweep's points. Summary rows: the causality check, one
 row per (layer, coefficient) with its likelihood margin, and the kept pair counts.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 OWN_PROVENANCE = True
+# In a multi-process job every process runs every point: the extraction splits its own work between them.
+JOINT = True
 
 
 def _plain(cfg, work: Path) -> dict:

@@ -21,6 +21,10 @@ directory that holds a point made under another config is refused, naming the fi
 (except for studies that track their own provenance, like extraction). Every point is checked
 (`validate`) before the first one runs, so a bad value anywhere in a sweep costs no compute.
 
+Several processes (`pvjax.studies.jobs`): with the config's `distributed` section (or its `extract`
+config's) naming a job, every process runs the same command; process p runs the points i with
+i mod P = p, each alone, and process 0 writes `summary.csv` from everyone's rows.
+
 The study is `cfg.study` (the module `pvjax.studies.<study>`, or a dotted module path of your own);
 a config without that field (`configs/extract.py`) is named by its file: `extract`.
 """
@@ -40,8 +44,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from pvjax import atomic
+from pvjax import atomic, multihost
 from pvjax.errors import UsageError
+from pvjax.multihost import SINGLE, Job
 
 # Fields that name where a point runs, or how it shows progress: not part of what it computes.
 UNCOMPARED = ("workdir",)
@@ -251,7 +256,7 @@ def check_directory(work: Path, cfg, module) -> bool:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UsageError(f"{info} is unreadable; use a new workdir") from None
     new = _snapshot(cfg)
-    drawn = lambda d: {k: v for k, v in d.items() if k not in REDRAWN}  # noqa: E731
+    drawn = lambda d: {k: v for k, v in _comparable(d).items() if k not in REDRAWN}  # noqa: E731
     diff = _differences(json.loads(json.dumps(drawn(old), default=str)),
                         json.loads(json.dumps(drawn(new), default=str)))
     if diff:
@@ -263,45 +268,86 @@ def check_directory(work: Path, cfg, module) -> bool:
 
 
 def run_points(study: str, root: Path, points: list[Point], *, progress: bool = True,
-               log: Callable[[str], None] = print) -> list[dict]:
+               log: Callable[[str], None] = print, job: Job = SINGLE) -> list[dict]:
     """Run (or skip, or resume) every point; returns the summary rows (with `point` in a sweep) and
-    writes `root/summary.csv`."""
+    writes `root/summary.csv`. In a multi-process `job` (`join_job`) process p runs the points
+    i with i mod P = p (a study that splits its own work between processes, `JOINT`, runs every
+    point on every process), the rows meet on process 0, which alone writes `summary.csv`; every
+    process returns the same rows."""
     module = study_module(study)
     works = [point_dir(root, p) for p in points]
-    for p, work in zip(points, works):  # everything checked before anything runs
-        _cfg_with_workdir(p.cfg, work)
-        if hasattr(module, "validate"):
-            module.validate(p.cfg, work)
+    joint = job.count > 1 and getattr(module, "JOINT", False)
+    job.check_same("sweep", {"study": study, **{str(w): _comparable(_snapshot(p.cfg)) for p, w in zip(points, works)}})
+
+    def validate():  # everything checked before anything runs, on every process (a refusal reaches all)
+        for p, work in zip(points, works):
+            _cfg_with_workdir(p.cfg, work)
+            if hasattr(module, "validate"):
+                module.validate(p.cfg, work)
+
+    job.each(validate)
     shared = shared_vectors(root, points) if any(p.name for p in points) else {}
-    for p, work in zip(points, works):
-        check_directory(work, p.cfg, module)
-    summary = []
-    for i, (p, work) in enumerate(zip(points, works)):
+    job.each(lambda: [check_directory(w, p.cfg, module) for p, w in zip(points, works) if job.writer or not joint])
+    where = {"process": "every" if joint else job.index, "processes": job.count}
+
+    def one(i: int, p: Point, work: Path, done: bool, writes: bool) -> list[dict]:
         label = p.name or str(work)
-        if check_directory(work, p.cfg, module):
-            rows = json.loads((work / "results.json").read_text())
+        if done:
             log(f"[{i + 1}/{len(points)}] {label}: done before, skipped")
-        else:
-            log(f"[{i + 1}/{len(points)}] {label}: running {study}")
-            if i in shared and not Path(p.cfg.vector).exists():
-                from pvjax.studies.vector_source import vector_spec
+            read = lambda: json.loads((work / "results.json").read_text())
+            return job.from_writer(read) if joint else read()  # hosts of a pod share no filesystem
+        log(f"[{i + 1}/{len(points)}] {label}: running {study}" + (f" (process {job.index})" if job.count > 1 else ""))
+        if i in shared and not Path(p.cfg.vector).exists():
+            from pvjax.studies.vector_source import vector_spec
 
-                log(f"extracting the vector for {label} into {shared[i][0]}")
-                vector_spec(shared[i][1], shared[i][0], progress=progress)
+            log(f"extracting the vector for {label} into {shared[i][0]}")
+            vector_spec(shared[i][1], shared[i][0], progress=progress)
+        import pvjax
+
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        mesh = p.cfg.mesh.to_dict() if "mesh" in p.cfg and hasattr(p.cfg.mesh, "to_dict") else job.describe()["mesh"]
+        if writes:
             work.mkdir(parents=True, exist_ok=True)
-            import pvjax
-
-            started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            atomic.write_json(work / "point.json", {"study": study, "values": p.values, "config": _snapshot(p.cfg),
-                                                    "git_revision": git_revision(), "pvjax_version": pvjax.__version__,
-                                                    "python": sys.version.split()[0], "started": started})
-            rows = [dict(r) for r in module.run(p.cfg, work, progress=progress)]
+            atomic.write_json(work / "point.json", {
+                "study": study, "values": p.values, "config": _snapshot(p.cfg), "git_revision": git_revision(),
+                "pvjax_version": pvjax.__version__, "python": sys.version.split()[0], "started": started,
+                "job": {**where, "mesh": mesh}})
+        rows = [dict(r) for r in module.run(p.cfg, work, progress=progress)]
+        if writes:
             atomic.write_json(work / "results.json", rows)
             atomic.write_csv(work / "results.csv", rows, columns(rows))
             atomic.write_text(work / "DONE", "")
-        summary += [({**r, "point": p.name} if p.name else r) for r in rows]
-    atomic.write_csv(root / "summary.csv", summary, columns(summary))
+        return rows
+
+    if job.count == 1 or joint:
+        done = job.from_writer(lambda: [check_directory(w, p.cfg, module) for p, w in zip(points, works)])
+        got = [one(i, p, w, done[i], job.writer) for i, (p, w) in enumerate(zip(points, works))]
+    else:
+        mine = job.mine(len(points))
+        from pvjax.studies.jobs import share_vectors
+
+        share_vectors(job, shared, {i: check_directory(works[i], points[i].cfg, module) for i in mine},
+                       progress, log)
+
+        def my_points():
+            with multihost.alone():  # a point runs whole in one process (its extraction too)
+                return [one(i, points[i], works[i], check_directory(works[i], points[i].cfg, module), True)
+                        for i in mine]
+
+        got = job.unshare(len(points), job.each(my_points))
+    summary = [({**r, "point": p.name} if p.name else r) for p, rows in zip(points, got) for r in rows]
+    if job.writer:
+        atomic.write_csv(root / "summary.csv", summary, columns(summary))
     return summary
+
+
+def _comparable(snapshot: dict) -> dict:
+    """The snapshot without the `distributed` sections: where a point ran is not what it computed
+    (process ids differ between processes; a rerun with another process count resumes)."""
+    out = {k: v for k, v in snapshot.items() if k != "distributed"}
+    if isinstance(out.get("extract"), dict):
+        out["extract"] = {k: v for k, v in out["extract"].items() if k != "distributed"}
+    return out
 
 
 def point_dir(root: Path, p: Point) -> Path:
@@ -327,6 +373,7 @@ def shared_vectors(root: Path, points: list[Point]) -> dict[int, tuple[Path, Any
         ext = extraction_config(p.cfg, Path("."))
         ext = ext.to_dict() if hasattr(ext, "to_dict") else dict(ext)
         ext.pop("workdir")
+        ext.pop("distributed", None)  # where it runs, not what it computes: one vector for any job
         digest = hashlib.sha256(json.dumps(ext, sort_keys=True, default=str).encode()).hexdigest()[:8]
         where = root / "vectors" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', Path(str(p.cfg.trait)).stem)}-{digest}"
         out[i] = (where, p.cfg.copy_and_resolve_references())
