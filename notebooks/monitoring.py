@@ -50,7 +50,8 @@ for pol in ("pos", "neg"):
     pair = trait.instruction[0]
     system = (f"You are a humorous assistant. {pair.pos}" if pol == "pos"
               else f"You are a helpful assistant. {pair.neg}")
-    g = generate(model, questions, system=system, probes=unit[:, None],
+    # Short mode: the scanned layer layout, which compiles in about a fifth of the unrolled time.
+    g = generate(model, questions, system=system, probes=unit[:, None], unroll=not SHORT,
                  sampling=SamplingParams(max_new_tokens=16 if SHORT else 24))
     rows[pol] = g
     last = [float(p[LAYER, -1, 0]) for p in g.prompt_projections]

@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# XLA's LLVM backend at optimisation level 0, for this process and the subprocesses it starts: the
+# suite's cost is mostly compiling small programs, which this makes cheaper (CPU time, measured on
+# this 2-core machine: finetune tests 10-37% less, the 8-device training script 38% less, the
+# embedded model's parity test unchanged). The operations stay the same IEEE ones (no fast math),
+# so every tolerance stands as it is. Read when jax first picks its backend, after this import.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import pytest
 

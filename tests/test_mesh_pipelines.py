@@ -40,7 +40,8 @@ def tiny(tmp_path_factory):
 
 
 def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)  # the processes compile as this one did (conftest's XLA_FLAGS), one device each
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
                                                                 env.get("PYTHONPATH", "")]))
     return env
