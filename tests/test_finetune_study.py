@@ -24,7 +24,8 @@ LAYER = 2
 def overrides(folder, vector):
     return [f"--config.model={folder}", f"--config.vector={vector}", f"--config.layer={LAYER}",
             "--config.data.n_questions=3", "--config.data.n_pairs=2", "--config.data.max_new_tokens=6",
-            "--config.data.batch_size=12", "--config.mixes=(0.5,)", "--config.preventative.coef=2.0",
+            "--config.data.batch_size=12", "--config.data.temperature=0.0", "--config.mixes=(0.5,)",
+            "--config.preventative.coef=2.0", "--config.caft.layers=(1,2)",
             "--config.finetune.data.max_length=64", "--config.finetune.data.eval_fraction=0.2",
             "--config.finetune.lora.rank=4", "--config.finetune.lora.alpha=8.0", "--config.finetune.lora.layers=(0,1)",
             "--config.finetune.optim.lr=0.01", "--config.finetune.optim.warmup_steps=1",
@@ -119,8 +120,9 @@ def test_a_rerun_trains_nothing_and_rebuilds_the_report(study):
     from pvjax.studies import finetune_study
 
     work = study["work"]
+    # (the trainer re-checks, and rewrites, train_config.json before it finds DONE: not a training)
     stamp = {p: p.stat().st_mtime_ns for d in ("data", "screen", "train", "shift")
-             for p in (work / d).rglob("*") if p.is_file()}
+             for p in (work / d).rglob("*") if p.is_file() and p.name != "train_config.json"}
     before = study["summary"]
     (work / "summary.json").unlink()
     cfg = load_config("configs/finetune_study.py:runlocal", study["args"][3:-3])
