@@ -143,9 +143,12 @@ def test_a_rerun_trains_nothing_and_rebuilds_the_report(study):
     (["--config.finetune.lora.rank=0"], "lora.rank"),
 ])
 def test_bad_configs_are_refused_before_anything_runs(study, tmp_path, extra, message, capsys):
-    args = ["run", "--config", "configs/finetune_study.py:runlocal",
-            *overrides(study["dir"] / "model", study["dir"] / "v.safetensors"), *extra,
-            "--workdir", str(tmp_path / "w"), "--quiet"]
-    assert cli.main(args) == 2
+    keys = {e.split("=")[0] for e in extra}
+    base = [o for o in overrides(study["dir"] / "model", study["dir"] / "v.safetensors") if o.split("=")[0] not in keys]
+    args = ["run", "--config", "configs/finetune_study.py:runlocal", *base, *extra, "--workdir", str(tmp_path / "w"),
+            "--quiet"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "w" / "data").exists()
