@@ -1,5 +1,5 @@
 """The finetuning study end to end on a tiny random model (`pvjax run` on the shipped config with
-tiny overrides): datasets built from sampled answers without the system prompt, the mixtures made of
+tiny overrides): datasets built from the model's answers without the system prompt, the mixtures made of
 trait and control samples, the AUROC and the dataset-level r recomputed from the files, steering in
 the preventative and CAFT runs, the exported models loading, a rerun training nothing, and bad
 configs refused before any model loads."""
@@ -13,7 +13,6 @@ import pytest
 
 import pvjax
 from pvjax import cli
-from pvjax.errors import UserError
 from pvjax.screen import auroc, sample_diffs
 from pvjax.vectors import save_vectors
 from tiny_models import save_tiny

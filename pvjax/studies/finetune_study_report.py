@@ -61,7 +61,8 @@ def summarize(cfg, work: Path, spec: str, datasets: dict, screened: dict, runs: 
             "shift": shift, "shift_response_avg": shift_resp, "margin": margin, "loss": loss,
             "eval_loss_cost_vs_trait": cost,
             "exports": {n: t["export"] for n, t in trained.items()},
-            "runs": {n: {"dataset": r["dataset"], "share": r["share"], "steering": r["steering"]} for n, r in runs.items()},
+            "runs": {n: {"dataset": r["dataset"], "share": r["share"], "steering": r["steering"]}
+                     for n, r in runs.items()},
             "workdir": str(work)}
 
 
