@@ -196,3 +196,14 @@ def test_a_point_that_names_its_workdir_runs_there(study, tmp_path):
     assert cli.main(["sweep", "--config", config, "--workdir", str(tmp_path / "w"), "--quiet"]) == 0
     assert (where / "one" / "DONE").exists() and (where / "two" / "results.csv").exists()
     assert [r.split(",")[-1] for r in (tmp_path / "w" / "summary.csv").read_text().splitlines()] == ["point", "x=1", "x=2"]
+
+
+def test_where_a_point_ran_is_not_part_of_its_config_at_any_depth():
+    """A study nests extraction and finetuning configs, each with a `distributed` section: a point
+    resumed under another process count (or by an older pvjax without the section) is the same point."""
+    snap = {"layer": 20, "distributed": {"num_processes": 2},
+            "finetune": {"lr": 1e-3, "distributed": {"process_id": 1}, "lora": {"rank": 8}},
+            "extract": {"distributed": {"coordinator": "h:1"}, "n": 3}}
+    assert runner._comparable(snap) == {"layer": 20, "finetune": {"lr": 1e-3, "lora": {"rank": 8}},
+                                        "extract": {"n": 3}}
+    assert runner._differences(runner._comparable(snap), runner._comparable({**snap, "layer": 10})) != []

@@ -28,10 +28,17 @@ def add_config_command(sub, name: str, help: str, doc: str, func, *, example: st
     return p
 
 
+def log_setup() -> None:
+    """pvjax's own INFO messages on the console; other libraries only at WARNING (orbax and jax log
+    every checkpoint transfer and backend probe at INFO, which buries the run's progress)."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    logging.getLogger("pvjax").setLevel(logging.INFO)
+
+
 def study_config(args):
     """(config, workdir) of a config-driven study command: logging on, `--config.x=y` overrides
     applied (`load_config`), and `--config.workdir` required (a `UsageError` without it)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log_setup()
     cfg = load_config(args.config, args.extra)
     if not cfg.workdir:
         raise UsageError("set --config.workdir=DIR (where the results go)")
@@ -86,7 +93,7 @@ def _parse(path: str, overrides: list[str]):
 def run(args) -> int:
     from pvjax.extract import run as extract
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log_setup()
     cfg = load_config(args.config, args.extra)
     summary = extract(cfg, progress=not args.quiet)  # its UserErrors reach the CLI's one-line report
     c = summary["counts"]

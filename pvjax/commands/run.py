@@ -8,8 +8,6 @@ command; the points are split between them and process 0 writes the summary.
 
 from __future__ import annotations
 
-import logging
-
 
 def add_parser(sub, name: str = "run"):
     sweep = name == "sweep"
@@ -23,9 +21,10 @@ def add_parser(sub, name: str = "run"):
 
 
 def run(args, *, sweep: bool = False) -> int:
+    from pvjax.commands.extract import log_setup
     from pvjax.studies import jobs, runner
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log_setup()
     study, root, points = runner.load(args.config, args.extra, args.workdir, sweep=sweep)
     job = jobs.join_job(points)  # a multi-process job: every process runs this same command
     rows = runner.run_points(study, root, points, progress=not args.quiet and job.writer, job=job)

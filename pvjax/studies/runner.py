@@ -342,12 +342,10 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
 
 
 def _comparable(snapshot: dict) -> dict:
-    """The snapshot without the `distributed` sections: where a point ran is not what it computed
-    (process ids differ between processes; a rerun with another process count resumes)."""
-    out = {k: v for k, v in snapshot.items() if k != "distributed"}
-    if isinstance(out.get("extract"), dict):
-        out["extract"] = {k: v for k, v in out["extract"].items() if k != "distributed"}
-    return out
+    """The snapshot without its `distributed` sections, at any depth (a study nests extraction and
+    finetuning configs): where a point ran is not what it computed (process ids differ between
+    processes; a rerun with another process count resumes)."""
+    return {k: _comparable(v) if isinstance(v, dict) else v for k, v in snapshot.items() if k != "distributed"}
 
 
 def point_dir(root: Path, p: Point) -> Path:
