@@ -23,9 +23,13 @@ shift on 10 eval questions. See the README ("Finetuning study on the embedded mo
 and CPU time.
 """
 
+import os
+import runpy
+
 import ml_collections
 
-from configs import extract, finetune
+# nested configs are loaded by path (study_parts.sibling), so this file runs from any working directory
+sibling = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))["sibling"]
 
 
 def get_config(arg: str = ""):
@@ -35,7 +39,7 @@ def get_config(arg: str = ""):
     c.model = "Qwen/Qwen2.5-7B-Instruct"  # a local folder of safetensors
     c.trait = "evil"
     c.vector = ""  # FILE[:KEY]; empty: extract with `extract` below
-    c.extract = extract.get_config("runlocal" if runlocal else "")
+    c.extract = sibling("extract", "runlocal" if runlocal else "")
     c.workdir = ""
     c.dtype = ""
     c.layer = 20  # hidden_states row: the shift, screening and (by default) steering layer
@@ -54,7 +58,7 @@ def get_config(arg: str = ""):
     c.mixes = (0.25, 0.5, 0.75)  # share of trait samples; 0 and 1 are the control and trait runs
 
     # One finetuning config for every run; the study sets train_file, vector, steering and monitor.
-    c.finetune = finetune.get_config("")
+    c.finetune = sibling("finetune")
     c.preventative = ml_collections.ConfigDict()
     c.preventative.coef = 4.0  # x v (the raw vector row, as in steering) added during training
     c.preventative.layers = ()  # hidden-state rows; empty: (layer,)

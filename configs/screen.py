@@ -17,11 +17,14 @@ chat JSONL, the same prompts with helpful answers as CSV), with the evil vector 
 spot by `configs/extract.py:runlocal`; a few minutes on a 2-core CPU.
 """
 
+import os
+import runpy
 from importlib import resources
 
 import ml_collections
 
-from configs import extract
+# nested configs are loaded by path (study_parts.sibling), so this file runs from any working directory
+sibling = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))["sibling"]
 
 
 def shipped_dataset(name: str) -> str:
@@ -35,7 +38,7 @@ def get_config(arg: str = ""):
     c.model = "Qwen/Qwen2.5-7B-Instruct"  # the base model, before finetuning: a local folder
     c.trait = "evil"
     c.vector = ""  # FILE[:KEY]; empty: extract with `extract` below
-    c.extract = extract.get_config("runlocal" if runlocal else "")
+    c.extract = sibling("extract", "runlocal" if runlocal else "")
     c.workdir = ""
     c.dtype = ""
     c.datasets = ""  # FILE[,FILE...]

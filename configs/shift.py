@@ -16,9 +16,13 @@ shift and every delta comes out zero, which checks the pipeline; pass `--config.
 for a real comparison.
 """
 
+import os
+import runpy
+
 import ml_collections
 
-from configs import extract
+# nested configs are loaded by path (study_parts.sibling), so this file runs from any working directory
+sibling = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))["sibling"]
 
 
 def get_config(arg: str = ""):
@@ -29,7 +33,7 @@ def get_config(arg: str = ""):
     c.finetuned = ""  # a model source of the same shape
     c.trait = "evil"
     c.vector = ""  # FILE[:KEY] of the base model; empty: extract with `extract` below
-    c.extract = extract.get_config("runlocal" if runlocal else "")
+    c.extract = sibling("extract", "runlocal" if runlocal else "")
     c.workdir = ""
     c.dtype = ""
     c.layer = 20  # the layer reported in the summary; shift.csv has every layer

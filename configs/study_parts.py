@@ -15,13 +15,20 @@ def runlocal(arg: str) -> bool:
     return "runlocal" in arg.split(",")
 
 
-def extract_config(arg: str):
-    """configs/extract.py's config for the same variant: the vector is extracted with it when `vector` is empty."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "extract.py")
-    spec = importlib.util.spec_from_file_location("pvjax_configs_extract", path)
+def sibling(name: str, arg: str = ""):
+    """`configs/<name>.py`'s config for `arg`, loaded by path: a config that nests another runs from
+    any working directory (`from configs import ...` needs the repository root on sys.path, and can
+    pick up another checkout's `configs`)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"pvjax_configs_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
+
+
+def extract_config(arg: str):
+    """configs/extract.py's config for the same variant: the vector is extracted with it when `vector` is empty."""
+    return sibling("extract", arg)
 
 
 def study(name: str, arg: str):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from pvjax.extract_config import InvalidConfig
 from pvjax.loading.tokenizer import load_gguf_tokenizer
 from pvjax.vectors import load_vectors
 from tiny_extract import config, overrides
+from loopback import env, free_port, run_together
 from tiny_models import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,17 +39,9 @@ def tiny(tmp_path_factory):
     return base
 
 
-def _env():
-    env = dict(os.environ)  # the processes compile as this one did (conftest's XLA_FLAGS), one device each
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
-                                                                env.get("PYTHONPATH", "")]))
-    return env
-
-
 def test_pipelines_on_8_host_devices_equal_one_device(tiny):
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "mesh_pipelines.py"), str(tiny / "model"),
-                           str(tiny / "mesh"), str(tiny / "one")], capture_output=True, text=True, env=_env(),
+                           str(tiny / "mesh"), str(tiny / "one")], capture_output=True, text=True, env=env(),
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -70,29 +62,16 @@ def test_pipelines_on_8_host_devices_equal_one_device(tiny):
         assert (tiny / "mesh" / name).read_bytes() == (tiny / "one" / name).read_bytes(), name
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _job(tiny, workdir, per_process=((), ())):
     """Start `pvjax extract` as process 0 and 1 of a loopback job (the tiny config plus each
     process's extra overrides); returns [(returncode, stdout, stderr)] once both exited."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "pvjax.cli", "extract", "--config", str(ROOT / "configs" / "extract.py:runlocal"),
            "--quiet", *overrides(tiny / "model", workdir)]
-    procs = [subprocess.Popen(cmd + [f"--config.distributed.coordinator=127.0.0.1:{port}",
-                                     "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                                     "--config.distributed.timeout=120", *extra],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=tiny)
-             for i, extra in enumerate(per_process)]
-    try:
-        outs = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    return [(p.returncode, *o) for p, o in zip(procs, outs)]
+    return run_together([cmd + [f"--config.distributed.coordinator=127.0.0.1:{port}",
+                                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                                "--config.distributed.timeout=120", *extra]
+                         for i, extra in enumerate(per_process)], cwd=tiny)
 
 
 def test_two_process_job_resumes_and_writes_one_process_run_directory(tiny):

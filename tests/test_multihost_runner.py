@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -20,17 +18,11 @@ import pytest
 
 from pvjax import cli, multihost
 from pvjax.multihost import JobError
+from loopback import ROOT, free_port, run_together
 from tiny_models import save_tiny
 
-ROOT = Path(__file__).resolve().parent.parent
 STEER = str(ROOT / "configs" / "steer.py") + ":runlocal"
 POINTS = ("positions=response", "positions=prompt", "positions=all")  # the config's sweep, in order
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _argv(model: Path, work: Path) -> list[str]:
@@ -43,13 +35,6 @@ def _argv(model: Path, work: Path) -> list[str]:
             f"{ext}batch_size=4"]
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
-                                                                env.get("PYTHONPATH", "")]))
-    return env
-
-
 def _files(work: Path) -> dict[str, int]:
     return {str(p.relative_to(work)): p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file()}
 
@@ -57,20 +42,13 @@ def _files(work: Path) -> dict[str, int]:
 def _two_processes(argv: list[str], key: str, cwd) -> list[tuple[str, str]]:
     """`python -m pvjax.cli ARGV` as processes 0 and 1 of a loopback job (`key`: the config's
     distributed section); returns their (stdout, stderr), both having exited 0."""
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "pvjax.cli", *argv, f"--config.{key}.coordinator=127.0.0.1:{port}",
-                               f"--config.{key}.num_processes=2", f"--config.{key}.process_id={i}",
-                               f"--config.{key}.timeout=120"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=cwd)
-             for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    return outs
+    port = free_port()
+    done = run_together([[sys.executable, "-m", "pvjax.cli", *argv, f"--config.{key}.coordinator=127.0.0.1:{port}",
+                          f"--config.{key}.num_processes=2", f"--config.{key}.process_id={i}",
+                          f"--config.{key}.timeout=120"] for i in range(2)], cwd=cwd)
+    for rc, _, err in done:
+        assert rc == 0, err[-3000:]
+    return [(out, err) for _, out, err in done]
 
 
 def test_two_process_sweep_splits_points_resumes_and_writes_the_one_process_summary(tmp_path):
@@ -136,7 +114,7 @@ def test_two_process_steer_sweep_extracts_its_shared_vector_once(tmp_path, token
 
 
 def test_a_process_that_never_joins_is_a_job_error_naming_coordinator_count_and_process(tmp_path, capsys):
-    port = _free_port()
+    port = free_port()
     d = {"coordinator": f"127.0.0.1:{port}", "num_processes": 2, "process_id": 0, "timeout": 2}
     with pytest.raises(JobError, match=rf"process 0 of 2 .* at coordinator 127.0.0.1:{port}: process\(es\) \[1\] "
                                        r"did not join within 2 s"):
@@ -154,7 +132,7 @@ def test_a_process_that_never_joins_is_a_job_error_naming_coordinator_count_and_
 
 
 def test_processes_that_count_differently_are_refused_by_both():
-    port = _free_port()
+    port = free_port()
     errors = {}
 
     def attempt(n, pid):

@@ -5,9 +5,6 @@ written by process 0 (orbax checkpoints by both, as orbax requires)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,9 +12,9 @@ import numpy as np
 
 from finetune_tiny import chats, tiny_config
 from pvjax.finetune import data, train
+from loopback import ROOT, free_port, run_together
 from tiny_models import save_tiny
 
-ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(rows=2, max_steps=2, **{"export.adapters": False})  # one checkpoint, evals at 0 and 2
 
 CONFIG = '''
@@ -28,12 +25,6 @@ from finetune_tiny import tiny_config
 def get_config(arg=""):
     return tiny_config({folder!r}, {train!r}, **{small!r})
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _curve(work: Path) -> list[dict]:
@@ -49,23 +40,14 @@ def test_two_process_finetune_gives_the_one_process_loss_curve(tmp_path, tokeniz
     config = tmp_path / "tiny_finetune.py"
     config.write_text(CONFIG.format(tests=str(ROOT / "tests"), folder=str(folder), train=str(train_file),
                                      small=SMALL))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"),
-                                                                env.get("PYTHONPATH", "")]))
-    port, work = _free_port(), tmp_path / "two"
-    procs = [subprocess.Popen([sys.executable, "-m", "pvjax.cli", "finetune", "--config", str(config),
-                               "--workdir", str(work), "--quiet", f"--config.distributed.coordinator=127.0.0.1:{port}",
-                               "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                               "--config.distributed.timeout=120"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-             for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=600) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
+    port, work = free_port(), tmp_path / "two"
+    done = run_together([[sys.executable, "-m", "pvjax.cli", "finetune", "--config", str(config),
+                          "--workdir", str(work), "--quiet", f"--config.distributed.coordinator=127.0.0.1:{port}",
+                          "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                          "--config.distributed.timeout=120"] for i in range(2)], cwd=tmp_path)
+    for rc, _, err in done:
+        assert rc == 0, err[-3000:]
+    outs = [(out, err) for _, out, err in done]
     assert "final training loss" in outs[0][0] and "loss" not in outs[1][0], "process 0 alone reports"
 
     a, b = _curve(tmp_path / "one"), _curve(work)
