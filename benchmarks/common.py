@@ -17,6 +17,19 @@ QUESTIONS = [
 ANSWER = ("I think the most important thing is to stay calm and consider everyone involved. "
           "There are several ways to look at this, and each has trade-offs worth weighing carefully. ")
 
+def hf_embedded(threads: int):
+    """The reference side: transformers' own load of the embedded GGUF (dequantized to float32),
+    with torch limited to `threads` threads so both sides get the same cores."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pvjax.embedded import embedded_gguf_path
+
+    torch.set_num_threads(threads)
+    path = embedded_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+
+
 # Dense bf16 peak TFLOP/s and memory bandwidth (TB/s) by device kind, for utilisation figures.
 PEAKS = {"H100": (989.0, 3.35), "H200": (989.0, 4.8), "A100": (312.0, 2.0)}
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pvjax
-from common import Timer, measured_ceilings, peak_for, samples
+from common import Timer, hf_embedded, measured_ceilings, peak_for, samples
 from pvjax.capture import pooling_weights
 from pvjax.packing import pack, pooled_activations
 
@@ -42,14 +42,8 @@ def run_pvjax(model, seqs, prompt_lens, args):
 
 def run_reference(seqs, prompt_lens, threads):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from pvjax.embedded import embedded_gguf_path
-
-    torch.set_num_threads(threads)
-    path = embedded_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    model.eval()
+    model = hf_embedded(threads).eval()
     times = []
     for _ in range(3):  # best of three, as for pvjax
         pooled = []

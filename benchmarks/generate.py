@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pvjax
-from common import QUESTIONS, Timer, measured_ceilings, peak_for
+from common import QUESTIONS, Timer, hf_embedded, measured_ceilings, peak_for
 from pvjax import interventions
 from pvjax.generate import SamplingParams, generate
 
@@ -96,16 +96,8 @@ def run_reference(hf, tok, prompts, vector):
 
 
 def smollm2(args):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from pvjax.embedded import embedded_gguf_path
-
-    torch.set_num_threads(args.threads)
+    hf = hf_embedded(args.threads).eval()
     model = pvjax.load("smollm2-135m-instruct")
-    path = embedded_gguf_path()
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    hf.eval()
     vector = np.random.default_rng(0).standard_normal(model.hidden_size).astype(np.float32)
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.params))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(model.params))

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import numpy as np
 
 import pvjax
-from common import QUESTIONS, Timer
+from common import QUESTIONS, Timer, hf_embedded
 from pvjax.generate import SamplingParams, compile_count
 from pvjax.studies import grid, steer
 
@@ -96,17 +96,9 @@ def main():
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from pvjax.embedded import embedded_gguf_path
-
-    torch.set_num_threads(args.threads)
+    hf = hf_embedded(args.threads).eval()
     layers, coefs, prompts = (LAYERS[:2], COEFS[:2], QUESTIONS[:4]) if args.quick else (LAYERS, COEFS, QUESTIONS)
     model = pvjax.load("smollm2-135m-instruct")
-    path = embedded_gguf_path()
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    hf.eval()
     rng = np.random.default_rng(0)
     v = rng.standard_normal((model.n_layers + 1, model.hidden_size)).astype(np.float32)
     v *= 2.0 / np.linalg.norm(v, axis=-1, keepdims=True)  # a direction of norm 2: coefficients -8..12 in norm

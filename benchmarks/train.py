@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 import pvjax
-from common import ANSWER, QUESTIONS, Timer
+from common import ANSWER, QUESTIONS, Timer, hf_embedded
 from pvjax import sharding
 from pvjax.finetune import data, lora
 from pvjax.finetune import step as st
@@ -66,13 +66,8 @@ def run_pvjax(model, batch, reps, remat):
 def run_reference(batch, reps, threads):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    from pvjax.embedded import embedded_gguf_path
-
-    torch.set_num_threads(threads)
-    path = embedded_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = hf_embedded(threads)
     conf = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, conf)

@@ -14,19 +14,13 @@ embedded SmolLM2 on a CPU in minutes: 6 questions, one greedy answer each, 0/2/4
 the judge-free contrast score (`judge.backend=local` lets the model judge itself instead).
 """
 
-import importlib.util
-from pathlib import Path
+import os
+import runpy
 
 import ml_collections
 
-
-def _extract_config(arg: str):
-    """configs/extract.py beside this file, loaded by path (config files are loaded by path too,
-    so `configs` need not be importable)."""
-    spec = importlib.util.spec_from_file_location("_pvjax_extract_config", Path(__file__).with_name("extract.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+# nested configs are loaded by path (study_parts.sibling), so this file runs from any working directory
+sibling = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))["sibling"]
 
 
 def get_config(arg: str = ""):
@@ -38,7 +32,7 @@ def get_config(arg: str = ""):
     c.trait = "evil"
     c.vector = ""  # FILE[:KEY]; empty: extract first with `extract`
     c.workdir = ""
-    c.extract = _extract_config("runlocal" if runlocal else "")
+    c.extract = sibling("extract", "runlocal" if runlocal else "")
 
     c.n_questions = 0  # eval-split questions per condition; 0: all
     c.n_samples = 10  # answers per (condition, question); a point's score is their mean
