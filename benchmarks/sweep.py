@@ -15,6 +15,12 @@ of tokens. SmolLM2-135M-Instruct (the embedded GGUF) on the CPU.
   adds coef * v to the output of block `layer - 1`, run transformers' `generate` on the 8 prompts
   (left-padded, one batch), remove the hook; 25 calls.
 
+`--positions` is where the steering acts, on both sides: `response` (default: the steering
+study's default and the paper's; the reference's steerer then adds to the last position of every
+forward call, which is the last prompt token in the prompt pass and the new token after it) or
+`all` (every position). With `response` the prompts are untouched but for their last token, so
+pvjax runs each of the 8 questions' prompts once for the whole grid (`pvjax.prompt_split`).
+
 `ratio` = reference seconds / pvjax steady-state seconds; `ratio_with_compile` counts pvjax's first
 run instead.
 """
@@ -39,14 +45,14 @@ COEFS = (-4.0, -2.0, 2.0, 4.0, 6.0)
 NEW = 48
 
 
-def run_pvjax(model, prompts, vector, layers, coefs, batch_size):
+def run_pvjax(model, prompts, vector, layers, coefs, batch_size, positions):
     ids = [model.tokenizer(model.chat_text([{"role": "user", "content": q}]), add_special_tokens=False)["input_ids"]
            for q in prompts]
     sp = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)
 
     def once():
         iv, index = steer.settings(vector, layers, coefs, model.n_layers + 1, model.hidden_size)
-        rows = grid.generate_grid(model, iv, ids, sp, positions="all", batch_size=batch_size)
+        rows = grid.generate_grid(model, iv, ids, sp, positions=positions, batch_size=batch_size)
         return rows, index
 
     c0 = compile_count()
@@ -59,7 +65,7 @@ def run_pvjax(model, prompts, vector, layers, coefs, batch_size):
     return rows, index, first.seconds, steady.seconds, compiles
 
 
-def run_reference(hf, tok, prompts, vector, layers, coefs):
+def run_reference(hf, tok, prompts, vector, layers, coefs, positions):
     import torch
 
     texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
@@ -75,9 +81,12 @@ def run_reference(hf, tok, prompts, vector, layers, coefs):
                     v = torch.tensor(coef * vector[layer])
 
                     def hook(module, inputs, output, v=v):
-                        if isinstance(output, tuple):
-                            return (output[0] + v,) + tuple(output[1:])
-                        return output + v
+                        h = output[0] if isinstance(output, tuple) else output
+                        if positions == "response":
+                            h = torch.cat([h[:, :-1], h[:, -1:] + v], dim=1)
+                        else:
+                            h = h + v
+                        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
 
                     handle = hf.model.layers[layer - 1].register_forward_hook(hook)
                     try:
@@ -93,6 +102,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--batch", type=int, default=50, help="pvjax rows per generation batch (200 rows: 4 x 50)")
+    p.add_argument("--positions", choices=("response", "all"), default="response")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
 
@@ -104,12 +114,12 @@ def main():
     v *= 2.0 / np.linalg.norm(v, axis=-1, keepdims=True)  # a direction of norm 2: coefficients -8..12 in norm
     n_tokens = len(layers) * len(coefs) * len(prompts) * NEW
     print(f"grid: {len(layers)} layers x {len(coefs)} coefficients x {len(prompts)} prompts, {NEW} new tokens "
-          f"({n_tokens} tokens), threads={args.threads}")
+          f"({n_tokens} tokens), steering on {args.positions} positions, threads={args.threads}")
 
-    rows, index, first, steady, compiles = run_pvjax(model, prompts, v, layers, coefs, args.batch)
+    rows, index, first, steady, compiles = run_pvjax(model, prompts, v, layers, coefs, args.batch, args.positions)
     print(f"pvjax: {steady:.1f} s steady ({n_tokens / steady:.0f} new tokens/s); first run {first:.1f} s, of which "
           f"compiles about {first - steady:.1f} s for {compiles} programs")
-    ref, ref_s = run_reference(hf, model.tokenizer, prompts, v, layers, coefs)
+    ref, ref_s = run_reference(hf, model.tokenizer, prompts, v, layers, coefs, args.positions)
     print(f"reference (transformers generate + hook per grid point, {len(layers) * len(coefs)} calls): {ref_s:.1f} s "
           f"({n_tokens / ref_s:.0f} new tokens/s)")
     same = sum(r["n_tokens"] == NEW for r in rows)

@@ -18,11 +18,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pvjax.capture import Capture
 from pvjax.interventions import Intervention
+from pvjax.model import default_positions
 from pvjax.models.decoder import KVCache, decode, init_cache
 
 _NEG = -1e30
@@ -31,10 +31,16 @@ _NEG = -1e30
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PromptBatch:
-    """Left-padded prompts. `prefix_1C` is shared by every row and comes before `tokens_BP`, whose
-    positions already count it."""
+    """Left-padded prompts, each split into a prefix, run once per distinct prefix, and a tail,
+    run per row. Row b continues prefix `prefix_of_B[b]`; prefix u runs with the intervention and
+    prompt masks of row `prefix_first_U[u]`, which is exact because rows share a prefix only when
+    their interventions cannot tell it apart (one intervention for all, or none acting before the
+    last prompt token). `tokens_BP` positions already count the prefix. No sharing: C = 0."""
 
-    prefix_1C: jax.Array  # [1, C] int32
+    prefix_UC: jax.Array  # [U, C] int32, left-padded
+    prefix_mask_UC: jax.Array  # [U, C] 1 for real tokens
+    prefix_of_B: jax.Array  # [B] int32
+    prefix_first_U: jax.Array  # [U] int32
     tokens_BP: jax.Array  # [B, P] int32
     mask_BP: jax.Array  # [B, P] 1 for real tokens
     positions_BP: jax.Array  # [B, P] int32
@@ -92,11 +98,6 @@ def _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode: str):
     return jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
 
 
-def prefix_rows(iv: Intervention) -> Intervention:
-    """The intervention of row 0 alone (the shared prefix runs as one row)."""
-    return iv.take_rows(np.zeros(1, int), iv.steer_vectors.shape[1], 1)
-
-
 def run(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler, steering: Steering, probes,
         mesh: Mesh | None = None):
     """Generate `sampler.n_new` tokens for every row: `(tokens [B, N], prompt projections
@@ -122,7 +123,7 @@ def _cache_on_mesh(cache: KVCache, cfg, mesh: Mesh | None) -> KVCache:
 def _generate(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler, steering: Steering,
               probes, mesh=None):
     B, P = batch.tokens_BP.shape
-    C = batch.prefix_1C.shape[1]
+    C = batch.prefix_UC.shape[1]
     n_new = sampler.n_new
     iv, prefill_masks, decode_masks = steering.iv, steering.prefill_masks, steering.decode_masks
     stop_ids = sampler.stop_ids
@@ -141,13 +142,22 @@ def _generate(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler,
 
     S = C + P + n_new
     if C:
-        pre = decode(prefill_params, cfg, batch.prefix_1C, jnp.arange(C)[None], jnp.ones((1, C), jnp.int32),
-                     intervention=prefix_rows(iv).with_masks(*(m[:1, :C] for m in prefill_masks)),
+        rows_U = batch.prefix_first_U
+        cols = lambda m: m[rows_U, :C]
+        pre_iv = jax.tree_util.tree_map(lambda x: x[:, rows_U] if x.shape[1] == B else x,
+                                        dataclasses.replace(iv, steer_mask=None, ablate_mask=None))
+        U = batch.prefix_UC.shape[0]
+        pre = decode(prefill_params, cfg, batch.prefix_UC, default_positions(batch.prefix_mask_UC),
+                     batch.prefix_mask_UC, intervention=pre_iv.with_masks(*map(cols, prefill_masks)),
                      capture=dataclasses.replace(capture, logits="none"),
-                     cache=init_cache(cfg, 1, S, dtype, stacked=stacked, split=split), prefill=True)
-        tile = lambda x: jnp.tile(x, tuple(B if a == int(stacked) else 1 for a in range(x.ndim)))
-        k, v = jax.tree_util.tree_map(tile, (pre.cache.k, pre.cache.v))
-        cache = pre.cache._replace(k=k, v=v, valid=jnp.broadcast_to(pre.cache.valid, (B, S)))
+                     cache=init_cache(cfg, U, S, dtype, stacked=stacked, split=split), prefill=True)
+        # Each row's copy of its prefix's keys and values; in the merged layout a row is K
+        # consecutive entries (one per kv head) of the batch axis.
+        K = cfg.num_kv_heads
+        entries = batch.prefix_of_B if split else (batch.prefix_of_B[:, None] * K + jnp.arange(K)).reshape(-1)
+        gather = lambda x: jnp.take(x, entries, axis=int(stacked))
+        k, v = jax.tree_util.tree_map(gather, (pre.cache.k, pre.cache.v))
+        cache = pre.cache._replace(k=k, v=v, valid=pre.cache.valid[batch.prefix_of_B])
     else:
         cache = init_cache(cfg, B, S, dtype, stacked=stacked, split=split)
     cache = _cache_on_mesh(cache, cfg, mesh)
@@ -155,7 +165,7 @@ def _generate(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler,
                  intervention=iv.with_masks(*(m[:, C:] for m in prefill_masks)), capture=capture,
                  cache=cache, prefill=not C)
     if C and probes is not None:
-        shared = jnp.broadcast_to(pre.projections, (pre.projections.shape[0], B) + pre.projections.shape[2:])
+        shared = pre.projections[:, batch.prefix_of_B]
         out = out._replace(projections=jnp.concatenate([shared, out.projections], axis=2))
     if isinstance(params["layers"], tuple) and not isinstance(out.cache.k, tuple):
         out = out._replace(cache=out.cache._replace(k=tuple(out.cache.k), v=tuple(out.cache.v)))

@@ -11,15 +11,18 @@ so changing the mode, a coefficient or a vector never recompiles.
 Shared prefixes: prompts of one batch that open with the same tokens (the chat template and a
 system prompt: the usual case in persona work, where hundreds of questions share one instruction)
 have that prefix run once, as a single row, and its keys and values copied into every row of the
-cache; the rest of each prompt then attends to it. Exact (only the summation order of the
-attention differs), and done only when every row carries the same intervention.
+cache; the rest of each prompt then attends to it. A study grid, where many settings ask the same
+questions with `response` steering, runs each distinct question once instead (`pvjax.prompt_split`
+picks per batch). Exact (only the summation order of the attention differs), and done only when
+the rows' interventions cannot tell the shared tokens apart.
 
 Compiles are bounded by buckets (plus one program per sampling mode: greedy, plain sampling,
 filtered sampling): prompt lengths are rounded up to the next of 16, 24, 32, 48, 64, 96, 128,
 192, ... (powers of two and one and a half times them, `prompt_bucket`); a shared prefix is
-rounded down to the same list (`prefix_bucket`, prefixes under 16 tokens are not shared); the batch
-to a power of two (at most `batch_size`), and `max_new_tokens` to a multiple of 32. One program
-serves every request that falls in the same buckets.
+rounded down to the same list (`prefix_bucket`, prefixes under 16 tokens are not shared); the
+batch and the count of distinct prefixes to a power of two (at most `batch_size`), and
+`max_new_tokens` to a multiple of 32. One program serves every request that falls in the same
+buckets.
 """
 
 from __future__ import annotations
@@ -34,17 +37,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pvjax import generate_mesh, inputs, kernels
+from pvjax import generate_mesh, inputs, kernels, prompt_split
 from pvjax.decode_loop import PromptBatch, Sampler, Steering, compile_count, run
 from pvjax.errors import InputError
 from pvjax.interventions import Intervention, InterventionError, POSITION_MODES, empty
 from pvjax.model import default_positions, left_pad
 from pvjax.models.decoder import unstack_layers
+from pvjax.prompt_split import prefix_bucket, prompt_bucket, rows_bucket as _batch_bucket
 from pvjax.prompts import check_prompts
 
 __all__ = ["Generation", "GenerationError", "SamplingParams", "compile_count", "decode_params",
-           "generate", "generate_ids", "prefix_bucket", "prompt_bucket", "render_prompts",
-           "stop_token_ids"]
+           "generate", "generate_ids", "prefix_bucket", "prefixes_shareable", "prompt_bucket",
+           "render_prompts", "stop_token_ids"]
 
 
 class GenerationError(InputError):
@@ -110,41 +114,6 @@ class Generation:
     finish_reasons: list[str]
     projections: list[np.ndarray] | None = None
     prompt_projections: list[np.ndarray] | None = None
-
-
-def _buckets(upto: int):
-    b = 16
-    while True:
-        yield b
-        if b > upto:
-            return
-        yield b * 3 // 2
-        b *= 2
-
-
-def prompt_bucket(n: int) -> int:
-    """The padded prompt width for `n` tokens: a third wasted at worst, a sixth on average."""
-    return next(b for b in _buckets(n) if b >= n)
-
-
-def prefix_bucket(n: int) -> int:
-    """The length of a shared prefix of `n` tokens that is run once: 0 under 16 tokens."""
-    return max([b for b in _buckets(n) if b <= n], default=0)
-
-
-def _common_prefix(seqs) -> int:
-    """Tokens every prompt opens with, leaving each at least its last token (which must run per
-    row: its logits start the answer, and `response` steering acts on it)."""
-    n = min(len(x) for x in seqs) - 1
-    first = seqs[0]
-    for j in range(n):
-        if any(x[j] != first[j] for x in seqs):
-            return j
-    return max(n, 0)
-
-
-def _batch_bucket(n: int, cap: int) -> int:
-    return min(cap, 1 << (max(n, 1) - 1).bit_length())
 
 
 def _new_bucket(n: int) -> int:
@@ -289,24 +258,28 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
         bar = tqdm(total=len(ids), desc="generate", unit="prompt")
     # Fixed and closed-loop requests share one program (see pvjax.interventions).
     intervention = intervention.with_closed_loop()
-    # One intervention for every row: a shared prefix can run once, as row 0.
-    shared_iv = all(x.shape[1] == 1 for x in jax.tree_util.tree_leaves(
-        dataclasses.replace(intervention, steer_mask=None, ablate_mask=None)))
+    shareable = share_prefix and prefixes_shareable(intervention, positions, ablate_positions)
     for chunk in chunks:
         B = _batch_bucket(len(chunk), batch_size)
         if mesh is not None:
             B = generate_mesh.pad_batch(B, mesh)
-        seqs = [ids[i] for i in chunk]
-        C = prefix_bucket(_common_prefix(seqs)) if share_prefix and shared_iv and len(chunk) > 1 else 0
-        P = prompt_bucket(max(len(x) for x in seqs) - C)
-        tokens, mask = left_pad([x[C:] for x in seqs], P, B, pad_id)
-        pos = default_positions(mask) + C
-        full_mask = np.concatenate([np.ones((B, C), mask.dtype), mask], axis=1)
+        plan = prompt_split.split([ids[i] for i in chunk], shareable=shareable, max_rows=B)
+        C, P = plan.width, plan.tail_width
+        prefix, prefix_mask = (left_pad(plan.prefixes, C, plan.n_prefix_rows, pad_id) if C else
+                               (np.zeros((1, 0), np.int32), np.zeros((1, 0), np.int32)))
+        head_len = [len(plan.prefixes[u]) if C else 0 for u in plan.prefix_of] + [0] * (B - len(chunk))
+        prefix_of = plan.prefix_of + [0] * (B - len(chunk))
+        tokens, mask = left_pad(plan.tails, P, B, pad_id)
+        pos = default_positions(mask) + np.asarray(head_len)[:, None]
+        full_mask = np.concatenate([prefix_mask[prefix_of], mask], axis=1)
         steer_pre, steer_dec = _masks(positions, full_mask)
         abl_pre, abl_dec = _masks(ablate_positions, full_mask)
         keys = jnp.stack([jax.random.fold_in(base_key, i) for i in chunk] +
                          [base_key] * (B - len(chunk)))
-        batch = PromptBatch(prefix_1C=jnp.asarray([seqs[0][:C]], jnp.int32).reshape(1, C),
+        first = plan.first + [0] * (plan.n_prefix_rows - len(plan.first))
+        batch = PromptBatch(prefix_UC=jnp.asarray(prefix), prefix_mask_UC=jnp.asarray(prefix_mask),
+                            prefix_of_B=jnp.asarray(prefix_of, jnp.int32),
+                            prefix_first_U=jnp.asarray(first, jnp.int32),
                             tokens_BP=jnp.asarray(tokens), mask_BP=jnp.asarray(mask), positions_BP=pos)
         sampler = dataclasses.replace(sampler, keys_B2=keys)
         steering = Steering(iv=intervention.take_rows(chunk, len(ids), B),
@@ -324,7 +297,7 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
             if model.tokenizer:
                 text, new, reason = _cut_stop_strings(model.tokenizer, new, reason, sampling.stop, set(stops))
             pp = None if p_proj is None else np.concatenate(
-                [p_proj[:, r, :C], p_proj[:, r, C + P - (len(ids[i]) - C):]], axis=1)
+                [p_proj[:, r, C - head_len[r]:C], p_proj[:, r, C + P - len(plan.tails[r]):]], axis=1)
             rp = None if r_proj is None else r_proj[:, r, :len(new)]
             results[i] = (text, new, reason, rp, pp)
         if bar is not None:
@@ -335,6 +308,17 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
     return Generation(prompts=[""] * len(ids), prompt_tokens=ids, texts=get(0), tokens=get(1),
                       finish_reasons=get(2), projections=None if probes is None else get(3),
                       prompt_projections=None if probes is None else get(4))
+
+
+def prefixes_shareable(intervention: Intervention, positions: str, ablate_positions: str) -> bool:
+    """Whether rows with the same prompt tokens before the last may share them (see
+    `pvjax.prompt_split`): true when one intervention serves every row, or when none acts before
+    a prompt's last token (`response` steering, and ablation zero or on `response` too)."""
+    rows = dataclasses.replace(intervention, steer_mask=None, ablate_mask=None)
+    if all(x.shape[1] == 1 for x in jax.tree_util.tree_leaves(rows)):
+        return True
+    ablation = bool(np.any(np.asarray(intervention.ablate_coefs)))
+    return positions == "response" and (ablate_positions == "response" or not ablation)
 
 
 def _check_request(model, ids, sampling, seed, intervention, positions, ablate_positions, probes,

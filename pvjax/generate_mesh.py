@@ -85,7 +85,9 @@ def place_inputs(mesh: Mesh, batch: PromptBatch, sampler: Sampler, steering: Ste
     """The chunk's arrays with their rows over "data"; shared ones (the prefix, the sampling
     settings, batch-1 leaves) replicated."""
     rep = lambda x: jax.device_put(x, NamedSharding(mesh, P()))
-    batch = PromptBatch(prefix_1C=rep(batch.prefix_1C), tokens_BP=_over_data(batch.tokens_BP, mesh),
+    batch = PromptBatch(prefix_UC=rep(batch.prefix_UC), prefix_mask_UC=rep(batch.prefix_mask_UC),
+                        prefix_of_B=_over_data(batch.prefix_of_B, mesh), prefix_first_U=rep(batch.prefix_first_U),
+                        tokens_BP=_over_data(batch.tokens_BP, mesh),
                         mask_BP=_over_data(batch.mask_BP, mesh),
                         positions_BP=_over_data(batch.positions_BP, mesh))
     settings = jax.tree_util.tree_map(rep, dataclasses.replace(sampler, keys_B2=None))

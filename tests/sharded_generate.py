@@ -44,6 +44,16 @@ def main(folder):
             name = f"data={data},model={mdl},unroll={unroll}"
             proj = max(float(np.abs(a - b).max()) for a, b in zip(g.projections, ref.projections))
             result[name] = {"same_tokens": g.tokens == ref.tokens, "projections": proj}
+    # A grid (3 prompts x 2 settings) with `response` steering runs each distinct prompt once:
+    # on the mesh as on one device without sharing.
+    grid = dict(kw, intervention=ivs.build(L, D, steer=[(v, 1, [3.0] * 3 + [-3.0] * 3)], batch=6),
+                positions="response")
+    full = generate_ids(model, ids * 2, share_prefix=False, **grid)
+    g = generate_ids(model, ids * 2, mesh=sharding.make_mesh(model=4, data=2), **grid)
+    result["grid_shared_prefix"] = {
+        "same_tokens": g.tokens == full.tokens,
+        "projections": max(float(np.abs(a - b).max()) for a, b in zip(g.prompt_projections + g.projections,
+                                                                      full.prompt_projections + full.projections))}
     mesh = sharding.make_mesh(model=4, data=2)
     placed, _ = pvjax.generate_mesh.place_params(model, mesh, True)
     result["wq_spec"] = str(placed["layers"][0]["wq"].sharding.spec)

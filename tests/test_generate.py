@@ -248,7 +248,7 @@ def test_shared_prefix_runs_once_and_changes_nothing(smollm2, unroll):
             np.testing.assert_allclose(x, y, atol=1e-4 * np.abs(y).max())
     ids = [smollm2.tokenizer(t)["input_ids"] for t in a.prompts]
     assert len(ids[0]) == a.prompt_projections[0].shape[1]
-    assert pvjax.generate.prefix_bucket(pvjax.generate._common_prefix(ids)) == 24  # template and system
+    assert prefix_bucket(pvjax.prompt_split.common_prefix(ids)) == 24  # template and system
 
 
 def test_compiles_are_bounded_by_buckets(smollm2):

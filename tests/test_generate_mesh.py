@@ -17,7 +17,8 @@ from tiny_models import save_tiny
 
 def test_generation_on_8_host_devices_equals_one_device(tmp_path, tokenizer):
     """data=8 (3 prompts padded to 8 rows), data=2 x model=4 and model=8, with per-row fixed,
-    closed-loop and ablation rows, unrolled (and scanned on one shape)."""
+    closed-loop and ablation rows, unrolled (and scanned on one shape); and a grid whose distinct
+    prompts run once (`response` steering) against one device running every row in full."""
     save_tiny("llama_heads8", tmp_path, tokenizer=tokenizer)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     script = Path(__file__).with_name("sharded_generate.py")
@@ -32,6 +33,7 @@ def test_generation_on_8_host_devices_equals_one_device(tmp_path, tokenizer):
     for name in shapes:
         assert res[name]["same_tokens"], (name, res)
         assert res[name]["projections"] < 1e-4, (name, res)
+    assert res["grid_shared_prefix"]["same_tokens"] and res["grid_shared_prefix"]["projections"] < 1e-4, res
     assert "does not divide" not in proc.stderr  # every weight and kv head divides here
 
 
