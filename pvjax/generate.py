@@ -6,7 +6,9 @@ hidden-state rows, K probe vectors, V vocabulary, D hidden size.
 Prompts are left-padded into a preallocated KV cache; the prefill and the decode loop
 (`lax.while_loop`, stopping once every row is finished) run in a single compiled program. The
 steering position mode is data, not a flag: it becomes a prefill mask `[B, P]` and a decode mask,
-so changing the mode, a coefficient or a vector never recompiles.
+so changing a coefficient or a vector never recompiles, nor does the mode, but for one case: rows
+with different interventions share their prompts under `response` steering alone (below), which
+is another shape.
 
 Shared prefixes: prompts of one batch that open with the same tokens (the chat template and a
 system prompt: the usual case in persona work, where hundreds of questions share one instruction)

@@ -78,11 +78,17 @@ def test_the_whole_grid_compiles_a_handful_of_programs_and_a_new_grid_none(tiny)
     first = compile_count() - before
     assert len(a) == iv.steer_vectors.shape[1] * len(ids) == 30
     assert 1 <= first <= 3, f"{first} compiles for a grid of 12 points"
-    # Other layers, coefficients and position mode, same number of rows: no new program.
+    # Other layers and coefficients, same number of rows: no new program.
     iv2, _ = steer.settings(v * 0.5, [2, 3, 1], [-5.0, 0.0, 1.0, 7.0], L, D)
-    b = grid.generate_grid(model, iv2, ids, sp, positions="all", batch_size=8)
+    b = grid.generate_grid(model, iv2, ids, sp, batch_size=8)
     assert compile_count() - before == first
     assert [r["text"] for r in a] != [r["text"] for r in b]
+    # Another position mode: `response` rows share each question's prompt (pvjax.prompt_split),
+    # `all` and `prompt` rows cannot, which is one more shape, the same for both.
+    c = grid.generate_grid(model, iv2, ids, sp, positions="all", batch_size=8)
+    grid.generate_grid(model, iv2, ids, sp, positions="prompt", batch_size=8)
+    assert compile_count() - before <= first + 1
+    assert [r["text"] for r in c] != [r["text"] for r in b]
     # A row's answer is its setting's: the unsteered rows equal a plain unsteered generation.
     from pvjax.generate import generate_ids
 
