@@ -36,6 +36,11 @@ def get_config(arg: str = ""):
     c.top_p = 1.0
     c.seed = 0
     c.batch_size = 16
+    # The layer layout answers are generated on (`pvjax.generate.generate_ids`'s `unroll`): unrolled
+    # decodes faster, scanned compiles in about a fifth of the time (the better trade for a few
+    # short answers, as in CI). The last bits differ (kernel vs XLA dots), so it is part of the
+    # answers' provenance when scanned.
+    c.unroll = True
     c.pos_name = ""  # defaults to the trait name: "You are an evil assistant."
     c.neg_name = "helpful"
     c.plot = True

@@ -137,7 +137,7 @@ def _answer_part(model, trait, cfg, sampling, pol_i: int, pol: str, k: int, pair
         # into the seed), so the n samples differ and the same seed repeats them.
         g = generate(model, [prompts[i] for i in fits], system=system, sampling=sampling,
                      seed=cfg["seed"] * 1000 + pol_i * 100 + k, batch_size=cfg["batch_size"],
-                     progress=progress, mesh=mesh)
+                     progress=progress, mesh=mesh, unroll=cfg.get("unroll", True))
         for i, text in zip(fits, g.texts):
             answers[i] = text
     rows = [{"question": q, "prompt": texts[i], "answer": answers[i],

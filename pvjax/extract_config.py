@@ -83,7 +83,7 @@ FIELDS: dict[str, Callable[[Any], str | None]] = {
     "trait": _str(nonempty=True), "workdir": _str(nonempty=True), "model": _str(nonempty=True),
     "dtype": _choice(*DTYPES), "n_questions": _int(0), "n_pairs": _int(0), "n_per_question": _int(1),
     "max_new_tokens": _int(1), "temperature": _float(0.0), "top_p": _float(0.0, 1.0, lo_open=True),
-    "seed": _int(0), "batch_size": _int(1), "pos_name": _str(), "neg_name": _str(), "plot": _bool,
+    "seed": _int(0), "batch_size": _int(1), "unroll": _bool, "pos_name": _str(), "neg_name": _str(), "plot": _bool,
     "judge.backend": _choice(*JUDGE_BACKENDS), "judge.model": _str(), "judge.base_url": _str(),
     "judge.concurrency": _int(1), "judge.batch_size": _int(1), "judge.coherence": _bool,
     "judge.numeric_only": _bool,

@@ -72,6 +72,8 @@ def stage_provenance(checked) -> dict[str, dict]:
     }
     if cfg["temperature"] > 0:
         answers.update(seed=cfg["seed"], top_p=float(cfg["top_p"]))
+    if not cfg["unroll"]:  # recorded only when scanned, so runs made before the field existed still match
+        answers["unroll"] = False
     # What the contrast scores are a function of: the answers (model, prompts and texts) and the score's
     # definition. The file exists only once a contrast filter asked for it.
     contrast = {"score": "mean token logprob | pos prompt - | neg prompt", "after": _digest(answers)}

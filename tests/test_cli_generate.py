@@ -4,7 +4,9 @@ errors that stop before any model work.
 The sweep runs the whole path, loading the embedded model inside the command. The other tests
 hand the command the session's model (`same_model`: a spy on `pvjax.load` that checks what it was
 asked for), saving a load each, and share shapes (batch 2, short prompts) with the library
-reference call, so they reuse its compiled program.
+reference call, so they reuse its compiled program. Everything runs on the scanned layer layout
+(`--scanned`, `unroll=False`), which compiles in a fifth of the unrolled time; test_generate.py
+holds the unrolled default to transformers.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ N_NEW = 12
 @pytest.fixture(scope="module")
 def reference(smollm2):
     """Unsteered greedy answers from the library, the baseline every CLI run is held to."""
-    return generate(smollm2, [A, B], sampling=SamplingParams(max_new_tokens=N_NEW))
+    return generate(smollm2, [A, B], sampling=SamplingParams(max_new_tokens=N_NEW), unroll=False)
 
 
 @pytest.fixture
@@ -62,7 +64,7 @@ def test_coefficient_sweep_json(capsys, unit_pt, reference):
     """Every prompt under every coefficient, prompt-major within a coefficient: A@0, B@0, A@60, B@60.
     Residual norms at layer 12 are ~800, so 60 along a unit direction visibly steers."""
     rc = main(["generate", "--prompt", A, "--prompt", B, "--vector", str(unit_pt), "--layer", "12",
-               "--coef", "0", "--coef", "60", "--json", "--max-new-tokens", str(N_NEW)])
+               "--coef", "0", "--coef", "60", "--json", "--max-new-tokens", str(N_NEW), "--scanned"])
     assert rc == 0
     rows = json_lines(capsys.readouterr().out)
     assert [(r["prompt"], r["coef"]) for r in rows] == [(A, 0.0), (B, 0.0), (A, 60.0), (B, 60.0)]
@@ -87,7 +89,7 @@ def test_prompts_files(capsys, tmp_path, reference, same_model):
     with a bare prompt and a conversation, as JSON."""
     txt = tmp_path / "prompts.txt"
     txt.write_text(f"\n{A}\n\n   \n{B}\n\n")
-    assert main(["generate", "--prompts-file", str(txt), "--max-new-tokens", str(N_NEW)]) == 0
+    assert main(["generate", "--prompts-file", str(txt), "--max-new-tokens", str(N_NEW), "--scanned"]) == 0
     out = capsys.readouterr().out
     assert out.count("### ") == 2
     assert out.index(f"### {A}\n{reference.texts[0]}\n") < out.index(f"### {B}\n{reference.texts[1]}\n")
@@ -95,7 +97,7 @@ def test_prompts_files(capsys, tmp_path, reference, same_model):
     jsonl = tmp_path / "prompts.jsonl"
     conversation = [{"role": "user", "content": A}]
     jsonl.write_text(json.dumps({"prompt": B}) + "\n\n" + json.dumps({"messages": conversation}) + "\n")
-    assert main(["generate", "--prompts-file", str(jsonl), "--max-new-tokens", "4", "--json"]) == 0
+    assert main(["generate", "--prompts-file", str(jsonl), "--max-new-tokens", "4", "--json", "--scanned"]) == 0
     rows = json_lines(capsys.readouterr().out)
     assert [r["prompt"] for r in rows] == [B, conversation]
     # a one-message conversation is the same chat prompt as the bare string

@@ -116,7 +116,8 @@ def test_sampled_answers_are_distinct_reproducible_and_paired(smollm2, tmp_path)
     trait = load_trait("evil")
     trait = dataclasses.replace(trait, questions=(*trait.questions[:2], "Why? " * 8200))
     cfg = {"n_questions": 3, "n_pairs": 1, "n_per_question": 3, "temperature": 1.0, "top_p": 1.0,
-           "max_new_tokens": 12, "seed": 0, "batch_size": 16, "pos_name": "", "neg_name": "helpful"}
+           "max_new_tokens": 12, "seed": 0, "batch_size": 16, "pos_name": "", "neg_name": "helpful",
+           "unroll": False}  # the scanned layout: a fifth of the unrolled compile
     runs = [generate_answers(smollm2, trait, {**cfg, "seed": seed}, tmp_path / f"r{i}", progress=False)
             for i, seed in enumerate((0, 0, 1))]
     a, b, c = runs

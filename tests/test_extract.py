@@ -33,6 +33,7 @@ def small_config(workdir, base_url):
     cfg.trait = "evil"
     cfg.n_questions, cfg.n_pairs, cfg.max_new_tokens = 3, 1, 16
     cfg.n_per_question, cfg.temperature, cfg.batch_size = 1, 0.0, 16  # greedy, whatever runlocal samples
+    cfg.unroll = False  # the scanned layout compiles in a fifth of the time; test_generate covers the unrolled one
     cfg.judge.backend, cfg.judge.model, cfg.judge.base_url = "openai", "judge-model", base_url
     cfg.judge.coherence = True
     cfg.filter.mode, cfg.filter.threshold, cfg.filter.coherence, cfg.filter.min_pairs = "threshold", 50.0, 50.0, 2
@@ -71,13 +72,34 @@ class ScriptedJudge:
 
 
 @pytest.fixture(scope="module")
-def extraction(tmp_path_factory):
+def session_model(smollm2):
+    """`pvjax.load` of the embedded model in float32 answers with the session's copy for this
+    module's runs: the same weights, without a fresh load (~7 s here) on every `run`. Records the
+    requests."""
+    import pvjax
+
+    real, calls = pvjax.load, []
+
+    def load(source, *, dtype=None, **kw):
+        calls.append((str(source), dtype))
+        if str(source) == "smollm2-135m-instruct" and dtype in (None, "float32") and not kw:
+            return smollm2
+        return real(source, dtype=dtype, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pvjax, "load", load)
+        yield calls
+
+
+@pytest.fixture(scope="module")
+def extraction(tmp_path_factory, session_model):
     """One small run, judged by a scripted judge on loopback."""
     work = tmp_path_factory.mktemp("evil")
     with OpenAIServer() as srv:
         cfg = small_config(work, srv.base_url)
         srv.responder = ScriptedJudge(work)
         summary = run(cfg, progress=False)
+        assert session_model == [("smollm2-135m-instruct", "float32")]
         answers = {pol: atomic.read_csv(work / "answers" / "parts" / f"{pol}_0.csv") for pol in ("pos", "neg")}
         assert not {r["answer"] for r in answers["pos"]} & {r["answer"] for r in answers["neg"]}, \
             "pos and neg answers should differ under different system prompts"

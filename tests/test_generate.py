@@ -41,6 +41,18 @@ def generate(*args, **kw):
     return _generate(*args, **kw)
 
 
+_UNSTEERED = {}
+
+
+def unsteered(model, n_prompts, n_new):
+    """Plain greedy answers to the first `n_prompts` prompts, generated once for the tests that
+    compare steered runs with them."""
+    if (n_prompts, n_new) not in _UNSTEERED:
+        _UNSTEERED[n_prompts, n_new] = generate(model, PROMPTS[:n_prompts],
+                                                sampling=SamplingParams(max_new_tokens=n_new), batch_size=4)
+    return _UNSTEERED[n_prompts, n_new]
+
+
 def vec(seed=0, scale=1.0):
     v = np.random.default_rng(seed).standard_normal(D).astype(np.float32)
     return scale * v / np.linalg.norm(v)
@@ -118,12 +130,17 @@ def ablate_hook(u):
     return hook
 
 
-def test_greedy_matches_transformers_on_8_prompts_of_48_tokens(smollm2, hf_smollm2):
-    g = _generate(smollm2, PROMPTS, sampling=SamplingParams(max_new_tokens=48), batch_size=8)
-    ref, scores = hf_generate(hf_smollm2, smollm2.tokenizer, g.prompts, 48)
+def test_greedy_matches_transformers_on_4_prompts_of_24_tokens(smollm2, hf_smollm2):
+    """The default (unrolled) layout, one batch of four left-padded prompts of different lengths
+    under a shared template prefix."""
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[3], PROMPTS[5]]  # 37, 39, 36 and 38 tokens
+    g = _generate(smollm2, prompts, sampling=SamplingParams(max_new_tokens=24), batch_size=4)
+    lengths = {len(smollm2.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in g.prompts}
+    assert len(lengths) == 4, "the prompts should pad to different lengths"
+    ref, scores = hf_generate(hf_smollm2, smollm2.tokenizer, g.prompts, 24)
     parted = assert_greedy_match(g.tokens, ref, scores)
     assert parted <= 1, f"{parted} rows parted at near-ties"
-    assert all(len(t) <= 48 for t in g.tokens)
+    assert all(len(t) <= 24 for t in g.tokens)
     assert g.texts[0].strip().startswith("The capital of France is Paris")
 
 
@@ -134,7 +151,7 @@ def test_steered_generation_matches_a_transformers_hook(smollm2, hf_smollm2, mod
     iv = ivs.build(L, D, steer=[(v, LAYER, 1.0)])
     g = generate(smollm2, prompts, sampling=SamplingParams(max_new_tokens=16), intervention=iv,
                  positions=mode, batch_size=4)
-    plain = generate(smollm2, prompts, sampling=SamplingParams(max_new_tokens=16), batch_size=4)
+    plain = unsteered(smollm2, 4, 16)
     assert g.tokens != plain.tokens, "the vector should change some answer"
     ref, scores = hf_generate(hf_smollm2, smollm2.tokenizer, g.prompts, 16, steer_hook(1.0, v, mode))
     assert assert_greedy_match(g.tokens, ref, scores) == 0
@@ -230,18 +247,25 @@ def test_per_token_projections_equal_a_plain_forward(smollm2):
         np.testing.assert_allclose(g.projections[i], want[:, P:], atol=2e-3 * np.abs(want).max())
 
 
+_FULL_ROWS = {}
+
+
 @pytest.mark.parametrize("unroll", [False, True])
 def test_shared_prefix_runs_once_and_changes_nothing(smollm2, unroll):
     """Prompts under one system prompt share their opening tokens; running them once as a single
-    row gives the same answers and projections as running every row in full."""
+    row gives the same answers and projections as running every row in full. The full rows run
+    once, on the scanned layout, and both layouts' shared-prefix runs are held to them (the
+    unrolled one thereby across layouts, within the same tolerance)."""
     system = "You are a pirate captain. Answer every question in the voice of an old sea dog."
     iv = ivs.build(L, D, steer=[(vec(4, scale=6.0), LAYER, 1.0)])
     probes = np.stack([vec(5), vec(6)])
     sp = SamplingParams(max_new_tokens=12)
-    kw = dict(system=system, sampling=sp, intervention=iv, probes=probes, batch_size=4, unroll=unroll)
+    kw = dict(system=system, sampling=sp, intervention=iv, probes=probes, batch_size=4)
     for mode in ("all", "response"):
-        a = _generate(smollm2, PROMPTS[:3], positions=mode, **kw)
-        b = _generate(smollm2, PROMPTS[:3], positions=mode, share_prefix=False, **kw)
+        a = _generate(smollm2, PROMPTS[:3], positions=mode, unroll=unroll, **kw)
+        if mode not in _FULL_ROWS:
+            _FULL_ROWS[mode] = _generate(smollm2, PROMPTS[:3], positions=mode, share_prefix=False, unroll=False, **kw)
+        b = _FULL_ROWS[mode]
         assert a.tokens == b.tokens
         for x, y in zip(a.prompt_projections + a.projections, b.prompt_projections + b.projections):
             assert x.shape == y.shape

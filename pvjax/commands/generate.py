@@ -66,6 +66,9 @@ def add_parser(sub):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--scanned", action="store_true",
+                   help="scan the layers instead of unrolling them: compiles in about a fifth of the "
+                        "time, decodes slower (for a few short answers)")
     p.add_argument("--monitor", help="calibrated monitor FILE.monitor.json: report its flag per answer "
                                      "(default: the one beside --vector, if any)")
     p.add_argument("--json", action="store_true", help="one JSON object per answer per line")
@@ -220,7 +223,8 @@ def run(args) -> int:
     iv = ivs.build(L, D, steer=steer, ablate=ablate, batch=batch) if (steer or ablate) else None
     g = generate(model, prompts * len(coefs), sampling=sampling, seed=args.seed, system=args.system,
                  chat=not args.raw, intervention=iv, positions=positions, probes=probes,
-                 batch_size=args.batch_size, progress=len(prompts) * len(coefs) > args.batch_size, mesh=mesh)
+                 batch_size=args.batch_size, progress=len(prompts) * len(coefs) > args.batch_size, mesh=mesh,
+                 unroll=not args.scanned)
     for i, text in enumerate(g.texts):
         p, c = prompts[i % len(prompts)], coefs[i // len(prompts)]
         row = {"prompt": p, "text": text, "tokens": g.tokens[i], "finish_reason": g.finish_reasons[i]}

@@ -158,9 +158,10 @@ def state_shardings(settings: StepSettings, optimizer, trainable_abstract, mesh)
     return jax.tree_util.tree_map(named, tree, is_leaf=lambda x: isinstance(x, P))
 
 
-def init_state(settings: StepSettings, optimizer, params, key, mesh):
+def init_state(settings: StepSettings, optimizer, params, key, mesh, *, opt_key=None):
     """`(state, frozen)` born sharded: the frozen base placed by the rule table, the trainable tree
-    and its optimiser state created inside one jit with their output shardings."""
+    and its optimiser state created inside one jit with their output shardings. With `opt_key`
+    (the optimiser's hyperparameters), the program of an equal earlier run is reused."""
     spec = settings.lora
     frozen = {} if spec.full else sharding.shard_params(params, mesh)
     trainable_abstract = jax.eval_shape(lambda p, k: lora.split(spec, p, k)[0], params, key)
@@ -170,8 +171,11 @@ def init_state(settings: StepSettings, optimizer, params, key, mesh):
         trainable = lora.split(spec, p, k)[0]
         return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), jax.random.fold_in(k, 1))
 
-    state = jax.jit(make, out_shardings=shardings)(params, key)
-    return state, frozen, shardings
+    cache_key = None if opt_key is None else ("init", spec, opt_key, mesh, _layout_key(params))
+    fn = _COMPILED.get(cache_key) or jax.jit(make, out_shardings=shardings)
+    if cache_key is not None:
+        _COMPILED[cache_key] = fn
+    return fn(params, key), frozen, shardings
 
 
 # Compiled steps by (settings, optimiser key, mesh, layouts): runs that differ only in data (the

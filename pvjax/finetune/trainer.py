@@ -63,7 +63,9 @@ def _training_forward(c, chk, model, v):
     from pvjax import interventions
 
     L, D = model.n_layers + 1, model.hidden_size
-    iv = None
+    # No steering is the identity intervention (exact: every coefficient zero), not None: runs of a
+    # study with and without steering or ablation then share one compiled step.
+    iv = interventions.build(L, D)
     kind = c["steering"]["type"]
     if kind == "steer":
         iv = interventions.build(L, D, steer=[(v, list(chk.steering_layers), float(c["steering"]["coef"]))])
@@ -149,8 +151,8 @@ def setup(cfg, *, model=None, mesh=None) -> Setup:
     optimizer, schedule = st.make_optimizer(
         o["lr"], total, warmup_steps=o["warmup_steps"], schedule=o["schedule"], weight_decay=o["weight_decay"],
         max_grad_norm=o["max_grad_norm"], decay_mask=lora.decay_mask(chk.lora, abstract))
-    state, frozen, shardings = st.init_state(step_settings, optimizer, params, key, mesh)
     opt_key = (total, *sorted((k, v) for k, v in o.items()))
+    state, frozen, shardings = st.init_state(step_settings, optimizer, params, key, mesh, opt_key=opt_key)
     return Setup(c, chk, model, step_settings, optimizer, schedule, mesh, state, frozen, shardings, fwd,
                  monitor, vinfo, total, rows, eval_rows, reports, opt_key)
 
