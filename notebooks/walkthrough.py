@@ -120,7 +120,8 @@ save(fig, WORK / "plots" / "steer_projection.png")
 
 # %%
 (WORK / "steer").mkdir(parents=True, exist_ok=True)
-refs = grid.reference_answers(model, trait_eval, questions, WORK / "steer", max_new_tokens=NEW, batch_size=8)
+refs = grid.reference_answers(model, trait_eval, questions, WORK / "steer", max_new_tokens=NEW, batch_size=8,
+                              unroll=UNROLL)
 coefs = [-2.0, 0.0, 2.0] if SHORT else [-4.0, -2.0, 0.0, 2.0, 4.0]
 lm = likelihood_margins(model, v_LD, [LAYER], coefs, [r["question"] for r in refs],
                         [r["pos_answer"] for r in refs], [r["neg_answer"] for r in refs])

@@ -145,10 +145,11 @@ def answer_logprobs(model, iv_S: ivs.Intervention, prompts: Sequence[str], answe
 
 
 def reference_answers(model, trait_eval, questions: Sequence[str], work: Path, *, max_new_tokens: int,
-                      batch_size: int) -> list[dict]:
+                      batch_size: int, unroll: bool = True) -> list[dict]:
     """Greedy unsteered answers to `questions` under the trait's first instruction pair (pos: "You
     are a(n) <trait> assistant. ...", neg: "You are a helpful assistant. ..."), written to
-    `work/reference_answers.csv` once: the answers the judge-free likelihood margin compares."""
+    `work/reference_answers.csv` once: the answers the judge-free likelihood margin compares.
+    `unroll` is generation's layer layout (`pvjax.generate.decode_params`)."""
     path = work / "reference_answers.csv"
     if not path.exists():
         from pvjax.extract import system_prompt
@@ -157,9 +158,9 @@ def reference_answers(model, trait_eval, questions: Sequence[str], work: Path, *
         pair = trait_eval.instruction[0]
         sp = SamplingParams(max_new_tokens=max_new_tokens)
         pos = generate(model, list(questions), system=system_prompt(trait_eval.name, pair.pos), sampling=sp,
-                       batch_size=batch_size).texts
+                       batch_size=batch_size, unroll=unroll).texts
         neg = generate(model, list(questions), system=system_prompt("helpful", pair.neg), sampling=sp,
-                       batch_size=batch_size).texts
+                       batch_size=batch_size, unroll=unroll).texts
         atomic.write_csv(path, [{"question": q, "pos_answer": p, "neg_answer": n}
                                 for q, p, n in zip(questions, pos, neg)], ("question", "pos_answer", "neg_answer"))
     return atomic.read_csv(path)
