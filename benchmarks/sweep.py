@@ -82,10 +82,10 @@ def run_reference(hf, tok, prompts, vector, layers, coefs, positions):
 
                     def hook(module, inputs, output, v=v):
                         h = output[0] if isinstance(output, tuple) else output
-                        if positions == "response":
-                            h = torch.cat([h[:, :-1], h[:, -1:] + v], dim=1)
-                        else:
-                            h = h + v
+                        if positions == "response":  # in place, as the reference's steerer does
+                            h[:, -1] += v
+                            return output
+                        h = h + v
                         return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
 
                     handle = hf.model.layers[layer - 1].register_forward_hook(hook)
@@ -101,7 +101,8 @@ def run_reference(hf, tok, prompts, vector, layers, coefs, positions):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--batch", type=int, default=50, help="pvjax rows per generation batch (200 rows: 4 x 50)")
+    p.add_argument("--batch", type=int, default=64,
+                   help="pvjax rows per generation batch (the steering study's default batch_size)")
     p.add_argument("--positions", choices=("response", "all"), default="response")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
