@@ -29,19 +29,12 @@ import runpy
 import ml_collections
 
 # nested configs are loaded by path (study_parts.sibling), so this file runs from any working directory
-sibling = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))["sibling"]
+parts = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))
 
 
 def get_config(arg: str = ""):
     runlocal = "runlocal" in arg.split(",")
-    c = ml_collections.ConfigDict()
-    c.study = "finetune_study"
-    c.model = "Qwen/Qwen2.5-7B-Instruct"  # a local folder of safetensors
-    c.trait = "evil"
-    c.vector = ""  # FILE[:KEY]; empty: extract with `extract` below
-    c.extract = sibling("extract", "runlocal" if runlocal else "")
-    c.workdir = ""
-    c.dtype = ""
+    c = parts["header"]("finetune_study", arg)
     c.layer = 20  # hidden_states row: the shift, screening and (by default) steering layer
 
     # The datasets: the base model answers the extract split's questions under each instruction
@@ -58,7 +51,7 @@ def get_config(arg: str = ""):
     c.mixes = (0.25, 0.5, 0.75)  # share of trait samples; 0 and 1 are the control and trait runs
 
     # One finetuning config for every run; the study sets train_file, vector, steering and monitor.
-    c.finetune = sibling("finetune")
+    c.finetune = parts["sibling"]("finetune")
     c.preventative = ml_collections.ConfigDict()
     c.preventative.coef = 4.0  # x v (the raw vector row, as in steering) added during training
     c.preventative.layers = ()  # hidden-state rows; empty: (layer,)
@@ -79,7 +72,6 @@ def get_config(arg: str = ""):
     c.plot = True
 
     if runlocal:
-        c.model = "smollm2-135m-instruct"
         c.data.n_per_question = 1
         c.data.max_new_tokens = 48
         c.data.batch_size = 100

@@ -20,19 +20,12 @@ import runpy
 import ml_collections
 
 # nested configs are loaded by path (study_parts.sibling), so this file runs from any working directory
-sibling = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))["sibling"]
+parts = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))
 
 
 def get_config(arg: str = ""):
     runlocal = "runlocal" in arg.split(",")
-    c = ml_collections.ConfigDict()
-    c.study = "monitor"
-    c.model = "Qwen/Qwen2.5-7B-Instruct"  # a local folder of safetensors
-    c.dtype = ""
-    c.trait = "evil"
-    c.vector = ""  # FILE[:KEY]; empty: extract first with `extract`
-    c.workdir = ""
-    c.extract = sibling("extract", "runlocal" if runlocal else "")
+    c = parts["header"]("monitor", arg)
 
     c.n_questions = 0  # eval-split questions per condition; 0: all
     c.n_samples = 10  # answers per (condition, question); a point's score is their mean
@@ -75,7 +68,6 @@ def get_config(arg: str = ""):
     c.plot = True
 
     if runlocal:
-        c.model = "smollm2-135m-instruct"
         c.n_questions = 6
         c.n_samples = 1
         c.max_new_tokens = 48

@@ -24,7 +24,7 @@ from importlib import resources
 import ml_collections
 
 # nested configs are loaded by path (study_parts.sibling), so this file runs from any working directory
-sibling = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))["sibling"]
+parts = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))
 
 
 def shipped_dataset(name: str) -> str:
@@ -33,14 +33,7 @@ def shipped_dataset(name: str) -> str:
 
 def get_config(arg: str = ""):
     runlocal = "runlocal" in arg.split(",")
-    c = ml_collections.ConfigDict()
-    c.study = "screen"
-    c.model = "Qwen/Qwen2.5-7B-Instruct"  # the base model, before finetuning: a local folder
-    c.trait = "evil"
-    c.vector = ""  # FILE[:KEY]; empty: extract with `extract` below
-    c.extract = sibling("extract", "runlocal" if runlocal else "")
-    c.workdir = ""
-    c.dtype = ""
+    c = parts["header"]("screen", arg)  # model: the base model, before finetuning
     c.datasets = ""  # FILE[,FILE...]
     c.format = ""  # jsonl | csv; empty: from the suffix
     c.prompt_column = "prompt"  # CSV only
@@ -59,7 +52,6 @@ def get_config(arg: str = ""):
     c.flag.top_fraction = 0.1
     c.flag.threshold = 0.0
     if runlocal:
-        c.model = "smollm2-135m-instruct"
         c.datasets = ",".join(shipped_dataset(n) for n in ("evil_answers.jsonl", "helpful_answers.csv"))
         c.max_new_tokens = 48
         c.flag.top_fraction = 0.25

@@ -22,20 +22,13 @@ import runpy
 import ml_collections
 
 # nested configs are loaded by path (study_parts.sibling), so this file runs from any working directory
-sibling = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))["sibling"]
+parts = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))
 
 
 def get_config(arg: str = ""):
     runlocal = "runlocal" in arg.split(",")
-    c = ml_collections.ConfigDict()
-    c.study = "shift"
-    c.model = "Qwen/Qwen2.5-7B-Instruct"  # the base: a local folder
+    c = parts["header"]("shift", arg)  # model and vector: the base model's
     c.finetuned = ""  # a model source of the same shape
-    c.trait = "evil"
-    c.vector = ""  # FILE[:KEY] of the base model; empty: extract with `extract` below
-    c.extract = sibling("extract", "runlocal" if runlocal else "")
-    c.workdir = ""
-    c.dtype = ""
     c.layer = 20  # the layer reported in the summary; shift.csv has every layer
     c.n_questions = 0  # 0: every eval question
     c.response_source = "own"  # own | base | finetuned: whose answers the response mean runs over
@@ -56,7 +49,7 @@ def get_config(arg: str = ""):
     c.judge.batch_size = 8
     c.judge.numeric_only = False
     if runlocal:
-        c.model = c.finetuned = "smollm2-135m-instruct"
+        c.finetuned = c.model
         c.n_questions = 6
         c.max_new_tokens = 48
     return c

@@ -1,6 +1,7 @@
-"""What the steering and ablation configs (configs/steer.py, configs/ablate.py) share: the model,
-trait and vector fields, how answers are generated and scored, the judge, the multiple-choice set,
-the nested extraction config, and what their `runlocal` variant changes in those.
+"""What the study configs share: every study's header (`header`: the model, trait and vector
+fields and the nested extraction config), and for the steering and ablation configs
+(configs/steer.py, configs/ablate.py) also how answers are generated and scored, the judge and the
+multiple-choice set (`study`); with what their `runlocal` variant changes in those.
 
 A config file is loaded by path (`ml_collections`), not imported as a package, so the configs load
 this file by path too (`runpy.run_path`)."""
@@ -26,14 +27,9 @@ def sibling(name: str, arg: str = ""):
     return module.get_config(arg)
 
 
-def extract_config(arg: str):
-    """configs/extract.py's config for the same variant: the vector is extracted with it when `vector` is empty."""
-    return sibling("extract", arg)
-
-
-def study(name: str, arg: str):
-    """A study's config with the shared fields (the study adds its own after them); with `runlocal`
-    in `arg`: the embedded SmolLM2, 6 eval questions, 48 new tokens, no judge, 16 multiple-choice items."""
+def header(name: str, arg: str):
+    """The fields every study config opens with; with `runlocal` in `arg`, the embedded SmolLM2
+    and extraction's `runlocal` variant."""
     c = ml_collections.ConfigDict()
     c.study = name
     c.model = "Qwen/Qwen2.5-7B-Instruct"  # a local folder of safetensors
@@ -41,6 +37,17 @@ def study(name: str, arg: str):
     c.trait = "evil"
     c.vector = ""  # FILE[:KEY]; empty: extract the trait's vector first (c.extract)
     c.workdir = ""
+    c.extract = sibling("extract", "runlocal" if runlocal(arg) else "")
+    if runlocal(arg):
+        c.model = "smollm2-135m-instruct"
+    return c
+
+
+def study(name: str, arg: str):
+    """A steering or ablation study's config: the header and the shared fields (the study adds its
+    own after them); with `runlocal` in `arg`: the embedded SmolLM2, 6 eval questions, 48 new
+    tokens, no judge, 16 multiple-choice items."""
+    c = header(name, arg)
     c.n_questions = 0  # 0: every eval question
     c.max_new_tokens = 512
     c.temperature = 0.0
@@ -61,10 +68,7 @@ def study(name: str, arg: str):
     c.mc.path = "general"  # a shipped set's name or an MMLU-layout CSV; "" switches it off
     c.mc.n_items = 0  # 0: every item
 
-    c.extract = extract_config(arg)
-
     if runlocal(arg):
-        c.model = "smollm2-135m-instruct"
         c.n_questions = 6
         c.max_new_tokens = 48
         c.batch_size = 32

@@ -59,11 +59,13 @@ def runs(cfg) -> dict[str, dict]:
 
 def validate(cfg, work: Path) -> None:
     """Everything that can be wrong with the config, from metadata alone (no model loaded)."""
+    from pvjax.extract_config import _int
     from pvjax.finetune import settings
     from pvjax.loading import read_model_config
     from pvjax.studies.screen import check_layer
     from pvjax.traits import load_trait
 
+    positive = _int(1)
     ext, ev = load_trait(cfg.trait, "extract"), load_trait(cfg.trait, "eval")
     check_layer(cfg.model, cfg.layer)
     n = read_model_config(cfg.model).num_layers
@@ -78,20 +80,17 @@ def validate(cfg, work: Path) -> None:
     if len({mix_name(r) for r in mixes}) != len(mixes):
         raise InputError(f"mixes {tuple(mixes)} lists a share twice")
     d = cfg.data
-    for key in ("n_per_question", "max_new_tokens", "batch_size"):
-        if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 1:
-            raise InputError(f"data.{key} must be a positive integer, got {d[key]!r}")
+    for key in ("data.n_per_question", "data.max_new_tokens", "data.batch_size", "screen.max_new_tokens",
+                "screen.batch_size", "shift.max_new_tokens", "shift.batch_size"):
+        part, field = key.split(".")
+        if msg := positive(cfg[part][field]):
+            raise InputError(f"{key} {msg}")
     if not 0 <= d.n_pairs <= len(ext.instruction):
         raise InputError(f"data.n_pairs must be in 0..{len(ext.instruction)} (0: all), got {d.n_pairs!r}")
     if not 0 <= d.n_questions <= len(ext.questions):
         raise InputError(f"data.n_questions must be in 0..{len(ext.questions)} (0: all), got {d.n_questions!r}")
     if not 1 <= cfg.shift.n_pairs <= len(ev.instruction):
         raise InputError(f"shift.n_pairs must be in 1..{len(ev.instruction)}, got {cfg.shift.n_pairs!r}")
-    for key in ("max_new_tokens", "batch_size"):
-        for part in ("screen", "shift"):
-            v = cfg[part][key]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"{part}.{key} must be a positive integer, got {v!r}")
     for name, r in runs(cfg).items():  # each finetune config checked whole, as the trainer will
         for l in r["steering"].get("layers", ()):
             if isinstance(l, bool) or not isinstance(l, int) or not 1 <= l <= n:
