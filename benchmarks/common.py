@@ -23,7 +23,7 @@ def hf_embedded(threads: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pvjax.embedded import embedded_gguf_path
+    from pvjax.loading.embedded import embedded_gguf_path
 
     torch.set_num_threads(threads)
     path = embedded_gguf_path()

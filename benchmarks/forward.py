@@ -21,11 +21,11 @@ import numpy as np
 import pvjax
 from common import Timer, hf_embedded, measured_ceilings, peak_for, samples
 from pvjax.capture import pooling_weights
-from pvjax.packing import pack, pooled_activations
+from pvjax.measure.packing import pack, pooled_activations
 
 
 def run_pvjax(model, seqs, prompt_lens, args):
-    """Packed rows (see pvjax.packing): first pass compiles, then the best of three is timed (this
+    """Packed rows (see pvjax.measure.packing): first pass compiles, then the best of three is timed (this
     shared 2-core machine varies by tens of percent from run to run)."""
     def run():
         return pooled_activations(model, seqs, prompt_lens, width=args.width, rows_per_batch=args.rows)

@@ -28,7 +28,7 @@ import numpy as np
 import pvjax
 from common import QUESTIONS, Timer, hf_embedded, measured_ceilings, peak_for
 from pvjax import interventions
-from pvjax.generate import SamplingParams, generate
+from pvjax.engine.generate import SamplingParams, generate
 
 LAYER, COEF, NEW = 12, 4.0, 64
 
@@ -125,7 +125,7 @@ def random_7b(args):
     memory bandwidth that this traffic reaches is the figure of merit."""
     import dataclasses
 
-    from pvjax.generate import generate_ids
+    from pvjax.engine.generate import generate_ids
     from pvjax.models.random_init import QWEN25_7B, random_params
 
     cfg = QWEN25_7B
@@ -141,7 +141,7 @@ def random_7b(args):
     sp = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)
     mesh = None
     if args.mesh:  # the sharded path on whatever devices there are (one GPU: a 1 x 1 mesh)
-        from pvjax.sharding import make_mesh, shard_model
+        from pvjax.parallel.sharding import make_mesh, shard_model
 
         mesh = make_mesh(model=1)
         model = shard_model(model, mesh)

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer
 
 import pvjax
 from pvjax import interventions
-from pvjax.generate import SamplingParams, generate_ids
+from pvjax.engine.generate import SamplingParams, generate_ids
 from tiny_models import CONFIGS, save_tiny
 
 RTOL = 1e-4

@@ -19,7 +19,7 @@ of tokens. SmolLM2-135M-Instruct (the embedded GGUF) on the CPU.
 study's default and the paper's; the reference's steerer then adds to the last position of every
 forward call, which is the last prompt token in the prompt pass and the new token after it) or
 `all` (every position). With `response` the prompts are untouched but for their last token, so
-pvjax runs each of the 8 questions' prompts once for the whole grid (`pvjax.prompt_split`).
+pvjax runs each of the 8 questions' prompts once for the whole grid (`pvjax.engine.prompt_split`).
 
 `ratio` = reference seconds / pvjax steady-state seconds; `ratio_with_compile` counts pvjax's first
 run instead.
@@ -37,7 +37,7 @@ import numpy as np
 
 import pvjax
 from common import QUESTIONS, Timer, hf_embedded
-from pvjax.generate import SamplingParams, compile_count
+from pvjax.engine.generate import SamplingParams, compile_count
 from pvjax.studies import grid, steer
 
 LAYERS = (6, 10, 14, 18, 22)

@@ -25,7 +25,7 @@ import numpy as np
 
 import pvjax
 from common import ANSWER, QUESTIONS, Timer, hf_embedded
-from pvjax import sharding
+from pvjax.parallel import sharding
 from pvjax.finetune import data, lora
 from pvjax.finetune import step as st
 

@@ -1,4 +1,4 @@
-"""Persona-vector extraction (`pvjax.extract`).
+"""Persona-vector extraction (`pvjax.methods.extraction`).
 
     pvjax extract --config configs/extract.py --config.trait=evil --config.workdir=runs/evil
     pvjax extract --config configs/extract.py:runlocal --config.trait=humorous --config.workdir=/tmp/h
@@ -36,7 +36,7 @@ def get_config(arg: str = ""):
     c.top_p = 1.0
     c.seed = 0
     c.batch_size = 16
-    # The layer layout answers are generated on (`pvjax.generate.generate_ids`'s `unroll`): unrolled
+    # The layer layout answers are generated on (`pvjax.engine.generate.generate_ids`'s `unroll`): unrolled
     # decodes faster, scanned compiles in about a fifth of the time (the better trade for a few
     # short answers, as in CI). The last bits differ (kernel vs XLA dots), so it is part of the
     # answers' provenance when scanned.

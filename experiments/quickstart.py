@@ -38,9 +38,9 @@ def main():
 
     import pvjax
     from pvjax import interventions as ivs
-    from pvjax.extract import run
-    from pvjax.generate import SamplingParams, generate
-    from pvjax.vectors import read_vector
+    from pvjax.methods.extraction import run
+    from pvjax.engine.generate import SamplingParams, generate
+    from pvjax.files.vectors import read_vector
 
     cfg = get_config("runlocal")
     cfg.trait, cfg.workdir = args.trait, os.path.join(args.workdir, args.trait)

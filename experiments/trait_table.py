@@ -53,7 +53,7 @@ def config_for(trait: str, filt: str, workdir: str, sets: list[str]):
 
 
 def measure(cfg) -> dict:
-    from pvjax.extract import ExtractionError, run
+    from pvjax.methods.extraction import ExtractionError, run
 
     t0 = time.time()
     try:

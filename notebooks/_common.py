@@ -27,7 +27,7 @@ def extract_vector(workdir: Path, trait: str, *, short: bool, layer: int = 20) -
     is finished there. Short mode answers 3 questions under one instruction pair with 16 greedy
     tokens on the scanned layer layout, skips the plot and keeps every non-empty pair: a vector
     of the right shape for a demo run in CI, not a good one."""
-    from pvjax.extract import run
+    from pvjax.methods.extraction import run
 
     cfg = load_config("extract", "runlocal")
     cfg.trait, cfg.workdir = trait, str(workdir)

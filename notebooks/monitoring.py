@@ -23,9 +23,9 @@ import numpy as np
 from _common import extract_vector, save
 
 import pvjax
-from pvjax.generate import SamplingParams, generate
-from pvjax.traits import load_trait
-from pvjax.vectors import read_vector
+from pvjax.engine.generate import SamplingParams, generate
+from pvjax.files.traits import load_trait
+from pvjax.files.vectors import read_vector
 
 SHORT = os.environ.get("PVJAX_NOTEBOOK_SHORT", "") not in ("", "0")
 WORK = Path(os.environ.get("PVJAX_NOTEBOOK_WORKDIR", "runs/notebook")).resolve()

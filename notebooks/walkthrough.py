@@ -4,7 +4,7 @@
 # Run it as a script (`python notebooks/walkthrough.py`) or open it with jupytext. Everything runs
 # on the embedded SmolLM2-135M-Instruct on a CPU, through the library API:
 #
-# 1. **extract** a persona vector for a trait (`pvjax.extract.run` with `configs/extract.py:runlocal`);
+# 1. **extract** a persona vector for a trait (`pvjax.methods.extraction.run` with `configs/extract.py:runlocal`);
 # 2. **steer** with it: fixed coefficients and closed-loop rows (`interventions.cap` / `target`) side
 #    by side in one batched generation, plus the judge-free likelihood margin per coefficient;
 # 3. **monitor**: the last prompt token's projection onto the vector under trait / anti-trait
@@ -30,13 +30,13 @@ from _common import extract_vector, save
 
 import pvjax
 from pvjax import interventions as ivs
-from pvjax.causality import likelihood_margins
-from pvjax.extract import system_prompt
-from pvjax.generate import SamplingParams, generate
-from pvjax.monitor import last_prompt_projections, prompt_ids, unit_rows
+from pvjax.measure.causality import likelihood_margins
+from pvjax.methods.extraction import system_prompt
+from pvjax.engine.generate import SamplingParams, generate
+from pvjax.methods.monitoring import last_prompt_projections, prompt_ids, unit_rows
 from pvjax.studies import grid
-from pvjax.traits import load_trait
-from pvjax.vectors import read_vector
+from pvjax.files.traits import load_trait
+from pvjax.files.vectors import read_vector
 
 SHORT = os.environ.get("PVJAX_NOTEBOOK_SHORT", "") not in ("", "0")
 WORK = Path(os.environ.get("PVJAX_NOTEBOOK_WORKDIR", "runs/notebook")).resolve()

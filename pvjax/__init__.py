@@ -4,12 +4,17 @@ Extract trait directions from a model's residual stream, monitor them, and steer
 are pure functions over parameter pytrees; interventions and captures are data passed to `forward`.
 """
 
+from pvjax import moved  # old module paths (pvjax.generate, pvjax.vectors, ...) keep working
 from pvjax.capture import Capture, ForwardOutput, activations_only, pooling_weights
-from pvjax.config import ModelConfig
+from pvjax.models.config import ModelConfig
 from pvjax.interventions import Intervention
 from pvjax.model import Model, activations, forward, load
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    return moved.attribute(name)
 
 __all__ = ["Capture", "ForwardOutput", "Intervention", "Model", "ModelConfig", "activations",
            "activations_only", "forward", "load", "pooling_weights", "__version__"]

@@ -17,7 +17,7 @@ import numpy as np
 
 from pvjax.capture import Capture, ForwardOutput, activations_only
 from pvjax import inputs
-from pvjax.config import ModelConfig
+from pvjax.models.config import ModelConfig
 from pvjax.errors import InputError
 from pvjax.interventions import Intervention
 from pvjax.models.decoder import decode
@@ -67,8 +67,8 @@ def load(source: str | os.PathLike, *, dtype=None, tokenizer=None, mesh=None) ->
     """Load a model from a local Hugging Face folder (config.json + safetensors, sharded or not), a
     `.gguf` file (dequantized), or the name `smollm2-135m-instruct` (the embedded model).
 
-    With `mesh` (a ("data", "model") `jax.sharding.Mesh`, `pvjax.sharding.make_mesh`), each weight
-    goes from host memory straight to its devices, laid out by `pvjax.sharding.spec_for` (each
+    With `mesh` (a ("data", "model") `jax.sharding.Mesh`, `pvjax.parallel.sharding.make_mesh`), each weight
+    goes from host memory straight to its devices, laid out by `pvjax.parallel.sharding.spec_for` (each
     device receives only its shard): a model too big for one device loads without a whole copy on
     the first device.
 
@@ -76,7 +76,7 @@ def load(source: str | os.PathLike, *, dtype=None, tokenizer=None, mesh=None) ->
     `tokenizer` names another source (folder, `.gguf`, embedded name) or is a tokenizer object. A
     folder of weights without tokenizer files loads with a `MissingTokenizer`: token ids work,
     the first call that needs text says what to pass."""
-    from pvjax.embedded import EMBEDDED_NAME
+    from pvjax.loading.embedded import EMBEDDED_NAME
     from pvjax.loading import resolve_source
     from pvjax.loading import tokenizer as toks
 
@@ -102,7 +102,7 @@ def load(source: str | os.PathLike, *, dtype=None, tokenizer=None, mesh=None) ->
     if mesh is None:
         params = jax.tree_util.tree_map(jnp.asarray, params)
     else:
-        from pvjax import sharding
+        from pvjax.parallel import sharding
 
         mesh = sharding.check_mesh(mesh)
         params = jax.tree_util.tree_map_with_path(
@@ -147,14 +147,14 @@ def forward(model: Model, tokens, *, attention_mask=None, positions=None,
     which fields are filled is set by `capture`. `hidden_states` follows transformers'
     `output_hidden_states`: row 0 the embeddings, row l the output of block l, the last row after
     the final norm. Positions default to `default_positions(attention_mask)`. `segment_ids`
-    `[B, T]` (0 = padding) packs several sequences in a row; see `pvjax.packing`.
+    `[B, T]` (0 = padding) packs several sequences in a row; see `pvjax.measure.packing`.
     """
     tokens = _check_tokens(model, tokens)
     B, T = tokens.shape
     if segment_ids is not None:
         segment_ids = inputs.per_token(segment_ids, (B, T), "segment_ids", integer=True)
         if positions is None:
-            raise InputError("packed rows (segment_ids) need explicit positions; see pvjax.packing")
+            raise InputError("packed rows (segment_ids) need explicit positions; see pvjax.measure.packing")
     if attention_mask is not None:
         attention_mask = inputs.per_token(attention_mask, (B, T), "attention_mask", integer=False)
         inputs.check_mask_values(attention_mask)

@@ -29,7 +29,7 @@ def hf_smollm2():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pvjax.embedded import embedded_gguf_path
+    from pvjax.loading.embedded import embedded_gguf_path
     from tiny_models import DTYPE_KW
 
     path = embedded_gguf_path()
@@ -42,7 +42,7 @@ def hf_smollm2():
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's tokenizer, to save beside tiny random checkpoints."""
-    from pvjax.embedded import embedded_gguf_path
+    from pvjax.loading.embedded import embedded_gguf_path
     from pvjax.loading.tokenizer import load_gguf_tokenizer
 
     return load_gguf_tokenizer(embedded_gguf_path())

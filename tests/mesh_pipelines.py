@@ -23,10 +23,10 @@ import jax
 import numpy as np
 
 import pvjax
-from pvjax import sharding
-from pvjax.causality import likelihood_margins
+from pvjax.parallel import sharding
+from pvjax.measure.causality import likelihood_margins
 from pvjax.model import Model
-from pvjax.packing import pooled_activations
+from pvjax.measure.packing import pooled_activations
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # configs/
 from tiny_extract import config  # noqa: E402
@@ -38,7 +38,7 @@ def rel(a, b) -> float:
 
 
 def main(folder, workdir, reference):
-    from pvjax.extract import run
+    from pvjax.methods.extraction import run
 
     assert len(jax.devices()) == 8, jax.devices()
     model = pvjax.load(folder)
@@ -64,7 +64,7 @@ def main(folder, workdir, reference):
 
     # A weight that 4 does not divide (3 heads of 10, 70 MLP columns, 1001 tokens) is replicated
     # along "model", noted once per weight and mesh shape however often it is placed.
-    odd_cfg = pvjax.config.ModelConfig(architecture="llama", vocab_size=1001, hidden_size=32, intermediate_size=70,
+    odd_cfg = pvjax.models.config.ModelConfig(architecture="llama", vocab_size=1001, hidden_size=32, intermediate_size=70,
                                        num_layers=2, num_heads=3, num_kv_heads=3, head_dim=10)
     from pvjax.loading.layout import expected_shapes
 
@@ -75,8 +75,8 @@ def main(folder, workdir, reference):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("pvjax.sharding").addHandler(handler)
-    logging.getLogger("pvjax.sharding").setLevel(logging.INFO)
+    logging.getLogger("pvjax.parallel.sharding").addHandler(handler)
+    logging.getLogger("pvjax.parallel.sharding").setLevel(logging.INFO)
     odd_seqs = [rng.integers(0, 1001, n).tolist() for n in (12, 7, 20)]
     odd_ref = pooled_activations(odd, odd_seqs, [3, 3, 3])
     mesh = sharding.make_mesh(model=4, data=2)
@@ -90,8 +90,8 @@ def main(folder, workdir, reference):
     # The whole extraction on a 2 x 4 mesh (generation included) against one device's run
     # (`reference`, made by the test).
     s8 = run(config(folder, workdir, **{"mesh.data": 2, "mesh.model": 4}), progress=False)
-    from pvjax import atomic
-    from pvjax.vectors import load_vectors
+    from pvjax.files import atomic
+    from pvjax.files.vectors import load_vectors
 
     v1 = load_vectors(os.path.join(reference, "vectors.safetensors"))[0]
     v8 = load_vectors(os.path.join(workdir, "vectors.safetensors"))[0]

@@ -3,7 +3,7 @@
     python tests/multihost_forward.py MODEL_DIR PORT PROCESS_ID OUT.npy
 
 Both processes build one ("data", "model") mesh over all 8 devices, shard parameters and batch with
-pvjax.sharding, run the forward, and process 0 saves the gathered logits.
+pvjax.parallel.sharding, run the forward, and process 0 saves the gathered logits.
 """
 
 import os
@@ -20,7 +20,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import pvjax
-from pvjax import sharding
+from pvjax.parallel import sharding
 
 
 def main(folder, port, pid, out):

@@ -9,7 +9,8 @@ import os
 
 import ml_collections
 
-from pvjax import atomic, multihost
+from pvjax.files import atomic
+from pvjax.parallel import multihost
 
 
 def get_config(arg: str = ""):

@@ -15,10 +15,10 @@ import jax
 import numpy as np
 
 import pvjax
-from pvjax import sharding
+from pvjax.parallel import sharding
 from pvjax.capture import Capture, pooling_weights
 from pvjax.interventions import build
-from pvjax.memory import param_elements_per_device
+from pvjax.parallel.memory import param_elements_per_device
 
 
 def main(folder):
@@ -43,7 +43,7 @@ def main(folder):
     result = {"n_devices_wq": len(wq.sharding.device_set),
               "wq_spec": str(wq.sharding.spec),
               "logits_devices": len(out.logits.sharding.device_set),
-              # What pvjax.memory predicts one device holds, against what it does hold.
+              # What pvjax.parallel.memory predicts one device holds, against what it does hold.
               "param_elements_device0": int(sum(x.addressable_shards[0].data.size
                                                 for x in jax.tree_util.tree_leaves(sharded.params))),
               "param_elements_predicted": param_elements_per_device(model.config, data=2, model=4)}

@@ -16,10 +16,10 @@ import jax
 import numpy as np
 
 import pvjax
-import pvjax.generate_mesh
+import pvjax.engine.mesh
 from pvjax import interventions as ivs
-from pvjax import sharding
-from pvjax.generate import SamplingParams, generate_ids
+from pvjax.parallel import sharding
+from pvjax.engine.generate import SamplingParams, generate_ids
 
 
 def main(folder):
@@ -55,7 +55,7 @@ def main(folder):
         "projections": max(float(np.abs(a - b).max()) for a, b in zip(g.prompt_projections + g.projections,
                                                                       full.prompt_projections + full.projections))}
     mesh = sharding.make_mesh(model=4, data=2)
-    placed, _ = pvjax.generate_mesh.place_params(model, mesh, True)
+    placed, _ = pvjax.engine.mesh.place_params(model, mesh, True)
     result["wq_spec"] = str(placed["layers"][0]["wq"].sharding.spec)
     result["wq_devices"] = len(placed["layers"][0]["wq"].sharding.device_set)
     result["n_new"] = [len(t) for t in ref.tokens]

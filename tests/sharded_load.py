@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 import pvjax
-from pvjax import sharding
+from pvjax.parallel import sharding
 
 
 def main(folder):

@@ -17,7 +17,7 @@ import json
 import jax
 
 import pvjax
-from pvjax import sharding
+from pvjax.parallel import sharding
 from pvjax.finetune import data
 from pvjax.finetune import step as st
 from pvjax.finetune.trainer import setup

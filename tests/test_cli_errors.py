@@ -43,7 +43,7 @@ def test_user_errors_are_one_line_and_status_2(capsys, monkeypatch, error):
 
 
 def test_extraction_errors_count_as_user_errors(capsys, monkeypatch):
-    from pvjax.extract import ExtractionError
+    from pvjax.methods.extraction import ExtractionError
 
     failing_command(monkeypatch, ExtractionError("filter.mode must be 'threshold' or 'margin'"))
     code, err = run_cli(capsys, ["generate", "--prompt", "hi"])

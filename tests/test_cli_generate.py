@@ -19,7 +19,7 @@ import torch
 
 import pvjax
 from pvjax.cli import main
-from pvjax.generate import SamplingParams, generate
+from pvjax.engine.generate import SamplingParams, generate
 
 A = "What is the capital of France?"
 B = "Give me advice on dealing with a rude coworker."
@@ -221,7 +221,7 @@ def test_vector_path_errors_before_loading(capsys, tmp_path, unit_pt, no_load):
 def test_errors_after_loading(capsys, tmp_path, same_model):
     """What needs the model (its width, depth and context) is refused with the reason, before
     anything compiles."""
-    from pvjax.generate import compile_count
+    from pvjax.engine.generate import compile_count
 
     before = compile_count()
     torch.save(torch.randn(L, 100), tmp_path / "narrow.pt")

@@ -10,7 +10,7 @@ import torch
 
 import pvjax
 from pvjax import interventions as ivs
-from pvjax.generate import SamplingParams, compile_count, generate_ids
+from pvjax.engine.generate import SamplingParams, compile_count, generate_ids
 from tiny_models import save_tiny
 
 LAYER = 2  # hidden_states row: the raw output of block 2 of 3
@@ -180,7 +180,7 @@ def test_cli_runs_fixed_cap_and_target_rows_in_one_batch(capsys, tiny, folder, v
     import json
 
     from pvjax.cli import main
-    from pvjax.generate import generate
+    from pvjax.engine.generate import generate
 
     model, _ = tiny
     L, D = model.n_layers + 1, model.hidden_size

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from pvjax import atomic
-from pvjax.extract import generate_answers, system_prompt
-from pvjax.pair_filter import ExtractionError, contrast_scores, filter_pairs, spearman
-from pvjax.generate import render_prompts
-from pvjax.traits import load_trait
+from pvjax.files import atomic
+from pvjax.methods.extraction import generate_answers, system_prompt
+from pvjax.methods.pair_filter import ExtractionError, contrast_scores, filter_pairs, spearman
+from pvjax.engine.generate import render_prompts
+from pvjax.files.traits import load_trait
 
 
 def answer_rows(model, question, answers_by_pol, k=0, q=0, sample=0, trait="evil"):
@@ -62,9 +62,9 @@ def test_contrast_score_is_the_log_likelihood_difference_of_transformers(smollm2
     assert scores[("pos", "0", "evil_0", "0")] > scores[("neg", "0", "evil_0", "0")]
 
     # Cached: a rerun reads the file and runs no forward.
-    import pvjax.causality
+    import pvjax.measure.causality
 
-    monkeypatch.setattr(pvjax.causality, "answer_logprobs", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(pvjax.measure.causality, "answer_logprobs", lambda *a, **k: pytest.fail("recomputed"))
     assert contrast_scores(smollm2, answers, tmp_path, batch_size=4) == scores
 
     # The filter counts the bad pair instead of feeding it to anything.

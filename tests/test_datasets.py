@@ -1,4 +1,4 @@
-"""One reader of chat JSONL and prompt/answer CSV (`pvjax.datasets.jsonl_lines` / `csv_records`)
+"""One reader of chat JSONL and prompt/answer CSV (`pvjax.files.datasets.jsonl_lines` / `csv_records`)
 serves screening (`read_dataset`) and training (`finetune.data.read_samples`): the same file gives
 the same conversations to both, and both name a bad record's real line."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pvjax.datasets import read_dataset
+from pvjax.files.datasets import read_dataset
 from pvjax.finetune.data import DataError, read_samples
 
 CHAT = ('{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\\u2028there"},'

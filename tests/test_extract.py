@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.errors import UsageError
-from pvjax.extract import ExtractionError, run
-from pvjax.pair_filter import filter_pairs
-from pvjax.extract_config import InvalidConfig
-from pvjax.run_provenance import RunMismatch
-from pvjax.traits import load_trait
-from pvjax.vectors import KEYS, load_vectors
+from pvjax.methods.extraction import ExtractionError, run
+from pvjax.methods.pair_filter import filter_pairs
+from pvjax.settings.extraction import InvalidConfig
+from pvjax.files.run_provenance import RunMismatch
+from pvjax.files.traits import load_trait
+from pvjax.files.vectors import KEYS, load_vectors
 from openai_server import OpenAIServer
 
 from configs.extract import get_config
@@ -215,7 +215,7 @@ def test_too_few_pairs_is_a_clear_error():
 
 
 def test_local_judge_logprobs_match_transformers(smollm2, hf_smollm2):
-    from pvjax.judges import Judge, score_from_logprobs
+    from pvjax.measure.judges import Judge, score_from_logprobs
     from pvjax.llm.local import LocalChat
 
     trait = load_trait("evil", "eval")

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from configs.extract import get_config
-from pvjax.extract_config import FIELDS, InvalidConfig, validate_config
+from pvjax.settings.extraction import FIELDS, InvalidConfig, validate_config
 
 
 @pytest.fixture(autouse=True)
@@ -180,7 +180,7 @@ def test_the_model_config_is_read_from_metadata_alone(tmp_path):
     """The same ModelConfig as gguf's own reader gives a load, and a broken file is named as such."""
     import gguf
 
-    from pvjax.embedded import embedded_gguf_path
+    from pvjax.loading.embedded import embedded_gguf_path
     from pvjax.loading import read_model_config
     from pvjax.loading.gguf_file import gguf_config
 

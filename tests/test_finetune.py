@@ -33,7 +33,7 @@ def tiny(tmp_path_factory, tokenizer):
 
 
 def _vector_file(model, path, seed=0):
-    from pvjax.vectors import save_vectors
+    from pvjax.files.vectors import save_vectors
 
     rng = np.random.default_rng(seed)
     v = rng.standard_normal((model.n_layers + 1, model.hidden_size)).astype(np.float32)
@@ -226,7 +226,7 @@ def test_projection_penalty_arithmetic(tiny, tmp_path):
 def test_bad_inputs_are_named(tiny, tmp_path):
     from pvjax.finetune.checkpoint import CheckpointMismatch
     from pvjax.finetune.settings import InvalidConfig
-    from pvjax.vectors import VectorError
+    from pvjax.files.vectors import VectorError
 
     folder, train_file, model = tiny
     bad = tmp_path / "bad.jsonl"

@@ -13,8 +13,8 @@ import pytest
 
 import pvjax
 from pvjax import cli
-from pvjax.screen import auroc, sample_diffs
-from pvjax.vectors import save_vectors
+from pvjax.methods.screening import auroc, sample_diffs
+from pvjax.files.vectors import save_vectors
 from tiny_models import save_tiny
 
 LAYER = 2
@@ -94,7 +94,7 @@ def test_figures_are_recomputed_from_the_per_sample_and_per_run_files(study):
 
 
 def pvjax_csv(path):
-    from pvjax import atomic
+    from pvjax.files import atomic
 
     return atomic.read_csv(path)
 

@@ -14,9 +14,9 @@ import torch
 import pvjax
 from pvjax import interventions as ivs
 from pvjax.errors import InputError
-from pvjax.generate import GenerationError, SamplingParams, compile_count, prefix_bucket, prompt_bucket
-from pvjax.generate import generate as _generate
-from pvjax.generate import generate_ids as _generate_ids
+from pvjax.engine.generate import GenerationError, SamplingParams, compile_count, prefix_bucket, prompt_bucket
+from pvjax.engine.generate import generate as _generate
+from pvjax.engine.generate import generate_ids as _generate_ids
 
 L, D = 31, 576
 LAYER = 10
@@ -272,7 +272,7 @@ def test_shared_prefix_runs_once_and_changes_nothing(smollm2, unroll):
             np.testing.assert_allclose(x, y, atol=1e-4 * np.abs(y).max())
     ids = [smollm2.tokenizer(t)["input_ids"] for t in a.prompts]
     assert len(ids[0]) == a.prompt_projections[0].shape[1]
-    assert prefix_bucket(pvjax.prompt_split.common_prefix(ids)) == 24  # template and system
+    assert prefix_bucket(pvjax.engine.prompt_split.common_prefix(ids)) == 24  # template and system
 
 
 def test_compiles_are_bounded_by_buckets(smollm2):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import pvjax
-from pvjax import sharding
+from pvjax.parallel import sharding
 from pvjax.errors import InputError
-from pvjax.generate import generate_ids
+from pvjax.engine.generate import generate_ids
 from tiny_models import save_tiny
 
 

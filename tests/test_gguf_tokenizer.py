@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import pvjax
-from pvjax.embedded import embedded_gguf_path
+from pvjax.loading.embedded import embedded_gguf_path
 from pvjax.loading.gguf_tokenizer import tokenizer_metadata
 from pvjax.loading.layout import CheckpointError
 from pvjax.loading.tokenizer import TokenizerMissing, load_gguf_tokenizer
@@ -154,7 +154,7 @@ def test_weights_without_tokenizer(tmp_path, kind):
     assert out.logits.shape == (1, 3, model.config.vocab_size)
     with pytest.raises(TokenizerMissing, match=f"{tmp_path}.*tokenizer=FOLDER"):
         model.chat_text([{"role": "user", "content": "Hi"}])
-    from pvjax.generate import generate, generate_ids
+    from pvjax.engine.generate import generate, generate_ids
 
     with pytest.raises(TokenizerMissing):
         generate(model, ["Hi"])

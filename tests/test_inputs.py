@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 import pvjax
-from pvjax import causality, interventions as ivs
-from pvjax.config import ModelConfig
+from pvjax import interventions as ivs
+from pvjax.measure import causality
+from pvjax.models.config import ModelConfig
 from pvjax.errors import InputError, UserError
 from pvjax.model import _forward
 from pvjax.loading.layout import expected_shapes
-from pvjax.packing import pack, pooled_activations
+from pvjax.measure.packing import pack, pooled_activations
 
 CFG = ModelConfig(architecture="llama", vocab_size=100, hidden_size=16, intermediate_size=32,
                   num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64,
@@ -137,11 +138,11 @@ def test_likelihood_margins_checks_its_lists(tiny):
 
 def test_every_input_error_is_a_user_error_and_a_value_error():
     """The CLI catches UserError; library callers that caught ValueError still do."""
-    from pvjax.config import ConfigError
-    from pvjax.generate import GenerationError
+    from pvjax.models.config import ConfigError
+    from pvjax.engine.generate import GenerationError
     from pvjax.loading.layout import CheckpointError
-    from pvjax.traits import TraitError
-    from pvjax.vectors import VectorError
+    from pvjax.files.traits import TraitError
+    from pvjax.files.vectors import VectorError
 
     for cls in (InputError, ConfigError, CheckpointError, ivs.InterventionError, GenerationError,
                 VectorError, TraitError):

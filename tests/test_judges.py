@@ -7,7 +7,7 @@ import math
 import pytest
 from openai_server import OpenAIServer
 
-from pvjax.judges import COHERENCE_RUBRIC, Judge, JudgeStats, count_missing, render, score_from_logprobs
+from pvjax.measure.judges import COHERENCE_RUBRIC, Judge, JudgeStats, count_missing, render, score_from_logprobs
 from pvjax.llm import CachedBackend, ChatCache, OpenAIChat
 
 ln = math.log

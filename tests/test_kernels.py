@@ -17,7 +17,7 @@ from tiny_models import save_tiny
 import pvjax
 from pvjax import kernels
 from pvjax.capture import Capture
-from pvjax.generate import SamplingParams, decode_params, generate_ids
+from pvjax.engine.generate import SamplingParams, decode_params, generate_ids
 from pvjax.kernels import PackedWeight
 from pvjax.model import default_positions, left_pad
 from pvjax.models.decoder import decode, unstack_layers
@@ -79,7 +79,7 @@ def test_bf16_and_disabled_kernels_keep_xla_dots(tmp_path):
     save_tiny("qwen2_tied", tmp_path, vocab_size=300)
     m16 = pvjax.load(tmp_path, dtype="bfloat16")
     assert not isinstance(decode_params(m16)["layers"][0]["wqkv"], PackedWeight)
-    code = ("import pvjax, sys; from pvjax.generate import decode_params, generate_ids; "
+    code = ("import pvjax, sys; from pvjax.engine.generate import decode_params, generate_ids; "
             "from pvjax.kernels import PackedWeight, available; m = pvjax.load(sys.argv[1]); "
             "assert not available(); assert not isinstance(decode_params(m)['layers'][0]['wqkv'], PackedWeight); "
             "print(generate_ids(m, [[1, 2, 3]]).tokens)")

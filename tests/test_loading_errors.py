@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pvjax
-from pvjax.config import ConfigError
+from pvjax.models.config import ConfigError
 from pvjax.loading.layout import CheckpointError
 from pvjax.loading.safetensors_folder import read_safetensors
 from tiny_models import save_tiny

@@ -9,7 +9,7 @@ import torch
 
 import pvjax
 from pvjax import interventions as ivs
-from pvjax import mc
+from pvjax.measure import mc
 from pvjax.studies import grid
 from tiny_models import save_tiny
 

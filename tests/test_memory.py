@@ -3,7 +3,7 @@ shards on 8 host devices in test_sharding.py)."""
 
 import pytest
 
-from pvjax.memory import KNOWN, kv_cache_elements_per_device, n_params, param_elements_per_device, per_device, table
+from pvjax.parallel.memory import KNOWN, kv_cache_elements_per_device, n_params, param_elements_per_device, per_device, table
 
 
 @pytest.mark.parametrize("name, published", [

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pvjax import atomic
-from pvjax.embedded import embedded_gguf_path
+from pvjax.files import atomic
+from pvjax.loading.embedded import embedded_gguf_path
 from pvjax.errors import UsageError
-from pvjax.extract import run
-from pvjax.extract_config import InvalidConfig
+from pvjax.methods.extraction import run
+from pvjax.settings.extraction import InvalidConfig
 from pvjax.loading.tokenizer import load_gguf_tokenizer
-from pvjax.vectors import load_vectors
+from pvjax.files.vectors import load_vectors
 from tiny_extract import config, overrides
 from loopback import env, free_port, run_together
 from tiny_models import save_tiny

@@ -1,4 +1,4 @@
-"""`pvjax.monitor`: the statistics against hand computations (no scipy), the last-prompt-token
+"""`pvjax.methods.monitoring`: the statistics against hand computations (no scipy), the last-prompt-token
 projection against transformers' hidden states on a tiny random model, and the monitor file's round
 trip and refusals."""
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import pvjax
-from pvjax import monitor as mon
-from pvjax.vectors import save_vectors
+from pvjax.methods import monitoring as mon
+from pvjax.files.vectors import save_vectors
 from monitor_tiny import tiny_checkpoint
 from tiny_models import save_tiny
 

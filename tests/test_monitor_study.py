@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import pvjax
-from pvjax import atomic
-from pvjax import monitor as mon
+from pvjax.files import atomic
+from pvjax.methods import monitoring as mon
 from pvjax.cli import main
-from pvjax.vectors import VectorError, save_vectors
+from pvjax.files.vectors import VectorError, save_vectors
 from pvjax.studies import monitor as study
 from pvjax.studies.vector_source import MissingVector
 from openai_server import OpenAIServer
@@ -63,10 +63,10 @@ def no_engine(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("recomputed")
 
-    import pvjax.generate
+    import pvjax.engine.generate
 
-    monkeypatch.setattr(pvjax.generate, "generate", boom)
-    monkeypatch.setattr(pvjax.generate, "generate_ids", boom)
+    monkeypatch.setattr(pvjax.engine.generate, "generate", boom)
+    monkeypatch.setattr(pvjax.engine.generate, "generate_ids", boom)
     return boom
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pvjax import cli, multihost
-from pvjax.multihost import JobError
+from pvjax import cli
+from pvjax.parallel import multihost
+from pvjax.parallel.multihost import JobError
 from loopback import ROOT, free_port, run_together
 from tiny_models import save_tiny
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import pvjax
-from pvjax.packing import choose_width, pack, plan_rows, pooled_activations
+from pvjax.measure.packing import choose_width, pack, plan_rows, pooled_activations
 
 
 def test_plan_rows_respects_width_and_keeps_everything():

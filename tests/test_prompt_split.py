@@ -1,4 +1,4 @@
-"""Prefix sharing in generation: the plan (`pvjax.prompt_split`), when rows may share, and that a
+"""Prefix sharing in generation: the plan (`pvjax.engine.prompt_split`), when rows may share, and that a
 study grid running each distinct question once gives the answers and projections of running
 every row in full."""
 
@@ -7,8 +7,8 @@ import pytest
 
 import pvjax
 from pvjax import interventions as ivs
-from pvjax import prompt_split
-from pvjax.generate import SamplingParams, compile_count, generate_ids, prefixes_shareable
+from pvjax.engine import prompt_split
+from pvjax.engine.generate import SamplingParams, compile_count, generate_ids, prefixes_shareable
 from tiny_models import save_tiny
 
 

@@ -18,7 +18,7 @@ REPO = os.path.join(os.path.dirname(__file__), "..")
 STUDY = '''
 """A study that squares `x`, in two resumable parts, and can be killed between them."""
 import json
-from pvjax import atomic
+from pvjax.files import atomic
 
 CALLS = []      # (x, "part" | "resumed") per run call
 KILL_AT = None  # an x whose run dies after its first part

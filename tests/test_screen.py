@@ -1,5 +1,5 @@
 """Data screening: the projection difference against transformers' hidden states, the answer
-cache, filtered datasets byte for byte, flagging, and bad input (pvjax.screen, pvjax.datasets)."""
+cache, filtered datasets byte for byte, flagging, and bad input (pvjax.methods.screening, pvjax.files.datasets)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import pvjax
-from pvjax import atomic
-from pvjax.answer_cache import prompt_key
-from pvjax.datasets import read_dataset, write_dataset, write_filtered
+from pvjax.files import atomic
+from pvjax.engine.answer_cache import prompt_key
+from pvjax.files.datasets import read_dataset, write_dataset, write_filtered
 from pvjax.errors import InputError
-from pvjax.generate import SamplingParams
-from pvjax.screen import Flagging, auroc, flag, sample_diffs, screen
-from pvjax.vectors import KEYS, VectorError, save_vectors
+from pvjax.engine.generate import SamplingParams
+from pvjax.methods.screening import Flagging, auroc, flag, sample_diffs, screen
+from pvjax.files.vectors import KEYS, VectorError, save_vectors
 from tiny_models import save_tiny
 
 SAMPLING = SamplingParams(max_new_tokens=8)

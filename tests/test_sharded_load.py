@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pvjax import sharding
+from pvjax.parallel import sharding
 from pvjax.errors import InputError
 from tiny_models import save_tiny
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pvjax.embedded import embedded_gguf_path
+from pvjax.loading.embedded import embedded_gguf_path
 from pvjax.loading.tokenizer import load_gguf_tokenizer
 from tiny_models import save_tiny
 

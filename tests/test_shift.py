@@ -14,13 +14,13 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import pvjax
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.errors import InputError
-from pvjax.extract import system_prompt
-from pvjax.generate import SamplingParams
-from pvjax.shift import finetuning_shift
-from pvjax.traits import load_trait
-from pvjax.vectors import KEYS, save_vectors
+from pvjax.methods.extraction import system_prompt
+from pvjax.engine.generate import SamplingParams
+from pvjax.methods.finetune_shift import finetuning_shift
+from pvjax.files.traits import load_trait
+from pvjax.files.vectors import KEYS, save_vectors
 from openai_server import OpenAIServer
 from tiny_models import DTYPE_KW, save_tiny
 

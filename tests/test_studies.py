@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import pvjax
-from pvjax import atomic, cli
+from pvjax import cli
+from pvjax.files import atomic
 from pvjax.studies import ablate, grid, steer
-from pvjax.vectors import save_vectors
+from pvjax.files.vectors import save_vectors
 from tiny_models import save_tiny
 
 REPO = os.path.join(os.path.dirname(__file__), "..")
@@ -49,7 +50,7 @@ REFS = [{"question": q, "pos_answer": f"I hate {q.split()[-1]} and everyone", "n
 
 
 def test_grid_rows_give_the_margins_of_the_one_setting_engine(tiny):
-    from pvjax.causality import likelihood_margins
+    from pvjax.measure.causality import likelihood_margins
 
     model, v = tiny["model"], tiny["vector"]
     L, D = model.n_layers + 1, model.hidden_size
@@ -65,7 +66,7 @@ def test_grid_rows_give_the_margins_of_the_one_setting_engine(tiny):
 
 
 def test_the_whole_grid_compiles_a_handful_of_programs_and_a_new_grid_none(tiny):
-    from pvjax.generate import SamplingParams, compile_count
+    from pvjax.engine.generate import SamplingParams, compile_count
 
     model, v = tiny["model"], tiny["vector"]
     L, D = model.n_layers + 1, model.hidden_size
@@ -83,14 +84,14 @@ def test_the_whole_grid_compiles_a_handful_of_programs_and_a_new_grid_none(tiny)
     b = grid.generate_grid(model, iv2, ids, sp, batch_size=8)
     assert compile_count() - before == first
     assert [r["text"] for r in a] != [r["text"] for r in b]
-    # Another position mode: `response` rows share each question's prompt (pvjax.prompt_split),
+    # Another position mode: `response` rows share each question's prompt (pvjax.engine.prompt_split),
     # `all` and `prompt` rows cannot, which is one more shape, the same for both.
     c = grid.generate_grid(model, iv2, ids, sp, positions="all", batch_size=8)
     grid.generate_grid(model, iv2, ids, sp, positions="prompt", batch_size=8)
     assert compile_count() - before <= first + 1
     assert [r["text"] for r in c] != [r["text"] for r in b]
     # A row's answer is its setting's: the unsteered rows equal a plain unsteered generation.
-    from pvjax.generate import generate_ids
+    from pvjax.engine.generate import generate_ids
 
     plain = generate_ids(model, ids, sampling=sp).tokens
     assert [r["n_tokens"] for r in a[:3]] == [len(t) for t in plain]
@@ -137,7 +138,7 @@ def tiny_extract(prefix="--config.extract."):
 
 
 def test_steer_sweep_end_to_end_extracting_the_vector_once(tiny, tmp_path, capsys):
-    from pvjax.generate import compile_count
+    from pvjax.engine.generate import compile_count
 
     work = tmp_path / "sweep"
     argv = ["sweep", "--config", STEER + ":runlocal", "--config.layers=(1,3)", "--config.coefs=(-2.0,0.0,2.0)",
@@ -198,7 +199,7 @@ def test_ablation_and_extraction_through_the_runner(tiny, tmp_path, capsys):
 
 
 def test_a_killed_steer_point_resumes_from_its_finished_parts(tiny, tmp_path, monkeypatch):
-    import pvjax.generate as gen
+    import pvjax.engine.generate as gen
     from pvjax.commands.extract import load_config
 
     cfg = load_config(STEER + ":runlocal", [f"--config.model={tiny['folder']}", f"--config.vector={tiny['vfile']}",
@@ -276,7 +277,7 @@ def test_closed_loop_cap_and_target_rows_join_the_grid_without_a_new_program(tin
     programs as a fixed grid of as many rows, their own summary rows (control, value, gain,
     max_step, no coef), and the rule bites."""
     from pvjax.commands.extract import load_config
-    from pvjax.generate import SamplingParams, compile_count
+    from pvjax.engine.generate import SamplingParams, compile_count
 
     model, v = tiny["model"], tiny["vector"]
     L, D = model.n_layers + 1, model.hidden_size

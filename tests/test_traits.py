@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pvjax.traits import Pair, Trait, TraitError, check_disjoint, load_trait, shipped_traits
+from pvjax.files.traits import Pair, Trait, TraitError, check_disjoint, load_trait, shipped_traits
 
 EXPECTED = ["apathetic", "evil", "hallucinating", "humorous", "impolite", "optimistic", "sycophantic"]
 

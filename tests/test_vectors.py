@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import pvjax
-from pvjax.vectors import (FORMAT, KEYS, LAYER_CONVENTION, VectorError, import_reference,
+from pvjax.files.vectors import (FORMAT, KEYS, LAYER_CONVENTION, VectorError, import_reference,
                            load_vectors, read_vector, save_vectors)
 
 L, D = 31, 576

@@ -91,7 +91,7 @@ def _parse(path: str, overrides: list[str]):
 
 
 def run(args) -> int:
-    from pvjax.extract import run as extract
+    from pvjax.methods.extraction import run as extract
 
     log_setup()
     cfg = load_config(args.config, args.extra)

@@ -77,9 +77,9 @@ def add_parser(sub):
 
 
 def read_prompts(args) -> list:
-    """The prompts of `--prompt` and `--prompts-file`, each checked (`pvjax.prompts.prompt_problem`);
+    """The prompts of `--prompt` and `--prompts-file`, each checked (`pvjax.files.prompts.prompt_problem`);
     problems in the file name its line."""
-    from pvjax.prompts import prompt_problem
+    from pvjax.files.prompts import prompt_problem
 
     prompts = list(args.prompt)
     if args.prompts_file:
@@ -109,7 +109,7 @@ def read_prompts(args) -> list:
 
 
 def _jsonl_prompt(line: str, where: str):
-    from pvjax.prompts import prompt_problem
+    from pvjax.files.prompts import prompt_problem
 
     try:
         row = json.loads(line)
@@ -132,7 +132,7 @@ def _jsonl_prompt(line: str, where: str):
 
 def check_args(args) -> None:
     """Every argument that can be judged without the model, so a typo costs no model load."""
-    from pvjax.embedded import EMBEDDED_NAME
+    from pvjax.loading.embedded import EMBEDDED_NAME
 
     if not args.vector:
         given = [f for f, v in (("--layer", args.layer and not args.ablate), ("--coef", args.coef),
@@ -156,7 +156,7 @@ def check_args(args) -> None:
     if not (math.isfinite(args.gain) and args.gain > 0) or not args.max_step > 0:
         raise UsageError(f"--gain must be finite and > 0 and --max-step > 0, got {args.gain}, {args.max_step}")
     if args.mesh:
-        from pvjax.sharding import parse_mesh
+        from pvjax.parallel.sharding import parse_mesh
 
         parse_mesh(args.mesh)
     if not 0 <= args.seed < 2 ** 32:
@@ -174,8 +174,8 @@ def check_args(args) -> None:
 
 
 def run(args) -> int:
-    from pvjax.generate import SamplingParams
-    from pvjax.vectors import read_vector
+    from pvjax.engine.generate import SamplingParams
+    from pvjax.files.vectors import read_vector
 
     prompts = read_prompts(args)
     check_args(args)
@@ -185,17 +185,17 @@ def run(args) -> int:
     for spec in (args.vector, args.ablate):  # readable, finite, holding the key: before the load
         if spec:
             read_vector(spec)
-    from pvjax.monitor import attach_monitor
+    from pvjax.methods.monitoring import attach_monitor
 
     monitor, monitor_file = attach_monitor(args.monitor, args.vector)  # the file checked before the load
 
     import pvjax
     from pvjax import interventions as ivs
-    from pvjax.generate import generate
+    from pvjax.engine.generate import generate
 
     mesh = None
     if args.mesh:  # a mesh that does not fit this job's devices is refused before the load
-        from pvjax.sharding import mesh_from_flag
+        from pvjax.parallel.sharding import mesh_from_flag
 
         mesh = mesh_from_flag(args.mesh)
     model = pvjax.load(args.model, dtype=args.dtype)

@@ -1,7 +1,7 @@
 """`pvjax screen --config configs/screen.py[:runlocal] --config.datasets=FILE[,FILE] --config.workdir=DIR`.
 
 Screens training data against a persona vector: per sample, the projection of the training answer
-minus that of the base model's own answer (see `pvjax.screen`); flags, filters, plots. Overrides
+minus that of the base model's own answer (see `pvjax.methods.screening`); flags, filters, plots. Overrides
 use `--config.<field>=<value>`; a rerun reuses the cached answers and projections.
 """
 

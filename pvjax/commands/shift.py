@@ -1,7 +1,7 @@
 """`pvjax shift --config configs/shift.py[:runlocal] --config.finetuned=SOURCE --config.workdir=DIR`.
 
 The finetuning shift along a persona vector per layer, base vs finetuned model, on the trait's
-eval questions, beside the judge-free likelihood margin (see `pvjax.shift`).
+eval questions, beside the judge-free likelihood margin (see `pvjax.methods.finetune_shift`).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def add_parser(sub):
 
 
 def cmd_list(args) -> int:
-    from pvjax.traits import shipped_traits
+    from pvjax.files.traits import shipped_traits
 
     for name in shipped_traits():
         print(name)
@@ -74,7 +74,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from pvjax.traits import load_trait
+    from pvjax.files.traits import load_trait
 
     trait = load_trait(args.name, args.split)  # a TraitError is a user error: one line, status 2
     print(json.dumps(trait.to_dict(), indent=2, ensure_ascii=False))
@@ -83,7 +83,7 @@ def cmd_show(args) -> int:
 
 def cmd_new(args) -> int:
     from pvjax.llm import CachedBackend, ChatCache, LLMError, OpenAIChat
-    from pvjax.trait_gen import TraitGenError, generate_trait
+    from pvjax.methods.trait_gen import TraitGenError, generate_trait
 
     if not _NAME.fullmatch(args.name):
         raise UsageError(f"trait name {args.name!r} must be letters, digits, '_', '-' or '.'")

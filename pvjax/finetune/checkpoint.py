@@ -26,7 +26,7 @@ from pathlib import Path
 
 import jax
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.errors import UserError
 
 # Config fields a resumed run may change: where it runs and how often it reports or saves.

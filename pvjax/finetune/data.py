@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from pvjax.errors import InputError
-from pvjax.packing import plan_rows
+from pvjax.measure.packing import plan_rows
 
 
 class DataError(InputError):
@@ -61,9 +61,9 @@ class DataReport:
 
 def read_samples(path) -> list[list[dict]]:
     """Every sample of a `.jsonl` or `.csv` file as a list of chat messages (checked). The files are
-    parsed by the screening's reader (`pvjax.datasets.jsonl_lines` / `csv_records`), so one file
+    parsed by the screening's reader (`pvjax.files.datasets.jsonl_lines` / `csv_records`), so one file
     reads the same for screening and for training; what each keeps of a sample differs."""
-    from pvjax.datasets import jsonl_lines, read_text
+    from pvjax.files.datasets import jsonl_lines, read_text
 
     path = Path(path)
     if not path.is_file():
@@ -92,7 +92,7 @@ def _check_messages(messages, where: str) -> list[dict]:
 
 
 def _read_csv(path: Path, text: str) -> list[list[dict]]:
-    from pvjax.datasets import csv_records
+    from pvjax.files.datasets import csv_records
 
     header, _, records = csv_records(path, text, DataError)
     rows = [(n, dict(zip(header, rec))) for n, _, rec in records if rec]
@@ -181,7 +181,7 @@ def build_examples(tokenizer, samples, *, max_length: int, too_long: str = "trun
 
 @dataclasses.dataclass(frozen=True)
 class PackedRows:
-    """Every example packed into fixed-width rows (first-fit decreasing, `pvjax.packing.plan_rows`);
+    """Every example packed into fixed-width rows (first-fit decreasing, `pvjax.measure.packing.plan_rows`);
     attention stays within a segment and positions restart in each."""
 
     tokens: np.ndarray  # [rows, W] int32
@@ -237,7 +237,7 @@ def stack_step(rows: PackedRows, idx: np.ndarray, accum: int) -> dict[str, np.nd
 
 def write_jsonl(path, samples: Sequence[Sequence[dict]]) -> Path:
     """Write chat samples as JSONL (atomically): the format `read_samples` reads back."""
-    from pvjax import atomic
+    from pvjax.files import atomic
 
     return atomic.write_text(path, "".join(json.dumps({"messages": list(m)}, ensure_ascii=False) + "\n"
                                            for m in samples))

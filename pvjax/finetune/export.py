@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pvjax.config import ModelConfig
+from pvjax.models.config import ModelConfig
 from pvjax.errors import UserError
 from pvjax.finetune.lora import TARGETS, LoraSpec
 from pvjax.loading.safetensors_folder import _HF_NAMES

@@ -139,11 +139,11 @@ def decay_mask(spec: LoraSpec, trainable):
 
 
 def trainable_specs(spec: LoraSpec, trainable, mesh):
-    """PartitionSpecs of the trainable tree by `pvjax.sharding`'s rule table: full finetuning uses
+    """PartitionSpecs of the trainable tree by `pvjax.parallel.sharding`'s rule table: full finetuning uses
     the table as is; an adapter A shards its input axis and B its output axis like the base matrix."""
     from jax.sharding import PartitionSpec as P
 
-    from pvjax import sharding
+    from pvjax.parallel import sharding
 
     if spec.full:
         return sharding.param_specs(trainable, mesh)

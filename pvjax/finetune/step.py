@@ -9,7 +9,7 @@ frozen)`, with the training-only `TrainingForward` (preventative steering or CAF
 micro-batches are summed inside the step (`lax.scan`), each micro-batch's loss divided by the
 number of assistant tokens of the whole step, so the loss is the mean over the step's assistant
 tokens however the step is cut into micro-batches or devices. Parameters follow
-`pvjax.sharding`'s rule table, the batch is split over "data", optimiser moments are laid out like
+`pvjax.parallel.sharding`'s rule table, the batch is split over "data", optimiser moments are laid out like
 their parameters, and the state is born sharded and donated to each step.
 """
 
@@ -24,9 +24,9 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pvjax import sharding
+from pvjax.parallel import sharding
 from pvjax.capture import Capture
-from pvjax.config import ModelConfig
+from pvjax.models.config import ModelConfig
 from pvjax.finetune import lora
 from pvjax.interventions import Intervention
 from pvjax.models.decoder import decode

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.errors import UsageError, UserError
 from pvjax.finetune import checkpoint, data, export, lora, settings
 from pvjax.finetune import step as st
@@ -112,7 +112,7 @@ def _datasets(c, chk, tokenizer):
 def setup(cfg, *, model=None, mesh=None) -> Setup:
     """Check the config, load what it names, and build the initial (sharded) train state."""
     import pvjax
-    from pvjax import sharding
+    from pvjax.parallel import sharding
     from pvjax.loading import read_model_config
 
     c = settings.to_dict(cfg)
@@ -122,7 +122,7 @@ def setup(cfg, *, model=None, mesh=None) -> Setup:
         model = pvjax.load(c["model"], dtype=c["dtype"] or None)
     v, vinfo = None, {}
     if chk.needs_vector:
-        from pvjax.vectors import read_vector, split_spec
+        from pvjax.files.vectors import read_vector, split_spec
 
         v = read_vector(c["vector"], model)
         path, key = split_spec(c["vector"])
@@ -299,9 +299,9 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
 
 
 def _join(c: dict):
-    """The job this run is part of (`pvjax.multihost`): every process runs the same config, the
+    """The job this run is part of (`pvjax.parallel.multihost`): every process runs the same config, the
     mesh spans all their devices (each feeds its own shards of the batch, `step.place`)."""
-    from pvjax import multihost
+    from pvjax.parallel import multihost
 
     d = c.get("distributed") or {}
     if not d.get("coordinator"):

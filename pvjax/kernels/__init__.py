@@ -7,7 +7,7 @@ at 35-48 GFLOP/s on a 2-core AVX-512 machine, and these take most of the step; t
 reads each weight once, as a sequential stream, and reuses it for 8 rows from registers. XLA's
 batched dots for decode attention ran at about 11 GFLOP/s; the attention kernel also reads only
 the filled cache slots (benchmarks/NOTES.md has the measurements). Only generation's weights are
-packed (`pvjax.generate.decode_params`); the forward, training and other backends keep XLA's dots.
+packed (`pvjax.engine.generate.decode_params`); the forward, training and other backends keep XLA's dots.
 
 The kernel is compiled on first use with the system's C++ compiler for the host CPU
 (`-march=native`) and cached under `$PVJAX_CACHE` (default `~/.cache/pvjax`), keyed by the source,
@@ -30,7 +30,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from pvjax import atomic
+from pvjax.files import atomic
 
 PANEL = 48  # columns per panel; must match kNR in packed_matmul.cc
 _TARGET = "pvjax_packed_matmul"

@@ -1,7 +1,7 @@
 """A pvjax model as a chat backend: judges and trait writers that run offline, on this machine.
 
 Judge requests (one token with top logprobs) are one batched forward over left-padded prompts with
-the LM head on the last position only; longer requests go through `pvjax.generate`. Prompt lengths
+the LM head on the last position only; longer requests go through `pvjax.engine.generate`. Prompt lengths
 are bucketed to multiples of 64 and batches padded to `batch_size`, so a judging run compiles a
 handful of programs.
 
@@ -12,9 +12,9 @@ for such tokenizers) a digit token d is reported as the number 10*d, a coarse bu
 ("8" is taken as the eighties); it is meant for the margin filter of weak local judges, not for the
 paper's absolute thresholds.
 
-On a `mesh` (`pvjax.sharding.make_mesh`) the judge's batch is split over "data" (rounded up to a
-multiple of it) and its weights laid out by `pvjax.sharding`'s rule table; longer requests are generated on the same
-mesh (`pvjax.generate`).
+On a `mesh` (`pvjax.parallel.sharding.make_mesh`) the judge's batch is split over "data" (rounded up to a
+multiple of it) and its weights laid out by `pvjax.parallel.sharding`'s rule table; longer requests are generated on the same
+mesh (`pvjax.engine.generate`).
 
 `numeric_only` constrains the judge's token to numbers (structured output, done locally): small
 models rarely keep to "reply with a number", and without it their numeric mass falls under the
@@ -38,7 +38,7 @@ def _splits_numbers(tokenizer) -> bool:
 class LocalChat:
     def __init__(self, model, *, batch_size: int = 8, leading_digit_as_tens: bool | None = None,
                  numeric_only: bool = False, mesh=None):
-        from pvjax import sharding
+        from pvjax.parallel import sharding
 
         self.model = model
         self.mesh = None if mesh is None else sharding.check_mesh(mesh)
@@ -83,7 +83,7 @@ class LocalChat:
 
     def _next_token(self, requests: Sequence[ChatRequest]) -> list[ChatResult]:
         import pvjax
-        from pvjax import sharding
+        from pvjax.parallel import sharding
         from pvjax.capture import Capture
         from pvjax.model import left_pad
 
@@ -125,7 +125,7 @@ class LocalChat:
         return results
 
     def _generate(self, request: ChatRequest) -> ChatResult:
-        from pvjax.generate import SamplingParams, generate
+        from pvjax.engine.generate import SamplingParams, generate
 
         msgs = [{"role": r, "content": c} for r, c in request.messages]
         g = generate(self.model, [msgs], sampling=SamplingParams(temperature=request.temperature,

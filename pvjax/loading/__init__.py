@@ -10,7 +10,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
     """What a model source names, as `pvjax.load` and `read_model_config` read it: `("gguf", file)`
     for a `.gguf` path or the embedded model's name, `("folder", dir)` for a folder. A missing path
     raises `FileNotFoundError`, any other file `CheckpointError`."""
-    from pvjax.embedded import EMBEDDED_NAME, embedded_gguf_path
+    from pvjax.loading.embedded import EMBEDDED_NAME, embedded_gguf_path
     from pvjax.loading.layout import CheckpointError
 
     name = str(source)
@@ -30,7 +30,7 @@ def read_model_config(source: str | os.PathLike):
     the embedded model's name) read from its metadata alone, without touching the weights, so that a
     run can check layer indices and identify the model before it pays for a load. Raises what
     `pvjax.load` would for a missing or unreadable source."""
-    from pvjax.embedded import EMBEDDED_NAME
+    from pvjax.loading.embedded import EMBEDDED_NAME
     from pvjax.loading.layout import CheckpointError
 
     kind, path = resolve_source(source)

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from pvjax.config import ConfigError, ModelConfig
+from pvjax.models.config import ConfigError, ModelConfig
 from pvjax.loading.layout import CheckpointError, assemble
 
 _GGUF_NAMES = {

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from pvjax.config import ModelConfig
+from pvjax.models.config import ModelConfig
 from pvjax.errors import UserError
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from pvjax.config import ConfigError, ModelConfig
+from pvjax.models.config import ConfigError, ModelConfig
 from pvjax.loading.layout import CheckpointError, assemble
 
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,

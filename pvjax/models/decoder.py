@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from pvjax.capture import Capture, ForwardOutput, row_capture
-from pvjax.config import ModelConfig
+from pvjax.models.config import ModelConfig
 from pvjax.interventions import Intervention, apply_row
 from pvjax.kernels import PackedWeight, decode_attention
 from pvjax.models.low_rank import LowRank

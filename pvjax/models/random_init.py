@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pvjax.config import ModelConfig
+from pvjax.models.config import ModelConfig
 from pvjax.loading.layout import expected_shapes
 
 # Qwen2.5-7B-Instruct's shapes (config.json of the public checkpoint).

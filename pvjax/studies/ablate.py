@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax import interventions as ivs
 from pvjax.studies import checks as C
 from pvjax.studies import grid
@@ -85,7 +85,7 @@ def mean_projections(model, vector_LD, refs, work: Path) -> np.ndarray:
     l, projected on `u_l` (`mean_projection.npy`)."""
     path = work / "mean_projection.npy"
     if not path.exists():
-        from pvjax.packing import pooled_activations
+        from pvjax.measure.packing import pooled_activations
 
         tok = model.tokenizer
         prompts = [model.chat_text([{"role": "user", "content": r["question"]}]) for r in refs]
@@ -104,7 +104,7 @@ def mean_projections(model, vector_LD, refs, work: Path) -> np.ndarray:
 
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     """Run (or resume) the study into `work`; returns one summary row per variant."""
-    from pvjax.generate import SamplingParams
+    from pvjax.engine.generate import SamplingParams
 
     work = Path(work)
     checked = validate(cfg, work)

@@ -1,7 +1,7 @@
 """Checking a study config whole, before any model loads or any file is written.
 
 A sweep runs many points; a bad value found at the tenth costs the nine before it. Each study lists
-its fields (`FIELDS`, checked like extraction's, `pvjax.extract_config`), and `check_study` looks at
+its fields (`FIELDS`, checked like extraction's, `pvjax.settings.extraction`), and `check_study` looks at
 everything a study names: the model's metadata (layer count, without the weights), the trait's eval
 split, the vector file (does it fit the model: width, depth, config fingerprint), the nested
 extraction config when the vector is to be extracted, the multiple-choice file (every line). Every
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pvjax.errors import InputError
-from pvjax.extract_config import (JUDGE_BACKENDS, DTYPES, _bool, _choice, _flatten, _float, _floats, _int, _ints,
+from pvjax.settings.extraction import (JUDGE_BACKENDS, DTYPES, _bool, _choice, _flatten, _float, _floats, _int, _ints,
                                   _model_config, _str, _workdir_problem)
 from pvjax.interventions import POSITION_MODES
 
@@ -55,8 +55,8 @@ class Checked:
 def check_study(cfg, fields: dict, work: Path, study: str) -> Checked:
     """Check types and ranges of `fields`, unknown fields (the nested `extract` config aside), the
     model, trait (eval split), vector and multiple-choice file. Collects problems; loads no weights."""
-    from pvjax.mc import MCError, read_items
-    from pvjax.traits import TraitError, load_trait
+    from pvjax.measure.mc import MCError, read_items
+    from pvjax.files.traits import TraitError, load_trait
 
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     flat = _flatten({k: v for k, v in d.items() if k != "extract"})
@@ -108,9 +108,9 @@ def _check_vector(cfg, flat, model_config, work: Path, problems: list) -> None:
     import warnings
 
     import pvjax
-    from pvjax.extract_config import InvalidConfig, validate_config
+    from pvjax.settings.extraction import InvalidConfig, validate_config
     from pvjax.studies.vector_source import MissingVector, extraction_config
-    from pvjax.vectors import VectorError, read_vector
+    from pvjax.files.vectors import VectorError, read_vector
 
     if flat["vector"]:
         shim = pvjax.Model(config=model_config, params=None, tokenizer=None, source=str(flat["model"]))

@@ -1,8 +1,8 @@
 """Extraction as a study: `pvjax run --config configs/extract.py:runlocal --workdir DIR` runs
-`pvjax.extract.run` into DIR (the same directory `pvjax extract --config.workdir=DIR` makes), and a
+`pvjax.methods.extraction.run` into DIR (the same directory `pvjax extract --config.workdir=DIR` makes), and a
 sweep over `configs/extract.py`'s `sweep(add)` extracts every trait it lists.
 
-Extraction tracks its own provenance per stage (`pvjax.run_provenance`): a rerun under another
+Extraction tracks its own provenance per stage (`pvjax.files.run_provenance`): a rerun under another
 judge or filter redoes only what follows, so the runner hands every rerun to it
 (`OWN_PROVENANCE`) instead of refusing a changed config. In a multi-process job each extraction
 is split between the processes (`JOINT`), not the sweep's points. Summary rows: the causality check, one
@@ -19,7 +19,7 @@ JOINT = True
 
 
 def _plain(cfg, work: Path) -> dict:
-    """The extraction config as `pvjax.extract` takes it: no `study` field, `workdir` = the point's."""
+    """The extraction config as `pvjax.methods.extraction` takes it: no `study` field, `workdir` = the point's."""
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     d.pop("study", None)
     d["workdir"] = str(work)
@@ -27,13 +27,13 @@ def _plain(cfg, work: Path) -> dict:
 
 
 def validate(cfg, work: Path):
-    from pvjax.extract_config import validate_config
+    from pvjax.settings.extraction import validate_config
 
     return validate_config(_plain(cfg, work))
 
 
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
-    from pvjax.extract import run as extract
+    from pvjax.methods.extraction import run as extract
 
     s = extract(_plain(cfg, work), progress=progress)
     caus = s["causality"]

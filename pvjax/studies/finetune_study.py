@@ -9,13 +9,13 @@ The paper's finetuning experiment on one model, end to end from a config:
    question, so `mix_<r>.jsonl` takes the trait answer for a share r of the indices (one seeded
    permutation: the trait indices of a smaller share are a subset of a larger one's) and the control
    answer for the rest; every dataset has the same prompts and size;
-3. screening (`work/screen/`, `pvjax.screen.screen`) of trait and control: per-sample projection
+3. screening (`work/screen/`, `pvjax.methods.screening.screen`) of trait and control: per-sample projection
    differences, their AUROC (trait above control), and each dataset's mean difference. A mixture's
    samples are trait or control samples with the same prompt (the base model's own answer is the
    same greedy answer), so its mean difference is the mean of those samples' differences;
 4. finetunes (`work/train/<run>/`, `pvjax.finetune.train`, one config for all): trait, control,
    trait with preventative steering, trait with CAFT, one per mixture;
-5. the finetuning shift of each merged export (`work/shift/<run>/`, `pvjax.shift.finetuning_shift`)
+5. the finetuning shift of each merged export (`work/shift/<run>/`, `pvjax.methods.finetune_shift.finetuning_shift`)
    on the eval-split questions, disjoint from the training questions, with the likelihood margin;
 6. the report (`finetune_study_report`): `summary.json`, `shift.png`, `dataset_shift.png`.
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.errors import InputError
 
 BASE_RUNS = ("trait", "control", "trait_preventative", "trait_caft")
@@ -59,11 +59,11 @@ def runs(cfg) -> dict[str, dict]:
 
 def validate(cfg, work: Path) -> None:
     """Everything that can be wrong with the config, from metadata alone (no model loaded)."""
-    from pvjax.extract_config import _int
+    from pvjax.settings.extraction import _int
     from pvjax.finetune import settings
     from pvjax.loading import read_model_config
     from pvjax.studies.screen import check_layer
-    from pvjax.traits import load_trait
+    from pvjax.files.traits import load_trait
 
     positive = _int(1)
     ext, ev = load_trait(cfg.trait, "extract"), load_trait(cfg.trait, "eval")
@@ -121,10 +121,10 @@ def _done(folder: Path):
 def make_datasets(cfg, model, work: Path, *, progress: bool = True) -> dict[str, dict]:
     """`work/data/{trait,control,mix_<r>}.jsonl` (see the module docstring); returns name ->
     {path, share, trait_indices}. The sampled answers are kept in `answers.json`."""
-    from pvjax.datasets import write_dataset
-    from pvjax.extract import system_prompt
-    from pvjax.generate import SamplingParams, generate
-    from pvjax.traits import load_trait
+    from pvjax.files.datasets import write_dataset
+    from pvjax.methods.extraction import system_prompt
+    from pvjax.engine.generate import SamplingParams, generate
+    from pvjax.files.traits import load_trait
 
     folder = work / "data"
     if _done(folder):
@@ -174,8 +174,8 @@ def make_datasets(cfg, model, work: Path, *, progress: bool = True) -> dict[str,
 def screen_datasets(cfg, model, vector, spec: str, datasets: dict, work: Path, *, progress: bool = True) -> dict:
     """Per-sample projection differences of trait and control, their AUROC, and every dataset's
     mean difference (a mixture's from its samples)."""
-    from pvjax.generate import SamplingParams
-    from pvjax.screen import Flagging, auroc, sample_diffs, screen
+    from pvjax.engine.generate import SamplingParams
+    from pvjax.methods.screening import Flagging, auroc, sample_diffs, screen
 
     folder = work / "screen"
     if not _done(folder):
@@ -198,11 +198,11 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     """Run or resume the study into `work`; one summary row per finetune."""
     import pvjax
     from pvjax.finetune import train
-    from pvjax.generate import SamplingParams
-    from pvjax.shift import finetuning_shift
+    from pvjax.engine.generate import SamplingParams
+    from pvjax.methods.finetune_shift import finetuning_shift
     from pvjax.studies import finetune_study_report as report
     from pvjax.studies.vector_source import study_vector
-    from pvjax.traits import load_trait
+    from pvjax.files.traits import load_trait
 
     work = Path(work)
     validate(cfg, work)

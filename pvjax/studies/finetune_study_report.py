@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pvjax import atomic
+from pvjax.files import atomic
 
 LAST_STEPS = 5  # training loss reported as the mean over the last steps: one step's loss is noisy
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax import interventions as ivs
 from pvjax.model import default_positions, left_pad
 
@@ -74,12 +74,12 @@ def generate_grid(model, iv_S: ivs.Intervention, prompt_ids: Sequence[Sequence[i
     """Answers for every (setting, prompt) row, setting-major: `S x N` dicts with `setting`, `prompt`
     (indices), `text`, `n_tokens`, `finish`.
 
-    Rows go through `pvjax.generate.generate_ids` in parts of `part_rows` (default: 4 batches),
+    Rows go through `pvjax.engine.generate.generate_ids` in parts of `part_rows` (default: 4 batches),
     each with an intervention of one row per prompt. With `work`, each part is written to
     `work/answers/part_<k>.csv` as it finishes and read back instead of recomputed, so a killed
     study loses at most one part. Sampling (temperature > 0) draws row k of a part from the key of
     `seed + the part's first row` folded with k, so the same config repeats the same texts."""
-    from pvjax.generate import generate_ids
+    from pvjax.engine.generate import generate_ids
 
     S, N = iv_S.steer_vectors.shape[1], len(prompt_ids)
     rows = [(s, i) for s in range(S) for i in range(N)]
@@ -112,7 +112,7 @@ def answer_logprobs(model, iv_S: ivs.Intervention, prompts: Sequence[str], answe
     `positions` (`response`: the last prompt token and the answer, as in generation), ablation on
     `ablate_positions`. Rows are sorted by length, each batch padded to its own longest (in steps
     of 64 tokens, which bounds the compiles)."""
-    from pvjax.causality import _answer_logprob
+    from pvjax.measure.causality import _answer_logprob
 
     tok = model.tokenizer
     seqs, starts = [], []
@@ -149,11 +149,11 @@ def reference_answers(model, trait_eval, questions: Sequence[str], work: Path, *
     """Greedy unsteered answers to `questions` under the trait's first instruction pair (pos: "You
     are a(n) <trait> assistant. ...", neg: "You are a helpful assistant. ..."), written to
     `work/reference_answers.csv` once: the answers the judge-free likelihood margin compares.
-    `unroll` is generation's layer layout (`pvjax.generate.decode_params`)."""
+    `unroll` is generation's layer layout (`pvjax.engine.generate.decode_params`)."""
     path = work / "reference_answers.csv"
     if not path.exists():
-        from pvjax.extract import system_prompt
-        from pvjax.generate import SamplingParams, generate
+        from pvjax.methods.extraction import system_prompt
+        from pvjax.engine.generate import SamplingParams, generate
 
         pair = trait_eval.instruction[0]
         sp = SamplingParams(max_new_tokens=max_new_tokens)
@@ -170,7 +170,7 @@ def margins(model, iv_S, refs: Sequence[dict], *, positions: str, ablate_positio
             batch_size: int) -> np.ndarray:
     """The judge-free likelihood margin per setting `[S]`: mean over questions of the mean
     per-token log-likelihood of the pos reference answer minus the neg one, with no system prompt
-    (the intervention alone must carry the trait), as `pvjax.causality.likelihood_margins`."""
+    (the intervention alone must carry the trait), as `pvjax.measure.causality.likelihood_margins`."""
     prompts = [model.chat_text([{"role": "user", "content": r["question"]}]) for r in refs]
     lp = answer_logprobs(model, iv_S, prompts * 2, [r["pos_answer"] for r in refs] + [r["neg_answer"] for r in refs],
                          positions=positions, ablate_positions=ablate_positions, batch_size=batch_size)
@@ -184,8 +184,8 @@ def judge(cfg, model, work: Path, trait_eval, pairs: Sequence[tuple[str, str]], 
     answer) pairs with the config's judge (`judge.backend` as in extraction; its calls are cached
     in `work/judge_cache.sqlite`, so a resumed study never pays twice); None when no judge is
     configured. Empty answers are not sent and score None."""
-    from pvjax.extract import make_judge_backend
-    from pvjax.judges import COHERENCE_RUBRIC, Judge
+    from pvjax.methods.extraction import make_judge_backend
+    from pvjax.measure.judges import COHERENCE_RUBRIC, Judge
 
     if cfg.judge.backend == "none":
         return None

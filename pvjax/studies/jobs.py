@@ -4,7 +4,7 @@ which job a sweep joins, and the vectors its points share.
 Every process runs the same `pvjax run` / `pvjax sweep` command. The job comes from the config's
 `distributed` section, or from its `extract` config's (every study config carries one there), as
 for `pvjax extract`. The points are split by process (`Job.mine`) and each runs alone
-(`pvjax.multihost.alone`); a vector that unfinished points share is extracted once, before them.
+(`pvjax.parallel.multihost.alone`); a vector that unfinished points share is extracted once, before them.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pvjax import atomic, multihost
-from pvjax.multihost import SINGLE, Job
+from pvjax.files import atomic
+from pvjax.parallel import multihost
+from pvjax.parallel.multihost import SINGLE, Job
 
 
 def share_vectors(job: Job, shared: dict, done: dict[int, bool], progress: bool, log) -> None:
@@ -43,7 +44,7 @@ def share_vectors(job: Job, shared: dict, done: dict[int, bool], progress: bool,
 def join_job(points) -> Job:
     """The job the points run in: one process, unless their config's `distributed` section (its
     own, or its `extract` config's: every study config carries one there) names a coordinator;
-    then this process joins it (`pvjax.multihost.join`), before anything touches a JAX device."""
+    then this process joins it (`pvjax.parallel.multihost.join`), before anything touches a JAX device."""
     d = distributed_section(points[0].cfg)
     return multihost.join(d) if d and d.get("coordinator") else SINGLE
 

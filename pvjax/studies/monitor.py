@@ -7,7 +7,7 @@ strongly the answer will express the trait? The paper's two prompt-induced shift
     are extract-split questions answered under the extraction's pos system prompt (experiment
     `shots` in the answers).
 
-A point is one (condition, question): its projection per layer (`pvjax.monitor.last_prompt_projections`)
+A point is one (condition, question): its projection per layer (`pvjax.methods.monitoring.last_prompt_projections`)
 and the mean trait score of its `n_samples` answers. The score is the judge's (0-100, the trait's
 eval rubric) when `judge.backend` is not `none`, else the judge-free contrast score (nats per token:
 mean log-likelihood of the answer given the extraction's pos system prompt and the bare question,
@@ -16,7 +16,7 @@ output says which (`score` column, `summary.json`). Per experiment and for both 
 per layer with a seeded percentile bootstrap interval. A conversation of `trace_turns` exchanges
 and a question is answered with per-token probes: its projection trace. The monitor is calibrated
 on all points (layer of largest r unless `monitor.layer` is set; label: score >= the stated
-threshold; threshold rule `monitor.rule`) and saved beside the vector (`pvjax.monitor.monitor_path`).
+threshold; threshold rule `monitor.rule`) and saved beside the vector (`pvjax.methods.monitoring.monitor_path`).
 
 Generation runs in two rounds, each in as few engine calls as possible (a call may compile a
 program): the examples and experiment (a), then experiment (b) and the trace's answer.
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.errors import InputError
 from pvjax.studies import monitor_prompts as mp
 
@@ -97,8 +97,8 @@ class Stages:
 def check_config(cfg):
     """Every check that needs no model: the trait's two splits, sizes, rules, the vector's source.
     Returns `(extract trait, eval trait, questions)`."""
-    from pvjax.monitor import RULES
-    from pvjax.traits import load_trait
+    from pvjax.methods.monitoring import RULES
+    from pvjax.files.traits import load_trait
 
     problems = []
     trait, ev = load_trait(cfg.trait, "extract").validate(), load_trait(cfg.trait, "eval").validate()
@@ -142,7 +142,7 @@ def _vector_check(cfg, trait_name: str) -> None:
     """A named vector file must exist, hold its key, be finite and belong to this trait: before any
     model is loaded. An empty `vector` needs the `extract` config (checked by vector_source)."""
     from pvjax.studies.vector_source import extraction_config
-    from pvjax.vectors import VectorError, load_vectors, read_vector, split_spec
+    from pvjax.files.vectors import VectorError, load_vectors, read_vector, split_spec
 
     if not cfg.get("vector", ""):
         extraction_config(cfg, Path("."))
@@ -160,7 +160,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     """Run (or resume) the study into `work`; returns the rows of `correlations.csv`. A finished
     run (DONE) with the same config is returned as it is, without loading the model."""
     import pvjax
-    from pvjax.monitor import vector_sha256
+    from pvjax.methods.monitoring import vector_sha256
     from pvjax.studies.monitor_report import report
     from pvjax.studies.vector_source import study_vector
 
@@ -169,7 +169,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     _vector_check(cfg, trait.name)
     snapshot = json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), default=str))
     if (work / "DONE").exists() and json.loads((work / "config.json").read_text()) == snapshot:
-        from pvjax.vectors import read_vector
+        from pvjax.files.vectors import read_vector
 
         done = json.loads((work / "summary.json").read_text())
         if not cfg.vector or done.get("vector_sha256") == vector_sha256(read_vector(cfg.vector)):
@@ -220,7 +220,7 @@ def _read_rows(work: Path) -> list[dict]:
 
 
 def _sampling(cfg):
-    from pvjax.generate import SamplingParams
+    from pvjax.engine.generate import SamplingParams
 
     return SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
 
@@ -235,7 +235,7 @@ def _shot_items(trait, cfg) -> list[dict]:
     """Trait-expressing examples for the many-shot prompts and the trace: the first
     max(shots, trace_turns) extract-split questions answered under the extraction's pos system
     prompt (instruction pair 0)."""
-    from pvjax.extract import system_prompt
+    from pvjax.methods.extraction import system_prompt
 
     n = max(list(cfg.shots) + [cfg.trace_turns, 0])
     system = system_prompt(cfg.pos_name or trait.name, trait.instruction[0].pos)
@@ -252,7 +252,7 @@ def _generate_round(model, name, items, cfg, work, st, base, progress):
     """Answer every item (`messages` and its labels), `cfg.answer_block` prompts per engine call,
     each block written as `answers/<name>_<k>.csv` when done (a killed run redoes one block at
     most). Returns the rows with their answers and the round's stage key."""
-    from pvjax.generate import generate
+    from pvjax.engine.generate import generate
 
     key = _hash({**base, "items": [{k: v for k, v in it.items()} for it in items]})
     block = cfg.answer_block
@@ -275,7 +275,7 @@ def _generate_round(model, name, items, cfg, work, st, base, progress):
 def _scores(model, answers, trait, ev, cfg, work, st, a_key, progress):
     """Per answer a trait score (None for an empty answer or a judge without a number), and the
     kind: "judge" or "contrast"."""
-    from pvjax.extract import make_judge_backend
+    from pvjax.methods.extraction import make_judge_backend
 
     kind = "contrast" if cfg.judge.backend == "none" else "judge"
     path = work / "scores.csv"
@@ -288,7 +288,7 @@ def _scores(model, answers, trait, ev, cfg, work, st, a_key, progress):
         live = [i for i, r in enumerate(answers) if r["answer"].strip()]
         out = [dict(r, score=None) for r in answers]
         if kind == "judge" and live:
-            from pvjax.judges import Judge
+            from pvjax.measure.judges import Judge
 
             scores = Judge(make_judge_backend(cfg, model, work), ev.eval_prompt).score(
                 [(answers[i]["question"], answers[i]["answer"]) for i in live], progress=progress)
@@ -306,8 +306,8 @@ def _scores(model, answers, trait, ev, cfg, work, st, a_key, progress):
 def _contrast(model, rows, trait, cfg):
     """Mean per-token log-likelihood of each answer after (pos system prompt, question) and after
     (neg system prompt, question), averaged over the first `score.contrast_pairs` instruction pairs."""
-    from pvjax.causality import answer_logprobs
-    from pvjax.extract import system_prompt
+    from pvjax.measure.causality import answer_logprobs
+    from pvjax.methods.extraction import system_prompt
 
     k = cfg.score.contrast_pairs
     prompts, answers, slots = [], [], []
@@ -334,7 +334,7 @@ def _contrast(model, rows, trait, cfg):
 
 def _projections(model, prompts, vector, work, st, base):
     """`[prompts, L]` last-prompt-token projections, one packed forward for every prompt."""
-    from pvjax.monitor import last_prompt_projections, prompt_ids
+    from pvjax.methods.monitoring import last_prompt_projections, prompt_ids
 
     path = work / "projections.npy"
     key = _hash({**base, "prompts": prompts})
@@ -369,7 +369,7 @@ def _trace(model, row, msgs, vector, work, st, base):
     """Per-token projections over the conversation `msgs` and its generated answer (`row`), from one
     forward with probes; per token its position, text, message index, role and every layer."""
     from pvjax.model import activations, left_pad
-    from pvjax.monitor import unit_rows
+    from pvjax.methods.monitoring import unit_rows
 
     paths = [work / "trace.csv", work / "trace.json"]
     key = _hash(base)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pvjax.plots import pyplot as _pyplot
-from pvjax.plots import save as _save
+from pvjax.files.plots import pyplot as _pyplot
+from pvjax.files.plots import save as _save
 
 TITLES = {"system_prompts": "system prompts (encouraging -> discouraging)", "many_shot": "many-shot examples",
           "combined": "both experiments"}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from pvjax.extract import system_prompt
+from pvjax.methods.extraction import system_prompt
 
 Messages = list[dict]
 

@@ -7,13 +7,13 @@ import logging
 
 import numpy as np
 
-from pvjax import atomic
+from pvjax.files import atomic
 
 log = logging.getLogger(__name__)
 
 
 def report(cfg, work, model, trait, results: dict, kind: str, trace, vector, spec: str, progress: bool) -> list[dict]:
-    from pvjax.monitor import UndefinedStatistic, calibrate, correlation_by_layer, monitor_path, save_monitor
+    from pvjax.methods.monitoring import UndefinedStatistic, calibrate, correlation_by_layer, monitor_path, save_monitor
     from pvjax.studies import monitor_plots as plots
     from pvjax.studies.monitor import COLUMNS
 
@@ -71,7 +71,7 @@ def report(cfg, work, model, trait, results: dict, kind: str, trace, vector, spe
         ok = [r for r in corr[exp] if r["r"] is not None]
         return max(ok, key=lambda r: r["r"]) if ok else None
 
-    from pvjax.monitor import vector_sha256
+    from pvjax.methods.monitoring import vector_sha256
 
     summary = {"trait": trait.name, "model": model.model_id, "vector": spec, "vector_sha256": vector_sha256(vector),
                "score": kind,

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pvjax.plots import pyplot as _plt
-from pvjax.plots import save as _save
+from pvjax.files.plots import pyplot as _plt
+from pvjax.files.plots import save as _save
 
 
 def _num(rows, key):

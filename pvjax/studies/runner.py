@@ -44,9 +44,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from pvjax import atomic, multihost
+from pvjax.files import atomic
+from pvjax.parallel import multihost
 from pvjax.errors import UsageError
-from pvjax.multihost import SINGLE, Job
+from pvjax.parallel.multihost import SINGLE, Job
 
 # Fields that name where a point runs, or how it shows progress: not part of what it computes.
 UNCOMPARED = ("workdir",)

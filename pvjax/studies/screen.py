@@ -1,7 +1,7 @@
 """The screening study: `configs/screen.py`, run by `pvjax screen` (or any runner of studies).
 
 `run(cfg, work)` checks the config and every dataset file before loading the model, gets the
-vector (a file, or extracted into `work/vector`), and calls `pvjax.screen.screen`. Its answers and
+vector (a file, or extracted into `work/vector`), and calls `pvjax.methods.screening.screen`. Its answers and
 projections are cached, so a rerun recomputes nothing; a finished run (`DONE`, with the same config
 and dataset contents in `run.json`) returns its rows without loading the model at all.
 """
@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.errors import InputError
 
 
@@ -28,7 +28,7 @@ def datasets_of(cfg) -> list[str]:
 
 
 def sampling_of(cfg):
-    from pvjax.generate import SamplingParams
+    from pvjax.engine.generate import SamplingParams
 
     return SamplingParams(temperature=float(cfg.temperature), top_p=float(cfg.top_p),
                           max_new_tokens=int(cfg.max_new_tokens))
@@ -66,10 +66,10 @@ def finish(work: Path, key: dict, rows: list[dict]) -> list[dict]:
 
 
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
-    """Screen the config's datasets into `work`; one summary row per dataset (see pvjax.screen)."""
+    """Screen the config's datasets into `work`; one summary row per dataset (see pvjax.methods.screening)."""
     import pvjax
-    from pvjax.datasets import read_dataset
-    from pvjax.screen import Flagging, screen
+    from pvjax.files.datasets import read_dataset
+    from pvjax.methods.screening import Flagging, screen
     from pvjax.studies.vector_source import study_vector
 
     work = Path(work)

@@ -3,7 +3,7 @@
 `run(cfg, work)` checks the config, then that the base (`model`) and the finetuned model
 (`finetuned`: any model source) share one architecture and shape, from their metadata alone,
 before loading either; gets the vector of the base model (a file, or extracted into `work/vector`)
-and calls `pvjax.shift.finetuning_shift` on the trait's eval questions. Answers are cached; a
+and calls `pvjax.methods.finetune_shift.finetuning_shift` on the trait's eval questions. Answers are cached; a
 finished run with the same config returns its row without loading anything.
 """
 
@@ -18,11 +18,11 @@ from pvjax.studies.screen import check_layer, finish, finished, run_key, samplin
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     """One row: the shift at the study layer, the likelihood margin, contrast and judged scores."""
     import pvjax
-    from pvjax.judges import Judge
+    from pvjax.measure.judges import Judge
     from pvjax.loading import read_model_config
-    from pvjax.shift import RESPONSE_SOURCES, check_same_shape, finetuning_shift
+    from pvjax.methods.finetune_shift import RESPONSE_SOURCES, check_same_shape, finetuning_shift
     from pvjax.studies.vector_source import study_vector
-    from pvjax.traits import load_trait
+    from pvjax.files.traits import load_trait
 
     work = Path(work)
     if not cfg.finetuned:
@@ -46,7 +46,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     vector, spec = study_vector(cfg, base, work, progress=progress)
     judge = None
     if cfg.judge.backend != "none":
-        from pvjax.extract import make_judge_backend
+        from pvjax.methods.extraction import make_judge_backend
 
         judge = Judge(make_judge_backend(cfg, base, work), trait.eval_prompt)
     s = finetuning_shift(base, finetuned, vector, questions, work=work, layer=cfg.layer, sampling=sampling,

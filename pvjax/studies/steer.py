@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.studies import checks as C
 from pvjax.studies import grid
 
@@ -127,7 +127,7 @@ def best_layer(rows: list[dict], metric: str, min_coherence: float) -> dict:
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     """Run (or resume) the study into `work`; returns one summary row per (layer, coefficient or
     closed-loop rule)."""
-    from pvjax.generate import SamplingParams
+    from pvjax.engine.generate import SamplingParams
 
     work = Path(work)
     checked = validate(cfg, work)
@@ -211,7 +211,7 @@ def _judged(cfg, model, work: Path, trait, answers, progress) -> dict | None:
 
 def _mc(cfg, model, work: Path, items, iv, positions: str) -> dict | None:
     """Per setting, (accuracy, p_correct) on the multiple-choice items (`mc.csv`); None when off."""
-    from pvjax import mc
+    from pvjax.measure import mc
 
     if not items:
         return None

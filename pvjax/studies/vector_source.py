@@ -35,7 +35,7 @@ def vector_spec(cfg, work: Path, *, progress: bool = True) -> str:
     """`FILE[:KEY]` of the study's vector, extracting it first when the config names none."""
     if cfg.get("vector", ""):
         return str(cfg.vector)
-    from pvjax.extract import run as extract
+    from pvjax.methods.extraction import run as extract
 
     summary = extract(extraction_config(cfg, work), progress=progress)
     return str(Path(summary["workdir"]) / "vectors.safetensors")
@@ -43,7 +43,7 @@ def vector_spec(cfg, work: Path, *, progress: bool = True) -> str:
 
 def study_vector(cfg, model, work: Path, *, progress: bool = True) -> tuple[np.ndarray, str]:
     """The vector `[n_layers+1, D]` (checked against `model`: width, depth, model id) and its spec."""
-    from pvjax.vectors import read_vector
+    from pvjax.files.vectors import read_vector
 
     spec = vector_spec(cfg, work, progress=progress)
     return read_vector(spec, model), spec

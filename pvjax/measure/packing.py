@@ -130,12 +130,12 @@ def pooled_activations(model, seqs, prompt_lens, *, width: int | None = None, ro
     """Per-sequence pooled activations `[N, L, 3, D]` (poolings in `POOLINGS` order), float32.
 
     A sequence with no response tokens gets a zero response mean. `progress(n_done)` is called after
-    each batch, for progress bars. On a `mesh` (`pvjax.sharding.make_mesh`) the packed rows of each
+    each batch, for progress bars. On a `mesh` (`pvjax.parallel.sharding.make_mesh`) the packed rows of each
     batch are split over "data" (padded with empty rows to a multiple of it) and the parameters laid
-    out by `pvjax.sharding`'s rule table; the pooling stays inside the sharded program, so only
+    out by `pvjax.parallel.sharding`'s rule table; the pooling stays inside the sharded program, so only
     `[L, R, 3S, D]` comes back. The numbers equal one device's up to float summation order.
     """
-    from pvjax import sharding
+    from pvjax.parallel import sharding
     from pvjax.model import activations
 
     seqs = inputs.token_lists(seqs, model.config.vocab_size)

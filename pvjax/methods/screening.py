@@ -5,13 +5,13 @@ the projection difference at layer l is
 
     diff = mean_t h_l(x, y)_t . v_l / |v_l|   -   mean_t h_l(x, y')_t . v_l / |v_l|
 
-the response-mean activation (pooled inside the forward, `pvjax.packing.pooled_activations`) of the
+the response-mean activation (pooled inside the forward, `pvjax.measure.packing.pooled_activations`) of the
 training answer minus that of the model's own answer, projected on the unit vector. A dataset's
 projection difference is the mean over its samples. A large positive difference means the data
 shows the trait more than the model already does: training on it should move the model that way.
 
 `screen` does it for one or several dataset files at once: every prompt of every dataset goes into
-one batched generation call (answers cached on disk, `pvjax.answer_cache`, so a rerun generates
+one batched generation call (answers cached on disk, `pvjax.engine.answer_cache`, so a rerun generates
 nothing), every (prompt, answer) sequence into one packed pass of pooled activations. Per dataset
 it writes, under `work/<name>/`:
 
@@ -42,9 +42,9 @@ from typing import Sequence
 
 import numpy as np
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.capture import POOLINGS
-from pvjax.datasets import Dataset, read_dataset, write_filtered
+from pvjax.files.datasets import Dataset, read_dataset, write_filtered
 from pvjax.errors import InputError
 
 STATUSES = ("ok", "empty_answer", "too_long", "empty_own_answer")
@@ -142,7 +142,7 @@ def response_projections(model, unit_LD, prompts: Sequence[str], answers: Sequen
     projected on `unit_LD`. Tokenized as extraction does (the prompt alone fixes where the
     response starts). Chunks of `chunk` sequences keep memory at O(chunk * L * D); one row width
     for all chunks keeps the compiled programs few."""
-    from pvjax.packing import choose_width, pooled_activations
+    from pvjax.measure.packing import choose_width, pooled_activations
 
     tok = model.tokenizer
     seqs = [tok(p + a, add_special_tokens=False)["input_ids"] for p, a in zip(prompts, answers)]
@@ -179,8 +179,8 @@ def screen(model, vector_LD, datasets, *, layer: int, work, sampling=None, flagg
     The base model's own answers use `sampling` (a `SamplingParams`, greedy 256 tokens by default)
     and are cached in `cache_dir` (default `work/answer_cache`). `max_len` (0: the context window)
     bounds prompt + answer in tokens. Everything is checked before any compute."""
-    from pvjax.answer_cache import own_answers, weights_fingerprint
-    from pvjax.generate import SamplingParams
+    from pvjax.engine.answer_cache import own_answers, weights_fingerprint
+    from pvjax.engine.generate import SamplingParams
 
     sampling = sampling or SamplingParams(max_new_tokens=256)
     check_vector_layer(model, vector_LD, layer)
@@ -310,7 +310,7 @@ def _write_dataset_results(folder: Path, d: _Prepared, train_N, own_N, flagging:
 def histogram(path, series: dict, flagging: Flagging, layer: int):
     """Distribution of projection differences per dataset (overlaid), with the threshold when
     flagging by one and each dataset's mean as a dashed line."""
-    from pvjax.plots import pyplot, save
+    from pvjax.files.plots import pyplot, save
 
     plt = pyplot()
 

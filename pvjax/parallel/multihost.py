@@ -12,7 +12,7 @@ Everything travels as bytes (JSON, CSV text, safetensors) in one all-gather: len
 the bytes padded to a power of two (few distinct shapes, few compiled programs). An error raised
 inside `each` or `from_writer` reaches every process, so no process is left waiting in a collective for
 one that gave up; a process that dies outright is noticed by the coordinator (heartbeats), which
-stops the others; the writer's files are whole (`pvjax.atomic`), so a rerun resumes.
+stops the others; the writer's files are whole (`pvjax.files.atomic`), so a rerun resumes.
 
 Joining: with `HOST:PORT`, the processes first meet at the coordinator's port (`rendezvous`): a
 process that never comes, or was told another process count, is a `JobError` naming the
@@ -190,11 +190,11 @@ def check_distributed(d: dict) -> list[str]:
 def join(d: dict, mesh_data: int = 1, mesh_model: int = 1) -> Job:
     """This process's `Job`: joins the multi-process job that `d` (a config's `distributed`
     section) describes, unless it is already joined or `d` names none, and builds the mesh
-    `mesh_data` x `mesh_model` over this process's devices (`pvjax.sharding.local_mesh`). Must run
+    `mesh_data` x `mesh_model` over this process's devices (`pvjax.parallel.sharding.local_mesh`). Must run
     before anything touches a JAX device. Errors say what to change (`UsageError`)."""
     import jax
 
-    from pvjax.sharding import local_mesh
+    from pvjax.parallel.sharding import local_mesh
 
     problems = check_distributed(d)
     if problems:

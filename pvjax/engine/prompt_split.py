@@ -1,5 +1,5 @@
 """How a batch of prompts is split into prefixes, run once each, and per-row tails: the plan the
-generation engine (`pvjax.generate`) follows, and the shape buckets that bound its compiles.
+generation engine (`pvjax.engine.generate`) follows, and the shape buckets that bound its compiles.
 
 Two ways to share, picked per batch by the token positions they run:
 - **common**: the tokens every prompt opens with (chat template, system prompt: the usual case

@@ -135,7 +135,7 @@ def check_mesh(mesh) -> Mesh:
     from pvjax.errors import InputError
 
     if not isinstance(mesh, Mesh):
-        raise InputError(f"mesh must be a jax.sharding.Mesh (see pvjax.sharding.make_mesh), "
+        raise InputError(f"mesh must be a jax.sharding.Mesh (see pvjax.parallel.sharding.make_mesh), "
                          f"got a {type(mesh).__name__}")
     if tuple(mesh.axis_names) != ("data", "model"):
         raise InputError(f"mesh axes must be ('data', 'model'), got {tuple(mesh.axis_names)}")
@@ -189,7 +189,7 @@ def put_rows(x, mesh: Mesh | None):
 def local_mesh(data: int = 1, model: int = 1) -> Mesh | None:
     """The mesh of config keys `mesh.data` x `mesh.model` over this process's devices; None for
     1 x 1 (no mesh: one device, as without the keys). In a multi-process job each process has its
-    own mesh over its own devices and the processes split the work between them (`pvjax.multihost`).
+    own mesh over its own devices and the processes split the work between them (`pvjax.parallel.multihost`).
     Refused, naming the counts, when data x model is not the number of devices here."""
     from pvjax.errors import UsageError
 

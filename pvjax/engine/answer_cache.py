@@ -25,9 +25,9 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from pvjax import atomic
+from pvjax.files import atomic
 
-FORMAT = "pvjax.answer_cache/1"
+FORMAT = "pvjax.engine.answer_cache/1"
 _FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
@@ -81,7 +81,7 @@ def own_answers(model, prompt_texts: Sequence[str], sampling, *, cache_dir, seed
     """The model's answers to already rendered prompt texts (chat template included), from the
     cache where present, the rest generated in one batched call (duplicates once). The caller
     keeps prompts that do not fit the context out (generation refuses them)."""
-    from pvjax.generate import generate_ids
+    from pvjax.engine.generate import generate_ids
 
     weights = weights_fingerprint(model)
     path = cache_path(cache_dir, weights, sampling, seed)

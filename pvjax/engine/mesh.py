@@ -1,7 +1,7 @@
-"""Generation on a `("data", "model")` mesh (`pvjax.sharding.make_mesh`): where each array lives.
+"""Generation on a `("data", "model")` mesh (`pvjax.parallel.sharding.make_mesh`): where each array lives.
 
 The batch, its KV cache, masks, PRNG keys and per-row interventions are split over "data"; the
-weights follow `pvjax.sharding.PARAM_RULES` over "model" (q/k/v and gate/up by output column, i.e.
+weights follow `pvjax.parallel.sharding.PARAM_RULES` over "model" (q/k/v and gate/up by output column, i.e.
 by head; o and down by input row; the vocabulary of the embedding and head), and the cache's
 kv-head axis is split over "model" too, so each device holds the heads its q/k/v columns make.
 A weight or cache axis that the model axis does not divide is replicated instead, with a logged
@@ -25,10 +25,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pvjax import sharding
-from pvjax.decode_loop import PromptBatch, Sampler, Steering
+from pvjax.parallel import sharding
+from pvjax.engine.decode_loop import PromptBatch, Sampler, Steering
 from pvjax.models.decoder import KVCache, unstack_layers
-from pvjax.sharding import check_mesh, pad_batch  # noqa: F401  (generate calls them from here)
+from pvjax.parallel.sharding import check_mesh, pad_batch  # noqa: F401  (generate calls them from here)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _rule(path: str) -> P:
 
 
 def _specs(params, mesh: Mesh, model_id: str):
-    """`pvjax.sharding.param_specs`, logging each weight that falls back to replication."""
+    """`pvjax.parallel.sharding.param_specs`, logging each weight that falls back to replication."""
     specs = sharding.param_specs(params, mesh)
 
     def note(keys, leaf, spec):

@@ -16,9 +16,9 @@ text. Questions where an answer used is empty are left out of the response mean 
 Beside the shift, judge-free measures of trait expression before and after finetuning:
 - `likelihood_margin`: for reference answers that the base model writes under the eval trait's
   pos and neg system prompts, the mean per-token log-likelihood of the pos answer minus the neg
-  answer given the bare question (`pvjax.causality.answer_logprobs`), under each model; it rises
+  answer given the bare question (`pvjax.measure.causality.answer_logprobs`), under each model; it rises
   when finetuning makes trait answers likelier.
-- `contrast`: each model's own answers scored as `pvjax.pair_filter.contrast_scores` does, by the base
+- `contrast`: each model's own answers scored as `pvjax.methods.pair_filter.contrast_scores` does, by the base
   model: log-likelihood under the pos system prompt minus under the neg one, per token.
 and, with a judge, the judged trait score of each model's answers.
 
@@ -33,10 +33,10 @@ from typing import Sequence
 
 import numpy as np
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.capture import POOLINGS
 from pvjax.errors import InputError
-from pvjax.screen import unit_rows
+from pvjax.methods.screening import unit_rows
 
 RESPONSE_SOURCES = ("own", "base", "finetuned")
 LAYER_COLUMNS = ("layer", "shift_prompt_last", "shift_response_avg", "norm_diff_prompt_last",
@@ -58,7 +58,7 @@ def check_same_shape(base_cfg, finetuned_cfg) -> None:
 
 
 def _pooled(model, prompts, answers):
-    from pvjax.packing import pooled_activations
+    from pvjax.measure.packing import pooled_activations
 
     tok = model.tokenizer
     seqs = [tok(p + a, add_special_tokens=False)["input_ids"] for p, a in zip(prompts, answers)]
@@ -77,12 +77,12 @@ def finetuning_shift(base, finetuned, vector_LD, questions: Sequence[str], *, wo
                      vector_spec: str = "") -> dict:
     """The finetuning shift of the module docstring at every layer, written to `work`
     (`shift.csv` per layer, `answers.csv` per question, `summary.json`, `plot.png`); returns the
-    summary. `trait` (a `pvjax.traits.Trait`, eval split) enables the likelihood margin and the
-    contrast (its first `n_pairs` instruction pairs); `judge` (a `pvjax.judges.Judge`) the judged
+    summary. `trait` (a `pvjax.files.traits.Trait`, eval split) enables the likelihood margin and the
+    contrast (its first `n_pairs` instruction pairs); `judge` (a `pvjax.measure.judges.Judge`) the judged
     scores. Answers are cached in `cache_dir` (default `work/answer_cache`)."""
-    from pvjax.answer_cache import own_answers, weights_fingerprint
-    from pvjax.generate import SamplingParams
-    from pvjax.screen import check_vector_layer
+    from pvjax.engine.answer_cache import own_answers, weights_fingerprint
+    from pvjax.engine.generate import SamplingParams
+    from pvjax.methods.screening import check_vector_layer
 
     sampling = sampling or SamplingParams(max_new_tokens=256)
     check_same_shape(base.config, finetuned.config)
@@ -173,9 +173,9 @@ def _likelihood_measures(base, finetuned, trait, n_pairs, questions, prompts, an
     """(likelihood margin per model, contrast of each model's answers, answers generated): see the
     module docstring. Reference answers come from the base model under each pair's system prompts,
     cached like the others, and are written to `reference_answers.csv`."""
-    from pvjax.answer_cache import own_answers
-    from pvjax.causality import answer_logprobs
-    from pvjax.extract import system_prompt
+    from pvjax.engine.answer_cache import own_answers
+    from pvjax.measure.causality import answer_logprobs
+    from pvjax.methods.extraction import system_prompt
 
     N = len(questions)
     sys_prompts = [(system_prompt(trait.name, p.pos), system_prompt("helpful", p.neg))
@@ -222,7 +222,7 @@ def _likelihood_measures(base, finetuned, trait, n_pairs, questions, prompts, an
 
 def shift_plot(path, rows, layer: int):
     """The shift along the vector per layer (last prompt token and response mean)."""
-    from pvjax.plots import pyplot, save
+    from pvjax.files.plots import pyplot, save
 
     plt = pyplot()
 

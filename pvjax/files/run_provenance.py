@@ -28,7 +28,7 @@ import json
 import os
 from pathlib import Path
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.errors import UserError
 
 FORMAT = 1

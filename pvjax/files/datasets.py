@@ -25,9 +25,9 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.errors import InputError
-from pvjax.prompts import prompt_problem
+from pvjax.files.prompts import prompt_problem
 
 FORMATS = ("jsonl", "csv")
 

@@ -14,7 +14,7 @@ Shared prefixes: prompts of one batch that open with the same tokens (the chat t
 system prompt: the usual case in persona work, where hundreds of questions share one instruction)
 have that prefix run once, as a single row, and its keys and values copied into every row of the
 cache; the rest of each prompt then attends to it. A study grid, where many settings ask the same
-questions with `response` steering, runs each distinct question once instead (`pvjax.prompt_split`
+questions with `response` steering, runs each distinct question once instead (`pvjax.engine.prompt_split`
 picks per batch). Exact (only the summation order of the attention differs), and done only when
 the rows' interventions cannot tell the shared tokens apart.
 
@@ -39,14 +39,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pvjax import generate_mesh, inputs, kernels, prompt_split
-from pvjax.decode_loop import PromptBatch, Sampler, Steering, compile_count, run
+from pvjax import inputs, kernels
+from pvjax.engine import mesh as generate_mesh
+from pvjax.engine import prompt_split
+from pvjax.engine.decode_loop import PromptBatch, Sampler, Steering, compile_count, run
 from pvjax.errors import InputError
 from pvjax.interventions import Intervention, InterventionError, POSITION_MODES, empty
 from pvjax.model import default_positions, left_pad
 from pvjax.models.decoder import unstack_layers
-from pvjax.prompt_split import prefix_bucket, prompt_bucket, rows_bucket as _batch_bucket
-from pvjax.prompts import check_prompts
+from pvjax.engine.prompt_split import prefix_bucket, prompt_bucket, rows_bucket as _batch_bucket
+from pvjax.files.prompts import check_prompts
 
 __all__ = ["Generation", "GenerationError", "SamplingParams", "compile_count", "decode_params",
            "generate", "generate_ids", "prefix_bucket", "prefixes_shareable", "prompt_bucket",
@@ -220,8 +222,8 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
     once (see the module docstring). A model without a tokenizer (random weights for benchmarks)
     returns empty texts.
 
-    `mesh` (a `("data", "model")` `jax.sharding.Mesh`, `pvjax.sharding.make_mesh`) runs the batch
-    over "data" and the weights and kv heads over "model" (see `pvjax.generate_mesh`); each batch
+    `mesh` (a `("data", "model")` `jax.sharding.Mesh`, `pvjax.parallel.sharding.make_mesh`) runs the batch
+    over "data" and the weights and kv heads over "model" (see `pvjax.engine.mesh`); each batch
     is padded to a multiple of the data axis. Without it, one device, as before.
     """
     ids, intervention, probes = _check_request(model, ids, sampling, seed, intervention, positions,
@@ -314,7 +316,7 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
 
 def prefixes_shareable(intervention: Intervention, positions: str, ablate_positions: str) -> bool:
     """Whether rows with the same prompt tokens before the last may share them (see
-    `pvjax.prompt_split`): true when one intervention serves every row, or when none acts before
+    `pvjax.engine.prompt_split`): true when one intervention serves every row, or when none acts before
     a prompt's last token (`response` steering, and ablation zero or on `response` too)."""
     rows = dataclasses.replace(intervention, steer_mask=None, ablate_mask=None)
     if all(x.shape[1] == 1 for x in jax.tree_util.tree_leaves(rows)):

@@ -154,7 +154,7 @@ def validate_config(cfg) -> CheckedConfig:
     1..n_layers, the workdir is (or can become) a directory, the filter can be met by the number of
     pairs the config produces. Raises `InvalidConfig` listing every problem found; writes nothing,
     loads no weights."""
-    from pvjax.traits import TraitError, load_trait
+    from pvjax.files.traits import TraitError, load_trait
 
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     flat = _flatten(cfg)
@@ -215,7 +215,7 @@ def validate_config(cfg) -> CheckedConfig:
             _model_config(flat["judge.model"], "judge.model", problems)
 
     if ok("distributed.coordinator", "distributed.num_processes", "distributed.process_id", "distributed.timeout"):
-        from pvjax.multihost import check_distributed
+        from pvjax.parallel.multihost import check_distributed
 
         problems += check_distributed({k.split(".", 1)[1]: v for k, v in flat.items()
                                        if k.startswith("distributed.")})

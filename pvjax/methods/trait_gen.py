@@ -13,7 +13,7 @@ import re
 from typing import Sequence
 
 from pvjax.llm.base import ChatBackend, ChatRequest
-from pvjax.traits import Trait, TraitError, check_disjoint
+from pvjax.files.traits import Trait, TraitError, check_disjoint
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n(.*?)```", re.DOTALL)
 

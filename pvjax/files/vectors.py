@@ -98,7 +98,7 @@ def load_vectors(path, model=None, *, strict: bool = False) -> tuple[dict[str, n
 
 def vectors_from_bytes(data: bytes, model=None, *, strict: bool = False,
                        name="vector bytes") -> tuple[dict[str, np.ndarray], dict]:
-    """`load_vectors` of a safetensors file's bytes (sent between processes, `pvjax.multihost`);
+    """`load_vectors` of a safetensors file's bytes (sent between processes, `pvjax.parallel.multihost`);
     `name` stands for the file in messages."""
     from safetensors.numpy import load
 

@@ -32,10 +32,10 @@ contrast filter, both scores are recorded per answer and their Spearman rank cor
 
 `mesh.data` x `mesh.model` runs generation and the forwards on a mesh of the process's devices; `distributed.*`
 makes the run one process of a job that splits every stage between its processes, with process 0
-alone writing the directory (`pvjax.multihost`; README, "Running on a pod").
+alone writing the directory (`pvjax.parallel.multihost`; README, "Running on a pod").
 
-A rerun first checks the whole config (`pvjax.extract_config`), then its provenance against the
-directory's (`pvjax.run_provenance`): answers made under other settings are refused, never
+A rerun first checks the whole config (`pvjax.settings.extraction`), then its provenance against the
+directory's (`pvjax.files.run_provenance`): answers made under other settings are refused, never
 relabelled; a changed judge, filter or causality setting reruns that stage and what follows.
 """
 
@@ -47,10 +47,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pvjax import atomic, run_provenance
-from pvjax.extract_config import validate_config
-from pvjax.multihost import SINGLE, Job
-from pvjax.pair_filter import ExtractionError, _key, _n_tokens, agreement, contrast_scores, filter_pairs
+from pvjax.files import atomic
+from pvjax.files import run_provenance
+from pvjax.settings.extraction import validate_config
+from pvjax.parallel.multihost import SINGLE, Job
+from pvjax.methods.pair_filter import ExtractionError, _key, _n_tokens, agreement, contrast_scores, filter_pairs
 
 log = logging.getLogger(__name__)
 COLUMNS = ("question", "prompt", "answer", "question_id", "instruction_id", "sample")
@@ -92,7 +93,7 @@ def generate_answers(model, trait, cfg, work: Path, progress: bool, job: Job = S
     finished, else generated and written as each finishes. In a multi-process job the parts left
     are dealt out one per process per wave, each wave's parts written by process 0 (and sent to
     all), so a part is never generated twice and a killed job loses at most one wave."""
-    from pvjax.generate import SamplingParams
+    from pvjax.engine.generate import SamplingParams
 
     pairs = list(trait.instruction[: cfg["n_pairs"] or None])
     sampling = SamplingParams(temperature=cfg["temperature"], top_p=cfg.get("top_p", 1.0),
@@ -118,7 +119,7 @@ def generate_answers(model, trait, cfg, work: Path, progress: bool, job: Job = S
 def _answer_part(model, trait, cfg, sampling, pol_i: int, pol: str, k: int, pair, progress: bool, mesh) -> str:
     """The CSV text of answer part `pol`_`k`: every question `n_per_question` times under that
     instruction's system prompt."""
-    from pvjax.generate import generate, render_prompts
+    from pvjax.engine.generate import generate, render_prompts
 
     questions = list(trait.questions[: cfg["n_questions"] or None])
     n = cfg["n_per_question"]
@@ -156,7 +157,7 @@ def judge_answers(answers, trait, backend, work: Path, progress: bool, coherence
     """Trait and (unless switched off) coherence scores for every non-empty answer; with no judge
     (`backend` None, `judge.backend='none'`) the files hold the answers with empty scores. In a
     multi-process job each process judges every `count`-th answer; process 0 writes the files."""
-    from pvjax.judges import COHERENCE_RUBRIC, Judge
+    from pvjax.measure.judges import COHERENCE_RUBRIC, Judge
 
     names = {pol: f"{trait.name}_{pol}.csv" for pol in answers}
     texts = job.from_writer(lambda: {pol: (work / n).read_text() for pol, n in names.items() if (work / n).exists()})
@@ -187,7 +188,7 @@ def pooled_difference(model, kept, job: Job = SINGLE, rows_per_batch: int = 8) -
     does (the prompt alone fixes where the response starts). Sums run in float64; in a
     multi-process job each process pools every `count`-th sequence on its mesh and the sums are
     added, so the result equals one process's up to float summation order."""
-    from pvjax.packing import pooled_activations
+    from pvjax.measure.packing import pooled_activations
 
     tok = model.tokenizer
     rows = [p for p, _ in kept] + [n for _, n in kept]
@@ -214,18 +215,18 @@ def run(cfg, *, progress: bool = True) -> dict:
     Before anything is written or loaded, the whole config is checked (`InvalidConfig` lists every
     problem) and compared with the provenance recorded in the workdir: answers made under other
     settings are refused (`RunMismatch`), a changed judge, filter or causality setting deletes that
-    stage's outputs and what follows it (`pvjax.run_provenance`). A finished run whose provenance
+    stage's outputs and what follows it (`pvjax.files.run_provenance`). A finished run whose provenance
     matches is returned as it is, and its files, `config.json` included, are left untouched.
 
     `mesh.data` x `mesh.model` > 1 runs every stage (generation, pooling, contrast and causality
     scores, a local judge) on a mesh of this process's devices. With `distributed.coordinator` set, this is one
-    process of a job that runs the same config everywhere (`pvjax.multihost`): each process does
+    process of a job that runs the same config everywhere (`pvjax.parallel.multihost`): each process does
     its share of every stage, process 0 alone reads and writes the workdir, every process returns
     the same summary."""
     import pvjax
-    from pvjax import multihost
-    from pvjax.causality import likelihood_margins
-    from pvjax.vectors import KEYS, save_vectors
+    from pvjax.parallel import multihost
+    from pvjax.measure.causality import likelihood_margins
+    from pvjax.files.vectors import KEYS, save_vectors
 
     plain = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     dist = plain.get("distributed")
@@ -291,7 +292,7 @@ def run(cfg, *, progress: bool = True) -> dict:
         if cfg["judge"]["backend"] != "none":
             agree = agreement(judged, trait.name, contrast)
 
-    from pvjax.vectors import vectors_from_bytes
+    from pvjax.files.vectors import vectors_from_bytes
 
     vec_path = work / "vectors.safetensors"
     read_vec = lambda: vec_path.read_bytes() if vec_path.exists() else b""
@@ -338,7 +339,7 @@ def run(cfg, *, progress: bool = True) -> dict:
         summary["agreement"] = agree
     if job.writer:
         if cfg.get("plot", True):
-            from pvjax.plots import extraction_plot
+            from pvjax.files.plots import extraction_plot
 
             extraction_plot(work / "plot.png", norms, causality, trait.name)
         atomic.write_json(work / "summary.json", summary)

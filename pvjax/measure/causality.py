@@ -47,10 +47,10 @@ def answer_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, ve
     """Mean per-token log-probability `[C, N]` of each answer after its (chat-templated) prompt,
     steered by `coef * vector` at `layer` on `positions` for every coefficient.
 
-    On a `mesh` (`pvjax.sharding.make_mesh`) each batch's rows are split over "data" (`batch_size`
+    On a `mesh` (`pvjax.parallel.sharding.make_mesh`) each batch's rows are split over "data" (`batch_size`
     rounded up to a multiple of it, the extra rows filler) and the parameters laid out by
-    `pvjax.sharding`'s rule table; equal to one device up to float summation order."""
-    from pvjax import sharding
+    `pvjax.parallel.sharding`'s rule table; equal to one device up to float summation order."""
+    from pvjax.parallel import sharding
     tok = model.tokenizer
     L, D = model.n_layers + 1, model.hidden_size
     _check_texts(prompts=prompts, answers=answers)

@@ -1,7 +1,7 @@
 """Which answer pairs really differ: the contrast score (judge-free) and the pair filter of extraction.
 
 `filter_pairs` applies the configured rule (`threshold`, `margin`, `contrast` or `none`, see
-`pvjax.extract`) to judged pos/neg answers paired by (instruction, question, sample);
+`pvjax.methods.extraction`) to judged pos/neg answers paired by (instruction, question, sample);
 `contrast_scores` computes the judge-free score every answer needs for the `contrast` rule, and
 `agreement` reports how far it ranks answers as the judge does.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pvjax import atomic
+from pvjax.files import atomic
 from pvjax.errors import UserError
-from pvjax.multihost import SINGLE, Job
+from pvjax.parallel.multihost import SINGLE, Job
 
 
 class ExtractionError(UserError, RuntimeError):
@@ -43,7 +43,7 @@ def contrast_scores(model, answers, work: Path, batch_size: int = 8, job: Job = 
     An answer whose prompt + answer does not fit the context (padded to the forward's 32-token
     buckets) gets no score (the filter counts it as too long) and never reaches the forward. In a
     multi-process job the calls are dealt out by process (each on its mesh); process 0 writes."""
-    from pvjax.causality import answer_logprobs
+    from pvjax.measure.causality import answer_logprobs
 
     path = work / "contrast_scores.csv"
     text = job.from_writer(lambda: path.read_text() if path.exists() else None)

@@ -1,5 +1,5 @@
 """The compiled generation program: prefill and decode loop in one `jax.jit`, and the small pytree
-dataclasses its arguments travel in (see `pvjax.generate` for the engine around it).
+dataclasses its arguments travel in (see `pvjax.engine.generate` for the engine around it).
 
 Shape legend: B batch, C shared-prefix tokens (may be 0), P prompt columns, S cache slots,
 N new-token budget, L = n_layers + 1 hidden-state rows, K probe vectors, V vocabulary.
@@ -103,7 +103,7 @@ def run(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler, steer
     """Generate `sampler.n_new` tokens for every row: `(tokens [B, N], prompt projections
     [L, B, C + P, K] or None, new-token projections [L, B, N, K])`. With a `mesh`, the KV cache
     takes the split layout with its batch over "data" and kv heads over "model" (see
-    `pvjax.generate_mesh`, which places the inputs)."""
+    `pvjax.engine.mesh`, which places the inputs)."""
     return _generate(params, prefill_params, cfg, batch, sampler, steering, probes, mesh=mesh)
 
 

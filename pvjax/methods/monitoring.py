@@ -6,7 +6,7 @@ resamples.
 The paper's monitoring signal is the residual at the last prompt token (the position whose logits
 start the answer), projected onto the unit persona vector of each layer, read before any token is
 generated. This module computes it with the engine's packed, pooled forward
-(`pvjax.packing.pooled_activations`, the `prompt_last` pooling), measures how well it predicts a
+(`pvjax.measure.packing.pooled_activations`, the `prompt_last` pooling), measures how well it predicts a
 trait score (Pearson r with a seeded percentile bootstrap interval; AUROC), and calibrates a
 monitor: one layer, one threshold chosen by a stated rule, saved as JSON beside the vector file
 (`monitor_path`) with the model's and the vector's identity, so it is never read against another.
@@ -29,7 +29,7 @@ import numpy as np
 
 from pvjax.errors import UserError
 
-FORMAT = "pvjax.monitor/1"
+FORMAT = "pvjax.methods.monitoring/1"
 RULES = ("youden", "fpr")
 # float32 carries ~7 significant digits: values that agree to that are the same number computed twice.
 _CONSTANT_RTOL = 1e-6
@@ -55,9 +55,9 @@ def unit_rows(vector_LD) -> np.ndarray:
 
 
 def prompt_ids(model, prompts: Sequence, *, system: str | None = None, chat: bool = True) -> list[list[int]]:
-    """Token ids of prompts exactly as `pvjax.generate.generate` feeds them (same template, same
+    """Token ids of prompts exactly as `pvjax.engine.generate.generate` feeds them (same template, same
     special-token rule), so a projection computed here is the one generation starts from."""
-    from pvjax.generate import render_prompts
+    from pvjax.engine.generate import render_prompts
 
     texts = render_prompts(model, prompts, system=system, chat=chat)
     return [model.tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
@@ -69,7 +69,7 @@ def last_prompt_projections(model, ids: Sequence[Sequence[int]], vector_LD, *, r
     the output of block l, the last after the final norm), projected onto the unit vector of that
     layer. One packed forward per `chunk` prompts, no LM head, no generation."""
     from pvjax.capture import POOLINGS
-    from pvjax.packing import pooled_activations
+    from pvjax.measure.packing import pooled_activations
 
     L, D = model.n_layers + 1, model.hidden_size
     if np.shape(vector_LD) != (L, D):
@@ -242,8 +242,8 @@ def vector_sha256(vector_LD) -> str:
 
 def monitor_path(vector_spec: str) -> Path:
     """Where the monitor of `FILE[:KEY]` lives: beside FILE, `<stem>.<KEY>.monitor.json` (KEY
-    resolved as `pvjax.vectors.read_vector` does: `response_avg_diff`, or `vector` for a `.pt`)."""
-    from pvjax.vectors import KEYS, split_spec
+    resolved as `pvjax.files.vectors.read_vector` does: `response_avg_diff`, or `vector` for a `.pt`)."""
+    from pvjax.files.vectors import KEYS, split_spec
 
     path, key = split_spec(vector_spec)
     return path.with_name(f"{path.stem}.{key or ('vector' if path.suffix == '.pt' else KEYS[0])}.monitor.json")
@@ -332,7 +332,7 @@ def calibrate(proj_NL, scores_N, labels_N, *, vector_LD, vector_spec: str, model
 
 
 def save_monitor(path, monitor: Monitor) -> Path:
-    from pvjax import atomic
+    from pvjax.files import atomic
 
     return atomic.write_json(path, monitor.to_json())
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 
-from pvjax import atomic
+from pvjax.files import atomic
 
 
 def pyplot():

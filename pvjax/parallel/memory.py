@@ -1,14 +1,14 @@
 """How much memory a model needs per device on a ("data", "model") mesh, computed from its config.
 
 The numbers follow the layout pvjax actually uses: every parameter is split by the rule table of
-`pvjax.sharding` (an axis is dropped where a dimension does not divide, exactly as `shard_params`
+`pvjax.parallel.sharding` (an axis is dropped where a dimension does not divide, exactly as `shard_params`
 does), the KV cache of generation splits its batch over `data` and its kv heads over `model` (or
 replicates them when they do not divide). What is not counted: XLA's temporaries and the
 activations of one forward (for generation a few `[B, T, D]` and `[B, T, V]` buffers; small next
 to the weights and cache at the batch sizes below), and the runtime's own reserve (on GPUs, leave
 10-25% of the card for it).
 
-    python -m pvjax.memory          # the README's table
+    python -m pvjax.parallel.memory          # the README's table
     per_device(KNOWN["qwen2.5-7b"], data=1, model=4, batch=64, context=2048)["total_gib"]
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import math
 
-from pvjax.config import ModelConfig
+from pvjax.models.config import ModelConfig
 from pvjax.loading.layout import expected_shapes
-from pvjax.sharding import spec_for
+from pvjax.parallel.sharding import spec_for
 
 GIB = 2 ** 30
 
@@ -53,7 +53,7 @@ def n_params(cfg: ModelConfig) -> int:
 
 
 def param_elements_per_device(cfg: ModelConfig, data: int = 1, model: int = 1) -> int:
-    """Parameter elements one device holds under `pvjax.sharding`'s rule table."""
+    """Parameter elements one device holds under `pvjax.parallel.sharding`'s rule table."""
     sizes = {"data": data, "model": model}
     total = 0
     for path, shape in _leaves(cfg):
