@@ -13,15 +13,13 @@ the effect against the layer. `vector` as in configs/steer.py (empty: extract fi
 runlocal: the embedded SmolLM2, 6 eval questions, 5 layers, no judge, 16 multiple-choice items.
 """
 
-import os
-import runpy
-from types import SimpleNamespace
+
+from pvjax.settings import config_files
 
 
 def get_config(arg: str = ""):
     # loaded by path, as ml_collections loads this file: a config runs from any working directory
-    here = os.path.dirname(os.path.abspath(__file__))
-    parts = SimpleNamespace(**runpy.run_path(os.path.join(here, "study_parts.py")))
+    parts = config_files.beside(__file__, "study_parts")
     c = parts.study("ablate", arg)  # model, trait, vector, generation, judge, mc, extract (study_parts.py)
     c.layers = ()  # hidden_states rows; empty: five layers between a quarter and three quarters of the depth
     c.window = 5  # rows in each window variant, centred on the layer

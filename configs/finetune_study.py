@@ -23,18 +23,18 @@ shift on 10 eval questions. See the README ("Finetuning study on the embedded mo
 and CPU time.
 """
 
-import os
-import runpy
 
 import ml_collections
 
-# nested configs are loaded by path (study_parts.sibling), so this file runs from any working directory
-parts = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))
+from pvjax.settings import config_files
+
+# loaded by path, so this file runs from any working directory (pvjax.settings.config_files)
+parts = config_files.beside(__file__, "study_parts")
 
 
 def get_config(arg: str = ""):
     runlocal = "runlocal" in arg.split(",")
-    c = parts["header"]("finetune_study", arg)
+    c = parts.header("finetune_study", arg)
     c.layer = 20  # hidden_states row: the shift, screening and (by default) steering layer
 
     # The datasets: the base model answers the extract split's questions under each instruction
@@ -51,7 +51,7 @@ def get_config(arg: str = ""):
     c.mixes = (0.25, 0.5, 0.75)  # share of trait samples; 0 and 1 are the control and trait runs
 
     # One finetuning config for every run; the study sets train_file, vector, steering and monitor.
-    c.finetune = parts["sibling"]("finetune")
+    c.finetune = config_files.sibling(__file__, "finetune")
     c.preventative = ml_collections.ConfigDict()
     c.preventative.coef = 4.0  # x v (the raw vector row, as in steering) added during training
     c.preventative.layers = ()  # hidden-state rows; empty: (layer,)

@@ -14,18 +14,18 @@ embedded SmolLM2 on a CPU in minutes: 6 questions, one greedy answer each, 0/2/4
 the judge-free contrast score (`judge.backend=local` lets the model judge itself instead).
 """
 
-import os
-import runpy
 
 import ml_collections
 
-# nested configs are loaded by path (study_parts.sibling), so this file runs from any working directory
-parts = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))
+from pvjax.settings import config_files
+
+# loaded by path, so this file runs from any working directory (pvjax.settings.config_files)
+parts = config_files.beside(__file__, "study_parts")
 
 
 def get_config(arg: str = ""):
     runlocal = "runlocal" in arg.split(",")
-    c = parts["header"]("monitor", arg)
+    c = parts.header("monitor", arg)
 
     c.n_questions = 0  # eval-split questions per condition; 0: all
     c.n_samples = 10  # answers per (condition, question); a point's score is their mean

@@ -17,14 +17,14 @@ chat JSONL, the same prompts with helpful answers as CSV), with the evil vector 
 spot by `configs/extract.py:runlocal`; a few minutes on a 2-core CPU.
 """
 
-import os
-import runpy
 from importlib import resources
 
 import ml_collections
 
-# nested configs are loaded by path (study_parts.sibling), so this file runs from any working directory
-parts = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))
+from pvjax.settings import config_files
+
+# loaded by path, so this file runs from any working directory (pvjax.settings.config_files)
+parts = config_files.beside(__file__, "study_parts")
 
 
 def shipped_dataset(name: str) -> str:
@@ -33,7 +33,7 @@ def shipped_dataset(name: str) -> str:
 
 def get_config(arg: str = ""):
     runlocal = "runlocal" in arg.split(",")
-    c = parts["header"]("screen", arg)  # model: the base model, before finetuning
+    c = parts.header("screen", arg)  # model: the base model, before finetuning
     c.datasets = ""  # FILE[,FILE...]
     c.format = ""  # jsonl | csv; empty: from the suffix
     c.prompt_column = "prompt"  # CSV only

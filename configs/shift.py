@@ -16,18 +16,18 @@ shift and every delta comes out zero, which checks the pipeline; pass `--config.
 for a real comparison.
 """
 
-import os
-import runpy
 
 import ml_collections
 
-# nested configs are loaded by path (study_parts.sibling), so this file runs from any working directory
-parts = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "study_parts.py"))
+from pvjax.settings import config_files
+
+# loaded by path, so this file runs from any working directory (pvjax.settings.config_files)
+parts = config_files.beside(__file__, "study_parts")
 
 
 def get_config(arg: str = ""):
     runlocal = "runlocal" in arg.split(",")
-    c = parts["header"]("shift", arg)  # model and vector: the base model's
+    c = parts.header("shift", arg)  # model and vector: the base model's
     c.finetuned = ""  # a model source of the same shape
     c.layer = 20  # the layer reported in the summary; shift.csv has every layer
     c.n_questions = 0  # 0: every eval question

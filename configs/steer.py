@@ -23,17 +23,15 @@ tokens, no judge (the margin is the metric), 16 multiple-choice items: a few min
 CPU after the extraction (about 3 minutes more when no vector is given).
 """
 
-import os
-import runpy
-from types import SimpleNamespace
 
 import ml_collections
+
+from pvjax.settings import config_files
 
 
 def get_config(arg: str = ""):
     # loaded by path, as ml_collections loads this file: a config runs from any working directory
-    here = os.path.dirname(os.path.abspath(__file__))
-    parts = SimpleNamespace(**runpy.run_path(os.path.join(here, "study_parts.py")))
+    parts = config_files.beside(__file__, "study_parts")
     c = parts.study("steer", arg)  # model, trait, vector, generation, judge, mc, extract (study_parts.py)
     c.layers = ()  # hidden_states rows; empty: five layers between a quarter and three quarters of the depth
     c.coefs = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5)

@@ -4,27 +4,15 @@ fields and the nested extraction config), and for the steering and ablation conf
 multiple-choice set (`study`); with what their `runlocal` variant changes in those.
 
 A config file is loaded by path (`ml_collections`), not imported as a package, so the configs load
-this file by path too (`runpy.run_path`)."""
-
-import importlib.util
-import os
+this file by path too (`pvjax.settings.config_files.beside`)."""
 
 import ml_collections
+
+from pvjax.settings import config_files
 
 
 def runlocal(arg: str) -> bool:
     return "runlocal" in arg.split(",")
-
-
-def sibling(name: str, arg: str = ""):
-    """`configs/<name>.py`'s config for `arg`, loaded by path: a config that nests another runs from
-    any working directory (`from configs import ...` needs the repository root on sys.path, and can
-    pick up another checkout's `configs`)."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"pvjax_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def header(name: str, arg: str):
@@ -37,7 +25,7 @@ def header(name: str, arg: str):
     c.trait = "evil"
     c.vector = ""  # FILE[:KEY]; empty: extract the trait's vector first (c.extract)
     c.workdir = ""
-    c.extract = sibling("extract", "runlocal" if runlocal(arg) else "")
+    c.extract = config_files.sibling(__file__, "extract", "runlocal" if runlocal(arg) else "")
     if runlocal(arg):
         c.model = "smollm2-135m-instruct"
     return c

@@ -237,7 +237,7 @@ def test_local_judge_logprobs_match_transformers(smollm2, hf_smollm2):
 
 
 def test_shipped_configs_load_and_override(tmp_path):
-    from pvjax.commands.extract import load_config
+    from pvjax.settings.config_files import load_config
 
     here = os.path.join(os.path.dirname(__file__), "..", "configs", "extract.py")
     for variant in ("", ":runlocal"):

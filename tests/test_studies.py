@@ -200,7 +200,7 @@ def test_ablation_and_extraction_through_the_runner(tiny, tmp_path, capsys):
 
 def test_a_killed_steer_point_resumes_from_its_finished_parts(tiny, tmp_path, monkeypatch):
     import pvjax.engine.generate as gen
-    from pvjax.commands.extract import load_config
+    from pvjax.settings.config_files import load_config
 
     cfg = load_config(STEER + ":runlocal", [f"--config.model={tiny['folder']}", f"--config.vector={tiny['vfile']}",
                                             "--config.layers=(2,)", "--config.coefs=(-1.0,1.0,2.0)",
@@ -256,7 +256,7 @@ def test_bad_input_is_refused_before_any_model_loads(tiny, tmp_path, capsys, mon
 def test_a_judged_steer_study_reports_trait_score_and_coherence(tiny, tmp_path):
     """judge.backend=local: the tiny model judges itself, numbers only (its scores mean nothing; the
     path from answers to judged columns, the judged metric and the cache are what is tested)."""
-    from pvjax.commands.extract import load_config
+    from pvjax.settings.config_files import load_config
 
     cfg = load_config(STEER + ":runlocal", [f"--config.model={tiny['folder']}", f"--config.vector={tiny['vfile']}",
                                             "--config.layers=(1,2)", "--config.coefs=(-1.0,0.0,1.0)",
@@ -276,7 +276,7 @@ def test_closed_loop_cap_and_target_rows_join_the_grid_without_a_new_program(tin
     """`caps` and `targets` add one closed-loop row each per layer: same batch, same compiled
     programs as a fixed grid of as many rows, their own summary rows (control, value, gain,
     max_step, no coef), and the rule bites."""
-    from pvjax.commands.extract import load_config
+    from pvjax.settings.config_files import load_config
     from pvjax.engine.generate import SamplingParams, compile_count
 
     model, v = tiny["model"], tiny["vector"]

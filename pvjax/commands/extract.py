@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from pvjax.errors import UsageError
+from pvjax.settings.config_files import load_config
 
 
 def add_parser(sub):
@@ -43,51 +44,6 @@ def study_config(args):
     if not cfg.workdir:
         raise UsageError("set --config.workdir=DIR (where the results go)")
     return cfg, Path(cfg.workdir)
-
-
-def load_config(path: str, overrides: list[str]):
-    """Load a `get_config(arg)` file and apply `--config.a.b=value` overrides through absl flags,
-    exactly as `ml_collections.config_flags` does for scripts. Every mistake (a missing file, a
-    folder, a file that fails to run, an unknown field, a value of the wrong type) exits with one
-    line naming it (a `UsageError`); nothing here loads a model."""
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        raise UsageError(f"unrecognized arguments: {' '.join(bad)} (overrides look like --config.trait=evil)")
-    file = Path(path.split(":", 1)[0])
-    if not file.exists():
-        raise UsageError(f"config file {str(file)!r} not found (e.g. configs/extract.py:runlocal)")
-    if not file.is_file():
-        raise UsageError(f"config {str(file)!r} is a directory, not a config file "
-                         "(e.g. configs/extract.py:runlocal)")
-    known = _flat_keys(_parse(path, []).to_dict())
-    for o in overrides:
-        key = o[len("--config."):].split("=", 1)[0]
-        if key not in known:
-            raise UsageError(f"unknown config field {key!r} (known: {', '.join(known)})")
-    return _parse(path, overrides)
-
-
-def _flat_keys(d: dict, prefix: str = "") -> list[str]:
-    return [k for key, v in d.items()
-            for k in (_flat_keys(v, f"{prefix}{key}.") if isinstance(v, dict) else [f"{prefix}{key}"])]
-
-
-def _parse(path: str, overrides: list[str]):
-    from absl import flags
-    from ml_collections import config_flags
-
-    argv = ["pvjax", f"--config={path}", *overrides]
-    fv = flags.FlagValues()
-    # The override flags are found by scanning an argv at definition time; give it ours, not sys.argv.
-    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=True, sys_argv=argv)
-    try:
-        fv(argv)
-        return fv.config
-    except flags.Error as e:
-        raise UsageError(f"bad config override: {e}") from None
-    except Exception as e:  # whatever the config file itself raised while it ran
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot load config file {path!r}: {type(e).__name__}: {first}")
 
 
 def run(args) -> int:

@@ -21,7 +21,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from pvjax.commands.extract import load_config
+    from pvjax.settings.config_files import load_config
     from pvjax.finetune import train
 
     cfg = load_config(args.config, args.extra)

@@ -25,7 +25,7 @@ import numpy as np
 from pvjax.models.config import ModelConfig
 from pvjax.errors import UserError
 from pvjax.finetune.lora import TARGETS, LoraSpec
-from pvjax.loading.safetensors_folder import _HF_NAMES
+from pvjax.loading.safetensors_folder import HF_NAMES
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -65,12 +65,12 @@ def _hf_tensors(cfg: ModelConfig, params, dtype):
     for key in ("embed", "final_norm", "lm_head"):
         if key in params:
             a = _to_numpy(params[key], dtype)
-            yield _HF_NAMES[key], a.T.copy() if key == "lm_head" else a
+            yield HF_NAMES[key], a.T.copy() if key == "lm_head" else a
     for key, stacked in params["layers"].items():
         arr = _to_numpy(stacked, dtype)
         for i in range(cfg.num_layers):
             a = arr[i]
-            yield f"model.layers.{i}.{_HF_NAMES[key]}", np.ascontiguousarray(a.T) if a.ndim == 2 else a
+            yield f"model.layers.{i}.{HF_NAMES[key]}", np.ascontiguousarray(a.T) if a.ndim == 2 else a
 
 
 def _replace_dir(tmp: Path, folder: Path) -> None:

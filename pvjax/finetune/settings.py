@@ -11,15 +11,13 @@ import dataclasses
 import math
 from pathlib import Path
 
-from pvjax.errors import UserError
 from pvjax.finetune.lora import TARGETS, LoraSpec
+from pvjax.settings.fields import InvalidConfig, as_dict
+
+__all__ = ["Checked", "InvalidConfig", "as_dict", "check", "resolve_data", "shipped_datasets"]
 
 STEERING_TYPES = ("", "steer", "ablate")
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "finetune"
-
-
-class InvalidConfig(UserError, ValueError):
-    """One or more bad finetuning config fields; the message lists them all."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +43,8 @@ def resolve_data(name: str) -> Path:
     return p
 
 
-def to_dict(cfg) -> dict:
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-
-
 def check(cfg, n_layers: int) -> Checked:
-    c = to_dict(cfg)
+    c = as_dict(cfg)
     problems: list[str] = []
 
     def need(ok, msg):

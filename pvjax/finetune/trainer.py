@@ -115,7 +115,7 @@ def setup(cfg, *, model=None, mesh=None) -> Setup:
     from pvjax.parallel import sharding
     from pvjax.loading import read_model_config
 
-    c = settings.to_dict(cfg)
+    c = settings.as_dict(cfg)
     n_layers = model.n_layers if model is not None else read_model_config(c["model"]).num_layers
     chk = settings.check(c, n_layers)
     if model is None:
@@ -190,7 +190,7 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
     of one model). Returns the summary also written to `<workdir>/summary.json`. `until_step`
     pauses after that step as a kill would (checkpoint saved, nothing exported, no summary): the
     next call resumes, for jobs cut into time slices."""
-    c = settings.to_dict(cfg)
+    c = settings.as_dict(cfg)
     work = Path(workdir or c.get("workdir") or "")
     if not str(workdir or c.get("workdir") or ""):
         raise UsageError("no workdir: pass --workdir DIR (or set config.workdir)")

@@ -20,7 +20,7 @@ from pvjax.loading.layout import CheckpointError, assemble
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
            "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
-_HF_NAMES = {
+HF_NAMES = {
     "embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight",
     "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
     "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
@@ -108,7 +108,7 @@ def load_folder(folder: str | os.PathLike, dtype) -> tuple[ModelConfig, dict]:
         tensors.update(read_safetensors(f))
 
     def name_of(key, layer):
-        return _HF_NAMES[key] if layer is None else f"model.layers.{layer}.{_HF_NAMES[key]}"
+        return HF_NAMES[key] if layer is None else f"model.layers.{layer}.{HF_NAMES[key]}"
 
     def transform(key, arr):
         return arr.T if arr.ndim == 2 and key != "embed" else arr

@@ -29,7 +29,7 @@ from pvjax.models.decoder import decode
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tail"))
-def _answer_logprob(params, cfg, tokens_BT, mask_BT, positions_BT, iv, answer_BT, tail):
+def answer_logprob(params, cfg, tokens_BT, mask_BT, positions_BT, iv, answer_BT, tail):
     """Rows are left-padded, so every answer lies in the last `tail` columns: the head and the
     softmax run there only (measured on SmolLM2: the head is a fifth of the forward's FLOPs at
     T=128 and the [B, T, V] softmax as much again)."""
@@ -88,7 +88,7 @@ def answer_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, ve
         end = np.array([T - len(seqs[i]) + starts[i] for _, i in chunk] + [T] * (B - len(chunk)))
         iv = iv.with_masks(ivs.position_mask(positions, mask, end))
         put = lambda x: sharding.put_rows(x, mesh) if mesh is not None else jnp.asarray(x)
-        lp = np.asarray(_answer_logprob(params, model.config, put(tokens), put(mask), put(_positions(mask)),
+        lp = np.asarray(answer_logprob(params, model.config, put(tokens), put(mask), put(_positions(mask)),
                                         iv, put(answer), tail=tail))
         for b, (c, i) in enumerate(chunk):
             out[c, i] = lp[b]

@@ -141,7 +141,7 @@ def score(model, items, *, intervention: ivs.Intervention | None = None, positio
     batch S (one row per setting) or is None (S = 1, unsteered). Steering applies on `positions`
     (`all`, `prompt`: every prompt token, `response`: the last prompt token only, where the letter
     is read); ablation on every position."""
-    from pvjax.studies.grid import take
+    from pvjax.engine.rows import take
 
     L, D = model.n_layers + 1, model.hidden_size
     iv = ivs.empty(L, D) if intervention is None else intervention

@@ -41,6 +41,8 @@ relabelled; a changed judge, filter or causality setting reruns that stage and w
 
 from __future__ import annotations
 
+from pvjax.settings.fields import as_dict
+
 import json
 import logging
 from pathlib import Path
@@ -51,7 +53,7 @@ from pvjax.files import atomic
 from pvjax.files import run_provenance
 from pvjax.settings.extraction import validate_config
 from pvjax.parallel.multihost import SINGLE, Job
-from pvjax.methods.pair_filter import ExtractionError, _key, _n_tokens, agreement, contrast_scores, filter_pairs
+from pvjax.methods.pair_filter import ExtractionError, pair_key, n_tokens, agreement, contrast_scores, filter_pairs
 
 log = logging.getLogger(__name__)
 COLUMNS = ("question", "prompt", "answer", "question_id", "instruction_id", "sample")
@@ -149,7 +151,7 @@ def _answer_part(model, trait, cfg, sampling, pol_i: int, pol: str, k: int, pair
 
 def prompt_fits(model, prompt: str, max_new_tokens: int) -> bool:
     """Whether a rendered prompt leaves room for `max_new_tokens` in the model's context."""
-    return _n_tokens(model, prompt) + max_new_tokens <= model.config.max_position_embeddings
+    return n_tokens(model, prompt) + max_new_tokens <= model.config.max_position_embeddings
 
 
 def judge_answers(answers, trait, backend, work: Path, progress: bool, coherence: bool = True,
@@ -228,7 +230,7 @@ def run(cfg, *, progress: bool = True) -> dict:
     from pvjax.measure.causality import likelihood_margins
     from pvjax.files.vectors import KEYS, save_vectors
 
-    plain = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    plain = as_dict(cfg)
     dist = plain.get("distributed")
     # The job is joined before anything starts JAX (checking the config reads the backend's dtype);
     # from then on an error on one process is raised on all (none waits for a process that gave up).
@@ -266,10 +268,10 @@ def run(cfg, *, progress: bool = True) -> dict:
                 if f["mode"] == "contrast" else None)
     judged = judge_answers(answers, trait, make_judge_backend(cfg, model, work, job), work, progress,
                            coherence=cfg["judge"]["coherence"] and cfg["judge"]["backend"] != "none", job=job)
-    too_long = frozenset(_key(r) for rows in answers.values() for r in rows
+    too_long = frozenset(pair_key(r) for rows in answers.values() for r in rows
                          if not prompt_fits(model, r["prompt"], cfg["max_new_tokens"]))
     kept, counts = filter_pairs(judged, trait.name, f, contrast, too_long)
-    c_of = lambda pol, r: "" if contrast is None else contrast.get((pol, *_key(r)), "")
+    c_of = lambda pol, r: "" if contrast is None else contrast.get((pol, *pair_key(r)), "")
     if job.writer:
         atomic.write_csv(work / "kept_pairs.csv",
                          [{"question": p["question"], "question_id": p["question_id"],

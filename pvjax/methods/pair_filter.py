@@ -21,7 +21,7 @@ class ExtractionError(UserError, RuntimeError):
     """A run that cannot go on; the message says what to change."""
 
 
-def _n_tokens(model, text: str) -> int:
+def n_tokens(model, text: str) -> int:
     return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -30,7 +30,7 @@ CONTRAST_COLUMNS = ("polarity", "instruction_id", "question_id", "sample", "logp
                     "contrast")
 
 
-def _key(r) -> tuple[str, str, str]:
+def pair_key(r) -> tuple[str, str, str]:
     return (str(r["instruction_id"]), str(r["question_id"]), str(r["sample"]))
 
 
@@ -48,15 +48,15 @@ def contrast_scores(model, answers, work: Path, batch_size: int = 8, job: Job = 
     path = work / "contrast_scores.csv"
     text = job.from_writer(lambda: path.read_text() if path.exists() else None)
     if text is None:
-        prompts = {pol: {_key(r): r["prompt"] for r in rows} for pol, rows in answers.items()}
+        prompts = {pol: {pair_key(r): r["prompt"] for r in rows} for pol, rows in answers.items()}
         ctx = model.config.max_position_embeddings
         todo = []  # (polarity, key, answer, pos prompt, neg prompt, tokens)
         for pol, rows in answers.items():
             for r in rows:
-                k = _key(r)
+                k = pair_key(r)
                 if not r["answer"].strip() or k not in prompts["pos"] or k not in prompts["neg"]:
                     continue
-                longest = max(_n_tokens(model, prompts[side][k] + r["answer"]) for side in ("pos", "neg"))
+                longest = max(n_tokens(model, prompts[side][k] + r["answer"]) for side in ("pos", "neg"))
                 if -(-longest // 32) * 32 <= ctx:
                     todo.append((pol, k, r["answer"], prompts["pos"][k], prompts["neg"][k], longest))
         # Similar lengths share a call, so each call pads only to its own longest sequence.
@@ -76,7 +76,7 @@ def contrast_scores(model, answers, work: Path, batch_size: int = 8, job: Job = 
         text = atomic.csv_text([r for rows in done for r in rows], CONTRAST_COLUMNS)
         if job.writer:
             atomic.write_text(path, text)
-    return {(r["polarity"], *_key(r)): float(r["contrast"]) for r in atomic.parse_csv(text)}
+    return {(r["polarity"], *pair_key(r)): float(r["contrast"]) for r in atomic.parse_csv(text)}
 
 
 def _score(row, key):
@@ -107,12 +107,12 @@ def filter_pairs(judged, trait_name: str, f, contrast: dict | None = None,
         raise ExtractionError(f"filter.mode must be 'threshold', 'margin', 'contrast' or 'none', got {f['mode']!r}")
     if f["mode"] == "contrast" and contrast is None:
         raise ExtractionError("filter.mode='contrast' needs contrast scores")
-    neg = {_key(r): r for r in judged["neg"]}
+    neg = {pair_key(r): r for r in judged["neg"]}
     counts = {"pairs": 0, "too_long": 0, "empty": 0, "empty_pos": 0, "empty_neg": 0, "missing_score": 0,
               "failed_filter": 0, "kept": 0}
     kept = []
     for p in judged["pos"]:
-        k = _key(p)
+        k = pair_key(p)
         n = neg.get(k)
         if n is None:
             continue
@@ -190,9 +190,9 @@ def agreement(judged, trait_name: str, contrast: dict) -> dict:
     both = {}
     for pol, rows in judged.items():
         for r in rows:
-            j, c = _score(r, trait_name), contrast.get((pol, *_key(r)))
+            j, c = _score(r, trait_name), contrast.get((pol, *pair_key(r)))
             if j is not None and c is not None:
-                both[(pol, *_key(r))] = (j, c)
+                both[(pol, *pair_key(r))] = (j, c)
     pairs = [(both[("pos", *k[1:])][0] - both[k][0], both[("pos", *k[1:])][1] - both[k][1])
              for k in both if k[0] == "neg" and ("pos", *k[1:]) in both]
     vals = list(both.values())

@@ -12,88 +12,47 @@ message. It writes nothing.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from pvjax.errors import UserError
+from pvjax.settings.fields import (
+    InvalidConfig,
+    Validator,
+    as_dict,
+    boolean,
+    check_fields,
+    choice,
+    flatten,
+    integer,
+    integers,
+    model_config as read_config,
+    number,
+    numbers,
+    spread_layers,
+    string,
+    workdir_problem,
+)
 
 DTYPES = ("", "float32", "bfloat16")
 JUDGE_BACKENDS = ("openai", "local", "none")
 FILTER_MODES = ("threshold", "margin", "contrast", "none")
 
 
-class InvalidConfig(UserError, ValueError):
-    """One or more bad config fields; the message lists them all."""
-
-
-def _int(lo: int, hi: int | None = None) -> Callable[[Any], str | None]:
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int):
-            return f"must be an integer, got {v!r}"
-        if v < lo or (hi is not None and v > hi):
-            return f"must be >= {lo}, got {v}" if hi is None else f"must be in {lo}..{hi}, got {v}"
-    return check
-
-
-def _float(lo: float, hi: float = math.inf, *, lo_open: bool = False) -> Callable[[Any], str | None]:
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return f"must be a finite number, got {v!r}"
-        if v < lo or (lo_open and v == lo) or v > hi:
-            left = "(" if lo_open else "["
-            return f"must be in {left}{lo:g}, {hi:g}], got {v:g}" if hi < math.inf else \
-                f"must be {'>' if lo_open else '>='} {lo:g}, got {v:g}"
-    return check
-
-
-def _choice(*options: str) -> Callable[[Any], str | None]:
-    def check(v):
-        if v not in options:
-            return f"must be one of {', '.join(map(repr, options))}, got {v!r}"
-    return check
-
-
-def _str(nonempty: bool = False) -> Callable[[Any], str | None]:
-    def check(v):
-        if not isinstance(v, str):
-            return f"must be a string, got {v!r}"
-        if nonempty and not v.strip():
-            return "must be set"
-    return check
-
-
-def _bool(v) -> str | None:
-    if not isinstance(v, bool):
-        return f"must be True or False, got {v!r}"
-
-
-def _ints(v) -> str | None:
-    if not isinstance(v, (list, tuple)) or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
-        return f"must be a tuple of integers, got {v!r}"
-
-
-def _floats(v) -> str | None:
-    if (not isinstance(v, (list, tuple)) or not v
-            or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) for x in v)):
-        return f"must be a non-empty tuple of finite numbers, got {v!r}"
-
-
-FIELDS: dict[str, Callable[[Any], str | None]] = {
-    "trait": _str(nonempty=True), "workdir": _str(nonempty=True), "model": _str(nonempty=True),
-    "dtype": _choice(*DTYPES), "n_questions": _int(0), "n_pairs": _int(0), "n_per_question": _int(1),
-    "max_new_tokens": _int(1), "temperature": _float(0.0), "top_p": _float(0.0, 1.0, lo_open=True),
-    "seed": _int(0), "batch_size": _int(1), "unroll": _bool, "pos_name": _str(), "neg_name": _str(), "plot": _bool,
-    "judge.backend": _choice(*JUDGE_BACKENDS), "judge.model": _str(), "judge.base_url": _str(),
-    "judge.concurrency": _int(1), "judge.batch_size": _int(1), "judge.coherence": _bool,
-    "judge.numeric_only": _bool,
-    "filter.mode": _choice(*FILTER_MODES), "filter.threshold": _float(0.0, 100.0),
-    "filter.coherence": _float(0.0, 100.0), "filter.margin": _float(0.0, 100.0), "filter.min_pairs": _int(1),
-    "filter.contrast_margin": _float(0.0),
-    "causality.layers": _ints, "causality.coefs": _floats, "causality.max_pairs": _int(1),
-    "mesh.data": _int(1), "mesh.model": _int(1),
-    "distributed.coordinator": _str(), "distributed.num_processes": _int(0), "distributed.process_id": _int(-1),
-    "distributed.timeout": _int(1),
+FIELDS: dict[str, Validator] = {
+    "trait": string(nonempty=True), "workdir": string(nonempty=True), "model": string(nonempty=True),
+    "dtype": choice(*DTYPES), "n_questions": integer(0), "n_pairs": integer(0), "n_per_question": integer(1),
+    "max_new_tokens": integer(1), "temperature": number(0.0), "top_p": number(0.0, 1.0, lo_open=True),
+    "seed": integer(0), "batch_size": integer(1), "unroll": boolean, "pos_name": string(), "neg_name": string(), "plot": boolean,
+    "judge.backend": choice(*JUDGE_BACKENDS), "judge.model": string(), "judge.base_url": string(),
+    "judge.concurrency": integer(1), "judge.batch_size": integer(1), "judge.coherence": boolean,
+    "judge.numeric_only": boolean,
+    "filter.mode": choice(*FILTER_MODES), "filter.threshold": number(0.0, 100.0),
+    "filter.coherence": number(0.0, 100.0), "filter.margin": number(0.0, 100.0), "filter.min_pairs": integer(1),
+    "filter.contrast_margin": number(0.0),
+    "causality.layers": integers, "causality.coefs": numbers, "causality.max_pairs": integer(1),
+    "mesh.data": integer(1), "mesh.model": integer(1),
+    "distributed.coordinator": string(), "distributed.num_processes": integer(0), "distributed.process_id": integer(-1),
+    "distributed.timeout": integer(1),
 }
 
 
@@ -110,44 +69,6 @@ class CheckedConfig:
     causality_layers: tuple[int, ...]
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def default_causality_layers(n_layers: int) -> list[int]:
-    """Four layers between a quarter and three quarters of the depth (`causality.layers=()`)."""
-    import numpy as np
-
-    return sorted({int(round(x)) for x in np.linspace(n_layers / 4, 3 * n_layers / 4, 4)})
-
-
-def _workdir_problem(work: Path) -> str | None:
-    if work.exists():
-        return None if work.is_dir() else f"workdir {str(work)!r} is a file, not a directory"
-    parent = work.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"workdir {str(work)!r} cannot be created: {str(parent)!r} is a file"
-    return None
-
-
-def _model_config(source: str, what: str, problems: list[str]):
-    from pvjax.loading import read_model_config
-
-    try:
-        return read_model_config(source)
-    except Exception as e:  # a missing, truncated or foreign file: every kind is the user's to fix
-        problems.append(f"{what}: {e}")
-        return None
-
-
 def validate_config(cfg) -> CheckedConfig:
     """Check every field of an extraction config (an ml_collections ConfigDict or a plain dict) and
     what it names: the trait loads and validates, the model's metadata reads, causality layers lie in
@@ -156,24 +77,14 @@ def validate_config(cfg) -> CheckedConfig:
     loads no weights."""
     from pvjax.files.traits import TraitError, load_trait
 
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    flat = _flatten(cfg)
+    cfg = as_dict(cfg)
+    flat = flatten(cfg)
     problems = []
-    unknown = sorted(set(flat) - set(FIELDS))
-    if unknown:
-        problems.append(f"unknown config field(s) {', '.join(unknown)} (known: {', '.join(FIELDS)})")
-    missing = [k for k in FIELDS if k not in flat]
-    if missing:
-        problems.append(f"missing config field(s) {', '.join(missing)}")
-    bad = set(missing)
-    for key, check in FIELDS.items():
-        if key in flat and (msg := check(flat[key])):
-            problems.append(f"{key} {msg}")
-            bad.add(key)
+    bad = check_fields(flat, FIELDS, problems)
     ok = lambda *keys: not bad.intersection(keys)
 
     work = Path(flat["workdir"]).expanduser() if ok("workdir") else None
-    if work is not None and (msg := _workdir_problem(work)):
+    if work is not None and (msg := workdir_problem(work)):
         problems.append(msg)
 
     trait = None
@@ -212,7 +123,7 @@ def validate_config(cfg) -> CheckedConfig:
         if flat["judge.backend"] == "openai" and not flat["judge.model"].strip():
             problems.append("judge.model must name the served model for judge.backend='openai'")
         if flat["judge.backend"] == "local" and flat["judge.model"] not in ("", "same"):
-            _model_config(flat["judge.model"], "judge.model", problems)
+            read_config(flat["judge.model"], "judge.model", problems)
 
     if ok("distributed.coordinator", "distributed.num_processes", "distributed.process_id", "distributed.timeout"):
         from pvjax.parallel.multihost import check_distributed
@@ -220,11 +131,11 @@ def validate_config(cfg) -> CheckedConfig:
         problems += check_distributed({k.split(".", 1)[1]: v for k, v in flat.items()
                                        if k.startswith("distributed.")})
 
-    model_config = _model_config(flat["model"], "model", problems) if ok("model") else None
+    model_config = read_config(flat["model"], "model", problems) if ok("model") else None
     layers: tuple[int, ...] = ()
     if model_config is not None and ok("causality.layers"):
         n_layers = model_config.num_layers
-        layers = tuple(flat["causality.layers"]) or tuple(default_causality_layers(n_layers))
+        layers = tuple(flat["causality.layers"]) or tuple(spread_layers(n_layers, k=4))
         outside = [l for l in layers if not 1 <= l <= n_layers]
         if outside:
             problems.append(f"causality.layers {outside} outside 1..{n_layers} "

@@ -29,19 +29,20 @@ import numpy as np
 
 from pvjax.files import atomic
 from pvjax import interventions as ivs
+from pvjax.settings import fields as F
 from pvjax.studies import checks as C
 from pvjax.studies import grid
-from pvjax.studies.steer import _judged, _mc, distinct2
+from pvjax.studies.steer import distinct2
 
-FIELDS = {**C.COMMON_FIELDS, **C.JUDGE_FIELDS, "layers": C._ints, "window": C._int(1)}
+FIELDS = {**C.COMMON_FIELDS, **C.JUDGE_FIELDS, "layers": F.integers, "window": F.integer(1)}
 COLUMNS = ("variant", "layer", "layers", "margin", "margin_change", "trait_score", "coherence", "trait_change",
            "accuracy", "accuracy_change", "distinct2", "direction_norm")
 
 
 def validate(cfg, work: Path) -> C.Checked:
     checked = C.check_study(cfg, FIELDS, work, "ablate")
-    if checked.model_config is not None and not C._ints(checked.flat.get("layers")):
-        C.check_layers(list(checked.flat["layers"]), checked.model_config.num_layers, "layers", checked.problems)
+    if checked.model_config is not None and not F.integers(checked.flat.get("layers")):
+        F.check_layers(list(checked.flat["layers"]), checked.model_config.num_layers, "layers", checked.problems)
     checked.raise_if("ablate")
     return checked
 
@@ -134,8 +135,8 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
                                      seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
         for a in answers:
             a["question"] = questions[a["prompt"]]
-        judged = _judged(cfg, model, work, trait, answers, progress)
-    mc = _mc(cfg, model, work, checked.mc_items, iv, "all")
+        judged = grid.judged_scores(cfg, model, work, trait, answers, progress)
+    mc = grid.mc_scores(cfg, model, work, checked.mc_items, iv, "all")
 
     rows = []
     for s, v in enumerate(vs):

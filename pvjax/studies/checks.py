@@ -12,26 +12,38 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from pvjax.errors import InputError
-from pvjax.settings.extraction import (JUDGE_BACKENDS, DTYPES, _bool, _choice, _flatten, _float, _floats, _int, _ints,
-                                  _model_config, _str, _workdir_problem)
+from pvjax.settings.extraction import DTYPES, JUDGE_BACKENDS
+from pvjax.settings.fields import (
+    InvalidConfig,
+    Validator,
+    as_dict,
+    boolean,
+    check_fields,
+    choice,
+    flatten,
+    integer,
+    model_config as read_config,
+    number,
+    string,
+    workdir_problem,
+)
 from pvjax.interventions import POSITION_MODES
 
 
-class StudyConfigError(InputError):
-    """One or more bad study config fields; the message lists them all."""
+# The name studies' callers caught before there was one error class for every config.
+StudyConfigError = InvalidConfig
 
 
-COMMON_FIELDS: dict[str, Callable[[Any], str | None]] = {
-    "model": _str(nonempty=True), "dtype": _choice(*DTYPES), "trait": _str(nonempty=True), "vector": _str(),
-    "workdir": _str(), "n_questions": _int(0), "max_new_tokens": _int(1), "temperature": _float(0.0),
-    "seed": _int(0), "batch_size": _int(1), "forward_batch_size": _int(1), "plot": _bool, "mc.path": _str(), "mc.n_items": _int(0),
+COMMON_FIELDS: dict[str, Validator] = {
+    "model": string(nonempty=True), "dtype": choice(*DTYPES), "trait": string(nonempty=True), "vector": string(),
+    "workdir": string(), "n_questions": integer(0), "max_new_tokens": integer(1), "temperature": number(0.0),
+    "seed": integer(0), "batch_size": integer(1), "forward_batch_size": integer(1), "plot": boolean, "mc.path": string(), "mc.n_items": integer(0),
 }
 JUDGE_FIELDS = {
-    "judge.backend": _choice(*JUDGE_BACKENDS), "judge.model": _str(), "judge.base_url": _str(),
-    "judge.concurrency": _int(1), "judge.batch_size": _int(1), "judge.numeric_only": _bool,
+    "judge.backend": choice(*JUDGE_BACKENDS), "judge.model": string(), "judge.base_url": string(),
+    "judge.concurrency": integer(1), "judge.batch_size": integer(1), "judge.numeric_only": boolean,
 }
 
 
@@ -58,23 +70,12 @@ def check_study(cfg, fields: dict, work: Path, study: str) -> Checked:
     from pvjax.measure.mc import MCError, read_items
     from pvjax.files.traits import TraitError, load_trait
 
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-    flat = _flatten({k: v for k, v in d.items() if k != "extract"})
+    d = as_dict(cfg)
+    flat = flatten({k: v for k, v in d.items() if k != "extract"})
     problems: list[str] = []
-    known = {"study", *fields}
-    unknown = sorted(set(flat) - known)
-    if unknown:
-        problems.append(f"unknown config field(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    bad = set()
-    for key, check in fields.items():
-        if key not in flat:
-            problems.append(f"missing config field {key}")
-            bad.add(key)
-        elif msg := check(flat[key]):
-            problems.append(f"{key} {msg}")
-            bad.add(key)
+    bad = check_fields(flat, fields, problems, known=("study",))
     ok = lambda *keys: not bad.intersection(keys)
-    if (msg := _workdir_problem(work)):
+    if (msg := workdir_problem(work)):
         problems.append(msg)
 
     trait = None
@@ -87,7 +88,7 @@ def check_study(cfg, fields: dict, work: Path, study: str) -> Checked:
         problems.append(f"n_questions={flat['n_questions']} but the eval split of {trait.name!r} has "
                         f"only {len(trait.questions)} questions")
 
-    model_config = _model_config(flat["model"], "model", problems) if ok("model") else None
+    model_config = read_config(flat["model"], "model", problems) if ok("model") else None
     if model_config is not None and ok("vector"):
         _check_vector(cfg, flat, model_config, work, problems)
 
@@ -125,20 +126,3 @@ def _check_vector(cfg, flat, model_config, work: Path, problems: list) -> None:
         validate_config(extraction_config(cfg, work))
     except (InvalidConfig, MissingVector) as e:
         problems.append(f"vector is empty, so the trait's vector is extracted first, but: {e}")
-
-
-def check_layers(layers, n_layers: int, what: str, problems: list, *, lo: int = 1) -> None:
-    """Layers are hidden_states rows `lo..n_layers`, without repeats."""
-    outside = [l for l in layers if not lo <= l <= n_layers]
-    if outside:
-        problems.append(f"{what} {outside} outside {lo}..{n_layers} (hidden_states rows; the model has "
-                        f"{n_layers} layers)")
-    if len(set(layers)) != len(layers):
-        problems.append(f"{what} {list(layers)} repeats a layer")
-
-
-def spread_layers(n_layers: int, k: int = 5) -> list[int]:
-    """`k` layers spread between a quarter and three quarters of the depth (an empty `layers`)."""
-    import numpy as np
-
-    return sorted({int(round(x)) for x in np.linspace(n_layers / 4, 3 * n_layers / 4, k)})

@@ -11,6 +11,8 @@ row per (layer, coefficient) with its likelihood margin, and the kept pair count
 
 from __future__ import annotations
 
+from pvjax.settings.fields import as_dict
+
 from pathlib import Path
 
 OWN_PROVENANCE = True
@@ -20,7 +22,7 @@ JOINT = True
 
 def _plain(cfg, work: Path) -> dict:
     """The extraction config as `pvjax.methods.extraction` takes it: no `study` field, `workdir` = the point's."""
-    d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    d = as_dict(cfg)
     d.pop("study", None)
     d["workdir"] = str(work)
     return d

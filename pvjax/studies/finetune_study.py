@@ -59,13 +59,13 @@ def runs(cfg) -> dict[str, dict]:
 
 def validate(cfg, work: Path) -> None:
     """Everything that can be wrong with the config, from metadata alone (no model loaded)."""
-    from pvjax.settings.extraction import _int
+    from pvjax.settings.fields import integer
     from pvjax.finetune import settings
     from pvjax.loading import read_model_config
     from pvjax.studies.screen import check_layer
     from pvjax.files.traits import load_trait
 
-    positive = _int(1)
+    positive = integer(1)
     ext, ev = load_trait(cfg.trait, "extract"), load_trait(cfg.trait, "eval")
     check_layer(cfg.model, cfg.layer)
     n = read_model_config(cfg.model).num_layers
@@ -97,7 +97,7 @@ def validate(cfg, work: Path) -> None:
                 raise InputError(f"{name}: steering layer {l!r} is not a hidden-state row of {cfg.model} with a "
                                  f"block before it (1..{n})")
         # The datasets do not exist yet: a shipped one stands in for them in the check.
-        settings.check(settings.to_dict(finetune_config(cfg, name, r, Path("helpful_chat"), "vector")), n)
+        settings.check(settings.as_dict(finetune_config(cfg, name, r, Path("helpful_chat"), "vector")), n)
 
 
 def finetune_config(cfg, name: str, run: dict, train_file: Path, vector: str):

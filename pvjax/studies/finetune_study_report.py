@@ -110,7 +110,7 @@ def table(summary: dict) -> str:
 
 def shift_plot(path: Path, summary: dict) -> Path:
     """Bars: the shift of every run at the study layer (last prompt token and response mean)."""
-    from pvjax.studies.plots import _plt, _save
+    from pvjax.files.plots import pyplot as _plt, save as _save
 
     plt = _plt()
     names = list(summary["shift"])
@@ -128,7 +128,7 @@ def shift_plot(path: Path, summary: dict) -> Path:
 
 def dataset_plot(path: Path, summary: dict) -> Path:
     """Scatter: each dataset's mean projection difference against its run's shift."""
-    from pvjax.studies.plots import _plt, _save
+    from pvjax.files.plots import pyplot as _plt, save as _save
 
     plt = _plt()
     pts = summary["dataset_points"]

@@ -11,6 +11,8 @@ Shape legend: L hidden-state rows, S settings, N prompts, B rows, T positions, D
 
 from __future__ import annotations
 
+from pvjax.settings.fields import as_dict
+
 import dataclasses
 from pathlib import Path
 from typing import Sequence
@@ -21,6 +23,7 @@ import numpy as np
 
 from pvjax.files import atomic
 from pvjax import interventions as ivs
+from pvjax.engine.rows import stack, take
 from pvjax.model import default_positions, left_pad
 
 
@@ -30,39 +33,13 @@ def study_inputs(cfg, checked, work: Path, *, progress: bool = True):
     (`vector_source.study_vector`), `layers` or five spread over the middle half, and the first
     `n_questions` eval questions (all when 0)."""
     import pvjax
-    from pvjax.studies.checks import spread_layers
+    from pvjax.settings.fields import spread_layers
     from pvjax.studies.vector_source import study_vector
 
     model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
     vector, _ = study_vector(cfg, model, work, progress=progress)
     layers = list(cfg.layers) or spread_layers(model.n_layers)
     return model, vector, layers, list(checked.trait.questions[:cfg.n_questions or None])
-
-
-def stack(settings: Sequence[ivs.Intervention]) -> ivs.Intervention:
-    """S batch-1 interventions (`interventions.build`) as one intervention of batch S. When any
-    setting is closed loop (`cap`/`target`), every setting carries a `closed_loop` (fixed where it
-    had none), so the grid stays one pytree structure: one program for all its rows."""
-    cat = lambda name: jnp.concatenate([getattr(s, name) for s in settings], axis=1)
-    first = settings[0]
-    closed = None
-    if any(s.closed_loop is not None for s in settings):
-        loops = [s.with_closed_loop().closed_loop for s in settings]
-        closed = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *loops)
-    return dataclasses.replace(first, steer_vectors=cat("steer_vectors"), steer_coefs=cat("steer_coefs"),
-                               ablate_dirs=cat("ablate_dirs"), ablate_coefs=cat("ablate_coefs"),
-                               closed_loop=closed)
-
-
-def take(iv: ivs.Intervention, rows) -> ivs.Intervention:
-    """The intervention of batch `len(rows)` whose row b is setting `rows[b]` of `iv` (batch S, or
-    1: then every row gets it); closed-loop rules travel with their rows."""
-    rows = jnp.asarray(rows)
-    pick = lambda x: x[:, jnp.zeros_like(rows)] if x.shape[1] == 1 else x[:, rows]
-    closed = None if iv.closed_loop is None else jax.tree_util.tree_map(pick, iv.closed_loop)
-    return dataclasses.replace(iv, steer_vectors=pick(iv.steer_vectors), steer_coefs=pick(iv.steer_coefs),
-                               ablate_dirs=pick(iv.ablate_dirs), ablate_coefs=pick(iv.ablate_coefs),
-                               closed_loop=closed)
 
 
 ANSWER_COLUMNS = ("setting", "prompt", "text", "n_tokens", "finish")
@@ -112,7 +89,7 @@ def answer_logprobs(model, iv_S: ivs.Intervention, prompts: Sequence[str], answe
     `positions` (`response`: the last prompt token and the answer, as in generation), ablation on
     `ablate_positions`. Rows are sorted by length, each batch padded to its own longest (in steps
     of 64 tokens, which bounds the compiles)."""
-    from pvjax.measure.causality import _answer_logprob
+    from pvjax.measure.causality import answer_logprob
 
     tok = model.tokenizer
     seqs, starts = [], []
@@ -135,9 +112,9 @@ def answer_logprobs(model, iv_S: ivs.Intervention, prompts: Sequence[str], answe
         setting = [s for s, _ in chunk] + [0] * (batch_size - len(chunk))
         iv = take(iv_S, setting).with_masks(ivs.position_mask(positions, mask, end),
                                            ivs.position_mask(ablate_positions, mask, end))
-        # The head runs on the answer tail only (`_answer_logprob`); 32-token steps bound the compiles.
+        # The head runs on the answer tail only (`answer_logprob`); 32-token steps bound the compiles.
         tail = min(T - 1, -(-max(len(seqs[i]) - starts[i] for _, i in chunk) // 32) * 32)
-        lp = np.asarray(_answer_logprob(model.params, model.config, jnp.asarray(tokens), jnp.asarray(mask),
+        lp = np.asarray(answer_logprob(model.params, model.config, jnp.asarray(tokens), jnp.asarray(mask),
                                         default_positions(mask), iv, jnp.asarray(answer), tail=tail))
         for b, (s, i) in enumerate(chunk):
             out[s, i] = lp[b]
@@ -189,7 +166,7 @@ def judge(cfg, model, work: Path, trait_eval, pairs: Sequence[tuple[str, str]], 
 
     if cfg.judge.backend == "none":
         return None
-    backend = make_judge_backend(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, model, work)
+    backend = make_judge_backend(as_dict(cfg), model, work)
     live = [k for k, (_, a) in enumerate(pairs) if a.strip()]
     sent = [pairs[k] for k in live]
     trait = [None] * len(pairs)
@@ -205,3 +182,37 @@ def judge(cfg, model, work: Path, trait_eval, pairs: Sequence[tuple[str, str]], 
 def mean_or_none(values) -> float | None:
     v = [x for x in values if x is not None and x != ""]
     return float(np.mean([float(x) for x in v])) if v else None
+
+
+def judged_scores(cfg, model, work: Path, trait, answers, progress) -> dict | None:
+    """Per setting, the trait scores and coherence of its answers (`judged.csv`); None without a judge."""
+    path = work / "judged.csv"
+    if cfg.judge.backend == "none":
+        return None
+    if not path.exists():
+        scores = judge(cfg, model, work, trait, [(a["question"], a["text"]) for a in answers],
+                            progress=progress)
+        atomic.write_csv(path, [{"setting": a["setting"], "prompt": a["prompt"], "trait": t, "coherence": c}
+                                for a, t, c in zip(answers, *scores)], ("setting", "prompt", "trait", "coherence"))
+    out: dict[int, dict] = {}
+    for r in atomic.read_csv(path):
+        d = out.setdefault(int(r["setting"]), {"trait": [], "coherence": []})
+        d["trait"].append(r["trait"])
+        d["coherence"].append(r["coherence"])
+    return out
+
+
+def mc_scores(cfg, model, work: Path, items, iv, positions: str) -> dict | None:
+    """Per setting, (accuracy, p_correct) on the multiple-choice items (`mc.csv`); None when off."""
+    from pvjax.measure import mc
+
+    if not items:
+        return None
+    path = work / "mc.csv"
+    if not path.exists():
+        lp = mc.score(model, items, intervention=iv, positions=positions, batch_size=cfg.forward_batch_size)
+        acc, pc = mc.accuracy(lp, items), mc.p_correct(lp, items)
+        atomic.write_csv(path, [{"setting": s, "accuracy": float(acc[s]), "p_correct": float(pc[s]),
+                                 "n_items": len(items)} for s in range(len(acc))],
+                         ("setting", "accuracy", "p_correct", "n_items"))
+    return {int(r["setting"]): (float(r["accuracy"]), float(r["p_correct"])) for r in atomic.read_csv(path)}

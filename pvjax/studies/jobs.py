@@ -9,6 +9,8 @@ for `pvjax extract`. The points are split by process (`Job.mine`) and each runs 
 
 from __future__ import annotations
 
+from pvjax.settings.fields import as_dict
+
 from pathlib import Path
 from typing import Any
 
@@ -53,5 +55,5 @@ def distributed_section(cfg) -> dict | None:
     for node in (cfg, cfg.get("extract") or {}):
         if "distributed" in node and node["distributed"] is not None:
             d = node["distributed"]
-            return d.to_dict() if hasattr(d, "to_dict") else dict(d)
+            return as_dict(d)
     return None

@@ -45,13 +45,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pvjax.settings.fields import as_dict
 from pvjax.files import atomic
 from pvjax.errors import InputError
 from pvjax.studies import monitor_prompts as mp
 
 log = logging.getLogger(__name__)
 EXPERIMENTS = ("system_prompts", "many_shot")
-COLUMNS = ("experiment", "layer", "r", "r_low", "r_high", "n", "score", "note")
 ANSWER_COLUMNS = ("experiment", "condition", "strength", "question_id", "question", "sample", "answer")
 
 
@@ -167,7 +167,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     work = Path(work)
     trait, ev, questions, exps = check_config(cfg)
     _vector_check(cfg, trait.name)
-    snapshot = json.loads(json.dumps(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg), default=str))
+    snapshot = json.loads(json.dumps(as_dict(cfg), default=str))
     if (work / "DONE").exists() and json.loads((work / "config.json").read_text()) == snapshot:
         from pvjax.files.vectors import read_vector
 
@@ -279,7 +279,7 @@ def _scores(model, answers, trait, ev, cfg, work, st, a_key, progress):
 
     kind = "contrast" if cfg.judge.backend == "none" else "judge"
     path = work / "scores.csv"
-    j = cfg.judge.to_dict() if hasattr(cfg.judge, "to_dict") else dict(cfg.judge)
+    j = as_dict(cfg.judge)
     key = _hash({"answers": a_key, "kind": kind, "judge": j if kind == "judge" else None,
                  "pairs": cfg.score.contrast_pairs if kind == "contrast" else None,
                  "names": [cfg.pos_name, cfg.neg_name] if kind == "contrast" else None})

@@ -9,13 +9,14 @@ import numpy as np
 
 from pvjax.files import atomic
 
+COLUMNS = ("experiment", "layer", "r", "r_low", "r_high", "n", "score", "note")
+
 log = logging.getLogger(__name__)
 
 
 def report(cfg, work, model, trait, results: dict, kind: str, trace, vector, spec: str, progress: bool) -> list[dict]:
     from pvjax.methods.monitoring import UndefinedStatistic, calibrate, correlation_by_layer, monitor_path, save_monitor
     from pvjax.studies import monitor_plots as plots
-    from pvjax.studies.monitor import COLUMNS
 
     L = model.n_layers + 1
     groups = dict(results)

@@ -31,6 +31,8 @@ a config without that field (`configs/extract.py`) is named by its file: `extrac
 
 from __future__ import annotations
 
+from pvjax.settings.fields import as_dict
+
 import dataclasses
 import datetime
 import hashlib
@@ -47,6 +49,7 @@ from typing import Any, Callable
 from pvjax.files import atomic
 from pvjax.parallel import multihost
 from pvjax.errors import UsageError
+from pvjax.settings.config_files import config_module, flat_keys, load_config
 from pvjax.parallel.multihost import SINGLE, Job
 
 # Fields that name where a point runs, or how it shows progress: not part of what it computes.
@@ -88,22 +91,11 @@ def zip_(**axes) -> list[dict]:
     return [dict(zip(keys, combo)) for combo in zip(*(list(axes[k]) for k in keys))]
 
 
-def _config_module(path: str):
-    file = Path(path.split(":", 1)[0])
-    spec = importlib.util.spec_from_file_location(f"pvjax_config_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise UsageError(f"cannot load config file {str(file)!r}: {type(e).__name__}: {e}") from None
-    return module
-
-
 def sweep_points(config_path: str) -> list[dict]:
     """The values of every point the config module's `sweep(add)` declares (`add(**values)` once per
     point, or `add(list_of_dicts)` from `product` / `zip_`); `sweep(add, arg)` also gets the
     variant string. Refused: no `sweep`, no points, a point added twice."""
-    module = _config_module(config_path)
+    module = config_module(config_path)
     fn = getattr(module, "sweep", None)
     if fn is None:
         raise UsageError(f"{config_path.split(':', 1)[0]} declares no sweep(add); use `pvjax run` for one point")
@@ -173,8 +165,6 @@ def _set(cfg, key: str, value, known: list[str]):
 
 def load(config_path: str, overrides: list[str], workdir: str, *, sweep: bool) -> tuple[str, Path, list[Point]]:
     """(study name, root directory, points), everything checked that can be without a model."""
-    from pvjax.commands.extract import _flat_keys, load_config
-
     base = load_config(config_path, overrides)
     study = base.get("study", "") or Path(config_path.split(":", 1)[0]).stem
     root = workdir or base.get("workdir", "")
@@ -184,7 +174,7 @@ def load(config_path: str, overrides: list[str], workdir: str, *, sweep: bool) -
     if not sweep:
         cfg = base.copy_and_resolve_references()
         return study, root, [Point("", {}, cfg)]
-    known = _flat_keys(base.to_dict())
+    known = flat_keys(base.to_dict())
     overridden = {o[len("--config."):].split("=", 1)[0] for o in overrides}
     points = []
     for values in sweep_points(config_path):
@@ -370,7 +360,7 @@ def shared_vectors(root: Path, points: list[Point]) -> dict[int, tuple[Path, Any
         if "vector" not in p.cfg or p.cfg.vector or not p.cfg.get("extract"):
             continue
         ext = extraction_config(p.cfg, Path("."))
-        ext = ext.to_dict() if hasattr(ext, "to_dict") else dict(ext)
+        ext = as_dict(ext)
         ext.pop("workdir")
         ext.pop("distributed", None)  # where it runs, not what it computes: one vector for any job
         digest = hashlib.sha256(json.dumps(ext, sort_keys=True, default=str).encode()).hexdigest()[:8]

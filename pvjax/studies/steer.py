@@ -44,15 +44,16 @@ from pathlib import Path
 import numpy as np
 
 from pvjax.files import atomic
+from pvjax.settings import fields as F
 from pvjax.studies import checks as C
 from pvjax.studies import grid
 
-_maybe_floats = lambda v: None if isinstance(v, (list, tuple)) and not v else C._floats(v)  # noqa: E731
-FIELDS = {**C.COMMON_FIELDS, **C.JUDGE_FIELDS, "layers": C._ints, "coefs": C._floats,
-          "caps": _maybe_floats, "targets": _maybe_floats, "gain": C._float(0.0, lo_open=True),
+_maybe_floats = lambda v: None if isinstance(v, (list, tuple)) and not v else F.numbers(v)  # noqa: E731
+FIELDS = {**C.COMMON_FIELDS, **C.JUDGE_FIELDS, "layers": F.integers, "coefs": F.numbers,
+          "caps": _maybe_floats, "targets": _maybe_floats, "gain": F.number(0.0, lo_open=True),
           "max_step": lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
           else f"must be a number > 0 (inf: no limit), got {v!r}",
-          "positions": C._choice(*C.POSITION_MODES), "best.min_coherence": C._float(0.0, 100.0)}
+          "positions": F.choice(*C.POSITION_MODES), "best.min_coherence": F.number(0.0, 100.0)}
 COLUMNS = ("layer", "coef", "positions", "margin", "trait_score", "coherence", "accuracy", "p_correct",
            "distinct2", "answer_tokens", "best", "control", "value", "gain", "max_step")
 
@@ -62,8 +63,8 @@ def validate(cfg, work: Path) -> C.Checked:
     layers (hidden_states rows 1..n_layers) and the coefficients."""
     checked = C.check_study(cfg, FIELDS, work, "steer")
     mc, problems = checked.model_config, checked.problems
-    if mc is not None and not C._ints(checked.flat.get("layers")):
-        C.check_layers(list(checked.flat["layers"]), mc.num_layers, "layers", problems)
+    if mc is not None and not F.integers(checked.flat.get("layers")):
+        F.check_layers(list(checked.flat["layers"]), mc.num_layers, "layers", problems)
     for name in ("coefs", "caps", "targets"):
         values = checked.flat.get(name)
         if not _maybe_floats(values) and len(set(values)) != len(values):
@@ -163,8 +164,8 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
                           for a in answers],
                          ("setting", "layer", "coef", "control", "value", "gain", "max_step", "question", "text",
                           "n_tokens", "finish"))
-    judged = _judged(cfg, model, work, trait, answers, progress)
-    mc = _mc(cfg, model, work, checked.mc_items, iv, cfg.positions)
+    judged = grid.judged_scores(cfg, model, work, trait, answers, progress)
+    mc = grid.mc_scores(cfg, model, work, checked.mc_items, iv, cfg.positions)
 
     rows = []
     for (layer, c), s in index.items():
@@ -189,37 +190,3 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
 
         steer_plots(work, fixed, metric, trait.name)
     return [{k: r.get(k) for k in COLUMNS if k in r} for r in rows]
-
-
-def _judged(cfg, model, work: Path, trait, answers, progress) -> dict | None:
-    """Per setting, the trait scores and coherence of its answers (`judged.csv`); None without a judge."""
-    path = work / "judged.csv"
-    if cfg.judge.backend == "none":
-        return None
-    if not path.exists():
-        scores = grid.judge(cfg, model, work, trait, [(a["question"], a["text"]) for a in answers],
-                            progress=progress)
-        atomic.write_csv(path, [{"setting": a["setting"], "prompt": a["prompt"], "trait": t, "coherence": c}
-                                for a, t, c in zip(answers, *scores)], ("setting", "prompt", "trait", "coherence"))
-    out: dict[int, dict] = {}
-    for r in atomic.read_csv(path):
-        d = out.setdefault(int(r["setting"]), {"trait": [], "coherence": []})
-        d["trait"].append(r["trait"])
-        d["coherence"].append(r["coherence"])
-    return out
-
-
-def _mc(cfg, model, work: Path, items, iv, positions: str) -> dict | None:
-    """Per setting, (accuracy, p_correct) on the multiple-choice items (`mc.csv`); None when off."""
-    from pvjax.measure import mc
-
-    if not items:
-        return None
-    path = work / "mc.csv"
-    if not path.exists():
-        lp = mc.score(model, items, intervention=iv, positions=positions, batch_size=cfg.forward_batch_size)
-        acc, pc = mc.accuracy(lp, items), mc.p_correct(lp, items)
-        atomic.write_csv(path, [{"setting": s, "accuracy": float(acc[s]), "p_correct": float(pc[s]),
-                                 "n_items": len(items)} for s in range(len(acc))],
-                         ("setting", "accuracy", "p_correct", "n_items"))
-    return {int(r["setting"]): (float(r["accuracy"]), float(r["p_correct"])) for r in atomic.read_csv(path)}
