@@ -209,6 +209,16 @@ def test_named_modules_and_functions_exist(page):
     assert not missing, f"{rel(page)} names what the code does not have: {missing}"
 
 
+@pytest.mark.parametrize("page", [p for p in PAGES if p.name != "layout.md"], ids=rel)
+def test_pages_use_the_new_module_paths(page):
+    """Old paths still import (`pvjax/moved.py`), so resolving them proves nothing: only docs/layout.md
+    may name them."""
+    from pvjax.moved import MOVED
+
+    old = sorted(d for d in named_paths(page.read_text()) if d.split(".")[1] in MOVED)
+    assert not old, f"{rel(page)} names old module paths {old}; use the new ones (docs/layout.md)"
+
+
 def test_a_stale_path_fails_the_check():
     with pytest.raises((ImportError, AttributeError)):
         resolve("pvjax.engine.generate.no_such_function")
