@@ -19,7 +19,7 @@ import torch
 import pvjax
 from pvjax.finetune import data, lora, train, trainer
 from pvjax.finetune import step as st
-from pvjax.finetune.settings import to_dict as settings_dict
+from pvjax.settings.fields import as_dict as settings_dict
 from pvjax.finetune.trainer import setup
 from finetune_tiny import chats, tiny_config
 from tiny_models import DTYPE_KW, save_tiny
@@ -282,7 +282,7 @@ def test_cli_finetune(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(args + ["--workdir", str(tmp_path / "bad"), "--config.steering.type=push"])
     assert e.value.code == 2
-    assert "steering.type: steer, ablate or empty, got 'push'" in capsys.readouterr().err
+    assert "steering.type must be one of '', 'steer', 'ablate', got 'push'" in capsys.readouterr().err
 
 
 def test_bf16_compute_keeps_float32_master_weights(tiny):
