@@ -38,6 +38,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from pvjax.errors import UserError
 
@@ -51,8 +52,7 @@ class InterventionError(UserError, ValueError):
 FIXED, CAP, TARGET = 0, 1, 2  # ClosedLoop.mode values
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class ClosedLoop:
     """Per-layer, per-row feedback rule for the steering vector (see the module docstring)."""
 
@@ -103,8 +103,7 @@ def target(value: float, *, gain: float = 1.0, max_step: float = float("inf")) -
     return Feedback(TARGET, value, gain, max_step)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Intervention:
     steer_vectors: jax.Array  # [L, B|1, D]
     steer_coefs: jax.Array  # [L, B|1]
