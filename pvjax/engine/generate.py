@@ -176,8 +176,8 @@ def _decode_weights(model, unroll: bool) -> tuple[dict, Layout]:
         return model.params, Scanned()
     if model not in _UNSTACKED:
         pack = _use_kernel(model.params)
-        params = jax.jit(unstack_layers, static_argnums=(1, 2))(model.params, model.config, pack)
-        _UNSTACKED[model] = params, PerLayer(fused=True, packed=pack)
+        _UNSTACKED[model] = (jax.jit(unstack_layers, static_argnums=(1, 2))(model.params, model.config, pack),
+                             PerLayer(fused=True, packed=pack))
     return _UNSTACKED[model]
 
 

@@ -110,6 +110,8 @@ def _causal_mask(T: int, attention_mask_BT, segment_ids_BT=None):
 
 def _cached(params, cfg, layout: Layout, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache,
             intervention, capture, *, fresh: bool) -> ForwardOutput:
+    """`prefill` (`fresh`: the cache is empty) and `decode_step`: each block writes its keys and
+    values at the cache's index, then attends."""
     T = tokens_BT.shape[1]
     valid_BT = jnp.asarray(attention_mask_BT).astype(bool)
     if fresh:
@@ -137,7 +139,7 @@ def _cached(params, cfg, layout: Layout, tokens_BT, positions_BT, attention_mask
         values, cv = layout.write(cv, i, v, (0,) * (v.ndim - 2) + (start, 0))
         if fresh:  # an empty cache: the new tokens attend among themselves only
             return attention(q_BTHE, *local, mask_BTS), (ck, cv)
-        if cache.split:
+        if cache.split:  # already [B, K, E, S] and [B, K, S, E]
             return attention(q_BTHE, keys, values, mask_BTS), (ck, cv)
         if native and T == 1:
             return decode_attention(q_BTHE, keys, values, kv_valid, cache.index + 1), (ck, cv)
