@@ -1,5 +1,6 @@
-"""The compiled generation program: prefill and decode loop in one `jax.jit`, and the small pytree
-dataclasses its arguments travel in (see `pvjax.engine.generate` for the engine around it).
+"""The compiled generation program: prefill and decode loop in one `jax.jit`, the small pytree
+dataclasses its arguments travel in, and the weights it decodes with (`decode_weights`: the
+parameters and their layout); see `pvjax.engine.generate` for the engine around it.
 
 Shape legend: B batch, C shared-prefix tokens (may be 0), P prompt columns, S cache slots,
 N new-token budget, L = n_layers + 1 hidden-state rows, K probe vectors, V vocabulary.
@@ -15,17 +16,19 @@ two weight layouts (`pvjax.models.layout`), of the prompt pass's and the decode 
 from __future__ import annotations
 
 import functools
+import weakref
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pvjax import kernels
 from pvjax.capture import Capture
 from pvjax.interventions import Intervention
 from pvjax.model import default_positions
 from pvjax.models.decoder import KVCache, decode_step, init_cache, prefill
-from pvjax.models.layout import Layout
+from pvjax.models.layout import Layout, PerLayer, Scanned, unstack_layers
 
 _NEG = -1e30
 
@@ -72,6 +75,40 @@ class Steering:
     iv: Intervention
     prefill_masks: tuple[jax.Array, jax.Array]
     decode_masks: tuple[jax.Array, jax.Array]
+
+
+_UNSTACKED = weakref.WeakKeyDictionary()
+
+
+def decode_params(model, unroll: bool = True):
+    """The parameters generation runs on: by default unstacked per layer (see
+    `pvjax.models.layout.unstack_layers`), because a decode loop that scans stacked weights copies
+    each layer's slice every step. Measured: twice the step time on this CPU, and 17.1 against
+    7.45 ms per step on an H100 (7B shape, bf16, batch 64; benchmarks/NOTES.md). The cost is a
+    second copy of the weights while the model lives; `unroll=False` keeps one copy and scans.
+
+    float32 weights on a single CPU device are also packed for the native decode kernel
+    (`pvjax.kernels`), when it builds here: about twice the speed of XLA's dots at batch 16."""
+    return decode_weights(model, unroll)[0]
+
+
+def decode_weights(model, unroll: bool = True) -> tuple[dict, Layout]:
+    """`decode_params` with their layout, which the decoder is told rather than reading it off
+    the pytree."""
+    if not unroll:
+        return model.params, Scanned()
+    if model not in _UNSTACKED:
+        pack = _use_kernel(model.params)
+        _UNSTACKED[model] = (jax.jit(unstack_layers, static_argnums=(1, 2))(model.params, model.config, pack),
+                             PerLayer(fused=True, packed=pack))
+    return _UNSTACKED[model]
+
+
+def _use_kernel(params) -> bool:
+    leaves = jax.tree_util.tree_leaves(params)
+    on_one_cpu = all(getattr(x, "sharding", None) is not None and len(x.sharding.device_set) == 1
+                     and next(iter(x.sharding.device_set)).platform == "cpu" for x in leaves)
+    return on_one_cpu and all(x.dtype == jnp.float32 for x in leaves) and kernels.available()
 
 
 def _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode: str):
