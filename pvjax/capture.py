@@ -9,17 +9,16 @@ at O(L·B·K·D) instead of O(L·B·T·D): the full `[L, B, T, D]` tensor is nev
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 POOLINGS = ("response_avg", "prompt_avg", "prompt_last")
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Capture:
     """A capture spec. Flags are static (they change the program); weights and probes are data.
 
@@ -33,8 +32,8 @@ class Capture:
 
     pool_weights: jax.Array | None = None
     probes: jax.Array | None = None
-    logits: str = dataclasses.field(default="all", metadata=dict(static=True))
-    hidden: bool = dataclasses.field(default=True, metadata=dict(static=True))
+    logits: str = struct.field(pytree_node=False, default="all")
+    hidden: bool = struct.field(pytree_node=False, default=True)
 
 
 def activations_only(pool_weights=None, probes=None, hidden=False) -> Capture:

@@ -38,6 +38,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from pvjax.errors import UserError
 
@@ -51,8 +52,7 @@ class InterventionError(UserError, ValueError):
 FIXED, CAP, TARGET = 0, 1, 2  # ClosedLoop.mode values
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class ClosedLoop:
     """Per-layer, per-row feedback rule for the steering vector (see the module docstring)."""
 
@@ -103,9 +103,11 @@ def target(value: float, *, gain: float = 1.0, max_step: float = float("inf")) -
     return Feedback(TARGET, value, gain, max_step)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Intervention:
+    """The edits of every hidden-state row (see the module docstring). Every field is data (a pytree
+    leaf, traced), none static: a new vector, coefficient, layer or mask never recompiles."""
+
     steer_vectors: jax.Array  # [L, B|1, D]
     steer_coefs: jax.Array  # [L, B|1]
     ablate_dirs: jax.Array  # [L, B|1, D], unit vectors
@@ -119,15 +121,15 @@ class Intervention:
         return self.steer_vectors.shape[0]
 
     def with_masks(self, steer_mask, ablate_mask=None) -> "Intervention":
-        return dataclasses.replace(self, steer_mask=steer_mask,
-                                   ablate_mask=steer_mask if ablate_mask is None else ablate_mask)
+        return self.replace(steer_mask=steer_mask,
+                            ablate_mask=steer_mask if ablate_mask is None else ablate_mask)
 
     def with_closed_loop(self) -> "Intervention":
         """The same edits, with a `closed_loop` field in any case (all fixed when absent), so
         that fixed and closed-loop requests share a compiled program."""
         if self.closed_loop is not None:
             return self
-        return dataclasses.replace(self, closed_loop=ClosedLoop.fixed(self.n_rows))
+        return self.replace(closed_loop=ClosedLoop.fixed(self.n_rows))
 
     def take_rows(self, rows, n_total: int, pad_to: int) -> "Intervention":
         """The intervention for a chunk of `n_total` inputs: per-input leaves (batch `n_total` on
@@ -148,7 +150,7 @@ class Intervention:
             return jnp.pad(x, pad)
 
         masks = (self.steer_mask, self.ablate_mask)
-        out = jax.tree_util.tree_map(take, dataclasses.replace(self, steer_mask=None, ablate_mask=None))
+        out = jax.tree_util.tree_map(take, self.replace(steer_mask=None, ablate_mask=None))
         return out.with_masks(*masks)
 
 

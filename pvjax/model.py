@@ -20,7 +20,8 @@ from pvjax import inputs
 from pvjax.models.config import ModelConfig
 from pvjax.errors import InputError
 from pvjax.interventions import Intervention
-from pvjax.models.decoder import decode
+from pvjax.models import decoder
+from pvjax.models.layout import Scanned, Sliced
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -134,8 +135,9 @@ def left_pad(seqs, width: int, batch: int | None = None, pad_id: int = 0):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scan"))
 def _forward(params, cfg, tokens, attention_mask, positions, intervention, capture, segment_ids, scan):
-    return decode(params, cfg, tokens, positions, attention_mask, intervention=intervention,
-                  capture=capture, segment_ids_BT=segment_ids, scan=scan)
+    layout = Scanned() if scan else Sliced()
+    return decoder.forward(params, cfg, layout, tokens, positions, attention_mask, intervention=intervention,
+                           capture=capture, segment_ids_BT=segment_ids)
 
 
 def forward(model: Model, tokens, *, attention_mask=None, positions=None,

@@ -96,10 +96,11 @@ def test_lora_unmerged_forward_equals_merged(tiny):
     trainable = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(2), x.shape),
                                        trainable)
     ids = np.random.default_rng(0).integers(0, 1000, (2, 20))
-    from pvjax.models.decoder import decode
+    from pvjax.models.decoder import forward
+    from pvjax.models.layout import Scanned
 
     pos, mask = np.tile(np.arange(20), (2, 1)), np.ones((2, 20), np.int32)
-    fwd = jax.jit(lambda p: decode(p, model.config, ids, pos, mask).logits)
+    fwd = jax.jit(lambda p: forward(p, model.config, Scanned(), ids, pos, mask).logits)
     a = fwd(lora.assemble(spec, trainable, frozen))
     merged = lora.merge(spec, trainable, frozen)
     b = fwd(merged)

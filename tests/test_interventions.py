@@ -11,7 +11,8 @@ import pvjax
 from pvjax import interventions as ivs
 from pvjax.capture import Capture, pooling_weights
 from pvjax.model import _forward, default_positions
-from pvjax.models.decoder import decode
+from pvjax.models.decoder import forward
+from pvjax.models.layout import Scanned
 
 L, D = 31, 576
 
@@ -80,8 +81,8 @@ def test_sweeping_coefficients_vectors_and_layers_never_recompiles(smollm2, batc
     the traces of the decoder itself), and the public forward's program cache does not grow."""
     ids, mask = batch
     traced = jax.jit(chex.assert_max_traces(
-        lambda params, iv: decode(params, smollm2.config, ids, default_positions(mask), mask,
-                                  intervention=iv, capture=Capture(logits="last", hidden=False)).logits, n=1))
+        lambda params, iv: forward(params, smollm2.config, Scanned(), ids, default_positions(mask), mask,
+                                   intervention=iv, capture=Capture(logits="last", hidden=False)).logits, n=1))
     warm = ivs.build(L, D, steer=[(vec(), 3, 1.0)]).with_masks(ivs.position_mask("all", mask))
     pvjax.forward(smollm2, ids, attention_mask=mask, intervention=warm)
     before = _forward._cache_size()

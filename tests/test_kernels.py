@@ -20,7 +20,8 @@ from pvjax.capture import Capture
 from pvjax.engine.generate import SamplingParams, decode_params, generate_ids
 from pvjax.kernels import PackedWeight
 from pvjax.model import default_positions, left_pad
-from pvjax.models.decoder import decode, unstack_layers
+from pvjax.models.decoder import forward
+from pvjax.models.layout import PerLayer, unstack_layers
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler to build the kernel")
@@ -61,8 +62,10 @@ def test_packed_decoder_equals_xla_dots(kind, tmp_path):
     ids = [[5, 17, 2, 99, 42, 7, 8], [3, 250, 11]]
     tokens, mask = left_pad(ids, 8)
     pos = default_positions(mask)
-    run = lambda p: decode(p, cfg, jnp.asarray(tokens), pos, jnp.asarray(mask), capture=Capture(logits="all"))
-    plain, packed = run(unstack_layers(model.params, cfg)), run(unstack_layers(model.params, cfg, pack=True))
+    run = lambda p, layout: forward(p, cfg, layout, jnp.asarray(tokens), pos, jnp.asarray(mask),
+                                    capture=Capture(logits="all"))
+    plain = run(unstack_layers(model.params, cfg), PerLayer())
+    packed = run(unstack_layers(model.params, cfg, pack=True), PerLayer(packed=True))
     scale = np.abs(np.asarray(plain.logits)).max()
     np.testing.assert_allclose(np.asarray(packed.logits), np.asarray(plain.logits), atol=1e-5 * scale)
     np.testing.assert_allclose(np.asarray(packed.hidden_states), np.asarray(plain.hidden_states),
@@ -92,7 +95,7 @@ def test_bf16_and_disabled_kernels_keep_xla_dots(tmp_path):
 @pytest.mark.parametrize("B, K, G, E, S, upto", [(1, 3, 3, 64, 40, 40), (4, 2, 4, 16, 37, 20), (2, 1, 2, 8, 5, 1)])
 def test_decode_attention_equals_xla(B, K, G, E, S, upto):
     """The kernel reads only the `upto` filled slots; XLA's path masks the rest instead."""
-    from pvjax.models.decoder import _decode_attention
+    from pvjax.models.block import one_token_attention
 
     rng = np.random.default_rng(B * 100 + S)
     q = jnp.asarray(rng.standard_normal((B, 1, K * G, E), np.float32))
@@ -102,7 +105,7 @@ def test_decode_attention_equals_xla(B, K, G, E, S, upto):
     valid[:, 0] = True
     valid[:, upto:] = False  # unfilled slots, as in a cache
     got = jax.jit(kernels.decode_attention)(q, k, v, jnp.asarray(valid), upto)
-    want = _decode_attention(q, k, v, jnp.asarray(valid)[:, None, :])
+    want = one_token_attention(q, k, v, jnp.asarray(valid)[:, None, :])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="one token"):
         kernels.decode_attention(jnp.concatenate([q, q], 1), k, v, jnp.asarray(valid), upto)

@@ -1,5 +1,6 @@
-"""The compiled generation program: prefill and decode loop in one `jax.jit`, and the small pytree
-dataclasses its arguments travel in (see `pvjax.engine.generate` for the engine around it).
+"""The compiled generation program: prefill and decode loop in one `jax.jit`, the small pytree
+dataclasses its arguments travel in, and the weights it decodes with (`decode_weights`: the
+parameters and their layout); see `pvjax.engine.generate` for the engine around it.
 
 Shape legend: B batch, C shared-prefix tokens (may be 0), P prompt columns, S cache slots,
 N new-token budget, L = n_layers + 1 hidden-state rows, K probe vectors, V vocabulary.
@@ -8,28 +9,31 @@ The arguments are grouped by what travels together: the prompt batch (`PromptBat
 settings and per-row PRNG keys (`Sampler`), and the intervention with its prefill and decode
 position masks (`Steering`). Every field is an array (traced) except `Sampler.mode` and
 `Sampler.n_new`, which are pytree metadata and so pick the compiled program, as the static
-arguments they replace did; and `mesh` (None on one device), which picks the KV-cache layout.
+arguments they replace did; `mesh` (None on one device), which picks the KV-cache layout; and the
+two weight layouts (`pvjax.models.layout`), of the prompt pass's and the decode loop's weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import weakref
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from pvjax import kernels
 from pvjax.capture import Capture
 from pvjax.interventions import Intervention
 from pvjax.model import default_positions
-from pvjax.models.decoder import KVCache, decode, init_cache
+from pvjax.models.decoder import KVCache, decode_step, init_cache, prefill
+from pvjax.models.layout import Layout, PerLayer, Scanned, unstack_layers
 
 _NEG = -1e30
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class PromptBatch:
     """Left-padded prompts, each split into a prefix, run once per distinct prefix, and a tail,
     run per row. Row b continues prefix `prefix_of_B[b]`; prefix u runs with the intervention and
@@ -46,8 +50,7 @@ class PromptBatch:
     positions_BP: jax.Array  # [B, P] int32
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Sampler:
     """What picks each new token, and when a row stops. `mode` ("greedy", "sample" or "filter")
     and `n_new` (the token buffer, a bucket) are static: they choose the program."""
@@ -60,12 +63,11 @@ class Sampler:
     max_new: jax.Array  # [] int32
     stop_ids: jax.Array  # [n_stop] int32
     pad_id: jax.Array  # [] int32
-    mode: str = dataclasses.field(metadata=dict(static=True), default="greedy")
-    n_new: int = dataclasses.field(metadata=dict(static=True), default=32)
+    mode: str = struct.field(pytree_node=False, default="greedy")
+    n_new: int = struct.field(pytree_node=False, default=32)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Steering:
     """The intervention and where it acts: `prefill_masks` (steer, ablate) `[B, C + P]` over the
     prompt columns, `decode_masks` (steer, ablate) `[1, 1]` for every new token."""
@@ -73,6 +75,40 @@ class Steering:
     iv: Intervention
     prefill_masks: tuple[jax.Array, jax.Array]
     decode_masks: tuple[jax.Array, jax.Array]
+
+
+_UNSTACKED = weakref.WeakKeyDictionary()
+
+
+def decode_params(model, unroll: bool = True):
+    """The parameters generation runs on: by default unstacked per layer (see
+    `pvjax.models.layout.unstack_layers`), because a decode loop that scans stacked weights copies
+    each layer's slice every step. Measured: twice the step time on this CPU, and 17.1 against
+    7.45 ms per step on an H100 (7B shape, bf16, batch 64; benchmarks/NOTES.md). The cost is a
+    second copy of the weights while the model lives; `unroll=False` keeps one copy and scans.
+
+    float32 weights on a single CPU device are also packed for the native decode kernel
+    (`pvjax.kernels`), when it builds here: about twice the speed of XLA's dots at batch 16."""
+    return decode_weights(model, unroll)[0]
+
+
+def decode_weights(model, unroll: bool = True) -> tuple[dict, Layout]:
+    """`decode_params` with their layout, which the decoder is told rather than reading it off
+    the pytree."""
+    if not unroll:
+        return model.params, Scanned()
+    if model not in _UNSTACKED:
+        pack = _use_kernel(model.params)
+        _UNSTACKED[model] = (jax.jit(unstack_layers, static_argnums=(1, 2))(model.params, model.config, pack),
+                             PerLayer(fused=True, packed=pack))
+    return _UNSTACKED[model]
+
+
+def _use_kernel(params) -> bool:
+    leaves = jax.tree_util.tree_leaves(params)
+    on_one_cpu = all(getattr(x, "sharding", None) is not None and len(x.sharding.device_set) == 1
+                     and next(iter(x.sharding.device_set)).platform == "cpu" for x in leaves)
+    return on_one_cpu and all(x.dtype == jnp.float32 for x in leaves) and kernels.available()
 
 
 def _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode: str):
@@ -98,13 +134,15 @@ def _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode: str):
     return jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
 
 
-def run(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler, steering: Steering, probes,
-        mesh: Mesh | None = None):
+def run(params, layout: Layout, prefill_params, prefill_layout: Layout, cfg, batch: PromptBatch,
+        sampler: Sampler, steering: Steering, probes, mesh: Mesh | None = None):
     """Generate `sampler.n_new` tokens for every row: `(tokens [B, N], prompt projections
-    [L, B, C + P, K] or None, new-token projections [L, B, N, K])`. With a `mesh`, the KV cache
-    takes the split layout with its batch over "data" and kv heads over "model" (see
-    `pvjax.engine.mesh`, which places the inputs)."""
-    return _generate(params, prefill_params, cfg, batch, sampler, steering, probes, mesh=mesh)
+    [L, B, C + P, K] or None, new-token projections [L, B, N, K])`. The decode loop runs on
+    `params` laid out as `layout`, the prompt on `prefill_params` laid out as `prefill_layout`.
+    With a `mesh`, the KV cache takes the split layout with its batch over "data" and kv heads
+    over "model" (see `pvjax.engine.mesh`, which places the inputs)."""
+    return _generate(params, prefill_params, cfg, batch, sampler, steering, probes, mesh=mesh,
+                     layout=layout, prefill_layout=prefill_layout)
 
 
 def _cache_on_mesh(cache: KVCache, cfg, mesh: Mesh | None) -> KVCache:
@@ -114,20 +152,19 @@ def _cache_on_mesh(cache: KVCache, cfg, mesh: Mesh | None) -> KVCache:
     data = "data" if cache.valid.shape[0] % mesh.shape["data"] == 0 else None
     spec = lambda x: NamedSharding(mesh, P(*((None,) * (x.ndim - 4) + (data, kv, None, None))))
     put = lambda x: jax.lax.with_sharding_constraint(x, spec(x))
-    return KVCache(jax.tree_util.tree_map(put, cache.k), jax.tree_util.tree_map(put, cache.v),
-                   jax.lax.with_sharding_constraint(cache.valid, NamedSharding(mesh, P(data, None))),
-                   cache.index)
+    return cache.replace(k=jax.tree_util.tree_map(put, cache.k), v=jax.tree_util.tree_map(put, cache.v),
+                         valid=jax.lax.with_sharding_constraint(cache.valid, NamedSharding(mesh, P(data, None))))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mesh"))
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh", "layout", "prefill_layout"))
 def _generate(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler, steering: Steering,
-              probes, mesh=None):
+              probes, mesh=None, *, layout: Layout, prefill_layout: Layout):
     B, P = batch.tokens_BP.shape
     C = batch.prefix_UC.shape[1]
     n_new = sampler.n_new
     iv, prefill_masks, decode_masks = steering.iv, steering.prefill_masks, steering.decode_masks
     stop_ids = sampler.stop_ids
-    stacked = not isinstance(prefill_params["layers"], tuple)
+    stacked = prefill_layout.stacked_cache
     split = mesh is not None  # batch and kv heads on separate cache axes, for the mesh
     dtype = params["embed"].dtype
     capture = Capture(probes=probes, logits="last", hidden=False)
@@ -145,30 +182,32 @@ def _generate(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler,
         rows_U = batch.prefix_first_U
         cols = lambda m: m[rows_U, :C]
         pre_iv = jax.tree_util.tree_map(lambda x: x[:, rows_U] if x.shape[1] == B else x,
-                                        dataclasses.replace(iv, steer_mask=None, ablate_mask=None))
+                                        iv.replace(steer_mask=None, ablate_mask=None))
         U = batch.prefix_UC.shape[0]
-        pre = decode(prefill_params, cfg, batch.prefix_UC, default_positions(batch.prefix_mask_UC),
-                     batch.prefix_mask_UC, intervention=pre_iv.with_masks(*map(cols, prefill_masks)),
-                     capture=dataclasses.replace(capture, logits="none"),
-                     cache=init_cache(cfg, U, S, dtype, stacked=stacked, split=split), prefill=True)
+        pre = prefill(prefill_params, cfg, prefill_layout, batch.prefix_UC,
+                      default_positions(batch.prefix_mask_UC), batch.prefix_mask_UC,
+                      init_cache(cfg, prefill_layout, U, S, dtype, split=split),
+                      intervention=pre_iv.with_masks(*map(cols, prefill_masks)),
+                      capture=capture.replace(logits="none"))
         # Each row's copy of its prefix's keys and values; in the merged layout a row is K
         # consecutive entries (one per kv head) of the batch axis.
         K = cfg.num_kv_heads
         entries = batch.prefix_of_B if split else (batch.prefix_of_B[:, None] * K + jnp.arange(K)).reshape(-1)
         gather = lambda x: jnp.take(x, entries, axis=int(stacked))
         k, v = jax.tree_util.tree_map(gather, (pre.cache.k, pre.cache.v))
-        cache = pre.cache._replace(k=k, v=v, valid=pre.cache.valid[batch.prefix_of_B])
+        cache = pre.cache.replace(k=k, v=v, valid=pre.cache.valid[batch.prefix_of_B])
     else:
-        cache = init_cache(cfg, B, S, dtype, stacked=stacked, split=split)
+        cache = init_cache(cfg, prefill_layout, B, S, dtype, split=split)
     cache = _cache_on_mesh(cache, cfg, mesh)
-    out = decode(prefill_params, cfg, batch.tokens_BP, batch.positions_BP, batch.mask_BP,
-                 intervention=iv.with_masks(*(m[:, C:] for m in prefill_masks)), capture=capture,
-                 cache=cache, prefill=not C)
+    # Without a shared prefix the cache is empty: the prompt attends among its own tokens only.
+    run_prompt = decode_step if C else prefill
+    out = run_prompt(prefill_params, cfg, prefill_layout, batch.tokens_BP, batch.positions_BP, batch.mask_BP,
+                     cache, intervention=iv.with_masks(*(m[:, C:] for m in prefill_masks)), capture=capture)
     if C and probes is not None:
         shared = pre.projections[:, batch.prefix_of_B]
         out = out._replace(projections=jnp.concatenate([shared, out.projections], axis=2))
-    if isinstance(params["layers"], tuple) and not isinstance(out.cache.k, tuple):
-        out = out._replace(cache=out.cache._replace(k=tuple(out.cache.k), v=tuple(out.cache.v)))
+    if stacked and not layout.stacked_cache:  # the decode loop's blocks each own their buffers
+        out = out._replace(cache=out.cache.replace(k=tuple(out.cache.k), v=tuple(out.cache.v)))
     first = pick(out.logits[:, -1], 0)
     toks_BN = jnp.full((B, n_new), sampler.pad_id, jnp.int32).at[:, 0].set(first)
     L = cfg.num_layers + 1
@@ -180,8 +219,8 @@ def _generate(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler,
 
     def feed(toks_BN, i, cache, proj):
         """Run token i of every row through the model: next logits and its projections."""
-        o = decode(params, cfg, jax.lax.dynamic_slice_in_dim(toks_BN, i, 1, axis=1),
-                   (next_pos + i)[:, None], ones, intervention=decode_iv, capture=capture, cache=cache)
+        o = decode_step(params, cfg, layout, jax.lax.dynamic_slice_in_dim(toks_BN, i, 1, axis=1),
+                        (next_pos + i)[:, None], ones, cache, intervention=decode_iv, capture=capture)
         if probes is not None:
             proj = jax.lax.dynamic_update_slice_in_dim(proj, o.projections, i, axis=2)
         return o.logits[:, -1], o.cache, proj

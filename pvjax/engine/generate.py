@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -39,14 +38,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pvjax import inputs, kernels
+from pvjax import inputs
 from pvjax.engine import mesh as generate_mesh
 from pvjax.engine import prompt_split
-from pvjax.engine.decode_loop import PromptBatch, Sampler, Steering, compile_count, run
+from pvjax.engine.decode_loop import (PromptBatch, Sampler, Steering, compile_count, decode_params,
+                                      decode_weights, run)
 from pvjax.errors import InputError
 from pvjax.interventions import Intervention, InterventionError, POSITION_MODES, empty
 from pvjax.model import default_positions, left_pad
-from pvjax.models.decoder import unstack_layers
+from pvjax.models.layout import Scanned
 from pvjax.engine.prompt_split import prefix_bucket, prompt_bucket, rows_bucket as _batch_bucket
 from pvjax.files.prompts import check_prompts
 
@@ -155,33 +155,6 @@ def render_prompts(model, prompts, *, system: str | None = None, chat: bool = Tr
     return out
 
 
-_UNSTACKED = weakref.WeakKeyDictionary()
-
-
-def decode_params(model, unroll: bool = True):
-    """The parameters generation runs on: by default unstacked per layer (see
-    `pvjax.models.decoder.unstack_layers`), because a decode loop that scans stacked weights copies
-    each layer's slice every step. Measured: twice the step time on this CPU, and 17.1 against
-    7.45 ms per step on an H100 (7B shape, bf16, batch 64; benchmarks/NOTES.md). The cost is a
-    second copy of the weights while the model lives; `unroll=False` keeps one copy and scans.
-
-    float32 weights on a single CPU device are also packed for the native decode kernel
-    (`pvjax.kernels`), when it builds here: about twice the speed of XLA's dots at batch 16."""
-    if not unroll:
-        return model.params
-    if model not in _UNSTACKED:
-        _UNSTACKED[model] = jax.jit(unstack_layers, static_argnums=(1, 2))(
-            model.params, model.config, _use_kernel(model.params))
-    return _UNSTACKED[model]
-
-
-def _use_kernel(params) -> bool:
-    leaves = jax.tree_util.tree_leaves(params)
-    on_one_cpu = all(getattr(x, "sharding", None) is not None and len(x.sharding.device_set) == 1
-                     and next(iter(x.sharding.device_set)).platform == "cpu" for x in leaves)
-    return on_one_cpu and all(x.dtype == jnp.float32 for x in leaves) and kernels.available()
-
-
 def _masks(mode: str, mask_BP: np.ndarray):
     """(prefill mask [B, P], decode mask [1, 1]) for one position mode; see module docstring."""
     if mode not in POSITION_MODES:
@@ -245,14 +218,15 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
 
     if mesh is not None:
         params, prefill_params = generate_mesh.place_params(model, mesh, unroll)
+        layout, prefill_layout = generate_mesh.layouts(unroll)
         generate_mesh.note_cache_layout(cfg, mesh, model.model_id)
     else:
-        params = decode_params(model, unroll)
+        params, layout = decode_weights(model, unroll)
         # The prompt pass is compute bound (M = B*P rows). Off the CPU kernels, XLA's dots on the
         # stacked weights serve it as well as unrolled ones and compile faster; the packed kernel
         # is a little faster than XLA's dots there too (measured: 16 x 24 rows, 0.52-0.67 s
         # against 0.61-0.72 s).
-        prefill_params = params if isinstance(params.get("head"), kernels.PackedWeight) else model.params
+        prefill_params, prefill_layout = (params, layout) if layout.packed else (model.params, Scanned())
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     results: dict[int, tuple] = {}
     chunks = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -291,7 +265,8 @@ def generate_ids(model, ids: Sequence[Sequence[int]], *, sampling: SamplingParam
                             decode_masks=(jnp.asarray(steer_dec), jnp.asarray(abl_dec)))
         if mesh is not None:
             batch, sampler, steering = generate_mesh.place_inputs(mesh, batch, sampler, steering)
-        toks, p_proj, r_proj = run(params, prefill_params, cfg, batch, sampler, steering, probes, mesh)
+        toks, p_proj, r_proj = run(params, layout, prefill_params, prefill_layout, cfg, batch, sampler,
+                                   steering, probes, mesh)
         toks = np.asarray(toks)
         p_proj = None if probes is None else np.asarray(p_proj)
         r_proj = None if probes is None else np.asarray(r_proj)

@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from pvjax.parallel import sharding
 from pvjax.engine.decode_loop import PromptBatch, Sampler, Steering
-from pvjax.models.decoder import KVCache, unstack_layers
+from pvjax.models.layout import Layout, PerLayer, Scanned, unstack_layers
 from pvjax.parallel.sharding import check_mesh, pad_batch  # noqa: F401  (generate calls them from here)
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,15 @@ def _specs(params, mesh: Mesh, model_id: str):
     return jax.tree_util.tree_map_with_path(note, params, specs)
 
 
+def layouts(unroll: bool) -> tuple[Layout, Layout]:
+    """The layouts of `place_params`' `(decode params, prefill params)`."""
+    return (PerLayer(fused=False) if unroll else Scanned()), Scanned()
+
+
 def place_params(model, mesh: Mesh, unroll: bool):
-    """`(decode params, prefill params)` laid out over `mesh`, made once per model and mesh.
-    Unrolled: per-layer dicts (unfused), each leaf with its stacked rule minus the layer axis."""
+    """`(decode params, prefill params)` laid out over `mesh`, made once per model and mesh
+    (their layouts: `layouts(unroll)`). Unrolled: per-layer dicts (unfused), each leaf with its
+    stacked rule minus the layer axis."""
     placed = _PLACED.setdefault(model, {})
     if (mesh, unroll) not in placed:
         specs = _specs(model.params, mesh, model.model_id)

@@ -3,7 +3,7 @@
 Shape legend: A micro-batches per step, R rows per micro-batch, W row width, V vocabulary,
 L = n_layers + 1 hidden-state rows, D hidden size.
 
-The step runs the one decoder (`pvjax.models.decoder.decode`) on `lora.assemble(trainable,
+The step runs the one decoder (`pvjax.models.decoder.forward`, scanned) on `lora.assemble(trainable,
 frozen)`, with the training-only `TrainingForward` (preventative steering or CAFT as an
 `Intervention`, and the projection-penalty probes) passed in as data. Gradients of the A
 micro-batches are summed inside the step (`lax.scan`), each micro-batch's loss divided by the
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pvjax.parallel import sharding
@@ -29,11 +30,11 @@ from pvjax.capture import Capture
 from pvjax.models.config import ModelConfig
 from pvjax.finetune import lora
 from pvjax.interventions import Intervention
-from pvjax.models.decoder import decode
+from pvjax.models import decoder
+from pvjax.models.layout import Scanned
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class TrainState:
     step: jax.Array  # [] int32: optimiser updates done
     trainable: Any
@@ -41,8 +42,7 @@ class TrainState:
     rng: jax.Array  # [2] uint32, advanced every step (for stochastic training parts; resumes exactly)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class TrainingForward:
     """What the training forward adds to the model, as data (never part of the exported model).
 
@@ -54,7 +54,7 @@ class TrainingForward:
 
     intervention: Intervention | None = None
     penalty_probes: jax.Array | None = None
-    penalty_weight: jax.Array = dataclasses.field(default_factory=lambda: jnp.zeros((), jnp.float32))
+    penalty_weight: jax.Array = struct.field(default_factory=lambda: jnp.zeros((), jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +83,8 @@ def micro_loss(settings: StepSettings, trainable, frozen, mb, fwd: TrainingForwa
     params = lora.assemble(settings.lora, trainable, frozen, jnp.dtype(settings.compute_dtype))
     seg = mb["segment_ids"]
     cap = Capture(probes=fwd.penalty_probes, logits="all", hidden=False)
-    out = decode(params, settings.cfg, mb["tokens"], mb["positions"], seg > 0, intervention=fwd.intervention,
-                 capture=cap, segment_ids_BT=seg, remat=settings.remat)
+    out = decoder.forward(params, settings.cfg, Scanned(remat=settings.remat), mb["tokens"], mb["positions"],
+                          seg > 0, intervention=fwd.intervention, capture=cap, segment_ids_BT=seg)
     nll = token_nll(out.logits, mb["tokens"], mb["loss_mask"])
     proj = jnp.zeros((), jnp.float32)
     if fwd.penalty_probes is not None:

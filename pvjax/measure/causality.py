@@ -25,7 +25,8 @@ from pvjax import interventions as ivs
 from pvjax.capture import Capture
 from pvjax.errors import InputError
 from pvjax.model import left_pad
-from pvjax.models.decoder import decode
+from pvjax.models import decoder
+from pvjax.models.layout import Scanned
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tail"))
@@ -33,8 +34,8 @@ def answer_logprob(params, cfg, tokens_BT, mask_BT, positions_BT, iv, answer_BT,
     """Rows are left-padded, so every answer lies in the last `tail` columns: the head and the
     softmax run there only (measured on SmolLM2: the head is a fifth of the forward's FLOPs at
     T=128 and the [B, T, V] softmax as much again)."""
-    out = decode(params, cfg, tokens_BT, positions_BT, mask_BT, intervention=iv,
-                 capture=Capture(logits=f"tail:{tail + 1}", hidden=False))
+    out = decoder.forward(params, cfg, Scanned(), tokens_BT, positions_BT, mask_BT, intervention=iv,
+                          capture=Capture(logits=f"tail:{tail + 1}", hidden=False))
     logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
     lp = jnp.take_along_axis(logp, tokens_BT[:, -tail:, None], axis=-1)[..., 0]
     w = answer_BT[:, -tail:].astype(jnp.float32)

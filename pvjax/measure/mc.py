@@ -34,7 +34,8 @@ from pvjax import interventions as ivs
 from pvjax.capture import Capture
 from pvjax.errors import InputError
 from pvjax.model import default_positions, left_pad
-from pvjax.models.decoder import decode
+from pvjax.models import decoder
+from pvjax.models.layout import Scanned
 
 LETTERS = ("A", "B", "C", "D")
 INSTRUCTION = "Answer the following multiple-choice question with the letter of the correct choice."
@@ -130,8 +131,8 @@ def letter_ids(model) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _letter_logprobs(params, cfg, tokens_BT, mask_BT, positions_BT, iv, letters_4):
-    out = decode(params, cfg, tokens_BT, positions_BT, mask_BT, intervention=iv,
-                 capture=Capture(logits="last", hidden=False))
+    out = decoder.forward(params, cfg, Scanned(), tokens_BT, positions_BT, mask_BT, intervention=iv,
+                          capture=Capture(logits="last", hidden=False))
     return jax.nn.log_softmax(out.logits[:, -1], axis=-1)[:, letters_4]
 
 

@@ -12,13 +12,11 @@ differentiated function), and the backward pass costs two thin matmuls per weigh
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
+from flax import struct
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class LowRank:
     base: jax.Array  # [N, I, O] (frozen)
     a: jax.Array  # [N, I, r]
