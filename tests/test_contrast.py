@@ -13,6 +13,8 @@ import torch
 from pvjax.files import atomic
 from pvjax.methods.extraction import generate_answers, system_prompt
 from pvjax.methods.pair_filter import ExtractionError, contrast_scores, filter_pairs
+from pvjax.settings.extraction import Answering, PairFilter
+from pvjax.settings.types import Sampling
 from pvjax.engine.generate import render_prompts
 from pvjax.files.traits import load_trait
 
@@ -70,7 +72,7 @@ def test_contrast_score_is_the_log_likelihood_difference_of_transformers(smollm2
     # The filter counts the bad pair instead of feeding it to anything.
     f = {"mode": "contrast", "contrast_margin": 0.0, "coherence": 0.0, "min_pairs": 1}
     judged = {pol: [dict(r, evil="", coherence="") for r in rows_] for pol, rows_ in answers.items()}
-    kept, counts = filter_pairs(judged, "evil", f, scores)
+    kept, counts = filter_pairs(judged, "evil", PairFilter(**f), scores)
     assert counts["pairs"] == 3 and counts["empty"] == 1 and counts["empty_neg"] == 1 and counts["empty_pos"] == 0
     assert counts["kept"] + counts["failed_filter"] == 2
 
@@ -87,15 +89,17 @@ def test_contrast_and_none_filters_and_bad_input_counts():
                 ("pos", "0", "t_1", "0"): 0.3, ("neg", "0", "t_1", "0"): 0.1,    # diff 0.2: fails 0.5
                 ("pos", "0", "t_2", "0"): 0.6}                                   # neg unscorable: too long
     f = {"mode": "contrast", "contrast_margin": 0.5, "coherence": 0.0, "min_pairs": 1}
-    kept, counts = filter_pairs(judged, "t", f, contrast, too_long=frozenset({("0", "t_5", "0")}))
+    kept, counts = filter_pairs(judged, "t", PairFilter(**f), contrast, too_long=frozenset({("0", "t_5", "0")}))
     assert [p["question_id"] for p, _ in kept] == ["t_0"]
     assert counts == {"pairs": 6, "too_long": 2, "empty": 2, "empty_pos": 1, "empty_neg": 1, "missing_score": 0,
                       "failed_filter": 1, "kept": 1}
-    kept, counts = filter_pairs(judged, "t", {**f, "mode": "none"}, None, too_long=frozenset({("0", "t_5", "0")}))
+    kept, counts = filter_pairs(judged, "t", PairFilter(**{**f, "mode": "none"}), None,
+                                too_long=frozenset({("0", "t_5", "0")}))
     assert [p["question_id"] for p, _ in kept] == ["t_0", "t_1", "t_2"] and counts["failed_filter"] == 0
     with pytest.raises(ExtractionError, match=r"only 1 of 6 .*contrast: pos contrast - neg contrast >= 0.5.*"
                                               r"2 too long .*2 empty \(1 pos, 1 neg answers\).*need 2"):
-        filter_pairs(judged, "t", {**f, "min_pairs": 2}, contrast, too_long=frozenset({("0", "t_5", "0")}))
+        filter_pairs(judged, "t", PairFilter(**{**f, "min_pairs": 2}), contrast,
+                     too_long=frozenset({("0", "t_5", "0")}))
 
 
 def test_sampled_answers_are_distinct_reproducible_and_paired(smollm2, tmp_path):
@@ -104,10 +108,11 @@ def test_sampled_answers_are_distinct_reproducible_and_paired(smollm2, tmp_path)
     sample). A question too long for the context is never generated: its answers stay empty."""
     trait = load_trait("evil")
     trait = dataclasses.replace(trait, questions=(*trait.questions[:2], "Why? " * 8200))
-    cfg = {"n_questions": 3, "n_pairs": 1, "n_per_question": 3, "temperature": 1.0, "top_p": 1.0,
-           "max_new_tokens": 12, "seed": 0, "batch_size": 16, "pos_name": "", "neg_name": "helpful",
-           "unroll": False}  # the scanned layout: a fifth of the unrolled compile
-    runs = [generate_answers(smollm2, trait, {**cfg, "seed": seed}, tmp_path / f"r{i}", progress=False)
+    answering = lambda seed: Answering(
+        n_questions=3, n_pairs=1, n_per_question=3, batch_size=16, pos_name="", neg_name="helpful",
+        sampling=Sampling(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=seed),
+        unroll=False)  # the scanned layout: a fifth of the unrolled compile
+    runs = [generate_answers(smollm2, trait, answering(seed), tmp_path / f"r{i}", progress=False)
             for i, seed in enumerate((0, 0, 1))]
     a, b, c = runs
     assert a == b, "the same seed gave other answers"

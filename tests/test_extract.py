@@ -18,7 +18,7 @@ from pvjax.files import atomic
 from pvjax.errors import UsageError
 from pvjax.methods.extraction import ExtractionError, run
 from pvjax.methods.pair_filter import filter_pairs
-from pvjax.settings.extraction import InvalidConfig
+from pvjax.settings.extraction import InvalidConfig, PairFilter
 from pvjax.files.run_provenance import RunMismatch
 from pvjax.files.traits import load_trait
 from pvjax.files.vectors import KEYS, load_vectors
@@ -202,7 +202,7 @@ def test_filter_rules(mode, extra, kept):
               "neg": [row("neg", 0, 10), row("neg", 1, 5), row("neg", 2, 10), row("neg", 3, 10),
                       row("neg", 4, 10)]}
     f = {"mode": mode, "threshold": 50.0, "coherence": 50.0, "margin": 10.0, "min_pairs": 1, **extra}
-    pairs, counts = filter_pairs(judged, "t", f)
+    pairs, counts = filter_pairs(judged, "t", PairFilter(**f))
     assert [int(p["question_id"][2:]) for p, _ in pairs] == kept
     assert counts["empty"] == 1 and counts["missing_score"] == 1 and counts["pairs"] == 5
 
@@ -211,7 +211,7 @@ def test_too_few_pairs_is_a_clear_error():
     judged = {"pos": [row("pos", 0, 40)], "neg": [row("neg", 0, 30)]}
     f = {"mode": "threshold", "threshold": 50.0, "coherence": 50.0, "margin": 10.0, "min_pairs": 3}
     with pytest.raises(ExtractionError, match=r"only 0 of 1 answer pairs survived .*need 3"):
-        filter_pairs(judged, "t", f)
+        filter_pairs(judged, "t", PairFilter(**f))
 
 
 def test_local_judge_logprobs_match_transformers(smollm2, hf_smollm2):

@@ -48,10 +48,11 @@ def study_config(args):
 
 def run(args) -> int:
     from pvjax.methods.extraction import run as extract
+    from pvjax.settings.extraction import settings_for_run
 
     log_setup()
-    cfg = load_config(args.config, args.extra)
-    summary = extract(cfg, progress=not args.quiet)  # its UserErrors reach the CLI's one-line report
+    settings = settings_for_run(load_config(args.config, args.extra))  # the config, checked and unpacked
+    summary = extract(settings, progress=not args.quiet)  # its UserErrors reach the CLI's one-line report
     c = summary["counts"]
     print(f"kept {c['kept']} of {c['pairs']} pairs; vectors in {summary['workdir']}/vectors.safetensors")
     for layer, r in summary["causality"]["layers"].items():

@@ -41,8 +41,6 @@ relabelled; a changed judge, filter or causality setting reruns that stage and w
 
 from __future__ import annotations
 
-from pvjax.settings.fields import as_dict
-
 import json
 import logging
 from pathlib import Path
@@ -51,7 +49,8 @@ import numpy as np
 
 from pvjax.files import atomic
 from pvjax.files import run_provenance
-from pvjax.settings.extraction import validate_config
+from pvjax.settings.extraction import Answering, ExtractionSettings, settings_for_run
+from pvjax.settings.types import Judging
 from pvjax.parallel.multihost import SINGLE, Job
 from pvjax.methods.pair_filter import ExtractionError, pair_key, n_tokens, agreement, contrast_scores, filter_pairs
 
@@ -64,42 +63,39 @@ def system_prompt(name: str, instruction: str) -> str:
     return f"You are {article} {name} assistant. {instruction}"
 
 
-def make_judge_backend(cfg, model, work: Path, job: Job = SINGLE):
-    """The configured judge behind a cache of every judgement. In a multi-process job each process
-    judges its own share and keeps its own cache (`judge_cache.process<k>.sqlite` beside process 0's
-    `judge_cache.sqlite`); a local judge runs on the process's mesh."""
+def make_judge_backend(judging: Judging, model, work: Path, job: Job = SINGLE):
+    """The judge `judging` names behind a cache of every judgement (`work/judge_cache.sqlite`), or
+    None for backend 'none'. `model` is the answering model, which a local judge named '' or 'same'
+    reuses. In a multi-process job each process judges its own share and keeps its own cache
+    (`judge_cache.process<k>.sqlite` beside process 0's); a local judge runs on the process's mesh."""
     from pvjax.llm.cache import CachedBackend, ChatCache
 
-    j = cfg["judge"]
-    if j["backend"] == "local":
+    j = judging
+    if j.backend == "local":
         import pvjax
         from pvjax.llm.local import LocalChat
 
-        judge_model = model if j.get("model") in (None, "", "same") else pvjax.load(j["model"])
-        inner = LocalChat(judge_model, batch_size=j.get("batch_size", 8), numeric_only=j.get("numeric_only", False),
-                          mesh=job.mesh)
-    elif j["backend"] == "openai":
+        judge_model = model if j.model in (None, "", "same") else pvjax.load(j.model)
+        inner = LocalChat(judge_model, batch_size=j.batch_size, numeric_only=j.numeric_only, mesh=job.mesh)
+    elif j.backend == "openai":
         from pvjax.llm.openai_http import OpenAIChat
 
-        inner = OpenAIChat(j["model"], j.get("base_url") or None, concurrency=j.get("concurrency", 8))
-    elif j["backend"] == "none":
+        inner = OpenAIChat(j.model, j.base_url or None, concurrency=j.concurrency)
+    elif j.backend == "none":
         return None
     else:
-        raise ExtractionError(f"judge.backend must be 'local', 'openai' or 'none', got {j['backend']!r}")
+        raise ExtractionError(f"judge.backend must be 'local', 'openai' or 'none', got {j.backend!r}")
     name = "judge_cache.sqlite" if job.writer else f"judge_cache.process{job.index}.sqlite"
     return CachedBackend(inner, ChatCache(work / name))
 
 
-def generate_answers(model, trait, cfg, work: Path, progress: bool, job: Job = SINGLE) -> dict[str, list[dict]]:
+def generate_answers(model, trait, answering: Answering, work: Path, progress: bool,
+                     job: Job = SINGLE) -> dict[str, list[dict]]:
     """Every answer part (one per polarity and instruction pair), from the run directory where
     finished, else generated and written as each finishes. In a multi-process job the parts left
     are dealt out one per process per wave, each wave's parts written by process 0 (and sent to
     all), so a part is never generated twice and a killed job loses at most one wave."""
-    from pvjax.engine.generate import SamplingParams
-
-    pairs = list(trait.instruction[: cfg["n_pairs"] or None])
-    sampling = SamplingParams(temperature=cfg["temperature"], top_p=cfg.get("top_p", 1.0),
-                              max_new_tokens=cfg["max_new_tokens"])
+    pairs = list(trait.instruction[: answering.n_pairs or None])
     parts = [(pol_i, pol, k, pair) for pol_i, pol in enumerate(("pos", "neg")) for k, pair in enumerate(pairs)]
     path = lambda pol, k: work / "answers" / "parts" / f"{pol}_{k}.csv"
     texts = job.from_writer(lambda: {f"{pol}_{k}": path(pol, k).read_text() for _, pol, k, _ in parts
@@ -108,7 +104,7 @@ def generate_answers(model, trait, cfg, work: Path, progress: bool, job: Job = S
     for w in range(0, len(todo), job.count):
         wave = todo[w:w + job.count]
         mine = wave[job.index] if job.index < len(wave) else None
-        got = job.each(lambda: _answer_part(model, trait, cfg, sampling, *mine, progress, job.mesh).encode()
+        got = job.each(lambda: _answer_part(model, trait, answering, *mine, progress, job.mesh).encode()
                        if mine else b"", raw=True)
         for (_, pol, k, _), text in zip(wave, got):
             if job.writer:
@@ -118,29 +114,29 @@ def generate_answers(model, trait, cfg, work: Path, progress: bool, job: Job = S
             for pol in ("pos", "neg")}
 
 
-def _answer_part(model, trait, cfg, sampling, pol_i: int, pol: str, k: int, pair, progress: bool, mesh) -> str:
+def _answer_part(model, trait, a: Answering, pol_i: int, pol: str, k: int, pair, progress: bool, mesh) -> str:
     """The CSV text of answer part `pol`_`k`: every question `n_per_question` times under that
     instruction's system prompt."""
     from pvjax.engine.generate import generate, render_prompts
 
-    questions = list(trait.questions[: cfg["n_questions"] or None])
-    n = cfg["n_per_question"]
-    name = (cfg.get("pos_name") or trait.name) if pol == "pos" else (cfg.get("neg_name") or "helpful")
+    questions = list(trait.questions[: a.n_questions or None])
+    n = a.n_per_question
+    name = (a.pos_name or trait.name) if pol == "pos" else (a.neg_name or "helpful")
     system = system_prompt(name, pair.pos if pol == "pos" else pair.neg)
     prompts = [q for q in questions for _ in range(n)]
     texts = render_prompts(model, prompts, system=system)
     # A prompt that cannot fit the context with max_new_tokens is never sent to the model:
     # its answer stays empty, and the filter counts it as too long.
-    fits = [i for i, t in enumerate(texts) if prompt_fits(model, t, cfg["max_new_tokens"])]
+    fits = [i for i, t in enumerate(texts) if prompt_fits(model, t, a.sampling.max_new_tokens)]
     answers = [""] * len(prompts)
     log.info("answering %d prompts under %s instruction %d (%d too long)", len(fits), pol, k,
              len(prompts) - len(fits))
     if fits:
         # Sample i of a question draws from its own key (generate folds the prompt index
         # into the seed), so the n samples differ and the same seed repeats them.
-        g = generate(model, [prompts[i] for i in fits], system=system, sampling=sampling,
-                     seed=cfg["seed"] * 1000 + pol_i * 100 + k, batch_size=cfg["batch_size"],
-                     progress=progress, mesh=mesh, unroll=cfg.get("unroll", True))
+        g = generate(model, [prompts[i] for i in fits], system=system, sampling=a.sampling.params,
+                     seed=a.sampling.seed * 1000 + pol_i * 100 + k, batch_size=a.batch_size,
+                     progress=progress, mesh=mesh, unroll=a.unroll)
         for i, text in zip(fits, g.texts):
             answers[i] = text
     rows = [{"question": q, "prompt": texts[i], "answer": answers[i],
@@ -211,13 +207,15 @@ def pooled_difference(model, kept, job: Job = SINGLE, rows_per_batch: int = 8) -
     return ((total[0] - total[1]) / len(kept)).astype(np.float32)
 
 
-def run(cfg, *, progress: bool = True) -> dict:
+def run(settings, *, progress: bool = True) -> dict:
     """Run (or resume) an extraction; returns the summary. See the module docstring.
 
-    Before anything is written or loaded, the whole config is checked (`InvalidConfig` lists every
-    problem) and compared with the provenance recorded in the workdir: answers made under other
-    settings are refused (`RunMismatch`), a changed judge, filter or causality setting deletes that
-    stage's outputs and what follows it (`pvjax.files.run_provenance`). A finished run whose provenance
+    `settings` are `ExtractionSettings` (`pvjax.settings.extraction`), or a config (a dict or
+    `ConfigDict`), which is turned into them first (`settings_for_run`): before anything is written
+    or loaded, the whole config is checked (`InvalidConfig` lists every problem). They are then
+    compared with the provenance recorded in the workdir: answers made under other settings are
+    refused (`RunMismatch`), a changed judge, filter or causality setting deletes that stage's
+    outputs and what follows it (`pvjax.files.run_provenance`). A finished run whose provenance
     matches is returned as it is, and its files, `config.json` included, are left untouched.
 
     `mesh.data` x `mesh.model` > 1 runs every stage (generation, pooling, contrast and causality
@@ -230,22 +228,18 @@ def run(cfg, *, progress: bool = True) -> dict:
     from pvjax.measure.causality import likelihood_margins
     from pvjax.files.vectors import KEYS, save_vectors
 
-    plain = as_dict(cfg)
-    dist = plain.get("distributed")
-    # The job is joined before anything starts JAX (checking the config reads the backend's dtype);
-    # from then on an error on one process is raised on all (none waits for a process that gave up).
-    joined = (multihost.join(dist) if isinstance(dist, dict) and dist.get("coordinator")
-              and not multihost.check_distributed(dist) else SINGLE)
+    s = settings if isinstance(settings, ExtractionSettings) else settings_for_run(settings)
+    # The job was joined before checking started JAX (settings_for_run); joining again returns it.
+    # From here on an error on one process is raised on all (none waits for a process that gave up).
+    dist = s.distributed.as_dict()
+    joined = multihost.join(dist) if s.distributed.coordinator else SINGLE
     box = []
-    joined.each(lambda: box.append(validate_config(plain)))
-    checked = box[0]
-    mesh = checked.cfg["mesh"]
-    joined.each(lambda: box.append(multihost.join(checked.cfg["distributed"], mesh["data"], mesh["model"])))
-    job = box[1]
-    job.check_same("config", {**checked.cfg, "distributed": {**checked.cfg["distributed"], "process_id": None}})
+    joined.each(lambda: box.append(multihost.join(dist, s.mesh.data, s.mesh.model)))
+    job = box[0]
+    job.check_same("config", {**s.cfg, "distributed": {**s.cfg["distributed"], "process_id": None}})
     progress = progress and job.writer
-    cfg, work, trait = checked.cfg, checked.work, checked.trait
-    provenance = run_provenance.stage_provenance(checked)
+    work, trait, a = s.work, s.trait, s.answering
+    provenance = run_provenance.stage_provenance(s)
 
     def start():  # on process 0, the only one that looks at the workdir
         stale = run_provenance.stale_stages(work, provenance)
@@ -254,22 +248,22 @@ def run(cfg, *, progress: bool = True) -> dict:
         work.mkdir(parents=True, exist_ok=True)
         run_provenance.reset(work, provenance, stale, trait.name)
         # Written only now that every stage output left in the directory matches this config.
-        atomic.write_json(work / "config.json", cfg)
+        atomic.write_json(work / "config.json", s.cfg)
         return None
 
     finished = job.from_writer(start)
     if finished is not None:
         return {**finished, "workdir": str(work)}
-    model = pvjax.load(cfg["model"], dtype=checked.dtype)
+    model = pvjax.load(s.model, dtype=s.dtype)
 
-    answers = generate_answers(model, trait, cfg, work, progress, job)
-    f = cfg["filter"]
-    contrast = (contrast_scores(model, answers, work, batch_size=cfg["batch_size"], job=job)
-                if f["mode"] == "contrast" else None)
-    judged = judge_answers(answers, trait, make_judge_backend(cfg, model, work, job), work, progress,
-                           coherence=cfg["judge"]["coherence"] and cfg["judge"]["backend"] != "none", job=job)
+    answers = generate_answers(model, trait, a, work, progress, job)
+    f = s.filter
+    contrast = (contrast_scores(model, answers, work, batch_size=a.batch_size, job=job)
+                if f.mode == "contrast" else None)
+    judged = judge_answers(answers, trait, make_judge_backend(s.judging, model, work, job), work, progress,
+                           coherence=s.judging.coherence and s.judging.backend != "none", job=job)
     too_long = frozenset(pair_key(r) for rows in answers.values() for r in rows
-                         if not prompt_fits(model, r["prompt"], cfg["max_new_tokens"]))
+                         if not prompt_fits(model, r["prompt"], a.sampling.max_new_tokens))
     kept, counts = filter_pairs(judged, trait.name, f, contrast, too_long)
     c_of = lambda pol, r: "" if contrast is None else contrast.get((pol, *pair_key(r)), "")
     if job.writer:
@@ -291,7 +285,7 @@ def run(cfg, *, progress: bool = True) -> dict:
                               for pol, rows in judged.items() for r in rows],
                              ("polarity", "instruction_id", "question_id", "sample", trait.name, "coherence",
                               "contrast"))
-        if cfg["judge"]["backend"] != "none":
+        if s.judging.backend != "none":
             agree = agreement(judged, trait.name, contrast)
 
     from pvjax.files.vectors import vectors_from_bytes
@@ -303,7 +297,7 @@ def run(cfg, *, progress: bool = True) -> dict:
         diff = pooled_difference(model, kept, job)
         if job.writer:
             save_vectors(vec_path, {k: diff[:, i] for i, k in enumerate(KEYS)}, model=model, trait=trait.name,
-                         extra={"counts": counts, "filter": cfg["filter"], "judge": cfg["judge"]["backend"],
+                         extra={"counts": counts, "filter": s.cfg["filter"], "judge": s.judging.backend,
                                 "provenance": {k: provenance[k] for k in ("answers", "contrast", "judge", "filter")}})
         blob = job.from_writer(read_vec, raw=True)
     # Every process steers with the file process 0 wrote, so the causality scores match one process's.
@@ -312,35 +306,35 @@ def run(cfg, *, progress: bool = True) -> dict:
     caus_path = work / "causality.json"
     text = job.from_writer(lambda: caus_path.read_text() if caus_path.exists() else None)
     if text is None:
-        c = cfg["causality"]
-        sub = kept[: c["max_pairs"]]
-        layers = list(checked.causality_layers)
+        c = s.causality
+        sub = kept[: c.max_pairs]
+        layers = list(c.layers)
 
         def margins():  # one layer per process and wave: each layer's coefficients share one program
             mine = [layers[i] for i in job.mine(len(layers))]
             if not mine:
                 return {}
-            res = likelihood_margins(model, vectors["response_avg_diff"], mine, c["coefs"],
+            res = likelihood_margins(model, vectors["response_avg_diff"], mine, c.coefs,
                                      [p["question"] for p, _ in sub], [p["answer"] for p, _ in sub],
-                                     [n["answer"] for _, n in sub], batch_size=cfg["batch_size"], mesh=job.mesh)
+                                     [n["answer"] for _, n in sub], batch_size=a.batch_size, mesh=job.mesh)
             return {str(l): r for l, r in res["layers"].items()}
 
         per_layer = {k: v for got in job.each(margins) for k, v in got.items()}
-        res = {"coefs": [float(x) for x in c["coefs"]], "layers": {l: per_layer[str(l)] for l in layers}}
+        res = {"coefs": [float(x) for x in c.coefs], "layers": {l: per_layer[str(l)] for l in layers}}
         text = json.dumps(res, indent=2, default=str) + "\n"  # what atomic.write_json writes
         if job.writer:
             atomic.write_text(caus_path, text)
     causality = json.loads(text)
 
     norms = {k: np.linalg.norm(v, axis=-1).tolist() for k, v in vectors.items()}
-    summary = {"trait": trait.name, "model": model.model_id, "counts": counts, "filter": f["mode"],
+    summary = {"trait": trait.name, "model": model.model_id, "counts": counts, "filter": f.mode,
                "vector_norms": norms, "causality": causality, "workdir": str(work),
                # What ran it (provenance, not part of the result: a resume may change it).
                "job": {k: v for k, v in job.describe().items() if k != "process"}}
     if agree is not None:
         summary["agreement"] = agree
     if job.writer:
-        if cfg.get("plot", True):
+        if s.plot:
             from pvjax.files.plots import extraction_plot
 
             extraction_plot(work / "plot.png", norms, causality, trait.name)

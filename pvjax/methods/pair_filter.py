@@ -16,6 +16,7 @@ from pvjax.measure.stats import spearman
 from pvjax.files import atomic
 from pvjax.errors import UserError
 from pvjax.parallel.multihost import SINGLE, Job
+from pvjax.settings.extraction import PairFilter
 
 
 class ExtractionError(UserError, RuntimeError):
@@ -85,17 +86,17 @@ def _score(row, key):
     return None if v in ("", None) else float(v)
 
 
-def _rule(f) -> str:
-    if f["mode"] == "threshold":
-        return f"pos >= {f['threshold']}, neg < {100 - f['threshold']}"
-    if f["mode"] == "margin":
-        return f"pos - neg >= {f['margin']}"
-    if f["mode"] == "contrast":
-        return f"pos contrast - neg contrast >= {f['contrast_margin']} nats/token"
+def _rule(f: PairFilter) -> str:
+    if f.mode == "threshold":
+        return f"pos >= {f.threshold}, neg < {100 - f.threshold}"
+    if f.mode == "margin":
+        return f"pos - neg >= {f.margin}"
+    if f.mode == "contrast":
+        return f"pos contrast - neg contrast >= {f.contrast_margin} nats/token"
     return "every non-empty pair"
 
 
-def filter_pairs(judged, trait_name: str, f, contrast: dict | None = None,
+def filter_pairs(judged, trait_name: str, f: PairFilter, contrast: dict | None = None,
                  too_long: frozenset = frozenset()) -> tuple[list[tuple[dict, dict]], dict]:
     """Pair pos and neg answers by (instruction, question, sample) and keep the pairs that really
     differ: `threshold` mode is the reference's rule (pos trait >= T, neg trait < 100 - T, both
@@ -104,9 +105,9 @@ def filter_pairs(judged, trait_name: str, f, contrast: dict | None = None,
     contrast_margin, with `contrast` the scores of `contrast_scores`; `none` keeps every non-empty
     pair. Coherence >= C applies in every mode when C > 0. `too_long` holds the keys of pairs whose
     prompt did not fit the context. Returns the kept pairs and counts of what was dropped and why."""
-    if f["mode"] not in ("threshold", "margin", "contrast", "none"):
-        raise ExtractionError(f"filter.mode must be 'threshold', 'margin', 'contrast' or 'none', got {f['mode']!r}")
-    if f["mode"] == "contrast" and contrast is None:
+    if f.mode not in ("threshold", "margin", "contrast", "none"):
+        raise ExtractionError(f"filter.mode must be 'threshold', 'margin', 'contrast' or 'none', got {f.mode!r}")
+    if f.mode == "contrast" and contrast is None:
         raise ExtractionError("filter.mode='contrast' needs contrast scores")
     neg = {pair_key(r): r for r in judged["neg"]}
     counts = {"pairs": 0, "too_long": 0, "empty": 0, "empty_pos": 0, "empty_neg": 0, "missing_score": 0,
@@ -128,25 +129,25 @@ def filter_pairs(judged, trait_name: str, f, contrast: dict | None = None,
             counts["empty_neg"] += ne
             continue
         pc, nc = _score(p, "coherence"), _score(n, "coherence")
-        if f["mode"] in ("threshold", "margin"):
+        if f.mode in ("threshold", "margin"):
             ps, ns = _score(p, trait_name), _score(n, trait_name)
-        elif f["mode"] == "contrast":
+        elif f.mode == "contrast":
             ps, ns = contrast.get(("pos", *k)), contrast.get(("neg", *k))
             if ps is None or ns is None:  # only an answer that does not fit the context has none
                 counts["too_long"] += 1
                 continue
         else:
             ps = ns = 0.0
-        if None in (ps, ns) or (f["coherence"] > 0 and None in (pc, nc)):
+        if None in (ps, ns) or (f.coherence > 0 and None in (pc, nc)):
             counts["missing_score"] += 1
             continue
-        coherent = f["coherence"] <= 0 or (pc >= f["coherence"] and nc >= f["coherence"])
-        if f["mode"] == "threshold":
-            ok = ps >= f["threshold"] and ns < 100 - f["threshold"]
-        elif f["mode"] == "margin":
-            ok = ps - ns >= f["margin"]
-        elif f["mode"] == "contrast":
-            ok = ps - ns >= f["contrast_margin"]
+        coherent = f.coherence <= 0 or (pc >= f.coherence and nc >= f.coherence)
+        if f.mode == "threshold":
+            ok = ps >= f.threshold and ns < 100 - f.threshold
+        elif f.mode == "margin":
+            ok = ps - ns >= f.margin
+        elif f.mode == "contrast":
+            ok = ps - ns >= f.contrast_margin
         else:
             ok = True
         if ok and coherent:
@@ -154,12 +155,12 @@ def filter_pairs(judged, trait_name: str, f, contrast: dict | None = None,
         else:
             counts["failed_filter"] += 1
     counts["kept"] = len(kept)
-    if len(kept) < f["min_pairs"]:
+    if len(kept) < f.min_pairs:
         raise ExtractionError(
-            f"only {len(kept)} of {counts['pairs']} answer pairs survived the filter ({f['mode']}: {_rule(f)}, "
-            f"coherence >= {f['coherence']}; {counts['too_long']} too long for the context, {counts['empty']} "
+            f"only {len(kept)} of {counts['pairs']} answer pairs survived the filter ({f.mode}: {_rule(f)}, "
+            f"coherence >= {f.coherence}; {counts['too_long']} too long for the context, {counts['empty']} "
             f"empty ({counts['empty_pos']} pos, {counts['empty_neg']} neg answers), {counts['missing_score']} "
-            f"with a missing score, {counts['failed_filter']} failed the rule); need {f['min_pairs']}. Use more "
+            f"with a missing score, {counts['failed_filter']} failed the rule); need {f.min_pairs}. Use more "
             "questions or samples (n_per_question with temperature > 0), a stronger judge, or a smaller margin")
     return kept, counts
 

@@ -32,6 +32,7 @@ from pvjax.settings.fields import (
     string,
     workdir_problem,
 )
+from pvjax.settings.types import Judging, Sampling
 
 DTYPES = ("", "float32", "bfloat16")
 JUDGE_BACKENDS = ("openai", "local", "none")
@@ -57,24 +58,107 @@ FIELDS: dict[str, Validator] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckedConfig:
-    """A config that passed every check, with what checking it resolved: the trait, the model's
-    config (layer count, fingerprint), the dtype the model will load in and the causality layers."""
+class Answering:
+    """Which answers extraction generates: the first `n_pairs` instruction pairs x `n_questions`
+    questions (0: all) x `n_per_question` samples, under the system prompts named `pos_name` (''
+    the trait's name) and `neg_name` ('' 'helpful'), `batch_size` rows per call, `unroll`ed
+    layers or scanned, drawn as `sampling` says."""
+
+    n_questions: int
+    n_pairs: int
+    n_per_question: int
+    sampling: Sampling
+    batch_size: int = 16
+    pos_name: str = ""
+    neg_name: str = "helpful"
+    unroll: bool = True
+
+    @classmethod
+    def of(cls, cfg) -> "Answering":
+        return cls(n_questions=cfg["n_questions"], n_pairs=cfg["n_pairs"], n_per_question=cfg["n_per_question"],
+                   sampling=Sampling.of(cfg), batch_size=cfg["batch_size"], pos_name=cfg.get("pos_name", ""),
+                   neg_name=cfg.get("neg_name", "helpful"), unroll=cfg.get("unroll", True))
+
+
+@dataclasses.dataclass(frozen=True)
+class PairFilter:
+    """Which answer pairs are kept (`filter.*`; the rules are `pvjax.methods.pair_filter.filter_pairs`'s)."""
+
+    mode: str = "threshold"
+    threshold: float = 50.0
+    coherence: float = 50.0
+    margin: float = 0.0
+    min_pairs: int = 1
+    contrast_margin: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Causality:
+    """The causality check: steer with the response vector at `layers` (resolved: never empty) by
+    each of `coefs`, on the first `max_pairs` kept pairs."""
+
+    layers: tuple[int, ...]
+    coefs: tuple[float, ...]
+    max_pairs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshShape:
+    """`data` x `model` devices of this process (1 x 1: one device, no mesh)."""
+
+    data: int = 1
+    model: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """The multi-process job this run is one process of (`coordinator` '' : none); the fields of
+    `pvjax.parallel.multihost.join`'s section."""
+
+    coordinator: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+    timeout: int = 300
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractionSettings:
+    """A config that passed every check, unpacked: what `pvjax.methods.extraction.run` takes. Beside
+    the typed groups, what checking resolved: the trait, the model's config (layer count,
+    fingerprint), the dtype the model will load in. `cfg` is the config as written (a plain dict):
+    the record `config.json` holds and provenance reads, never a source of parameters."""
 
     cfg: dict
     work: Path
     trait: Any
     model_config: Any
     dtype: str
-    causality_layers: tuple[int, ...]
+    model: str
+    answering: Answering
+    judging: Judging
+    filter: PairFilter
+    causality: Causality
+    mesh: MeshShape
+    distributed: Distributed
+    plot: bool = True
+
+    @property
+    def causality_layers(self) -> tuple[int, ...]:
+        return self.causality.layers
 
 
-def validate_config(cfg) -> CheckedConfig:
+CheckedConfig = ExtractionSettings  # the name before the settings were typed
+
+
+def validate_config(cfg) -> ExtractionSettings:
     """Check every field of an extraction config (an ml_collections ConfigDict or a plain dict) and
     what it names: the trait loads and validates, the model's metadata reads, causality layers lie in
     1..n_layers, the workdir is (or can become) a directory, the filter can be met by the number of
-    pairs the config produces. Raises `InvalidConfig` listing every problem found; writes nothing,
-    loads no weights."""
+    pairs the config produces. Returns the typed settings; raises `InvalidConfig` listing every
+    problem found; writes nothing, loads no weights."""
     from pvjax.files.traits import TraitError, load_trait
 
     cfg = as_dict(cfg)
@@ -145,8 +229,28 @@ def validate_config(cfg) -> CheckedConfig:
 
     if problems:
         raise InvalidConfig("bad extraction config: " + "; ".join(problems))
-    return CheckedConfig(cfg=cfg, work=work, trait=trait, model_config=model_config,
-                         dtype=_resolved_dtype(flat["dtype"]), causality_layers=layers)
+    c = cfg["causality"]
+    return ExtractionSettings(
+        cfg=cfg, work=work, trait=trait, model_config=model_config, dtype=_resolved_dtype(flat["dtype"]),
+        model=cfg["model"], answering=Answering.of(cfg), judging=Judging.of(cfg["judge"]),
+        filter=PairFilter(**cfg["filter"]), causality=Causality(layers, tuple(c["coefs"]), c["max_pairs"]),
+        mesh=MeshShape(**cfg["mesh"]), distributed=Distributed(**cfg["distributed"]), plot=cfg["plot"])
+
+
+def settings_for_run(cfg) -> ExtractionSettings:
+    """`validate_config` for a run that may be one process of a multi-process job (`distributed.*`):
+    the job is joined first, since checking reads the backend's dtype and so starts JAX, which must
+    come after joining; and a problem found on one process is raised on all, so none waits for a
+    process that gave up. The one place a run turns its config into settings."""
+    from pvjax.parallel import multihost
+
+    plain = as_dict(cfg)
+    dist = plain.get("distributed")
+    joined = (multihost.join(dist) if isinstance(dist, dict) and dist.get("coordinator")
+              and not multihost.check_distributed(dist) else multihost.SINGLE)
+    box = []
+    joined.each(lambda: box.append(validate_config(plain)))
+    return box[0]
 
 
 def _resolved_dtype(dtype: str) -> str:

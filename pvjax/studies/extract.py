@@ -36,8 +36,9 @@ def validate(cfg, work: Path):
 
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     from pvjax.methods.extraction import run as extract
+    from pvjax.settings.extraction import settings_for_run
 
-    s = extract(_plain(cfg, work), progress=progress)
+    s = extract(settings_for_run(_plain(cfg, work)), progress=progress)
     caus = s["causality"]
     rows = []
     for layer, r in sorted(caus["layers"].items(), key=lambda kv: int(kv[0])):

@@ -11,8 +11,6 @@ Shape legend: L hidden-state rows, S settings, N prompts, B rows, T positions, D
 
 from __future__ import annotations
 
-from pvjax.settings.fields import as_dict
-
 import dataclasses
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pvjax.files import atomic
+from pvjax.settings.types import Judging
 from pvjax import interventions as ivs
 from pvjax.engine.rows import stack, take
 from pvjax.model import default_positions, left_pad
@@ -166,7 +165,7 @@ def judge(cfg, model, work: Path, trait_eval, pairs: Sequence[tuple[str, str]], 
 
     if cfg.judge.backend == "none":
         return None
-    backend = make_judge_backend(as_dict(cfg), model, work)
+    backend = make_judge_backend(Judging.of(cfg.judge), model, work)
     live = [k for k, (_, a) in enumerate(pairs) if a.strip()]
     sent = [pairs[k] for k in live]
     trait = [None] * len(pairs)

@@ -276,6 +276,7 @@ def _scores(model, answers, trait, ev, cfg, work, st, a_key, progress):
     """Per answer a trait score (None for an empty answer or a judge without a number), and the
     kind: "judge" or "contrast"."""
     from pvjax.methods.extraction import make_judge_backend
+    from pvjax.settings.types import Judging
 
     kind = "contrast" if cfg.judge.backend == "none" else "judge"
     path = work / "scores.csv"
@@ -290,7 +291,7 @@ def _scores(model, answers, trait, ev, cfg, work, st, a_key, progress):
         if kind == "judge" and live:
             from pvjax.measure.judges import Judge
 
-            scores = Judge(make_judge_backend(cfg, model, work), ev.eval_prompt).score(
+            scores = Judge(make_judge_backend(Judging.of(j), model, work), ev.eval_prompt).score(
                 [(answers[i]["question"], answers[i]["answer"]) for i in live], progress=progress)
             for i, s in zip(live, scores):
                 out[i]["score"] = s

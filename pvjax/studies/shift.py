@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pvjax.errors import InputError
+from pvjax.settings.types import Judging
 from pvjax.studies.screen import check_layer, finish, finished, run_key, sampling_of
 
 
@@ -48,7 +49,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     if cfg.judge.backend != "none":
         from pvjax.methods.extraction import make_judge_backend
 
-        judge = Judge(make_judge_backend(cfg, base, work), trait.eval_prompt)
+        judge = Judge(make_judge_backend(Judging.of(cfg.judge), base, work), trait.eval_prompt)
     s = finetuning_shift(base, finetuned, vector, questions, work=work, layer=cfg.layer, sampling=sampling,
                          response_source=cfg.response_source, trait=trait if cfg.margin else None,
                          n_pairs=cfg.n_pairs, judge=judge, cache_dir=cfg.cache_dir or None, seed=cfg.seed,

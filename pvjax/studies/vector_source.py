@@ -36,8 +36,9 @@ def vector_spec(cfg, work: Path, *, progress: bool = True) -> str:
     if cfg.get("vector", ""):
         return str(cfg.vector)
     from pvjax.methods.extraction import run as extract
+    from pvjax.settings.extraction import settings_for_run
 
-    summary = extract(extraction_config(cfg, work), progress=progress)
+    summary = extract(settings_for_run(extraction_config(cfg, work)), progress=progress)
     return str(Path(summary["workdir"]) / "vectors.safetensors")
 
 
