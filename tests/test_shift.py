@@ -17,14 +17,14 @@ import pvjax
 from pvjax.files import atomic
 from pvjax.errors import InputError
 from pvjax.methods.extraction import system_prompt
-from pvjax.engine.generate import SamplingParams
 from pvjax.methods.finetune_shift import finetuning_shift
+from pvjax.settings.types import Sampling, VectorChoice, Workspace
 from pvjax.files.traits import load_trait
 from pvjax.files.vectors import KEYS, save_vectors
 from openai_server import OpenAIServer
 from tiny_models import DTYPE_KW, save_tiny
 
-SAMPLING = SamplingParams(max_new_tokens=8)
+SAMPLING = Sampling(max_new_tokens=8)
 LAYER = 2
 N_QUESTIONS = 3
 
@@ -60,8 +60,8 @@ def trait():
 @pytest.fixture(scope="module")
 def shifted(models, vector, trait):
     work = models["dir"] / "work"
-    s = finetuning_shift(models["base"], models["ft"], vector, list(trait.questions[:N_QUESTIONS]), work=work,
-                         layer=LAYER, sampling=SAMPLING, trait=trait, n_pairs=1)
+    s = finetuning_shift(models["base"], models["ft"], VectorChoice(vector, LAYER), list(trait.questions[:N_QUESTIONS]),
+                         Workspace(work), SAMPLING, trait=trait, n_pairs=1)
     return dict(work=work, summary=s)
 
 
@@ -139,8 +139,9 @@ def test_likelihood_margin_and_contrast_match_a_hand_computation(models, trait, 
 def test_response_shift_over_the_same_answers_reuses_the_cache(models, vector, trait, shifted):
     questions = list(trait.questions[:N_QUESTIONS])
     work = models["dir"] / "work_base"
-    s = finetuning_shift(models["base"], models["ft"], vector, questions, work=work, layer=LAYER, sampling=SAMPLING,
-                         response_source="base", cache_dir=shifted["work"] / "answer_cache", plot=False)
+    s = finetuning_shift(models["base"], models["ft"], VectorChoice(vector, LAYER), questions,
+                         Workspace(work, shifted["work"] / "answer_cache", plot=False), SAMPLING,
+                         response_source="base")
     assert s["generated"] == {"base": 0, "finetuned": 0} and s["likelihood_margin"] is None
     a_base = [r["base_answer"] for r in atomic.read_csv(work / "answers.csv")]
     prompts = [models["base"].chat_text([{"role": "user", "content": q}]) for q in questions]
@@ -157,7 +158,8 @@ def test_models_of_another_shape_and_bad_arguments_are_refused(models, vector, t
     save_tiny("qwen2_tied", tmp_path / "qwen")  # same width and depth, another architecture
     qs = list(trait.questions[:2])
     with pytest.raises(InputError, match=r"qwen2.*does not have the base model's architecture.*llama"):
-        finetuning_shift(models["base"], pvjax.load(tmp_path / "qwen"), vector, qs, work=tmp_path, layer=1)
+        finetuning_shift(models["base"], pvjax.load(tmp_path / "qwen"), VectorChoice(vector, 1), qs,
+                         Workspace(tmp_path))
     cfg = get_config()
     cfg.model, cfg.finetuned, cfg.vector, cfg.layer = str(models["dir"] / "base"), str(tmp_path / "qwen"), "x", 1
     with pytest.raises(InputError, match="does not have the base model's architecture"):
@@ -171,8 +173,8 @@ def test_models_of_another_shape_and_bad_arguments_are_refused(models, vector, t
     for kw, message in cases:
         args = dict(vector_LD=vector, questions=qs, layer=1) | kw
         with pytest.raises(InputError, match=message):
-            finetuning_shift(models["base"], models["ft"], args.pop("vector_LD"), args.pop("questions"),
-                             work=tmp_path, **args)
+            finetuning_shift(models["base"], models["ft"], VectorChoice(args.pop("vector_LD"), args.pop("layer")),
+                             args.pop("questions"), Workspace(tmp_path), **args)
 
 
 def test_the_command_reports_the_shift_and_the_judged_scores(models, vector, tmp_path, capsys):

@@ -28,7 +28,6 @@ Shape legend: N questions, L hidden-state rows, D width.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -37,6 +36,7 @@ from pvjax.files import atomic
 from pvjax.capture import POOLINGS
 from pvjax.errors import InputError
 from pvjax.measure.stats import unit_rows
+from pvjax.settings.types import Sampling, VectorChoice, Workspace
 
 RESPONSE_SOURCES = ("own", "base", "finetuned")
 LAYER_COLUMNS = ("layer", "shift_prompt_last", "shift_response_avg", "norm_diff_prompt_last",
@@ -71,20 +71,22 @@ def _mean(xs):
     return float(np.mean(xs)) if xs else None
 
 
-def finetuning_shift(base, finetuned, vector_LD, questions: Sequence[str], *, work, layer: int, sampling=None,
-                     response_source: str = "own", trait=None, n_pairs: int = 1, judge=None, cache_dir=None,
-                     seed: int = 0, batch_size: int = 16, plot: bool = True, progress: bool = False,
-                     vector_spec: str = "") -> dict:
-    """The finetuning shift of the module docstring at every layer, written to `work`
-    (`shift.csv` per layer, `answers.csv` per question, `summary.json`, `plot.png`); returns the
-    summary. `trait` (a `pvjax.files.traits.Trait`, eval split) enables the likelihood margin and the
-    contrast (its first `n_pairs` instruction pairs); `judge` (a `pvjax.measure.judges.Judge`) the judged
-    scores. Answers are cached in `cache_dir` (default `work/answer_cache`)."""
-    from pvjax.engine.answer_cache import own_answers, weights_fingerprint
-    from pvjax.engine.generate import SamplingParams
+def finetuning_shift(base, finetuned, choice: VectorChoice, questions: Sequence[str], space: Workspace,
+                     sampling: Sampling | None = None, *, response_source: str = "own", trait=None, n_pairs: int = 1,
+                     judge=None) -> dict:
+    """The finetuning shift of the module docstring at every layer along `choice.vector`, written to
+    `space.work` (`shift.csv` per layer, `answers.csv` per question, `summary.json`, `plot.png`
+    unless `space.plot` is off); returns the summary, whose per-question projections and headline
+    numbers are read at `choice.layer`. `trait` (a `pvjax.files.traits.Trait`, eval split) enables
+    the likelihood margin and the contrast (its first `n_pairs` instruction pairs); `judge` (a
+    `pvjax.measure.judges.Judge`) the judged scores. Both models answer as `sampling` says (default
+    `Sampling()`: greedy, 256 tokens); answers are cached in `space.cache()` (default
+    `work/answer_cache`)."""
+    from pvjax.engine.answer_cache import weights_fingerprint
     from pvjax.methods.screening import check_vector_layer
 
-    sampling = sampling or SamplingParams(max_new_tokens=256)
+    sampling = sampling or Sampling()
+    vector_LD, layer, work = choice.array, choice.layer, space.work
     check_same_shape(base.config, finetuned.config)
     if not finetuned.tokenizer:  # weights alone (a common way to ship finetunes): the base's tokenizer
         finetuned = finetuned.replace(tokenizer=base.tokenizer)
@@ -101,8 +103,6 @@ def finetuning_shift(base, finetuned, vector_LD, questions: Sequence[str], *, wo
     if trait is not None and not 1 <= n_pairs <= len(trait.instruction):
         raise InputError(f"n_pairs must be in 1..{len(trait.instruction)} (the trait's instruction pairs), "
                          f"got {n_pairs!r}")
-    work = Path(work)
-    cache_dir = Path(cache_dir) if cache_dir else work / "answer_cache"
     prompts = [base.chat_text([{"role": "user", "content": q}]) for q in questions]
     ctx = base.config.max_position_embeddings
     for i, p in enumerate(prompts):
@@ -110,9 +110,7 @@ def finetuning_shift(base, finetuned, vector_LD, questions: Sequence[str], *, wo
         if n + sampling.max_new_tokens > ctx:
             raise InputError(f"question {i} takes {n} tokens; with max_new_tokens={sampling.max_new_tokens} "
                              f"it exceeds the context window of {base.model_id} ({ctx})")
-    ask = dict(cache_dir=cache_dir, seed=seed, batch_size=batch_size, progress=progress)
-    a_base = own_answers(base, prompts, sampling, **ask)
-    a_ft = own_answers(finetuned, prompts, sampling, **ask)
+    a_base, a_ft = (_answers(m, prompts, sampling, space) for m in (base, finetuned))
 
     src = {"own": (a_base.texts, a_ft.texts), "base": (a_base.texts, a_base.texts),
            "finetuned": (a_ft.texts, a_ft.texts)}[response_source]
@@ -142,11 +140,10 @@ def finetuning_shift(base, finetuned, vector_LD, questions: Sequence[str], *, wo
     margin = contrast = judged = None
     if trait is not None:
         margin, contrast, generated["reference"] = _likelihood_measures(
-            base, finetuned, trait, n_pairs, questions, prompts, a_base.texts, a_ft.texts, per_q, sampling,
-            ask, batch_size, work)
+            base, finetuned, trait, n_pairs, questions, prompts, (a_base.texts, a_ft.texts), per_q, sampling, space)
     if judge is not None:
-        s_base = judge.score(list(zip(questions, a_base.texts)), progress=progress)
-        s_ft = judge.score(list(zip(questions, a_ft.texts)), progress=progress)
+        s_base = judge.score(list(zip(questions, a_base.texts)), progress=space.progress)
+        s_ft = judge.score(list(zip(questions, a_ft.texts)), progress=space.progress)
         for row, x, y in zip(per_q, s_base, s_ft):
             row["judge_base"], row["judge_finetuned"] = x, y
         jb, jf = _mean(s_base), _mean(s_ft)
@@ -154,36 +151,45 @@ def finetuning_shift(base, finetuned, vector_LD, questions: Sequence[str], *, wo
                   "missing": sum(s is None for s in list(s_base) + list(s_ft))}
     atomic.write_csv(work / "answers.csv", per_q, list(per_q[0]))
     summary = {"base": base.model_id, "finetuned": finetuned_id, "base_weights": weights_fingerprint(base),
-               "finetuned_weights": weights_fingerprint(finetuned), "vector": vector_spec, "layer": layer,
+               "finetuned_weights": weights_fingerprint(finetuned), "vector": choice.spec, "layer": layer,
                "response_source": response_source, "shift_prompt_last": rows[layer]["shift_prompt_last"],
                "shift_response_avg": rows[layer]["shift_response_avg"], "likelihood_margin": margin,
                "contrast": contrast, "judge": judged,
                "counts": {"questions": len(questions), "response_rows": int(ok.sum()),
                           "empty_base": sum(not t.strip() for t in a_base.texts),
                           "empty_finetuned": sum(not t.strip() for t in a_ft.texts)},
-               "generated": generated, "sampling": dataclasses.asdict(sampling), "seed": seed}
+               "generated": generated, "sampling": dataclasses.asdict(sampling.params), "seed": sampling.seed}
     atomic.write_json(work / "summary.json", summary)
-    if plot:
+    if space.plot:
         shift_plot(work / "plot.png", rows, layer)
     return summary
 
 
-def _likelihood_measures(base, finetuned, trait, n_pairs, questions, prompts, ans_base, ans_ft, per_q, sampling,
-                         ask, batch_size, work):
-    """(likelihood margin per model, contrast of each model's answers, answers generated): see the
-    module docstring. Reference answers come from the base model under each pair's system prompts,
-    cached like the others, and are written to `reference_answers.csv`."""
+def _answers(model, prompts, sampling: Sampling, space: Workspace):
+    """The model's own answers to `prompts`, through the answer cache."""
     from pvjax.engine.answer_cache import own_answers
+
+    return own_answers(model, prompts, sampling.params, cache_dir=space.cache(), seed=sampling.seed,
+                       batch_size=space.batch_size, progress=space.progress)
+
+
+def _likelihood_measures(base, finetuned, trait, n_pairs, questions, prompts, answers, per_q, sampling: Sampling,
+                         space: Workspace):
+    """(likelihood margin per model, contrast of each model's answers, answers generated): see the
+    module docstring. `answers` are (base's, finetuned's) texts. Reference answers come from the base
+    model under each pair's system prompts, cached like the others, and are written to
+    `reference_answers.csv`."""
     from pvjax.measure.causality import answer_logprobs
     from pvjax.methods.extraction import system_prompt
 
-    N = len(questions)
+    N, batch_size, work = len(questions), space.batch_size, space.work
+    ans_base, ans_ft = answers
     sys_prompts = [(system_prompt(trait.name, p.pos), system_prompt("helpful", p.neg))
                    for p in trait.instruction[:n_pairs]]
     render = lambda system: [base.chat_text([{"role": "system", "content": system}, {"role": "user", "content": q}])
                              for q in questions]
     ref_prompts = [render(s) for pair in sys_prompts for s in pair]  # pos_0, neg_0, pos_1, ...
-    ref = own_answers(base, [p for group in ref_prompts for p in group], sampling, **ask)
+    ref = _answers(base, [p for group in ref_prompts for p in group], sampling, space)
     margins = {"base": [], "finetuned": []}
     ref_rows = []
     for k in range(n_pairs):

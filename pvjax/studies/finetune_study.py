@@ -199,8 +199,8 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     """Run or resume the study into `work`; one summary row per finetune."""
     import pvjax
     from pvjax.finetune import train
-    from pvjax.engine.generate import SamplingParams
     from pvjax.methods.finetune_shift import finetuning_shift
+    from pvjax.settings.types import Sampling, VectorChoice, Workspace
     from pvjax.studies import finetune_study_report as report
     from pvjax.studies.vector_source import study_vector
     from pvjax.files.traits import load_trait
@@ -214,7 +214,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
 
     eval_trait = load_trait(cfg.trait, "eval")
     questions = list(eval_trait.questions[: cfg.shift.n_questions or None])
-    sampling = SamplingParams(max_new_tokens=int(cfg.shift.max_new_tokens))
+    sampling = Sampling(max_new_tokens=int(cfg.shift.max_new_tokens))
     trained, shifts = {}, {}
     for name, r in runs(cfg).items():
         ft = finetune_config(cfg, name, r, Path(datasets[r["dataset"]]["path"]), spec)
@@ -224,9 +224,10 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
         folder = work / "shift" / name
         if not _done(folder):
             tuned = pvjax.load(trained[name]["export"]["merged"], dtype=cfg.dtype or None)
-            finetuning_shift(base, tuned, vector, questions, work=folder, layer=cfg.layer, sampling=sampling,
-                             trait=eval_trait, n_pairs=cfg.shift.n_pairs, cache_dir=work / "answer_cache",
-                             batch_size=cfg.shift.batch_size, plot=cfg.plot, progress=progress, vector_spec=spec)
+            space = Workspace(folder, work / "answer_cache", batch_size=cfg.shift.batch_size, plot=cfg.plot,
+                              progress=progress)
+            finetuning_shift(base, tuned, VectorChoice(vector, cfg.layer, spec), questions, space, sampling,
+                             trait=eval_trait, n_pairs=cfg.shift.n_pairs)
             atomic.write_text(folder / "DONE", "")
         shifts[name] = json.loads((folder / "summary.json").read_text())
     summary = report.summarize(cfg, work, spec, datasets, screened, runs(cfg), trained, shifts)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pvjax.errors import InputError
-from pvjax.settings.types import Judging
-from pvjax.studies.screen import check_layer, finish, finished, run_key, sampling_of
+from pvjax.settings.types import Judging, Sampling, VectorChoice, Workspace
+from pvjax.studies.screen import check_layer, finish, finished, run_key
 
 
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
@@ -32,11 +32,13 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
         raise InputError(f"response_source must be one of {RESPONSE_SOURCES}, got {cfg.response_source!r}")
     trait = load_trait(cfg.trait, "eval")
     questions = list(trait.questions[: cfg.n_questions or None])
-    sampling = sampling_of(cfg)
+    sampling = Sampling.of(cfg)  # checked now: before anything loads
+    space = Workspace(work, cfg.cache_dir or None, batch_size=cfg.batch_size, plot=cfg.plot, progress=progress)
+    judging = Judging.of(cfg.judge)
     check_layer(cfg.model, cfg.layer)
     check_same_shape(read_model_config(cfg.model), read_model_config(cfg.finetuned))
-    if cfg.judge.backend not in ("none", "local", "openai"):
-        raise InputError(f"judge.backend must be 'none', 'local' or 'openai', got {cfg.judge.backend!r}")
+    if judging.backend not in ("none", "local", "openai"):
+        raise InputError(f"judge.backend must be 'none', 'local' or 'openai', got {judging.backend!r}")
     key = run_key(cfg)
     done = finished(work, key)
     if done is not None:
@@ -46,14 +48,13 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     finetuned = base if cfg.finetuned == cfg.model else pvjax.load(cfg.finetuned, dtype=cfg.dtype or None)
     vector, spec = study_vector(cfg, base, work, progress=progress)
     judge = None
-    if cfg.judge.backend != "none":
+    if judging.backend != "none":
         from pvjax.methods.extraction import make_judge_backend
 
-        judge = Judge(make_judge_backend(Judging.of(cfg.judge), base, work), trait.eval_prompt)
-    s = finetuning_shift(base, finetuned, vector, questions, work=work, layer=cfg.layer, sampling=sampling,
+        judge = Judge(make_judge_backend(judging, base, work), trait.eval_prompt)
+    s = finetuning_shift(base, finetuned, VectorChoice(vector, cfg.layer, spec), questions, space, sampling,
                          response_source=cfg.response_source, trait=trait if cfg.margin else None,
-                         n_pairs=cfg.n_pairs, judge=judge, cache_dir=cfg.cache_dir or None, seed=cfg.seed,
-                         batch_size=cfg.batch_size, plot=cfg.plot, progress=progress, vector_spec=spec)
+                         n_pairs=cfg.n_pairs, judge=judge)
     pick = lambda d, k: None if d is None else d.get(k)
     row = {"base": s["base"], "finetuned": s["finetuned"], "trait": trait.name, "layer": s["layer"],
            "response_source": s["response_source"], "shift_prompt_last": s["shift_prompt_last"],
