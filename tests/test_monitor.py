@@ -13,6 +13,7 @@ import torch
 import pvjax
 from pvjax.methods import monitoring as mon
 from pvjax.files.vectors import save_vectors
+from pvjax.settings.types import Bootstrap, ScoreMeaning, VectorChoice
 from monitor_tiny import tiny_checkpoint
 from tiny_models import save_tiny
 from test_stats import X, Y, hand_r
@@ -73,8 +74,9 @@ def test_monitor_file_round_trip_and_refusals(tiny, tmp_path):
     rng = np.random.default_rng(3)
     proj = rng.standard_normal((12, L))
     scores = proj[:, 2] + 0.3 * rng.standard_normal(12)
-    m = mon.calibrate(proj, scores, scores >= 0, vector_LD=vector, vector_spec=spec, model=model, trait="evil",
-                      label="contrast score (nats/token) >= 0", score_kind="contrast", n_boot=200)
+    m = mon.calibrate(proj, scores, scores >= 0, choice=VectorChoice(vector, None, spec), model=model,
+                      meaning=ScoreMeaning("evil", "contrast", "contrast score (nats/token) >= 0"),
+                      bootstrap=Bootstrap(n=200))
     assert m.layer == 2  # the layer the scores follow has the largest r
     assert m.auroc == mon.auroc(proj[:, 2], scores >= 0) and m.r == mon.pearson(proj[:, 2], scores)
     assert (m.threshold, m.tpr, m.fpr) == mon.choose_threshold(proj[:, 2], scores >= 0, "youden")

@@ -39,6 +39,7 @@ from pvjax.measure.stats import (  # noqa: F401  (monitoring's statistics, under
     roc_points,
     unit_rows,
 )
+from pvjax.settings.types import Bootstrap, ScoreMeaning, ThresholdRule, VectorChoice
 
 FORMAT = "pvjax.monitor/1"
 RULES = ("youden", "fpr")
@@ -189,14 +190,16 @@ class Monitor:
                 "flag_rule": "projection >= threshold"}
 
 
-def calibrate(proj_NL, scores_N, labels_N, *, vector_LD, vector_spec: str, model, trait: str, label: str,
-              score_kind: str, layer: int | None = None, rule: str = "youden", target_fpr: float = 0.1,
-              n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Monitor:
-    """The monitor of the projections `[N, L]` against trait scores `[N]` (for r) and labels `[N]`
-    (trait expressed or not, for AUROC and the threshold): at `layer`, or, when None, at the layer
-    with the largest defined r (the stated rule; ties to the shallower layer)."""
+def calibrate(proj_NL, scores_N, labels_N, *, choice: VectorChoice, model, meaning: ScoreMeaning,
+              thresholding: ThresholdRule = ThresholdRule(), bootstrap: Bootstrap = Bootstrap()) -> Monitor:
+    """The monitor of the projections `[N, L]` (onto `choice.vector`, recorded with its spec) against
+    trait scores `[N]` (for r, with its `bootstrap` interval) and labels `[N]` (trait expressed or
+    not, for AUROC and the threshold `thresholding` picks): at `choice.layer`, or, when None, at the layer with the
+    largest defined r (the stated rule; ties to the shallower layer)."""
     import pvjax
 
+    vector_LD, layer, b = choice.vector, choice.layer, bootstrap
+    rule, target_fpr = thresholding.rule, thresholding.target_fpr
     proj_NL = np.asarray(proj_NL, np.float64)
     labels_N = np.asarray(labels_N, bool)
     if layer is None:
@@ -212,14 +215,14 @@ def calibrate(proj_NL, scores_N, labels_N, *, vector_LD, vector_spec: str, model
     if not 0 <= layer < proj_NL.shape[1]:
         raise MonitorError(f"monitor layer {layer} is not a hidden_states index in 0..{proj_NL.shape[1] - 1}")
     x = proj_NL[:, layer]
-    c = bootstrap_pearson(x, scores_N, n_boot=n_boot, level=level, seed=seed)
+    c = bootstrap_pearson(x, scores_N, n_boot=b.n, level=b.level, seed=b.seed)
     threshold, tpr, fpr = choose_threshold(x, labels_N, rule, target_fpr)
     return Monitor(layer=int(layer), threshold=threshold, direction=tuple(map(float, unit_rows(vector_LD)[layer])),
                    rule=rule, target_fpr=float(target_fpr), auroc=auroc(x, labels_N), r=c.r, r_low=c.low,
                    r_high=c.high, tpr=tpr, fpr=fpr, n=len(x), n_pos=int(labels_N.sum()),
-                   n_neg=int((~labels_N).sum()), label=label, score_kind=score_kind, trait=trait,
+                   n_neg=int((~labels_N).sum()), label=meaning.label, score_kind=meaning.kind, trait=meaning.trait,
                    model_id=model.model_id, model_fingerprint=model.config.fingerprint(),
-                   n_layers=model.n_layers, hidden_size=model.hidden_size, vector=str(vector_spec),
+                   n_layers=model.n_layers, hidden_size=model.hidden_size, vector=str(choice.spec),
                    vector_sha256=vector_sha256(vector_LD),
                    created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    pvjax_version=pvjax.__version__)

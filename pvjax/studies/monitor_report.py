@@ -8,6 +8,7 @@ import logging
 import numpy as np
 
 from pvjax.files import atomic
+from pvjax.settings.types import Bootstrap, ScoreMeaning, ThresholdRule, VectorChoice
 
 COLUMNS = ("experiment", "layer", "r", "r_low", "r_high", "n", "score", "note")
 
@@ -22,7 +23,7 @@ def report(cfg, work, model, trait, results: dict, kind: str, trace, vector, spe
     groups = dict(results)
     if len(results) > 1:
         groups["combined"] = [p for pts in results.values() for p in pts]
-    b = cfg.bootstrap
+    b = Bootstrap.of(cfg.bootstrap)
     corr, rows = {}, []
     for exp, pts in groups.items():
         if len(pts) < 3:
@@ -48,10 +49,10 @@ def report(cfg, work, model, trait, results: dict, kind: str, trace, vector, spe
         if len(pts) < 3:
             raise UndefinedStatistic(f"{len(pts)} scored points; calibration needs at least 3")
         scores = np.array([p["score"] for p in pts])
-        mon = calibrate(np.stack([p["proj"] for p in pts]), scores, scores >= label_at, vector_LD=vector,
-                        vector_spec=spec, model=model, trait=trait.name, label=label, score_kind=kind,
-                        layer=None if cfg.monitor.layer < 0 else cfg.monitor.layer, rule=cfg.monitor.rule,
-                        target_fpr=cfg.monitor.target_fpr, n_boot=b.n, level=b.level, seed=b.seed)
+        choice = VectorChoice(vector, None if cfg.monitor.layer < 0 else cfg.monitor.layer, spec)
+        mon = calibrate(np.stack([p["proj"] for p in pts]), scores, scores >= label_at, choice=choice, model=model,
+                        meaning=ScoreMeaning(trait.name, kind, label), bootstrap=b,
+                        thresholding=ThresholdRule(cfg.monitor.rule, cfg.monitor.target_fpr))
         save_monitor(work / "monitor.json", mon)
         if cfg.monitor.save_beside_vector:
             mon_path = str(save_monitor(monitor_path(spec), mon))
