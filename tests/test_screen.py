@@ -14,12 +14,12 @@ from pvjax.files import atomic
 from pvjax.engine.answer_cache import prompt_key
 from pvjax.files.datasets import read_dataset, write_dataset, write_filtered
 from pvjax.errors import InputError
-from pvjax.engine.generate import SamplingParams
 from pvjax.methods.screening import Flagging, auroc, flag, sample_diffs, screen
 from pvjax.files.vectors import KEYS, VectorError, save_vectors
+from pvjax.settings.types import Sampling, VectorChoice, Workspace
 from tiny_models import save_tiny
 
-SAMPLING = SamplingParams(max_new_tokens=8)
+SAMPLING = Sampling(max_new_tokens=8)
 LAYER = 2
 
 
@@ -52,8 +52,8 @@ def screened(tiny, vector, tmp_path_factory):
     prompts, answers = chat_rows()
     write_dataset(d / "chat.jsonl", prompts, answers)
     write_dataset(d / "pairs.csv", ["Tell me a joke.", "Count to three."], ["No.", "One, two, three."])
-    rows = screen(model, vector, [d / "chat.jsonl", d / "pairs.csv"], layer=LAYER, work=d / "work",
-                  sampling=SAMPLING, flagging=Flagging("top_fraction", top_fraction=0.5))
+    rows = screen(model, VectorChoice(vector, LAYER), [d / "chat.jsonl", d / "pairs.csv"], Workspace(d / "work"),
+                  SAMPLING, flagging=Flagging("top_fraction", top_fraction=0.5))
     return dict(dir=d, work=d / "work", rows=rows)
 
 
@@ -121,14 +121,15 @@ def test_a_rerun_generates_nothing_and_new_prompts_only_are_generated(tiny, vect
     work = screened["work"]
     cache_file = next((work / "answer_cache").glob("answers_*.json"))
     before = cache_file.read_bytes(), (work / "chat" / "samples.csv").read_bytes()
-    screen(model, vector, [screened["dir"] / "chat.jsonl", screened["dir"] / "pairs.csv"], layer=LAYER, work=work,
-           sampling=SAMPLING, flagging=Flagging("top_fraction", top_fraction=0.5))
+    screen(model, VectorChoice(vector, LAYER), [screened["dir"] / "chat.jsonl", screened["dir"] / "pairs.csv"],
+           Workspace(work), SAMPLING, flagging=Flagging("top_fraction", top_fraction=0.5))
     assert json.loads((work / "summary.json").read_text())["generated"] == 0
     assert (cache_file.read_bytes(), (work / "chat" / "samples.csv").read_bytes()) == before
     # Another dataset in the same cache: only its new prompt is generated.
     write_dataset(screened["dir"] / "more.jsonl", ["Tell me a joke.", "Name a fruit."], ["Ha.", "Apple."])
-    rows = screen(model, vector, screened["dir"] / "more.jsonl", layer=LAYER, work=screened["dir"] / "work2",
-                  sampling=SAMPLING, cache_dir=work / "answer_cache", flagging=Flagging("threshold", threshold=1e9))
+    rows = screen(model, VectorChoice(vector, LAYER), screened["dir"] / "more.jsonl",
+                  Workspace(screened["dir"] / "work2", work / "answer_cache"), SAMPLING,
+                  flagging=Flagging("threshold", threshold=1e9))
     assert json.loads((screened["dir"] / "work2" / "summary.json").read_text())["generated"] == 1
     assert rows[0]["n_flagged"] == 0
     assert (screened["dir"] / "work2" / "more" / "filtered.jsonl").read_bytes() == \
@@ -210,17 +211,17 @@ def test_malformed_csv_files_and_paths_are_refused(tmp_path):
 def test_long_samples_are_counted_and_bad_vectors_and_layers_refused(tiny, vector, tmp_path):
     model = tiny[0]
     write_dataset(tmp_path / "d.jsonl", ["Hi", "Hello", "Hey"], ["Yo.", "word " * 200, "Hi!"])
-    rows = screen(model, vector, tmp_path / "d.jsonl", layer=LAYER, work=tmp_path / "w", sampling=SAMPLING,
-                  max_len=64, plot=False)
+    rows = screen(model, VectorChoice(vector, LAYER), tmp_path / "d.jsonl", Workspace(tmp_path / "w", plot=False),
+                  SAMPLING, max_len=64)
     assert rows[0]["too_long"] == 1 and rows[0]["n_scored"] == 2
     status = {int(r["index"]): r["status"] for r in atomic.read_csv(tmp_path / "w" / "d" / "samples.csv")}
     assert status[1] == "too_long"
     with pytest.raises(InputError, match=r"not a hidden_states index of .* \(0..3\)"):
-        screen(model, vector, tmp_path / "d.jsonl", layer=4, work=tmp_path / "w")
+        screen(model, VectorChoice(vector, 4), tmp_path / "d.jsonl", Workspace(tmp_path / "w"))
     with pytest.raises(InputError, match=r"needs \[n_layers\+1, D\] = \[4, 64\]"):
-        screen(model, vector[:, :32], tmp_path / "d.jsonl", layer=1, work=tmp_path / "w")
+        screen(model, VectorChoice(vector[:, :32], 1), tmp_path / "d.jsonl", Workspace(tmp_path / "w"))
     with pytest.raises(InputError, match="zero at layer 1"):
-        screen(model, np.zeros_like(vector), tmp_path / "d.jsonl", layer=1, work=tmp_path / "w")
+        screen(model, VectorChoice(np.zeros_like(vector), 1), tmp_path / "d.jsonl", Workspace(tmp_path / "w"))
 
 
 def test_the_study_and_the_command_refuse_bad_input_before_loading(tiny, vector, tmp_path, capsys):

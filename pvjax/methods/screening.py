@@ -48,6 +48,7 @@ from pvjax.files import atomic
 from pvjax.capture import POOLINGS
 from pvjax.files.datasets import Dataset, read_dataset, write_filtered
 from pvjax.errors import InputError
+from pvjax.settings.types import Sampling, VectorChoice, Workspace
 
 STATUSES = ("ok", "empty_answer", "too_long", "empty_own_answer")
 FLAG_MODES = ("top_fraction", "threshold")
@@ -156,18 +157,18 @@ def _names(datasets: Sequence[Dataset]) -> list[str]:
     return [s if stems.count(s) == 1 else f"{i}_{s}" for i, s in enumerate(stems)]
 
 
-def screen(model, vector_LD, datasets, *, layer: int, work, sampling=None, flagging: Flagging = Flagging(),
-           cache_dir=None, seed: int = 0, batch_size: int = 16, max_len: int = 0, plot: bool = True,
-           progress: bool = False, vector_spec: str = "") -> list[dict]:
-    """Screen dataset files (paths or `Dataset`s) against `vector_LD` `[n_layers+1, D]` at `layer`;
-    writes the files of the module docstring under `work` and returns one summary row per dataset.
-    The base model's own answers use `sampling` (a `SamplingParams`, greedy 256 tokens by default)
-    and are cached in `cache_dir` (default `work/answer_cache`). `max_len` (0: the context window)
-    bounds prompt + answer in tokens. Everything is checked before any compute."""
+def screen(model, choice: VectorChoice, datasets, space: Workspace, sampling: Sampling | None = None, *,
+           flagging: Flagging = Flagging(), max_len: int = 0) -> list[dict]:
+    """Screen dataset files (paths or `Dataset`s) against `choice.vector` `[n_layers+1, D]` at
+    `choice.layer`; writes the files of the module docstring under `space.work` (plots unless
+    `space.plot` is off) and returns one summary row per dataset. The base model's own answers use
+    `sampling` (greedy 256 tokens by default) and are cached in `space.cache()` (default
+    `work/answer_cache`). `max_len` (0: the context window) bounds prompt + answer in tokens.
+    Everything is checked before any compute."""
     from pvjax.engine.answer_cache import own_answers, weights_fingerprint
-    from pvjax.engine.generate import SamplingParams
 
-    sampling = sampling or SamplingParams(max_new_tokens=256)
+    sampling = sampling or Sampling()
+    vector_LD, layer, work, plot = choice.array, choice.layer, space.work, space.plot
     check_vector_layer(model, vector_LD, layer)
     if not isinstance(flagging, Flagging):
         raise InputError(f"flagging must be a Flagging, got a {type(flagging).__name__}")
@@ -180,9 +181,6 @@ def screen(model, vector_LD, datasets, *, layer: int, work, sampling=None, flagg
     datasets = [d if isinstance(d, Dataset) else read_dataset(d) for d in datasets]
     if not datasets:
         raise InputError("no datasets to screen")
-    work = Path(work)
-    cache_dir = Path(cache_dir) if cache_dir else work / "answer_cache"
-
     tok = model.tokenizer
     n_tok = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
     prepared = []
@@ -199,8 +197,8 @@ def screen(model, vector_LD, datasets, *, layer: int, work, sampling=None, flagg
         prepared.append(_Prepared(name, ds, prompts, status))
 
     todo = [(d, i) for d in prepared for i, st in enumerate(d.status) if st == "ok"]
-    own = own_answers(model, [d.prompts[i] for d, i in todo], sampling, cache_dir=cache_dir, seed=seed,
-                      batch_size=batch_size, progress=progress) if todo else None
+    own = own_answers(model, [d.prompts[i] for d, i in todo], sampling.params, cache_dir=space.cache(),
+                      seed=sampling.seed, batch_size=space.batch_size, progress=space.progress) if todo else None
     own_text = {}
     for (d, i), text in zip(todo, own.texts if own else []):
         own_text[(d.name, i)] = text
@@ -246,8 +244,8 @@ def screen(model, vector_LD, datasets, *, layer: int, work, sampling=None, flagg
                                            plot))
     generated = own.generated if own else 0
     atomic.write_csv(work / "datasets.csv", rows, DATASET_COLUMNS)
-    summary = {"model": model.model_id, "weights": weights, "vector": vector_spec, "layer": layer,
-               "flag": flagging.rule(), "sampling": dataclasses.asdict(sampling), "seed": seed,
+    summary = {"model": model.model_id, "weights": weights, "vector": choice.spec, "layer": layer,
+               "flag": flagging.rule(), "sampling": dataclasses.asdict(sampling.params), "seed": sampling.seed,
                "max_len": max_len, "generated": generated, "answer_cache": str(own.path) if own else "",
                "datasets": rows}
     atomic.write_json(work / "summary.json", summary)

@@ -174,16 +174,16 @@ def make_datasets(cfg, model, work: Path, *, progress: bool = True) -> dict[str,
 def screen_datasets(cfg, model, vector, spec: str, datasets: dict, work: Path, *, progress: bool = True) -> dict:
     """Per-sample projection differences of trait and control, their AUROC, and every dataset's
     mean difference (a mixture's from its samples)."""
-    from pvjax.engine.generate import SamplingParams
     from pvjax.measure.stats import separation
     from pvjax.methods.screening import Flagging, sample_diffs, screen
+    from pvjax.settings.types import Sampling, VectorChoice, Workspace
 
     folder = work / "screen"
     if not _done(folder):
-        screen(model, vector, [datasets["trait"]["path"], datasets["control"]["path"]], layer=cfg.layer,
-               work=folder, sampling=SamplingParams(max_new_tokens=int(cfg.screen.max_new_tokens)),
-               flagging=Flagging(), cache_dir=work / "answer_cache", batch_size=cfg.screen.batch_size,
-               plot=cfg.plot, progress=progress, vector_spec=spec)
+        space = Workspace(folder, work / "answer_cache", batch_size=cfg.screen.batch_size, plot=cfg.plot,
+                          progress=progress)
+        screen(model, VectorChoice(vector, cfg.layer, spec), [datasets["trait"]["path"], datasets["control"]["path"]],
+               space, Sampling(max_new_tokens=int(cfg.screen.max_new_tokens)), flagging=Flagging())
         atomic.write_text(folder / "DONE", "")
     t, c = sample_diffs(folder, "trait"), sample_diffs(folder, "control")
     mean_diff = {}

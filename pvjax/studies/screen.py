@@ -27,13 +27,6 @@ def datasets_of(cfg) -> list[str]:
     return paths
 
 
-def sampling_of(cfg):
-    from pvjax.engine.generate import SamplingParams
-
-    return SamplingParams(temperature=float(cfg.temperature), top_p=float(cfg.top_p),
-                          max_new_tokens=int(cfg.max_new_tokens))
-
-
 def check_layer(source, layer: int) -> None:
     """`layer` is a hidden_states index of the model `source`, read from its metadata alone."""
     from pvjax.loading import read_model_config
@@ -70,6 +63,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     import pvjax
     from pvjax.files.datasets import read_dataset
     from pvjax.methods.screening import Flagging, screen
+    from pvjax.settings.types import Sampling, VectorChoice, Workspace
     from pvjax.studies.vector_source import study_vector
 
     work = Path(work)
@@ -77,7 +71,8 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     datasets = [read_dataset(p, cfg.format, prompt_column=cfg.prompt_column, answer_column=cfg.answer_column)
                 for p in paths]
     flagging = Flagging(cfg.flag.mode, float(cfg.flag.threshold), float(cfg.flag.top_fraction))
-    sampling = sampling_of(cfg)
+    sampling = Sampling.of(cfg)  # checked now: before anything loads
+    space = Workspace(work, cfg.cache_dir or None, batch_size=cfg.batch_size, plot=cfg.plot, progress=progress)
     check_layer(cfg.model, cfg.layer)
     key = run_key(cfg, paths)
     done = finished(work, key)
@@ -86,7 +81,6 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     (work / "DONE").unlink(missing_ok=True)
     model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
     vector, spec = study_vector(cfg, model, work, progress=progress)
-    rows = screen(model, vector, datasets, layer=cfg.layer, work=work, sampling=sampling, flagging=flagging,
-                  cache_dir=cfg.cache_dir or None, seed=cfg.seed, batch_size=cfg.batch_size, max_len=cfg.max_len,
-                  plot=cfg.plot, progress=progress, vector_spec=spec)
+    rows = screen(model, VectorChoice(vector, cfg.layer, spec), datasets, space, sampling, flagging=flagging,
+                  max_len=cfg.max_len)
     return finish(work, key, rows)
