@@ -30,6 +30,7 @@ import numpy as np
 from pvjax.files import atomic
 from pvjax import interventions as ivs
 from pvjax.settings import fields as F
+from pvjax.settings.types import Judging
 from pvjax.studies import checks as C
 from pvjax.studies import grid
 from pvjax.studies.steer import distinct2
@@ -135,8 +136,8 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
                                      seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
         for a in answers:
             a["question"] = questions[a["prompt"]]
-        judged = grid.judged_scores(cfg, model, work, trait, answers, progress)
-    mc = grid.mc_scores(cfg, model, work, checked.mc_items, iv, "all")
+        judged = grid.judged_scores(Judging.of(cfg.judge), model, work, trait, answers, progress)
+    mc = grid.mc_scores(model, work, checked.mc_items, iv, "all", cfg.forward_batch_size)
 
     rows = []
     for s, v in enumerate(vs):

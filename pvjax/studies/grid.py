@@ -154,18 +154,18 @@ def margins(model, iv_S, refs: Sequence[dict], *, positions: str, ablate_positio
     return (lp[:, :n] - lp[:, n:]).mean(axis=1)
 
 
-def judge(cfg, model, work: Path, trait_eval, pairs: Sequence[tuple[str, str]], *,
+def judge(judging: Judging, model, work: Path, trait_eval, pairs: Sequence[tuple[str, str]], *,
           progress: bool = False) -> tuple[list, list] | None:
     """Trait scores and coherence (0-100, None where the judge gave no number) for (question,
-    answer) pairs with the config's judge (`judge.backend` as in extraction; its calls are cached
-    in `work/judge_cache.sqlite`, so a resumed study never pays twice); None when no judge is
+    answer) pairs with the study's judge (`judging` as in extraction; its calls are cached in
+    `work/judge_cache.sqlite`, so a resumed study never pays twice); None when no judge is
     configured. Empty answers are not sent and score None."""
     from pvjax.methods.extraction import make_judge_backend
     from pvjax.measure.judges import COHERENCE_RUBRIC, Judge
 
-    if cfg.judge.backend == "none":
+    if judging.backend == "none":
         return None
-    backend = make_judge_backend(Judging.of(cfg.judge), model, work)
+    backend = make_judge_backend(judging, model, work)
     live = [k for k, (_, a) in enumerate(pairs) if a.strip()]
     sent = [pairs[k] for k in live]
     trait = [None] * len(pairs)
@@ -183,13 +183,13 @@ def mean_or_none(values) -> float | None:
     return float(np.mean([float(x) for x in v])) if v else None
 
 
-def judged_scores(cfg, model, work: Path, trait, answers, progress) -> dict | None:
+def judged_scores(judging: Judging, model, work: Path, trait, answers, progress) -> dict | None:
     """Per setting, the trait scores and coherence of its answers (`judged.csv`); None without a judge."""
     path = work / "judged.csv"
-    if cfg.judge.backend == "none":
+    if judging.backend == "none":
         return None
     if not path.exists():
-        scores = judge(cfg, model, work, trait, [(a["question"], a["text"]) for a in answers],
+        scores = judge(judging, model, work, trait, [(a["question"], a["text"]) for a in answers],
                             progress=progress)
         atomic.write_csv(path, [{"setting": a["setting"], "prompt": a["prompt"], "trait": t, "coherence": c}
                                 for a, t, c in zip(answers, *scores)], ("setting", "prompt", "trait", "coherence"))
@@ -201,15 +201,16 @@ def judged_scores(cfg, model, work: Path, trait, answers, progress) -> dict | No
     return out
 
 
-def mc_scores(cfg, model, work: Path, items, iv, positions: str) -> dict | None:
-    """Per setting, (accuracy, p_correct) on the multiple-choice items (`mc.csv`); None when off."""
+def mc_scores(model, work: Path, items, iv, positions: str, batch_size: int) -> dict | None:
+    """Per setting, (accuracy, p_correct) on the multiple-choice items (`mc.csv`), scored in
+    forwards of `batch_size` rows; None when off."""
     from pvjax.measure import mc
 
     if not items:
         return None
     path = work / "mc.csv"
     if not path.exists():
-        lp = mc.score(model, items, intervention=iv, positions=positions, batch_size=cfg.forward_batch_size)
+        lp = mc.score(model, items, intervention=iv, positions=positions, batch_size=batch_size)
         acc, pc = mc.accuracy(lp, items), mc.p_correct(lp, items)
         atomic.write_csv(path, [{"setting": s, "accuracy": float(acc[s]), "p_correct": float(pc[s]),
                                  "n_items": len(items)} for s in range(len(acc))],

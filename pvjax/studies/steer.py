@@ -45,6 +45,7 @@ import numpy as np
 
 from pvjax.files import atomic
 from pvjax.settings import fields as F
+from pvjax.settings.types import Judging
 from pvjax.studies import checks as C
 from pvjax.studies import grid
 
@@ -164,8 +165,8 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
                           for a in answers],
                          ("setting", "layer", "coef", "control", "value", "gain", "max_step", "question", "text",
                           "n_tokens", "finish"))
-    judged = grid.judged_scores(cfg, model, work, trait, answers, progress)
-    mc = grid.mc_scores(cfg, model, work, checked.mc_items, iv, cfg.positions)
+    judged = grid.judged_scores(Judging.of(cfg.judge), model, work, trait, answers, progress)
+    mc = grid.mc_scores(model, work, checked.mc_items, iv, cfg.positions, cfg.forward_batch_size)
 
     rows = []
     for (layer, c), s in index.items():
