@@ -117,7 +117,7 @@ def generate_answers(model, trait, answering: Answering, work: Path, progress: b
 def _answer_part(model, trait, a: Answering, pol_i: int, pol: str, k: int, pair, progress: bool, mesh) -> str:
     """The CSV text of answer part `pol`_`k`: every question `n_per_question` times under that
     instruction's system prompt."""
-    from pvjax.engine.generate import generate, render_prompts
+    from pvjax.engine.generate import SamplingParams, generate, render_prompts
 
     questions = list(trait.questions[: a.n_questions or None])
     n = a.n_per_question
@@ -134,7 +134,8 @@ def _answer_part(model, trait, a: Answering, pol_i: int, pol: str, k: int, pair,
     if fits:
         # Sample i of a question draws from its own key (generate folds the prompt index
         # into the seed), so the n samples differ and the same seed repeats them.
-        g = generate(model, [prompts[i] for i in fits], system=system, sampling=a.sampling.params,
+        g = generate(model, [prompts[i] for i in fits], system=system,
+                     sampling=SamplingParams(**a.sampling.engine_fields()),
                      seed=a.sampling.seed * 1000 + pol_i * 100 + k, batch_size=a.batch_size,
                      progress=progress, mesh=mesh, unroll=a.unroll)
         for i, text in zip(fits, g.texts):

@@ -158,18 +158,24 @@ def finetuning_shift(base, finetuned, choice: VectorChoice, questions: Sequence[
                "counts": {"questions": len(questions), "response_rows": int(ok.sum()),
                           "empty_base": sum(not t.strip() for t in a_base.texts),
                           "empty_finetuned": sum(not t.strip() for t in a_ft.texts)},
-               "generated": generated, "sampling": dataclasses.asdict(sampling.params), "seed": sampling.seed}
+               "generated": generated, "sampling": dataclasses.asdict(_params(sampling)), "seed": sampling.seed}
     atomic.write_json(work / "summary.json", summary)
     if space.plot:
         shift_plot(work / "plot.png", rows, layer)
     return summary
 
 
+def _params(sampling: Sampling):
+    from pvjax.engine.generate import SamplingParams
+
+    return SamplingParams(**sampling.engine_fields())
+
+
 def _answers(model, prompts, sampling: Sampling, space: Workspace):
     """The model's own answers to `prompts`, through the answer cache."""
     from pvjax.engine.answer_cache import own_answers
 
-    return own_answers(model, prompts, sampling.params, cache_dir=space.cache(), seed=sampling.seed,
+    return own_answers(model, prompts, _params(sampling), cache_dir=space.cache(), seed=sampling.seed,
                        batch_size=space.batch_size, progress=space.progress)
 
 

@@ -166,6 +166,7 @@ def screen(model, choice: VectorChoice, datasets, space: Workspace, sampling: Sa
     `work/answer_cache`). `max_len` (0: the context window) bounds prompt + answer in tokens.
     Everything is checked before any compute."""
     from pvjax.engine.answer_cache import own_answers, weights_fingerprint
+    from pvjax.engine.generate import SamplingParams
 
     sampling = sampling or Sampling()
     vector_LD, layer, work, plot = choice.array, choice.layer, space.work, space.plot
@@ -197,7 +198,8 @@ def screen(model, choice: VectorChoice, datasets, space: Workspace, sampling: Sa
         prepared.append(_Prepared(name, ds, prompts, status))
 
     todo = [(d, i) for d in prepared for i, st in enumerate(d.status) if st == "ok"]
-    own = own_answers(model, [d.prompts[i] for d, i in todo], sampling.params, cache_dir=space.cache(),
+    params = SamplingParams(**sampling.engine_fields())
+    own = own_answers(model, [d.prompts[i] for d, i in todo], params, cache_dir=space.cache(),
                       seed=sampling.seed, batch_size=space.batch_size, progress=space.progress) if todo else None
     own_text = {}
     for (d, i), text in zip(todo, own.texts if own else []):
@@ -245,7 +247,7 @@ def screen(model, choice: VectorChoice, datasets, space: Workspace, sampling: Sa
     generated = own.generated if own else 0
     atomic.write_csv(work / "datasets.csv", rows, DATASET_COLUMNS)
     summary = {"model": model.model_id, "weights": weights, "vector": choice.spec, "layer": layer,
-               "flag": flagging.rule(), "sampling": dataclasses.asdict(sampling.params), "seed": sampling.seed,
+               "flag": flagging.rule(), "sampling": dataclasses.asdict(params), "seed": sampling.seed,
                "max_len": max_len, "generated": generated, "answer_cache": str(own.path) if own else "",
                "datasets": rows}
     atomic.write_json(work / "summary.json", summary)

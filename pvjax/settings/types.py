@@ -5,7 +5,8 @@ Each type groups parameters that travel together through the library (the cluste
 grow every signature one keyword at a time):
 
 - `Sampling`: how answers are drawn (`max_new_tokens`, `temperature`, `top_p`) and from which seed;
-  `.params` is the engine's `SamplingParams` without the seed.
+  `SamplingParams(**sampling.engine_fields())` is the engine's (settings sit below the engine, so
+  the methods, which use both, build it).
 - `Judging`: which judge scores answers and how it is reached (a config's `judge` section).
 - `Workspace`: where a method writes and caches, in what batches, with or without plot and
   progress bars.
@@ -31,6 +32,8 @@ from typing import Any
 import flax.struct
 import numpy as np
 
+from pvjax.settings.fields import InvalidConfig, check_fields, integer, number
+
 
 def _get(section, key: str, default):
     """`section[key]`, or `default` when the section lacks it (an older or a study's smaller config)."""
@@ -40,10 +43,15 @@ def _get(section, key: str, default):
         return default
 
 
+_SAMPLING_FIELDS = {"max_new_tokens": integer(1), "temperature": number(0.0),
+                    "top_p": number(0.0, 1.0, lo_open=True), "seed": integer(-(2**63))}
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How answers are sampled: `temperature == 0` is greedy (and ignores `top_p` and `seed`).
-    Checked on construction (by building `params`), so bad values fail before any model loads."""
+    Checked on construction, as the engine's `SamplingParams` checks them, so a bad value fails
+    before any model loads (`InvalidConfig`, naming every bad field)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -51,14 +59,14 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        self.params  # noqa: B018 -- SamplingParams refuses what cannot run
+        problems = []
+        check_fields(dataclasses.asdict(self), _SAMPLING_FIELDS, problems)
+        if problems:
+            raise InvalidConfig("bad sampling settings: " + "; ".join(problems))
 
-    @property
-    def params(self):
-        """The engine's `SamplingParams` (validated on construction: bad values fail here)."""
-        from pvjax.engine.generate import SamplingParams
-
-        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
+    def engine_fields(self) -> dict:
+        """The fields of the engine's `SamplingParams` (all but the seed, which generation takes apart)."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
 
     @classmethod
     def of(cls, cfg) -> "Sampling":
