@@ -36,15 +36,19 @@ from pvjax.settings.fields import InvalidConfig, check_fields, integer, number
 
 
 def _get(section, key: str, default):
-    """`section[key]`, or `default` when the section lacks it (an older or a study's smaller config)."""
+    """`section[key]`, or `default` where the section lacks it (an older or a smaller config)."""
     try:
         return section[key]
     except (KeyError, AttributeError):
         return default
 
 
-_SAMPLING_FIELDS = {"max_new_tokens": integer(1), "temperature": number(0.0),
-                    "top_p": number(0.0, 1.0, lo_open=True), "seed": integer(-(2**63))}
+_SAMPLING_FIELDS = {
+    "max_new_tokens": integer(1),
+    "temperature": number(0.0),
+    "top_p": number(0.0, 1.0, lo_open=True),
+    "seed": integer(-(2**63)),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,22 +69,32 @@ class Sampling:
             raise InvalidConfig("bad sampling settings: " + "; ".join(problems))
 
     def engine_fields(self) -> dict:
-        """The fields of the engine's `SamplingParams` (all but the seed, which generation takes apart)."""
-        return {"temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens}
+        """The fields of the engine's `SamplingParams`: all but the seed, which generation takes
+        apart."""
+        return {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
     @classmethod
     def of(cls, cfg) -> "Sampling":
-        """From a config's `max_new_tokens`, `temperature`, `top_p` (default 1) and `seed` (default 0)."""
-        return cls(max_new_tokens=int(cfg["max_new_tokens"]), temperature=float(cfg["temperature"]),
-                   top_p=float(_get(cfg, "top_p", 1.0)), seed=int(_get(cfg, "seed", 0)))
+        """From a config's `max_new_tokens`, `temperature`, `top_p` (default 1) and `seed`
+        (default 0)."""
+        return cls(
+            max_new_tokens=int(cfg["max_new_tokens"]),
+            temperature=float(cfg["temperature"]),
+            top_p=float(_get(cfg, "top_p", 1.0)),
+            seed=int(_get(cfg, "seed", 0)),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class Judging:
-    """The judge: `backend` 'openai' (an OpenAI-compatible server: `model`, `base_url`, `concurrency`
-    requests at once), 'local' (a pvjax model: `model` a source, or '' / 'same' for the answering
-    model; `batch_size` rows, `numeric_only` constrains the answer token to numbers) or 'none'.
-    `coherence`: also score coherence where a method can use it."""
+    """The judge: `backend` 'openai' (an OpenAI-compatible server: `model`, `base_url`,
+    `concurrency` requests at once), 'local' (a pvjax model: `model` a source, or '' / 'same' for
+    the answering model; `batch_size` rows, `numeric_only` constrains the answer token to numbers)
+    or 'none'. `coherence`: also score coherence where a method can use it."""
 
     backend: str = "none"
     model: str = ""
