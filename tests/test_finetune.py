@@ -19,7 +19,7 @@ import torch
 import pvjax
 from pvjax.finetune import data, lora, train, trainer
 from pvjax.finetune import step as st
-from pvjax.finetune.settings import to_dict as settings_dict
+from pvjax.settings.fields import as_dict as settings_dict
 from pvjax.finetune.trainer import setup
 from finetune_tiny import chats, tiny_config
 from tiny_models import DTYPE_KW, save_tiny

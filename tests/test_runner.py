@@ -208,4 +208,6 @@ def test_where_a_point_ran_is_not_part_of_its_config_at_any_depth():
             "extract": {"distributed": {"coordinator": "h:1"}, "n": 3}}
     assert runner._comparable(snap) == {"layer": 20, "finetune": {"lr": 1e-3, "lora": {"rank": 8}},
                                         "extract": {"n": 3}}
-    assert runner._differences(runner._comparable(snap), runner._comparable({**snap, "layer": 10})) != []
+    from pvjax.files.ledger import differences
+
+    assert differences(runner._comparable(snap), runner._comparable({**snap, "layer": 10})) != []
