@@ -68,8 +68,7 @@ def _hash(obj) -> str:
 
 def _enter(ledger: Ledger, name: str, key: str, files, patterns=None) -> bool:
     """Whether stage `name` is finished under `key` with its files present; a changed key deletes
-    the stage's files first (so parts left by a killed run are reused only under the same inputs).
-    Each stage's key names the keys of the stages it reads, so the ledger needs no cascade."""
+    its files first. A key names the keys of the stages it reads: the ledger needs no cascade."""
     patterns = patterns or [str(Path(f).relative_to(ledger.work)) for f in files]
     return ledger.enter(Stage(name, {"key": key}, outputs=patterns)) and all(Path(f).exists() for f in files)
 
@@ -173,8 +172,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     work = Path(work)
     trait, ev, questions, exps = validate(cfg, work)
     snapshot = json.loads(json.dumps(as_dict(cfg), default=str))
-    # The whole run is one stage keyed by the config and the vector's content; the expensive stages
-    # inside it are entered as their inputs become known, each keyed by its own inputs.
+    # One stage keyed by the config and the vector's content; the expensive ones enter as their inputs are known.
     ledger = Ledger(work, [Stage("config", {"config": snapshot, "vector_sha256": vector_sha256(
         read_vector(cfg.vector)) if cfg.vector else None})], cascade=False)
     if ledger.done:
