@@ -224,15 +224,19 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     from pvjax.engine.generate import SamplingParams
     from pvjax.methods.finetune_shift import finetuning_shift
     from pvjax.studies import finetune_study_report as report
-    from pvjax.studies.vector_source import study_vector
+    from pvjax.studies.vector_source import vector_spec
     from pvjax.files.traits import load_trait
+    from pvjax.files.vectors import read_vector
 
     work = Path(work)
     validate(cfg, work)
-    base = pvjax.load(cfg.model, dtype=cfg.dtype or None)
-    vector, spec = study_vector(cfg, base, work, progress=progress)
+    spec = vector_spec(cfg, work, progress=progress)
     ledger = study_ledger(cfg, work, spec, runs(cfg))
+    if ledger.done and (work / "summary.json").is_file():  # finished: nothing loaded, nothing rewritten
+        return report.rows_of(json.loads((work / "summary.json").read_text()))
     ledger.open()
+    base = pvjax.load(cfg.model, dtype=cfg.dtype or None)
+    vector = read_vector(spec, base)
     datasets = make_datasets(cfg, base, work, progress=progress, ledger=ledger)
     screened = screen_datasets(cfg, base, vector, spec, datasets, work, progress=progress, ledger=ledger)
 

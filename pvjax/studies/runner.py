@@ -326,8 +326,10 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
 
         got = job.unshare(len(points), job.each(my_points))
     summary = [({**r, "point": p.name} if p.name else r) for p, rows in zip(points, got) for r in rows]
-    if job.writer:
-        atomic.write_csv(root / "summary.csv", summary, columns(summary))
+    text = atomic.csv_text(summary, columns(summary)).encode()
+    path = root / "summary.csv"
+    if job.writer and not (path.is_file() and path.read_bytes() == text):  # a no-op rerun rewrites nothing
+        atomic.write_bytes(path, text)
     return summary
 
 
