@@ -9,8 +9,8 @@ from pvjax.capture import Capture, ForwardOutput, activations_only, pooling_weig
 from pvjax.models.config import ModelConfig
 from pvjax.interventions import Intervention
 from pvjax.model import Model, activations, forward, load
+from pvjax.version import __version__
 
-__version__ = "0.1.0"
 
 
 def __getattr__(name):

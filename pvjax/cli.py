@@ -16,7 +16,17 @@ import sys
 
 from pvjax.errors import UserError
 
-COMMANDS = ("generate", "extract", "traits", "run", "sweep", "screen", "shift", "finetune")
+COMMANDS = (
+    "generate",
+    "extract",
+    "traits",
+    "run",
+    "sweep",
+    "screen",
+    "shift",
+    "finetune",
+    "vectors",
+)
 EXIT_USER_ERROR = 2
 
 

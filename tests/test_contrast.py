@@ -12,7 +12,7 @@ import torch
 
 from pvjax.files import atomic
 from pvjax.methods.extraction import generate_answers, system_prompt
-from pvjax.methods.pair_filter import ExtractionError, contrast_scores, filter_pairs, spearman
+from pvjax.methods.pair_filter import ExtractionError, contrast_scores, filter_pairs
 from pvjax.engine.generate import render_prompts
 from pvjax.files.traits import load_trait
 
@@ -96,17 +96,6 @@ def test_contrast_and_none_filters_and_bad_input_counts():
     with pytest.raises(ExtractionError, match=r"only 1 of 6 .*contrast: pos contrast - neg contrast >= 0.5.*"
                                               r"2 too long .*2 empty \(1 pos, 1 neg answers\).*need 2"):
         filter_pairs(judged, "t", {**f, "min_pairs": 2}, contrast, too_long=frozenset({("0", "t_5", "0")}))
-
-
-def test_spearman_matches_scipy():
-    from scipy.stats import spearmanr
-
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=40)
-    y = x + rng.normal(size=40)
-    y[:5] = y[5]  # ties
-    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
-    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
 
 
 def test_sampled_answers_are_distinct_reproducible_and_paired(smollm2, tmp_path):

@@ -282,7 +282,7 @@ def test_cli_finetune(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(args + ["--workdir", str(tmp_path / "bad"), "--config.steering.type=push"])
     assert e.value.code == 2
-    assert "steering.type: steer, ablate or empty, got 'push'" in capsys.readouterr().err
+    assert "steering.type must be one of '', 'steer', 'ablate', got 'push'" in capsys.readouterr().err
 
 
 def test_bf16_compute_keeps_float32_master_weights(tiny):

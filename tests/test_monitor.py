@@ -4,9 +4,7 @@ trip and refusals."""
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
 
 import numpy as np
 import pytest
@@ -17,77 +15,15 @@ from pvjax.methods import monitoring as mon
 from pvjax.files.vectors import save_vectors
 from monitor_tiny import tiny_checkpoint
 from tiny_models import save_tiny
+from test_stats import X, Y, hand_r
 
 
-def hand_r(x, y):
-    """Pearson's r from the textbook sums, in plain Python."""
-    n = len(x)
-    sx, sy = sum(x), sum(y)
-    sxx, syy, sxy = sum(a * a for a in x), sum(b * b for b in y), sum(a * b for a, b in zip(x, y))
-    return (n * sxy - sx * sy) / math.sqrt((n * sxx - sx * sx) * (n * syy - sy * sy))
-
-
-def hand_quantile(values, q):
-    """The linear-interpolation quantile: position q (n-1) in the sorted values."""
-    v = sorted(values)
-    pos = q * (len(v) - 1)
-    lo = math.floor(pos)
-    return v[lo] + (v[min(lo + 1, len(v) - 1)] - v[lo]) * (pos - lo)
-
-
-X = [1.0, 2.0, 4.0, 3.5, 7.0, 5.5, 2.5]
-Y = [0.3, 0.1, 0.9, 0.4, 1.6, 0.7, 0.8]
-
-
-def test_pearson_matches_the_textbook_sums():
-    assert mon.pearson(X, Y) == pytest.approx(hand_r(X, Y), abs=1e-12)
-    assert mon.pearson(X, [-v for v in Y]) == pytest.approx(-hand_r(X, Y), abs=1e-12)
-    assert mon.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
-
-
-def test_bootstrap_interval_is_the_percentile_of_resampled_r():
-    c = mon.bootstrap_pearson(X, Y, n_boot=300, level=0.9, seed=7)
-    idx = np.random.default_rng(7).integers(0, len(X), size=(300, len(X)))
-    rs = []
-    for row in idx.tolist():
-        xs, ys = [X[i] for i in row], [Y[i] for i in row]
-        if len(set(xs)) > 1 and len(set(ys)) > 1:
-            rs.append(hand_r(xs, ys))
-    assert c.r == pytest.approx(hand_r(X, Y), abs=1e-12)
-    assert c.n_boot_used == len(rs) and c.n == len(X)
-    assert c.low == pytest.approx(hand_quantile(rs, 0.05), abs=1e-9)
-    assert c.high == pytest.approx(hand_quantile(rs, 0.95), abs=1e-9)
-    assert c.low <= c.r <= c.high
-    # seeded: the same seed gives the same interval, another seed another one
-    assert mon.bootstrap_pearson(X, Y, n_boot=300, level=0.9, seed=7) == c
-    assert mon.bootstrap_pearson(X, Y, n_boot=300, level=0.9, seed=8) != c
-
-
-def test_undefined_correlations_say_why():
-    with pytest.raises(mon.UndefinedStatistic, match="2 points, a correlation needs at least 3"):
-        mon.pearson([1, 2], [3, 4])
-    with pytest.raises(mon.UndefinedStatistic, match="x is constant"):
-        mon.pearson([5, 5, 5, 5], [1, 2, 3, 4])
-    with pytest.raises(mon.UndefinedStatistic, match="y is constant"):
-        mon.pearson([1, 2, 3, 4], [0.5] * 4)
-    with pytest.raises(mon.MonitorError, match="3 x values but 2 y values"):
-        mon.pearson([1, 2, 3], [1, 2])
+def test_correlation_by_layer_notes_a_constant_layer():
     # per layer: a constant layer (the embeddings of one shared last token) is a row with a note
     proj = np.stack([np.full(len(X), 0.25), X], axis=1)
     rows = mon.correlation_by_layer(proj, Y, n_boot=200)
     assert rows[0]["r"] is None and "the projection is constant" in rows[0]["note"]
     assert rows[1]["r"] == pytest.approx(hand_r(X, Y)) and rows[1]["note"] == ""
-
-
-def test_auroc_is_the_pairwise_count():
-    rng = np.random.default_rng(0)
-    s = rng.integers(0, 6, 40).astype(float)  # many ties
-    y = rng.random(40) < 0.4
-    pairs = [(a, b) for a, b in itertools.product(s[y], s[~y])]
-    brute = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
-    assert mon.auroc(s, y) == pytest.approx(brute, abs=1e-12)
-    with pytest.raises(mon.UndefinedStatistic, match="0 positive and 3 negative"):
-        mon.auroc([1, 2, 3], [False] * 3)
 
 
 def test_threshold_rules():

@@ -27,7 +27,7 @@ import numpy as np
 
 from pvjax.files import atomic
 
-FORMAT = "pvjax.engine.answer_cache/1"
+FORMAT = "pvjax.answer_cache/1"
 _FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 

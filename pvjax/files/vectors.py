@@ -26,6 +26,7 @@ import numpy as np
 
 from pvjax.capture import POOLINGS
 from pvjax.errors import UserError
+from pvjax.version import __version__
 
 KEYS = tuple(f"{p}_diff" for p in POOLINGS)
 FORMAT = "pvjax.persona_vectors/1"
@@ -42,8 +43,6 @@ def save_vectors(path, vectors: dict[str, np.ndarray], *, model, trait: str = ""
     """Write vectors `{key: [n_layers+1, D]}` with metadata, atomically (temp file, then rename)."""
     from safetensors.numpy import save_file
 
-    import pvjax
-
     path = Path(path)
     L, D = model.n_layers + 1, model.hidden_size
     for k, v in vectors.items():
@@ -51,7 +50,7 @@ def save_vectors(path, vectors: dict[str, np.ndarray], *, model, trait: str = ""
             raise VectorError(f"{k} has shape {np.shape(v)}, expected [n_layers+1, D] = [{L}, {D}]")
     meta = {"format": FORMAT, "model_id": model.model_id, "model_fingerprint": model.config.fingerprint(),
             "n_layers": str(model.n_layers), "hidden_size": str(D), "trait": trait,
-            "layer_convention": LAYER_CONVENTION, "pvjax_version": pvjax.__version__,
+            "layer_convention": LAYER_CONVENTION, "pvjax_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     clash = sorted(set(extra or {}) & set(meta))
     if clash:

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from pvjax.finetune.lora import TARGETS, LoraSpec
+from pvjax.settings import fields as F
 from pvjax.settings.fields import InvalidConfig, as_dict
 
 __all__ = ["Checked", "InvalidConfig", "as_dict", "check", "resolve_data", "shipped_datasets"]
@@ -43,72 +44,65 @@ def resolve_data(name: str) -> Path:
     return p
 
 
-def check(cfg, n_layers: int) -> Checked:
-    c = as_dict(cfg)
-    problems: list[str] = []
+FIELDS = {
+    "model": F.string(nonempty=True), "compute_dtype": F.choice("float32", "bfloat16"),
+    "dtype": F.choice("", "float32", "bfloat16"), "method": F.choice("lora", "full"),
+    "remat": F.boolean, "seed": F.integer(0), "mesh_model": F.integer(1),
+    "data.train_file": F.string(nonempty=True), "data.eval_file": F.string(),
+    "data.eval_fraction": F.number(0.0, 1.0), "data.max_length": F.integer(8),
+    "data.too_long": F.choice("truncate", "drop", "error"),
+    "lora.rank": F.integer(1), "lora.alpha": F.number(0.0, lo_open=True), "lora.rslora": F.boolean,
+    "lora.layers": F.integers,
+    "optim.lr": F.number(0.0, lo_open=True), "optim.weight_decay": F.number(0.0),
+    "optim.warmup_steps": F.integer(0), "optim.schedule": F.choice("linear", "cosine"),
+    "optim.max_grad_norm": F.number(0.0),
+    "batch.rows": F.integer(1), "batch.accum": F.integer(1), "epochs": F.number(0.0, lo_open=True),
+    "max_steps": F.integer(0), "eval_every": F.integer(0), "log_every": F.integer(1),
+    "checkpoint.every": F.integer(1), "checkpoint.keep": F.integer(1),
+    "steering.type": F.choice(*STEERING_TYPES), "steering.coef": F.number(-math.inf),
+    "steering.layers": F.integers, "penalty.weight": F.number(-math.inf),
+    "penalty.layers": F.integers, "monitor.layer": F.integer(0), "monitor.max_shift": F.number(0.0),
+    "vector": F.string(), "export.merged": F.boolean, "export.adapters": F.boolean,
+}
 
-    def need(ok, msg):
-        if not ok:
+
+def check(cfg, n_layers: int) -> Checked:
+    c = F.as_dict(cfg)
+    flat = F.flatten(c)
+    problems: list[str] = []
+    bad = F.check_fields(flat, FIELDS, problems, known=tuple(flat))  # unknown keys: load_config's
+    ok = lambda *keys: not bad.intersection(keys)  # noqa: E731
+
+    def need(good, msg):
+        if not good:
             problems.append(msg)
 
-    def is_int(v, lo):
-        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-    def is_num(v, lo, open_=False):
-        return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                and (v > lo if open_ else v >= lo))
-
-    d, lo, st, pen, mon, opt, b = (c["data"], c["lora"], c["steering"], c["penalty"], c["monitor"],
-                                    c["optim"], c["batch"])
-    need(c.get("model"), "model: empty (a Hugging Face folder, a .gguf, or smollm2-135m-instruct)")
-    need(c.get("compute_dtype") in ("float32", "bfloat16"), f"compute_dtype: float32 or bfloat16, got {c.get('compute_dtype')!r}")
-    need(c.get("dtype") in ("", "float32", "bfloat16"), f"dtype: '', float32 or bfloat16, got {c.get('dtype')!r}")
-    need(c.get("method") in ("lora", "full"), f"method: lora or full, got {c.get('method')!r}")
-    need(d.get("train_file"), f"data.train_file: empty (a .jsonl/.csv path or one of {shipped_datasets()})")
-    train = resolve_data(d.get("train_file") or "")
-    need(not d.get("train_file") or train.is_file(), f"data.train_file: {train} is not a file")
-    ev = resolve_data(d["eval_file"]) if d.get("eval_file") else None
+    d, lo, st, pen, mon = c["data"], c["lora"], c["steering"], c["penalty"], c["monitor"]
+    if ok("data.train_file"):
+        train = resolve_data(d["train_file"])
+        need(train.is_file(), f"data.train_file: {train} is not a file (a .jsonl/.csv path or one "
+             f"of {shipped_datasets()})")
+    ev = resolve_data(d["eval_file"]) if ok("data.eval_file") and d["eval_file"] else None
     need(ev is None or ev.is_file(), f"data.eval_file: {ev} is not a file")
-    need(is_num(d.get("eval_fraction"), 0) and d["eval_fraction"] < 1, "data.eval_fraction: must be in [0, 1)")
-    need(is_int(d.get("max_length"), 8), f"data.max_length: an integer >= 8, got {d.get('max_length')!r}")
-    need(d.get("too_long") in ("truncate", "drop", "error"), f"data.too_long: truncate, drop or error, got {d.get('too_long')!r}")
-    need(is_int(lo.get("rank"), 1), f"lora.rank: a positive integer, got {lo.get('rank')!r}")
-    need(is_num(lo.get("alpha"), 0, True), f"lora.alpha: a positive number, got {lo.get('alpha')!r}")
+    need(not ok("data.eval_fraction") or d["eval_fraction"] < 1, "data.eval_fraction: must be in [0, 1)")
     targets = tuple(lo.get("targets") or ())
     need(targets and set(targets) <= set(TARGETS) and len(set(targets)) == len(targets),
          f"lora.targets: a non-empty subset of {list(TARGETS)}, got {list(targets)}")
-    for l in lo.get("layers") or ():
-        need(is_int(l, 0) and l < n_layers, f"lora.layers: {l!r} is not a block index 0..{n_layers - 1}")
-    need(is_num(opt.get("lr"), 0, True), f"optim.lr: a positive number, got {opt.get('lr')!r}")
-    need(is_num(opt.get("weight_decay"), 0), "optim.weight_decay: a number >= 0")
-    need(is_int(opt.get("warmup_steps"), 0), "optim.warmup_steps: an integer >= 0")
-    need(opt.get("schedule") in ("linear", "cosine"), f"optim.schedule: linear or cosine, got {opt.get('schedule')!r}")
-    need(is_num(opt.get("max_grad_norm"), 0), "optim.max_grad_norm: a number >= 0 (0 = no clipping)")
-    need(is_int(b.get("rows"), 1), "batch.rows: a positive integer")
-    need(is_int(b.get("accum"), 1), "batch.accum: a positive integer")
-    need(is_num(c.get("epochs"), 0, True), "epochs: a positive number")
-    need(is_int(c.get("max_steps"), 0), "max_steps: an integer >= 0")
-    need(is_int(c.get("eval_every"), 0), "eval_every: an integer >= 0")
-    need(is_int(c["checkpoint"].get("every"), 1), "checkpoint.every: a positive integer")
-    need(is_int(c["checkpoint"].get("keep"), 1), "checkpoint.keep: a positive integer")
-    need(is_int(c.get("mesh_model"), 1), "mesh_model: a positive integer")
+    for l in (lo["layers"] if ok("lora.layers") else ()):
+        need(l >= 0 and l < n_layers, f"lora.layers: {l!r} is not a block index 0..{n_layers - 1}")
 
     rows_range = f"0..{n_layers} (hidden-state rows: 0 embeddings, l = output of block l)"
-    need(st.get("type") in STEERING_TYPES, f"steering.type: steer, ablate or empty, got {st.get('type')!r}")
-    s_layers = tuple(st.get("layers") or ())
+    s_layers = tuple(st["layers"]) if ok("steering.layers") else ()
     for l in s_layers:
-        need(is_int(l, 0) and l <= n_layers, f"steering.layers: {l!r} is outside {rows_range}")
-    need(is_num(st.get("coef"), -math.inf), "steering.coef: a finite number")
+        need(0 <= l <= n_layers, f"steering.layers: {l!r} is outside {rows_range}")
     if st.get("type"):
         need(s_layers, f"steering.type={st['type']!r} needs steering.layers")
         need(st["type"] != "steer" or st.get("coef"), "steering.type='steer' with coef 0 steers nothing")
-    p_layers = tuple(pen.get("layers") or ())
+    p_layers = tuple(pen["layers"]) if ok("penalty.layers") else ()
     for l in p_layers:
-        need(is_int(l, 0) and l <= n_layers, f"penalty.layers: {l!r} is outside {rows_range}")
-    need(is_num(pen.get("weight"), -math.inf), "penalty.weight: a finite number")
-    m_layer = mon.get("layer", 0)
-    need(is_int(m_layer, 0) and m_layer <= n_layers, f"monitor.layer: {m_layer!r} is outside {rows_range}")
-    need(is_num(mon.get("max_shift"), 0), "monitor.max_shift: a number >= 0 (0 = never stop early)")
+        need(0 <= l <= n_layers, f"penalty.layers: {l!r} is outside {rows_range}")
+    m_layer = mon["layer"] if ok("monitor.layer") else 0
+    need(m_layer <= n_layers, f"monitor.layer: {m_layer!r} is outside {rows_range}")
     uses_vector = bool(st.get("type")) or bool(pen.get("weight")) or bool(mon.get("max_shift"))
     need(not uses_vector or c.get("vector"), "steering, penalty.weight or monitor.max_shift need `vector` (FILE[:KEY])")
     if problems:

@@ -36,7 +36,7 @@ import numpy as np
 from pvjax.files import atomic
 from pvjax.capture import POOLINGS
 from pvjax.errors import InputError
-from pvjax.methods.screening import unit_rows
+from pvjax.measure.stats import unit_rows
 
 RESPONSE_SOURCES = ("own", "base", "finetuned")
 LAYER_COLUMNS = ("layer", "shift_prompt_last", "shift_response_avg", "norm_diff_prompt_last",
@@ -119,7 +119,7 @@ def finetuning_shift(base, finetuned, vector_LD, questions: Sequence[str], *, wo
     p_base, p_ft = _pooled(base, prompts, src[0]), _pooled(finetuned, prompts, src[1])
     r, last = POOLINGS.index("response_avg"), POOLINGS.index("prompt_last")
     ok = np.array([bool(x.strip()) and bool(y.strip()) for x, y in zip(*src)])
-    unit = unit_rows(vector_LD)
+    unit = unit_rows(vector_LD, compute=np.float64)
     d_last = p_ft[:, :, last].mean(0) - p_base[:, :, last].mean(0)  # [L, D]
     d_resp = (p_ft[ok, :, r].mean(0) - p_base[ok, :, r].mean(0)) if ok.any() else np.full_like(d_last, np.nan)
     vnorm = np.linalg.norm(vector_LD, axis=-1)

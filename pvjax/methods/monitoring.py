@@ -28,30 +28,28 @@ from typing import Sequence
 import numpy as np
 
 from pvjax.errors import UserError
+from pvjax.measure.stats import (  # noqa: F401  (monitoring's statistics, under their old names)
+    Correlation,
+    StatisticError,
+    UndefinedStatistic,
+    auroc,
+    bootstrap_indices,
+    bootstrap_pearson,
+    pearson,
+    roc_points,
+    unit_rows,
+)
 
-FORMAT = "pvjax.methods.monitoring/1"
+FORMAT = "pvjax.monitor/1"
 RULES = ("youden", "fpr")
-# float32 carries ~7 significant digits: values that agree to that are the same number computed twice.
-_CONSTANT_RTOL = 1e-6
 
 
-class MonitorError(UserError, ValueError):
+class MonitorError(StatisticError):
     """A monitor file that is malformed or does not fit the model or vector it is used with."""
-
-
-class UndefinedStatistic(MonitorError):
-    """A correlation or AUROC that has no value for these inputs (too few points, a constant side,
-    one class only); the message says which."""
 
 
 # ---------------------------------------------------------------------------------------------
 # The signal
-
-
-def unit_rows(vector_LD) -> np.ndarray:
-    """Each row of `vector_LD` scaled to unit norm (a zero row stays zero), float32."""
-    v = np.asarray(vector_LD, np.float32)
-    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
 
 
 def prompt_ids(model, prompts: Sequence, *, system: str | None = None, chat: bool = True) -> list[list[int]]:
@@ -91,78 +89,6 @@ def last_prompt_projections(model, ids: Sequence[Sequence[int]], vector_LD, *, r
 # Statistics
 
 
-def _is_constant(v: np.ndarray) -> bool:
-    return float(np.ptp(v)) <= _CONSTANT_RTOL * max(float(np.abs(v).max()), 1e-30)
-
-
-def pearson(x, y) -> float:
-    """Pearson's r of two equally long sequences; `UndefinedStatistic` under 3 points or when a side
-    is constant (equal to float32 precision)."""
-    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
-    if len(x) != len(y):
-        raise MonitorError(f"r needs pairs: {len(x)} x values but {len(y)} y values")
-    if len(x) < 3:
-        raise UndefinedStatistic(f"r undefined: {len(x)} points, a correlation needs at least 3")
-    for name, v in (("x", x), ("y", y)):
-        if not np.all(np.isfinite(v)):
-            raise MonitorError(f"{name} contains NaN or infinite values")
-        if _is_constant(v):
-            raise UndefinedStatistic(f"r undefined: {name} is constant ({v[0]:.6g} at all {len(v)} points)")
-    dx, dy = x - x.mean(), y - y.mean()
-    return float(np.clip((dx * dy).sum() / np.sqrt((dx * dx).sum() * (dy * dy).sum()), -1.0, 1.0))
-
-
-def _pearson_rows(x_BN, y_BN) -> np.ndarray:
-    """r of each row pair, NaN where a row is constant."""
-    dx = x_BN - x_BN.mean(-1, keepdims=True)
-    dy = y_BN - y_BN.mean(-1, keepdims=True)
-    sxx, syy = (dx * dx).sum(-1), (dy * dy).sum(-1)
-    flat = lambda v: np.ptp(v, axis=-1) <= _CONSTANT_RTOL * np.maximum(np.abs(v).max(-1), 1e-30)
-    ok = ~(flat(x_BN) | flat(y_BN))
-    r = np.full(x_BN.shape[0], np.nan)
-    r[ok] = np.clip((dx * dy).sum(-1)[ok] / np.sqrt(sxx[ok] * syy[ok]), -1.0, 1.0)
-    return r
-
-
-def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """`[B, n]` resampling indices: `numpy.random.default_rng(seed).integers(0, n, (n_boot, n))`.
-    The same seed draws the same resamples, so every layer is resampled alike."""
-    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-
-
-@dataclasses.dataclass(frozen=True)
-class Correlation:
-    """r with its percentile bootstrap interval at `level`; `n_boot_used` counts the resamples with a
-    defined r (a resample that repeats one point is constant and is dropped)."""
-
-    r: float
-    low: float
-    high: float
-    n: int
-    n_boot_used: int
-
-
-def bootstrap_pearson(x, y, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Correlation:
-    """Pearson's r and its percentile bootstrap interval: resample the n (x, y) pairs with
-    replacement `n_boot` times (`bootstrap_indices`), take r of each, and report the
-    `(1 - level) / 2` and `(1 + level) / 2` quantiles (numpy's linear interpolation). Raises as
-    `pearson` does; the interval is undefined (an error) when under half the resamples have an r."""
-    r = pearson(x, y)
-    if not 0 < level < 1:
-        raise MonitorError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise MonitorError(f"n_boot must be >= 1, got {n_boot}")
-    x, y = np.asarray(x, np.float64).ravel(), np.asarray(y, np.float64).ravel()
-    idx = bootstrap_indices(len(x), n_boot, seed)
-    rs = _pearson_rows(x[idx], y[idx])
-    rs = rs[np.isfinite(rs)]
-    if len(rs) < max(1, n_boot // 2):
-        raise UndefinedStatistic(f"bootstrap interval undefined: only {len(rs)} of {n_boot} resamples of "
-                                 f"{len(x)} points have a defined r")
-    low, high = np.quantile(rs, [(1 - level) / 2, (1 + level) / 2])
-    return Correlation(r, float(low), float(high), len(x), len(rs))
-
-
 def correlation_by_layer(proj_NL, scores_N, *, n_boot: int = 1000, level: float = 0.95,
                          seed: int = 0) -> list[dict]:
     """One row per layer: `layer, r, r_low, r_high, n, note`; r and its interval are None, and
@@ -178,38 +104,6 @@ def correlation_by_layer(proj_NL, scores_N, *, n_boot: int = 1000, level: float 
             row["note"] = str(e).replace(": x is", ": the projection is").replace(": y is", ": the score is")
         rows.append(row)
     return rows
-
-
-def auroc(scores, labels) -> float:
-    """Area under the ROC curve of `scores` for boolean `labels`: the probability that a random
-    positive scores above a random negative, ties counting one half (Mann-Whitney U / (n+ n-))."""
-    s = np.asarray(scores, np.float64).ravel()
-    y = np.asarray(labels, bool).ravel()
-    if len(s) != len(y):
-        raise MonitorError(f"{len(s)} scores but {len(y)} labels")
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        raise UndefinedStatistic(f"AUROC undefined: {n_pos} positive and {n_neg} negative points; "
-                                 "it needs both classes")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    ranks[order] = np.arange(1, len(s) + 1, dtype=float)
-    for u in np.unique(s):  # ties share their mean rank
-        m = s == u
-        ranks[m] = ranks[m].mean()
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def roc_points(scores, labels) -> list[tuple[float, float, float]]:
-    """`(threshold, tpr, fpr)` for every distinct decision `score >= threshold`: the lowest score
-    (everything flagged), the midpoints between consecutive distinct scores, and just above the
-    highest (nothing flagged). Midpoints keep a threshold away from the calibration points."""
-    s = np.asarray(scores, np.float64).ravel()
-    y = np.asarray(labels, bool).ravel()
-    u = np.unique(s)
-    cands = [u[0], *((u[:-1] + u[1:]) / 2), np.nextafter(u[-1], np.inf)]
-    n_pos, n_neg = max(int(y.sum()), 1), max(int((~y).sum()), 1)
-    return [(float(t), float((s[y] >= t).sum() / n_pos), float((s[~y] >= t).sum() / n_neg)) for t in cands]
 
 
 def choose_threshold(scores, labels, rule: str = "youden", target_fpr: float = 0.1) -> tuple[float, float, float]:

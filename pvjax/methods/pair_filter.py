@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pvjax.measure.stats import spearman
 from pvjax.files import atomic
 from pvjax.errors import UserError
 from pvjax.parallel.multihost import SINGLE, Job
@@ -161,27 +162,6 @@ def filter_pairs(judged, trait_name: str, f, contrast: dict | None = None,
             f"with a missing score, {counts['failed_filter']} failed the rule); need {f['min_pairs']}. Use more "
             "questions or samples (n_per_question with temperature > 0), a stronger judge, or a smaller margin")
     return kept, counts
-
-
-def spearman(x, y) -> float | None:
-    """Spearman's rank correlation (average ranks for ties); None under 3 points or a constant side."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 3:
-        return None
-
-    def ranks(v):
-        order = np.argsort(v, kind="mergesort")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v), dtype=float)
-        for u in np.unique(v):  # ties share their mean rank
-            m = v == u
-            r[m] = r[m].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return None
-    return float(np.corrcoef(rx, ry)[0, 1])
 
 
 def agreement(judged, trait_name: str, contrast: dict) -> dict:

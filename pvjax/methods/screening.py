@@ -42,6 +42,8 @@ from typing import Sequence
 
 import numpy as np
 
+from pvjax.measure.stats import separation as auroc  # noqa: F401  (pvjax.screen.auroc)
+from pvjax.measure.stats import unit_rows
 from pvjax.files import atomic
 from pvjax.capture import POOLINGS
 from pvjax.files.datasets import Dataset, read_dataset, write_filtered
@@ -95,16 +97,6 @@ def flag(diffs, flagging: Flagging) -> np.ndarray:
     return out
 
 
-def auroc(positive, negative) -> float:
-    """The probability that a random positive scores above a random negative (ties count half):
-    how well the projection difference ranks trait samples above control samples."""
-    p, n = np.asarray(positive, float), np.asarray(negative, float)
-    p, n = p[~np.isnan(p)], n[~np.isnan(n)]
-    if not len(p) or not len(n):
-        raise InputError("auroc needs at least one scored sample on each side")
-    return float(((p[:, None] > n[None]).sum() + 0.5 * (p[:, None] == n[None]).sum()) / (len(p) * len(n)))
-
-
 def sample_diffs(work, name: str) -> np.ndarray:
     """The projection differences `[N]` of dataset `name` screened into `work`, in the dataset's
     order (NaN where a sample was not scored)."""
@@ -114,13 +106,6 @@ def sample_diffs(work, name: str) -> np.ndarray:
         if r["diff"] != "":
             out[int(r["index"])] = float(r["diff"])
     return out
-
-
-def unit_rows(vector_LD) -> np.ndarray:
-    """Each layer's row scaled to unit norm (a zero row stays zero)."""
-    v = np.asarray(vector_LD, np.float64)
-    n = np.linalg.norm(v, axis=-1, keepdims=True)
-    return (v / np.where(n > 0, n, 1.0)).astype(np.float32)
 
 
 def check_vector_layer(model, vector_LD, layer) -> None:
@@ -225,7 +210,7 @@ def screen(model, vector_LD, datasets, *, layer: int, work, sampling=None, flagg
             d.status[i] = "too_long"
 
     # Projections per dataset, reused when model, vector, data and answers are those of a previous run.
-    unit = unit_rows(vector_LD)
+    unit = unit_rows(vector_LD, compute=np.float64)
     L = unit.shape[0]
     weights = weights_fingerprint(model)
     keys, results = {}, {}

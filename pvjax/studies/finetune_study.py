@@ -197,7 +197,8 @@ def screen_datasets(cfg, model, vector, spec: str, datasets: dict, work: Path, *
     """Per-sample projection differences of trait and control, their AUROC, and every dataset's
     mean difference (a mixture's from its samples)."""
     from pvjax.engine.generate import SamplingParams
-    from pvjax.methods.screening import Flagging, auroc, sample_diffs, screen
+    from pvjax.measure.stats import separation
+    from pvjax.methods.screening import Flagging, sample_diffs, screen
 
     folder = work / "screen"
     if ledger is None or not ledger.finished("screen"):
@@ -213,7 +214,7 @@ def screen_datasets(cfg, model, vector, spec: str, datasets: dict, work: Path, *
         chosen = np.zeros(len(t), bool)
         chosen[ds["trait_indices"]] = True
         mean_diff[name] = float(np.nanmean(np.where(chosen, t, c)))
-    return {"auroc": auroc(t, c), "mean_diff": mean_diff, "n_scored": {"trait": int((~np.isnan(t)).sum()),
+    return {"auroc": separation(t, c), "mean_diff": mean_diff, "n_scored": {"trait": int((~np.isnan(t)).sum()),
                                                                        "control": int((~np.isnan(c)).sum())}}
 
 

@@ -17,16 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from pvjax.files import atomic
+from pvjax.measure.stats import pearson_or_none
 
 LAST_STEPS = 5  # training loss reported as the mean over the last steps: one step's loss is noisy
-
-
-def pearson(x, y) -> float | None:
-    """Pearson r, None when either side is constant or has fewer than 3 points."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
-        return None
-    return float(np.corrcoef(x, y)[0, 1])
 
 
 def summarize(cfg, work: Path, spec: str, datasets: dict, screened: dict, runs: dict, trained: dict,
@@ -53,8 +46,8 @@ def summarize(cfg, work: Path, spec: str, datasets: dict, screened: dict, runs: 
             else loss[n]["eval_final"] - loss["trait"]["eval_final"] for n in ("trait_preventative", "trait_caft")}
     return {"study": "finetune_study", "model": cfg.model, "trait": cfg.trait, "layer": int(cfg.layer),
             "vector": spec, "screening_auroc": screened["auroc"], "screening_n_scored": screened["n_scored"],
-            "dataset_shift_r": pearson(x, [p["shift"] for p in points]),
-            "dataset_shift_r_response": pearson(x, [p["shift_response_avg"] for p in points]),
+            "dataset_shift_r": pearson_or_none(x, [p["shift"] for p in points]),
+            "dataset_shift_r_response": pearson_or_none(x, [p["shift_response_avg"] for p in points]),
             "dataset_points": points,
             "datasets": {n: {"path": d["path"], "share": d["share"], "n_samples": d["n_samples"],
                              "mean_diff": screened["mean_diff"][n]} for n, d in datasets.items()},

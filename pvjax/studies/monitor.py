@@ -371,7 +371,7 @@ def _trace(model, row, msgs, vector, work, st, base):
     """Per-token projections over the conversation `msgs` and its generated answer (`row`), from one
     forward with probes; per token its position, text, message index, role and every layer."""
     from pvjax.model import activations, left_pad
-    from pvjax.methods.monitoring import unit_rows
+    from pvjax.measure.stats import unit_rows
 
     paths = [work / "trace.csv", work / "trace.json"]
     key = _hash(base)
