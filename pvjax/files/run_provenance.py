@@ -30,8 +30,9 @@ __all__ = ["RunMismatch", "STAGES", "stage_provenance", "stages"]
 STAGES = ("answers", "contrast", "judge", "filter", "causality")
 
 
-def stage_provenance(checked) -> dict[str, dict]:
-    """Per stage, the inputs that can change its files, from a `CheckedConfig`."""
+def stage_provenance(checked, judge_url: str = "") -> dict[str, dict]:
+    """Per stage, the inputs that can change its files, from a `CheckedConfig`; `judge_url` is an
+    OpenAI-compatible judge's base URL with its defaults resolved."""
     cfg, trait = checked.cfg, checked.trait
     pairs = trait.instruction[: cfg["n_pairs"] or None]
     questions = trait.questions[: cfg["n_questions"] or None]
@@ -62,9 +63,8 @@ def stage_provenance(checked) -> dict[str, dict]:
     if j["backend"] == "none":  # no judge: no model, rubric or coherence can change its (empty) scores
         judge = {"backend": "none", "after": _digest(answers)}
     elif j["backend"] == "openai":
-        from pvjax.llm.openai_http import DEFAULT_BASE_URL
-
-        judge["base_url"] = (j["base_url"] or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        # Resolved by the caller (`pvjax.llm.openai_http.base_url_of`: a leaf does not import the client).
+        judge["base_url"] = judge_url or (j["base_url"] or os.environ.get("OPENAI_BASE_URL", "")).rstrip("/")
     else:
         judge["numeric_only"] = j["numeric_only"]
     f = cfg["filter"]

@@ -31,11 +31,16 @@ class Unreachable(UserError, LLMError):
     """Nothing answers at the configured server address: a setting (or a server not started) to fix."""
 
 
+def base_url_of(base_url: str | None) -> str:
+    """The server a client of `base_url` talks to: it, else $OPENAI_BASE_URL, else OpenAI's."""
+    return (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+
+
 def probe(base_url: str | None, what: str = "base_url", timeout: float = 5.0) -> str:
     """Refuse, in one line, a server address nothing listens on (a TCP connect, no request): a job
     that needs the server later fails before its expensive part, not after it with a traceback of
     retries. Returns the resolved base URL (`base_url`, else $OPENAI_BASE_URL, else OpenAI's)."""
-    url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+    url = base_url_of(base_url)
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Unreachable(f"{what} {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
@@ -94,7 +99,7 @@ class OpenAIChat:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.model = model
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.base_url = base_url_of(base_url)
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY") or None
         self.concurrency = concurrency
         self.max_retries = max_retries

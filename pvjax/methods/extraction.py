@@ -250,7 +250,9 @@ def run(cfg, *, progress: bool = True) -> dict:
     job.check_same("config", {**checked.cfg, "distributed": {**checked.cfg["distributed"], "process_id": None}})
     progress = progress and job.writer
     cfg, work, trait = checked.cfg, checked.work, checked.trait
-    provenance = run_provenance.stage_provenance(checked)
+    from pvjax.llm.openai_http import base_url_of
+
+    provenance = run_provenance.stage_provenance(checked, base_url_of(cfg["judge"]["base_url"]))
     ledgers = []
 
     def start():  # on process 0, the only one that looks at the workdir
