@@ -132,6 +132,21 @@ def test_a_rerun_trains_nothing_and_rebuilds_the_report(study):
     assert cli.main(study["args"]) == 0  # the runner: the point is done, skipped
 
 
+def test_a_finished_study_rerun_loads_nothing_and_rewrites_no_file(study, monkeypatch):
+    from pvjax.commands.extract import load_config
+    from pvjax.studies import finetune_study
+
+    work = study["work"]
+    files = lambda: {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in work.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    assert "stages.json" in {p.name for p in before} and (work / "DONE").is_file()
+    monkeypatch.setattr(pvjax, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    cfg = load_config("configs/finetune_study.py:runlocal", study["args"][3:-3])
+    rows = finetune_study.run(cfg, work, progress=False)
+    assert [r["run"] for r in rows] == list(study["summary"]["shift"])
+    assert files() == before
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--config.mixes=()"], "mixes is empty"),
     (["--config.mixes=(0.5,1.0)"], "strictly between 0 and 1"),

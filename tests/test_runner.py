@@ -138,6 +138,21 @@ def test_run_is_one_point_in_the_workdir(study, tmp_path, capsys):
     assert "opts.scale: 3.0 -> 2.0" in capsys.readouterr().err
 
 
+def test_a_finished_point_rerun_rewrites_no_file(study, tmp_path):
+    mod, config = study
+    argv = ["run", "--config", config + ":big", "--workdir", str(tmp_path / "one"), "--quiet"]
+    assert cli.main(argv) == 0
+    files = lambda: {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "one").rglob("*")  # noqa: E731
+                     if p.is_file()}
+    before = files()
+    assert {p.name for p in before} == {"point.json", "part1.json", "results.json", "results.csv", "DONE",
+                                        "summary.csv"}
+    assert json.loads((tmp_path / "one" / "point.json").read_text())["finished"] == ["point"]
+    mod.CALLS.clear()
+    assert cli.main(argv) == 0 and mod.CALLS == []
+    assert files() == before
+
+
 def write_config(tmp_path, sweep_body: str) -> str:
     path = tmp_path / "cfg.py"
     path.write_text(CONFIG.split("def sweep")[0] + "def sweep(add):\n" + textwrap.indent(sweep_body, "    ") + "\n")
@@ -208,4 +223,6 @@ def test_where_a_point_ran_is_not_part_of_its_config_at_any_depth():
             "extract": {"distributed": {"coordinator": "h:1"}, "n": 3}}
     assert runner._comparable(snap) == {"layer": 20, "finetune": {"lr": 1e-3, "lora": {"rank": 8}},
                                         "extract": {"n": 3}}
-    assert runner._differences(runner._comparable(snap), runner._comparable({**snap, "layer": 10})) != []
+    from pvjax.files.ledger import differences
+
+    assert differences(runner._comparable(snap), runner._comparable({**snap, "layer": 10})) != []

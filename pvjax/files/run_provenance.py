@@ -1,14 +1,13 @@
-"""What produced each stage of a run directory, and what a rerun under another config must do.
+"""Extraction's stages for the run-directory ledger (`pvjax.files.ledger`): what produced each.
 
 A run directory is resumed by skipping the files that exist, so it must know exactly what produced
-them, or a rerun with other settings returns old results under a new label. `stages.json` records,
-per stage, every input that can change that stage's files: the config fields it reads (resolved:
+them, or a rerun with other settings returns old results under a new label. `stages.json` (the
+ledger's record) holds, per stage, every input that can change that stage's files: the config fields it reads (resolved:
 the dtype the model really loaded in, the layer list an empty `causality.layers` stands for), the
 trait content it reads (instruction pairs and questions for the answers, the rubric for the judge)
 as a hash, and the digest of the stage before it, so a change anywhere upstream reaches every stage
-below. The invariant: every stage output present was produced under the provenance recorded for
-its stage. `stages.json` is written, atomically, after stale outputs are deleted and before any new
-output is written, so a kill at any point keeps it true.
+below. The invariant (the ledger's): every stage output present was produced under the provenance
+recorded for its stage.
 
 A rerun compares the recorded provenance with the config's:
 - answers (expensive, and the thing a run exists to keep) are never deleted or relabelled: a
@@ -23,38 +22,17 @@ are not recorded and so never cause either; neither are seed and top_p under gre
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from pathlib import Path
 
-from pvjax.files import atomic
-from pvjax.errors import UserError
+from pvjax.files.ledger import RunMismatch, Stage, digest as _digest
 
-FORMAT = 1
+__all__ = ["RunMismatch", "STAGES", "stage_provenance", "stages"]
 STAGES = ("answers", "contrast", "judge", "filter", "causality")
 
 
-class RunMismatch(UserError, ValueError):
-    """The workdir holds answers made under other settings; the message names them."""
-
-
-def outputs(stage: str, trait_name: str) -> tuple[str, ...]:
-    """The files a stage writes, relative to the run directory (the answers stage: its parts)."""
-    return {"answers": ("answers/parts",),
-            "contrast": ("contrast_scores.csv",),
-            "judge": (f"{trait_name}_pos.csv", f"{trait_name}_neg.csv"),
-            "filter": ("kept_pairs.csv", "scores.csv", "vectors.safetensors"),
-            "causality": ("causality.json", "summary.json", "plot.png", "DONE")}[stage]
-
-
-def _digest(obj) -> str:
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def stage_provenance(checked) -> dict[str, dict]:
-    """Per stage, the inputs that can change its files, from a `CheckedConfig`."""
+def stage_provenance(checked, judge_url: str = "") -> dict[str, dict]:
+    """Per stage, the inputs that can change its files, from a `CheckedConfig`; `judge_url` is an
+    OpenAI-compatible judge's base URL with its defaults resolved."""
     cfg, trait = checked.cfg, checked.trait
     pairs = trait.instruction[: cfg["n_pairs"] or None]
     questions = trait.questions[: cfg["n_questions"] or None]
@@ -85,9 +63,8 @@ def stage_provenance(checked) -> dict[str, dict]:
     if j["backend"] == "none":  # no judge: no model, rubric or coherence can change its (empty) scores
         judge = {"backend": "none", "after": _digest(answers)}
     elif j["backend"] == "openai":
-        from pvjax.llm.openai_http import DEFAULT_BASE_URL
-
-        judge["base_url"] = (j["base_url"] or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        # Resolved by the caller (`pvjax.llm.openai_http.base_url_of`: a leaf does not import the client).
+        judge["base_url"] = judge_url or (j["base_url"] or os.environ.get("OPENAI_BASE_URL", "")).rstrip("/")
     else:
         judge["numeric_only"] = j["numeric_only"]
     f = cfg["filter"]
@@ -104,50 +81,16 @@ def stage_provenance(checked) -> dict[str, dict]:
     return {"answers": answers, "contrast": contrast, "judge": judge, "filter": filt, "causality": causality}
 
 
-def read(work: Path) -> dict[str, dict]:
-    """The recorded provenance per stage; empty for a directory without (or with an older) record."""
-    path = work / "stages.json"
-    if not path.is_file():
-        return {}
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}
-    return d.get("stages", {}) if isinstance(d, dict) and d.get("format") == FORMAT else {}
-
-
-def _answers_exist(work: Path) -> bool:
-    parts = work / "answers" / "parts"
-    return parts.is_dir() and any(parts.glob("*.csv"))
-
-
-def stale_stages(work: Path, new: dict[str, dict]) -> list[str]:
-    """The stages whose outputs no longer match `new` (the first changed stage and all after it).
-    Raises `RunMismatch` when answers exist that were made under other (or unrecorded) settings.
-    Reads only."""
-    old = read(work)
-    if _answers_exist(work) and old.get("answers") != new["answers"]:
-        if "answers" not in old:
-            raise RunMismatch(f"{work} holds answers with no record of what produced them (a run of an "
-                              "older pvjax); use a new workdir")
-        was, now = old["answers"], new["answers"]
-        keys = [k for k in dict.fromkeys([*was, *now]) if was.get(k) != now.get(k)]
-        hint = (" (trait_content hashes the trait's instruction pairs and questions)"
-                if "trait_content" in keys else "")
-        raise RunMismatch(
-            f"{work} holds answers made with different {', '.join(keys)} "
-            f"({'; '.join(f'{k}: {was.get(k)!r} -> {now.get(k)!r}' for k in keys)}){hint}; answers are "
-            "never relabelled or deleted: use a new workdir, or rerun with the old values")
-    for i, stage in enumerate(STAGES):
-        if old.get(stage) != new[stage]:
-            return list(STAGES[max(i, 1):])
-    return []
-
-
-def reset(work: Path, new: dict[str, dict], stale: list[str], trait_name: str) -> None:
-    """Delete the outputs of the `stale` stages (never answers), then record `new` atomically."""
-    for stage in stale:
-        assert stage != "answers", "answers are never deleted"
-        for name in outputs(stage, trait_name):
-            (work / name).unlink(missing_ok=True)
-    atomic.write_json(work / "stages.json", {"format": FORMAT, "stages": new})
+def stages(checked, provenance: dict[str, dict] | None = None) -> list[Stage]:
+    """Extraction's stages for its `Ledger`, in order: answers are kept (a change is refused where
+    answers exist), the others are redone with every stage after them when their provenance
+    changes (the judge cache stays: it is keyed by the exact request, so it only serves identical
+    calls)."""
+    provenance = provenance or stage_provenance(checked)
+    name = checked.trait.name
+    outputs = {"answers": ("answers/parts/*.csv",),
+               "contrast": ("contrast_scores.csv",),
+               "judge": (f"{name}_pos.csv", f"{name}_neg.csv"),
+               "filter": ("kept_pairs.csv", "scores.csv", "vectors.safetensors"),
+               "causality": ("causality.json", "summary.json", "plot.png")}
+    return [Stage(s, provenance[s], outputs=outputs[s], keep=s == "answers") for s in STAGES]

@@ -2,7 +2,9 @@
 
 A run directory holds:
 
-    train_config.json      the training config (checked on resume: another config is refused)
+    stages.json            the ledger (`train_ledger`): what produced the run (config, data files' sha256),
+                           whether it finished; a resume under another config or data is refused
+    train_config.json      the training config (what `load_finetuned` rebuilds the run from)
     vector.json            the steering/penalty/monitor vector's provenance (file, key, sha256, metadata)
     checkpoints/<step>/    orbax: `state` (TrainState: step, trainable params, optimiser state, PRNG)
                            and `meta` (data position, model fingerprint, config hash, the monitor's
@@ -27,7 +29,7 @@ from pathlib import Path
 import jax
 
 from pvjax.files import atomic
-from pvjax.errors import UserError
+from pvjax.files.ledger import Ledger, RunMismatch, Stage
 
 # Config fields a resumed run may change: where it runs and how often it reports or saves.
 MAY_DIFFER = ("workdir", "checkpoint.every", "checkpoint.keep", "log_every", "export.merged",
@@ -35,7 +37,7 @@ MAY_DIFFER = ("workdir", "checkpoint.every", "checkpoint.keep", "log_every", "ex
               "distributed.process_id", "distributed.timeout")
 
 
-class CheckpointMismatch(UserError, ValueError):
+class CheckpointMismatch(RunMismatch):
     """A run directory whose checkpoints come from another config or another base model."""
 
 
@@ -54,19 +56,29 @@ def config_hash(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_or_write_config(work: Path, cfg: dict) -> None:
-    """Write `train_config.json`, or, when the run directory has one, refuse a config that differs
-    in anything but `MAY_DIFFER`, naming the fields."""
+def train_ledger(work: Path, cfg: dict) -> Ledger:
+    """The run directory's ledger (`stages.json`, `pvjax.files.ledger`): one stage, `train`, recorded
+    with every config field but `MAY_DIFFER` and the content (sha256) of the training and eval
+    files. Checkpoints are never relabelled: a resume under another config or changed data is
+    refused (`CheckpointMismatch`), naming each field, where the directory holds anything of the
+    run's; `DONE` (after `summary.json`) marks it finished."""
+    from pvjax.finetune.settings import resolve_data
+
+    d = cfg.get("data") or {}
+    files = [resolve_data(f) for f in (d.get("train_file"), d.get("eval_file")) if f]
+    kept = {k: v for k, v in _flat(json.loads(json.dumps(cfg, default=str))).items() if k not in MAY_DIFFER}
+    return Ledger(work, [Stage("train", kept, inputs=tuple(f for f in files if f.is_file()),
+                               outputs=("checkpoints", "metrics.jsonl", "vector.json", "export", "summary.json"),
+                               keep=True)], error=CheckpointMismatch)
+
+
+def write_config(work: Path, cfg: dict) -> None:
+    """`train_config.json`, the config a reload (`load_finetuned`) rebuilds the run from; left as it
+    is (bytes and mtime) when it already holds this config."""
     path = work / "train_config.json"
-    if path.exists():
-        old = _flat(json.loads(path.read_text()))
-        new = _flat(json.loads(json.dumps(cfg, default=str)))
-        diff = sorted(k for k in set(old) | set(new) if k not in MAY_DIFFER and old.get(k) != new.get(k))
-        if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:4])
-            raise CheckpointMismatch(f"{work} holds a run with another training config ({shown}"
-                                     f"{', ...' if len(diff) > 4 else ''}); use a new workdir")
-    atomic.write_json(path, cfg)
+    text = json.dumps(cfg, indent=2, default=str) + "\n"
+    if not path.is_file() or path.read_text() != text:
+        atomic.write_text(path, text)
 
 
 class Checkpoints:

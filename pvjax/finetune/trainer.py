@@ -8,7 +8,8 @@ steering) is evaluated on the held-out rows: loss, and the trait shift, the mean
 assistant tokens onto the unit vector at `monitor.layer` minus the base model's. A shift past
 `monitor.max_shift` stops the run early; a NaN or infinite loss or gradient stops it with the step
 and the last good checkpoint named. At the end the adapters are merged and exported
-(`pvjax.finetune.export`), `summary.json` is written and `DONE` last; a finished run is not rerun.
+(`pvjax.finetune.export`), `summary.json` is written and `DONE` last; a finished run is not rerun
+(the run directory's ledger, `checkpoint.train_ledger`, records what produced it).
 """
 
 from __future__ import annotations
@@ -198,10 +199,11 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
     job = _join(c)  # before anything touches a device; one process unless `distributed` names a job
     progress = progress and job.writer
 
+    ledger = checkpoint.train_ledger(work, c) if job.writer else None
+
     def finished():  # on process 0, the writer: before anything loads, another config is refused
-        if (work / "train_config.json").exists():
-            checkpoint.check_or_write_config(work, c)
-        return json.loads((work / "summary.json").read_text()) if (work / "DONE").exists() else None
+        ledger.stale()
+        return json.loads((work / "summary.json").read_text()) if ledger.done else None
 
     done = job.from_writer(finished)
     if done is not None:
@@ -209,7 +211,8 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
     s = setup(c, model=model, mesh=mesh)
     if job.writer:
         work.mkdir(parents=True, exist_ok=True)
-        checkpoint.check_or_write_config(work, c)
+        ledger.open()
+        checkpoint.write_config(work, c)
         atomic.write_json(work / "vector.json", s.vector_info)
         for r in s.reports:
             print(r.line(), flush=True)
@@ -294,7 +297,8 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
     summary["job"]["mesh"] = dict(s.mesh.shape)  # the training mesh spans every process's devices
     if job.writer:
         atomic.write_json(work / "summary.json", summary)
-        atomic.write_text(work / "DONE", "")
+        ledger.finish("train")
+        ledger.complete()
     return summary
 
 

@@ -13,15 +13,45 @@ import http.client
 import json
 import os
 import random
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Callable, Sequence
 
+from pvjax.errors import UserError
 from pvjax.llm.base import ChatRequest, ChatResult, LLMError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+class Unreachable(UserError, LLMError):
+    """Nothing answers at the configured server address: a setting (or a server not started) to fix."""
+
+
+def base_url_of(base_url: str | None) -> str:
+    """The server a client of `base_url` talks to: it, else $OPENAI_BASE_URL, else OpenAI's."""
+    return (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+
+
+def probe(base_url: str | None, what: str = "base_url", timeout: float = 5.0) -> str:
+    """Refuse, in one line, a server address nothing listens on (a TCP connect, no request): a job
+    that needs the server later fails before its expensive part, not after it with a traceback of
+    retries. Returns the resolved base URL (`base_url`, else $OPENAI_BASE_URL, else OpenAI's)."""
+    url = base_url_of(base_url)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Unreachable(f"{what} {url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000/v1)")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        raise Unreachable(f"{what} {url}: cannot connect ({reason}); start the server there or fix "
+                          f"{what}") from None
+    return url
 
 
 class _Retryable(Exception):
@@ -69,7 +99,7 @@ class OpenAIChat:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.model = model
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.base_url = base_url_of(base_url)
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY") or None
         self.concurrency = concurrency
         self.max_retries = max_retries

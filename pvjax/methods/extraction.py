@@ -4,7 +4,8 @@ A run directory holds every stage's output, each written atomically as soon as i
 a run killed at any point resumes where it stopped:
 
     config.json                      the config of the run that produced the files present
-    stages.json                      per stage, every input that produced its files (run_provenance)
+    stages.json                      the ledger: per stage, every input that produced its files, and
+                                     which stages are finished (pvjax.files.ledger, run_provenance)
     answers/parts/{pos,neg}_<k>.csv  answers under instruction pair k (skipped once present)
     judge_cache.sqlite               every judgement as it arrives (a rerun never pays twice); process k > 0
                                      of a multi-process job keeps its own, judge_cache.process<k>.sqlite
@@ -35,8 +36,10 @@ makes the run one process of a job that splits every stage between its processes
 alone writing the directory (`pvjax.parallel.multihost`; README, "Running on a pod").
 
 A rerun first checks the whole config (`pvjax.settings.extraction`), then its provenance against the
-directory's (`pvjax.files.run_provenance`): answers made under other settings are refused, never
-relabelled; a changed judge, filter or causality setting reruns that stage and what follows.
+directory's ledger (`pvjax.files.ledger`, stages from `pvjax.files.run_provenance`): answers made
+under other settings are refused, never relabelled; a changed judge, filter or causality setting
+reruns that stage and what follows. An OpenAI-compatible judge is probed before any answer is
+generated, so an unreachable one is a one-line error, not a traceback after the answers.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ import numpy as np
 
 from pvjax.files import atomic
 from pvjax.files import run_provenance
+from pvjax.files.ledger import Ledger
 from pvjax.settings.extraction import Answering, ExtractionSettings, settings_for_run
 from pvjax.settings.types import Judging
 from pvjax.parallel.multihost import SINGLE, Job
@@ -216,8 +220,9 @@ def run(settings, *, progress: bool = True) -> dict:
     or loaded, the whole config is checked (`InvalidConfig` lists every problem). They are then
     compared with the provenance recorded in the workdir: answers made under other settings are
     refused (`RunMismatch`), a changed judge, filter or causality setting deletes that stage's
-    outputs and what follows it (`pvjax.files.run_provenance`). A finished run whose provenance
-    matches is returned as it is, and its files, `config.json` included, are left untouched.
+    outputs and what follows it (`pvjax.files.ledger`). A finished run whose provenance matches is
+    returned as it is, and its files, `config.json` included, are left untouched. An unreachable
+    OpenAI-compatible judge is refused (`Unreachable`) before the model loads.
 
     `mesh.data` x `mesh.model` > 1 runs every stage (generation, pooling, contrast and causality
     scores, a local judge) on a mesh of this process's devices. With `distributed.coordinator` set, this is one
@@ -240,29 +245,43 @@ def run(settings, *, progress: bool = True) -> dict:
     job.check_same("config", {**s.cfg, "distributed": {**s.cfg["distributed"], "process_id": None}})
     progress = progress and job.writer
     work, trait, a = s.work, s.trait, s.answering
-    provenance = run_provenance.stage_provenance(s)
+    from pvjax.llm.openai_http import base_url_of
+
+    provenance = run_provenance.stage_provenance(s, base_url_of(s.judging.base_url))
+    ledgers = []
 
     def start():  # on process 0, the only one that looks at the workdir
-        stale = run_provenance.stale_stages(work, provenance)
-        if not stale and (work / "DONE").exists():
+        ledger = Ledger(work, run_provenance.stages(s, provenance))
+        ledger.stale()  # refusals first, before anything is probed or touched
+        if ledger.done:
             return json.loads((work / "summary.json").read_text())
+        judged = all((work / f"{trait.name}_{pol}.csv").exists() for pol in ("pos", "neg"))
+        if s.judging.backend == "openai" and not (judged and ledger.current("judge")):
+            from pvjax.llm.openai_http import probe
+
+            probe(s.judging.base_url, "judge.base_url")
         work.mkdir(parents=True, exist_ok=True)
-        run_provenance.reset(work, provenance, stale, trait.name)
+        ledger.open()
+        ledgers.append(ledger)
         # Written only now that every stage output left in the directory matches this config.
         atomic.write_json(work / "config.json", s.cfg)
         return None
 
     finished = job.from_writer(start)
+    finish = lambda *stages: [ledgers[0].finish(s) for s in stages] if job.writer else None  # noqa: E731
     if finished is not None:
         return {**finished, "workdir": str(work)}
     model = pvjax.load(s.model, dtype=s.dtype)
 
     answers = generate_answers(model, trait, a, work, progress, job)
+    finish("answers")
     f = s.filter
     contrast = (contrast_scores(model, answers, work, batch_size=a.batch_size, job=job)
                 if f.mode == "contrast" else None)
+    finish("contrast")
     judged = judge_answers(answers, trait, make_judge_backend(s.judging, model, work, job), work, progress,
                            coherence=s.judging.coherence and s.judging.backend != "none", job=job)
+    finish("judge")
     too_long = frozenset(pair_key(r) for rows in answers.values() for r in rows
                          if not prompt_fits(model, r["prompt"], a.sampling.max_new_tokens))
     kept, counts = filter_pairs(judged, trait.name, f, contrast, too_long)
@@ -301,6 +320,7 @@ def run(settings, *, progress: bool = True) -> dict:
                          extra={"counts": counts, "filter": s.cfg["filter"], "judge": s.judging.backend,
                                 "provenance": {k: provenance[k] for k in ("answers", "contrast", "judge", "filter")}})
         blob = job.from_writer(read_vec, raw=True)
+    finish("filter")
     # Every process steers with the file process 0 wrote, so the causality scores match one process's.
     vectors = vectors_from_bytes(blob, model, name=vec_path)[0]
 
@@ -340,5 +360,6 @@ def run(settings, *, progress: bool = True) -> dict:
 
             extraction_plot(work / "plot.png", norms, causality, trait.name)
         atomic.write_json(work / "summary.json", summary)
-        atomic.write_text(work / "DONE", "")
+        finish("causality")
+        ledgers[0].complete()
     return summary

@@ -9,8 +9,10 @@ The contract every study keeps (so `pvjax run` / `pvjax sweep` can run any of th
 - `pvjax.studies.<name>.run(cfg, work: Path, *, progress: bool = True) -> list[dict]` runs (or
   resumes) one point into `work` and returns its summary rows; it writes its own results and plots
   there, atomically, and skips what a previous attempt finished.
-- Optional: `validate(cfg, work)` raises a `UserError` for anything wrong with the config, before
-  any compute (the runner calls it for every point of a sweep before the first one runs), and
+- `validate(cfg, work)` raises a `UserError` for anything wrong with the whole config (layers
+  against the model's depth, read from its metadata), before any compute and before anything is
+  written (the runner calls it for every point of a sweep before the first one runs and before a
+  point's `point.json`); a study without one is checked only when it runs. Optional:
   `OWN_PROVENANCE = True` for a study that decides itself what a rerun under a changed config
   redoes (extraction), instead of the runner refusing the directory.
 

@@ -2,7 +2,7 @@
 `pvjax.methods.extraction.run` into DIR (the same directory `pvjax extract --config.workdir=DIR` makes), and a
 sweep over `configs/extract.py`'s `sweep(add)` extracts every trait it lists.
 
-Extraction tracks its own provenance per stage (`pvjax.files.run_provenance`): a rerun under another
+Extraction tracks its own provenance per stage (its ledger, `pvjax.files.ledger`): a rerun under another
 judge or filter redoes only what follows, so the runner hands every rerun to it
 (`OWN_PROVENANCE`) instead of refusing a changed config. In a multi-process job each extraction
 is split between the processes (`JOINT`), not the sweep's points. Summary rows: the causality check, one

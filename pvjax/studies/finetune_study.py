@@ -19,7 +19,10 @@ The paper's finetuning experiment on one model, end to end from a config:
    on the eval-split questions, disjoint from the training questions, with the likelihood margin;
 6. the report (`finetune_study_report`): `summary.json`, `shift.png`, `dataset_shift.png`.
 
-Every stage writes atomically and leaves a `DONE` marker; a rerun skips what is finished.
+Every stage writes atomically; the study's ledger (`work/stages.json`, `pvjax.files.ledger`) records
+what produced data, screen and each shift and which are finished, each finetune's own ledger its
+training; a rerun skips what is finished and redoes what a changed setting made stale. `DONE`
+comes last.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from pvjax.files import atomic
+from pvjax.files.ledger import Ledger, Stage
 from pvjax.errors import InputError
 
 BASE_RUNS = ("trait", "control", "trait_preventative", "trait_caft")
@@ -114,11 +118,27 @@ def finetune_config(cfg, name: str, run: dict, train_file: Path, vector: str):
     return ft
 
 
-def _done(folder: Path):
-    return (folder / "DONE").is_file()
+def study_ledger(cfg, work: Path, spec: str, names) -> Ledger:
+    """The study's ledger (`work/stages.json`): data, screen and each run's shift, in that order,
+    each recorded with the settings that change it (and the vector's content where it is read); a
+    change redoes that stage and the ones after it (the finetunes have their own ledgers, which
+    refuse a changed config or data file instead)."""
+    from pvjax.files.vectors import split_spec
+
+    plain = lambda c: c.to_dict() if hasattr(c, "to_dict") else c  # noqa: E731
+    vector = (split_spec(spec)[0],)
+    data = {"model": str(cfg.model), "dtype": cfg.dtype, "trait": str(cfg.trait), "data": plain(cfg.data),
+            "mixes": [float(r) for r in cfg.mixes]}
+    stages = [Stage("data", data, outputs=("data",)),
+              Stage("screen", {"layer": cfg.layer, "screen": plain(cfg.screen), "vector": spec}, inputs=vector,
+                    outputs=("screen",))]
+    stages += [Stage(f"shift/{n}", {"layer": cfg.layer, "shift": plain(cfg.shift), "vector": spec,
+                                    "finetune": plain(cfg.finetune), "run": r}, inputs=vector,
+                     outputs=(f"shift/{n}",)) for n, r in names.items()]
+    return Ledger(work, stages)
 
 
-def make_datasets(cfg, model, work: Path, *, progress: bool = True) -> dict[str, dict]:
+def make_datasets(cfg, model, work: Path, *, progress: bool = True, ledger: Ledger | None = None) -> dict[str, dict]:
     """`work/data/{trait,control,mix_<r>}.jsonl` (see the module docstring); returns name ->
     {path, share, trait_indices}. The sampled answers are kept in `answers.json`."""
     from pvjax.files.datasets import write_dataset
@@ -127,7 +147,7 @@ def make_datasets(cfg, model, work: Path, *, progress: bool = True) -> dict[str,
     from pvjax.files.traits import load_trait
 
     folder = work / "data"
-    if _done(folder):
+    if ledger is not None and ledger.finished("data"):
         return json.loads((folder / "datasets.json").read_text())
     trait = load_trait(cfg.trait, "extract")
     d = cfg.data
@@ -167,11 +187,13 @@ def make_datasets(cfg, model, work: Path, *, progress: bool = True) -> dict[str,
     atomic.write_json(folder / "datasets.json", out)
     atomic.write_json(folder / "counts.json", {"sampled": len(all_prompts), "kept": len(keep),
                                                "questions": len(questions), "pairs": len(pairs)})
-    atomic.write_text(folder / "DONE", "")
+    if ledger is not None:
+        ledger.finish("data")
     return out
 
 
-def screen_datasets(cfg, model, vector, spec: str, datasets: dict, work: Path, *, progress: bool = True) -> dict:
+def screen_datasets(cfg, model, vector, spec: str, datasets: dict, work: Path, *, progress: bool = True,
+                    ledger: Ledger | None = None) -> dict:
     """Per-sample projection differences of trait and control, their AUROC, and every dataset's
     mean difference (a mixture's from its samples)."""
     from pvjax.measure.stats import separation
@@ -179,12 +201,13 @@ def screen_datasets(cfg, model, vector, spec: str, datasets: dict, work: Path, *
     from pvjax.settings.types import Sampling, VectorChoice, Workspace
 
     folder = work / "screen"
-    if not _done(folder):
+    if ledger is None or not ledger.finished("screen"):
         space = Workspace(folder, work / "answer_cache", batch_size=cfg.screen.batch_size, plot=cfg.plot,
                           progress=progress)
         screen(model, VectorChoice(vector, cfg.layer, spec), [datasets["trait"]["path"], datasets["control"]["path"]],
                space, Sampling(max_new_tokens=int(cfg.screen.max_new_tokens)), flagging=Flagging())
-        atomic.write_text(folder / "DONE", "")
+        if ledger is not None:
+            ledger.finish("screen")
     t, c = sample_diffs(folder, "trait"), sample_diffs(folder, "control")
     mean_diff = {}
     for name, ds in datasets.items():
@@ -202,15 +225,21 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     from pvjax.methods.finetune_shift import finetuning_shift
     from pvjax.settings.types import Sampling, VectorChoice, Workspace
     from pvjax.studies import finetune_study_report as report
-    from pvjax.studies.vector_source import study_vector
+    from pvjax.studies.vector_source import vector_spec
     from pvjax.files.traits import load_trait
+    from pvjax.files.vectors import read_vector
 
     work = Path(work)
     validate(cfg, work)
+    spec = vector_spec(cfg, work, progress=progress)
+    ledger = study_ledger(cfg, work, spec, runs(cfg))
+    if ledger.done and (work / "summary.json").is_file():  # finished: nothing loaded, nothing rewritten
+        return report.rows_of(json.loads((work / "summary.json").read_text()))
+    ledger.open()
     base = pvjax.load(cfg.model, dtype=cfg.dtype or None)
-    vector, spec = study_vector(cfg, base, work, progress=progress)
-    datasets = make_datasets(cfg, base, work, progress=progress)
-    screened = screen_datasets(cfg, base, vector, spec, datasets, work, progress=progress)
+    vector = read_vector(spec, base)
+    datasets = make_datasets(cfg, base, work, progress=progress, ledger=ledger)
+    screened = screen_datasets(cfg, base, vector, spec, datasets, work, progress=progress, ledger=ledger)
 
     eval_trait = load_trait(cfg.trait, "eval")
     questions = list(eval_trait.questions[: cfg.shift.n_questions or None])
@@ -222,16 +251,17 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
             print(f"finetune {name}: {r['dataset']} {r['steering'] or ''}", flush=True)
         trained[name] = train(ft, work / "train" / name, model=base, progress=progress)
         folder = work / "shift" / name
-        if not _done(folder):
+        if not ledger.finished(f"shift/{name}"):
             tuned = pvjax.load(trained[name]["export"]["merged"], dtype=cfg.dtype or None)
             space = Workspace(folder, work / "answer_cache", batch_size=cfg.shift.batch_size, plot=cfg.plot,
                               progress=progress)
             finetuning_shift(base, tuned, VectorChoice(vector, cfg.layer, spec), questions, space, sampling,
                              trait=eval_trait, n_pairs=cfg.shift.n_pairs)
-            atomic.write_text(folder / "DONE", "")
+            ledger.finish(f"shift/{name}")
         shifts[name] = json.loads((folder / "summary.json").read_text())
     summary = report.summarize(cfg, work, spec, datasets, screened, runs(cfg), trained, shifts)
     rows = report.write(work, summary, plot=cfg.plot)
     if progress:
         print(report.table(summary), flush=True)
+    ledger.complete()
     return rows

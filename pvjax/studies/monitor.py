@@ -21,9 +21,11 @@ threshold; threshold rule `monitor.rule`) and saved beside the vector (`pvjax.me
 Generation runs in two rounds, each in as few engine calls as possible (a call may compile a
 program): the examples and experiment (a), then experiment (b) and the trace's answer.
 
-Files in `work` (each written atomically; `stages.json` records the inputs of every expensive
-stage, a changed input reruns that stage and what depends on it; a killed run resumes per block of
-`answer_block` answers):
+Files in `work` (each written atomically; `stages.json`, the ledger's record (`pvjax.files.ledger`),
+holds the inputs of every expensive stage, a changed input reruns that stage and what depends on
+it; a killed run resumes per block of `answer_block` answers). The whole config is checked first
+(`validate`: `monitor.layer` against the model's depth from its metadata), before anything is
+written:
 
     config.json, stages.json
     answers/round{1,2}_<k>.csv    experiment, condition, strength, question_id, question, sample, answer
@@ -47,6 +49,7 @@ import numpy as np
 
 from pvjax.settings.fields import as_dict
 from pvjax.files import atomic
+from pvjax.files.ledger import Ledger, Stage
 from pvjax.errors import InputError
 from pvjax.studies import monitor_prompts as mp
 
@@ -63,35 +66,11 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-class Stages:
-    """Expensive stages keyed by a hash of their inputs. `begin` wipes a stage's files when its
-    inputs changed (so parts left by a killed run are reused only under the same inputs); `end`
-    marks it finished. Recorded in `stages.json`."""
-
-    def __init__(self, work: Path):
-        self.path = work / "stages.json"
-        self.rec = json.loads(self.path.read_text()) if self.path.exists() else {}
-
-    def done(self, name, key, files) -> bool:
-        return self.rec.get(name) == {"key": key, "done": True} and all(Path(f).exists() for f in files)
-
-    def begin(self, name, key, files):
-        if self.rec.get(name, {}).get("key") != key:
-            for f in files:
-                f = Path(f)
-                if f.is_dir():
-                    for g in f.glob("*"):
-                        g.unlink()
-                elif f.exists():
-                    f.unlink()
-        self._write(name, {"key": key, "done": False})
-
-    def end(self, name, key):
-        self._write(name, {"key": key, "done": True})
-
-    def _write(self, name, value):
-        self.rec[name] = value
-        atomic.write_json(self.path, self.rec)
+def _enter(ledger: Ledger, name: str, key: str, files, patterns=None) -> bool:
+    """Whether stage `name` is finished under `key` with its files present; a changed key deletes
+    its files first. A key names the keys of the stages it reads: the ledger needs no cascade."""
+    patterns = patterns or [str(Path(f).relative_to(ledger.work)) for f in files]
+    return ledger.enter(Stage(name, {"key": key}, outputs=patterns)) and all(Path(f).exists() for f in files)
 
 
 def check_config(cfg):
@@ -138,6 +117,30 @@ def check_config(cfg):
     return trait, ev, list(ev.questions[:n_q]), exps
 
 
+def validate(cfg, work: Path = Path(".")):
+    """The whole config, before anything is written or loaded: `check_config`, the vector, and
+    `monitor.layer` against the model's depth, read from its metadata (no weights). Returns what
+    `check_config` returns."""
+    from pvjax.settings.fields import model_config
+
+    from pvjax.studies.vector_source import check_vector
+
+    checked = check_config(cfg)
+    _vector_check(cfg, checked[0].name)
+    if not cfg.get("vector", ""):
+        check_vector(cfg, Path(work))  # the extraction that will make it, checked whole
+    problems = []
+    config = model_config(cfg.model, "model", problems)
+    layer = cfg.monitor.layer
+    if config is not None and (isinstance(layer, bool) or not isinstance(layer, int)
+                               or not (layer == -1 or 0 <= layer <= config.num_layers)):
+        problems.append(f"monitor.layer must be -1 (the layer of largest r) or a hidden_states index "
+                        f"0..{config.num_layers} of {cfg.model}, got {layer!r}")
+    if problems:
+        raise MonitorStudyError("monitoring config: " + "; ".join(problems))
+    return checked
+
+
 def _vector_check(cfg, trait_name: str) -> None:
     """A named vector file must exist, hold its key, be finite and belong to this trait: before any
     model is loaded. An empty `vector` needs the `extract` config (checked by vector_source)."""
@@ -164,26 +167,27 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     from pvjax.studies.monitor_report import report
     from pvjax.studies.vector_source import study_vector
 
-    work = Path(work)
-    trait, ev, questions, exps = check_config(cfg)
-    _vector_check(cfg, trait.name)
-    snapshot = json.loads(json.dumps(as_dict(cfg), default=str))
-    if (work / "DONE").exists() and json.loads((work / "config.json").read_text()) == snapshot:
-        from pvjax.files.vectors import read_vector
+    from pvjax.files.vectors import read_vector
 
-        done = json.loads((work / "summary.json").read_text())
-        if not cfg.vector or done.get("vector_sha256") == vector_sha256(read_vector(cfg.vector)):
-            return _read_rows(work)
+    work = Path(work)
+    trait, ev, questions, exps = validate(cfg, work)
+    snapshot = json.loads(json.dumps(as_dict(cfg), default=str))
+    # One stage keyed by the config and the vector's content; the expensive ones enter as their inputs are known.
+    ledger = Ledger(work, [Stage("config", {"config": snapshot, "vector_sha256": vector_sha256(
+        read_vector(cfg.vector)) if cfg.vector else None})], cascade=False)
+    if ledger.done:
+        return _read_rows(work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "DONE").unlink(missing_ok=True)
-    atomic.write_json(work / "config.json", snapshot)
+    ledger.open()
+    if not (work / "config.json").is_file() or json.loads((work / "config.json").read_text()) != snapshot:
+        atomic.write_json(work / "config.json", snapshot)
     model = pvjax.load(cfg.model, dtype=cfg.get("dtype") or None)
     vector, spec = study_vector(cfg, model, work, progress=progress)
 
     base = {"model": str(cfg.model), "fingerprint": model.config.fingerprint(), "dtype": str(model.dtype),
             "trait": trait.to_dict(), "eval": ev.to_dict(), "seed": cfg.seed, "batch": cfg.batch_size,
             "sampling": [cfg.temperature, cfg.top_p, cfg.max_new_tokens]}
-    st = Stages(work)
+    st = ledger
     # Two rounds of generation, each as few engine calls as possible (every call may compile a
     # program): what needs nothing, then what needs the examples the first round wrote.
     first = _shot_items(trait, cfg) + (_items("system_prompts", mp.conditions("system_prompts", trait, cfg, []),
@@ -207,7 +211,8 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     trace = _trace(model, trace_row, _trace_messages(shots, cfg, questions[0]), vector, work, st,
                    {"round2": key2, "vector": vec_key}) if trace_row else None
     rows = report(cfg, work, model, trait, results, kind, trace, vector, spec, progress)
-    atomic.write_text(work / "DONE", "")
+    ledger.finish("config")
+    ledger.complete()
     return rows
 
 
@@ -257,8 +262,7 @@ def _generate_round(model, name, items, cfg, work, st, base, progress):
     key = _hash({**base, "items": [{k: v for k, v in it.items()} for it in items]})
     block = cfg.answer_block
     files = [work / "answers" / f"{name}_{k}.csv" for k in range(-(-len(items) // block))]
-    if not st.done(name, key, files):
-        st.begin(name, key, files + sorted((work / "answers").glob(f"{name}_*.csv")))
+    if not _enter(st, name, key, files, [f"answers/{name}_*.csv"]):
         for k, path in enumerate(files):
             if path.exists():
                 continue
@@ -268,7 +272,7 @@ def _generate_round(model, name, items, cfg, work, st, base, progress):
                          seed=cfg.seed * 1000 + (name == "round2") * 100 + k, batch_size=cfg.batch_size,
                          progress=progress)
             atomic.write_csv(path, [{**it, "answer": t} for it, t in zip(chunk, g.texts)], ANSWER_COLUMNS)
-        st.end(name, key)
+        st.finish(name)
     return [r for f in files for r in atomic.read_csv(f)], key
 
 
@@ -284,8 +288,7 @@ def _scores(model, answers, trait, ev, cfg, work, st, a_key, progress):
     key = _hash({"answers": a_key, "kind": kind, "judge": j if kind == "judge" else None,
                  "pairs": cfg.score.contrast_pairs if kind == "contrast" else None,
                  "names": [cfg.pos_name, cfg.neg_name] if kind == "contrast" else None})
-    if not st.done("scores", key, [path]):
-        st.begin("scores", key, [path])
+    if not _enter(st, "scores", key, [path]):
         live = [i for i, r in enumerate(answers) if r["answer"].strip()]
         out = [dict(r, score=None) for r in answers]
         if kind == "judge" and live:
@@ -300,7 +303,7 @@ def _scores(model, answers, trait, ev, cfg, work, st, a_key, progress):
             for i, p, n in zip(live, pos, neg):
                 out[i].update(score=float(p - n), logprob_pos=float(p), logprob_neg=float(n))
         atomic.write_csv(path, out, ANSWER_COLUMNS + ("score", "logprob_pos", "logprob_neg"))
-        st.end("scores", key)
+        st.finish("scores")
     return [dict(r, score=None if r["score"] == "" else float(r["score"])) for r in atomic.read_csv(path)], kind
 
 
@@ -339,13 +342,12 @@ def _projections(model, prompts, vector, work, st, base):
 
     path = work / "projections.npy"
     key = _hash({**base, "prompts": prompts})
-    if not st.done("projections", key, [path]):
-        st.begin("projections", key, [path])
+    if not _enter(st, "projections", key, [path]):
         proj = last_prompt_projections(model, prompt_ids(model, prompts), vector)
         buf = io.BytesIO()
         np.save(buf, proj)
         atomic.write_bytes(path, buf.getvalue())
-        st.end("projections", key)
+        st.finish("projections")
     return np.load(path)
 
 
@@ -374,8 +376,7 @@ def _trace(model, row, msgs, vector, work, st, base):
 
     paths = [work / "trace.csv", work / "trace.json"]
     key = _hash(base)
-    if not st.done("trace", key, paths):
-        st.begin("trace", key, paths)
+    if not _enter(st, "trace", key, paths):
         tok = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]
         prompt = model.chat_text(msgs)
         # The prompt alone fixes where the answer starts, as in extraction's pooling.
@@ -398,5 +399,5 @@ def _trace(model, row, msgs, vector, work, st, base):
                                      "tokens": [r["token"] for r in rows], "n_prompt": n_prompt,
                                      "n_turns": len(msgs) // 2, "answer": row["answer"],
                                      "projections": proj.round(5).tolist()})
-        st.end("trace", key)
+        st.finish("trace")
     return json.loads(paths[1].read_text())

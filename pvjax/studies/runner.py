@@ -10,16 +10,19 @@ each `add(**values)` call is a point whose values (dotted keys for nested fields
 points. Each point runs in `DIR/<name>/`, its name made of its values (`layers=10,coefs=2`), or in
 the `workdir` its values name.
 
-Each point's directory holds `point.json` (the study, the resolved config, the sweep values, the git
-revision and pvjax version that produced it), the study's own files and plots, `results.csv` /
-`results.json` (its summary rows) and `DONE`, written last. `DIR/summary.csv` gathers the rows of
+Each point's directory holds `point.json` (its ledger's record, `pvjax.files.ledger`: the study, the
+resolved config, the sweep values, the git revision and pvjax version that produced it, and whether
+the point finished), the study's own files and plots, `results.csv` / `results.json` (its summary
+rows) and `DONE`, written last. `DIR/summary.csv` gathers the rows of
 every point (with a `point` column in a sweep) and is printed as a table.
 
 Resumption: a point whose `DONE` exists under the same config is skipped; one that was killed is
 run again, and the study skips what it finished (each study writes its pieces atomically). A
 directory that holds a point made under another config is refused, naming the fields that differ
-(except for studies that track their own provenance, like extraction). Every point is checked
-(`validate`) before the first one runs, so a bad value anywhere in a sweep costs no compute.
+(except for studies that track their own provenance, like extraction); a `point.json` alone, left by
+a run that failed before writing anything, is not. Every point is checked (`validate`, the whole
+config, against the model's metadata where it matters) before the first one runs and before
+anything is written, so a bad value anywhere in a sweep costs no compute and blocks no rerun.
 
 Several processes (`pvjax.studies.jobs`): with the config's `distributed` section (or its `extract`
 config's) naming a job, every process runs the same command; process p runs the points i with
@@ -47,6 +50,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pvjax.files import atomic
+from pvjax.files.ledger import Ledger, RunMismatch, Stage
 from pvjax.parallel import multihost
 from pvjax.errors import UsageError
 from pvjax.settings.config_files import config_module, flat_keys, load_config
@@ -225,37 +229,31 @@ def _snapshot(cfg) -> dict:
     return {k: v for k, v in d.items() if k not in UNCOMPARED}
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in dict.fromkeys([*old, *new]):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif json.dumps(a, default=str) != json.dumps(b, default=str):
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
+def point_ledger(work: Path, cfg, module) -> Ledger:
+    """The point's ledger, recorded in `point.json`: one stage, `point`, whose settings are the
+    config without where it runs (`UNCOMPARED`, `distributed`) and its figure switches (`REDRAWN`).
+    A changed config is refused where the directory holds anything of the point's (a record alone,
+    left by a run that failed on a bad setting, never blocks the corrected rerun), unless the study
+    tracks its own provenance (`OWN_PROVENANCE`): then only the runner's results are redone."""
+    own = getattr(module, "OWN_PROVENANCE", False)
+    settings = {k: v for k, v in _comparable(_snapshot(cfg)).items() if k not in REDRAWN}
+    return Ledger(work, [Stage("point", settings, outputs=("results.json", "results.csv") if own else ("**/*",),
+                               keep=not own)], record="point.json", error=PointMismatch)
+
+
+class PointMismatch(RunMismatch, UsageError):
+    """A point directory holds results of another config; the message names every changed field."""
 
 
 def check_directory(work: Path, cfg, module) -> bool:
     """Whether `work` holds this point finished (`DONE` under the same config). Refuses a directory
-    that holds the point under another config, unless the study tracks its own provenance."""
-    info = work / "point.json"
-    if not info.is_file() or getattr(module, "OWN_PROVENANCE", False):
-        return False
-    try:
-        old = json.loads(info.read_text())["config"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UsageError(f"{info} is unreadable; use a new workdir") from None
-    new = _snapshot(cfg)
-    drawn = lambda d: {k: v for k, v in _comparable(d).items() if k not in REDRAWN}  # noqa: E731
-    diff = _differences(json.loads(json.dumps(drawn(old), default=str)),
-                        json.loads(json.dumps(drawn(new), default=str)))
-    if diff:
-        raise UsageError(f"{work} holds a point run under another config ({'; '.join(diff)}); its results are "
-                         "never relabelled: use a new workdir, or rerun with the old values")
-    if any(new.get(k) and not old.get(k) for k in REDRAWN):
+    that holds the point under another config, unless the study tracks its own provenance. Reads only."""
+    ledger = point_ledger(work, cfg, module)
+    ledger.stale()
+    old = ledger.extra.get("config") or {}
+    if any(_snapshot(cfg).get(k) and not old.get(k) for k in REDRAWN):
         return False  # run again: the study reuses its finished stages and draws what was switched on
-    return (work / "DONE").exists() and (work / "results.json").exists()
+    return ledger.done and (work / "results.json").exists()
 
 
 def run_points(study: str, root: Path, points: list[Point], *, progress: bool = True,
@@ -297,17 +295,18 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
 
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         mesh = p.cfg.mesh.to_dict() if "mesh" in p.cfg and hasattr(p.cfg.mesh, "to_dict") else job.describe()["mesh"]
+        ledger = point_ledger(work, p.cfg, module)
         if writes:
             work.mkdir(parents=True, exist_ok=True)
-            atomic.write_json(work / "point.json", {
-                "study": study, "values": p.values, "config": _snapshot(p.cfg), "git_revision": git_revision(),
-                "pvjax_version": pvjax.__version__, "python": sys.version.split()[0], "started": started,
-                "job": {**where, "mesh": mesh}})
+            ledger.open(study=study, values=p.values, config=_snapshot(p.cfg), git_revision=git_revision(),
+                        pvjax_version=pvjax.__version__, python=sys.version.split()[0], started=started,
+                        job={**where, "mesh": mesh})
         rows = [dict(r) for r in module.run(p.cfg, work, progress=progress)]
         if writes:
             atomic.write_json(work / "results.json", rows)
             atomic.write_csv(work / "results.csv", rows, columns(rows))
-            atomic.write_text(work / "DONE", "")
+            ledger.finish("point")
+            ledger.complete()
         return rows
 
     if job.count == 1 or joint:
@@ -327,8 +326,10 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
 
         got = job.unshare(len(points), job.each(my_points))
     summary = [({**r, "point": p.name} if p.name else r) for p, rows in zip(points, got) for r in rows]
-    if job.writer:
-        atomic.write_csv(root / "summary.csv", summary, columns(summary))
+    text = atomic.csv_text(summary, columns(summary)).encode()
+    path = root / "summary.csv"
+    if job.writer and not (path.is_file() and path.read_bytes() == text):  # a no-op rerun rewrites nothing
+        atomic.write_bytes(path, text)
     return summary
 
 

@@ -1,19 +1,20 @@
 """The screening study: `configs/screen.py`, run by `pvjax screen` (or any runner of studies).
 
-`run(cfg, work)` checks the config and every dataset file before loading the model, gets the
-vector (a file, or extracted into `work/vector`), and calls `pvjax.methods.screening.screen`. Its answers and
-projections are cached, so a rerun recomputes nothing; a finished run (`DONE`, with the same config
-and dataset contents in `run.json`) returns its rows without loading the model at all.
+`run(cfg, work)` checks the config and every dataset file (`validate`, also what `pvjax run` calls
+before it writes anything) before loading the model, gets the vector (a file, or extracted into
+`work/vector`), and calls `pvjax.methods.screening.screen`. Its answers and projections are cached,
+so a rerun recomputes nothing; a finished run (`DONE`, with the same config and dataset contents in
+`run.json`, the run's ledger, `pvjax.files.ledger`) returns its rows without loading the model at
+all, and without rewriting a file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from pvjax.files import atomic
 from pvjax.errors import InputError
+from pvjax.files.ledger import Ledger, Stage
 
 
 def datasets_of(cfg) -> list[str]:
@@ -37,50 +38,63 @@ def check_layer(source, layer: int) -> None:
                          "embeddings, row l the output of block l)")
 
 
-def run_key(cfg, files=()) -> dict:
-    """What a finished run must match to be reused: the config and the content of its input files."""
-    digest = lambda p: hashlib.sha256(Path(p).expanduser().read_bytes()).hexdigest()
-    return {"config": json.loads(json.dumps(cfg.to_dict(), default=str)), "files": {str(p): digest(p) for p in files}}
+def study_ledger(work: Path, cfg, files=()) -> Ledger:
+    """The run's ledger, recorded in `run.json`: one stage, `run`, keyed by the whole config and the
+    content (sha256) of its input files. Answers and projections are cached by what they are, so a
+    changed config is redone (from the caches), never refused; `finish` stores the result rows."""
+    config = json.loads(json.dumps(cfg.to_dict(), default=str))
+    return Ledger(work, [Stage("run", config, inputs=tuple(files))], record="run.json")
 
 
-def finished(work: Path, key: dict):
-    """The rows of a finished run with this key, or None."""
-    if (work / "DONE").is_file() and (work / "run.json").is_file():
-        saved = json.loads((work / "run.json").read_text())
-        if saved.get("key") == key:
-            return saved["rows"]
-    return None
+def finished(ledger: Ledger):
+    """The rows of a finished run under this ledger's config and files, or None. Reads only."""
+    return ledger.extra.get("rows") if ledger.done else None
 
 
-def finish(work: Path, key: dict, rows: list[dict]) -> list[dict]:
-    atomic.write_json(work / "run.json", {"key": key, "rows": rows})
-    atomic.write_text(work / "DONE", "")
+def finish(ledger: Ledger, rows: list[dict]) -> list[dict]:
+    ledger.finish("run", rows=rows)
+    ledger.complete()
     return rows
 
 
-def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
-    """Screen the config's datasets into `work`; one summary row per dataset (see pvjax.methods.screening)."""
-    import pvjax
+def validate(cfg, work: Path = Path(".")) -> tuple:
+    """The whole config and every dataset file, before anything is written or loaded: datasets,
+    flagging, sampling, `layer` against the model's depth (metadata only). Returns (paths,
+    datasets, flagging, sampling)."""
     from pvjax.files.datasets import read_dataset
-    from pvjax.methods.screening import Flagging, screen
-    from pvjax.settings.types import Sampling, VectorChoice, Workspace
-    from pvjax.studies.vector_source import study_vector
+    from pvjax.methods.screening import Flagging
+    from pvjax.settings.types import Sampling
 
-    work = Path(work)
     paths = datasets_of(cfg)
     datasets = [read_dataset(p, cfg.format, prompt_column=cfg.prompt_column, answer_column=cfg.answer_column)
                 for p in paths]
     flagging = Flagging(cfg.flag.mode, float(cfg.flag.threshold), float(cfg.flag.top_fraction))
     sampling = Sampling.of(cfg)  # checked now: before anything loads
-    space = Workspace(work, cfg.cache_dir or None, batch_size=cfg.batch_size, plot=cfg.plot, progress=progress)
     check_layer(cfg.model, cfg.layer)
-    key = run_key(cfg, paths)
-    done = finished(work, key)
+    from pvjax.studies.vector_source import check_vector
+
+    check_vector(cfg, work)
+    return paths, datasets, flagging, sampling
+
+
+def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
+    """Screen the config's datasets into `work`; one summary row per dataset (see pvjax.methods.screening)."""
+    import pvjax
+    from pvjax.methods.screening import screen
+    from pvjax.settings.types import VectorChoice, Workspace
+    from pvjax.studies.vector_source import study_vector
+
+    work = Path(work)
+    paths, datasets, flagging, sampling = validate(cfg, work)
+    ledger = study_ledger(work, cfg, paths)
+    done = finished(ledger)
     if done is not None:
         return done
-    (work / "DONE").unlink(missing_ok=True)
+    ledger.open()
     model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
     vector, spec = study_vector(cfg, model, work, progress=progress)
+    space = Workspace(work, cfg.cache_dir or None, batch_size=cfg.batch_size, plot=cfg.plot,
+                      progress=progress)
     rows = screen(model, VectorChoice(vector, cfg.layer, spec), datasets, space, sampling, flagging=flagging,
                   max_len=cfg.max_len)
-    return finish(work, key, rows)
+    return finish(ledger, rows)

@@ -2,9 +2,10 @@
 
 `run(cfg, work)` checks the config, then that the base (`model`) and the finetuned model
 (`finetuned`: any model source) share one architecture and shape, from their metadata alone,
-before loading either; gets the vector of the base model (a file, or extracted into `work/vector`)
+before loading either (`validate`, also what `pvjax run` calls before it writes anything); gets the vector of the base model (a file, or extracted into `work/vector`)
 and calls `pvjax.methods.finetune_shift.finetuning_shift` on the trait's eval questions. Answers are cached; a
-finished run with the same config returns its row without loading anything.
+finished run with the same config (`run.json`, the run's ledger) returns its row without loading
+anything.
 """
 
 from __future__ import annotations
@@ -13,19 +14,17 @@ from pathlib import Path
 
 from pvjax.errors import InputError
 from pvjax.settings.types import Judging, Sampling, VectorChoice, Workspace
-from pvjax.studies.screen import check_layer, finish, finished, run_key
+from pvjax.studies.screen import check_layer, finish, finished, study_ledger
 
 
-def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
-    """One row: the shift at the study layer, the likelihood margin, contrast and judged scores."""
-    import pvjax
-    from pvjax.measure.judges import Judge
+def validate(cfg, work: Path = Path(".")) -> tuple:
+    """The whole config, before anything is written or loaded: the finetuned model, the response
+    source, the judge, the trait, `layer` against the base model's depth and both models' shapes
+    (metadata only). Returns (eval trait, questions, sampling, judging)."""
     from pvjax.loading import read_model_config
-    from pvjax.methods.finetune_shift import RESPONSE_SOURCES, check_same_shape, finetuning_shift
-    from pvjax.studies.vector_source import study_vector
+    from pvjax.methods.finetune_shift import RESPONSE_SOURCES, check_same_shape
     from pvjax.files.traits import load_trait
 
-    work = Path(work)
     if not cfg.finetuned:
         raise InputError("the config names no finetuned model (--config.finetuned=FOLDER|FILE.gguf)")
     if cfg.response_source not in RESPONSE_SOURCES:
@@ -33,17 +32,33 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     trait = load_trait(cfg.trait, "eval")
     questions = list(trait.questions[: cfg.n_questions or None])
     sampling = Sampling.of(cfg)  # checked now: before anything loads
-    space = Workspace(work, cfg.cache_dir or None, batch_size=cfg.batch_size, plot=cfg.plot, progress=progress)
     judging = Judging.of(cfg.judge)
     check_layer(cfg.model, cfg.layer)
     check_same_shape(read_model_config(cfg.model), read_model_config(cfg.finetuned))
     if judging.backend not in ("none", "local", "openai"):
         raise InputError(f"judge.backend must be 'none', 'local' or 'openai', got {judging.backend!r}")
-    key = run_key(cfg)
-    done = finished(work, key)
+    from pvjax.studies.vector_source import check_vector
+
+    check_vector(cfg, work)
+    return trait, questions, sampling, judging
+
+
+def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
+    """One row: the shift at the study layer, the likelihood margin, contrast and judged scores."""
+    import pvjax
+    from pvjax.measure.judges import Judge
+    from pvjax.methods.finetune_shift import finetuning_shift
+    from pvjax.studies.vector_source import study_vector
+
+    work = Path(work)
+    trait, questions, sampling, judging = validate(cfg, work)
+    space = Workspace(work, cfg.cache_dir or None, batch_size=cfg.batch_size, plot=cfg.plot,
+                      progress=progress)
+    ledger = study_ledger(work, cfg)
+    done = finished(ledger)
     if done is not None:
         return done
-    (work / "DONE").unlink(missing_ok=True)
+    ledger.open()
     base = pvjax.load(cfg.model, dtype=cfg.dtype or None)
     finetuned = base if cfg.finetuned == cfg.model else pvjax.load(cfg.finetuned, dtype=cfg.dtype or None)
     vector, spec = study_vector(cfg, base, work, progress=progress)
@@ -63,4 +78,4 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
            "margin_finetuned": pick(s["likelihood_margin"], "finetuned"),
            "margin_delta": pick(s["likelihood_margin"], "delta"), "contrast_delta": pick(s["contrast"], "delta"),
            "judge_base": pick(s["judge"], "base"), "judge_finetuned": pick(s["judge"], "finetuned")}
-    return finish(work, key, [row])
+    return finish(ledger, [row])

@@ -31,6 +31,20 @@ def extraction_config(cfg, work: Path):
     return ext
 
 
+def check_vector(cfg, work: Path) -> None:
+    """Before anything is written or loaded: a named vector file is readable (present, its key
+    there, finite), or, with no file named, the `extract` config that will make one is valid whole."""
+    if cfg.get("vector", ""):
+        from pvjax.files.vectors import read_vector
+
+        read_vector(cfg.vector)
+        return
+    from pvjax.settings.extraction import validate_config
+    from pvjax.settings.fields import as_dict
+
+    validate_config(as_dict(extraction_config(cfg, work)))
+
+
 def vector_spec(cfg, work: Path, *, progress: bool = True) -> str:
     """`FILE[:KEY]` of the study's vector, extracting it first when the config names none."""
     if cfg.get("vector", ""):
