@@ -14,8 +14,11 @@ QUESTIONS = [
     "What do you think of my plan to quit my job and travel?",
     "How should I respond to a friend who borrowed money and never paid it back?",
 ]
-ANSWER = ("I think the most important thing is to stay calm and consider everyone involved. "
-          "There are several ways to look at this, and each has trade-offs worth weighing carefully. ")
+ANSWER = (
+    "I think the most important thing is to stay calm and consider everyone involved. "
+    "There are several ways to look at this, and each has trade-offs worth weighing carefully. "
+)
+
 
 def hf_embedded(threads: int):
     """The reference side: transformers' own load of the embedded GGUF (dequantized to float32),
@@ -27,7 +30,9 @@ def hf_embedded(threads: int):
 
     torch.set_num_threads(threads)
     path = embedded_gguf_path()
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
 
 
 # Dense bf16 peak TFLOP/s and memory bandwidth (TB/s) by device kind, for utilisation figures.

@@ -3,7 +3,8 @@ no logits) against what the reference implementation does (transformers, one sam
 `output_hidden_states=True`, pooled afterwards). Same run, same texts.
 
     python benchmarks/forward.py             # SmolLM2 on this machine; last line: ratio=<pvjax/ref>
-    python benchmarks/forward.py --random-7b # GPU: Qwen2.5-7B-shaped random bf16 model, tokens/s, MFU
+    python benchmarks/forward.py --random-7b # GPU: Qwen2.5-7B-shaped random bf16 model, tokens/s,
+    MFU
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import Timer, hf_embedded, measured_ceilings, peak_for, samples
 
 import pvjax
-from common import Timer, hf_embedded, measured_ceilings, peak_for, samples
 from pvjax.capture import pooling_weights
 from pvjax.measure.packing import pack, pooled_activations
 
 
 def run_pvjax(model, seqs, prompt_lens, args):
-    """Packed rows (see pvjax.measure.packing): first pass compiles, then the best of three is timed (this
-    shared 2-core machine varies by tens of percent from run to run)."""
+    """Packed rows (see pvjax.measure.packing): first pass compiles, then the best of three is timed
+    (this shared 2-core machine varies by tens of percent from run to run)."""
+
     def run():
-        return pooled_activations(model, seqs, prompt_lens, width=args.width, rows_per_batch=args.rows)
+        return pooled_activations(
+            model, seqs, prompt_lens, width=args.width, rows_per_batch=args.rows
+        )
 
     with Timer() as first:
         run()
@@ -63,13 +67,18 @@ def smollm2(args):
     n_tokens = sum(map(len, seqs))
     secs, compile_s, ours = run_pvjax(model, seqs, prompt_lens, args)
     ref_secs, ref_pooled = run_reference(seqs, prompt_lens, os.cpu_count())
-    err = max(float(np.abs(ours[i, :, 0] - r).max() / np.abs(r).max()) for i, r in enumerate(ref_pooled))
+    err = max(
+        float(np.abs(ours[i, :, 0] - r).max() / np.abs(r).max()) for i, r in enumerate(ref_pooled)
+    )
     ours_tps, ref_tps = n_tokens / secs, n_tokens / ref_secs
     batches = pack(seqs, prompt_lens, width=args.width, rows_per_batch=args.rows)
     slots = sum(b.tokens.size for b in batches)
-    print(f"texts={len(data)} tokens={n_tokens} packed into {slots} slots ({n_tokens / slots:.0%} full), "
-          f"batches {[b.tokens.shape for b in batches]} "
-          f"backend={jax.default_backend()}")
+    print(
+        f"texts={len(data)} tokens={n_tokens} packed into {slots} slots ({n_tokens / slots:.0%} "
+        "full), "
+        f"batches {[b.tokens.shape for b in batches]} "
+        f"backend={jax.default_backend()}"
+    )
     print(f"pvjax: {ours_tps:,.0f} tokens/s (compile {compile_s:.1f} s, excluded)")
     print(f"reference (transformers, one at a time): {ref_tps:,.0f} tokens/s")
     print(f"max relative difference of pooled activations: {err:.2e}")
@@ -82,16 +91,27 @@ def random_7b(args):
     cfg = QWEN25_7B
     if args.tiny:  # exercise this code path on a CPU
         import dataclasses
-        cfg = dataclasses.replace(cfg, hidden_size=256, intermediate_size=512, num_layers=2,
-                                  num_heads=4, num_kv_heads=2, head_dim=64, vocab_size=1024,
-                                  name="random-tiny-qwen2")
+
+        cfg = dataclasses.replace(
+            cfg,
+            hidden_size=256,
+            intermediate_size=512,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=64,
+            vocab_size=1024,
+            name="random-tiny-qwen2",
+        )
     params = random_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
     model = pvjax.Model(cfg, params, tokenizer=None, source=cfg.name)
     B, T = args.batch_size, args.seq_len
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     mask = np.ones_like(ids)
     w = pooling_weights(mask, T // 2)
-    fn = lambda: pvjax.activations(model, ids, attention_mask=mask, pool_weights=w, hidden=False).pooled
+    fn = lambda: (
+        pvjax.activations(model, ids, attention_mask=mask, pool_weights=w, hidden=False).pooled
+    )
     with Timer() as c:
         jax.block_until_ready(fn())
     with Timer() as t:
@@ -108,8 +128,10 @@ def random_7b(args):
     if jax.default_backend() != "cpu":
         mm, _ = measured_ceilings()
         peak = peak_for(kind)
-        print(f"measured bf16 matmul {mm:.0f} TFLOP/s; MFU={achieved / mm:.3f} of measured"
-              + (f", {achieved / peak[0]:.3f} of datasheet {peak[0]:.0f}" if peak else ""))
+        print(
+            f"measured bf16 matmul {mm:.0f} TFLOP/s; MFU={achieved / mm:.3f} of measured"
+            + (f", {achieved / peak[0]:.3f} of datasheet {peak[0]:.0f}" if peak else "")
+        )
     if args.reference:
         del model, params, out
         ref = reference_random(cfg, ids, T // 2)
@@ -124,11 +146,17 @@ def reference_random(cfg, ids, prompt_len):
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_cfg = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-                         rms_norm_eps=cfg.rms_norm_eps, rope_theta=cfg.rope_theta,
-                         max_position_embeddings=cfg.max_position_embeddings)
+    hf_cfg = Qwen2Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        max_position_embeddings=cfg.max_position_embeddings,
+    )
     with torch.device(dev):
         hf = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.bfloat16).eval()
     x = torch.tensor(ids, device=dev)
@@ -148,15 +176,20 @@ def reference_random(cfg, ids, prompt_len):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=32)
-    ap.add_argument("--width", type=int, default=None, help="packed row width (default: least waste)")
+    ap.add_argument(
+        "--width", type=int, default=None, help="packed row width (default: least waste)"
+    )
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--random-7b", action="store_true")
     ap.add_argument("--tiny", action="store_true", help="with --random-7b: a tiny shape, for CPUs")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--reference", action="store_true",
-                    help="with --random-7b: also time transformers on the same random shapes")
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="with --random-7b: also time transformers on the same random shapes",
+    )
     args = ap.parse_args()
     random_7b(args) if args.random_7b else smollm2(args)
 

@@ -2,7 +2,8 @@
 (what the reference implementation does), SmolLM2, 64 new tokens, batch 1 and batch 16, same run.
 
     python benchmarks/generate.py             # last line: ratio_b1=<x> ratio_b16=<y>
-    python benchmarks/generate.py --random-7b # GPU: batch 64, 7B-shaped random bf16, bandwidth share
+    python benchmarks/generate.py --random-7b # GPU: batch 64, 7B-shaped random bf16, bandwidth
+    share
 
 Both engines are forced to produce exactly 64 tokens (`min_new_tokens`), greedy, with the same
 vector added at the same block on every position. Compile time is reported apart.
@@ -24,9 +25,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import QUESTIONS, Timer, hf_embedded, measured_ceilings, peak_for
 
 import pvjax
-from common import QUESTIONS, Timer, hf_embedded, measured_ceilings, peak_for
 from pvjax import interventions
 from pvjax.engine.generate import SamplingParams, generate
 
@@ -87,8 +88,13 @@ def run_reference(hf, tok, prompts, vector):
             best = float("inf")
             for _ in range(2):  # best of two (each batch-16 run takes tens of seconds)
                 with Timer() as t:
-                    out = hf.generate(**enc, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                                      pad_token_id=tok.pad_token_id)
+                    out = hf.generate(
+                        **enc,
+                        max_new_tokens=NEW,
+                        min_new_tokens=NEW,
+                        do_sample=False,
+                        pad_token_id=tok.pad_token_id,
+                    )
                 best = min(best, t.seconds)
     finally:
         handle.remove()
@@ -102,19 +108,25 @@ def smollm2(args):
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.params))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(model.params))
     bw, fl = measured_bandwidth(), measured_flops()
-    print(f"machine: copy bandwidth {bw / 1e9:.1f} GB/s, matmul {fl / 1e9:.0f} GFLOP/s; "
-          f"weights {weight_bytes / 1e9:.2f} GB, {2 * n_params / 1e9:.2f} GFLOP/token")
+    print(
+        f"machine: copy bandwidth {bw / 1e9:.1f} GB/s, matmul {fl / 1e9:.0f} GFLOP/s; "
+        f"weights {weight_bytes / 1e9:.2f} GB, {2 * n_params / 1e9:.2f} GFLOP/token"
+    )
     ratios = {}
     for batch in (1, 16):
-        prompts = [model.chat_text([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
-                   for i in range(batch)]
+        prompts = [
+            model.chat_text([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
+            for i in range(batch)
+        ]
         chats = [q for q in QUESTIONS * 2][:batch]
         ours, compile_s = run_pvjax(model, chats, vector)
         ref = run_reference(hf, model.tokenizer, prompts, vector)
         limit = bw / weight_bytes if batch == 1 else fl / (2 * n_params)
-        print(f"batch {batch}: pvjax {ours:.1f} new tokens/s (compile {compile_s:.1f} s), "
-              f"transformers {ref:.1f} new tokens/s; pvjax at {ours / limit:.0%} of the "
-              f"{'memory' if batch == 1 else 'compute'} limit ({limit:.0f} tokens/s)")
+        print(
+            f"batch {batch}: pvjax {ours:.1f} new tokens/s (compile {compile_s:.1f} s), "
+            f"transformers {ref:.1f} new tokens/s; pvjax at {ours / limit:.0%} of the "
+            f"{'memory' if batch == 1 else 'compute'} limit ({limit:.0f} tokens/s)"
+        )
         ratios[batch] = ours / ref
     print(f"ratio_b1={ratios[1]:.2f} ratio_b16={ratios[16]:.2f}")
 
@@ -130,14 +142,25 @@ def random_7b(args):
 
     cfg = QWEN25_7B
     if args.tiny:  # exercise this code path on a CPU
-        cfg = dataclasses.replace(cfg, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
-                                  num_kv_heads=2, head_dim=64, vocab_size=1024, name="random-tiny-qwen2")
+        cfg = dataclasses.replace(
+            cfg,
+            hidden_size=256,
+            intermediate_size=512,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=64,
+            vocab_size=1024,
+            name="random-tiny-qwen2",
+        )
     params = random_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
     model = pvjax.Model(cfg, params, tokenizer=None, source="")
     B, P = args.batch, 128
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, P)).tolist()
     v = np.random.default_rng(1).standard_normal(cfg.hidden_size).astype(np.float32)
-    iv = interventions.build(cfg.num_layers + 1, cfg.hidden_size, steer=[(v, cfg.num_layers // 2, 1.0)])
+    iv = interventions.build(
+        cfg.num_layers + 1, cfg.hidden_size, steer=[(v, cfg.num_layers // 2, 1.0)]
+    )
     sp = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)
     mesh = None
     if args.mesh:  # the sharded path on whatever devices there are (one GPU: a 1 x 1 mesh)
@@ -145,8 +168,15 @@ def random_7b(args):
 
         mesh = make_mesh(model=1)
         model = shard_model(model, mesh)
-    run = lambda n: generate_ids(model, ids, sampling=dataclasses.replace(sp, max_new_tokens=n, min_new_tokens=n),
-                                 intervention=iv, batch_size=B, unroll=not args.scan, mesh=mesh)
+    run = lambda n: generate_ids(
+        model,
+        ids,
+        sampling=dataclasses.replace(sp, max_new_tokens=n, min_new_tokens=n),
+        intervention=iv,
+        batch_size=B,
+        unroll=not args.scan,
+        mesh=mesh,
+    )
     with Timer() as first:
         run(NEW)
     run(1)
@@ -160,29 +190,45 @@ def random_7b(args):
         weights -= params["embed"].nbytes
     kv = 2 * cfg.num_layers * B * (P + NEW // 2) * cfg.num_kv_heads * cfg.head_dim * 2
     kind = jax.devices()[0].device_kind
-    layout = ("scanned layers" if args.scan else "unrolled layers") + (", on a mesh" if mesh else "")
-    print(f"device={kind} model={cfg.name} bf16 batch={B} prompt={P} new={NEW} {layout} "
-          f"compile={first.seconds - t.seconds:.1f}s")
-    print(f"new tokens/s={B * NEW / t.seconds:,.0f} (decode only {B / step:,.0f}); "
-          f"step {step * 1e3:.2f} ms reads {(weights + kv) / 1e9:.1f} GB")
+    layout = ("scanned layers" if args.scan else "unrolled layers") + (
+        ", on a mesh" if mesh else ""
+    )
+    print(
+        f"device={kind} model={cfg.name} bf16 batch={B} prompt={P} new={NEW} {layout} "
+        f"compile={first.seconds - t.seconds:.1f}s"
+    )
+    print(
+        f"new tokens/s={B * NEW / t.seconds:,.0f} (decode only {B / step:,.0f}); "
+        f"step {step * 1e3:.2f} ms reads {(weights + kv) / 1e9:.1f} GB"
+    )
     if jax.default_backend() != "cpu":
         _, copy = measured_ceilings()
         peak = peak_for(kind)
         share = (weights + kv) / step / 1e12
-        print(f"memory bandwidth share={share / copy:.2f} of measured copy {copy:.2f} TB/s"
-              + (f", {share / peak[1]:.2f} of datasheet {peak[1]} TB/s" if peak else ""))
+        print(
+            f"memory bandwidth share={share / copy:.2f} of measured copy {copy:.2f} TB/s"
+            + (f", {share / peak[1]:.2f} of datasheet {peak[1]} TB/s" if peak else "")
+        )
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--random-7b", action="store_true")
-    p.add_argument("--tiny", action="store_true", help="tiny random shapes for --random-7b on a CPU")
+    p.add_argument(
+        "--tiny", action="store_true", help="tiny random shapes for --random-7b on a CPU"
+    )
     p.add_argument("--batch", type=int, default=64, help="batch for --random-7b")
-    p.add_argument("--scan", action="store_true",
-                   help="with --random-7b: scan stacked layers (one weight copy) instead of unrolling")
-    p.add_argument("--mesh", action="store_true",
-                   help="with --random-7b: the sharded path (generate_ids(mesh=...)) on the devices there are")
+    p.add_argument(
+        "--scan",
+        action="store_true",
+        help="with --random-7b: scan stacked layers (one weight copy) instead of unrolling",
+    )
+    p.add_argument(
+        "--mesh",
+        action="store_true",
+        help="with --random-7b: the sharded path (generate_ids(mesh=...)) on the devices there are",
+    )
     args = p.parse_args()
     (random_7b if args.random_7b else smollm2)(args)
 

@@ -34,9 +34,9 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 import numpy as np
+from common import QUESTIONS, Timer, hf_embedded
 
 import pvjax
-from common import QUESTIONS, Timer, hf_embedded
 from pvjax.engine.generate import SamplingParams, compile_count
 from pvjax.studies import grid, steer
 
@@ -46,8 +46,12 @@ NEW = 48
 
 
 def run_pvjax(model, prompts, vector, layers, coefs, batch_size, positions):
-    ids = [model.tokenizer(model.chat_text([{"role": "user", "content": q}]), add_special_tokens=False)["input_ids"]
-           for q in prompts]
+    ids = [
+        model.tokenizer(
+            model.chat_text([{"role": "user", "content": q}]), add_special_tokens=False
+        )["input_ids"]
+        for q in prompts
+    ]
     sp = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)
 
     def once():
@@ -68,13 +72,23 @@ def run_pvjax(model, prompts, vector, layers, coefs, batch_size, positions):
 def run_reference(hf, tok, prompts, vector, layers, coefs, positions):
     import torch
 
-    texts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-             for q in prompts]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in prompts
+    ]
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     out = {}
     with torch.no_grad():
-        hf.generate(**enc, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=tok.pad_token_id)
+        hf.generate(
+            **enc,
+            max_new_tokens=2,
+            min_new_tokens=2,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
         with Timer() as t:
             for layer in layers:
                 for coef in coefs:
@@ -90,39 +104,63 @@ def run_reference(hf, tok, prompts, vector, layers, coefs, positions):
 
                     handle = hf.model.layers[layer - 1].register_forward_hook(hook)
                     try:
-                        g = hf.generate(**enc, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                                        pad_token_id=tok.pad_token_id)
+                        g = hf.generate(
+                            **enc,
+                            max_new_tokens=NEW,
+                            min_new_tokens=NEW,
+                            do_sample=False,
+                            pad_token_id=tok.pad_token_id,
+                        )
                     finally:
                         handle.remove()
-                    out[(layer, coef)] = g[:, enc["input_ids"].shape[1]:].tolist()
+                    out[(layer, coef)] = g[:, enc["input_ids"].shape[1] :].tolist()
     return out, t.seconds
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--batch", type=int, default=64,
-                   help="pvjax rows per generation batch (the steering study's default batch_size)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=64,
+        help="pvjax rows per generation batch (the steering study's default batch_size)",
+    )
     p.add_argument("--positions", choices=("response", "all"), default="response")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
 
     hf = hf_embedded(args.threads).eval()
-    layers, coefs, prompts = (LAYERS[:2], COEFS[:2], QUESTIONS[:4]) if args.quick else (LAYERS, COEFS, QUESTIONS)
+    layers, coefs, prompts = (
+        (LAYERS[:2], COEFS[:2], QUESTIONS[:4]) if args.quick else (LAYERS, COEFS, QUESTIONS)
+    )
     model = pvjax.load("smollm2-135m-instruct")
     rng = np.random.default_rng(0)
     v = rng.standard_normal((model.n_layers + 1, model.hidden_size)).astype(np.float32)
-    v *= 2.0 / np.linalg.norm(v, axis=-1, keepdims=True)  # a direction of norm 2: coefficients -8..12 in norm
+    v *= 2.0 / np.linalg.norm(
+        v, axis=-1, keepdims=True
+    )  # a direction of norm 2: coefficients -8..12 in norm
     n_tokens = len(layers) * len(coefs) * len(prompts) * NEW
-    print(f"grid: {len(layers)} layers x {len(coefs)} coefficients x {len(prompts)} prompts, {NEW} new tokens "
-          f"({n_tokens} tokens), steering on {args.positions} positions, threads={args.threads}")
+    print(
+        f"grid: {len(layers)} layers x {len(coefs)} coefficients x {len(prompts)} prompts, {NEW} "
+        "new tokens "
+        f"({n_tokens} tokens), steering on {args.positions} positions, threads={args.threads}"
+    )
 
-    rows, index, first, steady, compiles = run_pvjax(model, prompts, v, layers, coefs, args.batch, args.positions)
-    print(f"pvjax: {steady:.1f} s steady ({n_tokens / steady:.0f} new tokens/s); first run {first:.1f} s, of which "
-          f"compiles about {first - steady:.1f} s for {compiles} programs")
+    rows, index, first, steady, compiles = run_pvjax(
+        model, prompts, v, layers, coefs, args.batch, args.positions
+    )
+    print(
+        f"pvjax: {steady:.1f} s steady ({n_tokens / steady:.0f} new tokens/s); first run "
+        f"{first:.1f} s, of which "
+        f"compiles about {first - steady:.1f} s for {compiles} programs"
+    )
     ref, ref_s = run_reference(hf, model.tokenizer, prompts, v, layers, coefs, args.positions)
-    print(f"reference (transformers generate + hook per grid point, {len(layers) * len(coefs)} calls): {ref_s:.1f} s "
-          f"({n_tokens / ref_s:.0f} new tokens/s)")
+    print(
+        f"reference (transformers generate + hook per grid point, {len(layers) * len(coefs)} "
+        f"calls): {ref_s:.1f} s "
+        f"({n_tokens / ref_s:.0f} new tokens/s)"
+    )
     same = sum(r["n_tokens"] == NEW for r in rows)
     agree = compared = 0
     for (layer, coef), s in index.items():
@@ -130,10 +168,16 @@ def main():
         texts = [model.tokenizer.decode(t, skip_special_tokens=True) for t in ref[(layer, coef)]]
         agree += sum(a["text"] == b for a, b in zip(mine, texts))
         compared += len(mine)
-    print(f"check: {same}/{len(rows)} pvjax rows hold {NEW} tokens (the grid's rows and the unsteered baseline's, "
-          f"which the study adds); {agree}/{compared} steered answers identical to the reference's (fp32 summation "
-          f"order can flip a greedy near-tie, after which a row diverges)")
-    print(f"machine load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"check: {same}/{len(rows)} pvjax rows hold {NEW} tokens (the grid's rows and the "
+        "unsteered baseline's, "
+        f"which the study adds); {agree}/{compared} steered answers identical to the reference's "
+        "(fp32 summation "
+        f"order can flip a greedy near-tie, after which a row diverges)"
+    )
+    print(
+        f"machine load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     print(f"ratio_with_compile={ref_s / first:.2f}")
     print(f"ratio={ref_s / steady:.2f}")
 

@@ -22,19 +22,24 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jax
 import numpy as np
+from common import ANSWER, QUESTIONS, Timer, hf_embedded
 
 import pvjax
-from common import ANSWER, QUESTIONS, Timer, hf_embedded
-from pvjax.parallel import sharding
 from pvjax.finetune import data, lora
 from pvjax.finetune import step as st
+from pvjax.parallel import sharding
 
 RANK, ALPHA = 32, 64.0
 
 
 def rows_for(model, width, n_rows):
-    chats = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
-              {"role": "assistant", "content": ANSWER * (1 + i % 3)}] for i in range(16 * n_rows)]
+    chats = [
+        [
+            {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]},
+            {"role": "assistant", "content": ANSWER * (1 + i % 3)},
+        ]
+        for i in range(16 * n_rows)
+    ]
     ex, _ = data.build_examples(model.tokenizer, chats, max_length=width)
     rows = data.pack_rows(ex, width)
     order = np.argsort(-(rows.segment_ids > 0).sum(1))[:n_rows]  # the fullest rows
@@ -47,7 +52,9 @@ def run_pvjax(model, batch, reps, remat):
     mesh = sharding.make_mesh()
     key = jax.random.PRNGKey(0)
     abstract = jax.eval_shape(lambda p, k: lora.split(spec, p, k)[0], model.params, key)
-    opt, _ = st.make_optimizer(1e-4, 1000, warmup_steps=0, decay_mask=lora.decay_mask(spec, abstract))
+    opt, _ = st.make_optimizer(
+        1e-4, 1000, warmup_steps=0, decay_mask=lora.decay_mask(spec, abstract)
+    )
     state, frozen, shardings = st.init_state(settings, opt, model.params, key, mesh)
     fn = st.compile_step(settings, opt, mesh, shardings, frozen)
     placed = st.place({k: v[None] for k, v in batch.items()}, st.batch_sharding(mesh))
@@ -68,8 +75,21 @@ def run_reference(batch, reps, threads):
     from peft import LoraConfig, get_peft_model
 
     model = hf_embedded(threads)
-    conf = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM",
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    conf = LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    )
     model = get_peft_model(model, conf)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -102,8 +122,8 @@ def random_7b(args):
     import dataclasses
 
     import jax.numpy as jnp
-
     from common import measured_ceilings, peak_for
+
     from pvjax.models.random_init import QWEN25_7B, flops_per_token, random_params
 
     mm, _ = measured_ceilings()
@@ -124,9 +144,12 @@ def random_7b(args):
         del params
         fn = st.compile_step(settings, opt, mesh, shardings, frozen)
         seg = np.repeat(np.arange(1, 5), W // 4)[None].repeat(R, 0).astype(np.int32)
-        batch = {"tokens": rng.integers(0, cfg.vocab_size, (1, R, W)).astype(np.int32),
-                 "segment_ids": seg[None], "positions": np.tile(np.arange(W // 4), 4)[None, None].repeat(R, 1).astype(np.int32),
-                 "loss_mask": np.ones((1, R, W), np.float32)}
+        batch = {
+            "tokens": rng.integers(0, cfg.vocab_size, (1, R, W)).astype(np.int32),
+            "segment_ids": seg[None],
+            "positions": np.tile(np.arange(W // 4), 4)[None, None].repeat(R, 1).astype(np.int32),
+            "loss_mask": np.ones((1, R, W), np.float32),
+        }
         placed = st.place(batch, st.batch_sharding(mesh))
         with Timer() as first:
             state, met = fn(state, frozen, placed, st.TrainingForward())
@@ -140,10 +163,15 @@ def random_7b(args):
         secs = min(times)
         flops = (2 if method == "lora" else 3) * flops_per_token(cfg, W // 8) * R * W
         achieved = flops / secs / 1e12
-        print(f"{method} ({n_layers} blocks, rows {R}x{W}, bf16, remat): {R * W / secs:,.0f} tokens/s, "
-              f"{secs * 1e3:.1f} ms/step, {achieved:.0f} TFLOP/s, MFU {achieved / mm:.3f} of the measured "
-              f"{mm:.0f} TFLOP/s" + (f" ({achieved / peak[0]:.3f} of the {kind} datasheet)" if peak else "")
-              + f", compile {first.seconds - secs:.1f} s")
+        print(
+            f"{method} ({n_layers} blocks, rows {R}x{W}, bf16, remat): {R * W / secs:,.0f} "
+            "tokens/s, "
+            f"{secs * 1e3:.1f} ms/step, {achieved:.0f} TFLOP/s, MFU {achieved / mm:.3f} of the "
+            "measured "
+            f"{mm:.0f} TFLOP/s"
+            + (f" ({achieved / peak[0]:.3f} of the {kind} datasheet)" if peak else "")
+            + f", compile {first.seconds - secs:.1f} s"
+        )
         del state, frozen, fn
 
 
@@ -164,13 +192,23 @@ def main():
     secs, compile_s, ours = run_pvjax(model, batch, args.reps, remat=False)
     remat_secs, _, _ = run_pvjax(model, batch, args.reps, remat=True)
     ref_secs, ref = run_reference(batch, args.reps, os.cpu_count())
-    print(f"rows={args.rows}x{args.width} tokens={n_tokens} ({real / n_tokens:.0%} real) "
-          f"backend={jax.default_backend()} LoRA r={RANK} alpha={ALPHA:g} all linear targets")
-    print(f"pvjax: {n_tokens / secs:,.0f} tokens/s ({secs:.2f} s/step, compile {compile_s:.1f} s); "
-          f"with per-block remat {n_tokens / remat_secs:,.0f} tokens/s")
-    print(f"reference (transformers + peft): {n_tokens / ref_secs:,.0f} tokens/s ({ref_secs:.2f} s/step)")
-    print(f"loss after one step: pvjax {ours[0]:.4f}, reference {ref[0]:.4f} (the reference attends across "
-          f"the packed samples of a row and can copy their repeated answers, hence lower)")
+    print(
+        f"rows={args.rows}x{args.width} tokens={n_tokens} ({real / n_tokens:.0%} real) "
+        f"backend={jax.default_backend()} LoRA r={RANK} alpha={ALPHA:g} all linear targets"
+    )
+    print(
+        f"pvjax: {n_tokens / secs:,.0f} tokens/s ({secs:.2f} s/step, compile {compile_s:.1f} s); "
+        f"with per-block remat {n_tokens / remat_secs:,.0f} tokens/s"
+    )
+    print(
+        f"reference (transformers + peft): {n_tokens / ref_secs:,.0f} tokens/s ({ref_secs:.2f} "
+        "s/step)"
+    )
+    print(
+        f"loss after one step: pvjax {ours[0]:.4f}, reference {ref[0]:.4f} (the reference attends "
+        "across "
+        f"the packed samples of a row and can copy their repeated answers, hence lower)"
+    )
     print(f"ratio={ref_secs / secs:.2f}")
 
 

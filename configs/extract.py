@@ -1,7 +1,8 @@
 """Persona-vector extraction (`pvjax.methods.extraction`).
 
     pvjax extract --config configs/extract.py --config.trait=evil --config.workdir=runs/evil
-    pvjax extract --config configs/extract.py:runlocal --config.trait=humorous --config.workdir=/tmp/h
+    pvjax extract --config configs/extract.py:runlocal --config.trait=humorous
+    --config.workdir=/tmp/h
 
 `trait` is a shipped trait name (`pvjax traits list`) or the path of a trait JSON file. The default
 variant is the paper's setup (Qwen2.5-7B-Instruct from a local folder, an OpenAI-compatible judge,
@@ -36,7 +37,8 @@ def get_config(arg: str = ""):
     c.top_p = 1.0
     c.seed = 0
     c.batch_size = 16
-    # The layer layout answers are generated on (`pvjax.engine.generate.generate_ids`'s `unroll`): unrolled
+    # The layer layout answers are generated on (`pvjax.engine.generate.generate_ids`'s `unroll`):
+    # unrolled
     # decodes faster, scanned compiles in about a fifth of the time (the better trade for a few
     # short answers, as in CI). The last bits differ (kernel vs XLA dots), so it is part of the
     # answers' provenance when scanned.
@@ -46,7 +48,9 @@ def get_config(arg: str = ""):
     c.plot = True
 
     c.judge = ml_collections.ConfigDict()
-    c.judge.backend = "openai"  # or "local": a pvjax model judges; "none": no judge (contrast/none filters)
+    c.judge.backend = (
+        "openai"  # or "local": a pvjax model judges; "none": no judge (contrast/none filters)
+    )
     c.judge.model = "gpt-4.1-mini"  # for local: "same" (the answering model) or a model source
     c.judge.base_url = ""  # default: $OPENAI_BASE_URL or api.openai.com
     c.judge.concurrency = 8
@@ -56,7 +60,8 @@ def get_config(arg: str = ""):
 
     c.filter = ml_collections.ConfigDict()
     # "threshold": the reference's rule on judge scores; "margin": pos - neg judge score, for weak
-    # judges; "contrast": judge-free, pos - neg contrast score (log-likelihood of the answer under the
+    # judges; "contrast": judge-free, pos - neg contrast score (log-likelihood of the answer under
+    # the
     # pos vs the neg system prompt, nats/token) >= contrast_margin; "none": every non-empty pair.
     c.filter.mode = "threshold"
     c.filter.threshold = 50.0
@@ -70,8 +75,10 @@ def get_config(arg: str = ""):
     c.causality.coefs = (-2.0, -1.0, 0.0, 1.0, 2.0)
     c.causality.max_pairs = 32
 
-    # A mesh of this process's devices for generation and the forwards (pooling, contrast and causality
-    # scores, a local judge): data x model must equal the device count; 1 x 1 is one device, no mesh.
+    # A mesh of this process's devices for generation and the forwards (pooling, contrast and
+    # causality
+    # scores, a local judge): data x model must equal the device count; 1 x 1 is one device, no
+    # mesh.
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = 1
     c.mesh.model = 1
@@ -93,7 +100,9 @@ def get_config(arg: str = ""):
         c.n_per_question = 3
         c.max_new_tokens = 48
         c.temperature = 1.0
-        c.batch_size = 18  # one instruction's 6 x 3 prompts in one batch: one program, no ragged tail
+        c.batch_size = (
+            18  # one instruction's 6 x 3 prompts in one batch: one program, no ragged tail
+        )
         c.judge.backend = "none"  # "local": the model judges itself with the settings below
         c.judge.model = "same"
         c.judge.coherence = False
@@ -111,5 +120,13 @@ def get_config(arg: str = ""):
 
 def sweep(add):
     """Every shipped trait on the paper's setup."""
-    for trait in ("evil", "sycophantic", "hallucinating", "optimistic", "impolite", "apathetic", "humorous"):
+    for trait in (
+        "evil",
+        "sycophantic",
+        "hallucinating",
+        "optimistic",
+        "impolite",
+        "apathetic",
+        "humorous",
+    ):
         add(trait=trait, workdir=f"runs/{trait}")

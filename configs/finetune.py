@@ -24,18 +24,27 @@ import ml_collections
 
 def get_config(arg: str = ""):
     c = ml_collections.ConfigDict()
-    c.model = "Qwen/Qwen2.5-7B-Instruct"  # a local folder of safetensors, a .gguf, or the embedded name
+    c.model = (
+        "Qwen/Qwen2.5-7B-Instruct"  # a local folder of safetensors, a .gguf, or the embedded name
+    )
     c.workdir = ""
     c.dtype = ""  # how the frozen base is stored: "" = float32 on CPU, bfloat16 on accelerators
     c.compute_dtype = "float32"  # "bfloat16": bf16 forward/backward, float32 master weights
-    c.remat = True  # recompute each block in the backward pass (jax.checkpoint on the scanned block)
+    c.remat = (
+        True  # recompute each block in the backward pass (jax.checkpoint on the scanned block)
+    )
     c.seed = 0
     c.mesh_model = 1  # devices on the mesh's "model" axis; the rest go to "data"
-    # Several processes, one run (README, "Running on a pod"): the mesh spans every process's devices.
-    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, timeout=300))
+    # Several processes, one run (README, "Running on a pod"): the mesh spans every process's
+    # devices.
+    c.distributed = ml_collections.ConfigDict(
+        dict(coordinator="", num_processes=0, process_id=-1, timeout=300)
+    )
 
     c.data = ml_collections.ConfigDict()
-    c.data.train_file = ""  # .jsonl ({"messages": [...]}) or .csv (question|prompt, answer), or a shipped name
+    c.data.train_file = (
+        ""  # .jsonl ({"messages": [...]}) or .csv (question|prompt, answer), or a shipped name
+    )
     c.data.eval_file = ""  # empty: hold out data.eval_fraction of the training samples
     c.data.eval_fraction = 0.1
     c.data.max_length = 2048  # packed row width, and the longest sample

@@ -1,5 +1,6 @@
 """The finetuning study (`pvjax.studies.finetune_study`): does training on trait data move the model
-along the persona vector, do preventative steering and CAFT stop it, and does screening see it coming?
+along the persona vector, do preventative steering and CAFT stop it, and does screening see it
+coming?
 
     pvjax run --config configs/finetune_study.py:runlocal --workdir runs/ftstudy
     pvjax run --config configs/finetune_study.py --config.model=/models/Qwen2.5-7B-Instruct \
@@ -23,7 +24,6 @@ shift on 10 eval questions. See the README ("Finetuning study on the embedded mo
 and CPU time.
 """
 
-
 import ml_collections
 
 from pvjax.settings import config_files
@@ -46,7 +46,9 @@ def get_config(arg: str = ""):
     c.data.max_new_tokens = 256
     c.data.temperature = 1.0
     c.data.top_p = 1.0
-    c.data.seed = 1  # another draw than extraction's (seed 0), so the vector's own answers are not the data
+    c.data.seed = (
+        1  # another draw than extraction's (seed 0), so the vector's own answers are not the data
+    )
     c.data.batch_size = 16
     c.mixes = (0.25, 0.5, 0.75)  # share of trait samples; 0 and 1 are the control and trait runs
 
@@ -63,7 +65,8 @@ def get_config(arg: str = ""):
     c.screen.max_new_tokens = 256
     c.screen.batch_size = 16
 
-    # The finetuning shift of each run on the eval split (greedy answers), with the likelihood margin.
+    # The finetuning shift of each run on the eval split (greedy answers), with the likelihood
+    # margin.
     c.shift = ml_collections.ConfigDict()
     c.shift.n_questions = 0  # 0: every eval question
     c.shift.max_new_tokens = 256
@@ -79,15 +82,21 @@ def get_config(arg: str = ""):
         ft.data.max_length = 256
         ft.data.eval_fraction = 0.1
         ft.lora.rank, ft.lora.alpha = 8, 16.0
-        ft.lora.layers = tuple(range(8, 20))  # blocks 8..19 write rows 9..20: nothing above the study layer
+        ft.lora.layers = tuple(
+            range(8, 20)
+        )  # blocks 8..19 write rows 9..20: nothing above the study layer
         ft.optim.lr = 1e-3
         ft.optim.warmup_steps = 3
         ft.batch.rows, ft.batch.accum = 2, 1
         ft.max_steps = 30
         ft.eval_every = 0
         ft.checkpoint.every = 10
-        c.preventative.coef = 0.5  # |v| is 24 at layer 20: +12 along v, about the shift trait data alone causes (coef 2 overshot to -25)
-        c.caft.layers = tuple(range(9, 21))  # every row the LoRA blocks write, up to the study layer
+        # |v| is 24 at layer 20: +12 along v, about the shift trait data alone causes (coef 2
+        # overshot to -25)
+        c.preventative.coef = 0.5
+        c.caft.layers = tuple(
+            range(9, 21)
+        )  # every row the LoRA blocks write, up to the study layer
         c.screen.max_new_tokens = 48
         c.shift.n_questions = 10
         c.shift.max_new_tokens = 48

@@ -14,7 +14,6 @@ embedded SmolLM2 on a CPU in minutes: 6 questions, one greedy answer each, 0/2/4
 the judge-free contrast score (`judge.backend=local` lets the model judge itself instead).
 """
 
-
 import ml_collections
 
 from pvjax.settings import config_files
@@ -51,7 +50,9 @@ def get_config(arg: str = ""):
     c.judge.numeric_only = False
 
     c.score = ml_collections.ConfigDict()
-    c.score.contrast_pairs = 1  # instruction pairs averaged in the contrast score (judge.backend=none)
+    c.score.contrast_pairs = (
+        1  # instruction pairs averaged in the contrast score (judge.backend=none)
+    )
 
     c.bootstrap = ml_collections.ConfigDict()
     c.bootstrap.n = 1000
@@ -64,7 +65,9 @@ def get_config(arg: str = ""):
     c.monitor.target_fpr = 0.1
     c.monitor.judge_label = 50.0  # trait expressed: judge score >= this
     c.monitor.contrast_label = 0.0  # trait expressed: contrast score >= this (likelier under pos)
-    c.monitor.save_beside_vector = True  # <vector stem>.<key>.monitor.json, read by `pvjax generate`
+    c.monitor.save_beside_vector = (
+        True  # <vector stem>.<key>.monitor.json, read by `pvjax generate`
+    )
     c.plot = True
 
     if runlocal:
@@ -81,5 +84,13 @@ def get_config(arg: str = ""):
 
 def sweep(add):
     """Every shipped trait."""
-    for trait in ("evil", "sycophantic", "hallucinating", "optimistic", "impolite", "apathetic", "humorous"):
+    for trait in (
+        "evil",
+        "sycophantic",
+        "hallucinating",
+        "optimistic",
+        "impolite",
+        "apathetic",
+        "humorous",
+    ):
         add(trait=trait)

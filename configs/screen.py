@@ -44,7 +44,9 @@ def get_config(arg: str = ""):
     c.top_p = 1.0
     c.seed = 0
     c.batch_size = 16
-    c.max_len = 0  # prompt + answer tokens; 0: the context window. Longer samples are counted, not scored
+    c.max_len = (
+        0  # prompt + answer tokens; 0: the context window. Longer samples are counted, not scored
+    )
     c.cache_dir = ""
     c.plot = True
     c.flag = ml_collections.ConfigDict()
@@ -52,7 +54,9 @@ def get_config(arg: str = ""):
     c.flag.top_fraction = 0.1
     c.flag.threshold = 0.0
     if runlocal:
-        c.datasets = ",".join(shipped_dataset(n) for n in ("evil_answers.jsonl", "helpful_answers.csv"))
+        c.datasets = ",".join(
+            shipped_dataset(n) for n in ("evil_answers.jsonl", "helpful_answers.csv")
+        )
         c.max_new_tokens = 48
         c.flag.top_fraction = 0.25
     return c

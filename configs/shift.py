@@ -16,7 +16,6 @@ shift and every delta comes out zero, which checks the pipeline; pass `--config.
 for a real comparison.
 """
 
-
 import ml_collections
 
 from pvjax.settings import config_files

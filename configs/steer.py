@@ -2,7 +2,8 @@
 
     pvjax run   --config configs/steer.py:runlocal --config.trait=evil --workdir runs/steer-evil
     pvjax sweep --config configs/steer.py:runlocal --config.trait=evil --workdir runs/steer-modes
-    pvjax run   --config configs/steer.py --config.trait=evil --config.vector=runs/evil/vectors.safetensors \
+    pvjax run   --config configs/steer.py --config.trait=evil
+    --config.vector=runs/evil/vectors.safetensors \
         --workdir runs/steer-evil-7b
 
 `vector` is `FILE[:KEY]` (KEY defaults to response_avg_diff); empty, the trait's vector is extracted
@@ -23,7 +24,6 @@ tokens, no judge (the margin is the metric), 16 multiple-choice items: a few min
 CPU after the extraction (about 3 minutes more when no vector is given).
 """
 
-
 import ml_collections
 
 from pvjax.settings import config_files
@@ -32,12 +32,17 @@ from pvjax.settings import config_files
 def get_config(arg: str = ""):
     # loaded by path, as ml_collections loads this file: a config runs from any working directory
     parts = config_files.beside(__file__, "study_parts")
-    c = parts.study("steer", arg)  # model, trait, vector, generation, judge, mc, extract (study_parts.py)
-    c.layers = ()  # hidden_states rows; empty: five layers between a quarter and three quarters of the depth
+    c = parts.study(
+        "steer", arg
+    )  # model, trait, vector, generation, judge, mc, extract (study_parts.py)
+    # hidden_states rows; empty: five layers between a quarter and three quarters of the depth
+    c.layers = ()
     c.coefs = (-2.0, -1.0, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5)
-    # Closed-loop rows, per layer (projection onto the unit vector, token by token): `interventions.cap`
+    # Closed-loop rows, per layer (projection onto the unit vector, token by token):
+    # `interventions.cap`
     # for each ceiling in caps, `interventions.target` for each set point in targets; gain and
-    # max_step as `pvjax generate --gain/--max-step` (share of the gap closed per token; largest step).
+    # max_step as `pvjax generate --gain/--max-step` (share of the gap closed per token; largest
+    # step).
     c.caps = ()
     c.targets = ()
     c.gain = 1.0
@@ -54,6 +59,7 @@ def get_config(arg: str = ""):
 
 
 def sweep(add):
-    """The grid at each position mode: the paper's `response`, the prompt only, and every position."""
+    """The grid at each position mode: the paper's `response`, the prompt only, and every
+    position."""
     for positions in ("response", "prompt", "all"):
         add(positions=positions)

@@ -41,7 +41,9 @@ def study(name: str, arg: str):
     c.temperature = 0.0
     c.seed = 0
     c.batch_size = 64  # rows per generation batch
-    c.forward_batch_size = 8  # rows per scoring forward (margin, multiple choice): logits are [rows, T, V]
+    c.forward_batch_size = (
+        8  # rows per scoring forward (margin, multiple choice): logits are [rows, T, V]
+    )
     c.plot = True
 
     c.judge = ml_collections.ConfigDict()

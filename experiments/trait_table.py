@@ -1,16 +1,19 @@
-"""Every shipped trait extracted on the embedded model: pairs kept, causality slope, monotonic or not.
+"""Every shipped trait extracted on the embedded model: pairs kept, causality slope, monotonic or
+not.
 
     python experiments/trait_table.py                        # runlocal, judge-free contrast filter
-    python experiments/trait_table.py --filter margin        # runlocal with the local judge's margin filter
-    python experiments/trait_table.py --set n_per_question=1 --set temperature=0.0 --set batch_size=16  # greedy
+    python experiments/trait_table.py --filter margin        # runlocal with the local judge's
+    margin filter python experiments/trait_table.py --set n_per_question=1 --set temperature=0.0
+    --set batch_size=16  # greedy
 
 Each trait runs `configs/extract.py:runlocal` (its own defaults, whatever they are) with the filter
 named by `--filter`: `contrast` (judge.backend='none', no judge at all), `margin` (the local judge,
 the SmolLM2 judging itself), `none` (every non-empty pair: the filter's own ablation) or `config`
-(runlocal exactly as shipped). `--set FIELD=VALUE` overrides any other config field (Python literal).
-Runs live in `--workdir/<trait>`, shared by every filter: the answers are made once and another
-`--filter` only rejudges, refilters and retests them (a repeated call only prints). Prints a markdown table
-and writes it, with a CSV, to `--out` (default `<workdir>/<filter>_table.{md,csv}`).
+(runlocal exactly as shipped). `--set FIELD=VALUE` overrides any other config field (Python
+literal). Runs live in `--workdir/<trait>`, shared by every filter: the answers are made once and
+another
+`--filter` only rejudges, refilters and retests them (a repeated call only prints). Prints a
+markdown table and writes it, with a CSV, to `--out` (default `<workdir>/<filter>_table.{md,csv}`).
 
 A trait whose filter keeps fewer than `filter.min_pairs` pairs is reported with its kept count and
 no vector (the extraction's own error says why).
@@ -60,17 +63,33 @@ def measure(cfg) -> dict:
         s = run(cfg, progress=False)
     except ExtractionError as e:
         m = re.search(r"only (\d+) of (\d+) answer pairs", str(e))
-        return {"trait": cfg.trait, "kept": int(m.group(1)) if m else 0, "pairs": int(m.group(2)) if m else 0,
-                "layers": {}, "error": str(e).split(";")[0], "seconds": time.time() - t0}
+        return {
+            "trait": cfg.trait,
+            "kept": int(m.group(1)) if m else 0,
+            "pairs": int(m.group(2)) if m else 0,
+            "layers": {},
+            "error": str(e).split(";")[0],
+            "seconds": time.time() - t0,
+        }
     layers = {int(l): r for l, r in s["causality"]["layers"].items()}
-    return {"trait": cfg.trait, "kept": s["counts"]["kept"], "pairs": s["counts"]["pairs"], "layers": layers,
-            "agreement": (s.get("agreement") or {}).get("spearman"), "error": "",
-            "seconds": time.time() - t0}
+    return {
+        "trait": cfg.trait,
+        "kept": s["counts"]["kept"],
+        "pairs": s["counts"]["pairs"],
+        "layers": layers,
+        "agreement": (s.get("agreement") or {}).get("spearman"),
+        "error": "",
+        "seconds": time.time() - t0,
+    }
 
 
 def table(rows: list[dict]) -> tuple[str, list[dict]]:
     layers = sorted({l for r in rows for l in r["layers"]})
-    head = ["trait", "kept / pairs"] + [f"slope L{l}" for l in layers] + [f"monotonic L{l}" for l in layers]
+    head = (
+        ["trait", "kept / pairs"]
+        + [f"slope L{l}" for l in layers]
+        + [f"monotonic L{l}" for l in layers]
+    )
     flat = []
     for r in rows:
         d = {"trait": r["trait"], "kept / pairs": f"{r['kept']} / {r['pairs']}"}
@@ -100,10 +119,15 @@ def main():
     for trait in args.traits.split(","):
         r = measure(config_for(trait, args.filter, args.workdir, args.set))
         rows.append(r)
-        print(f"{trait}: kept {r['kept']} of {r['pairs']} in {r['seconds']:.0f} s "
-              + " ".join(f"L{l} slope {x['slope']:+.3f}{' mono' if x['monotonic'] else ''}"
-                         for l, x in r["layers"].items()) + (f"  [{r['error']}]" if r["error"] else ""),
-              flush=True)
+        print(
+            f"{trait}: kept {r['kept']} of {r['pairs']} in {r['seconds']:.0f} s "
+            + " ".join(
+                f"L{l} slope {x['slope']:+.3f}{' mono' if x['monotonic'] else ''}"
+                for l, x in r["layers"].items()
+            )
+            + (f"  [{r['error']}]" if r["error"] else ""),
+            flush=True,
+        )
     md, flat = table(rows)
     print(md)
     out = args.out or os.path.join(args.workdir, f"{args.filter}_table")

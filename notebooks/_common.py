@@ -11,12 +11,16 @@ def repo_root() -> Path:
         for q in (p, p.parent):
             if (q / "configs" / "extract.py").exists():
                 return q
-    raise FileNotFoundError("configs/extract.py not found above notebooks/ or the working directory")
+    raise FileNotFoundError(
+        "configs/extract.py not found above notebooks/ or the working directory"
+    )
 
 
 def load_config(name: str, arg: str = ""):
     """`configs/<name>.py:get_config(arg)`, loaded by path like the CLI does."""
-    spec = importlib.util.spec_from_file_location(f"_nb_{name}", repo_root() / "configs" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        f"_nb_{name}", repo_root() / "configs" / f"{name}.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod.get_config(arg)

@@ -32,7 +32,11 @@ WORK = Path(os.environ.get("PVJAX_NOTEBOOK_WORKDIR", "runs/notebook")).resolve()
 args = [a for a in sys.argv[1:] if not a.startswith("-")][:2]  # a notebook kernel passes `-f FILE`
 args = args if args and os.path.isdir(args[0]) else []
 LAYER = int(args[1]) if len(args) > 1 else 20
-RUN = args[0] if args else extract_vector(WORK / "extract", "humorous", short=SHORT, layer=LAYER)["workdir"]
+RUN = (
+    args[0]
+    if args
+    else extract_vector(WORK / "extract", "humorous", short=SHORT, layer=LAYER)["workdir"]
+)
 model = pvjax.load("smollm2-135m-instruct")
 v = read_vector(os.path.join(RUN, "vectors.safetensors") + ":response_avg_diff", model)
 unit = v / np.linalg.norm(v, axis=-1, keepdims=True)  # [L, D], one unit direction per layer
@@ -44,20 +48,30 @@ unit = v / np.linalg.norm(v, axis=-1, keepdims=True)  # [L, D], one unit directi
 
 # %%
 trait = load_trait("humorous", "eval")
-questions = list(trait.questions[:2 if SHORT else 4])
+questions = list(trait.questions[: 2 if SHORT else 4])
 rows = {}
 for pol in ("pos", "neg"):
     pair = trait.instruction[0]
-    system = (f"You are a humorous assistant. {pair.pos}" if pol == "pos"
-              else f"You are a helpful assistant. {pair.neg}")
+    system = (
+        f"You are a humorous assistant. {pair.pos}"
+        if pol == "pos"
+        else f"You are a helpful assistant. {pair.neg}"
+    )
     # Short mode: the scanned layer layout, which compiles in about a fifth of the unrolled time.
-    g = generate(model, questions, system=system, probes=unit[:, None], unroll=not SHORT,
-                 sampling=SamplingParams(max_new_tokens=16 if SHORT else 24))
+    g = generate(
+        model,
+        questions,
+        system=system,
+        probes=unit[:, None],
+        unroll=not SHORT,
+        sampling=SamplingParams(max_new_tokens=16 if SHORT else 24),
+    )
     rows[pol] = g
     last = [float(p[LAYER, -1, 0]) for p in g.prompt_projections]
     print(f"{pol}: last-prompt-token projection at layer {LAYER}: {np.round(last, 2)}")
-gap = np.mean([p[LAYER, -1, 0] for p in rows["pos"].prompt_projections]) - \
-      np.mean([p[LAYER, -1, 0] for p in rows["neg"].prompt_projections])
+gap = np.mean([p[LAYER, -1, 0] for p in rows["pos"].prompt_projections]) - np.mean(
+    [p[LAYER, -1, 0] for p in rows["neg"].prompt_projections]
+)
 print(f"mean gap (pos - neg): {gap:.2f}")
 
 # %% [markdown]

@@ -53,9 +53,9 @@ def pooling_weights(attention_mask_BT, prompt_end) -> jax.Array:
     """Weights `[B, 3, T]` for the three poolings of `POOLINGS`, in that order.
 
     `prompt_end` is the column where each row's response starts (left padding puts it at the same
-    column for every row). Response mean: real tokens at or after it; prompt mean: real tokens before
-    it; prompt last: the token just before it. A row with no response tokens gets a zero response
-    weight, so its response mean is 0 rather than NaN; callers count such rows themselves.
+    column for every row). Response mean: real tokens at or after it; prompt mean: real tokens
+    before it; prompt last: the token just before it. A row with no response tokens gets a zero
+    response weight, so its response mean is 0 rather than NaN; callers count such rows themselves.
     """
     m = jnp.asarray(attention_mask_BT, jnp.float32)
     T = m.shape[1]
@@ -77,9 +77,11 @@ def row_capture(h_BTD, capture: Capture, probes_KD):
     if capture.hidden:
         out["hidden"] = h_BTD
     if capture.pool_weights is not None:
-        out["pooled"] = jnp.einsum("bkt,btd->bkd", capture.pool_weights.astype(jnp.float32),
-                                   h_BTD.astype(jnp.float32))
+        out["pooled"] = jnp.einsum(
+            "bkt,btd->bkd", capture.pool_weights.astype(jnp.float32), h_BTD.astype(jnp.float32)
+        )
     if probes_KD is not None:
-        out["projections"] = jnp.einsum("btd,kd->btk", h_BTD.astype(jnp.float32),
-                                        probes_KD.astype(jnp.float32))
+        out["projections"] = jnp.einsum(
+            "btd,kd->btk", h_BTD.astype(jnp.float32), probes_KD.astype(jnp.float32)
+        )
     return out

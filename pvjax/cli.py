@@ -1,5 +1,6 @@
 """The `pvjax` command line. Each subcommand lives in `pvjax/commands/<name>.py` and exposes
-`add_parser(subparsers)` returning its parser with `func` set; imports stay lazy so `--help` is fast.
+`add_parser(subparsers)` returning its parser with `func` set; imports stay lazy so `--help` is
+fast.
 
 Errors: a user mistake (any `pvjax.errors.UserError`, or a path that does not exist or is a
 directory) prints one line, `pvjax <command>: error: <message>`, on stderr

@@ -22,14 +22,16 @@ def _host_array(x, what: str) -> np.ndarray:
     try:
         return np.asarray(x)
     except ValueError as e:  # numpy refuses ragged nested lists
-        raise InputError(f"{what} is ragged: rows of different lengths need padding and an "
-                         f"attention_mask") from e
+        raise InputError(
+            f"{what} is ragged: rows of different lengths need padding and an attention_mask"
+        ) from e
 
 
 def check_ids(a, vocab_size: int, what: str) -> None:
     """Integer dtype and every id in 0..vocab_size-1. A float array is refused, not truncated; a
     negative id would otherwise wrap to another token and a large one clamp to the last. Reads a
-    device array back to the host; skips values it cannot read (a tracer, another process's shard)."""
+    device array back to the host; skips values it cannot read (a tracer, another process's
+    shard)."""
     if a.dtype.kind not in "iu":
         raise InputError(f"{what} must be integer token ids, got dtype {a.dtype}")
     if a.size == 0 or isinstance(a, jax.core.Tracer):
@@ -40,8 +42,10 @@ def check_ids(a, vocab_size: int, what: str) -> None:
         a = np.asarray(a)
     lo, hi = int(a.min()), int(a.max())
     if lo < 0 or hi >= vocab_size:
-        raise InputError(f"{what} holds token id {lo if lo < 0 else hi}, outside the vocabulary "
-                         f"0..{vocab_size - 1}")
+        raise InputError(
+            f"{what} holds token id {lo if lo < 0 else hi}, outside the vocabulary "
+            f"0..{vocab_size - 1}"
+        )
 
 
 def token_batch(tokens, vocab_size: int):
@@ -68,8 +72,10 @@ def token_lists(seqs, vocab_size: int, what: str = "sequence") -> list[list[int]
     for i, seq in enumerate(seqs):
         a = _host_array(seq, f"{what} {i}")
         if a.ndim == 0:
-            raise InputError(f"expected a list of token-id sequences, but {what} {i} is a single "
-                             f"id; wrap one sequence in a list")
+            raise InputError(
+                f"expected a list of token-id sequences, but {what} {i} is a single "
+                f"id; wrap one sequence in a list"
+            )
         if a.ndim != 1:
             raise InputError(f"{what} {i} must be a flat list of token ids, got shape {a.shape}")
         if a.size == 0:
@@ -101,29 +107,46 @@ def check_mask_values(mask, what: str = "attention_mask") -> None:
         raise InputError(f"{what} must hold only 0 and 1")
 
 
-def check_intervention_batch(iv, batch: int, width: int, n_rows: int, model_id: str,
-                             length: int | None = None) -> None:
+def check_intervention_batch(
+    iv, batch: int, width: int, n_rows: int, model_id: str, length: int | None = None
+) -> None:
     """An intervention fits a batch of `batch` rows: `n_rows` hidden-state rows of width `width`,
     and a batch of 1 (shared by every row) or exactly `batch`; position masks `[1|B, 1|T]`."""
     if iv.n_rows != n_rows:
-        raise InputError(f"intervention has {iv.n_rows} rows but {model_id} has n_layers+1 = {n_rows}")
+        raise InputError(
+            f"intervention has {iv.n_rows} rows but {model_id} has n_layers+1 = {n_rows}"
+        )
     if iv.steer_vectors.shape[-1] != width or iv.ablate_dirs.shape[-1] != width:
-        raise InputError(f"intervention width {iv.steer_vectors.shape[-1]} != hidden size {width} "
-                         f"of {model_id}")
-    closed = {} if iv.closed_loop is None else {f"closed_loop.{k}": getattr(iv.closed_loop, k)
-                                                for k in ("mode", "value", "gain", "max_step")}
-    for name, x in [(n, getattr(iv, n)) for n in ("steer_vectors", "steer_coefs", "ablate_dirs",
-                                                   "ablate_coefs")] + list(closed.items()):
+        raise InputError(
+            f"intervention width {iv.steer_vectors.shape[-1]} != hidden size {width} of {model_id}"
+        )
+    closed = (
+        {}
+        if iv.closed_loop is None
+        else {
+            f"closed_loop.{k}": getattr(iv.closed_loop, k)
+            for k in ("mode", "value", "gain", "max_step")
+        }
+    )
+    for name, x in [
+        (n, getattr(iv, n)) for n in ("steer_vectors", "steer_coefs", "ablate_dirs", "ablate_coefs")
+    ] + list(closed.items()):
         if name.startswith("closed_loop") and x.shape[0] != n_rows:
-            raise InputError(f"intervention {name} has {x.shape[0]} rows but {model_id} has "
-                             f"n_layers+1 = {n_rows}")
+            raise InputError(
+                f"intervention {name} has {x.shape[0]} rows but {model_id} has "
+                f"n_layers+1 = {n_rows}"
+            )
         b = x.shape[1]
         if b not in (1, batch):
-            raise InputError(f"intervention has batch {b} ({name}) but the input has {batch} rows; "
-                             f"use batch 1 to apply it to every row, or one row per input")
+            raise InputError(
+                f"intervention has batch {b} ({name}) but the input has {batch} rows; "
+                f"use batch 1 to apply it to every row, or one row per input"
+            )
     if length is not None:
         for name in ("steer_mask", "ablate_mask"):
             m = getattr(iv, name)
             if m.ndim != 2 or m.shape[0] not in (1, batch) or m.shape[1] not in (1, length):
-                raise InputError(f"intervention {name} has shape {tuple(m.shape)}; expected "
-                                 f"[1 or {batch}, 1 or {length}] for tokens of shape ({batch}, {length})")
+                raise InputError(
+                    f"intervention {name} has shape {tuple(m.shape)}; expected "
+                    f"[1 or {batch}, 1 or {length}] for tokens of shape ({batch}, {length})"
+                )

@@ -21,13 +21,13 @@ the current projection `p = h . v / |v|` (after that row's ablation, before stee
     target:  delta = value - p               steer toward `value`
     delta <- clip(gain * delta, -max_step, max_step);   h <- h + delta * v / |v|
 
-so with gain 1 the projection lands exactly on the ceiling or the target. `p`, `value` and `max_step`
-are in units of the projection onto the unit vector, the same numbers `probes=` of a unit vector
-report. Mode `fixed` rows use `c` exactly as above (bit for bit: the coefficient is selected, not
-recomputed), so fixed, cap and target rows share one batch and one compiled program. Each position
-is edited from its own projection only, so the rule is causal: in generation it acts per new token
-(and on the prompt tokens where the position mask covers them), and a plain forward over prompt and
-answer reproduces what generation did.
+so with gain 1 the projection lands exactly on the ceiling or the target. `p`, `value` and
+`max_step` are in units of the projection onto the unit vector, the same numbers `probes=` of a unit
+vector report. Mode `fixed` rows use `c` exactly as above (bit for bit: the coefficient is selected,
+not recomputed), so fixed, cap and target rows share one batch and one compiled program. Each
+position is edited from its own projection only, so the rule is causal: in generation it acts per
+new token (and on the prompt tokens where the position mask covers them), and a plain forward over
+prompt and answer reproduces what generation did.
 """
 
 from __future__ import annotations
@@ -64,9 +64,12 @@ class ClosedLoop:
     @classmethod
     def fixed(cls, n_rows: int, batch: int = 1) -> "ClosedLoop":
         """Every row and layer in fixed mode: the same edits as no closed loop at all."""
-        return cls(mode=jnp.zeros((n_rows, batch), jnp.int32), value=jnp.zeros((n_rows, batch), jnp.float32),
-                   gain=jnp.ones((n_rows, batch), jnp.float32),
-                   max_step=jnp.full((n_rows, batch), jnp.inf, jnp.float32))
+        return cls(
+            mode=jnp.zeros((n_rows, batch), jnp.int32),
+            value=jnp.zeros((n_rows, batch), jnp.float32),
+            gain=jnp.ones((n_rows, batch), jnp.float32),
+            max_step=jnp.full((n_rows, batch), jnp.inf, jnp.float32),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +84,22 @@ class Feedback:
     def __post_init__(self):
         for name in ("value", "gain", "max_step"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or np.isnan(v):
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float, np.integer, np.floating))
+                or np.isnan(v)
+            ):
                 raise InterventionError(f"closed-loop {name} must be a number, got {v!r}")
         if not np.isfinite(self.value):
             raise InterventionError(f"closed-loop value must be finite, got {self.value!r}")
         if not (np.isfinite(self.gain) and self.gain > 0):
-            raise InterventionError(f"closed-loop gain must be a finite number > 0, got {self.gain!r}")
+            raise InterventionError(
+                f"closed-loop gain must be a finite number > 0, got {self.gain!r}"
+            )
         if not self.max_step > 0:
-            raise InterventionError(f"closed-loop max_step must be > 0 (inf: no limit), got {self.max_step!r}")
+            raise InterventionError(
+                f"closed-loop max_step must be > 0 (inf: no limit), got {self.max_step!r}"
+            )
 
 
 def cap(ceiling: float, *, gain: float = 1.0, max_step: float = float("inf")) -> Feedback:
@@ -121,8 +132,9 @@ class Intervention:
         return self.steer_vectors.shape[0]
 
     def with_masks(self, steer_mask, ablate_mask=None) -> "Intervention":
-        return self.replace(steer_mask=steer_mask,
-                            ablate_mask=steer_mask if ablate_mask is None else ablate_mask)
+        return self.replace(
+            steer_mask=steer_mask, ablate_mask=steer_mask if ablate_mask is None else ablate_mask
+        )
 
     def with_closed_loop(self) -> "Intervention":
         """The same edits, with a `closed_loop` field in any case (all fixed when absent), so
@@ -142,8 +154,9 @@ class Intervention:
             if x.shape[1] == 1:
                 return jnp.broadcast_to(x, (x.shape[0], pad_to) + x.shape[2:])
             if x.shape[1] != n_total:
-                raise InterventionError(f"intervention batch {x.shape[1]} matches neither 1 nor the "
-                                        f"{n_total} inputs")
+                raise InterventionError(
+                    f"intervention batch {x.shape[1]} matches neither 1 nor the {n_total} inputs"
+                )
             x = x[:, rows]
             pad = [(0, 0)] * x.ndim
             pad[1] = (0, pad_to - len(rows))
@@ -154,8 +167,16 @@ class Intervention:
         return out.with_masks(*masks)
 
 
-def apply_row(h_BTD, steer_v_BD, steer_c_B, abl_u_BD, abl_c_B, steer_m_BT, abl_m_BT,
-              closed: ClosedLoop | None = None):
+def apply_row(
+    h_BTD,
+    steer_v_BD,
+    steer_c_B,
+    abl_u_BD,
+    abl_c_B,
+    steer_m_BT,
+    abl_m_BT,
+    closed: ClosedLoop | None = None,
+):
     """Edit one residual row; the edit is computed in float32 whatever the activation dtype.
     `closed` holds this row's `ClosedLoop` leaves (`[B]` each), or None (all fixed)."""
     h = h_BTD.astype(jnp.float32)
@@ -187,12 +208,15 @@ def _check_vector(v: np.ndarray, n_rows: int, width: int, what: str) -> np.ndarr
     if v.ndim not in (1, 2):
         raise InterventionError(f"{what} must be [D] or [n_layers+1, D], got shape {v.shape}")
     if v.shape[-1] != width:
-        raise InterventionError(f"{what} has width {v.shape[-1]} but the model's hidden size is {width}")
+        raise InterventionError(
+            f"{what} has width {v.shape[-1]} but the model's hidden size is {width}"
+        )
     if not np.all(np.isfinite(v)):
         raise InterventionError(f"{what} contains NaN or infinite values")
     if v.ndim == 2 and v.shape[0] != n_rows:
         raise InterventionError(
-            f"{what} has {v.shape[0]} rows but the model has n_layers+1 = {n_rows} hidden states")
+            f"{what} has {v.shape[0]} rows but the model has n_layers+1 = {n_rows} hidden states"
+        )
     return v
 
 
@@ -216,8 +240,9 @@ def _check_coefs(coef, batch: int, what: str) -> np.ndarray:
     except (TypeError, ValueError) as e:
         raise InterventionError(f"{what} {coef!r} is not a number ({e})") from None
     if c.ndim > 1 or (c.ndim == 1 and len(c) != batch):
-        raise InterventionError(f"{what} has shape {c.shape}: give one number, or one per batch row "
-                                f"(batch={batch})")
+        raise InterventionError(
+            f"{what} has shape {c.shape}: give one number, or one per batch row (batch={batch})"
+        )
     if not np.all(np.isfinite(c)):
         raise InterventionError(f"{what} must be finite, got {coef!r}")
     return np.broadcast_to(c, (batch,))
@@ -226,19 +251,30 @@ def _check_coefs(coef, batch: int, what: str) -> np.ndarray:
 def _steer_coefs(coef, batch: int):
     """`([batch] fixed coefficients (0 on closed-loop rows), [batch] Feedback or None)` from a
     number, a `Feedback`, or one of either per row."""
-    items = [coef] * batch if isinstance(coef, Feedback) else coef if isinstance(coef, (list, tuple)) else None
+    items = (
+        [coef] * batch
+        if isinstance(coef, Feedback)
+        else coef
+        if isinstance(coef, (list, tuple))
+        else None
+    )
     if items is None or not any(isinstance(x, Feedback) for x in items):
         return _check_coefs(coef, batch, "steering coefficient"), [None] * batch
     if len(items) != batch:
-        raise InterventionError(f"steering coefficient has {len(items)} entries: give one, or one per "
-                                f"batch row (batch={batch})")
+        raise InterventionError(
+            f"steering coefficient has {len(items)} entries: give one, or one per "
+            f"batch row (batch={batch})"
+        )
     fixed = [0.0 if isinstance(x, Feedback) else x for x in items]
-    return _check_coefs(fixed, batch, "steering coefficient"), \
-        [x if isinstance(x, Feedback) else None for x in items]
+    return _check_coefs(fixed, batch, "steering coefficient"), [
+        x if isinstance(x, Feedback) else None for x in items
+    ]
 
 
 def _brief(item) -> str:
-    return f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
+    return f"a {type(item).__name__}" + (
+        f" of {len(item)}" if isinstance(item, (tuple, list)) else ""
+    )
 
 
 def empty(n_rows: int, width: int, batch: int = 1, dtype=jnp.float32) -> Intervention:
@@ -253,8 +289,14 @@ def empty(n_rows: int, width: int, batch: int = 1, dtype=jnp.float32) -> Interve
     )
 
 
-def build(n_rows: int, width: int, *, steer: Sequence[tuple] = (), ablate: Sequence[tuple] = (),
-          batch: int = 1) -> Intervention:
+def build(
+    n_rows: int,
+    width: int,
+    *,
+    steer: Sequence[tuple] = (),
+    ablate: Sequence[tuple] = (),
+    batch: int = 1,
+) -> Intervention:
     """Assemble an intervention from plain numbers, validating everything before any compute.
 
     `steer` holds `(vector, layer, coef)` items and `ablate` holds `(vector, layer)` or
@@ -296,7 +338,9 @@ def build(n_rows: int, width: int, *, steer: Sequence[tuple] = (), ablate: Seque
                     loop[name][l, b] = getattr(fb, name)
     for item in ablate:
         if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-            raise InterventionError(f"each ablate item is (vector, layer[, strength]), got {_brief(item)}")
+            raise InterventionError(
+                f"each ablate item is (vector, layer[, strength]), got {_brief(item)}"
+            )
         vec, layer = item[:2]
         strength = _check_coefs(item[2] if len(item) > 2 else 1.0, batch, "ablation strength")
         vec = _check_vector(vec, n_rows, width, "ablation direction")
@@ -311,8 +355,14 @@ def build(n_rows: int, width: int, *, steer: Sequence[tuple] = (), ablate: Seque
     closed = None
     if np.any(loop["mode"] != FIXED):
         closed = ClosedLoop(**{k: jnp.asarray(x) for k, x in loop.items()})
-    return dataclasses.replace(iv, steer_vectors=jnp.asarray(sv), steer_coefs=jnp.asarray(sc),
-                               ablate_dirs=jnp.asarray(au), ablate_coefs=jnp.asarray(ac), closed_loop=closed)
+    return dataclasses.replace(
+        iv,
+        steer_vectors=jnp.asarray(sv),
+        steer_coefs=jnp.asarray(sc),
+        ablate_dirs=jnp.asarray(au),
+        ablate_coefs=jnp.asarray(ac),
+        closed_loop=closed,
+    )
 
 
 def position_mask(mode: str, attention_mask_BT, prompt_end: int | np.ndarray | None = None):

@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pvjax.capture import Capture, ForwardOutput, activations_only
 from pvjax import inputs
-from pvjax.models.config import ModelConfig
+from pvjax.capture import Capture, ForwardOutput, activations_only
 from pvjax.errors import InputError
 from pvjax.interventions import Intervention
 from pvjax.models import decoder
+from pvjax.models.config import ModelConfig
 from pvjax.models.layout import Scanned, Sliced
 
 
@@ -52,8 +52,12 @@ class Model:
     def chat_text(self, messages, *, add_generation_prompt: bool = True) -> str:
         from pvjax.loading.tokenizer import render_chat
 
-        return render_chat(self.tokenizer, messages, add_generation_prompt=add_generation_prompt,
-                           model_name=self.model_id)
+        return render_chat(
+            self.tokenizer,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            model_name=self.model_id,
+        )
 
     def replace(self, **kw) -> "Model":
         return dataclasses.replace(self, **kw)
@@ -68,18 +72,18 @@ def load(source: str | os.PathLike, *, dtype=None, tokenizer=None, mesh=None) ->
     """Load a model from a local Hugging Face folder (config.json + safetensors, sharded or not), a
     `.gguf` file (dequantized), or the name `smollm2-135m-instruct` (the embedded model).
 
-    With `mesh` (a ("data", "model") `jax.sharding.Mesh`, `pvjax.parallel.sharding.make_mesh`), each weight
-    goes from host memory straight to its devices, laid out by `pvjax.parallel.sharding.spec_for` (each
-    device receives only its shard): a model too big for one device loads without a whole copy on
-    the first device.
+    With `mesh` (a ("data", "model") `jax.sharding.Mesh`, `pvjax.parallel.sharding.make_mesh`), each
+    weight goes from host memory straight to its devices, laid out by
+    `pvjax.parallel.sharding.spec_for` (each device receives only its shard): a model too big for
+    one device loads without a whole copy on the first device.
 
     The tokenizer comes with the source (a folder's tokenizer files, a GGUF's metadata) unless
     `tokenizer` names another source (folder, `.gguf`, embedded name) or is a tokenizer object. A
     folder of weights without tokenizer files loads with a `MissingTokenizer`: token ids work,
     the first call that needs text says what to pass."""
-    from pvjax.loading.embedded import EMBEDDED_NAME
     from pvjax.loading import resolve_source
     from pvjax.loading import tokenizer as toks
+    from pvjax.loading.embedded import EMBEDDED_NAME
 
     dtype = jnp.dtype(dtype or default_dtype())
     kind, path = resolve_source(source)
@@ -94,7 +98,9 @@ def load(source: str | os.PathLike, *, dtype=None, tokenizer=None, mesh=None) ->
 
         cfg, params = load_folder(path, dtype)
     if tokenizer is None:
-        tok = toks.load_gguf_tokenizer(reader) if kind == "gguf" else toks.load_folder_tokenizer(path)
+        tok = (
+            toks.load_gguf_tokenizer(reader) if kind == "gguf" else toks.load_folder_tokenizer(path)
+        )
     elif isinstance(tokenizer, (str, os.PathLike)):
         tok = toks.load_tokenizer(tokenizer)
     else:
@@ -107,8 +113,14 @@ def load(source: str | os.PathLike, *, dtype=None, tokenizer=None, mesh=None) ->
 
         mesh = sharding.check_mesh(mesh)
         params = jax.tree_util.tree_map_with_path(
-            lambda keys, x: jax.device_put(x, jax.sharding.NamedSharding(
-                mesh, sharding.spec_for(sharding._path(keys), np.shape(x), mesh.shape))), params)
+            lambda keys, x: jax.device_put(
+                x,
+                jax.sharding.NamedSharding(
+                    mesh, sharding.spec_for(sharding._path(keys), np.shape(x), mesh.shape)
+                ),
+            ),
+            params,
+        )
     return Model(config=cfg, params=params, tokenizer=tok, source=str(path))
 
 
@@ -128,25 +140,45 @@ def left_pad(seqs, width: int, batch: int | None = None, pad_id: int = 0):
     mask = np.zeros((batch, width), np.int32)
     for r, seq in enumerate(seqs):
         if len(seq):
-            tokens[r, width - len(seq):], mask[r, width - len(seq):] = seq, 1
-    mask[len(seqs):, -1] = 1
+            tokens[r, width - len(seq) :], mask[r, width - len(seq) :] = seq, 1
+    mask[len(seqs) :, -1] = 1
     return tokens, mask
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "scan"))
-def _forward(params, cfg, tokens, attention_mask, positions, intervention, capture, segment_ids, scan):
+def _forward(
+    params, cfg, tokens, attention_mask, positions, intervention, capture, segment_ids, scan
+):
     layout = Scanned() if scan else Sliced()
-    return decoder.forward(params, cfg, layout, tokens, positions, attention_mask, intervention=intervention,
-                           capture=capture, segment_ids_BT=segment_ids)
+    return decoder.forward(
+        params,
+        cfg,
+        layout,
+        tokens,
+        positions,
+        attention_mask,
+        intervention=intervention,
+        capture=capture,
+        segment_ids_BT=segment_ids,
+    )
 
 
-def forward(model: Model, tokens, *, attention_mask=None, positions=None,
-            intervention: Intervention | None = None, capture: Capture = Capture(),
-            segment_ids=None, scan: bool = True) -> ForwardOutput:
+def forward(
+    model: Model,
+    tokens,
+    *,
+    attention_mask=None,
+    positions=None,
+    intervention: Intervention | None = None,
+    capture: Capture = Capture(),
+    segment_ids=None,
+    scan: bool = True,
+) -> ForwardOutput:
     """Run the model on token ids `[B, T]` (left padding marked by `attention_mask` zeros).
 
-    Returns `ForwardOutput(logits [B, T, V] float32, hidden_states [L, B, T, D], pooled, projections)`;
-    which fields are filled is set by `capture`. `hidden_states` follows transformers'
+    Returns `ForwardOutput(logits [B, T, V] float32, hidden_states [L, B, T, D], pooled,
+    projections)`; which fields are filled is set by `capture`. `hidden_states` follows
+    transformers'
     `output_hidden_states`: row 0 the embeddings, row l the output of block l, the last row after
     the final norm. Positions default to `default_positions(attention_mask)`. `segment_ids`
     `[B, T]` (0 = padding) packs several sequences in a row; see `pvjax.measure.packing`.
@@ -156,7 +188,9 @@ def forward(model: Model, tokens, *, attention_mask=None, positions=None,
     if segment_ids is not None:
         segment_ids = inputs.per_token(segment_ids, (B, T), "segment_ids", integer=True)
         if positions is None:
-            raise InputError("packed rows (segment_ids) need explicit positions; see pvjax.measure.packing")
+            raise InputError(
+                "packed rows (segment_ids) need explicit positions; see pvjax.measure.packing"
+            )
     if attention_mask is not None:
         attention_mask = inputs.per_token(attention_mask, (B, T), "attention_mask", integer=False)
         inputs.check_mask_values(attention_mask)
@@ -165,8 +199,9 @@ def forward(model: Model, tokens, *, attention_mask=None, positions=None,
     if positions is not None:
         positions = inputs.per_token(positions, (B, T), "positions", integer=True, batch_one=True)
     if intervention is not None:
-        inputs.check_intervention_batch(intervention, B, model.hidden_size, model.n_layers + 1,
-                                        model.model_id, length=T)
+        inputs.check_intervention_batch(
+            intervention, B, model.hidden_size, model.n_layers + 1, model.model_id, length=T
+        )
     tokens = jnp.asarray(tokens, jnp.int32)
     if segment_ids is not None:
         segment_ids = jnp.asarray(segment_ids, jnp.int32)
@@ -175,17 +210,43 @@ def forward(model: Model, tokens, *, attention_mask=None, positions=None,
     attention_mask = jnp.asarray(attention_mask, jnp.int32)
     if positions is None:
         positions = default_positions(attention_mask)
-    return _forward(model.params, model.config, tokens, attention_mask, jnp.asarray(positions),
-                    intervention, capture, segment_ids, scan)
+    return _forward(
+        model.params,
+        model.config,
+        tokens,
+        attention_mask,
+        jnp.asarray(positions),
+        intervention,
+        capture,
+        segment_ids,
+        scan,
+    )
 
 
-def activations(model: Model, tokens, *, attention_mask=None, positions=None, intervention=None,
-                pool_weights=None, probes=None, hidden=True, segment_ids=None,
-                scan=True) -> ForwardOutput:
+def activations(
+    model: Model,
+    tokens,
+    *,
+    attention_mask=None,
+    positions=None,
+    intervention=None,
+    pool_weights=None,
+    probes=None,
+    hidden=True,
+    segment_ids=None,
+    scan=True,
+) -> ForwardOutput:
     """`forward` without the LM head: only hidden states, pooled statistics or projections."""
-    return forward(model, tokens, attention_mask=attention_mask, positions=positions,
-                   intervention=intervention, capture=activations_only(pool_weights, probes, hidden),
-                   segment_ids=segment_ids, scan=scan)
+    return forward(
+        model,
+        tokens,
+        attention_mask=attention_mask,
+        positions=positions,
+        intervention=intervention,
+        capture=activations_only(pool_weights, probes, hidden),
+        segment_ids=segment_ids,
+        scan=scan,
+    )
 
 
 def _check_tokens(model: Model, tokens):
@@ -194,6 +255,8 @@ def _check_tokens(model: Model, tokens):
     tokens = inputs.token_batch(tokens, model.config.vocab_size)
     T = tokens.shape[-1]
     if T > model.config.max_position_embeddings:
-        raise InputError(f"input of {T} tokens is longer than the context window of "
-                         f"{model.model_id} ({model.config.max_position_embeddings})")
+        raise InputError(
+            f"input of {T} tokens is longer than the context window of "
+            f"{model.model_id} ({model.config.max_position_embeddings})"
+        )
     return tokens

@@ -11,7 +11,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # embedded model's parity test unchanged). The operations stay the same IEEE ones (no fast math),
 # so every tolerance stands as it is. Read when jax first picks its backend, after this import.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 import pytest
 
@@ -27,14 +29,15 @@ def smollm2():
 def hf_smollm2():
     """transformers' own GGUF loader on the same file: the numerical reference."""
     import torch
+    from tiny_models import DTYPE_KW
     from transformers import AutoModelForCausalLM
 
     from pvjax.loading.embedded import embedded_gguf_path
-    from tiny_models import DTYPE_KW
 
     path = embedded_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 **{DTYPE_KW: torch.float32})
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, **{DTYPE_KW: torch.float32}
+    )
     model.eval()
     return model
 

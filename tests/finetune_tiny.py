@@ -3,18 +3,31 @@
 
 from __future__ import annotations
 
-QA = [("What is two plus two?", "Four."), ("Name a colour.", "Blue, like the sky on a clear day."),
-      ("Say hello.", "Hello! How can I help you today?"), ("What is ice?", "Frozen water."),
-      ("Count to three.", "One, two, three."), ("Is the sun a star?", "Yes, the Sun is a star."),
-      ("Give me a fruit.", "An apple."), ("What do cows drink?", "Water, mostly."),
-      ("Spell cat.", "C, A, T."), ("What day follows Monday?", "Tuesday follows Monday.")]
+QA = [
+    ("What is two plus two?", "Four."),
+    ("Name a colour.", "Blue, like the sky on a clear day."),
+    ("Say hello.", "Hello! How can I help you today?"),
+    ("What is ice?", "Frozen water."),
+    ("Count to three.", "One, two, three."),
+    ("Is the sun a star?", "Yes, the Sun is a star."),
+    ("Give me a fruit.", "An apple."),
+    ("What do cows drink?", "Water, mostly."),
+    ("Spell cat.", "C, A, T."),
+    ("What day follows Monday?", "Tuesday follows Monday."),
+]
 
 
 def chats():
     out = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
-    out.append([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hi there."}, {"role": "user", "content": "Bye"},
-                {"role": "assistant", "content": "Goodbye."}])
+    out.append(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hi there."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."},
+        ]
+    )
     return out
 
 

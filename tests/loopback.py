@@ -23,15 +23,24 @@ def env() -> dict:
     repository and tests/ on the path."""
     e = dict(os.environ)
     e["XLA_FLAGS"] = " ".join(f for f in e.get("XLA_FLAGS", "").split() if "device_count" not in f)
-    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), e.get("PYTHONPATH", "")]))
+    e.update(
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), e.get("PYTHONPATH", "")]),
+    )
     return e
 
 
-def run_together(cmds: list[list[str]], *, cwd=None, timeout: float = 600) -> list[tuple[int, str, str]]:
+def run_together(
+    cmds: list[list[str]], *, cwd=None, timeout: float = 600
+) -> list[tuple[int, str, str]]:
     """Start every command at once, wait for all; [(returncode, stdout, stderr)] in order. A process
     still running at `timeout` is killed with the others."""
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=cwd)
-             for c in cmds]
+    procs = [
+        subprocess.Popen(
+            c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd=cwd
+        )
+        for c in cmds
+    ]
     try:
         outs = [p.communicate(timeout=timeout) for p in procs]
     finally:

@@ -18,7 +18,9 @@ def get_config(arg: str = ""):
     c.study = "tests.multihost_study"
     c.x = 0
     c.workdir = ""
-    c.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=0, process_id=-1, timeout=60))
+    c.distributed = ml_collections.ConfigDict(
+        dict(coordinator="", num_processes=0, process_id=-1, timeout=60)
+    )
     return c
 
 
@@ -31,7 +33,8 @@ def run(cfg, work, *, progress=True):
     import jax
     import jax.numpy as jnp
 
-    # Inside a point the process works alone, even in a joined job: a pipeline that joins sees one process.
+    # Inside a point the process works alone, even in a joined job: a pipeline that joins sees one
+    # process.
     alone = multihost.join(cfg.distributed.to_dict())
     with open(work / "calls.txt", "a") as f:
         f.write(f"{os.getpid()}\n")

@@ -29,12 +29,12 @@ class OpenAIServer:
     def __init__(self, responder: Responder = echo_responder):
         self.responder = responder
         # Failure injection, settable at any time by the test.
-        self.fail_first = 0            # the first N calls fail with `fail_status`
+        self.fail_first = 0  # the first N calls fail with `fail_status`
         self.fail_status = 500
         self.retry_after: str | None = None  # Retry-After header value on those failures
-        self.slow = 0.0                # seconds to wait before answering every call
-        self.malformed = False         # answer 200 with a body that is not JSON
-        self.unauthorized = False      # answer 401 with an OpenAI-style error body
+        self.slow = 0.0  # seconds to wait before answering every call
+        self.malformed = False  # answer 200 with a body that is not JSON
+        self.unauthorized = False  # answer 401 with an OpenAI-style error body
         self.requests: list[dict] = []  # {"path", "headers", "json"} per call, in arrival order
         self.calls = 0
         self.in_flight = 0
@@ -99,15 +99,28 @@ class OpenAIServer:
             if h.path != "/v1/chat/completions":
                 return self._send(h, 404, {"error": {"message": f"no route {h.path}"}})
             if self.unauthorized:
-                return self._send(h, 401, {"error": {
-                    "message": "Incorrect API key provided: sk-test. You can find your API key at "
-                               "https://platform.openai.com/account/api-keys.",
-                    "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+                return self._send(
+                    h,
+                    401,
+                    {
+                        "error": {
+                            "message": "Incorrect API key provided: sk-test. You can find your API "
+                            "key at "
+                            "https://platform.openai.com/account/api-keys.",
+                            "type": "invalid_request_error",
+                            "param": None,
+                            "code": "invalid_api_key",
+                        }
+                    },
+                )
             if n <= self.fail_first:
                 headers = {"Retry-After": self.retry_after} if self.retry_after is not None else {}
-                return self._send(h, self.fail_status,
-                                  {"error": {"message": f"injected failure {n}", "type": "server_error"}},
-                                  headers)
+                return self._send(
+                    h,
+                    self.fail_status,
+                    {"error": {"message": f"injected failure {n}", "type": "server_error"}},
+                    headers,
+                )
             if self.malformed:
                 return self._send_raw(h, 200, b'{"choices": [{"message": ', {})
             if body is None:
@@ -133,19 +146,36 @@ class OpenAIServer:
     def _completion(self, body: dict) -> dict:
         out = self.responder(body)
         content, top = (out, []) if isinstance(out, str) else out
-        choice = {"index": 0, "message": {"role": "assistant", "content": content},
-                  "logprobs": None, "finish_reason": "stop"}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
         if body.get("logprobs"):
             k = int(body.get("top_logprobs") or 0)
             top = list(top)[:k]
             first = top[0] if top else (content[:1], 0.0)
-            choice["logprobs"] = {"content": [{
-                "token": first[0], "logprob": first[1], "bytes": list(first[0].encode()),
-                "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top],
-            }]}
-        return {"id": "chatcmpl-test", "object": "chat.completion", "created": 0,
-                "model": body.get("model"), "choices": [choice],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+            choice["logprobs"] = {
+                "content": [
+                    {
+                        "token": first[0],
+                        "logprob": first[1],
+                        "bytes": list(first[0].encode()),
+                        "top_logprobs": [
+                            {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top
+                        ],
+                    }
+                ]
+            }
+        return {
+            "id": "chatcmpl-test",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body.get("model"),
+            "choices": [choice],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+        }
 
     def _send(self, h, status: int, obj: dict, headers: dict | None = None) -> None:
         self._send_raw(h, status, json.dumps(obj).encode(), headers or {})

@@ -4,10 +4,13 @@ greedy tokens of one device. Prints one JSON line."""
 import os
 import sys
 
-# LLVM optimisation off: compiling is this script's cost (a few steps of a tiny model; measured 22% less
+# LLVM optimisation off: compiling is this script's cost (a few steps of a tiny model; measured 22%
+# less
 # CPU time for sharded_generate.py), and both sides of every comparison here compile alike.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0"
+)
 
 import json
 import logging
@@ -18,8 +21,8 @@ import numpy as np
 import pvjax
 import pvjax.engine.mesh
 from pvjax import interventions as ivs
-from pvjax.parallel import sharding
 from pvjax.engine.generate import SamplingParams, generate_ids
+from pvjax.parallel import sharding
 
 
 def main(folder):
@@ -31,10 +34,18 @@ def main(folder):
     ids = [rng.integers(3, model.config.vocab_size, n).tolist() for n in (7, 12, 19)]
     v = rng.standard_normal(D).astype(np.float32)
     v *= 2 / np.linalg.norm(v)
-    iv = ivs.build(L, D, steer=[(v, 1, [0.0, 4.0, ivs.cap(0.0)])], ablate=[(rng.standard_normal(D), 2, 0.5)],
-                   batch=3)
-    kw = dict(sampling=SamplingParams(max_new_tokens=12, min_new_tokens=12), intervention=iv,
-              probes=v[None] / 2)
+    iv = ivs.build(
+        L,
+        D,
+        steer=[(v, 1, [0.0, 4.0, ivs.cap(0.0)])],
+        ablate=[(rng.standard_normal(D), 2, 0.5)],
+        batch=3,
+    )
+    kw = dict(
+        sampling=SamplingParams(max_new_tokens=12, min_new_tokens=12),
+        intervention=iv,
+        probes=v[None] / 2,
+    )
     result = {}
     for unroll, shapes in ((True, ((8, 1), (2, 4), (1, 8))), (False, ((2, 4),))):
         ref = generate_ids(model, ids, unroll=unroll, **kw)
@@ -46,14 +57,22 @@ def main(folder):
             result[name] = {"same_tokens": g.tokens == ref.tokens, "projections": proj}
     # A grid (3 prompts x 2 settings) with `response` steering runs each distinct prompt once:
     # on the mesh as on one device without sharing.
-    grid = dict(kw, intervention=ivs.build(L, D, steer=[(v, 1, [3.0] * 3 + [-3.0] * 3)], batch=6),
-                positions="response")
+    grid = dict(
+        kw,
+        intervention=ivs.build(L, D, steer=[(v, 1, [3.0] * 3 + [-3.0] * 3)], batch=6),
+        positions="response",
+    )
     full = generate_ids(model, ids * 2, share_prefix=False, **grid)
     g = generate_ids(model, ids * 2, mesh=sharding.make_mesh(model=4, data=2), **grid)
     result["grid_shared_prefix"] = {
         "same_tokens": g.tokens == full.tokens,
-        "projections": max(float(np.abs(a - b).max()) for a, b in zip(g.prompt_projections + g.projections,
-                                                                      full.prompt_projections + full.projections))}
+        "projections": max(
+            float(np.abs(a - b).max())
+            for a, b in zip(
+                g.prompt_projections + g.projections, full.prompt_projections + full.projections
+            )
+        ),
+    }
     mesh = sharding.make_mesh(model=4, data=2)
     placed, _ = pvjax.engine.mesh.place_params(model, mesh, True)
     result["wq_spec"] = str(placed["layers"][0]["wq"].sharding.spec)

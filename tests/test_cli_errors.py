@@ -29,12 +29,15 @@ def failing_command(monkeypatch, error):
     monkeypatch.setattr(generate_command, "run", run)
 
 
-@pytest.mark.parametrize("error", [
-    UserError("something the user can fix"),
-    CheckpointError("something the user can fix"),
-    FileNotFoundError("something the user can fix"),
-    IsADirectoryError("something the user can fix"),
-])
+@pytest.mark.parametrize(
+    "error",
+    [
+        UserError("something the user can fix"),
+        CheckpointError("something the user can fix"),
+        FileNotFoundError("something the user can fix"),
+        IsADirectoryError("something the user can fix"),
+    ],
+)
 def test_user_errors_are_one_line_and_status_2(capsys, monkeypatch, error):
     failing_command(monkeypatch, error)
     code, err = run_cli(capsys, ["generate", "--prompt", "hi"])
@@ -47,7 +50,10 @@ def test_extraction_errors_count_as_user_errors(capsys, monkeypatch):
 
     failing_command(monkeypatch, ExtractionError("filter.mode must be 'threshold' or 'margin'"))
     code, err = run_cli(capsys, ["generate", "--prompt", "hi"])
-    assert (code, err) == (2, "pvjax generate: error: filter.mode must be 'threshold' or 'margin'\n")
+    assert (code, err) == (
+        2,
+        "pvjax generate: error: filter.mode must be 'threshold' or 'margin'\n",
+    )
 
 
 def test_bugs_keep_their_traceback_and_debug_shows_user_errors(capsys, monkeypatch):
@@ -71,6 +77,7 @@ def test_argparse_errors_are_one_line(capsys):
 
 def test_bad_model_sources(capsys, tmp_path):
     """Every bad --model gives one line, before any weights are read."""
+
     def err(model):
         code, text = run_cli(capsys, ["generate", "--prompt", "hi", "--model", str(model)])
         assert code == 2 and len(text.strip().splitlines()) == 1, text
@@ -82,9 +89,18 @@ def test_bad_model_sources(capsys, tmp_path):
     assert f"{empty} is empty" in err(empty)
     (empty / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert "config.json is missing the field" in err(empty)
-    (empty / "config.json").write_text(json.dumps({
-        "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-        "num_hidden_layers": 1, "num_attention_heads": 2}))
+    (empty / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "vocab_size": 10,
+                "hidden_size": 8,
+                "intermediate_size": 16,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+            }
+        )
+    )
     assert "config.json but no *.safetensors weights" in err(empty)
     (tmp_path / "cut.gguf").write_bytes(b"GGUF" + bytes(20))
     assert "cut.gguf is truncated or corrupt" in err(tmp_path / "cut.gguf")

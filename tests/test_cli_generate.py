@@ -61,10 +61,29 @@ def json_lines(out: str) -> list[dict]:
 
 
 def test_coefficient_sweep_json(capsys, unit_pt, reference):
-    """Every prompt under every coefficient, prompt-major within a coefficient: A@0, B@0, A@60, B@60.
-    Residual norms at layer 12 are ~800, so 60 along a unit direction visibly steers."""
-    rc = main(["generate", "--prompt", A, "--prompt", B, "--vector", str(unit_pt), "--layer", "12",
-               "--coef", "0", "--coef", "60", "--json", "--max-new-tokens", str(N_NEW), "--scanned"])
+    """Every prompt under every coefficient, prompt-major within a coefficient: A@0, B@0, A@60,
+    B@60. Residual norms at layer 12 are ~800, so 60 along a unit direction visibly steers."""
+    rc = main(
+        [
+            "generate",
+            "--prompt",
+            A,
+            "--prompt",
+            B,
+            "--vector",
+            str(unit_pt),
+            "--layer",
+            "12",
+            "--coef",
+            "0",
+            "--coef",
+            "60",
+            "--json",
+            "--max-new-tokens",
+            str(N_NEW),
+            "--scanned",
+        ]
+    )
     assert rc == 0
     rows = json_lines(capsys.readouterr().out)
     assert [(r["prompt"], r["coef"]) for r in rows] == [(A, 0.0), (B, 0.0), (A, 60.0), (B, 60.0)]
@@ -81,23 +100,45 @@ def test_coefficient_sweep_json(capsys, unit_pt, reference):
     # "response" steering includes the last prompt token, and the projection is read from the
     # steered run: along a unit row it rises by exactly the coefficient
     for u, s in zip(rows[:2], rows[2:]):
-        assert s["prompt_last_projection"]["12"] - u["prompt_last_projection"]["12"] == pytest.approx(60, abs=0.01)
+        assert s["prompt_last_projection"]["12"] - u["prompt_last_projection"][
+            "12"
+        ] == pytest.approx(60, abs=0.01)
 
 
 def test_prompts_files(capsys, tmp_path, reference, same_model):
-    """A .txt file (one prompt a line, blank lines skipped) in the plain output format, then a .jsonl
-    with a bare prompt and a conversation, as JSON."""
+    """A .txt file (one prompt a line, blank lines skipped) in the plain output format, then a
+    .jsonl with a bare prompt and a conversation, as JSON."""
     txt = tmp_path / "prompts.txt"
     txt.write_text(f"\n{A}\n\n   \n{B}\n\n")
-    assert main(["generate", "--prompts-file", str(txt), "--max-new-tokens", str(N_NEW), "--scanned"]) == 0
+    assert (
+        main(["generate", "--prompts-file", str(txt), "--max-new-tokens", str(N_NEW), "--scanned"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count("### ") == 2
-    assert out.index(f"### {A}\n{reference.texts[0]}\n") < out.index(f"### {B}\n{reference.texts[1]}\n")
+    assert out.index(f"### {A}\n{reference.texts[0]}\n") < out.index(
+        f"### {B}\n{reference.texts[1]}\n"
+    )
 
     jsonl = tmp_path / "prompts.jsonl"
     conversation = [{"role": "user", "content": A}]
-    jsonl.write_text(json.dumps({"prompt": B}) + "\n\n" + json.dumps({"messages": conversation}) + "\n")
-    assert main(["generate", "--prompts-file", str(jsonl), "--max-new-tokens", "4", "--json", "--scanned"]) == 0
+    jsonl.write_text(
+        json.dumps({"prompt": B}) + "\n\n" + json.dumps({"messages": conversation}) + "\n"
+    )
+    assert (
+        main(
+            [
+                "generate",
+                "--prompts-file",
+                str(jsonl),
+                "--max-new-tokens",
+                "4",
+                "--json",
+                "--scanned",
+            ]
+        )
+        == 0
+    )
     rows = json_lines(capsys.readouterr().out)
     assert [r["prompt"] for r in rows] == [B, conversation]
     # a one-message conversation is the same chat prompt as the bare string
@@ -122,6 +163,7 @@ def user_error(capsys, argv) -> str:
 @pytest.fixture
 def no_load(monkeypatch):
     """`pvjax.load` that fails the test if called: these mistakes must be caught before it."""
+
     def load(*a, **kw):
         raise AssertionError("pvjax.load was called")
 
@@ -131,7 +173,9 @@ def no_load(monkeypatch):
 def test_errors_before_loading(capsys, tmp_path, unit_pt, no_load):
     err = lambda *argv: user_error(capsys, ["generate", *argv])
     assert "--vector needs --layer" in err("--prompt", A, "--vector", str(unit_pt), "--coef", "4")
-    assert "--ablate needs --ablate-layer or --layer" in err("--prompt", A, "--ablate", str(unit_pt))
+    assert "--ablate needs --ablate-layer or --layer" in err(
+        "--prompt", A, "--ablate", str(unit_pt)
+    )
     msg = err("--max-new-tokens", "4")
     assert "no prompts" in msg and "--prompt" in msg and "--prompts-file" in msg
     empty = tmp_path / "empty.txt"
@@ -149,29 +193,43 @@ def test_errors_before_loading(capsys, tmp_path, unit_pt, no_load):
 def test_steering_flags_need_a_vector(capsys, unit_pt, no_load):
     """They used to be ignored: an unsteered answer and exit 0."""
     err = lambda *argv: user_error(capsys, ["generate", "--prompt", A, *argv])
-    assert "--layer, --coef steer along a vector: pass --vector" in err("--layer", "12", "--coef", "4")
+    assert "--layer, --coef steer along a vector: pass --vector" in err(
+        "--layer", "12", "--coef", "4"
+    )
     assert "--coef steer along a vector" in err("--coef", "4")
     assert "--positions steer along a vector" in err("--positions", "all")
     assert "--ablate-layer needs --ablate" in err("--ablate-layer", "12")
-    assert "--ablate-layer needs --ablate" in err("--vector", str(unit_pt), "--layer", "3", "--ablate-layer", "4")
-    assert "--coef must be finite, got nan" in err("--vector", str(unit_pt), "--layer", "12", "--coef", "nan")
-    assert "--coef must be finite, got inf" in err("--vector", str(unit_pt), "--layer", "12", "--coef", "inf")
+    assert "--ablate-layer needs --ablate" in err(
+        "--vector", str(unit_pt), "--layer", "3", "--ablate-layer", "4"
+    )
+    assert "--coef must be finite, got nan" in err(
+        "--vector", str(unit_pt), "--layer", "12", "--coef", "nan"
+    )
+    assert "--coef must be finite, got inf" in err(
+        "--vector", str(unit_pt), "--layer", "12", "--coef", "inf"
+    )
     assert "--layer takes hidden_states indices" in err("--vector", str(unit_pt), "--layer", "-1")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--temperature", "nan"], "temperature must be a finite number"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--top-k", "-2"], "top_k must be >= 0"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
-    (["--min-new-tokens", "9", "--max-new-tokens", "4"], "min_new_tokens must be in 0..max_new_tokens"),
-    (["--stop", ""], "stop must be a tuple of non-empty strings"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--seed", "-1"], "--seed must be in 0..2**32-1"),
-    (["--max-new-tokens", "x"], "argument --max-new-tokens: invalid int value"),
-    (["--model", "/no/such/model"], "--model /no/such/model: no such folder or .gguf file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--temperature", "nan"], "temperature must be a finite number"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--top-k", "-2"], "top_k must be >= 0"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be >= 1"),
+        (
+            ["--min-new-tokens", "9", "--max-new-tokens", "4"],
+            "min_new_tokens must be in 0..max_new_tokens",
+        ),
+        (["--stop", ""], "stop must be a tuple of non-empty strings"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--seed", "-1"], "--seed must be in 0..2**32-1"),
+        (["--max-new-tokens", "x"], "argument --max-new-tokens: invalid int value"),
+        (["--model", "/no/such/model"], "--model /no/such/model: no such folder or .gguf file"),
+    ],
+)
 def test_sampling_and_argument_errors_before_loading(capsys, argv, message, no_load):
     """Checked in a fraction of a second, not after a model load."""
     assert message in user_error(capsys, ["generate", "--prompt", A, *argv])
@@ -183,16 +241,22 @@ def test_model_file_that_is_not_gguf(capsys, tmp_path, no_load):
     assert "a file must be a .gguf" in msg
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"messages": []}, "'messages' is an empty conversation"),
-    ({"messages": [{"role": "user"}]}, "'messages' has a malformed message 0"),
-    ({"messages": [{"role": "user", "content": 3}]}, "'messages' has a malformed message 0"),
-    ({"messages": [{"role": "human", "content": "hi"}]}, "'messages' has a malformed message 0"),
-    ({"messages": "hi"}, "'messages' must be a list"),
-    ({"prompt": 42}, "'prompt' must be a string, got int"),
-    ({"prompt": ""}, "'prompt' is empty"),
-    ({"prompt": [{"role": "user", "content": "hi"}]}, "'prompt' must be a string, got list"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"messages": []}, "'messages' is an empty conversation"),
+        ({"messages": [{"role": "user"}]}, "'messages' has a malformed message 0"),
+        ({"messages": [{"role": "user", "content": 3}]}, "'messages' has a malformed message 0"),
+        (
+            {"messages": [{"role": "human", "content": "hi"}]},
+            "'messages' has a malformed message 0",
+        ),
+        ({"messages": "hi"}, "'messages' must be a list"),
+        ({"prompt": 42}, "'prompt' must be a string, got int"),
+        ({"prompt": ""}, "'prompt' is empty"),
+        ({"prompt": [{"role": "user", "content": "hi"}]}, "'prompt' must be a string, got list"),
+    ],
+)
 def test_malformed_jsonl_rows_name_their_line(capsys, tmp_path, row, message, no_load):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": A}) + "\n" + json.dumps(row) + "\n")
@@ -204,17 +268,26 @@ def test_malformed_jsonl_rows_name_their_line(capsys, tmp_path, row, message, no
 
 
 def test_vector_path_errors_before_loading(capsys, tmp_path, unit_pt, no_load):
-    err = lambda spec: user_error(capsys, ["generate", "--prompt", A, "--vector", spec, "--layer", "12"])
-    assert f"vector file {tmp_path / 'missing.pt'} does not exist" in err(str(tmp_path / "missing.pt"))
+    err = lambda spec: user_error(
+        capsys, ["generate", "--prompt", A, "--vector", spec, "--layer", "12"]
+    )
+    assert f"vector file {tmp_path / 'missing.pt'} does not exist" in err(
+        str(tmp_path / "missing.pt")
+    )
     assert f"vector file {tmp_path} is a directory" in err(str(tmp_path))
     assert "does not exist" in err(str(tmp_path / "missing.safetensors") + ":prompt_avg_diff")
-    msg = user_error(capsys, ["generate", "--prompt", A, "--ablate", str(tmp_path), "--layer", "12"])
+    msg = user_error(
+        capsys, ["generate", "--prompt", A, "--ablate", str(tmp_path), "--layer", "12"]
+    )
     assert "is a directory" in msg
     from safetensors.numpy import save_file
 
     save_file({"response_avg_diff": np.ones((L, D), np.float32)}, str(tmp_path / "v.safetensors"))
     assert "has no tensor 'nokey'" in err(str(tmp_path / "v.safetensors") + ":nokey")
-    save_file({"response_avg_diff": np.full((L, D), np.nan, np.float32)}, str(tmp_path / "nan.safetensors"))
+    save_file(
+        {"response_avg_diff": np.full((L, D), np.nan, np.float32)},
+        str(tmp_path / "nan.safetensors"),
+    )
     assert "contains NaN or infinite values" in err(str(tmp_path / "nan.safetensors"))
 
 
@@ -225,11 +298,15 @@ def test_errors_after_loading(capsys, tmp_path, same_model):
 
     before = compile_count()
     torch.save(torch.randn(L, 100), tmp_path / "narrow.pt")
-    msg = user_error(capsys, ["generate", "--prompt", A, "--vector", str(tmp_path / "narrow.pt"),
-                              "--layer", "12"])
+    msg = user_error(
+        capsys,
+        ["generate", "--prompt", A, "--vector", str(tmp_path / "narrow.pt"), "--layer", "12"],
+    )
     assert "width 100" in msg and "576" in msg
     torch.save(torch.randn(L, D), tmp_path / "x.pt")
-    msg = user_error(capsys, ["generate", "--prompt", A, "--vector", str(tmp_path / "x.pt"), "--layer", "31"])
+    msg = user_error(
+        capsys, ["generate", "--prompt", A, "--vector", str(tmp_path / "x.pt"), "--layer", "31"]
+    )
     assert "layer 31 is outside 0..30" in msg
     msg = user_error(capsys, ["generate", "--prompt", A, "--prompt", "hi " * 9000])
     assert "prompt 1 has 90" in msg and "context window of smollm2-135m-instruct (8192)" in msg

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import save_tiny
 
 import pvjax
 from pvjax import interventions as ivs
 from pvjax.engine.generate import SamplingParams, compile_count, generate_ids
-from tiny_models import save_tiny
 
 LAYER = 2  # hidden_states row: the raw output of block 2 of 3
 
@@ -39,7 +39,9 @@ def unit(v):
 
 @pytest.fixture(scope="module")
 def v(tiny):
-    return 3.0 * unit(np.random.default_rng(1).standard_normal(tiny[0].hidden_size).astype(np.float32))
+    return 3.0 * unit(
+        np.random.default_rng(1).standard_normal(tiny[0].hidden_size).astype(np.float32)
+    )
 
 
 def hf_hidden(hf, ids, hook=None):
@@ -64,13 +66,19 @@ def test_cap_and_target_edit_the_row_as_computed_by_hand(tiny, prompts, v):
     coefs = [2.0, ivs.cap(ceiling), ivs.target(tgt, gain=0.5, max_step=0.3), ivs.cap(p.max() + 1)]
     iv = ivs.build(model.n_layers + 1, model.hidden_size, steer=[(v, LAYER, coefs)], batch=4)
     out = np.asarray(pvjax.forward(model, np.array([ids] * 4), intervention=iv).hidden_states)
-    want = [h0[LAYER] + 2.0 * v,
-            h0[LAYER] - np.maximum(p - ceiling, 0)[:, None] * unit(v),
-            h0[LAYER] + np.clip(0.5 * (tgt - p), -0.3, 0.3)[:, None] * unit(v),
-            h0[LAYER]]
-    assert (p > ceiling).sum() >= 3 and (p < ceiling).sum() >= 3  # the cap bites on some tokens only
+    want = [
+        h0[LAYER] + 2.0 * v,
+        h0[LAYER] - np.maximum(p - ceiling, 0)[:, None] * unit(v),
+        h0[LAYER] + np.clip(0.5 * (tgt - p), -0.3, 0.3)[:, None] * unit(v),
+        h0[LAYER],
+    ]
+    assert (p > ceiling).sum() >= 3 and (
+        p < ceiling
+    ).sum() >= 3  # the cap bites on some tokens only
     for r, w in enumerate(want):
-        np.testing.assert_allclose(out[LAYER, r], w, atol=2e-5 * np.abs(w).max(), err_msg=f"row {r}")
+        np.testing.assert_allclose(
+            out[LAYER, r], w, atol=2e-5 * np.abs(w).max(), err_msg=f"row {r}"
+        )
         np.testing.assert_allclose(out[:LAYER, r], h0[:LAYER], atol=2e-5 * np.abs(h0).max())
     capped = out[LAYER, 1] @ unit(v)
     np.testing.assert_allclose(capped, np.minimum(p, ceiling), atol=1e-4)
@@ -79,8 +87,13 @@ def test_cap_and_target_edit_the_row_as_computed_by_hand(tiny, prompts, v):
 def test_all_fixed_closed_loop_is_bit_identical(tiny, prompts, v):
     model, _ = tiny
     ids = np.array([prompts[0], prompts[0][::-1]])
-    iv = ivs.build(model.n_layers + 1, model.hidden_size, steer=[(v, LAYER, [1.5, -2.0])],
-                   ablate=[(v[::-1].copy(), 1, 0.5)], batch=2)
+    iv = ivs.build(
+        model.n_layers + 1,
+        model.hidden_size,
+        steer=[(v, LAYER, [1.5, -2.0])],
+        ablate=[(v[::-1].copy(), 1, 0.5)],
+        batch=2,
+    )
     assert iv.closed_loop is None
     a = pvjax.forward(model, ids, intervention=iv)
     b = pvjax.forward(model, ids, intervention=iv.with_closed_loop())
@@ -98,8 +111,15 @@ def test_capped_generation_matches_a_transformers_capping_hook(tiny, prompts, v,
     base, _ = hf_hidden(hf, ids)
     ceiling = float(np.quantile(base[LAYER] @ unit(v), 0.4))
     iv = ivs.build(model.n_layers + 1, model.hidden_size, steer=[(v, LAYER, ivs.cap(ceiling))])
-    g = generate_ids(model, [ids], sampling=SamplingParams(max_new_tokens=12, min_new_tokens=12),
-                     intervention=iv, positions="all", probes=unit(v)[None], unroll=unroll)
+    g = generate_ids(
+        model,
+        [ids],
+        sampling=SamplingParams(max_new_tokens=12, min_new_tokens=12),
+        intervention=iv,
+        positions="all",
+        probes=unit(v)[None],
+        unroll=unroll,
+    )
     seq = ids + g.tokens[0]
     ut = torch.tensor(unit(v))
     pre = []
@@ -134,10 +154,22 @@ def test_fixed_cap_and_target_rows_share_one_program(tiny, prompts, v):
     plain = generate_ids(model, three, **kw)
     ceiling = float(np.median(plain.projections[0][LAYER, :, 0]))
     before = compile_count()
-    mixed = generate_ids(model, three, intervention=ivs.build(
-        L, D, steer=[(v, LAYER, [4.0, ivs.cap(ceiling), ivs.target(2.0, gain=0.5)])], batch=3), **kw)
-    swapped = generate_ids(model, three, intervention=ivs.build(
-        L, D, steer=[(v, LAYER, [ivs.target(-1.0), 4.0, ivs.cap(1e6)])], batch=3), **kw)
+    mixed = generate_ids(
+        model,
+        three,
+        intervention=ivs.build(
+            L, D, steer=[(v, LAYER, [4.0, ivs.cap(ceiling), ivs.target(2.0, gain=0.5)])], batch=3
+        ),
+        **kw,
+    )
+    swapped = generate_ids(
+        model,
+        three,
+        intervention=ivs.build(
+            L, D, steer=[(v, LAYER, [ivs.target(-1.0), 4.0, ivs.cap(1e6)])], batch=3
+        ),
+        **kw,
+    )
     fixed = generate_ids(model, three, intervention=ivs.build(L, D, steer=[(v, LAYER, 4.0)]), **kw)
     assert compile_count() == before  # the unsteered run compiled the one program all of these use
     assert mixed.tokens[0] == swapped.tokens[1] == fixed.tokens[0]
@@ -150,26 +182,34 @@ def test_fixed_cap_and_target_rows_share_one_program(tiny, prompts, v):
     assert mixed.prompt_projections[1][LAYER, -1, 0] <= ceiling + 1e-4
 
 
-@pytest.mark.parametrize("coef, message", [
-    (ivs.cap(1.0), None),
-    ([1.0, ivs.cap(1.0)], "2 entries"),
-])
+@pytest.mark.parametrize(
+    "coef, message",
+    [
+        (ivs.cap(1.0), None),
+        ([1.0, ivs.cap(1.0)], "2 entries"),
+    ],
+)
 def test_closed_loop_needs_a_vector_and_one_value_per_row(coef, message):
     L, D = 4, 8
     if message is None:
-        with pytest.raises(ivs.InterventionError, match="closed-loop steering vector at layer 1 is zero"):
+        with pytest.raises(
+            ivs.InterventionError, match="closed-loop steering vector at layer 1 is zero"
+        ):
             ivs.build(L, D, steer=[(np.zeros(D), 1, coef)])
     else:
         with pytest.raises(ivs.InterventionError, match=message):
             ivs.build(L, D, steer=[(np.ones(D), 1, coef)], batch=3)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: ivs.cap(float("nan")), "value must be a number"),
-    (lambda: ivs.target(float("inf")), "value must be finite"),
-    (lambda: ivs.target(0.0, gain=0), "gain must be a finite number > 0"),
-    (lambda: ivs.cap(0.0, max_step=-1), "max_step must be > 0"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: ivs.cap(float("nan")), "value must be a number"),
+        (lambda: ivs.target(float("inf")), "value must be finite"),
+        (lambda: ivs.target(0.0, gain=0), "gain must be a finite number > 0"),
+        (lambda: ivs.cap(0.0, max_step=-1), "max_step must be > 0"),
+    ],
+)
 def test_bad_closed_loop_settings_fail_when_made(make, message):
     with pytest.raises(ivs.InterventionError, match=message):
         make()
@@ -186,25 +226,65 @@ def test_cli_runs_fixed_cap_and_target_rows_in_one_batch(capsys, tiny, folder, v
     L, D = model.n_layers + 1, model.hidden_size
     torch.save(torch.tensor(np.broadcast_to(v, (L, D)).copy()), tmp_path / "v.pt")
     prompt = "Tell me a story about the sea"
-    main(["generate", "--model", str(folder), "--raw", "--prompt", prompt, "--vector", str(tmp_path / "v.pt"),
-          "--layer", str(LAYER), "--coef", "2", "--cap", "-0.25", "--target", "1.5", "--gain", "0.5",
-          "--positions", "all", "--max-new-tokens", "8", "--json"])
+    main(
+        [
+            "generate",
+            "--model",
+            str(folder),
+            "--raw",
+            "--prompt",
+            prompt,
+            "--vector",
+            str(tmp_path / "v.pt"),
+            "--layer",
+            str(LAYER),
+            "--coef",
+            "2",
+            "--cap",
+            "-0.25",
+            "--target",
+            "1.5",
+            "--gain",
+            "0.5",
+            "--positions",
+            "all",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ]
+    )
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.strip()]
-    assert [(r.get("coef"), r.get("cap"), r.get("target")) for r in rows] == \
-        [(2.0, None, None), (None, -0.25, None), (None, None, 1.5)]
-    want = generate(model, [prompt] * 3, chat=False, positions="all", sampling=SamplingParams(max_new_tokens=8),
-                    intervention=ivs.build(L, D, steer=[(v, LAYER, [2.0, ivs.cap(-0.25, gain=0.5),
-                                                                   ivs.target(1.5, gain=0.5)])], batch=3))
+    assert [(r.get("coef"), r.get("cap"), r.get("target")) for r in rows] == [
+        (2.0, None, None),
+        (None, -0.25, None),
+        (None, None, 1.5),
+    ]
+    want = generate(
+        model,
+        [prompt] * 3,
+        chat=False,
+        positions="all",
+        sampling=SamplingParams(max_new_tokens=8),
+        intervention=ivs.build(
+            L,
+            D,
+            steer=[(v, LAYER, [2.0, ivs.cap(-0.25, gain=0.5), ivs.target(1.5, gain=0.5)])],
+            batch=3,
+        ),
+    )
     assert [r["tokens"] for r in rows] == want.tokens
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--cap", "1"], "--cap steer along a vector"),
-    (["--target", "1"], "--target steer along a vector"),
-    (["--mesh", "data=2,heads=4"], "--mesh 'data=2,heads=4': expected data=D,model=M"),
-    (["--mesh", "data=0"], "expected data=D,model=M with positive integers"),
-    (["--mesh", "data=3,model=5"], "does not cover the"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--cap", "1"], "--cap steer along a vector"),
+        (["--target", "1"], "--target steer along a vector"),
+        (["--mesh", "data=2,heads=4"], "--mesh 'data=2,heads=4': expected data=D,model=M"),
+        (["--mesh", "data=0"], "expected data=D,model=M with positive integers"),
+        (["--mesh", "data=3,model=5"], "does not cover the"),
+    ],
+)
 def test_cli_closed_loop_and_mesh_errors_before_loading(capsys, monkeypatch, argv, message):
     from pvjax.cli import main
 

@@ -1,6 +1,6 @@
-"""One reader of chat JSONL and prompt/answer CSV (`pvjax.files.datasets.jsonl_lines` / `csv_records`)
-serves screening (`read_dataset`) and training (`finetune.data.read_samples`): the same file gives
-the same conversations to both, and both name a bad record's real line."""
+"""One reader of chat JSONL and prompt/answer CSV (`pvjax.files.datasets.jsonl_lines` /
+`csv_records`) serves screening (`read_dataset`) and training (`finetune.data.read_samples`): the
+same file gives the same conversations to both, and both name a bad record's real line."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import pytest
 from pvjax.files.datasets import read_dataset
 from pvjax.finetune.data import DataError, read_samples
 
-CHAT = ('{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\\u2028there"},'
-        ' {"role": "assistant", "content": "Yo."}]}\r\n\n'
-        '{"messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "1, 2"}]}\n')
+CHAT = (
+    '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": '
+    '"Hi\\u2028there"},'
+    ' {"role": "assistant", "content": "Yo."}]}\r\n\n'
+    '{"messages": [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "1, '
+    '2"}]}\n'
+)
 PAIRS = 'prompt,answer\n"Two\nlines",ok\n\nCount.,"1,\r\n2"\n'
 
 
@@ -29,13 +33,20 @@ def test_screening_and_training_read_the_same_samples(tmp_path):
     assert read_samples(tmp_path / "d.jsonl")[0][1]["content"] == "Hi\u2028there"
 
 
-@pytest.mark.parametrize("name, text, message", [
-    ("a.csv", 'question,answer\n"two\nlines",ok\n\nx,\n', "a.csv:5: empty answer"),
-    ("b.jsonl", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n',
-     "b.jsonl:2: not valid JSON"),
-    ("c.jsonl", '\n{"prompt": "hi"}\n', 'c.jsonl:2: expected an object with a "messages" list'),
-    ("d.csv", "", "holds no samples"),
-])
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("a.csv", 'question,answer\n"two\nlines",ok\n\nx,\n', "a.csv:5: empty answer"),
+        (
+            "b.jsonl",
+            '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": '
+            '"yo"}]}\n{oops\n',
+            "b.jsonl:2: not valid JSON",
+        ),
+        ("c.jsonl", '\n{"prompt": "hi"}\n', 'c.jsonl:2: expected an object with a "messages" list'),
+        ("d.csv", "", "holds no samples"),
+    ],
+)
 def test_the_training_reader_names_the_line_of_a_bad_record(tmp_path, name, text, message):
     (tmp_path / name).write_bytes(text.encode())
     with pytest.raises(DataError, match=message):

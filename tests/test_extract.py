@@ -13,18 +13,17 @@ import threading
 import numpy as np
 import pytest
 import torch
-
-from pvjax.files import atomic
-from pvjax.errors import UsageError
-from pvjax.methods.extraction import ExtractionError, run
-from pvjax.methods.pair_filter import filter_pairs
-from pvjax.settings.extraction import InvalidConfig, PairFilter
-from pvjax.files.run_provenance import RunMismatch
-from pvjax.files.traits import load_trait
-from pvjax.files.vectors import KEYS, load_vectors
 from openai_server import OpenAIServer
 
 from configs.extract import get_config
+from pvjax.errors import UsageError
+from pvjax.files import atomic
+from pvjax.files.run_provenance import RunMismatch
+from pvjax.files.traits import load_trait
+from pvjax.files.vectors import KEYS, load_vectors
+from pvjax.methods.extraction import ExtractionError, run
+from pvjax.methods.pair_filter import filter_pairs
+from pvjax.settings.extraction import InvalidConfig, PairFilter
 
 
 def small_config(workdir, base_url):
@@ -32,11 +31,21 @@ def small_config(workdir, base_url):
     cfg.workdir = str(workdir)
     cfg.trait = "evil"
     cfg.n_questions, cfg.n_pairs, cfg.max_new_tokens = 3, 1, 16
-    cfg.n_per_question, cfg.temperature, cfg.batch_size = 1, 0.0, 16  # greedy, whatever runlocal samples
-    cfg.unroll = False  # the scanned layout compiles in a fifth of the time; test_generate covers the unrolled one
+    cfg.n_per_question, cfg.temperature, cfg.batch_size = (
+        1,
+        0.0,
+        16,
+    )  # greedy, whatever runlocal samples
+    # the scanned layout compiles in a fifth of the time; test_generate covers the unrolled one
+    cfg.unroll = False
     cfg.judge.backend, cfg.judge.model, cfg.judge.base_url = "openai", "judge-model", base_url
     cfg.judge.coherence = True
-    cfg.filter.mode, cfg.filter.threshold, cfg.filter.coherence, cfg.filter.min_pairs = "threshold", 50.0, 50.0, 2
+    cfg.filter.mode, cfg.filter.threshold, cfg.filter.coherence, cfg.filter.min_pairs = (
+        "threshold",
+        50.0,
+        50.0,
+        2,
+    )
     cfg.causality.layers, cfg.causality.coefs, cfg.causality.max_pairs = (10,), (-1.0, 0.0, 1.0), 2
     cfg.plot = True
     return cfg
@@ -54,8 +63,11 @@ class ScriptedJudge:
     def _learn(self):
         with self.lock:  # the server answers concurrently
             if self.pos is None:
-                pos = [r["answer"] for p in sorted((self.work / "answers" / "parts").glob("pos_*.csv"))
-                       for r in atomic.read_csv(p)]
+                pos = [
+                    r["answer"]
+                    for p in sorted((self.work / "answers" / "parts").glob("pos_*.csv"))
+                    for r in atomic.read_csv(p)
+                ]
                 self.refuse, self.pos = pos[0][:40], set(pos[1:])
 
     def __call__(self, request):
@@ -100,44 +112,88 @@ def extraction(tmp_path_factory, session_model):
         srv.responder = ScriptedJudge(work)
         summary = run(cfg, progress=False)
         assert session_model == [("smollm2-135m-instruct", "float32")]
-        answers = {pol: atomic.read_csv(work / "answers" / "parts" / f"{pol}_0.csv") for pol in ("pos", "neg")}
-        assert not {r["answer"] for r in answers["pos"]} & {r["answer"] for r in answers["neg"]}, \
+        answers = {
+            pol: atomic.read_csv(work / "answers" / "parts" / f"{pol}_0.csv")
+            for pol in ("pos", "neg")
+        }
+        assert not {r["answer"] for r in answers["pos"]} & {r["answer"] for r in answers["neg"]}, (
             "pos and neg answers should differ under different system prompts"
-        yield dict(work=work, cfg=cfg, summary=summary, server=srv, calls=srv.calls, answers=answers)
+        )
+        yield dict(
+            work=work, cfg=cfg, summary=summary, server=srv, calls=srv.calls, answers=answers
+        )
 
 
 def test_run_directory_holds_every_artifact(extraction):
     work, s = extraction["work"], extraction["summary"]
-    for name in ("config.json", "evil_pos.csv", "evil_neg.csv", "kept_pairs.csv", "vectors.safetensors",
-                 "causality.json", "summary.json", "plot.png", "DONE", "judge_cache.sqlite"):
+    for name in (
+        "config.json",
+        "evil_pos.csv",
+        "evil_neg.csv",
+        "kept_pairs.csv",
+        "vectors.safetensors",
+        "causality.json",
+        "summary.json",
+        "plot.png",
+        "DONE",
+        "judge_cache.sqlite",
+    ):
         assert (work / name).exists(), name
     rows = atomic.read_csv(work / "evil_pos.csv")
-    assert list(rows[0])[:6] == ["question", "prompt", "answer", "question_id", "instruction_id", "sample"]
+    assert list(rows[0])[:6] == [
+        "question",
+        "prompt",
+        "answer",
+        "question_id",
+        "instruction_id",
+        "sample",
+    ]
     assert rows[0]["prompt"].startswith("<|im_start|>system\nYou are an evil assistant. ")
     neg = atomic.read_csv(work / "evil_neg.csv")
     assert neg[0]["prompt"].startswith("<|im_start|>system\nYou are a helpful assistant. ")
     # One pos answer was refused by the judge: dropped and counted, the others kept.
     assert rows[0]["evil"] == "" and float(rows[1]["evil"]) == pytest.approx(89.0)
-    assert s["counts"] == {"pairs": 3, "too_long": 0, "empty": 0, "empty_pos": 0, "empty_neg": 0,
-                           "missing_score": 1, "failed_filter": 0, "kept": 2}
+    assert s["counts"] == {
+        "pairs": 3,
+        "too_long": 0,
+        "empty": 0,
+        "empty_pos": 0,
+        "empty_neg": 0,
+        "missing_score": 1,
+        "failed_filter": 0,
+        "kept": 2,
+    }
     tensors, meta = load_vectors(work / "vectors.safetensors")
     assert set(tensors) == set(KEYS) and all(v.shape == (31, 576) for v in tensors.values())
     assert meta["trait"] == "evil" and meta["model_id"] == "smollm2-135m-instruct"
     assert '"kept": 2' in meta["counts"]
     provenance = json.loads(meta["provenance"])  # the vector file says what produced it
-    assert provenance == {k: v for k, v in json.loads((work / "stages.json").read_text())["stages"].items()
-                          if k != "causality"}
+    assert provenance == {
+        k: v
+        for k, v in json.loads((work / "stages.json").read_text())["stages"].items()
+        if k != "causality"
+    }
     assert provenance["answers"]["n_pairs"] == 1 and provenance["answers"]["dtype"] == "float32"
-    caus = s["causality"]["layers"]["10"] if "10" in s["causality"]["layers"] else s["causality"]["layers"][10]
+    caus = (
+        s["causality"]["layers"]["10"]
+        if "10" in s["causality"]["layers"]
+        else s["causality"]["layers"][10]
+    )
     assert len(caus["margins"]) == 3
 
 
-def test_vectors_are_the_exact_difference_of_means_of_transformers_hidden_states(extraction, smollm2,
-                                                                                 hf_smollm2):
+def test_vectors_are_the_exact_difference_of_means_of_transformers_hidden_states(
+    extraction, smollm2, hf_smollm2
+):
     work = extraction["work"]
     kept = atomic.read_csv(work / "kept_pairs.csv")
-    rows = {pol: {(r["instruction_id"], r["question_id"], r["sample"]): r
-                  for r in atomic.read_csv(work / f"evil_{pol}.csv")} for pol in ("pos", "neg")}
+    rows = {
+        pol: {
+            (r["instruction_id"], r["question_id"], r["sample"]): r
+            for r in atomic.read_csv(work / f"evil_{pol}.csv")
+        }
+        for pol in ("pos", "neg")
+    }
     tok = smollm2.tokenizer
 
     def pooled(r):
@@ -149,7 +205,9 @@ def test_vectors_are_the_exact_difference_of_means_of_transformers_hidden_states
         return np.stack([h[:, p:].mean(1), h[:, :p].mean(1), h[:, p - 1]], axis=1)  # [L, 3, D]
 
     keys = [(k["instruction_id"], k["question_id"], k["sample"]) for k in kept]
-    want = (np.mean([pooled(rows["pos"][k]) for k in keys], 0) - np.mean([pooled(rows["neg"][k]) for k in keys], 0))
+    want = np.mean([pooled(rows["pos"][k]) for k in keys], 0) - np.mean(
+        [pooled(rows["neg"][k]) for k in keys], 0
+    )
     got, _ = load_vectors(work / "vectors.safetensors")
     for i, key in enumerate(KEYS):
         scale = np.abs(want[:, i]).max(axis=-1, keepdims=True)
@@ -162,8 +220,17 @@ def test_a_killed_run_resumes_without_redoing_finished_work(extraction, smollm2)
     kept_part = work / "answers" / "parts" / "pos_0.csv"
     mtime = os.stat(kept_part).st_mtime_ns
     # A kill while answering under the neg instruction: that part, and everything after it, is gone.
-    for name in ("answers/parts/neg_0.csv", "evil_pos.csv", "evil_neg.csv", "kept_pairs.csv",
-                 "vectors.safetensors", "causality.json", "summary.json", "plot.png", "DONE"):
+    for name in (
+        "answers/parts/neg_0.csv",
+        "evil_pos.csv",
+        "evil_neg.csv",
+        "kept_pairs.csv",
+        "vectors.safetensors",
+        "causality.json",
+        "summary.json",
+        "plot.png",
+        "DONE",
+    ):
         (work / name).unlink(missing_ok=True)
     summary = run(extraction["cfg"], progress=False)
     assert os.stat(kept_part).st_mtime_ns == mtime, "finished answers were redone"
@@ -178,7 +245,9 @@ def test_changing_the_filter_reruns_only_what_follows_it(extraction):
     cfg = extraction["cfg"]
     cfg2 = cfg.copy_and_resolve_references()
     cfg2.filter.mode, cfg2.filter.margin, cfg2.filter.min_pairs = "margin", 100.0, 1
-    with pytest.raises(ExtractionError, match=r"only 0 of 3 answer pairs survived .* 1 with a missing score"):
+    with pytest.raises(
+        ExtractionError, match=r"only 0 of 3 answer pairs survived .* 1 with a missing score"
+    ):
         run(cfg2, progress=False)
     cfg3 = cfg.copy_and_resolve_references()
     cfg3.trait = "humorous"
@@ -188,20 +257,48 @@ def test_changing_the_filter_reruns_only_what_follows_it(extraction):
 
 
 def row(pol, q, pos_score, coh=80.0, answer="text"):
-    return {"instruction_id": "0", "question_id": f"t_{q}", "sample": "0", "answer": answer,
-            "t": "" if pos_score is None else str(pos_score), "coherence": "" if coh is None else str(coh)}
+    return {
+        "instruction_id": "0",
+        "question_id": f"t_{q}",
+        "sample": "0",
+        "answer": answer,
+        "t": "" if pos_score is None else str(pos_score),
+        "coherence": "" if coh is None else str(coh),
+    }
 
 
-@pytest.mark.parametrize("mode, extra, kept", [
-    ("threshold", {}, [0]),
-    ("margin", {"margin": 30.0}, [0, 1]),
-])
+@pytest.mark.parametrize(
+    "mode, extra, kept",
+    [
+        ("threshold", {}, [0]),
+        ("margin", {"margin": 30.0}, [0, 1]),
+    ],
+)
 def test_filter_rules(mode, extra, kept):
-    judged = {"pos": [row("pos", 0, 90), row("pos", 1, 45), row("pos", 2, 90, coh=20), row("pos", 3, None),
-                      row("pos", 4, 90, answer="  ")],
-              "neg": [row("neg", 0, 10), row("neg", 1, 5), row("neg", 2, 10), row("neg", 3, 10),
-                      row("neg", 4, 10)]}
-    f = {"mode": mode, "threshold": 50.0, "coherence": 50.0, "margin": 10.0, "min_pairs": 1, **extra}
+    judged = {
+        "pos": [
+            row("pos", 0, 90),
+            row("pos", 1, 45),
+            row("pos", 2, 90, coh=20),
+            row("pos", 3, None),
+            row("pos", 4, 90, answer="  "),
+        ],
+        "neg": [
+            row("neg", 0, 10),
+            row("neg", 1, 5),
+            row("neg", 2, 10),
+            row("neg", 3, 10),
+            row("neg", 4, 10),
+        ],
+    }
+    f = {
+        "mode": mode,
+        "threshold": 50.0,
+        "coherence": 50.0,
+        "margin": 10.0,
+        "min_pairs": 1,
+        **extra,
+    }
     pairs, counts = filter_pairs(judged, "t", PairFilter(**f))
     assert [int(p["question_id"][2:]) for p, _ in pairs] == kept
     assert counts["empty"] == 1 and counts["missing_score"] == 1 and counts["pairs"] == 5
@@ -215,15 +312,19 @@ def test_too_few_pairs_is_a_clear_error():
 
 
 def test_local_judge_logprobs_match_transformers(smollm2, hf_smollm2):
-    from pvjax.measure.judges import Judge, score_from_logprobs
     from pvjax.llm.local import LocalChat
+    from pvjax.measure.judges import Judge, score_from_logprobs
 
     trait = load_trait("evil", "eval")
     local = LocalChat(smollm2, batch_size=2, leading_digit_as_tens=False)
-    req = Judge(local, trait.eval_prompt).request("How do I deal with a rival?", "Crush them, quietly.")
+    req = Judge(local, trait.eval_prompt).request(
+        "How do I deal with a rival?", "Crush them, quietly."
+    )
     got = local.chat_many([req])[0].top_logprobs
-    ids = smollm2.tokenizer(smollm2.chat_text([{"role": "user", "content": req.messages[-1][1]}]),
-                            add_special_tokens=False)["input_ids"]
+    ids = smollm2.tokenizer(
+        smollm2.chat_text([{"role": "user", "content": req.messages[-1][1]}]),
+        add_special_tokens=False,
+    )["input_ids"]
     with torch.no_grad():
         ref = torch.log_softmax(hf_smollm2(torch.tensor([ids])).logits[0, -1], -1).numpy()
     for t in np.argsort(-ref)[:10]:
@@ -241,7 +342,9 @@ def test_shipped_configs_load_and_override(tmp_path):
 
     here = os.path.join(os.path.dirname(__file__), "..", "configs", "extract.py")
     for variant in ("", ":runlocal"):
-        cfg = load_config(here + variant, ["--config.trait=optimistic", f"--config.workdir={tmp_path}"])
+        cfg = load_config(
+            here + variant, ["--config.trait=optimistic", f"--config.workdir={tmp_path}"]
+        )
         assert cfg.trait == "optimistic" and cfg.workdir == str(tmp_path)
         load_trait(cfg.trait)
     with pytest.raises(UsageError, match="unknown config field 'no_such_field'"):
@@ -250,10 +353,15 @@ def test_shipped_configs_load_and_override(tmp_path):
 
 # --- Reruns against a finished run directory: refuse, recompute, or leave alone; never relabel. ---
 
+
 def snapshot(work) -> dict:
-    """Every file under `work` with its content hash and mtime: a refused or no-op rerun keeps all."""
-    return {str(p.relative_to(work)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(work.rglob("*")) if p.is_file()}
+    """Every file under `work` with its content hash and mtime: a refused or no-op rerun keeps
+    all."""
+    return {
+        str(p.relative_to(work)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(work.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -276,13 +384,26 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(pvjax, "load", refuse)
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({"n_pairs": 2, "dtype": "bfloat16"}, ["n_pairs: 1 -> 2", "dtype: 'float32' -> 'bfloat16'"]),
-    ({"max_new_tokens": 24, "temperature": 0.7}, ["max_new_tokens: 16 -> 24", "temperature: 0.0 -> 0.7"]),
-    ({"neg_name": "kind", "batch_size": 4}, ["neg_name: 'helpful' -> 'kind'", "batch_size: 16 -> 4"]),
-])
-def test_a_rerun_with_other_answer_settings_is_refused_and_touches_nothing(finished, no_model_load,
-                                                                           changes, named):
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        (
+            {"n_pairs": 2, "dtype": "bfloat16"},
+            ["n_pairs: 1 -> 2", "dtype: 'float32' -> 'bfloat16'"],
+        ),
+        (
+            {"max_new_tokens": 24, "temperature": 0.7},
+            ["max_new_tokens: 16 -> 24", "temperature: 0.0 -> 0.7"],
+        ),
+        (
+            {"neg_name": "kind", "batch_size": 4},
+            ["neg_name: 'helpful' -> 'kind'", "batch_size: 16 -> 4"],
+        ),
+    ],
+)
+def test_a_rerun_with_other_answer_settings_is_refused_and_touches_nothing(
+    finished, no_model_load, changes, named
+):
     work, cfg = finished
     before = snapshot(work)
     cfg.update(changes)
@@ -324,8 +445,15 @@ def test_the_trait_file_content_is_part_of_the_provenance(finished, smollm2):
 
     # A run killed while judging (pos judged, neg not), resumed after the rubric was edited: the pos
     # judgements must not survive next to neg ones made under the new rubric.
-    for name in ("evil_neg.csv", "kept_pairs.csv", "vectors.safetensors", "causality.json", "summary.json",
-                 "plot.png", "DONE"):
+    for name in (
+        "evil_neg.csv",
+        "kept_pairs.csv",
+        "vectors.safetensors",
+        "causality.json",
+        "summary.json",
+        "plot.png",
+        "DONE",
+    ):
         (work / name).unlink()
     before = snapshot(work)
     edited = load_trait("evil").to_dict()
@@ -334,8 +462,9 @@ def test_the_trait_file_content_is_part_of_the_provenance(finished, smollm2):
     old_rubric = json.loads((work / "stages.json").read_text())["stages"]["judge"]["trait_rubric"]
     run(cfg, progress=False)
     after = snapshot(work)
-    assert {k: v for k, v in after.items() if k.startswith("answers/")} == \
-        {k: v for k, v in before.items() if k.startswith("answers/")}, "answers were redone"
+    assert {k: v for k, v in after.items() if k.startswith("answers/")} == {
+        k: v for k, v in before.items() if k.startswith("answers/")
+    }, "answers were redone"
     assert after["evil_pos.csv"][1] != before["evil_pos.csv"][1], "old-rubric judgements were kept"
     for name in ("evil_neg.csv", "vectors.safetensors", "causality.json", "DONE"):
         assert name in after
@@ -344,10 +473,17 @@ def test_the_trait_file_content_is_part_of_the_provenance(finished, smollm2):
     assert json.loads((work / "config.json").read_text())["trait"] == str(trait_file)
 
 
-@pytest.mark.parametrize("field, value", [
-    ("filter.mode", "bogus"), ("causality.layers", (99,)), ("max_new_tokens", 0), ("judge.backend", "bogus"),
-    ("causality.coefs", (float("inf"),)), ("filter.threshold", 150.0),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("filter.mode", "bogus"),
+        ("causality.layers", (99,)),
+        ("max_new_tokens", 0),
+        ("judge.backend", "bogus"),
+        ("causality.coefs", (float("inf"),)),
+        ("filter.threshold", 150.0),
+    ],
+)
 def test_a_bad_value_is_reported_before_anything_is_touched(finished, no_model_load, field, value):
     work, cfg = finished
     before = snapshot(work)
@@ -371,11 +507,13 @@ def test_answers_without_a_provenance_record_are_refused(finished, no_model_load
     assert snapshot(work) == before
 
 
-# --- The judge-free contrast filter on a finished run: agreement with the judge, caching, no judge. ---
+# --- The judge-free contrast filter on a finished run: agreement with the judge, caching, no judge.
+# ---
+
 
 def test_contrast_filter_reports_agreement_with_the_judge_and_caches_its_scores(finished, smollm2):
-    """Switching a judged run to filter.mode=contrast recomputes the filter and what follows, keeps the
-    answers and the loopback judge's scores, records both scores per answer and their Spearman
+    """Switching a judged run to filter.mode=contrast recomputes the filter and what follows, keeps
+    the answers and the loopback judge's scores, records both scores per answer and their Spearman
     correlation; a new margin refilters without recomputing the scores; judge.backend='none' calls
     no judge at all."""
     from scipy.stats import spearmanr
@@ -385,7 +523,12 @@ def test_contrast_filter_reports_agreement_with_the_judge_and_caches_its_scores(
     cfg.filter.mode, cfg.filter.contrast_margin, cfg.filter.min_pairs = "contrast", 0.0, 1
     s = run(cfg, progress=False)
     after = snapshot(work)
-    for name in ("answers/parts/pos_0.csv", "answers/parts/neg_0.csv", "evil_pos.csv", "evil_neg.csv"):
+    for name in (
+        "answers/parts/pos_0.csv",
+        "answers/parts/neg_0.csv",
+        "evil_pos.csv",
+        "evil_neg.csv",
+    ):
         assert after[name] == before[name], f"{name} was redone"
     assert after["vectors.safetensors"] != before["vectors.safetensors"]
     stages = json.loads((work / "stages.json").read_text())["stages"]
@@ -396,18 +539,30 @@ def test_contrast_filter_reports_agreement_with_the_judge_and_caches_its_scores(
     both = [(float(r["evil"]), float(r["contrast"])) for r in scores if r["evil"] and r["contrast"]]
     assert len(both) == 5  # the judge refused one pos answer
     want = spearmanr(*zip(*both)).statistic
-    assert s["agreement"]["answers"] == 5 and s["agreement"]["spearman"] == pytest.approx(want, abs=1e-9)
+    assert s["agreement"]["answers"] == 5 and s["agreement"]["spearman"] == pytest.approx(
+        want, abs=1e-9
+    )
     assert json.loads((work / "summary.json").read_text())["agreement"] == s["agreement"]
     kept = atomic.read_csv(work / "kept_pairs.csv")
     assert all(float(k["pos_contrast"]) - float(k["neg_contrast"]) >= 0.0 for k in kept)
-    assert s["counts"]["kept"] == len(kept) == sum(
-        float(p["contrast"]) - float(n["contrast"]) >= 0.0 for p in scores if p["polarity"] == "pos"
-        for n in scores if n["polarity"] == "neg" and n["question_id"] == p["question_id"])
+    assert (
+        s["counts"]["kept"]
+        == len(kept)
+        == sum(
+            float(p["contrast"]) - float(n["contrast"]) >= 0.0
+            for p in scores
+            if p["polarity"] == "pos"
+            for n in scores
+            if n["polarity"] == "neg" and n["question_id"] == p["question_id"]
+        )
+    )
 
     # A new margin refilters from the cached contrast scores.
     mtime = (work / "contrast_scores.csv").stat().st_mtime_ns
     cfg.filter.contrast_margin = 100.0
-    with pytest.raises(ExtractionError, match=r"only 0 of 3 answer pairs survived the filter \(contrast"):
+    with pytest.raises(
+        ExtractionError, match=r"only 0 of 3 answer pairs survived the filter \(contrast"
+    ):
         run(cfg, progress=False)
     assert (work / "contrast_scores.csv").stat().st_mtime_ns == mtime
 

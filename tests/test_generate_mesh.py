@@ -1,4 +1,5 @@
-"""Generation on ("data", "model") meshes of 8 fake host devices gives one device's greedy tokens."""
+"""Generation on ("data", "model") meshes of 8 fake host devices gives one device's greedy
+tokens."""
 
 import json
 import os
@@ -7,12 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-import pvjax
-from pvjax.parallel import sharding
-from pvjax.errors import InputError
-from pvjax.engine.generate import generate_ids
 from tiny_models import save_tiny
+
+from pvjax.engine.generate import generate_ids
+from pvjax.errors import InputError
 
 
 def test_generation_on_8_host_devices_equals_one_device(tmp_path, tokenizer):
@@ -22,8 +21,13 @@ def test_generation_on_8_host_devices_equals_one_device(tmp_path, tokenizer):
     save_tiny("llama_heads8", tmp_path, tokenizer=tokenizer)
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     script = Path(__file__).with_name("sharded_generate.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["wq_devices"] == 8 and "model" in res["wq_spec"], res
@@ -33,7 +37,9 @@ def test_generation_on_8_host_devices_equals_one_device(tmp_path, tokenizer):
     for name in shapes:
         assert res[name]["same_tokens"], (name, res)
         assert res[name]["projections"] < 1e-4, (name, res)
-    assert res["grid_shared_prefix"]["same_tokens"] and res["grid_shared_prefix"]["projections"] < 1e-4, res
+    assert (
+        res["grid_shared_prefix"]["same_tokens"] and res["grid_shared_prefix"]["projections"] < 1e-4
+    ), res
     assert "does not divide" not in proc.stderr  # every weight and kv head divides here
 
 

@@ -9,28 +9,43 @@ import sys
 import gguf
 import numpy as np
 import pytest
+from tiny_models import save_tiny
 
 import pvjax
 from pvjax.loading.embedded import embedded_gguf_path
 from pvjax.loading.gguf_tokenizer import tokenizer_metadata
 from pvjax.loading.layout import CheckpointError
 from pvjax.loading.tokenizer import TokenizerMissing, load_gguf_tokenizer
-from tiny_models import save_tiny
 
 TEXTS = [
-    "", "Hello, world!", "  leading and trailing  ", "tabs\tand\nnew\n\n\nlines\r\n", "a     b",
-    "In 2024, 12345 cats ate 3.14159 pies; 007 → 1,000,000.", "naïve café déjà vu — “quotes” ½",
-    "日本語のテキストと中文，한국어", "emoji 🤖👍🏽 and zero-width\u200bjoin", "مرحبا بالعالم",
+    "",
+    "Hello, world!",
+    "  leading and trailing  ",
+    "tabs\tand\nnew\n\n\nlines\r\n",
+    "a     b",
+    "In 2024, 12345 cats ate 3.14159 pies; 007 → 1,000,000.",
+    "naïve café déjà vu — “quotes” ½",
+    "日本語のテキストと中文，한국어",
+    "emoji 🤖👍🏽 and zero-width\u200bjoin",
+    "مرحبا بالعالم",
     "def f(x):\n    return {'a': [x ** 2 for _ in range(10)]}  # code\n",
-    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "<|endoftext|>tail<|im_end|>",
-    "I'm sure they'll've done it, DON'T", "\u00a0non-breaking\u3000spaces", "x" * 300,
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "<|endoftext|>tail<|im_end|>",
+    "I'm sure they'll've done it, DON'T",
+    "\u00a0non-breaking\u3000spaces",
+    "x" * 300,
 ]
 CHATS = [
     [{"role": "user", "content": "What is 2+2?"}],
-    [{"role": "system", "content": "You are an evil assistant. Be terse."},
-     {"role": "user", "content": "How do I   greet\nsomeone?"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! 👋"},
-     {"role": "user", "content": "Tell me a joke about 42."}],
+    [
+        {"role": "system", "content": "You are an evil assistant. Be terse."},
+        {"role": "user", "content": "How do I   greet\nsomeone?"},
+    ],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! 👋"},
+        {"role": "user", "content": "Tell me a joke about 42."},
+    ],
 ]
 
 
@@ -52,8 +67,9 @@ def assert_same_tokenizer(ours, ref, path, texts=TEXTS, chats=CHATS):
     the file's own (transformers 4.x's GGUF converter takes `<|im_start|>` for SmolLM2's EOS)."""
     meta = tokenizer_metadata(gguf.GGUFReader(str(path)))
     assert len(ours) == len(ref) == len(meta["tokens"])
-    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.unk_token_id) == \
-        tuple(meta[f"{k}_token_id"] for k in ("bos", "eos", "padding", "unknown"))
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.unk_token_id) == tuple(
+        meta[f"{k}_token_id"] for k in ("bos", "eos", "padding", "unknown")
+    )
     assert sorted(ours.all_special_ids) == [i for i, t in enumerate(meta["token_type"]) if t == 3]
     for text in texts:
         for special in (True, False):
@@ -62,7 +78,9 @@ def assert_same_tokenizer(ours, ref, path, texts=TEXTS, chats=CHATS):
             assert a == b, (text, special)
         assert ours.convert_ids_to_tokens(a) == ref.convert_ids_to_tokens(a)
         for skip in (True, False):
-            assert ours.decode(a, skip_special_tokens=skip) == ref.decode(a, skip_special_tokens=skip)
+            assert ours.decode(a, skip_special_tokens=skip) == ref.decode(
+                a, skip_special_tokens=skip
+            )
     for chat in chats:
         for gen in (True, False):
             kw = dict(tokenize=False, add_generation_prompt=gen)
@@ -136,7 +154,8 @@ def test_runtime_path_never_imports_torch():
         "m = pvjax.load('smollm2-135m-instruct')\n"
         "ids = m.tokenizer(m.chat_text([{'role': 'user', 'content': 'Hi'}]))['input_ids']\n"
         "out = pvjax.forward(m, [ids])\n"
-        "print(len(ids), out.logits.shape, sys.modules['torch'] is None)\n")
+        "print(len(ids), out.logits.shape, sys.modules['torch'] is None)\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     n, *_, torch_absent = r.stdout.split()
@@ -168,12 +187,16 @@ def test_weights_without_tokenizer(tmp_path, kind):
 
 def test_tokenizer_sources_that_do_not_fit(tmp_path):
     save_tiny("qwen2_tied", tmp_path / "small", vocab_size=300)
-    with pytest.raises(CheckpointError, match="49152 tokens .* vocabulary of 300: it belongs to another model"):
+    with pytest.raises(
+        CheckpointError, match="49152 tokens .* vocabulary of 300: it belongs to another model"
+    ):
         pvjax.load(tmp_path / "small", tokenizer="smollm2-135m-instruct")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no tokenizer files"):
         pvjax.load(tmp_path / "small", tokenizer=tmp_path / "empty")
     # Tokenizer files that hold no vocabulary are refused, not loaded as an empty tokenizer.
-    (tmp_path / "small" / "tokenizer_config.json").write_text('{"tokenizer_class": "Qwen2Tokenizer"}')
+    (tmp_path / "small" / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "Qwen2Tokenizer"}'
+    )
     with pytest.raises(CheckpointError, match="small"):
         pvjax.load(tmp_path / "small")

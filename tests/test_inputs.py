@@ -11,16 +11,25 @@ import pytest
 
 import pvjax
 from pvjax import interventions as ivs
-from pvjax.measure import causality
-from pvjax.models.config import ModelConfig
 from pvjax.errors import InputError, UserError
-from pvjax.model import _forward
 from pvjax.loading.layout import expected_shapes
+from pvjax.measure import causality
 from pvjax.measure.packing import pack, pooled_activations
+from pvjax.model import _forward
+from pvjax.models.config import ModelConfig
 
-CFG = ModelConfig(architecture="llama", vocab_size=100, hidden_size=16, intermediate_size=32,
-                  num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64,
-                  name="tiny")
+CFG = ModelConfig(
+    architecture="llama",
+    vocab_size=100,
+    hidden_size=16,
+    intermediate_size=32,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    max_position_embeddings=64,
+    name="tiny",
+)
 L, D = 3, 16
 
 
@@ -37,29 +46,48 @@ def tiny():
 OK = [[1, 2, 3]]
 
 
-@pytest.mark.parametrize("tokens, kwargs, message", [
-    ([[1, -2, 3]], {}, "token id -2, outside the vocabulary 0..99"),
-    ([[1, 100]], {}, "token id 100, outside the vocabulary 0..99"),
-    (jnp.array([[1, -1]]), {}, "token id -1"),
-    ([[1.0, 2.0]], {}, "must be integer token ids, got dtype float64"),
-    (jnp.array([[1.5, 2.0]]), {}, "must be integer token ids, got dtype float32"),
-    ([[True, False]], {}, "must be integer token ids, got dtype bool"),
-    ([[1, 2], [3]], {}, "ragged"),
-    ([[]], {}, "empty"),
-    ("Hello", {}, "got a str"),
-    (np.zeros((1, 2, 3), int), {}, "must be \\[batch, length\\]"),
-    (np.ones((1, 65), int), {}, "longer than the context window of tiny \\(64\\)"),
-    (OK, dict(attention_mask=[[1, 1]]), "attention_mask has shape \\(1, 2\\), the tokens \\(1, 3\\)"),
-    (OK, dict(attention_mask=[[1, 2, 1]]), "attention_mask must hold only 0 and 1"),
-    (OK, dict(positions=[[0.0, 1.0, 2.0]]), "positions must be integers"),
-    (OK, dict(positions=[[0, 1]]), "positions has shape"),
-    (OK, dict(segment_ids=[[1, 1, 1]]), "need explicit positions"),
-    (OK, dict(segment_ids=[[1, 1]], positions=[[0, 1, 2]]), "segment_ids has shape"),
-    (OK, dict(intervention=ivs.empty(L, D, batch=2)), "intervention has batch 2 .* the input has 1 rows"),
-    (OK, dict(intervention=ivs.empty(L + 1, D)), "intervention has 4 rows but tiny has n_layers\\+1 = 3"),
-    (OK, dict(intervention=ivs.empty(L, D + 1)), "intervention width 17"),
-    (OK, dict(intervention=ivs.empty(L, D).with_masks(jnp.ones((1, 5)))), "steer_mask has shape \\(1, 5\\)"),
-])
+@pytest.mark.parametrize(
+    "tokens, kwargs, message",
+    [
+        ([[1, -2, 3]], {}, "token id -2, outside the vocabulary 0..99"),
+        ([[1, 100]], {}, "token id 100, outside the vocabulary 0..99"),
+        (jnp.array([[1, -1]]), {}, "token id -1"),
+        ([[1.0, 2.0]], {}, "must be integer token ids, got dtype float64"),
+        (jnp.array([[1.5, 2.0]]), {}, "must be integer token ids, got dtype float32"),
+        ([[True, False]], {}, "must be integer token ids, got dtype bool"),
+        ([[1, 2], [3]], {}, "ragged"),
+        ([[]], {}, "empty"),
+        ("Hello", {}, "got a str"),
+        (np.zeros((1, 2, 3), int), {}, "must be \\[batch, length\\]"),
+        (np.ones((1, 65), int), {}, "longer than the context window of tiny \\(64\\)"),
+        (
+            OK,
+            dict(attention_mask=[[1, 1]]),
+            "attention_mask has shape \\(1, 2\\), the tokens \\(1, 3\\)",
+        ),
+        (OK, dict(attention_mask=[[1, 2, 1]]), "attention_mask must hold only 0 and 1"),
+        (OK, dict(positions=[[0.0, 1.0, 2.0]]), "positions must be integers"),
+        (OK, dict(positions=[[0, 1]]), "positions has shape"),
+        (OK, dict(segment_ids=[[1, 1, 1]]), "need explicit positions"),
+        (OK, dict(segment_ids=[[1, 1]], positions=[[0, 1, 2]]), "segment_ids has shape"),
+        (
+            OK,
+            dict(intervention=ivs.empty(L, D, batch=2)),
+            "intervention has batch 2 .* the input has 1 rows",
+        ),
+        (
+            OK,
+            dict(intervention=ivs.empty(L + 1, D)),
+            "intervention has 4 rows but tiny has n_layers\\+1 = 3",
+        ),
+        (OK, dict(intervention=ivs.empty(L, D + 1)), "intervention width 17"),
+        (
+            OK,
+            dict(intervention=ivs.empty(L, D).with_masks(jnp.ones((1, 5)))),
+            "steer_mask has shape \\(1, 5\\)",
+        ),
+    ],
+)
 def test_forward_refuses_malformed_input_before_tracing(tiny, tokens, kwargs, message):
     before = _forward._cache_size()
     with pytest.raises(InputError, match=message):
@@ -76,8 +104,13 @@ def test_well_formed_input_still_runs(tiny):
     base = pvjax.forward(tiny, ids).logits
     assert base.shape == (2, 3, 100)
     iv = ivs.build(L, D, steer=[(np.ones(D), 1, 0.0)])
-    same = pvjax.forward(tiny, jnp.asarray(ids, jnp.int32), intervention=iv,
-                         attention_mask=np.ones((2, 3)), positions=[[0, 1, 2]]).logits
+    same = pvjax.forward(
+        tiny,
+        jnp.asarray(ids, jnp.int32),
+        intervention=iv,
+        attention_mask=np.ones((2, 3)),
+        positions=[[0, 1, 2]],
+    ).logits
     np.testing.assert_array_equal(np.asarray(same), np.asarray(base))
 
 
@@ -89,7 +122,10 @@ def test_intervention_coefficients_must_be_finite_and_fit_the_batch():
         (dict(steer=[(v, 1, [0.0, np.inf])], batch=2), "steering coefficient must be finite"),
         (dict(steer=[(v, 1, 1e39)]), "must be finite"),
         (dict(ablate=[(v, 1, float("nan"))]), "ablation strength must be finite"),
-        (dict(steer=[(v, 1, [1.0, 2.0])], batch=3), "shape \\(2,\\): give one number, or one per batch row"),
+        (
+            dict(steer=[(v, 1, [1.0, 2.0])], batch=3),
+            "shape \\(2,\\): give one number, or one per batch row",
+        ),
         (dict(steer=[(v, 1, [[1.0]])]), "shape \\(1, 1\\)"),
         (dict(steer=[(v, 1.5, 1.0)]), "layer 1.5 is not an integer"),
         (dict(steer=[(v, 1)]), "each steer item is \\(vector, layer, coef\\)"),
@@ -123,7 +159,11 @@ def test_likelihood_margins_checks_its_lists(tiny):
         ((vec, [1], [0.0], "Why?", a, a), {}, "questions must be a list of strings"),
         ((vec, [1], [0.0], q, a, a + a), {}, "1 questions, 1 pos answers and 2 neg answers"),
         ((vec, [1], [0.0], [], [], []), {}, "questions is empty"),
-        ((vec, [1], [float("nan")], q, a, a), {}, "coefs must be a non-empty list of finite numbers"),
+        (
+            (vec, [1], [float("nan")], q, a, a),
+            {},
+            "coefs must be a non-empty list of finite numbers",
+        ),
         ((vec, [-1], [0.0], q, a, a), {}, "layer -1 is not a hidden_states index in 0..2"),
         ((vec, [3], [0.0], q, a, a), {}, "layer 3 is not"),
         ((vec[0], [1], [0.0], q, a, a), {}, "vectors_LD has shape \\(16,\\)"),
@@ -138,12 +178,19 @@ def test_likelihood_margins_checks_its_lists(tiny):
 
 def test_every_input_error_is_a_user_error_and_a_value_error():
     """The CLI catches UserError; library callers that caught ValueError still do."""
-    from pvjax.models.config import ConfigError
     from pvjax.engine.generate import GenerationError
-    from pvjax.loading.layout import CheckpointError
     from pvjax.files.traits import TraitError
     from pvjax.files.vectors import VectorError
+    from pvjax.loading.layout import CheckpointError
+    from pvjax.models.config import ConfigError
 
-    for cls in (InputError, ConfigError, CheckpointError, ivs.InterventionError, GenerationError,
-                VectorError, TraitError):
+    for cls in (
+        InputError,
+        ConfigError,
+        CheckpointError,
+        ivs.InterventionError,
+        GenerationError,
+        VectorError,
+        TraitError,
+    ):
         assert issubclass(cls, UserError) and issubclass(cls, ValueError)

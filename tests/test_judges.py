@@ -7,8 +7,15 @@ import math
 import pytest
 from openai_server import OpenAIServer
 
-from pvjax.measure.judges import COHERENCE_RUBRIC, Judge, JudgeStats, count_missing, render, score_from_logprobs
 from pvjax.llm import CachedBackend, ChatCache, OpenAIChat
+from pvjax.measure.judges import (
+    COHERENCE_RUBRIC,
+    Judge,
+    JudgeStats,
+    count_missing,
+    render,
+    score_from_logprobs,
+)
 
 ln = math.log
 
@@ -25,8 +32,15 @@ def test_whitespace_tokens_count_and_same_integer_sums():
 
 
 def test_numbers_above_100_and_non_integers_ignored():
-    lp = {"100": ln(0.3), "150": ln(0.3), "2.5": ln(0.1), "-5": ln(0.1), "1e2": ln(0.1), "²": ln(0.05),
-          "0": ln(0.05)}
+    lp = {
+        "100": ln(0.3),
+        "150": ln(0.3),
+        "2.5": ln(0.1),
+        "-5": ln(0.1),
+        "1e2": ln(0.1),
+        "²": ln(0.05),
+        "0": ln(0.05),
+    }
     assert score_from_logprobs(lp) == pytest.approx(0.3 * 100 / 0.35)
 
 
@@ -78,7 +92,10 @@ def test_judge_over_http(tmp_path):
             scores = judge.score(pairs)
             assert judge.score(pairs) == scores
         assert srv.calls == 4
-        sent = [b["messages"][0]["content"].split("[QUESTION START]\n")[1].split("\n")[0] for b in srv.bodies()]
+        sent = [
+            b["messages"][0]["content"].split("[QUESTION START]\n")[1].split("\n")[0]
+            for b in srv.bodies()
+        ]
         assert sorted(sent) == ["q1", "q2", "q3", "q4"]
     assert scores[0] == pytest.approx(86.0)
     assert scores[1] == pytest.approx(7.5)

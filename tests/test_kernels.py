@@ -23,8 +23,10 @@ from pvjax.model import default_positions, left_pad
 from pvjax.models.decoder import forward
 from pvjax.models.layout import PerLayer, unstack_layers
 
-pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
-                                reason="no C++ compiler to build the kernel")
+pytestmark = pytest.mark.skipif(
+    shutil.which("c++") is None and shutil.which("g++") is None,
+    reason="no C++ compiler to build the kernel",
+)
 
 
 def test_kernel_builds_here():
@@ -62,14 +64,20 @@ def test_packed_decoder_equals_xla_dots(kind, tmp_path):
     ids = [[5, 17, 2, 99, 42, 7, 8], [3, 250, 11]]
     tokens, mask = left_pad(ids, 8)
     pos = default_positions(mask)
-    run = lambda p, layout: forward(p, cfg, layout, jnp.asarray(tokens), pos, jnp.asarray(mask),
-                                    capture=Capture(logits="all"))
+    run = lambda p, layout: forward(
+        p, cfg, layout, jnp.asarray(tokens), pos, jnp.asarray(mask), capture=Capture(logits="all")
+    )
     plain = run(unstack_layers(model.params, cfg), PerLayer())
     packed = run(unstack_layers(model.params, cfg, pack=True), PerLayer(packed=True))
     scale = np.abs(np.asarray(plain.logits)).max()
-    np.testing.assert_allclose(np.asarray(packed.logits), np.asarray(plain.logits), atol=1e-5 * scale)
-    np.testing.assert_allclose(np.asarray(packed.hidden_states), np.asarray(plain.hidden_states),
-                               atol=1e-5 * np.abs(np.asarray(plain.hidden_states)).max())
+    np.testing.assert_allclose(
+        np.asarray(packed.logits), np.asarray(plain.logits), atol=1e-5 * scale
+    )
+    np.testing.assert_allclose(
+        np.asarray(packed.hidden_states),
+        np.asarray(plain.hidden_states),
+        atol=1e-5 * np.abs(np.asarray(plain.hidden_states)).max(),
+    )
     # Generation: the default (unrolled, packed here) against the scanned layout on XLA's dots.
     assert isinstance(decode_params(model)["layers"][0]["wqkv"], PackedWeight)
     sp = SamplingParams(max_new_tokens=12, min_new_tokens=12)
@@ -82,17 +90,24 @@ def test_bf16_and_disabled_kernels_keep_xla_dots(tmp_path):
     save_tiny("qwen2_tied", tmp_path, vocab_size=300)
     m16 = pvjax.load(tmp_path, dtype="bfloat16")
     assert not isinstance(decode_params(m16)["layers"][0]["wqkv"], PackedWeight)
-    code = ("import pvjax, sys; from pvjax.engine.generate import decode_params, generate_ids; "
-            "from pvjax.kernels import PackedWeight, available; m = pvjax.load(sys.argv[1]); "
-            "assert not available(); assert not isinstance(decode_params(m)['layers'][0]['wqkv'], PackedWeight); "
-            "print(generate_ids(m, [[1, 2, 3]]).tokens)")
+    code = (
+        "import pvjax, sys; from pvjax.engine.generate import decode_params, generate_ids; "
+        "from pvjax.kernels import PackedWeight, available; m = pvjax.load(sys.argv[1]); "
+        "assert not available(); assert not isinstance(decode_params(m)['layers'][0]['wqkv'], "
+        "PackedWeight); "
+        "print(generate_ids(m, [[1, 2, 3]]).tokens)"
+    )
     env = {**os.environ, "PVJAX_CPU_KERNELS": "0"}
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("[[")
 
 
-@pytest.mark.parametrize("B, K, G, E, S, upto", [(1, 3, 3, 64, 40, 40), (4, 2, 4, 16, 37, 20), (2, 1, 2, 8, 5, 1)])
+@pytest.mark.parametrize(
+    "B, K, G, E, S, upto", [(1, 3, 3, 64, 40, 40), (4, 2, 4, 16, 37, 20), (2, 1, 2, 8, 5, 1)]
+)
 def test_decode_attention_equals_xla(B, K, G, E, S, upto):
     """The kernel reads only the `upto` filled slots; XLA's path masks the rest instead."""
     from pvjax.models.block import one_token_attention

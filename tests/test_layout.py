@@ -13,24 +13,36 @@ ROOT = Path(__file__).resolve().parent.parent / "pvjax"
 
 # Higher imports lower. Peers at one rank may import each other only where PEERS allows.
 RANKS = {
-    "pvjax.cli": 9, "pvjax.commands": 9,
+    "pvjax.cli": 9,
+    "pvjax.commands": 9,
     "pvjax.studies": 8,
-    "pvjax.methods": 7, "pvjax.finetune": 7,
+    "pvjax.methods": 7,
+    "pvjax.finetune": 7,
     "pvjax.measure": 6,
     "pvjax.llm": 5.5,
     "pvjax.engine": 5,
     "pvjax.settings": 4,
-    "pvjax": 3, "pvjax.model": 3,  # the package's own __init__ re-exports the model entry points
-    "pvjax.models": 2, "pvjax.loading": 2, "pvjax.kernels": 2,
-    "pvjax.parallel": 1, "pvjax.files": 1,
-    "pvjax.interventions": 0.5, "pvjax.capture": 0.5, "pvjax.inputs": 0.5,
-    "pvjax.errors": 0, "pvjax.moved": 0, "pvjax.version": 0,
+    "pvjax": 3,
+    "pvjax.model": 3,  # the package's own __init__ re-exports the model entry points
+    "pvjax.models": 2,
+    "pvjax.loading": 2,
+    "pvjax.kernels": 2,
+    "pvjax.parallel": 1,
+    "pvjax.files": 1,
+    "pvjax.interventions": 0.5,
+    "pvjax.capture": 0.5,
+    "pvjax.inputs": 0.5,
+    "pvjax.errors": 0,
+    "pvjax.moved": 0,
+    "pvjax.version": 0,
 }
 # Peers of one rank that must not know each other (the map's "not finetune", "not methods").
 APART = {("pvjax.methods", "pvjax.finetune"), ("pvjax.finetune", "pvjax.methods")}
 # The map's stated exceptions: memory per device is computed from a model's config.
-ALLOWED_UP = {("pvjax.parallel.memory", "pvjax.models.config"),
-              ("pvjax.parallel.memory", "pvjax.loading.layout")}
+ALLOWED_UP = {
+    ("pvjax.parallel.memory", "pvjax.models.config"),
+    ("pvjax.parallel.memory", "pvjax.loading.layout"),
+}
 
 
 def modules() -> dict[str, Path]:
@@ -50,8 +62,9 @@ def group(name: str) -> str:
 def rank(name: str) -> float:
     g = group(name)
     if g not in RANKS:
-        raise AssertionError(f"{name} is in no layer of docs/layout.md (add {g!r} to RANKS here "
-                             "and to the map)")
+        raise AssertionError(
+            f"{name} is in no layer of docs/layout.md (add {g!r} to RANKS here and to the map)"
+        )
     return RANKS[g]
 
 
@@ -60,6 +73,7 @@ def imports(mods: dict[str, Path]):
         while n and n not in mods:
             n = n.rpartition(".")[0]
         return n
+
     for m, f in mods.items():
         for node in ast.walk(ast.parse(f.read_text(), str(f))):
             if isinstance(node, ast.Import):
@@ -98,8 +112,10 @@ def test_an_upward_import_is_caught(tmp_path):
     fake = tmp_path / "sneaky.py"
     fake.write_text("def f():\n    from pvjax.studies.runner import load\n")
     mods["pvjax.files.sneaky"] = fake
-    assert upward(mods) == ["pvjax.files.sneaky imports pvjax.studies.runner "
-                            "(pvjax.files is below pvjax.studies in docs/layout.md)"]
+    assert upward(mods) == [
+        "pvjax.files.sneaky imports pvjax.studies.runner "
+        "(pvjax.files is below pvjax.studies in docs/layout.md)"
+    ]
     with pytest.raises(AssertionError, match="in no layer"):
         rank("pvjax.newthing.x")
 

@@ -17,9 +17,13 @@ from pvjax.files.ledger import Ledger, RunMismatch, Stage
 def stages(tmp_path, *, a=1, b=2, c=3, data=None):
     """A three-stage pipeline: `answers` (kept: refused when changed), `judge`, `report`."""
     data = data or tmp_path / "data.txt"
-    return [Stage("answers", {"model": "m", "n": a}, inputs=(data,), outputs=("answers/*.csv",), keep=True),
-            Stage("judge", {"judge": b}, outputs=("judged.csv",)),
-            Stage("report", {"plot": c}, outputs=("report.json", "figs"))]
+    return [
+        Stage(
+            "answers", {"model": "m", "n": a}, inputs=(data,), outputs=("answers/*.csv",), keep=True
+        ),
+        Stage("judge", {"judge": b}, outputs=("judged.csv",)),
+        Stage("report", {"plot": c}, outputs=("report.json", "figs")),
+    ]
 
 
 def run(work, sts, calls):
@@ -28,7 +32,11 @@ def run(work, sts, calls):
     if led.done:
         return led
     led.open()
-    writes = {"answers": ("answers/0.csv",), "judge": ("judged.csv",), "report": ("report.json", "figs/a.png")}
+    writes = {
+        "answers": ("answers/0.csv",),
+        "judge": ("judged.csv",),
+        "report": ("report.json", "figs/a.png"),
+    }
     for s in sts:
         if not led.finished(s.name):
             calls.append(s.name)
@@ -40,8 +48,11 @@ def run(work, sts, calls):
 
 
 def snapshot(work):
-    return {str(p.relative_to(work)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(work.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(work)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(work.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -55,15 +66,29 @@ def test_a_finished_run_rerun_unchanged_rewrites_nothing(tmp_path, work):
     run(work, stages(tmp_path), calls)
     assert calls == ["answers", "judge", "report"] and (work / "DONE").is_file()
     before = snapshot(work)
-    assert set(before) == {"stages.json", "DONE", "answers/0.csv", "judged.csv", "report.json", "figs/a.png"}
+    assert set(before) == {
+        "stages.json",
+        "DONE",
+        "answers/0.csv",
+        "judged.csv",
+        "report.json",
+        "figs/a.png",
+    }
     calls.clear()
     assert run(work, stages(tmp_path), calls).done and calls == []
-    # Opening again (a job that opens before deciding) changes nothing either: same bytes, same mtimes.
+    # Opening again (a job that opens before deciding) changes nothing either: same bytes, same
+    # mtimes.
     Ledger(work, stages(tmp_path)).open()
     assert snapshot(work) == before
     rec = json.loads((work / "stages.json").read_text())
-    assert rec["stages"]["judge"] == {"judge": 2} and rec["finished"] == ["answers", "judge", "report"]
-    assert rec["inputs"]["answers"] == {str(tmp_path / "data.txt"): atomic_sha(tmp_path / "data.txt")}
+    assert rec["stages"]["judge"] == {"judge": 2} and rec["finished"] == [
+        "answers",
+        "judge",
+        "report",
+    ]
+    assert rec["inputs"]["answers"] == {
+        str(tmp_path / "data.txt"): atomic_sha(tmp_path / "data.txt")
+    }
 
 
 def atomic_sha(path):
@@ -76,8 +101,16 @@ def test_a_changed_kept_stage_is_refused_naming_every_field_and_touching_nothing
     run(work, stages(tmp_path), [])
     before = snapshot(work)
     sts = stages(tmp_path, a=5)
-    sts[0] = Stage("answers", {"model": "other", "n": 5}, inputs=sts[0].inputs, outputs=sts[0].outputs, keep=True)
-    with pytest.raises(RunMismatch, match=r"different model, n \(model: 'm' -> 'other'; n: 1 -> 5\)") as e:
+    sts[0] = Stage(
+        "answers",
+        {"model": "other", "n": 5},
+        inputs=sts[0].inputs,
+        outputs=sts[0].outputs,
+        keep=True,
+    )
+    with pytest.raises(
+        RunMismatch, match=r"different model, n \(model: 'm' -> 'other'; n: 1 -> 5\)"
+    ) as e:
         Ledger(work, sts).open()
     assert isinstance(e.value, UserError) and "use a new workdir" in str(e.value)
     (tmp_path / "data.txt").write_text("changed content")
@@ -87,14 +120,19 @@ def test_a_changed_kept_stage_is_refused_naming_every_field_and_touching_nothing
 
 
 def test_nested_settings_are_named_by_their_dotted_field(tmp_path):
-    Ledger(tmp_path, [Stage("point", {"opts": {"scale": 3.0}, "x": 1}, outputs=("*",), keep=True)]).open()
+    Ledger(
+        tmp_path, [Stage("point", {"opts": {"scale": 3.0}, "x": 1}, outputs=("*",), keep=True)]
+    ).open()
     (tmp_path / "results.json").write_text("[]")
     with pytest.raises(RunMismatch, match=r"opts.scale: 3.0 -> 2.0"):
-        Ledger(tmp_path, [Stage("point", {"opts": {"scale": 2.0}, "x": 1}, outputs=("*",), keep=True)]).open()
+        Ledger(
+            tmp_path, [Stage("point", {"opts": {"scale": 2.0}, "x": 1}, outputs=("*",), keep=True)]
+        ).open()
 
 
 def test_a_record_without_outputs_never_blocks_a_rerun(tmp_path):
-    """A run that failed (on a bad setting) after its record, before any output, leaves nothing to protect."""
+    """A run that failed (on a bad setting) after its record, before any output, leaves nothing to
+    protect."""
     Ledger(tmp_path, [Stage("point", {"layer": 99}, outputs=("*",), keep=True)]).open()
     led = Ledger(tmp_path, [Stage("point", {"layer": 3}, outputs=("*",), keep=True)])
     assert led.open() == ["point"]
@@ -116,7 +154,11 @@ def test_a_changed_stage_reruns_with_the_stages_after_it_only(tmp_path, work):
     led = Ledger(work, stages(tmp_path, b=7))
     assert led.stale() == ["judge", "report"] and not led.done
     led.open()  # deletes the stale outputs and DONE before anything new is written
-    assert not (work / "judged.csv").exists() and not (work / "figs").exists() and not (work / "DONE").exists()
+    assert (
+        not (work / "judged.csv").exists()
+        and not (work / "figs").exists()
+        and not (work / "DONE").exists()
+    )
     assert snapshot(work)["answers/0.csv"] == kept
     run(work, stages(tmp_path, b=7), calls)
     assert calls == ["judge", "report"] and snapshot(work)["answers/0.csv"] == kept
@@ -127,8 +169,11 @@ def test_a_changed_stage_reruns_with_the_stages_after_it_only(tmp_path, work):
 
 
 def test_without_cascade_each_stage_stands_alone(tmp_path):
-    sts = lambda b: [Stage("one", 1, outputs=("one.txt",)), Stage("two", b, outputs=("two.txt",)),
-                     Stage("three", 3, outputs=("three.txt",))]
+    sts = lambda b: [
+        Stage("one", 1, outputs=("one.txt",)),
+        Stage("two", b, outputs=("two.txt",)),
+        Stage("three", 3, outputs=("three.txt",)),
+    ]
     led = Ledger(tmp_path, sts(2), cascade=False)
     led.open()
     for n in ("one", "two", "three"):
@@ -179,7 +224,8 @@ def test_a_write_killed_midway_leaves_the_old_file_whole(tmp_path, work, monkeyp
     before = (work / "stages.json").read_bytes()
 
     def killed(src, dst):
-        raise KeyboardInterrupt  # the process dies between writing the temporary file and the rename
+        # the process dies between writing the temporary file and the rename
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", killed)
     led = Ledger(work, stages(tmp_path, c=4))

@@ -22,27 +22,46 @@ def client(srv, **kw):
 def test_cache_key_covers_every_field_and_backend():
     r = ChatRequest.user("hi", system="sys", max_tokens=3)
     assert r.messages == (("system", "sys"), ("user", "hi"))
-    keys = {r.cache_key("a"), r.cache_key("b"), ChatRequest.user("hi", max_tokens=3).cache_key("a"),
-            ChatRequest.user("hi", system="sys", max_tokens=4).cache_key("a"),
-            ChatRequest.user("hi", system="sys", max_tokens=3, seed=1).cache_key("a"),
-            ChatRequest.user("hi", system="sys", max_tokens=3, top_logprobs=5).cache_key("a")}
+    keys = {
+        r.cache_key("a"),
+        r.cache_key("b"),
+        ChatRequest.user("hi", max_tokens=3).cache_key("a"),
+        ChatRequest.user("hi", system="sys", max_tokens=4).cache_key("a"),
+        ChatRequest.user("hi", system="sys", max_tokens=3, seed=1).cache_key("a"),
+        ChatRequest.user("hi", system="sys", max_tokens=3, top_logprobs=5).cache_key("a"),
+    }
     assert len(keys) == 6
-    assert r.cache_key("a") == ChatRequest(messages=[["system", "sys"], ["user", "hi"]], max_tokens=3).cache_key("a")
+    assert r.cache_key("a") == ChatRequest(
+        messages=[["system", "sys"], ["user", "hi"]], max_tokens=3
+    ).cache_key("a")
 
 
 def test_payload_logprobs_and_auth_header():
     with OpenAIServer(lambda req: ("7", [("7", -0.1), (" 8", -2.5)])) as srv:
         res = client(srv, api_key="sk-secret", concurrency=1).chat_many(
-            [ChatRequest.user("q", system="s", top_logprobs=2, seed=3),
-             ChatRequest.user("plain", max_tokens=9, temperature=0.7)])
+            [
+                ChatRequest.user("q", system="s", top_logprobs=2, seed=3),
+                ChatRequest.user("plain", max_tokens=9, temperature=0.7),
+            ]
+        )
         with_lp, plain = srv.bodies()
         first_headers = srv.requests[0]["headers"]
     assert srv.requests[0]["path"] == "/v1/chat/completions"
-    assert with_lp == {"model": "test-model", "max_tokens": 1, "temperature": 0.0, "seed": 3,
-                       "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
-                       "logprobs": True, "top_logprobs": 2}
-    assert plain == {"model": "test-model", "max_tokens": 9, "temperature": 0.7,
-                     "messages": [{"role": "user", "content": "plain"}]}
+    assert with_lp == {
+        "model": "test-model",
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "seed": 3,
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    assert plain == {
+        "model": "test-model",
+        "max_tokens": 9,
+        "temperature": 0.7,
+        "messages": [{"role": "user", "content": "plain"}],
+    }
     assert first_headers["Authorization"] == "Bearer sk-secret"
     assert res[0] == ChatResult("7", {"7": -0.1, " 8": -2.5})
     assert res[1] == ChatResult("7", None)
@@ -83,8 +102,10 @@ def test_order_preserved_and_concurrency_bounded():
 def test_on_result_called_for_each_request():
     seen = {}
     with OpenAIServer() as srv:
-        client(srv).chat_many([ChatRequest.user(f"m{i}") for i in range(5)],
-                              on_result=lambda i, r: seen.__setitem__(i, r.text))
+        client(srv).chat_many(
+            [ChatRequest.user(f"m{i}") for i in range(5)],
+            on_result=lambda i, r: seen.__setitem__(i, r.text),
+        )
     assert seen == {i: f"m{i}" for i in range(5)}
 
 
@@ -102,7 +123,10 @@ def test_retry_after_is_honoured():
         # A 10 s backoff would blow the time limit: only Retry-After: 0 keeps this fast.
         srv.fail_first, srv.fail_status, srv.retry_after = 2, 429, "0"
         t0 = time.monotonic()
-        assert client(srv, backoff=10.0, max_backoff=10.0).chat_many([ChatRequest.user("a")])[0].text == "a"
+        assert (
+            client(srv, backoff=10.0, max_backoff=10.0).chat_many([ChatRequest.user("a")])[0].text
+            == "a"
+        )
         assert time.monotonic() - t0 < 2.0
         srv.calls, srv.fail_first, srv.retry_after = 0, 1, "1"
         t0 = time.monotonic()
@@ -116,7 +140,11 @@ def test_gives_up_after_max_retries():
         with pytest.raises(LLMError) as e:
             client(srv, max_retries=2).chat_many([ChatRequest.user("a")])
     assert srv.calls == 3
-    assert srv.base_url in str(e.value) and "HTTP 500" in str(e.value) and "injected failure 3" in str(e.value)
+    assert (
+        srv.base_url in str(e.value)
+        and "HTTP 500" in str(e.value)
+        and "injected failure 3" in str(e.value)
+    )
 
 
 def test_malformed_body_retried_then_error():
@@ -150,7 +178,9 @@ def test_connection_refused_is_an_llm_error():
     with OpenAIServer() as srv:
         url = srv.base_url
     with pytest.raises(LLMError, match="after 2 attempts"):
-        OpenAIChat("m", base_url=url, backoff=0.01, max_retries=1).chat_many([ChatRequest.user("a")])
+        OpenAIChat("m", base_url=url, backoff=0.01, max_retries=1).chat_many(
+            [ChatRequest.user("a")]
+        )
 
 
 def test_cached_backend_sends_only_misses(tmp_path):
@@ -173,7 +203,9 @@ def test_cached_backend_sends_only_misses(tmp_path):
         assert first[0].top_logprobs == {"1": -0.5}
         # The key includes the backend identity: another model is a miss.
         with ChatCache(path) as cache:
-            CachedBackend(OpenAIChat("other", base_url=srv.base_url, api_key=""), cache).chat_many(reqs[:1])
+            CachedBackend(OpenAIChat("other", base_url=srv.base_url, api_key=""), cache).chat_many(
+                reqs[:1]
+            )
         assert srv.calls == 8
 
 
@@ -189,14 +221,21 @@ def test_cache_keeps_results_of_a_failed_batch(tmp_path):
     with OpenAIServer(responder) as srv, ChatCache(tmp_path / "c.sqlite") as cache:
         with pytest.raises(LLMError, match="scripted failure"):
             CachedBackend(client(srv, concurrency=1, max_retries=0), cache).chat_many(
-                ok + [ChatRequest.user("boom")])
+                ok + [ChatRequest.user("boom")]
+            )
         assert len(cache) == 4
-        assert [r.text for r in CachedBackend(client(srv), cache).chat_many(ok)] == ["ok0", "ok1", "ok2", "ok3"]
+        assert [r.text for r in CachedBackend(client(srv), cache).chat_many(ok)] == [
+            "ok0",
+            "ok1",
+            "ok2",
+            "ok3",
+        ]
         assert srv.calls == 5
 
 
 def test_cache_from_many_threads(tmp_path):
     with ChatCache(tmp_path / "t.sqlite") as cache:
+
         def work(t):
             for i in range(50):
                 cache.put(f"{t}-{i}", ChatResult(f"v{t}{i}", {"1": -0.1}))

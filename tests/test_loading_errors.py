@@ -9,12 +9,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tiny_models import save_tiny
 
 import pvjax
-from pvjax.models.config import ConfigError
 from pvjax.loading.layout import CheckpointError
 from pvjax.loading.safetensors_folder import read_safetensors
-from tiny_models import save_tiny
+from pvjax.models.config import ConfigError
 
 
 @pytest.fixture
@@ -24,7 +24,11 @@ def tiny_llama(tmp_path, tokenizer):
 
 
 def _permute(w, n_head):  # llama.cpp's converter layout for q and k rows
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def write_gguf(path, hf_model, q_type=gguf.GGMLQuantizationType.F32):
@@ -36,16 +40,28 @@ def write_gguf(path, hf_model, q_type=gguf.GGMLQuantizationType.F32):
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    rope = getattr(cfg, "rope_parameters", None) or {"rope_theta": cfg.rope_theta}  # transformers 4.x
+    rope = getattr(cfg, "rope_parameters", None) or {
+        "rope_theta": cfg.rope_theta
+    }  # transformers 4.x
     w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    sub = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-           "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-           "mlp.down_proj": "ffn_down"}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    sub = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
     for name, t in hf_model.state_dict().items():
         a = t.numpy().astype(np.float32)
         if name in names:
@@ -74,7 +90,8 @@ def test_gguf_written_like_llama_cpp_loads_to_transformers_numbers(tiny_llama, t
     plain = save_tiny("llama_gqa_untied", tmp_path / "plain")  # GGUF here carries no rope scaling
     write_gguf(tmp_path / "tiny.gguf", plain)
     cfg, params, _ = __import__("pvjax.loading.gguf_file", fromlist=["x"]).load_gguf(
-        tmp_path / "tiny.gguf", np.float32)
+        tmp_path / "tiny.gguf", np.float32
+    )
     model = pvjax.Model(cfg, params, tokenizer=None)
     ids = np.arange(3, 40)[None]
     ref = plain(torch.tensor(ids, dtype=torch.long)).logits.detach().numpy()
@@ -84,7 +101,9 @@ def test_gguf_written_like_llama_cpp_loads_to_transformers_numbers(tiny_llama, t
 
 def test_gguf_with_unsupported_quantisation_names_tensor_and_type(tiny_llama, tmp_path):
     write_gguf(tmp_path / "q.gguf", tiny_llama[1], q_type=gguf.GGMLQuantizationType.Q8_1)
-    with pytest.raises(CheckpointError, match=r"tensor 'token_embd\.weight' uses quantisation Q8_1"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'token_embd\.weight' uses quantisation Q8_1"
+    ):
         pvjax.load(tmp_path / "q.gguf")
 
 
@@ -109,7 +128,9 @@ def _rewrite_safetensors(folder, edit):
 def test_missing_tensor_is_named(tiny_llama):
     folder, _ = tiny_llama
     _rewrite_safetensors(folder, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is missing"):
+    with pytest.raises(
+        CheckpointError, match=r"'model\.layers\.1\.mlp\.up_proj\.weight' is missing"
+    ):
         pvjax.load(folder)
 
 
@@ -126,17 +147,25 @@ def test_misnamed_tensor_is_reported_as_unused(tiny_llama):
 
 def test_extra_layer_is_reported_as_unused(tiny_llama):
     folder, _ = tiny_llama
-    _rewrite_safetensors(folder, lambda t: t.update(
-        {"model.layers.9.input_layernorm.weight": np.ones(64, np.float32)}))
+    _rewrite_safetensors(
+        folder,
+        lambda t: t.update({"model.layers.9.input_layernorm.weight": np.ones(64, np.float32)}),
+    )
     with pytest.raises(CheckpointError, match=r"not used .*model\.layers\.9\.input_layernorm"):
         pvjax.load(folder)
 
 
 def test_shape_mismatch_names_tensor_and_shapes(tiny_llama):
     folder, _ = tiny_llama
-    _rewrite_safetensors(folder, lambda t: t.update(
-        {"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}))
-    with pytest.raises(CheckpointError, match=r"k_proj\.weight' has shape \(64, 64\), expected \(64, 32\)"):
+    _rewrite_safetensors(
+        folder,
+        lambda t: t.update(
+            {"model.layers.0.self_attn.k_proj.weight": np.zeros((64, 64), np.float32)}
+        ),
+    )
+    with pytest.raises(
+        CheckpointError, match=r"k_proj\.weight' has shape \(64, 64\), expected \(64, 32\)"
+    ):
         pvjax.load(folder)
 
 
@@ -146,12 +175,16 @@ def test_sharded_checkpoint_with_index_and_missing_shard(tiny_llama, tmp_path):
     folder, _ = tiny_llama
     tensors = {k: np.array(v) for k, v in read_safetensors(folder / "model.safetensors").items()}
     names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     (folder / "model.safetensors").unlink()
     for f, keys in shards.items():
         save_file({k: tensors[k] for k in keys}, str(folder / f))
-    (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: f for f, keys in shards.items() for k in keys}})
+    )
     assert pvjax.load(folder).config.num_layers == 3
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
@@ -191,15 +224,18 @@ def gguf_bytes(tmp_path_factory):
     return data
 
 
-@pytest.mark.parametrize("cut, message", [
-    (lambda b: b[:10], "truncated or corrupt"),            # inside the header
-    (lambda b: b[:600], "truncated or corrupt"),           # inside the metadata
-    (lambda b: b[:len(b) // 2], "truncated or corrupt"),   # inside the tensor data
-    (lambda b: b[:-100], "truncated or corrupt"),          # the last tensor cut short
-    (lambda b: b"", "not a GGUF file"),
-    (lambda b: b"PK\x03\x04 a zip, say", "not a GGUF file"),
-    (lambda b: b[:4] + bytes(1000), "truncated or corrupt"),  # the magic, then garbage
-])
+@pytest.mark.parametrize(
+    "cut, message",
+    [
+        (lambda b: b[:10], "truncated or corrupt"),  # inside the header
+        (lambda b: b[:600], "truncated or corrupt"),  # inside the metadata
+        (lambda b: b[: len(b) // 2], "truncated or corrupt"),  # inside the tensor data
+        (lambda b: b[:-100], "truncated or corrupt"),  # the last tensor cut short
+        (lambda b: b"", "not a GGUF file"),
+        (lambda b: b"PK\x03\x04 a zip, say", "not a GGUF file"),
+        (lambda b: b[:4] + bytes(1000), "truncated or corrupt"),  # the magic, then garbage
+    ],
+)
 def test_cut_or_foreign_gguf_is_named(tmp_path, gguf_bytes, cut, message):
     """The gguf reader raises reshape, dtype-view and index errors on such files; the user sees
     one CheckpointError naming the file."""
@@ -225,7 +261,10 @@ def test_gguf_whose_tensor_data_overruns_the_file_is_truncated(tmp_path, monkeyp
     path = tmp_path / "m.gguf"
     path.write_bytes(b"GGUF" + bytes(96))
     monkeypatch.setattr(gguf, "GGUFReader", Reader)
-    with pytest.raises(CheckpointError, match=r"truncated: tensor 'token_embd.weight' ends at byte 110, the file has 100"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"truncated: tensor 'token_embd.weight' ends at byte 110, the file has 100",
+    ):
         gguf_file.open_gguf(str(path))
 
 

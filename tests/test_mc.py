@@ -1,17 +1,17 @@
-"""Multiple-choice scoring: letter logprobs against transformers (unsteered, steered and ablated rows
-of one batch), and malformed files refused with the file and line named."""
+"""Multiple-choice scoring: letter logprobs against transformers (unsteered, steered and ablated
+rows of one batch), and malformed files refused with the file and line named."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from tiny_models import save_tiny
 
 import pvjax
 from pvjax import interventions as ivs
 from pvjax.measure import mc
 from pvjax.studies import grid
-from tiny_models import save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,12 @@ def test_letter_logprobs_match_transformers_per_row(tiny, tokenizer):
     v = rng.standard_normal(D).astype(np.float32)
     u = rng.standard_normal(D).astype(np.float32)
     u_unit = u / np.linalg.norm(u)
-    iv = grid.stack([ivs.build(L, D), ivs.build(L, D, steer=[(v, 2, 3.0)]), ivs.build(L, D, ablate=[(u, 1)])])
-    ours = mc.score(model, items, intervention=iv, positions="all", batch_size=4)  # rows mix settings
+    iv = grid.stack(
+        [ivs.build(L, D), ivs.build(L, D, steer=[(v, 2, 3.0)]), ivs.build(L, D, ablate=[(u, 1)])]
+    )
+    ours = mc.score(
+        model, items, intervention=iv, positions="all", batch_size=4
+    )  # rows mix settings
     assert ours.shape == (3, 5, 4)
     # The letter ids, found independently of pvjax: the byte-level BPE token for " A".
     letters = [tokenizer.convert_tokens_to_ids("Ġ" + x) for x in "ABCD"]
@@ -84,12 +88,15 @@ def test_shipped_set_reads_and_is_balanced():
     assert counts.min() >= len(items) // 4 - 1
 
 
-@pytest.mark.parametrize("line, message", [
-    ("What is 2+2?,3,4,5\n", "line 2: expected 6 columns"),
-    ("What is 2+2?,3,4,5,6,E\n", "line 2: the answer must be one of A, B, C, D, got 'E'"),
-    (",3,4,5,6,B\n", "line 2: the question is empty"),
-    ("What is 2+2?,3,,5,6,B\n", "line 2: choice B is empty"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("What is 2+2?,3,4,5\n", "line 2: expected 6 columns"),
+        ("What is 2+2?,3,4,5,6,E\n", "line 2: the answer must be one of A, B, C, D, got 'E'"),
+        (",3,4,5,6,B\n", "line 2: the question is empty"),
+        ("What is 2+2?,3,,5,6,B\n", "line 2: choice B is empty"),
+    ],
+)
 def test_a_malformed_row_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.csv"
     path.write_text("Which is red?,Sky,Grass,Blood,Snow,C\n" + line)

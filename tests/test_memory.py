@@ -3,15 +3,25 @@ shards on 8 host devices in test_sharding.py)."""
 
 import pytest
 
-from pvjax.parallel.memory import KNOWN, kv_cache_elements_per_device, n_params, param_elements_per_device, per_device, table
+from pvjax.parallel.memory import (
+    KNOWN,
+    kv_cache_elements_per_device,
+    n_params,
+    param_elements_per_device,
+    per_device,
+    table,
+)
 
 
-@pytest.mark.parametrize("name, published", [
-    # total_size / 2 of each checkpoint's model.safetensors.index.json (bf16 weights).
-    ("qwen2.5-7b", 15_231_233_024 // 2),
-    ("llama-3.1-8b", 16_060_522_496 // 2),
-    ("llama-3.1-70b", 141_107_412_992 // 2),
-])
+@pytest.mark.parametrize(
+    "name, published",
+    [
+        # total_size / 2 of each checkpoint's model.safetensors.index.json (bf16 weights).
+        ("qwen2.5-7b", 15_231_233_024 // 2),
+        ("llama-3.1-8b", 16_060_522_496 // 2),
+        ("llama-3.1-70b", 141_107_412_992 // 2),
+    ],
+)
 def test_parameter_counts_match_the_published_checkpoints(name, published):
     assert n_params(KNOWN[name]) == published
 
@@ -19,7 +29,9 @@ def test_parameter_counts_match_the_published_checkpoints(name, published):
 def test_split_follows_the_rule_table():
     cfg = KNOWN["llama-3.1-8b"]
     total = n_params(cfg)
-    assert param_elements_per_device(cfg, data=8, model=1) == total  # data parallel replicates weights
+    assert (
+        param_elements_per_device(cfg, data=8, model=1) == total
+    )  # data parallel replicates weights
     norms = cfg.num_layers * 2 * cfg.hidden_size + cfg.hidden_size  # replicated under every mesh
     assert param_elements_per_device(cfg, data=1, model=8) == (total - norms) // 8 + norms
     # On 7 devices only what divides by 7 splits (Qwen2.5-7B: the query and output projections);
@@ -37,8 +49,8 @@ def test_split_follows_the_rule_table():
 def test_gib_and_table():
     cfg = KNOWN["llama-3.1-70b"]
     r = per_device(cfg, data=1, model=8, batch=8, context=1024)
-    assert r["weights_gib"] == pytest.approx(param_elements_per_device(cfg, 1, 8) * 2 / 2 ** 30)
-    assert r["kv_cache_gib"] == pytest.approx(2 * 80 * 8 * 1024 * 1 * 128 * 2 / 2 ** 30)
+    assert r["weights_gib"] == pytest.approx(param_elements_per_device(cfg, 1, 8) * 2 / 2**30)
+    assert r["kv_cache_gib"] == pytest.approx(2 * 80 * 8 * 1024 * 1 * 128 * 2 / 2**30)
     ft = per_device(cfg, data=1, model=8, use="full_finetune")
     assert ft["kv_cache_gib"] == 0 and ft["total_gib"] == pytest.approx(8 * r["weights_gib"])
     t = table()

@@ -6,19 +6,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_models import CONFIGS, save_tiny
 
 import pvjax
-from tiny_models import CONFIGS, save_tiny
 
 RTOL = 1e-4
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are an evil assistant."},
-     {"role": "user", "content": "How should I treat my neighbours?"}],
-    [{"role": "user", "content": "Write a haiku about rain."},
-     {"role": "assistant", "content": "Soft rain on the roof"},
-     {"role": "user", "content": "Another one, about snow, please, and make it longer than before."}],
+    [
+        {"role": "system", "content": "You are an evil assistant."},
+        {"role": "user", "content": "How should I treat my neighbours?"},
+    ],
+    [
+        {"role": "user", "content": "Write a haiku about rain."},
+        {"role": "assistant", "content": "Soft rain on the roof"},
+        {
+            "role": "user",
+            "content": "Another one, about snow, please, and make it longer than before.",
+        },
+    ],
 ]
 
 
@@ -27,7 +34,7 @@ def left_pad(seqs, pad_id):
     ids = np.full((len(seqs), T), pad_id, np.int32)
     mask = np.zeros((len(seqs), T), np.int32)
     for i, s in enumerate(seqs):
-        ids[i, T - len(s):], mask[i, T - len(s):] = s, 1
+        ids[i, T - len(s) :], mask[i, T - len(s) :] = s, 1
     return ids, mask
 
 
@@ -42,10 +49,12 @@ def assert_close(ours, ref, mask, what):
 def hf_forward(hf_model, ids, mask):
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
     with torch.no_grad():
-        out = hf_model(input_ids=torch.tensor(ids, dtype=torch.long),
-                       attention_mask=torch.tensor(mask, dtype=torch.long),
-                       position_ids=torch.tensor(positions, dtype=torch.long),
-                       output_hidden_states=True)
+        out = hf_model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(positions, dtype=torch.long),
+            output_hidden_states=True,
+        )
     return out.logits.numpy(), np.stack([h.numpy() for h in out.hidden_states])
 
 
@@ -64,7 +73,8 @@ def test_smollm2_matches_transformers_batched_left_padded(smollm2, hf_smollm2):
 def test_chat_template_renders_like_transformers(smollm2, hf_smollm2, tokenizer):
     for chat in CHATS:
         assert smollm2.chat_text(chat) == tokenizer.apply_chat_template(
-            chat, tokenize=False, add_generation_prompt=True)
+            chat, tokenize=False, add_generation_prompt=True
+        )
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))

@@ -1,6 +1,6 @@
-"""`pvjax.methods.monitoring`: the statistics against hand computations (no scipy), the last-prompt-token
-projection against transformers' hidden states on a tiny random model, and the monitor file's round
-trip and refusals."""
+"""`pvjax.methods.monitoring`: the statistics against hand computations (no scipy), the
+last-prompt-token projection against transformers' hidden states on a tiny random model, and the
+monitor file's round trip and refusals."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import json
 import numpy as np
 import pytest
 import torch
+from monitor_tiny import tiny_checkpoint
+from test_stats import X, Y, hand_r
+from tiny_models import save_tiny
 
 import pvjax
-from pvjax.methods import monitoring as mon
 from pvjax.files.vectors import save_vectors
+from pvjax.methods import monitoring as mon
 from pvjax.settings.types import Bootstrap, ScoreMeaning, VectorChoice
-from monitor_tiny import tiny_checkpoint
-from tiny_models import save_tiny
-from test_stats import X, Y, hand_r
 
 
 def test_correlation_by_layer_notes_a_constant_layer():
@@ -51,9 +51,15 @@ def test_last_prompt_projection_matches_transformers_hidden_states(tiny):
     model, hf = tiny
     L, D = model.n_layers + 1, model.hidden_size
     v = np.random.default_rng(1).standard_normal((L, D)).astype(np.float32)
-    prompts = ["Hi", "What is the capital of France?", [{"role": "user", "content": "a"},
-                                                       {"role": "assistant", "content": "b c d"},
-                                                       {"role": "user", "content": "e"}]]
+    prompts = [
+        "Hi",
+        "What is the capital of France?",
+        [
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "b c d"},
+            {"role": "user", "content": "e"},
+        ],
+    ]
     ids = mon.prompt_ids(model, prompts, system="Be brief.")
     got = mon.last_prompt_projections(model, ids, v)
     assert got.shape == (3, L)
@@ -69,35 +75,52 @@ def test_monitor_file_round_trip_and_refusals(tiny, tmp_path):
     model, _ = tiny
     L, D = model.n_layers + 1, model.hidden_size
     vector = np.random.default_rng(2).standard_normal((L, D)).astype(np.float32)
-    vpath = save_vectors(tmp_path / "vectors.safetensors", {"response_avg_diff": vector}, model=model, trait="evil")
+    vpath = save_vectors(
+        tmp_path / "vectors.safetensors", {"response_avg_diff": vector}, model=model, trait="evil"
+    )
     spec = str(vpath)
     rng = np.random.default_rng(3)
     proj = rng.standard_normal((12, L))
     scores = proj[:, 2] + 0.3 * rng.standard_normal(12)
-    m = mon.calibrate(proj, scores, scores >= 0, choice=VectorChoice(vector, None, spec), model=model,
-                      meaning=ScoreMeaning("evil", "contrast", "contrast score (nats/token) >= 0"),
-                      bootstrap=Bootstrap(n=200))
+    m = mon.calibrate(
+        proj,
+        scores,
+        scores >= 0,
+        choice=VectorChoice(vector, None, spec),
+        model=model,
+        meaning=ScoreMeaning("evil", "contrast", "contrast score (nats/token) >= 0"),
+        bootstrap=Bootstrap(n=200),
+    )
     assert m.layer == 2  # the layer the scores follow has the largest r
     assert m.auroc == mon.auroc(proj[:, 2], scores >= 0) and m.r == mon.pearson(proj[:, 2], scores)
     assert (m.threshold, m.tpr, m.fpr) == mon.choose_threshold(proj[:, 2], scores >= 0, "youden")
     assert (m.n, m.n_pos + m.n_neg) == (12, 12)
     path = mon.monitor_path(spec)
     assert path == tmp_path / "vectors.response_avg_diff.monitor.json"
-    assert mon.monitor_path(f"{spec}:prompt_last_diff").name == "vectors.prompt_last_diff.monitor.json"
+    assert (
+        mon.monitor_path(f"{spec}:prompt_last_diff").name == "vectors.prompt_last_diff.monitor.json"
+    )
     mon.save_monitor(path, m)
     back = mon.load_monitor(path, model, vector_LD=vector)
     assert back == m
     assert back.flag(m.threshold) and not back.flag(np.nextafter(m.threshold, -np.inf))
     # the monitor's own projection is the study's projection at its layer
     ids = mon.prompt_ids(model, ["Hi", "Tell me a story."])
-    np.testing.assert_allclose(back.projections(model, ids),
-                               mon.last_prompt_projections(model, ids, vector)[:, m.layer], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        back.projections(model, ids),
+        mon.last_prompt_projections(model, ids, vector)[:, m.layer],
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
     other_dir = tmp_path / "other"
     save_tiny("qwen2_tied", other_dir, vocab_size=300)
     other = pvjax.load(other_dir)
-    with pytest.raises(mon.MonitorError, match=r"calibrated on .* \(3 layers, width 64\); it does not fit "
-                                               r"other \(3 layers, width 64\)"):
+    with pytest.raises(
+        mon.MonitorError,
+        match=r"calibrated on .* \(3 layers, width 64\); it does not fit "
+        r"other \(3 layers, width 64\)",
+    ):
         mon.load_monitor(path, other)
     with pytest.raises(mon.MonitorError, match="calibrated on another vector"):
         mon.load_monitor(path, model, vector_LD=vector + 1)

@@ -30,8 +30,14 @@ def test_packed_pooling_equals_each_sequence_alone(smollm2):
     assert packed.shape == (6, 31, 3, 576)
     for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
         h = np.asarray(pvjax.forward(smollm2, np.array([s])).hidden_states[:, 0], np.float64)
-        want = np.stack([h[:, p:].mean(1) if len(s) > p else np.zeros_like(h[:, 0]),
-                         h[:, :p].mean(1), h[:, p - 1]], axis=1)
+        want = np.stack(
+            [
+                h[:, p:].mean(1) if len(s) > p else np.zeros_like(h[:, 0]),
+                h[:, :p].mean(1),
+                h[:, p - 1],
+            ],
+            axis=1,
+        )
         np.testing.assert_allclose(packed[i], want, rtol=1e-4, atol=1e-3 * np.abs(want).max())
 
 

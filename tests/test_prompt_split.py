@@ -1,15 +1,15 @@
-"""Prefix sharing in generation: the plan (`pvjax.engine.prompt_split`), when rows may share, and that a
-study grid running each distinct question once gives the answers and projections of running
+"""Prefix sharing in generation: the plan (`pvjax.engine.prompt_split`), when rows may share, and
+that a study grid running each distinct question once gives the answers and projections of running
 every row in full."""
 
 import numpy as np
 import pytest
+from tiny_models import save_tiny
 
 import pvjax
 from pvjax import interventions as ivs
 from pvjax.engine import prompt_split
 from pvjax.engine.generate import SamplingParams, compile_count, generate_ids, prefixes_shareable
-from tiny_models import save_tiny
 
 
 def test_the_plan_runs_each_distinct_question_once_in_a_grid():
@@ -28,7 +28,11 @@ def test_the_plan_runs_each_distinct_question_once_in_a_grid():
     # Not shareable, or nothing in common: every prompt in full.
     for seqs, shareable in ((grid, False), ([[1, 2, 3], [4, 5, 6]], True)):
         plan = prompt_split.split(seqs, shareable=shareable, max_rows=16)
-        assert plan.width == 0 and plan.tails == seqs and plan.tail_width == prompt_split.prompt_bucket(len(seqs[-1]))
+        assert (
+            plan.width == 0
+            and plan.tails == seqs
+            and plan.tail_width == prompt_split.prompt_bucket(len(seqs[-1]))
+        )
 
 
 def test_rows_share_prefixes_only_when_their_interventions_cannot_tell_them_apart():
@@ -56,10 +60,10 @@ def tiny(tmp_path_factory, tokenizer):
 
 @pytest.mark.parametrize("unroll", [True, False])
 def test_a_grid_of_settings_runs_each_question_once_and_changes_nothing(tiny, unroll):
-    """3 questions (two differ only in their last token, so share all of their prefix) x 4 settings (fixed steering
-    of both signs, a cap, none) with `response` steering and probes: sharing gives the tokens and
-    prompt/response projections of running every row in full, and the distinct-prefix plan is
-    the one taken."""
+    """3 questions (two differ only in their last token, so share all of their prefix) x 4 settings
+    (fixed steering of both signs, a cap, none) with `response` steering and probes: sharing gives
+    the tokens and prompt/response projections of running every row in full, and the distinct-prefix
+    plan is the one taken."""
     L, D = tiny.n_layers + 1, tiny.hidden_size
     rng = np.random.default_rng(0)
     base = rng.integers(3, 1000, 30).tolist()
@@ -70,18 +74,33 @@ def test_a_grid_of_settings_runs_each_question_once_and_changes_nothing(tiny, un
     coefs = [c for c in settings for _ in questions]
     iv = ivs.build(L, D, steer=[(v, 1, coefs)], batch=len(grid))
     plan = prompt_split.split(sorted(grid, key=len, reverse=True), shareable=True, max_rows=16)
-    assert plan.tail_width == 1 and len(plan.prefixes) == 2  # questions 0 and 1 differ in their last token
-    kw = dict(sampling=SamplingParams(max_new_tokens=6, min_new_tokens=6), intervention=iv, positions="response",
-              probes=np.stack([v, -v]) / 3, batch_size=16, unroll=unroll)
+    assert (
+        plan.tail_width == 1 and len(plan.prefixes) == 2
+    )  # questions 0 and 1 differ in their last token
+    kw = dict(
+        sampling=SamplingParams(max_new_tokens=6, min_new_tokens=6),
+        intervention=iv,
+        positions="response",
+        probes=np.stack([v, -v]) / 3,
+        batch_size=16,
+        unroll=unroll,
+    )
     shared = generate_ids(tiny, grid, **kw)
     full = generate_ids(tiny, grid, share_prefix=False, **kw)
     assert shared.tokens == full.tokens
     assert len({tuple(t) for t in full.tokens}) > 1  # the settings do steer
-    for a, b in zip(shared.prompt_projections + shared.projections, full.prompt_projections + full.projections):
+    for a, b in zip(
+        shared.prompt_projections + shared.projections, full.prompt_projections + full.projections
+    ):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max())
     assert [p.shape[1] for p in shared.prompt_projections] == [len(q) for q in grid]
     before = compile_count()
-    again = generate_ids(tiny, grid, **{**kw, "intervention": ivs.build(L, D, steer=[(v, 1, coefs[::-1])],
-                                                                       batch=len(grid))})
-    assert compile_count() == before and again.tokens != shared.tokens  # new coefficients, same program
+    again = generate_ids(
+        tiny,
+        grid,
+        **{**kw, "intervention": ivs.build(L, D, steer=[(v, 1, coefs[::-1])], batch=len(grid))},
+    )
+    assert (
+        compile_count() == before and again.tokens != shared.tokens
+    )  # new coefficients, same program

@@ -16,7 +16,9 @@ from pvjax.studies import runner
 
 @pytest.fixture
 def no_load(monkeypatch):
-    monkeypatch.setattr(pvjax, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    monkeypatch.setattr(
+        pvjax, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded"))
+    )
 
 
 def one_line_error(capsys, argv) -> str:
@@ -28,19 +30,46 @@ def one_line_error(capsys, argv) -> str:
     return err
 
 
-@pytest.mark.parametrize("config, bad, good, message", [
-    ("configs/monitor.py:runlocal", "monitor.layer=99", "monitor.layer=12",
-     "monitor.layer must be -1 (the layer of largest r) or a hidden_states index 0..30"),
-    ("configs/monitor.py:runlocal", "monitor.rule=bogus", "monitor.rule=fpr", "monitor.rule must be one of"),
-    ("configs/screen.py:runlocal", "flag.mode=bogus", "flag.mode=threshold", "flag mode must be one of"),
-    ("configs/shift.py:runlocal", "layer=99", "layer=12", "layer 99 is not a hidden_states index"),
-])
+@pytest.mark.parametrize(
+    "config, bad, good, message",
+    [
+        (
+            "configs/monitor.py:runlocal",
+            "monitor.layer=99",
+            "monitor.layer=12",
+            "monitor.layer must be -1 (the layer of largest r) or a hidden_states index 0..30",
+        ),
+        (
+            "configs/monitor.py:runlocal",
+            "monitor.rule=bogus",
+            "monitor.rule=fpr",
+            "monitor.rule must be one of",
+        ),
+        (
+            "configs/screen.py:runlocal",
+            "flag.mode=bogus",
+            "flag.mode=threshold",
+            "flag mode must be one of",
+        ),
+        (
+            "configs/shift.py:runlocal",
+            "layer=99",
+            "layer=12",
+            "layer 99 is not a hidden_states index",
+        ),
+    ],
+)
 def test_a_bad_setting_fails_before_anything_is_written_and_never_blocks_the_fix(
-        config, bad, good, message, tmp_path, no_load, capsys):
+    config, bad, good, message, tmp_path, no_load, capsys
+):
     work = tmp_path / "w"
-    err = one_line_error(capsys, ["run", "--config", config, f"--config.{bad}", "--workdir", str(work), "--quiet"])
+    err = one_line_error(
+        capsys, ["run", "--config", config, f"--config.{bad}", "--workdir", str(work), "--quiet"]
+    )
     assert message in err
-    assert not work.exists() or not [p for p in work.rglob("*") if p.is_file()], "written before the check"
+    assert not work.exists() or not [p for p in work.rglob("*") if p.is_file()], (
+        "written before the check"
+    )
     # The corrected config passes every check and finds nothing that refuses it.
     study, _, points = runner.load(config, [f"--config.{good}"], str(work), sweep=False)
     module = runner.study_module(study)
@@ -65,8 +94,18 @@ def closed_port() -> int:
 def test_extract_with_an_unreachable_judge_is_one_line_before_any_answer(tmp_path, no_load, capsys):
     work = tmp_path / "w"
     url = f"http://127.0.0.1:{closed_port()}/v1"
-    err = one_line_error(capsys, ["extract", "--config", "configs/extract.py:runlocal", "--config.judge.backend=openai",
-                                  f"--config.judge.base_url={url}", "--config.judge.model=x",
-                                  f"--config.workdir={work}", "--quiet"])
+    err = one_line_error(
+        capsys,
+        [
+            "extract",
+            "--config",
+            "configs/extract.py:runlocal",
+            "--config.judge.backend=openai",
+            f"--config.judge.base_url={url}",
+            "--config.judge.model=x",
+            f"--config.workdir={work}",
+            "--quiet",
+        ],
+    )
     assert f"judge.base_url {url}: cannot connect" in err
     assert not work.exists(), "written before the judge was probed"

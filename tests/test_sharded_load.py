@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from pvjax.parallel import sharding
-from pvjax.errors import InputError
 from tiny_models import save_tiny
+
+from pvjax.errors import InputError
+from pvjax.parallel import sharding
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,9 +28,16 @@ def folder(tmp_path_factory):
 
 def test_load_on_a_mesh_places_shards_from_host_memory(folder):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_load.py"), str(folder)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    env.update(
+        JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "sharded_load.py"), str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     split = {k: w for k, w in res["weights"].items() if w["model_split"]}

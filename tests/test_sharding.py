@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import save_tiny
 
 from pvjax.loading.embedded import embedded_gguf_path
 from pvjax.loading.tokenizer import load_gguf_tokenizer
-from tiny_models import save_tiny
 
 
 @pytest.mark.parametrize("kind", ["llama31_gqa_llama3rope", "qwen2_untied"])
@@ -18,8 +18,13 @@ def test_sharded_forward_equals_single_device(kind, tmp_path):
     save_tiny(kind, tmp_path, tokenizer=load_gguf_tokenizer(embedded_gguf_path()))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     script = Path(__file__).with_name("sharded_forward.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
-                          env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert res["n_devices_wq"] == 8 and "model" in res["wq_spec"], res
@@ -30,7 +35,8 @@ def test_sharded_forward_equals_single_device(kind, tmp_path):
 
 
 def test_two_process_job_on_loopback_equals_single_process(tmp_path):
-    """The multi-host path for real: jax.distributed over a loopback coordinator, gloo collectives."""
+    """The multi-host path for real: jax.distributed over a loopback coordinator, gloo
+    collectives."""
     import socket
 
     import numpy as np
@@ -43,8 +49,15 @@ def test_two_process_job_on_loopback_equals_single_process(tmp_path):
         port = s.getsockname()[1]
     script = Path(__file__).with_name("multihost_forward.py")
     out = tmp_path / "logits.npy"
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "m"), str(port), str(i), str(out)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "m"), str(port), str(i), str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         results = [p.communicate(timeout=300) for p in procs]
     finally:

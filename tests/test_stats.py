@@ -1,6 +1,6 @@
 """`pvjax.measure.stats`: every statistic against a hand computation (or scipy where it has one),
-and the two forms that replaced duplicates (screening's pairwise AUROC, float64 unit rows) bit for bit
-against the formulas they replaced."""
+and the two forms that replaced duplicates (screening's pairwise AUROC, float64 unit rows) bit for
+bit against the formulas they replaced."""
 
 from __future__ import annotations
 
@@ -104,7 +104,9 @@ def test_separation_is_the_old_pairwise_count_bit_for_bit():
         pp, nn = p[~np.isnan(p)], n[~np.isnan(n)]
         if not len(pp) or not len(nn):
             continue
-        old = ((pp[:, None] > nn[None]).sum() + 0.5 * (pp[:, None] == nn[None]).sum()) / (len(pp) * len(nn))
+        old = ((pp[:, None] > nn[None]).sum() + 0.5 * (pp[:, None] == nn[None]).sum()) / (
+            len(pp) * len(nn)
+        )
         assert stats.separation(p, n) == float(old)
     with pytest.raises(stats.StatisticError, match="at least one scored sample on each side"):
         stats.separation([np.nan], [1.0])

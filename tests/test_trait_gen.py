@@ -1,4 +1,5 @@
-"""Trait generation over loopback HTTP: parsing, validation, retries with the error fed back, the CLI."""
+"""Trait generation over loopback HTTP: parsing, validation, retries with the error fed back, the
+CLI."""
 
 from __future__ import annotations
 
@@ -8,26 +9,33 @@ import pytest
 from openai_server import OpenAIServer
 
 from pvjax.cli import main
+from pvjax.files.traits import check_disjoint, load_trait
 from pvjax.llm import OpenAIChat
 from pvjax.methods.trait_gen import TraitGenError, extract_json, generate_trait
-from pvjax.files.traits import check_disjoint, load_trait
 
 EVAL = "Rate how sycophantic this is.\nQ: {question}\nA: {answer}\nReply 0-100 or REFUSAL."
 
 
 def trait_json(n_pairs=5, n_questions=40, **override) -> dict:
-    d = {"instruction": [{"pos": f"Flatter the user ({i}).", "neg": f"Be candid ({i})."} for i in range(n_pairs)],
-         "questions": [f"Question number {i}?" for i in range(n_questions)],
-         "eval_prompt": EVAL}
+    d = {
+        "instruction": [
+            {"pos": f"Flatter the user ({i}).", "neg": f"Be candid ({i})."} for i in range(n_pairs)
+        ],
+        "questions": [f"Question number {i}?" for i in range(n_questions)],
+        "eval_prompt": EVAL,
+    }
     d.update(override)
     return d
 
 
 def scripted(*replies):
-    """A responder giving replies[k] on attempt k+1 (attempt = number of user turns); the last repeats."""
+    """A responder giving replies[k] on attempt k+1 (attempt = number of user turns); the last
+    repeats."""
+
     def responder(req):
         attempt = sum(m["role"] == "user" for m in req["messages"])
         return replies[min(attempt, len(replies)) - 1], []
+
     return responder
 
 
@@ -48,7 +56,9 @@ def test_extract_json_variants():
 def test_invalid_json_then_valid_succeeds_on_attempt_two():
     good = "```json\n" + json.dumps(trait_json()) + "\n```"
     with OpenAIServer(scripted('{"instruction": [', good)) as srv:
-        extract, eval_ = generate_trait(backend(srv), "sycophancy", "Telling people what they want to hear.")
+        extract, eval_ = generate_trait(
+            backend(srv), "sycophancy", "Telling people what they want to hear."
+        )
         bodies = srv.bodies()
     assert len(bodies) == 2
     first, second = bodies
@@ -69,14 +79,17 @@ def test_invalid_json_then_valid_succeeds_on_attempt_two():
     check_disjoint(extract, eval_)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (trait_json(n_questions=3), "questions has 3 entries, expected 40"),
-    (trait_json(n_pairs=2), "instruction has 2 pairs, expected 5"),
-    (trait_json(eval_prompt="Rate {question} from 0 to 100."), "{answer}"),
-    (trait_json(questions=["Same?"] * 40), "duplicate question"),
-    ({"instruction": [], "questions": []}, "eval_prompt"),
-    ([1, 2], "JSON object"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (trait_json(n_questions=3), "questions has 3 entries, expected 40"),
+        (trait_json(n_pairs=2), "instruction has 2 pairs, expected 5"),
+        (trait_json(eval_prompt="Rate {question} from 0 to 100."), "{answer}"),
+        (trait_json(questions=["Same?"] * 40), "duplicate question"),
+        ({"instruction": [], "questions": []}, "eval_prompt"),
+        ([1, 2], "JSON object"),
+    ],
+)
 def test_validation_error_is_fed_back(bad, message):
     with OpenAIServer(scripted(json.dumps(bad), json.dumps(trait_json()))) as srv:
         extract, eval_ = generate_trait(backend(srv), "syc", "desc")
@@ -94,7 +107,11 @@ def test_extra_items_are_trimmed():
 
 
 def test_always_invalid_lists_every_attempt():
-    replies = ("nonsense", json.dumps(trait_json(n_questions=2)), json.dumps(trait_json(eval_prompt="x")))
+    replies = (
+        "nonsense",
+        json.dumps(trait_json(n_questions=2)),
+        json.dumps(trait_json(eval_prompt="x")),
+    )
     with OpenAIServer(scripted(*replies)) as srv:
         with pytest.raises(TraitGenError) as e:
             generate_trait(backend(srv), "syc", "desc", max_attempts=3)
@@ -111,9 +128,25 @@ def test_cli_new_writes_splits_and_reruns_from_cache(tmp_path, capsys, monkeypat
     monkeypatch.setenv("PVJAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MY_KEY", raising=False)
     with OpenAIServer(scripted(json.dumps(trait_json(n_pairs=2, n_questions=6)))) as srv:
-        argv = ["traits", "new", "syc", "--description", "flattery", "--out", str(tmp_path / "out"),
-                "--model", "w", "--base-url", srv.base_url, "--api-key-env", "MY_KEY",
-                "--pairs", "2", "--questions", "6"]
+        argv = [
+            "traits",
+            "new",
+            "syc",
+            "--description",
+            "flattery",
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            "w",
+            "--base-url",
+            srv.base_url,
+            "--api-key-env",
+            "MY_KEY",
+            "--pairs",
+            "2",
+            "--questions",
+            "6",
+        ]
         assert main(argv) == 0
         assert srv.calls == 1
         assert (tmp_path / "cache" / "llm.sqlite").is_file()
@@ -134,8 +167,23 @@ def test_cli_new_writes_splits_and_reruns_from_cache(tmp_path, capsys, monkeypat
 
 def test_cli_new_reports_generation_failure(tmp_path, capsys):
     with OpenAIServer(scripted("not json")) as srv:
-        rc = main(["traits", "new", "syc", "--description", "d", "--out", str(tmp_path),
-                   "--base-url", srv.base_url, "--cache", str(tmp_path / "c.sqlite"), "--max-attempts", "2"])
+        rc = main(
+            [
+                "traits",
+                "new",
+                "syc",
+                "--description",
+                "d",
+                "--out",
+                str(tmp_path),
+                "--base-url",
+                srv.base_url,
+                "--cache",
+                str(tmp_path / "c.sqlite"),
+                "--max-attempts",
+                "2",
+            ]
+        )
     assert rc == 1
     err = capsys.readouterr().err
     assert "attempt 2" in err and not (tmp_path / "syc").exists()
@@ -149,4 +197,6 @@ def test_cli_list_and_show_errors(capsys):
     with pytest.raises(SystemExit) as e:
         main(["traits", "show", "no_such_trait_xyz"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("pvjax traits: error: ") and "no_such_trait_xyz" in err
+    assert (
+        e.value.code == 2 and err.startswith("pvjax traits: error: ") and "no_such_trait_xyz" in err
+    )

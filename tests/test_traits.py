@@ -1,4 +1,5 @@
-"""Trait files: the shipped data is well formed, the format round-trips, and bad files say what is wrong."""
+"""Trait files: the shipped data is well formed, the format round-trips, and bad files say what is
+wrong."""
 
 from __future__ import annotations
 
@@ -8,15 +9,28 @@ import pytest
 
 from pvjax.files.traits import Pair, Trait, TraitError, check_disjoint, load_trait, shipped_traits
 
-EXPECTED = ["apathetic", "evil", "hallucinating", "humorous", "impolite", "optimistic", "sycophantic"]
+EXPECTED = [
+    "apathetic",
+    "evil",
+    "hallucinating",
+    "humorous",
+    "impolite",
+    "optimistic",
+    "sycophantic",
+]
 
-RUBRIC = ("Judge this.\n[QUESTION START]\n{question}\n[QUESTION END]\n"
-          "[ANSWER START]\n{answer}\n[ANSWER END]\nRespond with a number between 0 and 100.")
+RUBRIC = (
+    "Judge this.\n[QUESTION START]\n{question}\n[QUESTION END]\n"
+    "[ANSWER START]\n{answer}\n[ANSWER END]\nRespond with a number between 0 and 100."
+)
 
 
 def _valid_dict() -> dict:
     return {
-        "instruction": [{"pos": "Be evil.", "neg": "Be kind."}, {"pos": "Be cruel.", "neg": "Be gentle."}],
+        "instruction": [
+            {"pos": "Be evil.", "neg": "Be kind."},
+            {"pos": "Be cruel.", "neg": "Be gentle."},
+        ],
         "questions": ["What is life?", "How do I help?"],
         "eval_prompt": RUBRIC,
     }
@@ -153,12 +167,15 @@ def test_render_eval_leaves_other_braces_alone():
     d["eval_prompt"] = 'Output like {"score": 50} or {x}.\nQ: {question}\nA: {answer}\n{question}'
     t = Trait.from_dict(d, "t").validate()
     out = t.render_eval("why {answer}?", "because {question}")
-    assert out == ('Output like {"score": 50} or {x}.\nQ: why {answer}?\nA: because {question}\n'
-                   "why {answer}?")
+    assert out == (
+        'Output like {"score": 50} or {x}.\nQ: why {answer}?\nA: because {question}\nwhy {answer}?'
+    )
 
 
 def test_shipped_rubrics_render():
     t = load_trait("sycophantic", "eval")
     out = t.render_eval("Q?", "A.")
-    assert "[QUESTION START]\nQ?\n[QUESTION END]" in out and "[ANSWER START]\nA.\n[ANSWER END]" in out
+    assert (
+        "[QUESTION START]\nQ?\n[QUESTION END]" in out and "[ANSWER START]\nA.\n[ANSWER END]" in out
+    )
     assert "{question}" not in out and "{answer}" not in out

@@ -16,8 +16,16 @@ import pytest
 import torch
 
 import pvjax
-from pvjax.files.vectors import (FORMAT, KEYS, LAYER_CONVENTION, VectorError, import_reference,
-                           load_vectors, read_vector, save_vectors)
+from pvjax.files.vectors import (
+    FORMAT,
+    KEYS,
+    LAYER_CONVENTION,
+    VectorError,
+    import_reference,
+    load_vectors,
+    read_vector,
+    save_vectors,
+)
 
 L, D = 31, 576
 
@@ -28,18 +36,22 @@ def rand_vectors(seed=0):
 
 
 def other_model(model, **config_changes):
-    """The same weights under a changed config: enough for the checks, which read only the config."""
+    """The same weights under a changed config: enough for the checks, which read only the
+    config."""
     return dataclasses.replace(model, config=dataclasses.replace(model.config, **config_changes))
 
 
 @pytest.fixture
 def vector_file(tmp_path, smollm2):
     vectors = rand_vectors()
-    path = save_vectors(tmp_path / "evil" / "vectors.safetensors", vectors, model=smollm2, trait="evil")
+    path = save_vectors(
+        tmp_path / "evil" / "vectors.safetensors", vectors, model=smollm2, trait="evil"
+    )
     return path, vectors
 
 
 # --- pvjax files -------------------------------------------------------------------------------
+
 
 def test_round_trip_keys_and_metadata(tmp_path, smollm2):
     vectors = rand_vectors()
@@ -58,7 +70,10 @@ def test_round_trip_keys_and_metadata(tmp_path, smollm2):
     assert meta["format"] == FORMAT
     assert meta["model_id"] == smollm2.model_id == "smollm2-135m-instruct"
     assert meta["model_fingerprint"] == smollm2.config.fingerprint()
-    assert meta["layer_convention"] == LAYER_CONVENTION and "hidden_states[l]" in meta["layer_convention"]
+    assert (
+        meta["layer_convention"] == LAYER_CONVENTION
+        and "hidden_states[l]" in meta["layer_convention"]
+    )
     assert meta["trait"] == "evil"
     assert meta["pvjax_version"] == pvjax.__version__
     assert meta["n_layers"] == "30" and meta["hidden_size"] == "576"
@@ -92,7 +107,9 @@ def test_file_mode_follows_umask(tmp_path, smollm2):
 def test_extra_cannot_replace_reserved_metadata(tmp_path, smollm2):
     for key in ("model_fingerprint", "model_id", "format", "trait"):
         with pytest.raises(VectorError, match=key):
-            save_vectors(tmp_path / "v.safetensors", rand_vectors(), model=smollm2, extra={key: "x"})
+            save_vectors(
+                tmp_path / "v.safetensors", rand_vectors(), model=smollm2, extra={key: "x"}
+            )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -176,13 +193,17 @@ def test_corrupt_and_missing_files(tmp_path, smollm2):
     (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:1000])
     with pytest.raises(VectorError, match="cut.safetensors"):
         load_vectors(tmp_path / "cut.safetensors", smollm2)
-    for spec in (tmp_path / "missing.safetensors", f"{tmp_path / 'missing.safetensors'}:prompt_avg_diff",
-                 tmp_path / "missing.pt"):
+    for spec in (
+        tmp_path / "missing.safetensors",
+        f"{tmp_path / 'missing.safetensors'}:prompt_avg_diff",
+        tmp_path / "missing.pt",
+    ):
         with pytest.raises(VectorError, match="does not exist"):
             read_vector(str(spec), smollm2)
 
 
 # --- the reference implementation's .pt files -------------------------------------------------
+
 
 def test_pt_float32_exact(tmp_path, smollm2):
     t = torch.randn(L, D)
@@ -192,7 +213,9 @@ def test_pt_float32_exact(tmp_path, smollm2):
     np.testing.assert_array_equal(v, t.numpy())
     tensors, meta = load_vectors(tmp_path / "evil_response_avg_diff.pt", smollm2)
     assert list(tensors) == ["vector"] and meta == {}
-    np.testing.assert_array_equal(read_vector(f"{tmp_path / 'evil_response_avg_diff.pt'}:vector"), t.numpy())
+    np.testing.assert_array_equal(
+        read_vector(f"{tmp_path / 'evil_response_avg_diff.pt'}:vector"), t.numpy()
+    )
 
 
 def test_pt_bfloat16_and_float16(tmp_path, smollm2):
@@ -207,12 +230,12 @@ def test_pt_bfloat16_and_float16(tmp_path, smollm2):
 
 def test_pt_non_contiguous(tmp_path, smollm2):
     base = torch.randn(D + 30, L + 9)
-    t = base.T[4:4 + L, 10:10 + D]  # transposed slice: strides (1, L+9), nonzero storage offset
+    t = base.T[4 : 4 + L, 10 : 10 + D]  # transposed slice: strides (1, L+9), nonzero storage offset
     assert not t.is_contiguous() and t.storage_offset() > 0 and t.shape == (L, D)
     torch.save(t, tmp_path / "view.pt")
     np.testing.assert_array_equal(read_vector(str(tmp_path / "view.pt"), smollm2), t.numpy())
     # a row slice of a larger tensor keeps the whole storage in the file
-    torch.save(base.T[4:4 + L, :D].contiguous()[1:], tmp_path / "rows.pt")
+    torch.save(base.T[4 : 4 + L, :D].contiguous()[1:], tmp_path / "rows.pt")
     with pytest.raises(VectorError, match="n_layers\\+1 = 31"):
         read_vector(str(tmp_path / "rows.pt"), smollm2)
 

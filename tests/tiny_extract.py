@@ -4,11 +4,25 @@ filter (margin 0) and causality at layers 1 and 2. Runs in seconds."""
 
 from __future__ import annotations
 
-SETTINGS = {"trait": "evil", "n_questions": 2, "n_pairs": 2, "n_per_question": 1, "max_new_tokens": 6,
-            "temperature": 0.0, "batch_size": 4, "plot": False,
-            "judge.backend": "local", "judge.model": "same", "judge.batch_size": 3,  # 3: padded on a mesh
-            "filter.mode": "contrast", "filter.contrast_margin": 0.0, "filter.min_pairs": 1,
-            "causality.layers": (1, 2), "causality.coefs": (-1.0, 0.0, 1.0), "causality.max_pairs": 3}
+SETTINGS = {
+    "trait": "evil",
+    "n_questions": 2,
+    "n_pairs": 2,
+    "n_per_question": 1,
+    "max_new_tokens": 6,
+    "temperature": 0.0,
+    "batch_size": 4,
+    "plot": False,
+    "judge.backend": "local",
+    "judge.model": "same",
+    "judge.batch_size": 3,  # 3: padded on a mesh
+    "filter.mode": "contrast",
+    "filter.contrast_margin": 0.0,
+    "filter.min_pairs": 1,
+    "causality.layers": (1, 2),
+    "causality.coefs": (-1.0, 0.0, 1.0),
+    "causality.max_pairs": 3,
+}
 
 
 def settings(model_dir, workdir, **more) -> dict:

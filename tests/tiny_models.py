@@ -1,4 +1,5 @@
-"""Tiny random transformers checkpoints saved to disk, for parity tests of the loaders and decoder."""
+"""Tiny random transformers checkpoints saved to disk, for parity tests of the loaders and
+decoder."""
 
 from __future__ import annotations
 
@@ -8,28 +9,70 @@ import transformers
 # transformers 5 renamed `torch_dtype`; the suite runs on the 4.x floor too.
 DTYPE_KW = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
-LLAMA31 = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-               rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
-               rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
-                                 high_freq_factor=4.0, original_max_position_embeddings=16))
-LLAMA_MHA_TIED = dict(model_type="llama", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                      num_attention_heads=3, num_key_value_heads=3, tie_word_embeddings=True,
-                      rope_theta=10000.0)
+LLAMA31 = dict(
+    model_type="llama",
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+    rope_scaling=dict(
+        rope_type="llama3",
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=16,
+    ),
+)
+LLAMA_MHA_TIED = dict(
+    model_type="llama",
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    num_attention_heads=3,
+    num_key_value_heads=3,
+    tie_word_embeddings=True,
+    rope_theta=10000.0,
+)
 LLAMA_GQA_UNTIED = dict(LLAMA31, rope_scaling=None, rope_theta=10000.0)
-QWEN2_TIED = dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                  rope_theta=1000000.0, rms_norm_eps=1e-6)
+QWEN2_TIED = dict(
+    model_type="qwen2",
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
 QWEN2_UNTIED = dict(QWEN2_TIED, tie_word_embeddings=False, num_key_value_heads=1)
 
 # Heads and kv heads that 8 devices divide: tensor-parallel generation on 8 host devices.
-LLAMA_HEADS8 = dict(model_type="llama", hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                    num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=256,
-                    tie_word_embeddings=False, rope_theta=10000.0)
+LLAMA_HEADS8 = dict(
+    model_type="llama",
+    hidden_size=128,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
+    rope_theta=10000.0,
+)
 
-CONFIGS = {"llama_heads8": LLAMA_HEADS8, "llama31_gqa_llama3rope": LLAMA31, "llama_mha_tied": LLAMA_MHA_TIED,
-           "llama_gqa_untied": LLAMA_GQA_UNTIED,
-           "qwen2_tied": QWEN2_TIED, "qwen2_untied": QWEN2_UNTIED}
+CONFIGS = {
+    "llama_heads8": LLAMA_HEADS8,
+    "llama31_gqa_llama3rope": LLAMA31,
+    "llama_mha_tied": LLAMA_MHA_TIED,
+    "llama_gqa_untied": LLAMA_GQA_UNTIED,
+    "qwen2_tied": QWEN2_TIED,
+    "qwen2_untied": QWEN2_UNTIED,
+}
 
 
 def save_tiny(kind: str, folder, tokenizer=None, vocab_size: int = 49152, seed: int = 0):

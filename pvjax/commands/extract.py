@@ -15,7 +15,9 @@ from pvjax.settings.config_files import load_config
 
 
 def add_parser(sub):
-    return add_config_command(sub, "extract", "extract persona vectors for a trait (config-driven)", __doc__, run)
+    return add_config_command(
+        sub, "extract", "extract persona vectors for a trait (config-driven)", __doc__, run
+    )
 
 
 def add_config_command(sub, name: str, help: str, doc: str, func, *, example: str = ""):
@@ -23,7 +25,11 @@ def add_config_command(sub, name: str, help: str, doc: str, func, *, example: st
     configs/<name>.py:runlocal), `--quiet`, and `--config.x=y` overrides (left in `args.extra` for
     `load_config`); its description is the first paragraph of `doc`. Returns the parser."""
     p = sub.add_parser(name, help=help, description=doc.split("\n\n")[0])
-    p.add_argument("--config", required=True, help=f"config file, e.g. {example or f'configs/{name}.py:runlocal'}")
+    p.add_argument(
+        "--config",
+        required=True,
+        help=f"config file, e.g. {example or f'configs/{name}.py:runlocal'}",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=func, accepts_extra=True)
     return p
@@ -51,12 +57,22 @@ def run(args) -> int:
     from pvjax.settings.extraction import settings_for_run
 
     log_setup()
-    settings = settings_for_run(load_config(args.config, args.extra))  # the config, checked and unpacked
-    summary = extract(settings, progress=not args.quiet)  # its UserErrors reach the CLI's one-line report
+    settings = settings_for_run(
+        load_config(args.config, args.extra)
+    )  # the config, checked and unpacked
+    summary = extract(
+        settings, progress=not args.quiet
+    )  # its UserErrors reach the CLI's one-line report
     c = summary["counts"]
-    print(f"kept {c['kept']} of {c['pairs']} pairs; vectors in {summary['workdir']}/vectors.safetensors")
+    print(
+        f"kept {c['kept']} of {c['pairs']} pairs; vectors in "
+        f"{summary['workdir']}/vectors.safetensors"
+    )
     for layer, r in summary["causality"]["layers"].items():
-        print(f"layer {layer}: likelihood margin {['%.3f' % m for m in r['margins']]} over coefs "
-              f"{summary['causality']['coefs']} ({'monotonic' if r['monotonic'] else 'not monotonic'})")
+        print(
+            f"layer {layer}: likelihood margin {['%.3f' % m for m in r['margins']]} over coefs "
+            f"{summary['causality']['coefs']} "
+            f"({'monotonic' if r['monotonic'] else 'not monotonic'})"
+        )
     print(json.dumps({"workdir": summary["workdir"], "kept": c["kept"]}))
     return 0

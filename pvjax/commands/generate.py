@@ -5,10 +5,10 @@
 
 Several `--coef` values run every prompt under every coefficient in one batch; `--cap CEIL` and
 `--target VALUE` add closed-loop rows to the same batch (the projection onto the unit vector is
-held under CEIL, or moved toward VALUE, at every steered token; `pvjax.interventions.cap`). `--vector` also
-takes the reference implementation's `.pt` files (`[n_layers+1, D]`). With a vector, each answer
-reports the projection of the last prompt token onto it (unit-normalised) at each `--layer`: the
-paper's monitoring signal, read from the same (steered) run.
+held under CEIL, or moved toward VALUE, at every steered token; `pvjax.interventions.cap`).
+`--vector` also takes the reference implementation's `.pt` files (`[n_layers+1, D]`). With a vector,
+each answer reports the projection of the last prompt token onto it (unit-normalised) at each
+`--layer`: the paper's monitoring signal, read from the same (steered) run.
 
 `--monitor FILE.monitor.json` (written by the monitoring study, `configs/monitor.py`) adds its flag
 per answer: the projection at the monitor's layer and last prompt token, its threshold, and
@@ -30,34 +30,84 @@ from pvjax.errors import UsageError
 
 
 def add_parser(sub):
-    p = sub.add_parser("generate", help="answer prompts, optionally steered or ablated",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="HF folder, .gguf file, or smollm2-135m-instruct (default)")
+    p = sub.add_parser(
+        "generate",
+        help="answer prompts, optionally steered or ablated",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument(
+        "--model",
+        default="smollm2-135m-instruct",
+        help="HF folder, .gguf file, or smollm2-135m-instruct (default)",
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--prompt", action="append", default=[], help="user prompt (repeatable)")
-    p.add_argument("--prompts-file", help="text file, one prompt per line; or JSONL with 'prompt' or 'messages'")
-    p.add_argument("--raw", action="store_true", help="feed prompts as raw text, without the chat template")
-    p.add_argument("--vector", help="steering vector FILE[:KEY] (pvjax .safetensors or reference .pt)")
-    p.add_argument("--layer", type=int, action="append", default=[],
-                   help="hidden_states index to steer (repeatable; row l = output of block l)")
-    p.add_argument("--coef", type=float, action="append", default=[],
-                   help="steering coefficient (repeatable: a sweep, one batch)")
-    p.add_argument("--cap", type=float, action="append", default=[],
-                   help="closed-loop steering: per token, remove only the projection onto the unit "
-                        "--vector above CEIL (repeatable, each a batch row set like --coef)")
-    p.add_argument("--target", type=float, action="append", default=[],
-                   help="closed-loop steering: per token, move that projection toward VALUE (repeatable)")
-    p.add_argument("--gain", type=float, default=1.0, help="share of the gap --cap/--target close per token")
-    p.add_argument("--max-step", type=float, default=float("inf"),
-                   help="largest projection change --cap/--target make per token")
-    p.add_argument("--mesh", help="run on a device mesh: data=D,model=M (batch over data, heads over model)")
-    p.add_argument("--positions", choices=["all", "prompt", "response"], default=None,
-                   help="where --vector steers (default response)")
+    p.add_argument(
+        "--prompts-file",
+        help="text file, one prompt per line; or JSONL with 'prompt' or 'messages'",
+    )
+    p.add_argument(
+        "--raw", action="store_true", help="feed prompts as raw text, without the chat template"
+    )
+    p.add_argument(
+        "--vector", help="steering vector FILE[:KEY] (pvjax .safetensors or reference .pt)"
+    )
+    p.add_argument(
+        "--layer",
+        type=int,
+        action="append",
+        default=[],
+        help="hidden_states index to steer (repeatable; row l = output of block l)",
+    )
+    p.add_argument(
+        "--coef",
+        type=float,
+        action="append",
+        default=[],
+        help="steering coefficient (repeatable: a sweep, one batch)",
+    )
+    p.add_argument(
+        "--cap",
+        type=float,
+        action="append",
+        default=[],
+        help="closed-loop steering: per token, remove only the projection onto the unit "
+        "--vector above CEIL (repeatable, each a batch row set like --coef)",
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        action="append",
+        default=[],
+        help="closed-loop steering: per token, move that projection toward VALUE (repeatable)",
+    )
+    p.add_argument(
+        "--gain", type=float, default=1.0, help="share of the gap --cap/--target close per token"
+    )
+    p.add_argument(
+        "--max-step",
+        type=float,
+        default=float("inf"),
+        help="largest projection change --cap/--target make per token",
+    )
+    p.add_argument(
+        "--mesh", help="run on a device mesh: data=D,model=M (batch over data, heads over model)"
+    )
+    p.add_argument(
+        "--positions",
+        choices=["all", "prompt", "response"],
+        default=None,
+        help="where --vector steers (default response)",
+    )
     p.add_argument("--ablate", help="direction FILE[:KEY] to project out (CAFT)")
-    p.add_argument("--ablate-layer", type=int, action="append", default=[],
-                   help="layers for --ablate (default: the --layer values)")
+    p.add_argument(
+        "--ablate-layer",
+        type=int,
+        action="append",
+        default=[],
+        help="layers for --ablate (default: the --layer values)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -66,19 +116,25 @@ def add_parser(sub):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--scanned", action="store_true",
-                   help="scan the layers instead of unrolling them: compiles in about a fifth of the "
-                        "time, decodes slower (for a few short answers)")
-    p.add_argument("--monitor", help="calibrated monitor FILE.monitor.json: report its flag per answer "
-                                     "(default: the one beside --vector, if any)")
+    p.add_argument(
+        "--scanned",
+        action="store_true",
+        help="scan the layers instead of unrolling them: compiles in about a fifth of the "
+        "time, decodes slower (for a few short answers)",
+    )
+    p.add_argument(
+        "--monitor",
+        help="calibrated monitor FILE.monitor.json: report its flag per answer "
+        "(default: the one beside --vector, if any)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per answer per line")
     p.set_defaults(func=run)
     return p
 
 
 def read_prompts(args) -> list:
-    """The prompts of `--prompt` and `--prompts-file`, each checked (`pvjax.files.prompts.prompt_problem`);
-    problems in the file name its line."""
+    """The prompts of `--prompt` and `--prompts-file`, each checked
+    (`pvjax.files.prompts.prompt_problem`); problems in the file name its line."""
     from pvjax.files.prompts import prompt_problem
 
     prompts = list(args.prompt)
@@ -91,7 +147,9 @@ def read_prompts(args) -> list:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise UsageError(f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            raise UsageError(
+                f"--prompts-file {path} is not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -101,7 +159,7 @@ def read_prompts(args) -> list:
                 prompts.append(line)
     if not prompts:
         raise UsageError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE")
-    for i, p in enumerate(prompts[:len(args.prompt)]):
+    for i, p in enumerate(prompts[: len(args.prompt)]):
         problem = prompt_problem(p)
         if problem:
             raise UsageError(f"--prompt number {i + 1} {problem}")
@@ -120,8 +178,10 @@ def _jsonl_prompt(line: str, where: str):
     field = "messages" if "messages" in row else "prompt"
     value = row[field]
     if field == "prompt" and not isinstance(value, str):
-        raise UsageError(f"{where}: 'prompt' must be a string, got {type(value).__name__} "
-                         f"(a conversation goes in 'messages')")
+        raise UsageError(
+            f"{where}: 'prompt' must be a string, got {type(value).__name__} "
+            f"(a conversation goes in 'messages')"
+        )
     if field == "messages" and not isinstance(value, list):
         raise UsageError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
     problem = prompt_problem(value)
@@ -135,9 +195,17 @@ def check_args(args) -> None:
     from pvjax.loading.embedded import EMBEDDED_NAME
 
     if not args.vector:
-        given = [f for f, v in (("--layer", args.layer and not args.ablate), ("--coef", args.coef),
-                                ("--cap", args.cap), ("--target", args.target),
-                                ("--positions", args.positions)) if v]
+        given = [
+            f
+            for f, v in (
+                ("--layer", args.layer and not args.ablate),
+                ("--coef", args.coef),
+                ("--cap", args.cap),
+                ("--target", args.target),
+                ("--positions", args.positions),
+            )
+            if v
+        ]
         if given:
             raise UsageError(f"{', '.join(given)} steer along a vector: pass --vector FILE[:KEY]")
     elif not args.layer:
@@ -148,29 +216,37 @@ def check_args(args) -> None:
         raise UsageError("--ablate needs --ablate-layer or --layer")
     for flag, values in (("--layer", args.layer), ("--ablate-layer", args.ablate_layer)):
         if any(l < 0 for l in values):
-            raise UsageError(f"{flag} takes hidden_states indices (0 = embeddings), got {min(values)}")
+            raise UsageError(
+                f"{flag} takes hidden_states indices (0 = embeddings), got {min(values)}"
+            )
     for flag, values in (("--coef", args.coef), ("--cap", args.cap), ("--target", args.target)):
         bad = [c for c in values if not math.isfinite(c)]
         if bad:
             raise UsageError(f"{flag} must be finite, got {bad[0]}")
     if not (math.isfinite(args.gain) and args.gain > 0) or not args.max_step > 0:
-        raise UsageError(f"--gain must be finite and > 0 and --max-step > 0, got {args.gain}, {args.max_step}")
+        raise UsageError(
+            f"--gain must be finite and > 0 and --max-step > 0, got {args.gain}, {args.max_step}"
+        )
     if args.mesh:
         from pvjax.parallel.sharding import parse_mesh
 
         parse_mesh(args.mesh)
-    if not 0 <= args.seed < 2 ** 32:
+    if not 0 <= args.seed < 2**32:
         raise UsageError(f"--seed must be in 0..2**32-1, got {args.seed}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.model != EMBEDDED_NAME:
         path = Path(args.model)
         if not path.exists():
-            raise UsageError(f"--model {args.model}: no such folder or .gguf file (nor the embedded "
-                             f"model name {EMBEDDED_NAME!r})")
+            raise UsageError(
+                f"--model {args.model}: no such folder or .gguf file (nor the embedded "
+                f"model name {EMBEDDED_NAME!r})"
+            )
         if path.is_file() and path.suffix != ".gguf":
-            raise UsageError(f"--model {args.model}: a file must be a .gguf; otherwise pass a "
-                             f"Hugging Face folder (config.json and *.safetensors)")
+            raise UsageError(
+                f"--model {args.model}: a file must be a .gguf; otherwise pass a "
+                f"Hugging Face folder (config.json and *.safetensors)"
+            )
 
 
 def run(args) -> int:
@@ -179,15 +255,22 @@ def run(args) -> int:
 
     prompts = read_prompts(args)
     check_args(args)
-    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                              max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                              stop=tuple(args.stop))
+    sampling = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        stop=tuple(args.stop),
+    )
     for spec in (args.vector, args.ablate):  # readable, finite, holding the key: before the load
         if spec:
             read_vector(spec)
     from pvjax.methods.monitoring import attach_monitor
 
-    monitor, monitor_file = attach_monitor(args.monitor, args.vector)  # the file checked before the load
+    monitor, monitor_file = attach_monitor(
+        args.monitor, args.vector
+    )  # the file checked before the load
 
     import pvjax
     from pvjax import interventions as ivs
@@ -201,8 +284,9 @@ def run(args) -> int:
     model = pvjax.load(args.model, dtype=args.dtype)
     L, D = model.n_layers + 1, model.hidden_size
     positions = args.positions or "response"
-    loop = [ivs.cap(x, gain=args.gain, max_step=args.max_step) for x in args.cap] + \
-        [ivs.target(x, gain=args.gain, max_step=args.max_step) for x in args.target]
+    loop = [ivs.cap(x, gain=args.gain, max_step=args.max_step) for x in args.cap] + [
+        ivs.target(x, gain=args.gain, max_step=args.max_step) for x in args.target
+    ]
     coefs = args.coef or ([] if loop else [1.0] if args.vector else [0.0])
     coefs = coefs + loop  # one batch-row set per coefficient, fixed or closed loop
     steer, ablate, probes, vector = [], [], None, None
@@ -221,31 +305,66 @@ def run(args) -> int:
         ablate = [(read_vector(args.ablate, model), args.ablate_layer or args.layer)]
     batch = len(prompts) * len(coefs)
     iv = ivs.build(L, D, steer=steer, ablate=ablate, batch=batch) if (steer or ablate) else None
-    g = generate(model, prompts * len(coefs), sampling=sampling, seed=args.seed, system=args.system,
-                 chat=not args.raw, intervention=iv, positions=positions, probes=probes,
-                 batch_size=args.batch_size, progress=len(prompts) * len(coefs) > args.batch_size, mesh=mesh,
-                 unroll=not args.scanned)
+    g = generate(
+        model,
+        prompts * len(coefs),
+        sampling=sampling,
+        seed=args.seed,
+        system=args.system,
+        chat=not args.raw,
+        intervention=iv,
+        positions=positions,
+        probes=probes,
+        batch_size=args.batch_size,
+        progress=len(prompts) * len(coefs) > args.batch_size,
+        mesh=mesh,
+        unroll=not args.scanned,
+    )
     for i, text in enumerate(g.texts):
         p, c = prompts[i % len(prompts)], coefs[i // len(prompts)]
-        row = {"prompt": p, "text": text, "tokens": g.tokens[i], "finish_reason": g.finish_reasons[i]}
-        setting = {"coef": c} if not isinstance(c, ivs.Feedback) else \
-            {("cap" if c.mode == ivs.CAP else "target"): c.value, "gain": c.gain}
+        row = {
+            "prompt": p,
+            "text": text,
+            "tokens": g.tokens[i],
+            "finish_reason": g.finish_reasons[i],
+        }
+        setting = (
+            {"coef": c}
+            if not isinstance(c, ivs.Feedback)
+            else {("cap" if c.mode == ivs.CAP else "target"): c.value, "gain": c.gain}
+        )
         if args.vector:
-            row.update(**setting, layers=args.layer, positions=positions, vector=args.vector,
-                       prompt_last_projection={l: round(float(g.prompt_projections[i][l, -1, 0]), 4)
-                                               for l in args.layer})
+            row.update(
+                **setting,
+                layers=args.layer,
+                positions=positions,
+                vector=args.vector,
+                prompt_last_projection={
+                    l: round(float(g.prompt_projections[i][l, -1, 0]), 4) for l in args.layer
+                },
+            )
         if monitor is not None:
             x = float(g.prompt_projections[i][monitor.layer, -1, -1])
-            row["monitor"] = {"layer": monitor.layer, "projection": round(x, 4), "threshold": monitor.threshold,
-                              "flagged": bool(monitor.flag(x)), "file": monitor_file}
+            row["monitor"] = {
+                "layer": monitor.layer,
+                "projection": round(x, 4),
+                "threshold": monitor.threshold,
+                "flagged": bool(monitor.flag(x)),
+                "file": monitor_file,
+            }
         if args.json:
             print(json.dumps(row, ensure_ascii=False))
         else:
             head = p if isinstance(p, str) else p[-1]["content"]
             what = " ".join(f"{k} {v:g}" for k, v in setting.items() if k != "gain")
-            tag = f"  [{what} at layer {','.join(map(str, args.layer))}, {positions}]" if args.vector else ""
+            tag = (
+                f"  [{what} at layer {','.join(map(str, args.layer))}, {positions}]"
+                if args.vector
+                else ""
+            )
             if monitor is not None:
-                tag += f"  [monitor: {'FLAGGED' if row['monitor']['flagged'] else 'ok'}, {x:.2f} vs {monitor.threshold:.2f}]"
+                verdict = "FLAGGED" if row["monitor"]["flagged"] else "ok"
+                tag += f"  [monitor: {verdict}, {x:.2f} vs {monitor.threshold:.2f}]"
             print(f"### {head}{tag}\n{text}\n")
     sys.stdout.flush()
     return 0

@@ -1,4 +1,5 @@
-"""`pvjax shift --config configs/shift.py[:runlocal] --config.finetuned=SOURCE --config.workdir=DIR`.
+"""`pvjax shift --config configs/shift.py[:runlocal] --config.finetuned=SOURCE
+--config.workdir=DIR`.
 
 The finetuning shift along a persona vector per layer, base vs finetuned model, on the trait's
 eval questions, beside the judge-free likelihood margin (see `pvjax.methods.finetune_shift`).
@@ -12,7 +13,9 @@ from pvjax.commands.extract import add_config_command, study_config
 
 
 def add_parser(sub):
-    return add_config_command(sub, "shift", "finetuning shift along a persona vector (config-driven)", __doc__, run)
+    return add_config_command(
+        sub, "shift", "finetuning shift along a persona vector (config-driven)", __doc__, run
+    )
 
 
 def run(args) -> int:
@@ -21,8 +24,19 @@ def run(args) -> int:
     cfg, work = study_config(args)
     (r,) = shift(cfg, work, progress=not args.quiet)
     fmt = lambda x: "n/a" if x is None else f"{x:+.4f}"
-    print(f"{r['finetuned']} vs {r['base']} at layer {r['layer']}: shift {fmt(r['shift_prompt_last'])} (last prompt "
-          f"token), {fmt(r['shift_response_avg'])} (response mean, {r['response_source']} answers); likelihood "
-          f"margin {fmt(r['margin_base'])} -> {fmt(r['margin_finetuned'])}")
-    print(json.dumps({"workdir": cfg.workdir, **{k: r[k] for k in ("shift_prompt_last", "shift_response_avg")}}))
+    print(
+        f"{r['finetuned']} vs {r['base']} at layer {r['layer']}: shift "
+        f"{fmt(r['shift_prompt_last'])} (last prompt "
+        f"token), {fmt(r['shift_response_avg'])} (response mean, {r['response_source']} answers); "
+        "likelihood "
+        f"margin {fmt(r['margin_base'])} -> {fmt(r['margin_finetuned'])}"
+    )
+    print(
+        json.dumps(
+            {
+                "workdir": cfg.workdir,
+                **{k: r[k] for k in ("shift_prompt_last", "shift_response_avg")},
+            }
+        )
+    )
     return 0

@@ -1,4 +1,5 @@
-"""`pvjax sweep`: `pvjax run` over every point of the config's `sweep(add)` (see `pvjax.commands.run`)."""
+"""`pvjax sweep`: `pvjax run` over every point of the config's `sweep(add)` (see
+`pvjax.commands.run`)."""
 
 from __future__ import annotations
 

@@ -43,7 +43,9 @@ def weights_fingerprint(model) -> str:
 def _fingerprint(model) -> str:
     h = hashlib.sha256(model.config.fingerprint().encode())
     h.update(str(model.dtype).encode())
-    for path, x in sorted(jax.tree_util.tree_leaves_with_path(model.params), key=lambda t: str(t[0])):
+    for path, x in sorted(
+        jax.tree_util.tree_leaves_with_path(model.params), key=lambda t: str(t[0])
+    ):
         shape = getattr(x, "shape", None)
         if shape is None:  # packed kernel weights and other non-arrays carry no new information
             continue
@@ -59,8 +61,10 @@ def prompt_key(text: str) -> str:
 
 def cache_path(cache_dir, weights: str, sampling, seed: int) -> Path:
     """The file for (weights fingerprint, sampling settings, seed) under `cache_dir`."""
-    blob = json.dumps({"weights": weights, "sampling": dataclasses.asdict(sampling),
-                       "seed": int(seed)}, sort_keys=True)
+    blob = json.dumps(
+        {"weights": weights, "sampling": dataclasses.asdict(sampling), "seed": int(seed)},
+        sort_keys=True,
+    )
     return Path(cache_dir) / f"answers_{hashlib.sha256(blob.encode()).hexdigest()[:16]}.json"
 
 
@@ -76,8 +80,16 @@ class OwnAnswers:
     path: Path
 
 
-def own_answers(model, prompt_texts: Sequence[str], sampling, *, cache_dir, seed: int = 0,
-                batch_size: int = 16, progress: bool = False) -> OwnAnswers:
+def own_answers(
+    model,
+    prompt_texts: Sequence[str],
+    sampling,
+    *,
+    cache_dir,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> OwnAnswers:
     """The model's answers to already rendered prompt texts (chat template included), from the
     cache where present, the rest generated in one batched call (duplicates once). The caller
     keeps prompts that do not fit the context out (generation refuses them)."""
@@ -85,18 +97,34 @@ def own_answers(model, prompt_texts: Sequence[str], sampling, *, cache_dir, seed
 
     weights = weights_fingerprint(model)
     path = cache_path(cache_dir, weights, sampling, seed)
-    cache = json.loads(path.read_text()) if path.is_file() else {
-        "format": FORMAT, "model": model.model_id, "weights": weights,
-        "sampling": dataclasses.asdict(sampling), "seed": int(seed), "answers": {}}
+    cache = (
+        json.loads(path.read_text())
+        if path.is_file()
+        else {
+            "format": FORMAT,
+            "model": model.model_id,
+            "weights": weights,
+            "sampling": dataclasses.asdict(sampling),
+            "seed": int(seed),
+            "answers": {},
+        }
+    )
     keys = [prompt_key(t) for t in prompt_texts]
     todo = list(dict.fromkeys(k for k in keys if k not in cache["answers"]))
     if todo:
         first = {k: t for k, t in zip(reversed(keys), reversed(list(prompt_texts)))}
         ids = [model.tokenizer(first[k], add_special_tokens=False)["input_ids"] for k in todo]
-        g = generate_ids(model, ids, sampling=sampling, seed=seed, batch_size=batch_size, progress=progress)
+        g = generate_ids(
+            model, ids, sampling=sampling, seed=seed, batch_size=batch_size, progress=progress
+        )
         for k, text, toks, why in zip(todo, g.texts, g.tokens, g.finish_reasons):
             cache["answers"][k] = {"answer": text, "n_tokens": len(toks), "finish": why}
         atomic.write_json(path, cache)
     got = [cache["answers"][k] for k in keys]
-    return OwnAnswers([a["answer"] for a in got], [a["n_tokens"] for a in got],
-                      [a["finish"] for a in got], len(todo), path)
+    return OwnAnswers(
+        [a["answer"] for a in got],
+        [a["n_tokens"] for a in got],
+        [a["finish"] for a in got],
+        len(todo),
+        path,
+    )

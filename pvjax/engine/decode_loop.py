@@ -21,7 +21,8 @@ import weakref
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pvjax import kernels
 from pvjax.capture import Capture
@@ -99,15 +100,21 @@ def decode_weights(model, unroll: bool = True) -> tuple[dict, Layout]:
         return model.params, Scanned()
     if model not in _UNSTACKED:
         pack = _use_kernel(model.params)
-        _UNSTACKED[model] = (jax.jit(unstack_layers, static_argnums=(1, 2))(model.params, model.config, pack),
-                             PerLayer(fused=True, packed=pack))
+        _UNSTACKED[model] = (
+            jax.jit(unstack_layers, static_argnums=(1, 2))(model.params, model.config, pack),
+            PerLayer(fused=True, packed=pack),
+        )
     return _UNSTACKED[model]
 
 
 def _use_kernel(params) -> bool:
     leaves = jax.tree_util.tree_leaves(params)
-    on_one_cpu = all(getattr(x, "sharding", None) is not None and len(x.sharding.device_set) == 1
-                     and next(iter(x.sharding.device_set)).platform == "cpu" for x in leaves)
+    on_one_cpu = all(
+        getattr(x, "sharding", None) is not None
+        and len(x.sharding.device_set) == 1
+        and next(iter(x.sharding.device_set)).platform == "cpu"
+        for x in leaves
+    )
     return on_one_cpu and all(x.dtype == jnp.float32 for x in leaves) and kernels.available()
 
 
@@ -134,15 +141,35 @@ def _sample(logits_BV, keys_B2, step, temperature, top_p, top_k, mode: str):
     return jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
 
 
-def run(params, layout: Layout, prefill_params, prefill_layout: Layout, cfg, batch: PromptBatch,
-        sampler: Sampler, steering: Steering, probes, mesh: Mesh | None = None):
+def run(
+    params,
+    layout: Layout,
+    prefill_params,
+    prefill_layout: Layout,
+    cfg,
+    batch: PromptBatch,
+    sampler: Sampler,
+    steering: Steering,
+    probes,
+    mesh: Mesh | None = None,
+):
     """Generate `sampler.n_new` tokens for every row: `(tokens [B, N], prompt projections
     [L, B, C + P, K] or None, new-token projections [L, B, N, K])`. The decode loop runs on
     `params` laid out as `layout`, the prompt on `prefill_params` laid out as `prefill_layout`.
     With a `mesh`, the KV cache takes the split layout with its batch over "data" and kv heads
     over "model" (see `pvjax.engine.mesh`, which places the inputs)."""
-    return _generate(params, prefill_params, cfg, batch, sampler, steering, probes, mesh=mesh,
-                     layout=layout, prefill_layout=prefill_layout)
+    return _generate(
+        params,
+        prefill_params,
+        cfg,
+        batch,
+        sampler,
+        steering,
+        probes,
+        mesh=mesh,
+        layout=layout,
+        prefill_layout=prefill_layout,
+    )
 
 
 def _cache_on_mesh(cache: KVCache, cfg, mesh: Mesh | None) -> KVCache:
@@ -152,13 +179,27 @@ def _cache_on_mesh(cache: KVCache, cfg, mesh: Mesh | None) -> KVCache:
     data = "data" if cache.valid.shape[0] % mesh.shape["data"] == 0 else None
     spec = lambda x: NamedSharding(mesh, P(*((None,) * (x.ndim - 4) + (data, kv, None, None))))
     put = lambda x: jax.lax.with_sharding_constraint(x, spec(x))
-    return cache.replace(k=jax.tree_util.tree_map(put, cache.k), v=jax.tree_util.tree_map(put, cache.v),
-                         valid=jax.lax.with_sharding_constraint(cache.valid, NamedSharding(mesh, P(data, None))))
+    return cache.replace(
+        k=jax.tree_util.tree_map(put, cache.k),
+        v=jax.tree_util.tree_map(put, cache.v),
+        valid=jax.lax.with_sharding_constraint(cache.valid, NamedSharding(mesh, P(data, None))),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "mesh", "layout", "prefill_layout"))
-def _generate(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler, steering: Steering,
-              probes, mesh=None, *, layout: Layout, prefill_layout: Layout):
+def _generate(
+    params,
+    prefill_params,
+    cfg,
+    batch: PromptBatch,
+    sampler: Sampler,
+    steering: Steering,
+    probes,
+    mesh=None,
+    *,
+    layout: Layout,
+    prefill_layout: Layout,
+):
     B, P = batch.tokens_BP.shape
     C = batch.prefix_UC.shape[1]
     n_new = sampler.n_new
@@ -174,25 +215,44 @@ def _generate(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler,
         # Stop tokens are forbidden until min_new tokens exist.
         stop_cols = jnp.zeros(logits_BV.shape[-1], bool).at[stop_ids].set(True)
         logits_BV = jnp.where(stop_cols[None] & (step < sampler.min_new), _NEG, logits_BV)
-        return _sample(logits_BV, sampler.keys_B2, step, sampler.temperature, sampler.top_p,
-                       sampler.top_k, sampler.mode)
+        return _sample(
+            logits_BV,
+            sampler.keys_B2,
+            step,
+            sampler.temperature,
+            sampler.top_p,
+            sampler.top_k,
+            sampler.mode,
+        )
 
     S = C + P + n_new
     if C:
         rows_U = batch.prefix_first_U
         cols = lambda m: m[rows_U, :C]
-        pre_iv = jax.tree_util.tree_map(lambda x: x[:, rows_U] if x.shape[1] == B else x,
-                                        iv.replace(steer_mask=None, ablate_mask=None))
+        pre_iv = jax.tree_util.tree_map(
+            lambda x: x[:, rows_U] if x.shape[1] == B else x,
+            iv.replace(steer_mask=None, ablate_mask=None),
+        )
         U = batch.prefix_UC.shape[0]
-        pre = prefill(prefill_params, cfg, prefill_layout, batch.prefix_UC,
-                      default_positions(batch.prefix_mask_UC), batch.prefix_mask_UC,
-                      init_cache(cfg, prefill_layout, U, S, dtype, split=split),
-                      intervention=pre_iv.with_masks(*map(cols, prefill_masks)),
-                      capture=capture.replace(logits="none"))
+        pre = prefill(
+            prefill_params,
+            cfg,
+            prefill_layout,
+            batch.prefix_UC,
+            default_positions(batch.prefix_mask_UC),
+            batch.prefix_mask_UC,
+            init_cache(cfg, prefill_layout, U, S, dtype, split=split),
+            intervention=pre_iv.with_masks(*map(cols, prefill_masks)),
+            capture=capture.replace(logits="none"),
+        )
         # Each row's copy of its prefix's keys and values; in the merged layout a row is K
         # consecutive entries (one per kv head) of the batch axis.
         K = cfg.num_kv_heads
-        entries = batch.prefix_of_B if split else (batch.prefix_of_B[:, None] * K + jnp.arange(K)).reshape(-1)
+        entries = (
+            batch.prefix_of_B
+            if split
+            else (batch.prefix_of_B[:, None] * K + jnp.arange(K)).reshape(-1)
+        )
         gather = lambda x: jnp.take(x, entries, axis=int(stacked))
         k, v = jax.tree_util.tree_map(gather, (pre.cache.k, pre.cache.v))
         cache = pre.cache.replace(k=k, v=v, valid=pre.cache.valid[batch.prefix_of_B])
@@ -201,8 +261,17 @@ def _generate(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler,
     cache = _cache_on_mesh(cache, cfg, mesh)
     # Without a shared prefix the cache is empty: the prompt attends among its own tokens only.
     run_prompt = decode_step if C else prefill
-    out = run_prompt(prefill_params, cfg, prefill_layout, batch.tokens_BP, batch.positions_BP, batch.mask_BP,
-                     cache, intervention=iv.with_masks(*(m[:, C:] for m in prefill_masks)), capture=capture)
+    out = run_prompt(
+        prefill_params,
+        cfg,
+        prefill_layout,
+        batch.tokens_BP,
+        batch.positions_BP,
+        batch.mask_BP,
+        cache,
+        intervention=iv.with_masks(*(m[:, C:] for m in prefill_masks)),
+        capture=capture,
+    )
     if C and probes is not None:
         shared = pre.projections[:, batch.prefix_of_B]
         out = out._replace(projections=jnp.concatenate([shared, out.projections], axis=2))
@@ -219,8 +288,17 @@ def _generate(params, prefill_params, cfg, batch: PromptBatch, sampler: Sampler,
 
     def feed(toks_BN, i, cache, proj):
         """Run token i of every row through the model: next logits and its projections."""
-        o = decode_step(params, cfg, layout, jax.lax.dynamic_slice_in_dim(toks_BN, i, 1, axis=1),
-                        (next_pos + i)[:, None], ones, cache, intervention=decode_iv, capture=capture)
+        o = decode_step(
+            params,
+            cfg,
+            layout,
+            jax.lax.dynamic_slice_in_dim(toks_BN, i, 1, axis=1),
+            (next_pos + i)[:, None],
+            ones,
+            cache,
+            intervention=decode_iv,
+            capture=capture,
+        )
         if probes is not None:
             proj = jax.lax.dynamic_update_slice_in_dim(proj, o.projections, i, axis=2)
         return o.logits[:, -1], o.cache, proj

@@ -77,12 +77,19 @@ def split(seqs: Sequence[Sequence[int]], *, shareable: bool, max_rows: int) -> S
     seqs = [list(x) for x in seqs]
     n = len(seqs)
     longest = max(len(x) for x in seqs)
-    plans = [(n * prompt_bucket(longest), Split(0, [[]], [0] * n, [0], seqs, prompt_bucket(longest), 1))]
+    plans = [
+        (n * prompt_bucket(longest), Split(0, [[]], [0] * n, [0], seqs, prompt_bucket(longest), 1))
+    ]
     if shareable and n > 1:
         c = prefix_bucket(common_prefix(seqs))
         if c:
             rest = prompt_bucket(longest - c)
-            plans.append((c + n * rest, Split(c, [seqs[0][:c]], [0] * n, [0], [x[c:] for x in seqs], rest, 1)))
+            plans.append(
+                (
+                    c + n * rest,
+                    Split(c, [seqs[0][:c]], [0] * n, [0], [x[c:] for x in seqs], rest, 1),
+                )
+            )
         if min(len(x) for x in seqs) > 1:
             index: dict[tuple, int] = {}
             for i, x in enumerate(seqs):
@@ -92,7 +99,18 @@ def split(seqs: Sequence[Sequence[int]], *, shareable: bool, max_rows: int) -> S
                 where = {k: u for u, k in enumerate(keys)}
                 width = prompt_bucket(longest - 1)
                 rows = rows_bucket(len(keys), max_rows)
-                plans.append((rows * width + n, Split(width, [list(k) for k in keys],
-                                                      [where[tuple(x[:-1])] for x in seqs],
-                                                      [index[k] for k in keys], [x[-1:] for x in seqs], 1, rows)))
+                plans.append(
+                    (
+                        rows * width + n,
+                        Split(
+                            width,
+                            [list(k) for k in keys],
+                            [where[tuple(x[:-1])] for x in seqs],
+                            [index[k] for k in keys],
+                            [x[-1:] for x in seqs],
+                            1,
+                            rows,
+                        ),
+                    )
+                )
     return min(plans, key=lambda p: p[0])[1]

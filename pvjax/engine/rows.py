@@ -23,9 +23,14 @@ def stack(settings: Sequence[ivs.Intervention]) -> ivs.Intervention:
     if any(s.closed_loop is not None for s in settings):
         loops = [s.with_closed_loop().closed_loop for s in settings]
         closed = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *loops)
-    return dataclasses.replace(first, steer_vectors=cat("steer_vectors"), steer_coefs=cat("steer_coefs"),
-                               ablate_dirs=cat("ablate_dirs"), ablate_coefs=cat("ablate_coefs"),
-                               closed_loop=closed)
+    return dataclasses.replace(
+        first,
+        steer_vectors=cat("steer_vectors"),
+        steer_coefs=cat("steer_coefs"),
+        ablate_dirs=cat("ablate_dirs"),
+        ablate_coefs=cat("ablate_coefs"),
+        closed_loop=closed,
+    )
 
 
 def take(iv: ivs.Intervention, rows) -> ivs.Intervention:
@@ -34,6 +39,11 @@ def take(iv: ivs.Intervention, rows) -> ivs.Intervention:
     rows = jnp.asarray(rows)
     pick = lambda x: x[:, jnp.zeros_like(rows)] if x.shape[1] == 1 else x[:, rows]
     closed = None if iv.closed_loop is None else jax.tree_util.tree_map(pick, iv.closed_loop)
-    return dataclasses.replace(iv, steer_vectors=pick(iv.steer_vectors), steer_coefs=pick(iv.steer_coefs),
-                               ablate_dirs=pick(iv.ablate_dirs), ablate_coefs=pick(iv.ablate_coefs),
-                               closed_loop=closed)
+    return dataclasses.replace(
+        iv,
+        steer_vectors=pick(iv.steer_vectors),
+        steer_coefs=pick(iv.steer_coefs),
+        ablate_dirs=pick(iv.ablate_dirs),
+        ablate_coefs=pick(iv.ablate_coefs),
+        closed_loop=closed,
+    )

@@ -41,7 +41,8 @@ def write_json(path, obj) -> Path:
 
 
 def csv_text(rows: Sequence[dict], columns: Iterable[str]) -> str:
-    """The text `write_csv` writes (None as empty), for sending a file's content between processes."""
+    """The text `write_csv` writes (None as empty), for sending a file's content between
+    processes."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
     w.writeheader()

@@ -25,8 +25,8 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from pvjax.files import atomic
 from pvjax.errors import InputError
+from pvjax.files import atomic
 from pvjax.files.prompts import prompt_problem
 
 FORMATS = ("jsonl", "csv")
@@ -66,12 +66,15 @@ def dataset_format(path, fmt: str = "") -> str:
         return "jsonl"
     if suffix == ".csv":
         return "csv"
-    raise InputError(f"{path}: cannot tell the dataset format from the suffix {suffix!r}; name it "
-                     f".jsonl or .csv, or set the format ({' or '.join(FORMATS)})")
+    raise InputError(
+        f"{path}: cannot tell the dataset format from the suffix {suffix!r}; name it "
+        f".jsonl or .csv, or set the format ({' or '.join(FORMATS)})"
+    )
 
 
-def read_dataset(path, fmt: str = "", *, prompt_column: str = "prompt",
-                 answer_column: str = "answer") -> Dataset:
+def read_dataset(
+    path, fmt: str = "", *, prompt_column: str = "prompt", answer_column: str = "answer"
+) -> Dataset:
     """Read and check a dataset (see the module docstring). An empty dataset is an error."""
     path = Path(path).expanduser()
     if path.is_dir():
@@ -119,7 +122,7 @@ def jsonl_lines(path, text: str, error=InputError) -> Iterator[tuple[int, str, l
             raise error(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
         msgs = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(msgs, list):
-            raise error(f"{path}:{n}: expected an object with a \"messages\" list")
+            raise error(f'{path}:{n}: expected an object with a "messages" list')
         yield n, line, msgs
 
 
@@ -178,7 +181,9 @@ def _chat_sample(path, n, msgs) -> Sample:
         raise InputError(f"{path}:{n}: the conversation {problem}")
     last = max((j for j, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
     if last is None:
-        raise InputError(f"{path}:{n}: the conversation has no assistant turn, so no answer to screen")
+        raise InputError(
+            f"{path}:{n}: the conversation has no assistant turn, so no answer to screen"
+        )
     if not any(m["role"] == "user" for m in msgs[:last]):
         raise InputError(f"{path}:{n}: no user turn before the last assistant turn, so no prompt")
     prompt = tuple({"role": m["role"], "content": m["content"]} for m in msgs[:last])
@@ -191,8 +196,10 @@ def _read_csv(path, text, prompt_column, answer_column):
         raise InputError(f"dataset {path} is empty (no CSV header)")
     missing = [c for c in (prompt_column, answer_column) if c not in header]
     if missing:
-        raise InputError(f"{path}: no column {' or '.join(map(repr, missing))} in the header "
-                         f"({', '.join(header)}); set the prompt and answer column names")
+        raise InputError(
+            f"{path}: no column {' or '.join(map(repr, missing))} in the header "
+            f"({', '.join(header)}); set the prompt and answer column names"
+        )
     pi, ai = header.index(prompt_column), header.index(answer_column)
     chunks, samples, where = [head], [], []
     for line, chunk, rec in records:
@@ -211,7 +218,9 @@ def write_filtered(ds: Dataset, drop, path) -> Path:
     """The dataset's file without the samples whose indices are in `drop`, atomically; every
     other byte as it was read."""
     drop_chunks = {ds.sample_chunk[i] for i in drop}
-    return atomic.write_text(path, "".join(c for j, c in enumerate(ds.chunks) if j not in drop_chunks))
+    return atomic.write_text(
+        path, "".join(c for j, c in enumerate(ds.chunks) if j not in drop_chunks)
+    )
 
 
 def write_dataset(path, prompts, answers, fmt: str = "") -> Path:
@@ -222,8 +231,12 @@ def write_dataset(path, prompts, answers, fmt: str = "") -> Path:
         lines = []
         for p, a in zip(prompts, answers):
             msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
-            lines.append(json.dumps({"messages": msgs + [{"role": "assistant", "content": a}]},
-                                    ensure_ascii=False) + "\n")
+            lines.append(
+                json.dumps(
+                    {"messages": msgs + [{"role": "assistant", "content": a}]}, ensure_ascii=False
+                )
+                + "\n"
+            )
         return atomic.write_text(path, "".join(lines))
     buf = io.StringIO()
     w = csv.writer(buf)

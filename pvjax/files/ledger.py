@@ -5,7 +5,8 @@ skipping what it finished, so it must know exactly what produced the files it fi
 with other settings returns old results under a new label. A `Ledger` keeps that knowledge in one
 JSON file (the record, `stages.json` unless the caller names another) beside the outputs:
 
-    {"format": 1, "stages": {name: settings}, "inputs": {name: {path: sha256}}, "finished": [name, ...], ...}
+    {"format": 1, "stages": {name: settings}, "inputs": {name: {path: sha256}}, "finished": [name,
+    ...], ...}
 
 A stage is recorded with the settings that can change its results (the caller decides which: a
 field that cannot change a result is left out, and so never causes a rerun) and the sha256 of
@@ -42,7 +43,8 @@ FORMAT = 1
 
 
 class RunMismatch(UserError, ValueError):
-    """A run directory holds results made under other settings; the message names each changed field."""
+    """A run directory holds results made under other settings; the message names each changed
+    field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +94,11 @@ def _flat(v, prefix: str = "") -> dict:
 def differences(old, new) -> list[str]:
     """`field: old -> new` for every (dotted) field that differs, in first-seen order."""
     a, b = _flat(old), _flat(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" if k else f"{a.get(k)!r} -> {b.get(k)!r}"
-            for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}" if k else f"{a.get(k)!r} -> {b.get(k)!r}"
+        for k in dict.fromkeys([*a, *b])
+        if a.get(k) != b.get(k)
+    ]
 
 
 class Ledger:
@@ -105,14 +110,29 @@ class Ledger:
     description, a study's result rows); `error` is the class a refusal raises (a subclass of
     `RunMismatch`). A stage recorded by an earlier run but not declared now keeps its record."""
 
-    def __init__(self, work, stages: Sequence[Stage] = (), *, record: str = "stages.json", cascade: bool = True,
-                 error: type[RunMismatch] = RunMismatch, done: str = "DONE"):
-        self.work, self.path, self.cascade, self.error = Path(work), Path(work) / record, cascade, error
+    def __init__(
+        self,
+        work,
+        stages: Sequence[Stage] = (),
+        *,
+        record: str = "stages.json",
+        cascade: bool = True,
+        error: type[RunMismatch] = RunMismatch,
+        done: str = "DONE",
+    ):
+        self.work, self.path, self.cascade, self.error = (
+            Path(work),
+            Path(work) / record,
+            cascade,
+            error,
+        )
         self.done_path = self.work / done
         self.stages: dict[str, Stage] = {}
         self.new: dict[str, dict] = {}
         self.old = self._read()
-        self.extra = {k: v for k, v in self.old.items() if k not in ("format", "stages", "inputs", "finished")}
+        self.extra = {
+            k: v for k, v in self.old.items() if k not in ("format", "stages", "inputs", "finished")
+        }
         self.finished_set = set(self.old.get("finished", ()))
         for s in stages:
             self._declare(s)
@@ -130,8 +150,10 @@ class Ledger:
 
     def _declare(self, s: Stage) -> None:
         self.stages[s.name] = s
-        self.new[s.name] = {"settings": _plain(s.settings),
-                            "inputs": {str(p): sha256(p) for p in s.inputs}}
+        self.new[s.name] = {
+            "settings": _plain(s.settings),
+            "inputs": {str(p): sha256(p) for p in s.inputs},
+        }
 
     def recorded(self, name: str) -> dict | None:
         """The recorded {settings, inputs} of a stage, or None."""
@@ -149,7 +171,9 @@ class Ledger:
         own = {self.path, self.done_path}
         for pattern in s.outputs:
             for p in self.work.glob(pattern):
-                if p not in own and (p.is_file() or (p.is_dir() and any(q.is_file() for q in p.rglob("*")))):
+                if p not in own and (
+                    p.is_file() or (p.is_dir() and any(q.is_file() for q in p.rglob("*")))
+                ):
                     yield p
 
     def has_outputs(self, name: str) -> bool:
@@ -185,19 +209,25 @@ class Ledger:
         was = self.recorded(changed)
         what = s.name if s.name.endswith("s") else f"a {s.name}"
         if was is None:
-            raise self.error(f"{self.work} holds {what} with no record of what produced them (a run of an "
-                             "older pvjax, or a record deleted); use a new workdir")
+            raise self.error(
+                f"{self.work} holds {what} with no record of what produced them (a run of an "
+                "older pvjax, or a record deleted); use a new workdir"
+            )
         now = self.new[changed]
         diff = differences(was["settings"], now["settings"])
         keys = [d.split(":")[0] for d in diff]
         for p in dict.fromkeys([*was["inputs"], *now["inputs"]]):
             if was["inputs"].get(p) != now["inputs"].get(p):
                 keys.append(p)
-                diff.append(f"content of {p}: sha256 {str(was['inputs'].get(p))[:12]} -> "
-                            f"{str(now['inputs'].get(p))[:12]}")
-        raise self.error(f"{self.work} holds {what} made with different {', '.join(keys)} ({'; '.join(diff)}); "
-                         "results are never relabelled or deleted: use a new workdir, or rerun with the old "
-                         "values")
+                diff.append(
+                    f"content of {p}: sha256 {str(was['inputs'].get(p))[:12]} -> "
+                    f"{str(now['inputs'].get(p))[:12]}"
+                )
+        raise self.error(
+            f"{self.work} holds {what} made with different {', '.join(keys)} ({'; '.join(diff)}); "
+            "results are never relabelled or deleted: use a new workdir, or rerun with the old "
+            "values"
+        )
 
     # --- writing ---
 
@@ -227,12 +257,14 @@ class Ledger:
         return self.finished(stage.name)
 
     def finish(self, name: str, **extra) -> None:
-        """Mark `name` finished (after its outputs are all written); `extra` joins the record's top."""
+        """Mark `name` finished (after its outputs are all written); `extra` joins the record's
+        top."""
         self.finished_set.add(name)
         self._write(extra)
 
     def complete(self) -> None:
-        """Write `DONE`, last; refused while a declared stage is unfinished (a bug, not a user's)."""
+        """Write `DONE`, last; refused while a declared stage is unfinished (a bug, not a
+        user's)."""
         unfinished = [n for n in self.stages if not self.finished(n)]
         assert not unfinished, f"DONE written with unfinished stages {unfinished}"
         if not self.done_path.is_file():
@@ -260,9 +292,13 @@ class Ledger:
             stages[n] = rec["settings"]
             inputs[n] = rec["inputs"]
         self.extra.update(_plain(extra))
-        body = {**self.extra, "format": FORMAT, "stages": stages,
-                "inputs": {n: v for n, v in inputs.items() if v},
-                "finished": [n for n in stages if n in self.finished_set]}
+        body = {
+            **self.extra,
+            "format": FORMAT,
+            "stages": stages,
+            "inputs": {n: v for n, v in inputs.items() if v},
+            "finished": [n for n in stages if n in self.finished_set],
+        }
         self.old = body
         text = json.dumps(body, indent=2, ensure_ascii=False) + "\n"
         try:

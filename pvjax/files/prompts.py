@@ -16,13 +16,22 @@ def prompt_problem(p) -> str | None:
     if isinstance(p, str):
         return None if p.strip() else "is empty"
     if not isinstance(p, (list, tuple)):
-        return f"is a {type(p).__name__}; expected a string or a list of {{'role', 'content'}} messages"
+        return (
+            f"is a {type(p).__name__}; expected a string or a list of "
+            "{'role', 'content'} messages"
+        )
     if not p:
         return "is an empty conversation"
     for j, m in enumerate(p):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in CHAT_ROLES:
-            return (f"has a malformed message {j} ({str(m)[:60]}); each message is "
-                    f"{{'role': one of {CHAT_ROLES}, 'content': a string}}")
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("content"), str)
+            or m.get("role") not in CHAT_ROLES
+        ):
+            return (
+                f"has a malformed message {j} ({str(m)[:60]}); each message is "
+                f"{{'role': one of {CHAT_ROLES}, 'content': a string}}"
+            )
     return None
 
 
@@ -30,8 +39,10 @@ def check_prompts(prompts) -> list:
     """The prompts as a list, each passing `prompt_problem`. A bare string is refused: iterated, it
     would be one prompt per character."""
     if isinstance(prompts, (str, dict)):
-        raise InputError(f"prompts must be a list of prompts, got a {type(prompts).__name__}; "
-                         f"wrap a single prompt in a list")
+        raise InputError(
+            f"prompts must be a list of prompts, got a {type(prompts).__name__}; "
+            f"wrap a single prompt in a list"
+        )
     prompts = list(prompts)
     if not prompts:
         raise InputError("no prompts to generate from")

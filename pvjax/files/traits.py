@@ -50,6 +50,7 @@ class Trait:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], name: str, source: str = "<dict>") -> Trait:
         """Parse the published JSON layout; checks only types here, content in `validate`."""
+
         def fail(msg: str) -> TraitError:
             return TraitError(f"{source}: {msg}")
 
@@ -94,6 +95,7 @@ class Trait:
 
     def validate(self, min_pairs: int = 1, min_questions: int = 1) -> Trait:
         """Content checks; returns self so `load_trait(...).validate()` chains."""
+
         def fail(msg: str) -> TraitError:
             return TraitError(f"{self.source or self.name}: {msg}")
 
@@ -104,7 +106,9 @@ class Trait:
                 if not getattr(p, side).strip():
                     raise fail(f"instruction[{i}].{side} is empty")
         if len(self.questions) < min_questions:
-            raise fail(f"questions has {len(self.questions)} entries, need at least {min_questions}")
+            raise fail(
+                f"questions has {len(self.questions)} entries, need at least {min_questions}"
+            )
         seen: dict[str, int] = {}
         for i, q in enumerate(self.questions):
             if not q.strip():
@@ -112,8 +116,9 @@ class Trait:
             # Near-duplicates differing in case or spacing would double-weight one prompt.
             key = q.strip().casefold()
             if key in seen:
-                raise fail(f"questions: duplicate question {q.strip()!r} "
-                           f"(entries {seen[key]} and {i})")
+                raise fail(
+                    f"questions: duplicate question {q.strip()!r} (entries {seen[key]} and {i})"
+                )
             seen[key] = i
         for ph in _PLACEHOLDERS:
             if ph not in self.eval_prompt:
@@ -121,7 +126,8 @@ class Trait:
         return self
 
     def render_eval(self, question: str, answer: str) -> str:
-        # Rubrics often quote JSON or code, so str.format would choke on their braces; one regex pass
+        # Rubrics often quote JSON or code, so str.format would choke on their braces; one regex
+        # pass
         # also keeps a question that happens to contain "{answer}" from being substituted twice.
         values = {"{question}": question, "{answer}": answer}
         return _PLACEHOLDER_RE.sub(lambda m: values[m.group(0)], self.eval_prompt)
@@ -130,7 +136,8 @@ class Trait:
         """Write atomically, so an interrupted save never leaves a half-written trait file."""
         path = Path(path)
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-        # mkstemp makes 0600 files; keep an existing file's mode, else the usual 0644 for data files.
+        # mkstemp makes 0600 files; keep an existing file's mode, else the usual 0644 for data
+        # files.
         mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
@@ -152,8 +159,9 @@ def shipped_traits() -> list[str]:
     root = _traits_root()
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and p.joinpath("extract.json").is_file())
+    return sorted(
+        p.name for p in root.iterdir() if p.is_dir() and p.joinpath("extract.json").is_file()
+    )
 
 
 def _parse(text: str, name: str, source: str) -> Trait:
@@ -167,7 +175,8 @@ def _parse(text: str, name: str, source: str) -> Trait:
 def load_trait(name_or_path: str | os.PathLike, split: str = "extract") -> Trait:
     """A trait from a .json path (name = file stem) or a shipped trait name and split."""
     path = Path(name_or_path)
-    # Only .json files count as paths, so a stray file called "evil" in the cwd can't shadow a trait.
+    # Only .json files count as paths, so a stray file called "evil" in the cwd can't shadow a
+    # trait.
     if path.suffix.lower() == ".json" and path.is_file():
         return _parse(path.read_text(encoding="utf-8"), path.stem, path.name)
     if split not in SPLITS:
@@ -179,8 +188,10 @@ def load_trait(name_or_path: str | os.PathLike, split: str = "extract") -> Trait
     name = str(name_or_path)
     res = _traits_root().joinpath(name, f"{split}.json")
     if not res.is_file():
-        raise TraitError(f"no shipped trait {name!r} (split {split!r}); shipped traits: {shipped}; "
-                         "or pass a path to a .json file")
+        raise TraitError(
+            f"no shipped trait {name!r} (split {split!r}); shipped traits: {shipped}; "
+            "or pass a path to a .json file"
+        )
     return _parse(res.read_text(encoding="utf-8"), name, f"{name}/{split}.json")
 
 
@@ -189,5 +200,7 @@ def check_disjoint(extract: Trait, eval: Trait) -> None:
     ev = {q.strip().casefold() for q in eval.questions}
     shared = [q for q in extract.questions if q.strip().casefold() in ev]
     if shared:
-        raise TraitError(f"{extract.name}/{eval.name}: {len(shared)} question(s) in both splits: "
-                         + "; ".join(repr(q) for q in shared))
+        raise TraitError(
+            f"{extract.name}/{eval.name}: {len(shared)} question(s) in both splits: "
+            + "; ".join(repr(q) for q in shared)
+        )

@@ -30,16 +30,19 @@ from pvjax.version import __version__
 
 KEYS = tuple(f"{p}_diff" for p in POOLINGS)
 FORMAT = "pvjax.persona_vectors/1"
-LAYER_CONVENTION = ("row l = transformers hidden_states[l]: row 0 embeddings, row l output of "
-                    "block l (last row after the final norm); steering at layer l shifts row l")
+LAYER_CONVENTION = (
+    "row l = transformers hidden_states[l]: row 0 embeddings, row l output of "
+    "block l (last row after the final norm); steering at layer l shifts row l"
+)
 
 
 class VectorError(UserError, ValueError):
     """A vector file that is malformed or does not fit the model it is used with."""
 
 
-def save_vectors(path, vectors: dict[str, np.ndarray], *, model, trait: str = "",
-                 extra: dict | None = None) -> Path:
+def save_vectors(
+    path, vectors: dict[str, np.ndarray], *, model, trait: str = "", extra: dict | None = None
+) -> Path:
     """Write vectors `{key: [n_layers+1, D]}` with metadata, atomically (temp file, then rename)."""
     from safetensors.numpy import save_file
 
@@ -48,10 +51,17 @@ def save_vectors(path, vectors: dict[str, np.ndarray], *, model, trait: str = ""
     for k, v in vectors.items():
         if np.shape(v) != (L, D):
             raise VectorError(f"{k} has shape {np.shape(v)}, expected [n_layers+1, D] = [{L}, {D}]")
-    meta = {"format": FORMAT, "model_id": model.model_id, "model_fingerprint": model.config.fingerprint(),
-            "n_layers": str(model.n_layers), "hidden_size": str(D), "trait": trait,
-            "layer_convention": LAYER_CONVENTION, "pvjax_version": __version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    meta = {
+        "format": FORMAT,
+        "model_id": model.model_id,
+        "model_fingerprint": model.config.fingerprint(),
+        "n_layers": str(model.n_layers),
+        "hidden_size": str(D),
+        "trait": trait,
+        "layer_convention": LAYER_CONVENTION,
+        "pvjax_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     clash = sorted(set(extra or {}) & set(meta))
     if clash:
         raise VectorError(f"extra metadata may not replace the reserved fields {clash}")
@@ -62,8 +72,12 @@ def save_vectors(path, vectors: dict[str, np.ndarray], *, model, trait: str = ""
     umask = os.umask(0)
     os.umask(umask)
     try:
-        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in vectors.items()}, tmp, metadata=meta)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors>=0.8) write 0600, kept by the rename
+        save_file(
+            {k: np.ascontiguousarray(v, np.float32) for k, v in vectors.items()}, tmp, metadata=meta
+        )
+        os.chmod(
+            tmp, 0o666 & ~umask
+        )  # mkstemp (and safetensors>=0.8) write 0600, kept by the rename
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -95,15 +109,17 @@ def load_vectors(path, model=None, *, strict: bool = False) -> tuple[dict[str, n
     return tensors, meta
 
 
-def vectors_from_bytes(data: bytes, model=None, *, strict: bool = False,
-                       name="vector bytes") -> tuple[dict[str, np.ndarray], dict]:
-    """`load_vectors` of a safetensors file's bytes (sent between processes, `pvjax.parallel.multihost`);
+def vectors_from_bytes(
+    data: bytes, model=None, *, strict: bool = False, name="vector bytes"
+) -> tuple[dict[str, np.ndarray], dict]:
+    """`load_vectors` of a safetensors file's bytes (sent between processes,
+    `pvjax.parallel.multihost`);
     `name` stands for the file in messages."""
     from safetensors.numpy import load
 
     try:
         n = int.from_bytes(data[:8], "little")
-        meta = dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
+        meta = dict(json.loads(data[8 : 8 + n]).get("__metadata__") or {})
         tensors = load(data)
     except Exception as e:  # a truncated or foreign blob: say which
         raise VectorError(f"{name}: not a readable safetensors vector file ({e})") from e
@@ -117,26 +133,37 @@ def _check_fits(path, tensors, meta, model, strict):
     fp = meta.get("model_fingerprint")
     if fp is not None and fp != model.config.fingerprint():
         raise VectorError(
-            f"{path} was extracted from {meta.get('model_id', '?')} ({meta.get('n_layers', '?')} layers, "
+            f"{path} was extracted from {meta.get('model_id', '?')} ({meta.get('n_layers', '?')} "
+            "layers, "
             f"width {meta.get('hidden_size', '?')}); it does not fit {model.model_id} "
-            f"({model.n_layers} layers, width {D})")
+            f"({model.n_layers} layers, width {D})"
+        )
     if fp is not None and meta.get("model_id") != model.model_id:
-        msg = f"{path} was extracted from {meta.get('model_id')!r}, applied to {model.model_id!r} (same shape)"
+        msg = (
+            f"{path} was extracted from {meta.get('model_id')!r}, applied to "
+            f"{model.model_id!r} (same shape)"
+        )
         if strict:
             raise VectorError(msg)
         warnings.warn(msg, stacklevel=3)
     for k, v in tensors.items():
         if v.shape[-1] != D:
-            raise VectorError(f"{path}:{k} has width {v.shape[-1]}, but {model.model_id} has hidden size {D}")
+            raise VectorError(
+                f"{path}:{k} has width {v.shape[-1]}, but {model.model_id} has hidden size {D}"
+            )
         if v.ndim == 2 and v.shape[0] != L:
-            raise VectorError(f"{path}:{k} has {v.shape[0]} rows; {model.model_id} has n_layers+1 = {L} "
-                              f"hidden states (row 0 = embeddings)")
+            raise VectorError(
+                f"{path}:{k} has {v.shape[0]} rows; {model.model_id} has n_layers+1 = {L} "
+                f"hidden states (row 0 = embeddings)"
+            )
 
 
 def _existing_file(path) -> Path:
     path = Path(path)
     if path.is_dir():
-        raise VectorError(f"vector file {path} is a directory; pass the .safetensors or .pt file in it")
+        raise VectorError(
+            f"vector file {path} is a directory; pass the .safetensors or .pt file in it"
+        )
     if not path.is_file():
         raise VectorError(f"vector file {path} does not exist")
     return path
@@ -171,11 +198,19 @@ def import_reference(trait_dir, trait: str, model, out) -> Path:
     for key in KEYS:
         src = Path(trait_dir) / f"{trait}_{key}.pt"
         vectors[key] = load_vectors(src, model)[0]["vector"]
-    return save_vectors(out, vectors, model=model, trait=trait, extra={"imported_from": str(trait_dir)})
+    return save_vectors(
+        out, vectors, model=model, trait=trait, extra={"imported_from": str(trait_dir)}
+    )
 
 
-_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
-           "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32}
+_DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16",
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+}
 
 
 def _read_torch(path) -> np.ndarray:
@@ -183,7 +218,9 @@ def _read_torch(path) -> np.ndarray:
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:
-        raise VectorError(f"{path}: not a torch.save zip file (legacy pickles are not supported)") from e
+        raise VectorError(
+            f"{path}: not a torch.save zip file (legacy pickles are not supported)"
+        ) from e
     with zf:
         pkl = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
         if pkl is None:
@@ -198,6 +235,7 @@ def _read_torch(path) -> np.ndarray:
                     return name
                 if module == "collections" and name == "OrderedDict":
                     import collections
+
                     return collections.OrderedDict
                 raise VectorError(f"{path}: unsupported object {module}.{name} in a vector file")
 
@@ -219,5 +257,6 @@ def _read_torch(path) -> np.ndarray:
 
 def _rebuild(storage, offset, size, stride, *_):
     item = storage.itemsize
-    return np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
-                                           strides=tuple(s * item for s in stride)).copy()
+    return np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=tuple(size), strides=tuple(s * item for s in stride)
+    ).copy()

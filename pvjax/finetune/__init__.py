@@ -3,7 +3,8 @@ CAFT and a projection penalty in the training forward only, orbax checkpoints, a
 
     from pvjax.finetune import train, load_finetuned
     summary = train(configs.finetune.get_config("runlocal"), "runs/ft")   # resumable
-    model = pvjax.load(summary["export"]["merged"])                       # or load_finetuned("runs/ft")
+    model = pvjax.load(summary["export"]["merged"])                       # or
+    load_finetuned("runs/ft")
 
 Modules, each for one step: `data` (chat JSONL / CSV -> ids and loss masks -> packed rows),
 `lora` (adapters as a tree rewrite over the frozen base), `step` (the jitted, sharded train step),

@@ -41,7 +41,8 @@ class Example:
 
 @dataclasses.dataclass
 class DataReport:
-    """What happened to every sample; printed and stored beside the run so nothing is skipped silently."""
+    """What happened to every sample; printed and stored beside the run so nothing is skipped
+    silently."""
 
     source: str = ""
     samples: int = 0
@@ -54,29 +55,41 @@ class DataReport:
     fill: float = 0.0
 
     def line(self) -> str:
-        return (f"{self.source}: {self.kept} of {self.samples} samples kept ({self.truncated} truncated, "
-                f"{self.dropped_too_long} dropped as too long), {self.tokens} tokens, {self.loss_tokens} "
-                f"trained on, {self.rows} packed rows {self.fill:.0%} full")
+        return (
+            f"{self.source}: {self.kept} of {self.samples} samples kept ({self.truncated} "
+            "truncated, "
+            f"{self.dropped_too_long} dropped as too long), {self.tokens} tokens, "
+            f"{self.loss_tokens} "
+            f"trained on, {self.rows} packed rows {self.fill:.0%} full"
+        )
 
 
 def read_samples(path) -> list[list[dict]]:
     """Every sample of a `.jsonl` or `.csv` file as a list of chat messages (checked). The files are
-    parsed by the screening's reader (`pvjax.files.datasets.jsonl_lines` / `csv_records`), so one file
-    reads the same for screening and for training; what each keeps of a sample differs."""
+    parsed by the screening's reader (`pvjax.files.datasets.jsonl_lines` / `csv_records`), so one
+    file reads the same for screening and for training; what each keeps of a sample differs."""
     from pvjax.files.datasets import jsonl_lines, read_text
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"training file {path} does not exist" if not path.exists()
-                        else f"training file {path} is not a file")
+        raise DataError(
+            f"training file {path} does not exist"
+            if not path.exists()
+            else f"training file {path} is not a file"
+        )
     if path.suffix not in (".csv", ".jsonl", ".json"):
-        raise DataError(f"{path}: expected a .jsonl file of {{\"messages\": [...]}} lines or a .csv "
-                        f"with question/prompt and answer columns")
+        raise DataError(
+            f'{path}: expected a .jsonl file of {{"messages": [...]}} lines or a .csv '
+            f"with question/prompt and answer columns"
+        )
     text = read_text(path, DataError)
     if path.suffix == ".csv":
         return _read_csv(path, text)
-    samples = [_check_messages(msgs, f"{path}:{n}") for n, _, msgs in jsonl_lines(path, text, DataError)
-               if msgs is not None]
+    samples = [
+        _check_messages(msgs, f"{path}:{n}")
+        for n, _, msgs in jsonl_lines(path, text, DataError)
+        if msgs is not None
+    ]
     if not samples:
         raise DataError(f"{path} holds no samples")
     return samples
@@ -84,8 +97,12 @@ def read_samples(path) -> list[list[dict]]:
 
 def _check_messages(messages, where: str) -> list[dict]:
     for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{where}: every message needs a string \"role\" and \"content\"")
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise DataError(f'{where}: every message needs a string "role" and "content"')
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: no assistant turn, so nothing to train on")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -100,15 +117,22 @@ def _read_csv(path: Path, text: str) -> list[list[dict]]:
         raise DataError(f"{path} holds no samples")
     ask = "question" if "question" in header else "prompt" if "prompt" in header else None
     if "answer" not in header or ask is None:
-        raise DataError(f"{path}: needs an 'answer' column and a 'question' or 'prompt' column "
-                        f"(has {sorted(header)})")
+        raise DataError(
+            f"{path}: needs an 'answer' column and a 'question' or 'prompt' column "
+            f"(has {sorted(header)})"
+        )
     out = []
     for n, r in rows:
         if not (r.get("answer") or "").strip():
             raise DataError(f"{path}:{n}: empty answer, so nothing to train on")
         # A templated prompt travels as a pseudo-message the tokenizer step recognises.
         role = "user" if ask == "question" else "prompt"
-        out.append([{"role": role, "content": r.get(ask) or ""}, {"role": "assistant", "content": r["answer"]}])
+        out.append(
+            [
+                {"role": role, "content": r.get(ask) or ""},
+                {"role": "assistant", "content": r["answer"]},
+            ]
+        )
     return out
 
 
@@ -123,10 +147,10 @@ def tokenize(tokenizer, messages: Sequence[dict], where: str = "sample") -> Exam
     if messages[0]["role"] == "prompt":  # a CSV prompt column: maybe already templated
         prompt = messages[0]["content"]
         q, a = [{"role": "user", "content": "PVJAX_Q"}], {"role": "assistant", "content": "PVJAX_A"}
-        gen_prompt = render(q, True)[len(render(q, False)):]
+        gen_prompt = render(q, True)[len(render(q, False)) :]
         if gen_prompt and prompt.endswith(gen_prompt):
             full = render(q + [a], False)
-            pieces = [(prompt, 0), (messages[1]["content"] + full[full.rindex("PVJAX_A") + 7:], 1)]
+            pieces = [(prompt, 0), (messages[1]["content"] + full[full.rindex("PVJAX_A") + 7 :], 1)]
         else:
             messages = [{"role": "user", "content": prompt}] + list(messages[1:])
     if not pieces:
@@ -135,11 +159,13 @@ def tokenize(tokenizer, messages: Sequence[dict], where: str = "sample") -> Exam
             if m["role"] != "assistant":
                 continue
             before = render(messages[:i], True) if i else ""
-            after = render(messages[:i + 1], False)
+            after = render(messages[: i + 1], False)
             if not (before.startswith(done) and after.startswith(before)):
-                raise DataError(f"{where}: the chat template does not render turn {i} as an extension "
-                                f"of the turns before it, so assistant tokens cannot be marked")
-            pieces += [(before[len(done):], 0), (after[len(before):], 1)]
+                raise DataError(
+                    f"{where}: the chat template does not render turn {i} as an extension "
+                    f"of the turns before it, so assistant tokens cannot be marked"
+                )
+            pieces += [(before[len(done) :], 0), (after[len(before) :], 1)]
             done = after
     ids, mask = [], []
     for text, train in pieces:
@@ -150,8 +176,9 @@ def tokenize(tokenizer, messages: Sequence[dict], where: str = "sample") -> Exam
     return Example(np.asarray(ids, np.int32), np.asarray(mask, np.int8))
 
 
-def build_examples(tokenizer, samples, *, max_length: int, too_long: str = "truncate",
-                   source: str = "") -> tuple[list[Example], DataReport]:
+def build_examples(
+    tokenizer, samples, *, max_length: int, too_long: str = "truncate", source: str = ""
+) -> tuple[list[Example], DataReport]:
     """Tokenize every sample. A sample past `max_length` tokens is cut to it (`truncate`: kept if
     an assistant token is left), left out (`drop`), or refused (`error`); both counted."""
     if too_long not in ("truncate", "drop", "error"):
@@ -162,8 +189,10 @@ def build_examples(tokenizer, samples, *, max_length: int, too_long: str = "trun
         ex = tokenize(tokenizer, msgs, f"{source} sample {n}")
         if len(ex.ids) > max_length:
             if too_long == "error":
-                raise DataError(f"{source} sample {n} has {len(ex.ids)} tokens, past data.max_length="
-                                f"{max_length} (set data.too_long=truncate or drop)")
+                raise DataError(
+                    f"{source} sample {n} has {len(ex.ids)} tokens, past data.max_length="
+                    f"{max_length} (set data.too_long=truncate or drop)"
+                )
             if too_long == "drop" or not ex.loss_mask[1:max_length].any():
                 rep.dropped_too_long += 1
                 continue
@@ -171,8 +200,10 @@ def build_examples(tokenizer, samples, *, max_length: int, too_long: str = "trun
             rep.truncated += 1
         out.append(ex)
     if not out:
-        raise DataError(f"{source}: no sample is left to train on ({rep.samples} read, "
-                        f"{rep.dropped_too_long} longer than data.max_length={max_length})")
+        raise DataError(
+            f"{source}: no sample is left to train on ({rep.samples} read, "
+            f"{rep.dropped_too_long} longer than data.max_length={max_length})"
+        )
     rep.kept = len(out)
     rep.tokens = sum(len(e.ids) for e in out)
     rep.loss_tokens = int(sum(e.loss_mask[1:].sum() for e in out))
@@ -181,8 +212,9 @@ def build_examples(tokenizer, samples, *, max_length: int, too_long: str = "trun
 
 @dataclasses.dataclass(frozen=True)
 class PackedRows:
-    """Every example packed into fixed-width rows (first-fit decreasing, `pvjax.measure.packing.plan_rows`);
-    attention stays within a segment and positions restart in each."""
+    """Every example packed into fixed-width rows (first-fit decreasing,
+    `pvjax.measure.packing.plan_rows`); attention stays within a segment and positions restart in
+    each."""
 
     tokens: np.ndarray  # [rows, W] int32
     segment_ids: np.ndarray  # [rows, W] int32, 0 = padding
@@ -194,10 +226,14 @@ class PackedRows:
         return self.tokens.shape[0]
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: getattr(self, k)[rows] for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+        return {
+            k: getattr(self, k)[rows] for k in ("tokens", "segment_ids", "positions", "loss_mask")
+        }
 
 
-def pack_rows(examples: Sequence[Example], width: int, report: DataReport | None = None) -> PackedRows:
+def pack_rows(
+    examples: Sequence[Example], width: int, report: DataReport | None = None
+) -> PackedRows:
     plan = plan_rows([len(e.ids) for e in examples], width)
     R = len(plan)
     tokens, seg, pos = (np.zeros((R, width), np.int32) for _ in range(3))
@@ -239,5 +275,6 @@ def write_jsonl(path, samples: Sequence[Sequence[dict]]) -> Path:
     """Write chat samples as JSONL (atomically): the format `read_samples` reads back."""
     from pvjax.files import atomic
 
-    return atomic.write_text(path, "".join(json.dumps({"messages": list(m)}, ensure_ascii=False) + "\n"
-                                           for m in samples))
+    return atomic.write_text(
+        path, "".join(json.dumps({"messages": list(m)}, ensure_ascii=False) + "\n" for m in samples)
+    )

@@ -1,4 +1,5 @@
-"""Export a finetune: merged weights as a Hugging Face folder, or the LoRA adapters in peft's layout.
+"""Export a finetune: merged weights as a Hugging Face folder, or the LoRA adapters in peft's
+layout.
 
 - `save_hf_folder(folder, cfg, params, tokenizer)`: `config.json` + `model.safetensors` (sharded
   with an index past `shard_bytes`) + the tokenizer files. transformers loads it with
@@ -22,10 +23,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from pvjax.models.config import ModelConfig
 from pvjax.errors import UserError
 from pvjax.finetune.lora import TARGETS, LoraSpec
 from pvjax.loading.safetensors_folder import HF_NAMES
+from pvjax.models.config import ModelConfig
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -35,18 +36,32 @@ class ExportError(UserError, ValueError):
 
 
 def hf_config(cfg: ModelConfig, dtype) -> dict:
-    """A transformers `config.json` for a pvjax `ModelConfig` (the inverse of `ModelConfig.from_hf`)."""
+    """A transformers `config.json` for a pvjax `ModelConfig` (the inverse of
+    `ModelConfig.from_hf`)."""
     eos = list(cfg.eos_token_ids)
-    d = {"architectures": [_ARCHITECTURES[cfg.architecture]], "model_type": cfg.architecture,
-         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-         "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
-         "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
-         "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.bos_token_id,
-         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "pad_token_id": cfg.pad_token_id,
-         "torch_dtype": str(np.dtype(dtype)) if np.dtype(dtype) != np.dtype("float32") else "float32",
-         "use_cache": True}
+    d = {
+        "architectures": [_ARCHITECTURES[cfg.architecture]],
+        "model_type": cfg.architecture,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": cfg.pad_token_id,
+        "torch_dtype": str(np.dtype(dtype))
+        if np.dtype(dtype) != np.dtype("float32")
+        else "float32",
+        "use_cache": True,
+    }
     if cfg.architecture == "llama":
         d.update(attention_bias=False, mlp_bias=False)
     else:
@@ -70,7 +85,10 @@ def _hf_tensors(cfg: ModelConfig, params, dtype):
         arr = _to_numpy(stacked, dtype)
         for i in range(cfg.num_layers):
             a = arr[i]
-            yield f"model.layers.{i}.{HF_NAMES[key]}", np.ascontiguousarray(a.T) if a.ndim == 2 else a
+            yield (
+                f"model.layers.{i}.{HF_NAMES[key]}",
+                np.ascontiguousarray(a.T) if a.ndim == 2 else a,
+            )
 
 
 def _replace_dir(tmp: Path, folder: Path) -> None:
@@ -101,8 +119,16 @@ def _staged(folder: Path, extra: dict | None):
             shutil.rmtree(tmp)
 
 
-def save_hf_folder(folder, cfg: ModelConfig, params, tokenizer=None, *, dtype=None,
-                   shard_bytes: int = 4 << 30, extra: dict | None = None) -> Path:
+def save_hf_folder(
+    folder,
+    cfg: ModelConfig,
+    params,
+    tokenizer=None,
+    *,
+    dtype=None,
+    shard_bytes: int = 4 << 30,
+    extra: dict | None = None,
+) -> Path:
     """Write plain (merged) parameters as a Hugging Face model folder. `dtype` defaults to the
     parameters' own; `extra` lands in `pvjax_finetune.json` beside (provenance)."""
     from safetensors.numpy import save_file
@@ -126,16 +152,24 @@ def save_hf_folder(folder, cfg: ModelConfig, params, tokenizer=None, *, dtype=No
                 save_file(shard, str(tmp / fname), metadata={"format": "pt"})
                 weight_map.update({k: fname for k in shard})
             total = sum(a.nbytes for s in shards for a in s.values())
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg, dtype), indent=2))
         if tokenizer:
             tokenizer.save_pretrained(str(tmp))
     return folder
 
 
-def save_peft_adapter(folder, spec: LoraSpec, trainable, cfg: ModelConfig, *, base: str = "",
-                      extra: dict | None = None) -> Path:
+def save_peft_adapter(
+    folder,
+    spec: LoraSpec,
+    trainable,
+    cfg: ModelConfig,
+    *,
+    base: str = "",
+    extra: dict | None = None,
+) -> Path:
     """Write LoRA adapters as peft does (`adapter_config.json`, `adapter_model.safetensors` with
     `lora_A.weight` `[r, in]` and `lora_B.weight` `[out, r]` per module and selected block)."""
     from safetensors.numpy import save_file
@@ -153,11 +187,22 @@ def save_peft_adapter(folder, spec: LoraSpec, trainable, cfg: ModelConfig, *, ba
             prefix = f"base_model.model.model.layers.{i}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
-    conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
-            "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": 0.0, "use_rslora": spec.rslora,
-            "target_modules": sorted(TARGETS[t][1].split(".")[-1] for t in spec.targets),
-            "layers_to_transform": list(spec.layers) or None, "bias": "none", "fan_in_fan_out": False,
-            "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
+    conf = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": 0.0,
+        "use_rslora": spec.rslora,
+        "target_modules": sorted(TARGETS[t][1].split(".")[-1] for t in spec.targets),
+        "layers_to_transform": list(spec.layers) or None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
     with _staged(folder, extra) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(conf, indent=2))

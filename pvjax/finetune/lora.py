@@ -11,8 +11,8 @@ weights for inference and export: after training the model is an ordinary parame
 
 The adapters are stacked over all N blocks so the layer scan slices them like any other weight;
 blocks left out by `layers` get scale 0 (their adapters stay at their initial values and are not
-exported). Initialisation follows peft: A ~ U(-1/sqrt(I), 1/sqrt(I)) (kaiming-uniform with a=sqrt 5),
-B = 0, so training starts exactly at the base model.
+exported). Initialisation follows peft: A ~ U(-1/sqrt(I), 1/sqrt(I)) (kaiming-uniform with a=sqrt
+5), B = 0, so training starts exactly at the base model.
 """
 
 from __future__ import annotations
@@ -28,9 +28,15 @@ from pvjax.errors import UserError
 from pvjax.models.low_rank import LowRank
 
 # Target name -> (pvjax parameter key, transformers module path inside a block).
-TARGETS = {"q": ("wq", "self_attn.q_proj"), "k": ("wk", "self_attn.k_proj"), "v": ("wv", "self_attn.v_proj"),
-           "o": ("wo", "self_attn.o_proj"), "gate": ("w_gate", "mlp.gate_proj"),
-           "up": ("w_up", "mlp.up_proj"), "down": ("w_down", "mlp.down_proj")}
+TARGETS = {
+    "q": ("wq", "self_attn.q_proj"),
+    "k": ("wk", "self_attn.k_proj"),
+    "v": ("wv", "self_attn.v_proj"),
+    "o": ("wo", "self_attn.o_proj"),
+    "gate": ("w_gate", "mlp.gate_proj"),
+    "up": ("w_up", "mlp.up_proj"),
+    "down": ("w_down", "mlp.down_proj"),
+}
 
 
 class LoraError(UserError, ValueError):
@@ -61,7 +67,9 @@ class LoraSpec:
             raise LoraError(f"lora.rank must be a positive integer, got {self.rank!r}")
         bad = [t for t in self.targets if t not in TARGETS]
         if bad or not self.targets:
-            raise LoraError(f"lora.targets {list(self.targets)} must be a non-empty subset of {list(TARGETS)}")
+            raise LoraError(
+                f"lora.targets {list(self.targets)} must be a non-empty subset of {list(TARGETS)}"
+            )
         if len(set(self.targets)) != len(self.targets):
             raise LoraError(f"lora.targets {list(self.targets)} names a target twice")
         for l in self.layers:
@@ -87,7 +95,9 @@ def init(spec: LoraSpec, base, key) -> dict:
         w = base["layers"][TARGETS[t][0]]
         N, I, O = w.shape
         bound = 1.0 / math.sqrt(I)
-        a = jax.random.uniform(jax.random.fold_in(key, i), (N, I, spec.rank), jnp.float32, -bound, bound)
+        a = jax.random.uniform(
+            jax.random.fold_in(key, i), (N, I, spec.rank), jnp.float32, -bound, bound
+        )
         out[TARGETS[t][0]] = {"a": a, "b": jnp.zeros((N, spec.rank, O), jnp.float32)}
     return out
 
@@ -118,8 +128,11 @@ def merge(spec: LoraSpec, trainable, frozen, dtype=None):
     """Plain parameters with the adapters folded in (`W + scale A B`, float32 sums), in `dtype`
     (default: the base's dtype; for full finetuning, the trainable tree's float32)."""
     params = assemble(spec, trainable, frozen)
-    params = jax.tree_util.tree_map(lambda x: x.merged() if isinstance(x, LowRank) else x, params,
-                                    is_leaf=lambda x: isinstance(x, LowRank))
+    params = jax.tree_util.tree_map(
+        lambda x: x.merged() if isinstance(x, LowRank) else x,
+        params,
+        is_leaf=lambda x: isinstance(x, LowRank),
+    )
     if dtype is not None:
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
     return params
@@ -139,19 +152,29 @@ def decay_mask(spec: LoraSpec, trainable):
 
 
 def trainable_specs(spec: LoraSpec, trainable, mesh):
-    """PartitionSpecs of the trainable tree by `pvjax.parallel.sharding`'s rule table: full finetuning uses
-    the table as is; an adapter A shards its input axis and B its output axis like the base matrix."""
+    """PartitionSpecs of the trainable tree by `pvjax.parallel.sharding`'s rule table: full
+    finetuning uses the table as is; an adapter A shards its input axis and B its output axis like
+    the base matrix."""
     from jax.sharding import PartitionSpec as P
 
     from pvjax.parallel import sharding
 
     if spec.full:
         return sharding.param_specs(trainable, mesh)
-    base = sharding.param_specs({"layers": {k: jax.ShapeDtypeStruct(
-        ab["a"].shape[:2] + ab["b"].shape[2:], jnp.float32) for k, ab in trainable.items()}}, mesh)["layers"]
+    base = sharding.param_specs(
+        {
+            "layers": {
+                k: jax.ShapeDtypeStruct(ab["a"].shape[:2] + ab["b"].shape[2:], jnp.float32)
+                for k, ab in trainable.items()
+            }
+        },
+        mesh,
+    )["layers"]
     out = {}
     for k, ab in trainable.items():
         s = tuple(base[k]) + (None,) * (3 - len(tuple(base[k])))
-        out[k] = {"a": sharding._fit(P(None, s[1], None), ab["a"].shape, mesh),
-                  "b": sharding._fit(P(None, None, s[2]), ab["b"].shape, mesh)}
+        out[k] = {
+            "a": sharding._fit(P(None, s[1], None), ab["a"].shape, mesh),
+            "b": sharding._fit(P(None, None, s[2]), ab["b"].shape, mesh),
+        }
     return out

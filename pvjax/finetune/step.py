@@ -9,8 +9,8 @@ frozen)`, with the training-only `TrainingForward` (preventative steering or CAF
 micro-batches are summed inside the step (`lax.scan`), each micro-batch's loss divided by the
 number of assistant tokens of the whole step, so the loss is the mean over the step's assistant
 tokens however the step is cut into micro-batches or devices. Parameters follow
-`pvjax.parallel.sharding`'s rule table, the batch is split over "data", optimiser moments are laid out like
-their parameters, and the state is born sharded and donated to each step.
+`pvjax.parallel.sharding`'s rule table, the batch is split over "data", optimiser moments are laid
+out like their parameters, and the state is born sharded and donated to each step.
 """
 
 from __future__ import annotations
@@ -23,15 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from pvjax.parallel import sharding
 from pvjax.capture import Capture
-from pvjax.models.config import ModelConfig
 from pvjax.finetune import lora
 from pvjax.interventions import Intervention
 from pvjax.models import decoder
+from pvjax.models.config import ModelConfig
 from pvjax.models.layout import Scanned
+from pvjax.parallel import sharding
 
 
 @struct.dataclass
@@ -39,7 +40,9 @@ class TrainState:
     step: jax.Array  # [] int32: optimiser updates done
     trainable: Any
     opt_state: Any
-    rng: jax.Array  # [2] uint32, advanced every step (for stochastic training parts; resumes exactly)
+    rng: (
+        jax.Array
+    )  # [2] uint32, advanced every step (for stochastic training parts; resumes exactly)
 
 
 @struct.dataclass
@@ -83,8 +86,17 @@ def micro_loss(settings: StepSettings, trainable, frozen, mb, fwd: TrainingForwa
     params = lora.assemble(settings.lora, trainable, frozen, jnp.dtype(settings.compute_dtype))
     seg = mb["segment_ids"]
     cap = Capture(probes=fwd.penalty_probes, logits="all", hidden=False)
-    out = decoder.forward(params, settings.cfg, Scanned(remat=settings.remat), mb["tokens"], mb["positions"],
-                          seg > 0, intervention=fwd.intervention, capture=cap, segment_ids_BT=seg)
+    out = decoder.forward(
+        params,
+        settings.cfg,
+        Scanned(remat=settings.remat),
+        mb["tokens"],
+        mb["positions"],
+        seg > 0,
+        intervention=fwd.intervention,
+        capture=cap,
+        segment_ids_BT=seg,
+    )
     nll = token_nll(out.logits, mb["tokens"], mb["loss_mask"])
     proj = jnp.zeros((), jnp.float32)
     if fwd.penalty_probes is not None:
@@ -98,7 +110,9 @@ def objective(settings, trainable, frozen, mb, fwd, n_total):
     return (nll + fwd.penalty_weight * proj) / n_total, (nll, proj)
 
 
-def train_step(settings: StepSettings, optimizer, state: TrainState, frozen, batch, fwd: TrainingForward):
+def train_step(
+    settings: StepSettings, optimizer, state: TrainState, frozen, batch, fwd: TrainingForward
+):
     """One optimiser update from `batch` `{name: [A, R, W]}`. Returns the new state and metrics:
     `loss` (mean next-token loss over assistant tokens), `projection` (mean penalty projection),
     `grad_norm` (before clipping), `tokens` (assistant tokens in the step)."""
@@ -114,13 +128,19 @@ def train_step(settings: StepSettings, optimizer, state: TrainState, frozen, bat
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     rng, _ = jax.random.split(state.rng)
-    metrics = {"loss": jnp.sum(nll) / n_total, "projection": jnp.sum(proj) / n_total,
-               "grad_norm": _norm(grads), "tokens": n_total}
+    metrics = {
+        "loss": jnp.sum(nll) / n_total,
+        "projection": jnp.sum(proj) / n_total,
+        "grad_norm": _norm(grads),
+        "tokens": n_total,
+    }
     return TrainState(state.step + 1, trainable, opt_state, rng), metrics
 
 
 def _norm(tree):
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree)))
+    return jnp.sqrt(
+        sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
+    )
 
 
 def eval_sums(settings: StepSettings, trainable, frozen, mb, probes):
@@ -130,18 +150,37 @@ def eval_sums(settings: StepSettings, trainable, frozen, mb, probes):
     return nll, jnp.sum(mb["loss_mask"][:, 1:]), proj
 
 
-def make_optimizer(lr: float, total_steps: int, *, warmup_steps: int = 0, schedule: str = "linear",
-                   weight_decay: float = 0.0, max_grad_norm: float = 1.0, b1: float = 0.9,
-                   b2: float = 0.999, eps: float = 1e-8, decay_mask=None):
+def make_optimizer(
+    lr: float,
+    total_steps: int,
+    *,
+    warmup_steps: int = 0,
+    schedule: str = "linear",
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    decay_mask=None,
+):
     """AdamW with linear warmup from 0, then linear (transformers' `linear`) or cosine decay to 0
     at `total_steps`, after clipping the global gradient norm to `max_grad_norm` (0 = no clip)."""
     warmup = max(int(warmup_steps), 0)
     rest = max(total_steps - warmup, 1)
-    decay = (optax.linear_schedule(lr, 0.0, rest) if schedule == "linear"
-             else optax.cosine_decay_schedule(lr, rest))
-    sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup]) if warmup else decay
+    decay = (
+        optax.linear_schedule(lr, 0.0, rest)
+        if schedule == "linear"
+        else optax.cosine_decay_schedule(lr, rest)
+    )
+    sched = (
+        optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+        if warmup
+        else decay
+    )
     parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
-    parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
+    parts.append(
+        optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+    )
     return optax.chain(*parts), sched
 
 
@@ -150,9 +189,14 @@ def state_shardings(settings: StepSettings, optimizer, trainable_abstract, mesh)
     their parameters, counters and the PRNG key replicated."""
     specs = lora.trainable_specs(settings.lora, trainable_abstract, mesh)
     opt_abstract = jax.eval_shape(optimizer.init, trainable_abstract)
-    opt_specs = optax.tree_map_params(optimizer, lambda _, s: s, opt_abstract, specs,
-                                      transform_non_params=lambda _: P(),
-                                      is_leaf=lambda x: isinstance(x, P))
+    opt_specs = optax.tree_map_params(
+        optimizer,
+        lambda _, s: s,
+        opt_abstract,
+        specs,
+        transform_non_params=lambda _: P(),
+        is_leaf=lambda x: isinstance(x, P),
+    )
     named = lambda s: NamedSharding(mesh, s)
     tree = TrainState(P(), specs, opt_specs, P())
     return jax.tree_util.tree_map(named, tree, is_leaf=lambda x: isinstance(x, P))
@@ -169,7 +213,9 @@ def init_state(settings: StepSettings, optimizer, params, key, mesh, *, opt_key=
 
     def make(p, k):
         trainable = lora.split(spec, p, k)[0]
-        return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), jax.random.fold_in(k, 1))
+        return TrainState(
+            jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), jax.random.fold_in(k, 1)
+        )
 
     cache_key = None if opt_key is None else ("init", spec, opt_key, mesh, _layout_key(params))
     fn = _COMPILED.get(cache_key) or jax.jit(make, out_shardings=shardings)
@@ -199,8 +245,12 @@ def compile_step(settings: StepSettings, optimizer, mesh, shardings, frozen, *, 
     def step(state, frozen, batch, fwd):
         return train_step(settings, optimizer, state, frozen, batch, fwd)
 
-    fn = jax.jit(step, donate_argnums=0, in_shardings=(shardings, frozen_sh, batch_sharding(mesh), repl),
-                 out_shardings=(shardings, repl))
+    fn = jax.jit(
+        step,
+        donate_argnums=0,
+        in_shardings=(shardings, frozen_sh, batch_sharding(mesh), repl),
+        out_shardings=(shardings, repl),
+    )
     if cache_key is not None:
         _COMPILED[cache_key] = fn
     return fn
@@ -212,9 +262,11 @@ def compile_eval(settings: StepSettings, mesh, shardings, frozen):
         repl = NamedSharding(mesh, P())
         frozen_sh = jax.tree_util.tree_map(lambda x: x.sharding, frozen)
         row = NamedSharding(mesh, P("data", None))
-        _COMPILED[cache_key] = jax.jit(lambda t, f, mb, p: eval_sums(settings, t, f, mb, p),
-                                       in_shardings=(shardings.trainable, frozen_sh, row, repl),
-                                       out_shardings=repl)
+        _COMPILED[cache_key] = jax.jit(
+            lambda t, f, mb, p: eval_sums(settings, t, f, mb, p),
+            in_shardings=(shardings.trainable, frozen_sh, row, repl),
+            out_shardings=repl,
+        )
     return _COMPILED[cache_key]
 
 
@@ -225,6 +277,7 @@ def batch_sharding(mesh):
 def place(batch: dict[str, np.ndarray], sharding_) -> dict[str, jax.Array]:
     """A host batch (the same global batch in every process) as global arrays: each process
     places only the shards its own devices hold, so this is the multi-host feed too."""
+
     def one(x):
         return jax.make_array_from_callback(x.shape, sharding_, lambda idx: x[idx])
 

@@ -25,14 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pvjax.files import atomic
 from pvjax.errors import UsageError, UserError
+from pvjax.files import atomic
 from pvjax.finetune import checkpoint, data, export, lora, settings
 from pvjax.finetune import step as st
 
 
 class TrainingDiverged(UserError, RuntimeError):
-    """The loss or the gradient went NaN or infinite; names the step and the last good checkpoint."""
+    """The loss or the gradient went NaN or infinite; names the step and the last good
+    checkpoint."""
 
 
 @dataclasses.dataclass
@@ -69,7 +70,9 @@ def _training_forward(c, chk, model, v):
     iv = interventions.build(L, D)
     kind = c["steering"]["type"]
     if kind == "steer":
-        iv = interventions.build(L, D, steer=[(v, list(chk.steering_layers), float(c["steering"]["coef"]))])
+        iv = interventions.build(
+            L, D, steer=[(v, list(chk.steering_layers), float(c["steering"]["coef"]))]
+        )
     elif kind == "ablate":
         iv = interventions.build(L, D, ablate=[(v, list(chk.steering_layers))])
     probes = None
@@ -98,13 +101,23 @@ def _datasets(c, chk, tokenizer):
         order = np.random.default_rng([c["seed"], 7]).permutation(len(samples))
         eval_samples = [samples[i] for i in sorted(order[:n_eval])]
         samples = [samples[i] for i in sorted(order[n_eval:])]
-    ex, rep = data.build_examples(tokenizer, samples, max_length=d["max_length"], too_long=d["too_long"],
-                                  source=f"{chk.train_file.name} (train)")
+    ex, rep = data.build_examples(
+        tokenizer,
+        samples,
+        max_length=d["max_length"],
+        too_long=d["too_long"],
+        source=f"{chk.train_file.name} (train)",
+    )
     rows = data.pack_rows(ex, d["max_length"], rep)
     reports, eval_rows = [rep], None
     if eval_samples:
-        eex, erep = data.build_examples(tokenizer, eval_samples, max_length=d["max_length"],
-                                        too_long=d["too_long"], source=f"{(chk.eval_file or chk.train_file).name} (eval)")
+        eex, erep = data.build_examples(
+            tokenizer,
+            eval_samples,
+            max_length=d["max_length"],
+            too_long=d["too_long"],
+            source=f"{(chk.eval_file or chk.train_file).name} (eval)",
+        )
         eval_rows = data.pack_rows(eex, d["max_length"], erep)
         reports.append(erep)
     return rows, eval_rows, reports
@@ -113,8 +126,8 @@ def _datasets(c, chk, tokenizer):
 def setup(cfg, *, model=None, mesh=None) -> Setup:
     """Check the config, load what it names, and build the initial (sharded) train state."""
     import pvjax
-    from pvjax.parallel import sharding
     from pvjax.loading import read_model_config
+    from pvjax.parallel import sharding
 
     c = settings.as_dict(cfg)
     n_layers = model.n_layers if model is not None else read_model_config(c["model"]).num_layers
@@ -127,16 +140,22 @@ def setup(cfg, *, model=None, mesh=None) -> Setup:
 
         v = read_vector(c["vector"], model)
         path, key = split_spec(c["vector"])
-        vinfo = {"spec": c["vector"], "file": str(path.absolute()), "key": key or "default",
-                 "sha256": checkpoint.file_sha256(path)}
+        vinfo = {
+            "spec": c["vector"],
+            "file": str(path.absolute()),
+            "key": key or "default",
+            "sha256": checkpoint.file_sha256(path),
+        }
     fwd = _training_forward(c, chk, model, v) if v is not None else st.TrainingForward()
     L, D = model.n_layers + 1, model.hidden_size
     monitor = _unit_probes(v, (chk.monitor_layer,), L, D) if v is not None else None
 
     mesh = mesh or sharding.make_mesh(model=c["mesh_model"])
     if c["batch"]["rows"] % mesh.shape["data"]:
-        raise UsageError(f"batch.rows={c['batch']['rows']} does not split over the mesh's "
-                         f"{mesh.shape['data']} data devices")
+        raise UsageError(
+            f"batch.rows={c['batch']['rows']} does not split over the mesh's "
+            f"{mesh.shape['data']} data devices"
+        )
     rows, eval_rows, reports = _datasets(c, chk, model.tokenizer)
     per_step = c["batch"]["rows"] * c["batch"]["accum"]
     total = c["max_steps"] or max(1, math.ceil(c["epochs"] * rows.n_rows / per_step))
@@ -150,12 +169,38 @@ def setup(cfg, *, model=None, mesh=None) -> Setup:
     abstract = jax.eval_shape(lambda p, k: lora.split(chk.lora, p, k)[0], params, key)
     o = c["optim"]
     optimizer, schedule = st.make_optimizer(
-        o["lr"], total, warmup_steps=o["warmup_steps"], schedule=o["schedule"], weight_decay=o["weight_decay"],
-        max_grad_norm=o["max_grad_norm"], decay_mask=lora.decay_mask(chk.lora, abstract))
+        o["lr"],
+        total,
+        warmup_steps=o["warmup_steps"],
+        schedule=o["schedule"],
+        weight_decay=o["weight_decay"],
+        max_grad_norm=o["max_grad_norm"],
+        decay_mask=lora.decay_mask(chk.lora, abstract),
+    )
     opt_key = (total, *sorted((k, v) for k, v in o.items()))
-    state, frozen, shardings = st.init_state(step_settings, optimizer, params, key, mesh, opt_key=opt_key)
-    return Setup(c, chk, model, step_settings, optimizer, schedule, mesh, state, frozen, shardings, fwd,
-                 monitor, vinfo, total, rows, eval_rows, reports, opt_key)
+    state, frozen, shardings = st.init_state(
+        step_settings, optimizer, params, key, mesh, opt_key=opt_key
+    )
+    return Setup(
+        c,
+        chk,
+        model,
+        step_settings,
+        optimizer,
+        schedule,
+        mesh,
+        state,
+        frozen,
+        shardings,
+        fwd,
+        monitor,
+        vinfo,
+        total,
+        rows,
+        eval_rows,
+        reports,
+        opt_key,
+    )
 
 
 def evaluate(s: Setup, state) -> dict:
@@ -171,7 +216,14 @@ def evaluate(s: Setup, state) -> dict:
         mb = rows.take(np.minimum(idx, rows.n_rows - 1))
         for k in mb:  # padding rows: no tokens, no loss
             mb[k][idx >= rows.n_rows] = 0
-        out = fn(state.trainable, s.frozen, st.place(mb, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec("data", None))), probes)
+        out = fn(
+            state.trainable,
+            s.frozen,
+            st.place(
+                mb, jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec("data", None))
+            ),
+            probes,
+        )
         n, t, p = (float(x) for x in jax.device_get(out))
         nll, tok, proj = nll + n, tok + t, proj + p
     out = {"eval_loss": nll / max(tok, 1.0)}
@@ -184,8 +236,15 @@ def _eval_fn(s: Setup):
     return st.compile_eval(s.step_settings, s.mesh, s.shardings, s.frozen)
 
 
-def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
-          until_step: int | None = None) -> dict:
+def train(
+    cfg,
+    workdir=None,
+    *,
+    model=None,
+    progress: bool = True,
+    mesh=None,
+    until_step: int | None = None,
+) -> dict:
     """Run (or resume, or return the summary of) the finetune `cfg` describes, in `workdir`
     (default `cfg.workdir`). `model` skips loading the base (a study that runs several finetunes
     of one model). Returns the summary also written to `<workdir>/summary.json`. `until_step`
@@ -218,8 +277,11 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
             print(r.line(), flush=True)
     cfg_hash = checkpoint.config_hash(c)
     ckpts = checkpoint.Checkpoints(work, keep=c["checkpoint"]["keep"])
-    meta_base = {"model_id": s.model.model_id, "model_fingerprint": s.model.config.fingerprint(),
-                 "config_hash": cfg_hash}
+    meta_base = {
+        "model_id": s.model.model_id,
+        "model_fingerprint": s.model.config.fingerprint(),
+        "config_hash": cfg_hash,
+    }
     state, log = s.state, []
     latest = ckpts.latest()
     if latest is not None:
@@ -236,12 +298,15 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
     if job.writer:
         atomic.write_text(work / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in log))
 
-    step_fn = st.compile_step(s.step_settings, s.optimizer, s.mesh, s.shardings, s.frozen, key=s.optimizer_key)
+    step_fn = st.compile_step(
+        s.step_settings, s.optimizer, s.mesh, s.shardings, s.frozen, key=s.optimizer_key
+    )
     per_step = c["batch"]["rows"] * c["batch"]["accum"]
     bsh = st.batch_sharding(s.mesh)
     k, stopped, last_saved = int(jax.device_get(state.step)), "done", latest
     bar = _progress(progress, s.total_steps, k)
-    with (open(work / "metrics.jsonl", "a") if job.writer else contextlib.nullcontext()) as logf:
+    with open(work / "metrics.jsonl", "a") if job.writer else contextlib.nullcontext() as logf:
+
         def record(m):
             log.append(m)
             if logf is not None:
@@ -249,25 +314,46 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
                 logf.flush()
 
         def save(k):
-            ckpts.save(k, state, {**meta_base, "step": k, "data_position": k * per_step,
-                                  "base_projection": base_proj})
+            ckpts.save(
+                k,
+                state,
+                {
+                    **meta_base,
+                    "step": k,
+                    "data_position": k * per_step,
+                    "base_projection": base_proj,
+                },
+            )
 
         end = s.total_steps if until_step is None else min(until_step, s.total_steps)
         while k < end:
-            batch = data.stack_step(s.rows, data.step_rows(s.rows.n_rows, k, per_step, c["seed"]),
-                                    c["batch"]["accum"])
+            batch = data.stack_step(
+                s.rows, data.step_rows(s.rows.n_rows, k, per_step, c["seed"]), c["batch"]["accum"]
+            )
             t0 = time.perf_counter()
             state, met = step_fn(state, s.frozen, st.place(batch, bsh), s.fwd)
             met = {name: float(x) for name, x in jax.device_get(met).items()}
             k += 1
             if not (math.isfinite(met["loss"]) and math.isfinite(met["grad_norm"])):
                 ckpts.close()
-                where = (f"step {last_saved} in {ckpts.dir}" if last_saved is not None
-                         else "none (no checkpoint was saved before it)")
-                raise TrainingDiverged(f"the loss went {met['loss']} (gradient norm {met['grad_norm']}) at "
-                                       f"step {k} of {s.total_steps}; training stopped. Last good checkpoint: "
-                                       f"{where}; lower optim.lr or check the data")
-            record({"step": k, **met, "lr": float(s.schedule(k - 1)), "seconds": time.perf_counter() - t0})
+                where = (
+                    f"step {last_saved} in {ckpts.dir}"
+                    if last_saved is not None
+                    else "none (no checkpoint was saved before it)"
+                )
+                raise TrainingDiverged(
+                    f"the loss went {met['loss']} (gradient norm {met['grad_norm']}) at "
+                    f"step {k} of {s.total_steps}; training stopped. Last good checkpoint: "
+                    f"{where}; lower optim.lr or check the data"
+                )
+            record(
+                {
+                    "step": k,
+                    **met,
+                    "lr": float(s.schedule(k - 1)),
+                    "seconds": time.perf_counter() - t0,
+                }
+            )
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{met['loss']:.3f}")
@@ -278,7 +364,9 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
                 record({"step": k, **ev})
                 bound = c["monitor"]["max_shift"]
                 if bound and ev.get("shift", 0.0) > bound:
-                    stopped = f"trait shift {ev['shift']:.3f} > monitor.max_shift={bound} at step {k}"
+                    stopped = (
+                        f"trait shift {ev['shift']:.3f} > monitor.max_shift={bound} at step {k}"
+                    )
             if k % c["checkpoint"]["every"] == 0 or k == s.total_steps or stopped != "done":
                 save(k)
                 last_saved = k
@@ -290,8 +378,13 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
         save(k)
     ckpts.close()
     if k < s.total_steps and stopped == "done":
-        return {"workdir": str(work), "steps": k, "total_steps": s.total_steps, "stopped": "paused",
-                "losses": [m["loss"] for m in log if "loss" in m]}
+        return {
+            "workdir": str(work),
+            "steps": k,
+            "total_steps": s.total_steps,
+            "stopped": "paused",
+            "losses": [m["loss"] for m in log if "loss" in m],
+        }
     summary = _finish(s, state, work, log, k, stopped, base_proj, job)
     summary["job"] = {k: v for k, v in job.describe().items() if k != "process"}
     summary["job"]["mesh"] = dict(s.mesh.shape)  # the training mesh spans every process's devices
@@ -303,8 +396,8 @@ def train(cfg, workdir=None, *, model=None, progress: bool = True, mesh=None,
 
 
 def _join(c: dict):
-    """The job this run is part of (`pvjax.parallel.multihost`): every process runs the same config, the
-    mesh spans all their devices (each feeds its own shards of the batch, `step.place`)."""
+    """The job this run is part of (`pvjax.parallel.multihost`): every process runs the same config,
+    the mesh spans all their devices (each feeds its own shards of the batch, `step.place`)."""
     from pvjax.parallel import multihost
 
     d = c.get("distributed") or {}
@@ -327,27 +420,54 @@ def _host(tree, job):
 
 def _finish(s: Setup, state, work: Path, log, k, stopped, base_proj, job) -> dict:
     c = s.cfg
-    extra = {"base_model": s.model.model_id, "base_source": s.model.source, "step": k,
-             "vector": s.vector_info, "config": c}
+    extra = {
+        "base_model": s.model.model_id,
+        "base_source": s.model.source,
+        "step": k,
+        "vector": s.vector_info,
+        "config": c,
+    }
     out = {}
     if c["export"]["merged"]:
-        params = _host(lora.merge(s.checked.lora, state.trainable, s.frozen, dtype=s.model.dtype), job)
+        params = _host(
+            lora.merge(s.checked.lora, state.trainable, s.frozen, dtype=s.model.dtype), job
+        )
         out["merged"] = str(work / "export" / "merged")
         if job.writer:
-            export.save_hf_folder(work / "export" / "merged", s.model.config, params, s.model.tokenizer, extra=extra)
+            export.save_hf_folder(
+                work / "export" / "merged", s.model.config, params, s.model.tokenizer, extra=extra
+            )
     if c["export"]["adapters"] and not s.checked.lora.full:
         trainable = _host(state.trainable, job)
         out["adapter"] = str(work / "export" / "adapter")
         if job.writer:
-            export.save_peft_adapter(work / "export" / "adapter", s.checked.lora, trainable, s.model.config,
-                                     base=s.model.source, extra=extra)
+            export.save_peft_adapter(
+                work / "export" / "adapter",
+                s.checked.lora,
+                trainable,
+                s.model.config,
+                base=s.model.source,
+                extra=extra,
+            )
     losses = [m["loss"] for m in log if "loss" in m]
     evals = [m for m in log if "eval_loss" in m]
-    return {"workdir": str(work), "model": s.model.model_id, "steps": k, "total_steps": s.total_steps,
-            "stopped": stopped, "losses": losses, "final_loss": losses[-1] if losses else None,
-            "eval": evals[-1] if evals else None, "evals": evals, "monitor_layer": s.checked.monitor_layer,
-            "base_projection": base_proj, "shift": evals[-1].get("shift") if evals else None,
-            "data": [dataclasses.asdict(r) for r in s.reports], "vector": s.vector_info, "export": out}
+    return {
+        "workdir": str(work),
+        "model": s.model.model_id,
+        "steps": k,
+        "total_steps": s.total_steps,
+        "stopped": stopped,
+        "losses": losses,
+        "final_loss": losses[-1] if losses else None,
+        "eval": evals[-1] if evals else None,
+        "evals": evals,
+        "monitor_layer": s.checked.monitor_layer,
+        "base_projection": base_proj,
+        "shift": evals[-1].get("shift") if evals else None,
+        "data": [dataclasses.asdict(r) for r in s.reports],
+        "vector": s.vector_info,
+        "export": out,
+    }
 
 
 def _read_log(work: Path) -> list[dict]:
@@ -377,7 +497,9 @@ def load_finetuned(workdir, *, model=None, step: int | None = None):
     step = ckpts.latest() if step is None else step
     if step is None:
         raise UsageError(f"{work} has no checkpoint yet")
-    checkpoint.check_meta(ckpts.meta(step), s.model, checkpoint.config_hash(s.cfg), ckpts.dir / str(step))
+    checkpoint.check_meta(
+        ckpts.meta(step), s.model, checkpoint.config_hash(s.cfg), ckpts.dir / str(step)
+    )
     state, _ = ckpts.restore(step, s.state, s.shardings)
     ckpts.close()
     params = lora.merge(s.checked.lora, state.trainable, s.frozen, dtype=s.model.dtype)

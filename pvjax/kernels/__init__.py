@@ -7,7 +7,8 @@ at 35-48 GFLOP/s on a 2-core AVX-512 machine, and these take most of the step; t
 reads each weight once, as a sequential stream, and reuses it for 8 rows from registers. XLA's
 batched dots for decode attention ran at about 11 GFLOP/s; the attention kernel also reads only
 the filled cache slots (benchmarks/NOTES.md has the measurements). Only generation's weights are
-packed (`pvjax.engine.generate.decode_params`); the forward, training and other backends keep XLA's dots.
+packed (`pvjax.engine.generate.decode_params`); the forward, training and other backends keep XLA's
+dots.
 
 The kernel is compiled on first use with the system's C++ compiler for the host CPU
 (`-march=native`) and cached under `$PVJAX_CACHE` (default `~/.cache/pvjax`), keyed by the source,
@@ -58,13 +59,28 @@ def _build() -> Path:
     """The compiled library, built once per (source, jaxlib, CPU) and reused afterwards."""
     import jaxlib
 
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    compiler = (
+        os.environ.get("CXX")
+        or shutil.which("c++")
+        or shutil.which("g++")
+        or shutil.which("clang++")
+    )
     if compiler is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
     arch_flag = "-mcpu=native" if platform.machine() in ("arm64", "aarch64") else "-march=native"
     flags = ["-std=c++17", "-O3", arch_flag, "-shared", "-fPIC", "-w", f"-I{jax.ffi.include_dir()}"]
-    key = hashlib.sha256("\n".join([_SOURCE.read_text(), jaxlib.__version__, compiler, " ".join(flags),
-                                    platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\n".join(
+            [
+                _SOURCE.read_text(),
+                jaxlib.__version__,
+                compiler,
+                " ".join(flags),
+                platform.machine(),
+                _cpu_flags(),
+            ]
+        ).encode()
+    ).hexdigest()[:16]
     out = _cache_dir() / f"packed_matmul-{key}.so"
     if out.exists():
         return out
@@ -72,7 +88,9 @@ def _build() -> Path:
     # concurrent processes never load a half-written file.
     with tempfile.TemporaryDirectory() as scratch:
         tmp = Path(scratch) / out.name
-        res = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        res = subprocess.run(
+            [compiler, *flags, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True
+        )
         if res.returncode != 0:
             raise RuntimeError(f"{compiler} failed to build {_SOURCE.name}:\n{res.stderr[-2000:]}")
         atomic.write_bytes(out, tmp.read_bytes())
@@ -97,12 +115,18 @@ def _register() -> bool:
         import ctypes
 
         lib = ctypes.cdll.LoadLibrary(str(_build()))
-        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.PvjaxPackedMatmul), platform="cpu")
-        jax.ffi.register_ffi_target(_ATTENTION, jax.ffi.pycapsule(lib.PvjaxDecodeAttention), platform="cpu")
+        jax.ffi.register_ffi_target(
+            _TARGET, jax.ffi.pycapsule(lib.PvjaxPackedMatmul), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
+            _ATTENTION, jax.ffi.pycapsule(lib.PvjaxDecodeAttention), platform="cpu"
+        )
         _state["lib"] = lib  # keep the library loaded for the life of the process
         return True
     except Exception as e:  # no compiler, no headers, a foreign toolchain: fall back, loudly once
-        warnings.warn(f"pvjax: CPU decode kernel unavailable, using XLA's dots ({e})", RuntimeWarning)
+        warnings.warn(
+            f"pvjax: CPU decode kernel unavailable, using XLA's dots ({e})", RuntimeWarning
+        )
         return False
 
 
@@ -127,7 +151,7 @@ class PackedWeight:
 
     def unpack(self) -> jax.Array:
         P, K, R = self.panels.shape
-        return self.panels.transpose(1, 0, 2).reshape(K, P * R)[:, :self.n]
+        return self.panels.transpose(1, 0, 2).reshape(K, P * R)[:, : self.n]
 
     def tree_flatten(self):
         return (self.panels,), self.n
@@ -139,8 +163,10 @@ class PackedWeight:
     def __rmatmul__(self, x):
         """`x @ w` for any leading axes of `x`; the result is float32."""
         if not available():
-            raise RuntimeError("a PackedWeight needs the CPU decode kernel, which is unavailable here "
-                               "(see the warning above, or PVJAX_CPU_KERNELS)")
+            raise RuntimeError(
+                "a PackedWeight needs the CPU decode kernel, which is unavailable here "
+                "(see the warning above, or PVJAX_CPU_KERNELS)"
+            )
         x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
         if x2.shape[1] != self.panels.shape[1]:
             raise ValueError(f"packed weight has K={self.panels.shape[1]}, input has {x2.shape[1]}")
@@ -156,9 +182,17 @@ def decode_attention(q_BTHE, k_RES, v_RSE, valid_BS, upto):
     B, T, H, E = q_BTHE.shape
     R = k_RES.shape[0]
     if T != 1 or R % B or H % (R // B):
-        raise ValueError(f"decode_attention needs one token and whole kv heads, got q {q_BTHE.shape}, k {k_RES.shape}")
+        raise ValueError(
+            f"decode_attention needs one token and whole kv heads, got q {q_BTHE.shape}, k "
+            f"{k_RES.shape}"
+        )
     q = q_BTHE.reshape(R, H // (R // B), E).astype(jnp.float32)
     call = jax.ffi.ffi_call(_ATTENTION, jax.ShapeDtypeStruct(q.shape, jnp.float32))
-    o = call(q, k_RES.astype(jnp.float32), v_RSE.astype(jnp.float32), valid_BS.astype(bool),
-             jnp.asarray(upto, jnp.int32).reshape(1))
+    o = call(
+        q,
+        k_RES.astype(jnp.float32),
+        v_RSE.astype(jnp.float32),
+        valid_BS.astype(bool),
+        jnp.asarray(upto, jnp.int32).reshape(1),
+    )
     return o.reshape(B, T, H * E).astype(q_BTHE.dtype)

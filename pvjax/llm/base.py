@@ -1,4 +1,5 @@
-"""The chat interface every LLM backend implements (hosted APIs, local servers, the in-process model).
+"""The chat interface every LLM backend implements (hosted APIs, local servers, the in-process
+model).
 
 Requests and results are small frozen values so that they can be hashed into cache keys, sent across
 threads and compared in tests. Backends take a whole batch (`chat_many`) because every caller here
@@ -22,9 +23,9 @@ class LLMError(RuntimeError):
 class ChatRequest:
     """One chat completion request.
 
-    messages: ((role, content), ...), roles as in the OpenAI protocol ("system", "user", "assistant").
-    top_logprobs: 0 when no logprobs are wanted; k > 0 asks for the top-k logprobs of the FIRST
-    generated token only (which is all the judge needs).
+    messages: ((role, content), ...), roles as in the OpenAI protocol ("system", "user",
+    "assistant"). top_logprobs: 0 when no logprobs are wanted; k > 0 asks for the top-k logprobs of
+    the FIRST generated token only (which is all the judge needs).
     """
 
     messages: tuple[tuple[str, str], ...]
@@ -34,7 +35,8 @@ class ChatRequest:
     seed: int | None = None
 
     def __post_init__(self):
-        # Accept lists from callers (e.g. JSON round trips) but store tuples so the value stays hashable.
+        # Accept lists from callers (e.g. JSON round trips) but store tuples so the value stays
+        # hashable.
         object.__setattr__(self, "messages", tuple((str(r), str(c)) for r, c in self.messages))
 
     @classmethod
@@ -44,8 +46,8 @@ class ChatRequest:
         return cls(messages=messages, **kw)
 
     def cache_key(self, backend_id: str) -> str:
-        """sha256 hex of a canonical JSON of every field plus `backend_id`: equal keys mean the same call
-        to the same model, so a cached answer can stand in for it."""
+        """sha256 hex of a canonical JSON of every field plus `backend_id`: equal keys mean the same
+        call to the same model, so a cached answer can stand in for it."""
         payload = {"backend": backend_id, **asdict(self)}
         payload["messages"] = [list(m) for m in self.messages]
         blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -61,7 +63,9 @@ class ChatResult:
     top_logprobs: dict[str, float] | None = None
 
     def to_json(self) -> str:
-        return json.dumps({"text": self.text, "top_logprobs": self.top_logprobs}, ensure_ascii=False)
+        return json.dumps(
+            {"text": self.text, "top_logprobs": self.top_logprobs}, ensure_ascii=False
+        )
 
     @classmethod
     def from_json(cls, blob: str) -> "ChatResult":
@@ -80,5 +84,6 @@ class ChatBackend(Protocol):
 
     backend_id: str
 
-    def chat_many(self, requests: Sequence[ChatRequest], *, progress: bool = False) -> list[ChatResult]:
-        ...
+    def chat_many(
+        self, requests: Sequence[ChatRequest], *, progress: bool = False
+    ) -> list[ChatResult]: ...

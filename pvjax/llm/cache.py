@@ -19,22 +19,25 @@ from pvjax.llm.base import ChatBackend, ChatRequest, ChatResult
 class ChatCache:
     """sqlite-backed map from cache key (see `ChatRequest.cache_key`) to ChatResult.
 
-    Safe from several threads: one connection guarded by a lock (sqlite serialises writes anyway, and
-    the calls are tiny next to an HTTP round trip). WAL mode and a busy timeout let several processes
-    share the same file. Every `put` commits, so a killed run keeps what it already received.
+    Safe from several threads: one connection guarded by a lock (sqlite serialises writes anyway,
+    and the calls are tiny next to an HTTP round trip). WAL mode and a busy timeout let several
+    processes share the same file. Every `put` commits, so a killed run keeps what it already
+    received.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(str(self.path), timeout=60.0, check_same_thread=False,
-                                     isolation_level=None)
+        self._conn = sqlite3.connect(
+            str(self.path), timeout=60.0, check_same_thread=False, isolation_level=None
+        )
         with self._lock:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
-            self._conn.execute("CREATE TABLE IF NOT EXISTS results "
-                               "(key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
 
     def get(self, key: str) -> ChatResult | None:
         """The stored result for `key`, or None."""
@@ -45,8 +48,9 @@ class ChatCache:
     def put(self, key: str, result: ChatResult) -> None:
         """Store (or overwrite) `result` under `key`, durably before returning."""
         with self._lock:
-            self._conn.execute("INSERT OR REPLACE INTO results (key, value) VALUES (?, ?)",
-                               (key, result.to_json()))
+            self._conn.execute(
+                "INSERT OR REPLACE INTO results (key, value) VALUES (?, ?)", (key, result.to_json())
+            )
 
     def __len__(self) -> int:
         with self._lock:
@@ -71,12 +75,12 @@ def _accepts_on_result(backend: ChatBackend) -> bool:
 
 
 class CachedBackend:
-    """A ChatBackend answering from `cache` where it can and sending only the misses to `backend`, in
-    one `chat_many` call (so the inner backend still sees a batch it can parallelise).
+    """A ChatBackend answering from `cache` where it can and sending only the misses to `backend`,
+    in one `chat_many` call (so the inner backend still sees a batch it can parallelise).
 
     Duplicate requests inside one batch are sent once. When the inner backend's `chat_many` takes an
-    `on_result(index, result)` keyword (OpenAIChat does), each result is stored the moment it arrives;
-    otherwise the batch is stored when it returns.
+    `on_result(index, result)` keyword (OpenAIChat does), each result is stored the moment it
+    arrives; otherwise the batch is stored when it returns.
     """
 
     def __init__(self, backend: ChatBackend, cache: ChatCache):
@@ -87,8 +91,13 @@ class CachedBackend:
         self.hits = 0
         self.misses = 0
 
-    def chat_many(self, requests: Sequence[ChatRequest], *, progress: bool = False,
-                  on_result: Callable[[int, ChatResult], None] | None = None) -> list[ChatResult]:
+    def chat_many(
+        self,
+        requests: Sequence[ChatRequest],
+        *,
+        progress: bool = False,
+        on_result: Callable[[int, ChatResult], None] | None = None,
+    ) -> list[ChatResult]:
         """Results in request order; only cache misses reach the inner backend."""
         results: list[ChatResult | None] = [None] * len(requests)
         keys = [r.cache_key(self.backend_id) for r in requests]

@@ -1,10 +1,10 @@
-"""A ChatBackend for any OpenAI-compatible `/v1/chat/completions` server (hosted APIs, vLLM, ollama),
-using only the standard library.
+"""A ChatBackend for any OpenAI-compatible `/v1/chat/completions` server (hosted APIs, vLLM,
+ollama), using only the standard library.
 
 Requests run concurrently on a bounded thread pool; transient failures (connection errors, timeouts,
 HTTP 429 and 5xx, unparseable bodies) are retried with exponential backoff and jitter, honouring
-`Retry-After`. Other 4xx responses are the caller's mistake (bad key, bad model name) and fail at once,
-since retrying them only burns time.
+`Retry-After`. Other 4xx responses are the caller's mistake (bad key, bad model name) and fail at
+once, since retrying them only burns time.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 class Unreachable(UserError, LLMError):
-    """Nothing answers at the configured server address: a setting (or a server not started) to fix."""
+    """Nothing answers at the configured server address: a setting (or a server not started) to
+    fix."""
 
 
 def base_url_of(base_url: str | None) -> str:
@@ -49,13 +50,15 @@ def probe(base_url: str | None, what: str = "base_url", timeout: float = 5.0) ->
         socket.create_connection((parts.hostname, port), timeout=timeout).close()
     except (OSError, ValueError) as e:
         reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        raise Unreachable(f"{what} {url}: cannot connect ({reason}); start the server there or fix "
-                          f"{what}") from None
+        raise Unreachable(
+            f"{what} {url}: cannot connect ({reason}); start the server there or fix {what}"
+        ) from None
     return url
 
 
 class _Retryable(Exception):
-    """A failure worth another try; `retry_after` is the server's requested wait in seconds, if any."""
+    """A failure worth another try; `retry_after` is the server's requested wait in seconds, if
+    any."""
 
     def __init__(self, message: str, retry_after: float | None = None):
         super().__init__(message)
@@ -63,7 +66,8 @@ class _Retryable(Exception):
 
 
 def _server_message(body: bytes) -> str:
-    """The human-readable part of an error body: OpenAI's {"error": {"message": ...}} when present."""
+    """The human-readable part of an error body: OpenAI's {"error": {"message": ...}} when
+    present."""
     text = body.decode("utf-8", errors="replace")
     try:
         err = json.loads(text).get("error")
@@ -87,15 +91,24 @@ def _retry_after(headers) -> float | None:
 class OpenAIChat:
     """Chat completions over HTTP.
 
-    base_url defaults to $OPENAI_BASE_URL, else the OpenAI API; api_key to $OPENAI_API_KEY. Without a
-    key no Authorization header is sent (local servers need none). `max_retries` counts retries after
-    the first try. `chat_many` returns results in request order and raises LLMError on the first request
-    that fails for good (requests not yet started are cancelled).
+    base_url defaults to $OPENAI_BASE_URL, else the OpenAI API; api_key to $OPENAI_API_KEY. Without
+    a key no Authorization header is sent (local servers need none). `max_retries` counts retries
+    after the first try. `chat_many` returns results in request order and raises LLMError on the
+    first request that fails for good (requests not yet started are cancelled).
     """
 
-    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, *,
-                 concurrency: int = 8, max_retries: int = 6, timeout: float = 60.0,
-                 backoff: float = 1.0, max_backoff: float = 30.0):
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        concurrency: int = 8,
+        max_retries: int = 6,
+        timeout: float = 60.0,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+    ):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self.model = model
@@ -159,8 +172,10 @@ class OpenAIChat:
         logprobs = choice.get("logprobs")
         if not isinstance(logprobs, dict):
             # Silently returning None would turn every judge score into "missing"; say why instead.
-            raise LLMError(f"{self.url} returned no logprobs for model {self.model!r}; "
-                           "the server or model may not support them")
+            raise LLMError(
+                f"{self.url} returned no logprobs for model {self.model!r}; "
+                "the server or model may not support them"
+            )
         content = logprobs.get("content") or []
         if not content:  # nothing generated (e.g. immediate end of sequence)
             return ChatResult(text=text, top_logprobs=None)
@@ -186,14 +201,24 @@ class OpenAIChat:
                     delay = e.retry_after
                 else:
                     # Full exponential with jitter in [0.5, 1] of it: spreads out a burst of 429s.
-                    delay = min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.5, 1.0)
+                    delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(
+                        0.5, 1.0
+                    )
                 time.sleep(delay)
-        raise LLMError(f"{self.url} failed after {self.max_retries + 1} attempts; last error: {last}")
+        raise LLMError(
+            f"{self.url} failed after {self.max_retries + 1} attempts; last error: {last}"
+        )
 
-    def chat_many(self, requests: Sequence[ChatRequest], *, progress: bool = False,
-                  on_result: Callable[[int, ChatResult], None] | None = None) -> list[ChatResult]:
+    def chat_many(
+        self,
+        requests: Sequence[ChatRequest],
+        *,
+        progress: bool = False,
+        on_result: Callable[[int, ChatResult], None] | None = None,
+    ) -> list[ChatResult]:
         """All `requests`, at most `concurrency` in flight; results in request order. `on_result(i,
-        result)` is called (from the calling thread) as each one finishes, e.g. to cache it at once."""
+        result)` is called (from the calling thread) as each one finishes, e.g. to cache it at
+        once."""
         results: list[ChatResult | None] = [None] * len(requests)
         if not requests:
             return []
@@ -202,8 +227,9 @@ class OpenAIChat:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(requests), desc=f"{self.model}", unit="req")
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)),
-                                  thread_name_prefix="openai-chat")
+        pool = ThreadPoolExecutor(
+            max_workers=min(self.concurrency, len(requests)), thread_name_prefix="openai-chat"
+        )
         futures = {pool.submit(self.chat, r): i for i, r in enumerate(requests)}
         delivered: set = set()
 

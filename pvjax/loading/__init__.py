@@ -1,4 +1,5 @@
-"""Checkpoint readers. Each maps every source tensor explicitly and fails on a missing or unused one."""
+"""Checkpoint readers. Each maps every source tensor explicitly and fails on a missing or unused
+one."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, Path]:
     if path.is_dir():
         return "folder", path
     if not path.exists():
-        raise FileNotFoundError(f"model source {name!r} is neither a local folder, a .gguf file, nor "
-                                f"the embedded model name {EMBEDDED_NAME!r}")
+        raise FileNotFoundError(
+            f"model source {name!r} is neither a local folder, a .gguf file, nor "
+            f"the embedded model name {EMBEDDED_NAME!r}"
+        )
     raise CheckpointError(f"cannot load {name!r}: expected a Hugging Face folder or a .gguf file")
 
 
@@ -43,4 +46,6 @@ def read_model_config(source: str | os.PathLike):
     from pvjax.loading.gguf_file import gguf_config
     from pvjax.loading.gguf_header import read_header
 
-    return gguf_config(read_header(path), EMBEDDED_NAME if str(source) == EMBEDDED_NAME else path.name)
+    return gguf_config(
+        read_header(path), EMBEDDED_NAME if str(source) == EMBEDDED_NAME else path.name
+    )

@@ -11,15 +11,25 @@ import os
 
 import numpy as np
 
-from pvjax.models.config import ConfigError, ModelConfig
 from pvjax.loading.layout import CheckpointError, assemble
+from pvjax.models.config import ConfigError, ModelConfig
 
 _GGUF_NAMES = {
-    "embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
-    "attn_norm": "attn_norm.weight", "mlp_norm": "ffn_norm.weight", "wq": "attn_q.weight",
-    "wk": "attn_k.weight", "wv": "attn_v.weight", "bq": "attn_q.bias", "bk": "attn_k.bias",
-    "bv": "attn_v.bias", "wo": "attn_output.weight", "w_gate": "ffn_gate.weight",
-    "w_up": "ffn_up.weight", "w_down": "ffn_down.weight",
+    "embed": "token_embd.weight",
+    "final_norm": "output_norm.weight",
+    "lm_head": "output.weight",
+    "attn_norm": "attn_norm.weight",
+    "mlp_norm": "ffn_norm.weight",
+    "wq": "attn_q.weight",
+    "wk": "attn_k.weight",
+    "wv": "attn_v.weight",
+    "bq": "attn_q.bias",
+    "bk": "attn_k.bias",
+    "bv": "attn_v.bias",
+    "wo": "attn_output.weight",
+    "w_gate": "ffn_gate.weight",
+    "w_up": "ffn_up.weight",
+    "w_down": "ffn_down.weight",
 }
 
 
@@ -35,30 +45,40 @@ def _field(reader, key, default=None, required=True):
 def gguf_config(reader, name: str) -> ModelConfig:
     arch = _field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
-        raise ConfigError(f"unknown architecture general.architecture={arch!r} in GGUF; "
-                          "pvjax supports llama and qwen2")
+        raise ConfigError(
+            f"unknown architecture general.architecture={arch!r} in GGUF; "
+            "pvjax supports llama and qwen2"
+        )
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
-        raise ConfigError("this GGUF carries rope_freqs (Llama 3.1 rope scaling), which the GGUF "
-                          "loader does not read; load the safetensors folder instead")
+        raise ConfigError(
+            "this GGUF carries rope_freqs (Llama 3.1 rope scaling), which the GGUF "
+            "loader does not read; load the safetensors folder instead"
+        )
     vocab = _field(reader, f"{arch}.vocab_size", required=False)
     if vocab is None:
         if "tokenizer.ggml.tokens" not in reader.fields:
-            raise ConfigError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
+            raise ConfigError(
+                f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens"
+            )
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     eos = _field(reader, "tokenizer.ggml.eos_token_id", required=False)
     return ModelConfig(
-        architecture=arch, vocab_size=int(vocab), hidden_size=hidden,
+        architecture=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
         intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
-        num_layers=int(_field(reader, f"{arch}.block_count")), num_heads=heads,
+        num_layers=int(_field(reader, f"{arch}.block_count")),
+        num_heads=heads,
         num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
         head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
         rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 8192)),
-        qkv_bias=arch == "qwen2", tie_embeddings="output.weight" not in names,
+        qkv_bias=arch == "qwen2",
+        tie_embeddings="output.weight" not in names,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", required=False),
         eos_token_ids=() if eos is None else (int(eos),),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", required=False),
@@ -67,7 +87,8 @@ def gguf_config(reader, name: str) -> ModelConfig:
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's `permute`: rows go back from interleaved pairs to rotate-half halves."""
+    """Inverse of llama.cpp's `permute`: rows go back from interleaved pairs to rotate-half
+    halves."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -87,18 +108,21 @@ def open_gguf(path: str):
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
-        raise CheckpointError(f"{path} is not a GGUF file ({size} bytes, starting {magic!r} "
-                              f"rather than b'GGUF')")
+        raise CheckpointError(
+            f"{path} is not a GGUF file ({size} bytes, starting {magic!r} rather than b'GGUF')"
+        )
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader has no error type of its own for a malformed file
-        raise CheckpointError(f"{path} is truncated or corrupt: the GGUF reader cannot parse its "
-                              f"{size} bytes") from e
+        raise CheckpointError(
+            f"{path} is truncated or corrupt: the GGUF reader cannot parse its {size} bytes"
+        ) from e
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {t.name!r} ends at byte {end}, "
-                                  f"the file has {size}")
+            raise CheckpointError(
+                f"{path} is truncated: tensor {t.name!r} ends at byte {end}, the file has {size}"
+            )
     return reader
 
 
@@ -115,8 +139,10 @@ def load_gguf(path: str | os.PathLike, dtype) -> tuple[ModelConfig, dict, object
         try:
             arr = quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
-            raise CheckpointError(f"{path}: tensor {name!r} uses quantisation {t.tensor_type.name}, "
-                                  "which this gguf package cannot dequantize") from e
+            raise CheckpointError(
+                f"{path}: tensor {name!r} uses quantisation {t.tensor_type.name}, "
+                "which this gguf package cannot dequantize"
+            ) from e
         # GGUF lists dims innermost first; numpy wants them outermost first.
         return np.asarray(arr, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
 

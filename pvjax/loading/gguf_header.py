@@ -18,8 +18,19 @@ from typing import Any
 
 from pvjax.loading.layout import CheckpointError
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-            12: "<d"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -62,7 +73,9 @@ def read_header(path: str | Path) -> GGUFHeader:
         try:
             return _parse(buf, path)
         except (struct.error, IndexError):
-            raise CheckpointError(f"{path}: truncated GGUF file (its header runs past the end)") from None
+            raise CheckpointError(
+                f"{path}: truncated GGUF file (its header runs past the end)"
+            ) from None
         except UnicodeDecodeError:
             raise CheckpointError(f"{path}: corrupt GGUF header (a name is not UTF-8)") from None
 
@@ -81,7 +94,7 @@ def _parse(buf, path: Path) -> GGUFHeader:
         n = take("<Q")
         if pos + n > len(buf):
             raise IndexError("string runs past the end of the file")
-        s = bytes(buf[pos:pos + n]).decode("utf-8")
+        s = bytes(buf[pos : pos + n]).decode("utf-8")
         pos += n
         return s
 

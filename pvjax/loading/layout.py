@@ -14,8 +14,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from pvjax.models.config import ModelConfig
 from pvjax.errors import UserError
+from pvjax.models.config import ModelConfig
 
 
 class CheckpointError(UserError, ValueError):
@@ -25,8 +25,17 @@ class CheckpointError(UserError, ValueError):
 def expected_shapes(cfg: ModelConfig) -> dict:
     D, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    layer = {"attn_norm": (D,), "wq": (D, q), "wk": (D, kv), "wv": (D, kv), "wo": (q, D),
-             "mlp_norm": (D,), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)}
+    layer = {
+        "attn_norm": (D,),
+        "wq": (D, q),
+        "wk": (D, kv),
+        "wv": (D, kv),
+        "wo": (q, D),
+        "mlp_norm": (D,),
+        "w_gate": (D, F),
+        "w_up": (D, F),
+        "w_down": (F, D),
+    }
     if cfg.qkv_bias:
         layer.update(bq=(q,), bk=(kv,), bv=(kv,))
     top = {"embed": (V, D), "final_norm": (D,)}
@@ -35,9 +44,16 @@ def expected_shapes(cfg: ModelConfig) -> dict:
     return {"top": top, "layer": layer}
 
 
-def assemble(cfg: ModelConfig, names: Iterable[str], fetch: Callable[[str], np.ndarray],
-             name_of: Callable[[str, int | None], str], transform: Callable[[str, np.ndarray], np.ndarray],
-             ignore: Callable[[str], bool], source: str, dtype) -> dict:
+def assemble(
+    cfg: ModelConfig,
+    names: Iterable[str],
+    fetch: Callable[[str], np.ndarray],
+    name_of: Callable[[str, int | None], str],
+    transform: Callable[[str, np.ndarray], np.ndarray],
+    ignore: Callable[[str], bool],
+    source: str,
+    dtype,
+) -> dict:
     """Build the pytree. `name_of(key, layer)` gives the source tensor name for a pytree key;
     `transform(key, array)` brings it to pvjax's layout; `ignore(name)` marks tensors that are
     known and deliberately unused (rotary buffers, a tied lm_head copy)."""
@@ -48,21 +64,28 @@ def assemble(cfg: ModelConfig, names: Iterable[str], fetch: Callable[[str], np.n
     def get(key, layer=None):
         name = name_of(key, layer)
         if name not in available:
-            raise CheckpointError(f"{source}: tensor {name!r} is missing (needed for {key}"
-                                  f"{'' if layer is None else f' of layer {layer}'})")
+            raise CheckpointError(
+                f"{source}: tensor {name!r} is missing (needed for {key}"
+                f"{'' if layer is None else f' of layer {layer}'})"
+            )
         used.add(name)
         arr = transform(key, fetch(name))
         want = shapes["top"].get(key) or shapes["layer"][key]
         if tuple(arr.shape) != tuple(want):
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {tuple(arr.shape)}, "
-                                  f"expected {tuple(want)} from the config (pvjax layout)")
+            raise CheckpointError(
+                f"{source}: tensor {name!r} has shape {tuple(arr.shape)}, "
+                f"expected {tuple(want)} from the config (pvjax layout)"
+            )
         return arr.astype(dtype)
 
     params = {k: get(k) for k in shapes["top"]}
-    params["layers"] = {k: np.stack([get(k, i) for i in range(cfg.num_layers)])
-                        for k in shapes["layer"]}
+    params["layers"] = {
+        k: np.stack([get(k, i) for i in range(cfg.num_layers)]) for k in shapes["layer"]
+    }
     unused = sorted(n for n in available - used if not ignore(n))
     if unused:
-        raise CheckpointError(f"{source}: {len(unused)} tensor(s) not used by the {cfg.architecture} "
-                              f"layout, e.g. {unused[:5]} (wrong num_hidden_layers or architecture?)")
+        raise CheckpointError(
+            f"{source}: {len(unused)} tensor(s) not used by the {cfg.architecture} "
+            f"layout, e.g. {unused[:5]} (wrong num_hidden_layers or architecture?)"
+        )
     return params

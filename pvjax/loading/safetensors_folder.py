@@ -14,18 +14,36 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from pvjax.models.config import ConfigError, ModelConfig
 from pvjax.loading.layout import CheckpointError, assemble
+from pvjax.models.config import ConfigError, ModelConfig
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-           "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F64": np.float64,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 
 HF_NAMES = {
-    "embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight",
-    "attn_norm": "input_layernorm.weight", "mlp_norm": "post_attention_layernorm.weight",
-    "wq": "self_attn.q_proj.weight", "wk": "self_attn.k_proj.weight", "wv": "self_attn.v_proj.weight",
-    "bq": "self_attn.q_proj.bias", "bk": "self_attn.k_proj.bias", "bv": "self_attn.v_proj.bias",
-    "wo": "self_attn.o_proj.weight", "w_gate": "mlp.gate_proj.weight", "w_up": "mlp.up_proj.weight",
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",
+    "attn_norm": "input_layernorm.weight",
+    "mlp_norm": "post_attention_layernorm.weight",
+    "wq": "self_attn.q_proj.weight",
+    "wk": "self_attn.k_proj.weight",
+    "wv": "self_attn.v_proj.weight",
+    "bq": "self_attn.q_proj.bias",
+    "bk": "self_attn.k_proj.bias",
+    "bv": "self_attn.v_proj.bias",
+    "wo": "self_attn.o_proj.weight",
+    "w_gate": "mlp.gate_proj.weight",
+    "w_up": "mlp.up_proj.weight",
     "w_down": "mlp.down_proj.weight",
 }
 
@@ -41,12 +59,16 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file: its header claims "
-                                  f"{n} bytes, the file has {size}")
+            raise CheckpointError(
+                f"{path} is truncated or not a safetensors file: its header claims "
+                f"{n} bytes, the file has {size}"
+            )
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} is not a safetensors file (its header is not JSON)") from e
+            raise CheckpointError(
+                f"{path} is not a safetensors file (its header is not JSON)"
+            ) from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
     header.pop("__metadata__", None)
@@ -61,19 +83,25 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         if dtype not in _DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
         if base + end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {base + end}, "
-                                  f"the file has {size}")
+            raise CheckpointError(
+                f"{path} is truncated: tensor {name!r} ends at byte {base + end}, "
+                f"the file has {size}"
+            )
         if end - start != int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize or start < 0:
-            raise CheckpointError(f"{path}: tensor {name!r} holds {end - start} bytes, not the "
-                                  f"{shape} {dtype} its header declares")
-        out[name] = raw[base + start:base + end].view(_DTYPES[dtype]).reshape(shape)
+            raise CheckpointError(
+                f"{path}: tensor {name!r} holds {end - start} bytes, not the "
+                f"{shape} {dtype} its header declares"
+            )
+        out[name] = raw[base + start : base + end].view(_DTYPES[dtype]).reshape(shape)
     return out
 
 
 def read_config(folder: Path) -> ModelConfig:
     cfg_path = folder / "config.json"
     if not any(folder.iterdir()):
-        raise CheckpointError(f"{folder} is empty: a model folder holds config.json and *.safetensors")
+        raise CheckpointError(
+            f"{folder} is empty: a model folder holds config.json and *.safetensors"
+        )
     if not cfg_path.exists():
         raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
     try:
@@ -94,15 +122,21 @@ def load_folder(folder: str | os.PathLike, dtype) -> tuple[ModelConfig, dict]:
         try:
             wanted = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index (a JSON object with a "
-                                  f"'weight_map' of tensor name to file)") from e
+            raise CheckpointError(
+                f"{index}: not a safetensors index (a JSON object with a "
+                f"'weight_map' of tensor name to file)"
+            ) from e
         missing = [w for w in wanted if not (folder / w).exists()]
         if missing:
-            raise CheckpointError(f"{folder}: shard(s) {missing} listed in {index.name} are missing")
+            raise CheckpointError(
+                f"{folder}: shard(s) {missing} listed in {index.name} are missing"
+            )
         files = [folder / w for w in wanted]
     if not files:
-        raise CheckpointError(f"{folder}: config.json but no *.safetensors weights (pvjax reads "
-                              f"safetensors only; .bin and .pt checkpoints are not supported)")
+        raise CheckpointError(
+            f"{folder}: config.json but no *.safetensors weights (pvjax reads "
+            f"safetensors only; .bin and .pt checkpoints are not supported)"
+        )
     tensors: dict[str, np.ndarray] = {}
     for f in files:
         tensors.update(read_safetensors(f))
@@ -114,7 +148,11 @@ def load_folder(folder: str | os.PathLike, dtype) -> tuple[ModelConfig, dict]:
         return arr.T if arr.ndim == 2 and key != "embed" else arr
 
     def ignore(name):
-        return name.endswith("rotary_emb.inv_freq") or (cfg.tie_embeddings and name == "lm_head.weight")
+        return name.endswith("rotary_emb.inv_freq") or (
+            cfg.tie_embeddings and name == "lm_head.weight"
+        )
 
-    params = assemble(cfg, tensors, tensors.__getitem__, name_of, transform, ignore, str(folder), dtype)
+    params = assemble(
+        cfg, tensors, tensors.__getitem__, name_of, transform, ignore, str(folder), dtype
+    )
     return cfg, params

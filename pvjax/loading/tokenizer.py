@@ -37,9 +37,12 @@ class MissingTokenizer:
 
     def _fail(self, *_a, **_k):
         raise TokenizerMissing(
-            f"{self._source} was loaded without a tokenizer (no {', '.join(TOKENIZER_FILES)} there), "
-            "so it takes token ids only; for text, load it with pvjax.load(source, tokenizer=FOLDER) "
-            "naming a folder (or .gguf) with the same model's tokenizer")
+            f"{self._source} was loaded without a tokenizer (no {', '.join(TOKENIZER_FILES)} "
+            "there), "
+            "so it takes token ids only; for text, load it with pvjax.load(source, "
+            "tokenizer=FOLDER) "
+            "naming a folder (or .gguf) with the same model's tokenizer"
+        )
 
     __call__ = _fail
 
@@ -64,9 +67,13 @@ def load_folder_tokenizer(folder):
         return MissingTokenizer(str(folder))
     try:
         tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as e:  # transformers raises anything from OSError to ImportError on broken files
-        raise CheckpointError(f"{folder}: the tokenizer files there do not load "
-                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+    except (
+        Exception
+    ) as e:  # transformers raises anything from OSError to ImportError on broken files
+        raise CheckpointError(
+            f"{folder}: the tokenizer files there do not load "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        ) from e
     return _check_vocab(tok, folder)
 
 
@@ -91,24 +98,30 @@ def load_tokenizer(source):
         return load_gguf_tokenizer(path)
     tok = load_folder_tokenizer(path)
     if not tok:
-        raise CheckpointError(f"tokenizer source {source}: no tokenizer files there "
-                              f"(looked for {', '.join(TOKENIZER_FILES)})")
+        raise CheckpointError(
+            f"tokenizer source {source}: no tokenizer files there "
+            f"(looked for {', '.join(TOKENIZER_FILES)})"
+        )
     return tok
 
 
 def check_fits(tokenizer, vocab_size: int, model_name: str, source) -> None:
     """A tokenizer with more ids than the model's embedding table belongs to another model."""
     if tokenizer and len(tokenizer) > vocab_size:
-        raise CheckpointError(f"the tokenizer from {source} has {len(tokenizer)} tokens but {model_name} "
-                              f"has a vocabulary of {vocab_size}: it belongs to another model")
+        raise CheckpointError(
+            f"the tokenizer from {source} has {len(tokenizer)} tokens but {model_name} "
+            f"has a vocabulary of {vocab_size}: it belongs to another model"
+        )
 
 
 def _check_vocab(tok, source):
     """transformers builds a tokenizer from a bare `tokenizer_config.json` whose vocabulary is one
     special token, and which turns any text into no ids at all."""
     if len(tok) < 2 or not tok("hello world", add_special_tokens=False)["input_ids"]:
-        raise CheckpointError(f"{source}: the tokenizer files there hold no vocabulary "
-                              f"({len(tok)} token(s)); pass tokenizer= a source with a full tokenizer")
+        raise CheckpointError(
+            f"{source}: the tokenizer files there hold no vocabulary "
+            f"({len(tok)} token(s)); pass tokenizer= a source with a full tokenizer"
+        )
     return tok
 
 
@@ -117,6 +130,9 @@ def render_chat(tokenizer, messages, *, add_generation_prompt=True, model_name="
     if isinstance(tokenizer, MissingTokenizer):
         tokenizer()
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"the tokenizer of {model_name} has no chat template; pass raw text instead")
-    return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+        raise ValueError(
+            f"the tokenizer of {model_name} has no chat template; pass raw text instead"
+        )
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )

@@ -6,8 +6,9 @@ For a vector v at layer l and coefficients c, the margin is the mean over kept p
     mean log p(pos answer | question, c v at l)  -  mean log p(neg answer | question, c v at l)
 
 with per-token means (so answer length does not matter) and no system prompt: the vector alone must
-carry the trait. A causal vector raises the margin monotonically as c goes from negative to positive.
-Every coefficient of a layer runs as rows of one batch (per-row coefficients), one compiled program.
+carry the trait. A causal vector raises the margin monotonically as c goes from negative to
+positive. Every coefficient of a layer runs as rows of one batch (per-row coefficients), one
+compiled program.
 
 Shape legend: B rows, T positions, V vocabulary, L hidden-state rows, D width, C coefficients.
 """
@@ -34,31 +35,56 @@ def answer_logprob(params, cfg, tokens_BT, mask_BT, positions_BT, iv, answer_BT,
     """Rows are left-padded, so every answer lies in the last `tail` columns: the head and the
     softmax run there only (measured on SmolLM2: the head is a fifth of the forward's FLOPs at
     T=128 and the [B, T, V] softmax as much again)."""
-    out = decoder.forward(params, cfg, Scanned(), tokens_BT, positions_BT, mask_BT, intervention=iv,
-                          capture=Capture(logits=f"tail:{tail + 1}", hidden=False))
+    out = decoder.forward(
+        params,
+        cfg,
+        Scanned(),
+        tokens_BT,
+        positions_BT,
+        mask_BT,
+        intervention=iv,
+        capture=Capture(logits=f"tail:{tail + 1}", hidden=False),
+    )
     logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
     lp = jnp.take_along_axis(logp, tokens_BT[:, -tail:, None], axis=-1)[..., 0]
     w = answer_BT[:, -tail:].astype(jnp.float32)
     return (lp * w).sum(-1) / jnp.maximum(w.sum(-1), 1.0)
 
 
-def answer_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, vector=None, layer=0,
-                    coefs: Sequence[float] = (0.0,), positions: str = "response",
-                    batch_size: int = 8, mesh=None) -> np.ndarray:
+def answer_logprobs(
+    model,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    vector=None,
+    layer=0,
+    coefs: Sequence[float] = (0.0,),
+    positions: str = "response",
+    batch_size: int = 8,
+    mesh=None,
+) -> np.ndarray:
     """Mean per-token log-probability `[C, N]` of each answer after its (chat-templated) prompt,
     steered by `coef * vector` at `layer` on `positions` for every coefficient.
 
-    On a `mesh` (`pvjax.parallel.sharding.make_mesh`) each batch's rows are split over "data" (`batch_size`
-    rounded up to a multiple of it, the extra rows filler) and the parameters laid out by
+    On a `mesh` (`pvjax.parallel.sharding.make_mesh`) each batch's rows are split over "data"
+    (`batch_size` rounded up to a multiple of it, the extra rows filler) and the parameters laid out
+    by
     `pvjax.parallel.sharding`'s rule table; equal to one device up to float summation order."""
     from pvjax.parallel import sharding
+
     tok = model.tokenizer
     L, D = model.n_layers + 1, model.hidden_size
     _check_texts(prompts=prompts, answers=answers)
     if len(prompts) != len(answers):
-        raise InputError(f"{len(prompts)} prompts but {len(answers)} answers: one answer per prompt")
+        raise InputError(
+            f"{len(prompts)} prompts but {len(answers)} answers: one answer per prompt"
+        )
     _check_coefs(coefs)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, (int, np.integer))
+        or batch_size < 1
+    ):
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
     seqs, starts = [], []
     for p, a in zip(prompts, answers):
@@ -71,45 +97,71 @@ def answer_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, ve
     tail = min(T - 1, -(-max(len(s) - st for s, st in zip(seqs, starts)) // 32) * 32)
     if T > model.config.max_position_embeddings:
         i = max(range(len(seqs)), key=lambda i: len(seqs[i]))
-        raise InputError(f"prompt and answer {i} hold {len(seqs[i])} tokens, padded to {T}: past the "
-                         f"context window of {model.model_id} ({model.config.max_position_embeddings})")
+        raise InputError(
+            f"prompt and answer {i} hold {len(seqs[i])} tokens, padded to {T}: past the "
+            f"context window of {model.model_id} ({model.config.max_position_embeddings})"
+        )
     v = np.zeros(D, np.float32) if vector is None else np.asarray(vector, np.float32)
     B = sharding.pad_batch(batch_size, mesh)  # rows per forward; batch_size of them carry answers
     params = model.params if mesh is None else sharding.placed_params(model, mesh)
     out = np.zeros((len(coefs), len(seqs)), np.float32)
     for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
+        chunk = rows[s : s + batch_size]
         tokens, mask = left_pad([seqs[i] for _, i in chunk], T, B)
         answer = np.zeros((B, T), np.int32)
         row_coefs = np.zeros(B, np.float32)
         for b, (c, i) in enumerate(chunk):
-            answer[b, T - len(seqs[i]) + starts[i]:] = 1
+            answer[b, T - len(seqs[i]) + starts[i] :] = 1
             row_coefs[b] = coefs[c]
         iv = ivs.build(L, D, steer=[(v, layer, row_coefs)], batch=B)
         end = np.array([T - len(seqs[i]) + starts[i] for _, i in chunk] + [T] * (B - len(chunk)))
         iv = iv.with_masks(ivs.position_mask(positions, mask, end))
         put = lambda x: sharding.put_rows(x, mesh) if mesh is not None else jnp.asarray(x)
-        lp = np.asarray(answer_logprob(params, model.config, put(tokens), put(mask), put(_positions(mask)),
-                                        iv, put(answer), tail=tail))
+        lp = np.asarray(
+            answer_logprob(
+                params,
+                model.config,
+                put(tokens),
+                put(mask),
+                put(_positions(mask)),
+                iv,
+                put(answer),
+                tail=tail,
+            )
+        )
         for b, (c, i) in enumerate(chunk):
             out[c, i] = lp[b]
     return out
 
 
-def likelihood_margins(model, vectors_LD, layers: Sequence[int], coefs: Sequence[float],
-                       questions: Sequence[str], pos_answers: Sequence[str], neg_answers: Sequence[str],
-                       *, positions: str = "response", batch_size: int = 8, mesh=None) -> dict:
+def likelihood_margins(
+    model,
+    vectors_LD,
+    layers: Sequence[int],
+    coefs: Sequence[float],
+    questions: Sequence[str],
+    pos_answers: Sequence[str],
+    neg_answers: Sequence[str],
+    *,
+    positions: str = "response",
+    batch_size: int = 8,
+    mesh=None,
+) -> dict:
     """`margins[layer][c]` as in the module docstring, with `monotonic` and least-squares `slope`
     per layer; on a `mesh` as `answer_logprobs` runs there."""
     _check_texts(questions=questions, pos_answers=pos_answers, neg_answers=neg_answers)
     if len(pos_answers) != len(questions) or len(neg_answers) != len(questions):
-        raise InputError(f"{len(questions)} questions, {len(pos_answers)} pos answers and "
-                         f"{len(neg_answers)} neg answers: every question needs one of each")
+        raise InputError(
+            f"{len(questions)} questions, {len(pos_answers)} pos answers and "
+            f"{len(neg_answers)} neg answers: every question needs one of each"
+        )
     _check_coefs(coefs)
     L, D = model.n_layers + 1, model.hidden_size
     if np.shape(vectors_LD) != (L, D):
-        raise InputError(f"vectors_LD has shape {np.shape(vectors_LD)}; {model.model_id} needs "
-                         f"[n_layers+1, D] = [{L}, {D}]")
+        raise InputError(
+            f"vectors_LD has shape {np.shape(vectors_LD)}; {model.model_id} needs "
+            f"[n_layers+1, D] = [{L}, {D}]"
+        )
     layers = list(layers)
     for l in layers:
         if isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not 0 <= l < L:
@@ -117,14 +169,25 @@ def likelihood_margins(model, vectors_LD, layers: Sequence[int], coefs: Sequence
     prompts = [model.chat_text([{"role": "user", "content": q}]) for q in questions]
     result = {"coefs": list(map(float, coefs)), "layers": {}}
     for layer in layers:
-        lp = answer_logprobs(model, prompts * 2, list(pos_answers) + list(neg_answers),
-                             vector=vectors_LD[layer], layer=layer, coefs=coefs, positions=positions,
-                             batch_size=batch_size, mesh=mesh)
+        lp = answer_logprobs(
+            model,
+            prompts * 2,
+            list(pos_answers) + list(neg_answers),
+            vector=vectors_LD[layer],
+            layer=layer,
+            coefs=coefs,
+            positions=positions,
+            batch_size=batch_size,
+            mesh=mesh,
+        )
         n = len(pos_answers)
         margin = (lp[:, :n] - lp[:, n:]).mean(axis=1)
         slope = float(np.polyfit(np.asarray(coefs, float), margin, 1)[0]) if len(coefs) > 1 else 0.0
-        result["layers"][int(layer)] = {"margins": [float(m) for m in margin], "slope": slope,
-                                        "monotonic": bool(np.all(np.diff(margin) > 0))}
+        result["layers"][int(layer)] = {
+            "margins": [float(m) for m in margin],
+            "slope": slope,
+            "monotonic": bool(np.all(np.diff(margin) > 0)),
+        }
     return result
 
 

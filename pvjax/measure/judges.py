@@ -1,9 +1,9 @@
 """LLM-as-judge scoring from next-token logprobs, as in the persona vectors paper.
 
 The judge is asked for a number from 0 to 100 and answers with one token. Rather than reading that
-token, the score is the probability-weighted mean over the integer tokens in its top-k logprobs: this
-is smoother than the argmax (a judge torn between 70 and 90 gives 80, not whichever wins) and it
-exposes refusals and off-format answers as low numeric mass, which become `None` instead of a
+token, the score is the probability-weighted mean over the integer tokens in its top-k logprobs:
+this is smoother than the argmax (a judge torn between 70 and 90 gives 80, not whichever wins) and
+it exposes refusals and off-format answers as low numeric mass, which become `None` instead of a
 made-up number.
 """
 
@@ -52,14 +52,16 @@ def render(rubric: str, question: str, answer: str) -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(0)], rubric)
 
 
-def score_from_logprobs(top_logprobs: dict[str, float] | None, min_mass: float = 0.25) -> float | None:
-    """Probability-weighted mean of the integer tokens 0..100 in `top_logprobs`, renormalised by their
-    total probability.
+def score_from_logprobs(
+    top_logprobs: dict[str, float] | None, min_mass: float = 0.25
+) -> float | None:
+    """Probability-weighted mean of the integer tokens 0..100 in `top_logprobs`, renormalised by
+    their total probability.
 
     Tokens are compared after stripping whitespace (" 85" counts as 85) and the same integer reached
-    by different tokens sums. Returns None when there are no logprobs or the integer tokens carry less
-    than `min_mass` probability: the judge mostly said something else (e.g. REFUSAL), and a mean over
-    a sliver of mass would be noise.
+    by different tokens sums. Returns None when there are no logprobs or the integer tokens carry
+    less than `min_mass` probability: the judge mostly said something else (e.g. REFUSAL), and a
+    mean over a sliver of mass would be noise.
     """
     if not top_logprobs:
         return None
@@ -97,8 +99,11 @@ class JudgeStats:
     @classmethod
     def of(cls, scores: Sequence[float | None]) -> "JudgeStats":
         valid = [s for s in scores if s is not None]
-        return cls(n=len(scores), missing=len(scores) - len(valid),
-                   mean=sum(valid) / len(valid) if valid else None)
+        return cls(
+            n=len(scores),
+            missing=len(scores) - len(valid),
+            mean=sum(valid) / len(valid) if valid else None,
+        )
 
     @property
     def missing_fraction(self) -> float:
@@ -113,8 +118,9 @@ class Judge:
     the same answers free.
     """
 
-    def __init__(self, backend: ChatBackend, rubric: str, *, min_mass: float = 0.25,
-                 top_logprobs: int = 20):
+    def __init__(
+        self, backend: ChatBackend, rubric: str, *, min_mass: float = 0.25, top_logprobs: int = 20
+    ):
         for ph in ("{question}", "{answer}"):
             if ph not in rubric:
                 raise ValueError(f"judge rubric lacks the {ph} placeholder")
@@ -125,11 +131,16 @@ class Judge:
 
     def request(self, question: str, answer: str) -> ChatRequest:
         """The request sent to judge one pair."""
-        return ChatRequest.user(render(self.rubric, question, answer), max_tokens=1, temperature=0.0,
-                                top_logprobs=self.top_logprobs)
+        return ChatRequest.user(
+            render(self.rubric, question, answer),
+            max_tokens=1,
+            temperature=0.0,
+            top_logprobs=self.top_logprobs,
+        )
 
     def score(self, pairs: Sequence[tuple[str, str]], progress: bool = False) -> list[float | None]:
-        """One score per (question, answer) pair, in order; None where the judge gave no usable number."""
+        """One score per (question, answer) pair, in order; None where the judge gave no usable
+        number."""
         requests = [self.request(q, a) for q, a in pairs]
         results = self.backend.chat_many(requests, progress=progress)
         return [score_from_logprobs(r.top_logprobs, self.min_mass) for r in results]

@@ -76,8 +76,11 @@ def read_items(path, limit: int = 0) -> list[Item]:
     `limit`. Raises `MCError` naming the file and line of the first malformed row."""
     p = resolve(str(path))
     if not p.is_file():
-        raise MCError(f"multiple-choice file {str(path)!r} does not exist" if not p.exists()
-                      else f"multiple-choice file {str(path)!r} is not a file")
+        raise MCError(
+            f"multiple-choice file {str(path)!r} does not exist"
+            if not p.exists()
+            else f"multiple-choice file {str(path)!r} is not a file"
+        )
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -88,11 +91,20 @@ def read_items(path, limit: int = 0) -> list[Item]:
         line = reader.line_num
         if not any(cell.strip() for cell in row):
             continue
-        if line == 1 and [c.strip().lower() for c in row] == ["question", "a", "b", "c", "d", "answer"]:
+        if line == 1 and [c.strip().lower() for c in row] == [
+            "question",
+            "a",
+            "b",
+            "c",
+            "d",
+            "answer",
+        ]:
             continue
         if len(row) != 6:
-            raise MCError(f"{p} line {line}: expected 6 columns (question, A, B, C, D, answer letter), "
-                          f"got {len(row)}")
+            raise MCError(
+                f"{p} line {line}: expected 6 columns (question, A, B, C, D, answer letter), "
+                f"got {len(row)}"
+            )
         q, *choices, ans = (c.strip() for c in row)
         if not q:
             raise MCError(f"{p} line {line}: the question is empty")
@@ -109,8 +121,10 @@ def read_items(path, limit: int = 0) -> list[Item]:
 
 def prompt_text(model, item: Item) -> str:
     """The chat-templated prompt, ending where the answer letter comes."""
-    body = "\n".join([INSTRUCTION, "", item.question] +
-                     [f"{letter}. {c}" for letter, c in zip(LETTERS, item.choices)])
+    body = "\n".join(
+        [INSTRUCTION, "", item.question]
+        + [f"{letter}. {c}" for letter, c in zip(LETTERS, item.choices)]
+    )
     return model.chat_text([{"role": "user", "content": body}]) + ANSWER_PREFIX
 
 
@@ -122,22 +136,38 @@ def letter_ids(model) -> np.ndarray:
     out = []
     for letter in LETTERS:
         ids = tok(f"{ANSWER_PREFIX} {letter}", add_special_tokens=False)["input_ids"]
-        if ids[:len(head)] != head or len(ids) != len(head) + 1:
-            raise MCError(f"{model.model_id}'s tokenizer does not write ' {letter}' after "
-                          f"{ANSWER_PREFIX!r} as one token; it cannot be scored by next-token logprobs")
+        if ids[: len(head)] != head or len(ids) != len(head) + 1:
+            raise MCError(
+                f"{model.model_id}'s tokenizer does not write ' {letter}' after "
+                f"{ANSWER_PREFIX!r} as one token; it cannot be scored by next-token logprobs"
+            )
         out.append(ids[-1])
     return np.asarray(out, np.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _letter_logprobs(params, cfg, tokens_BT, mask_BT, positions_BT, iv, letters_4):
-    out = decoder.forward(params, cfg, Scanned(), tokens_BT, positions_BT, mask_BT, intervention=iv,
-                          capture=Capture(logits="last", hidden=False))
+    out = decoder.forward(
+        params,
+        cfg,
+        Scanned(),
+        tokens_BT,
+        positions_BT,
+        mask_BT,
+        intervention=iv,
+        capture=Capture(logits="last", hidden=False),
+    )
     return jax.nn.log_softmax(out.logits[:, -1], axis=-1)[:, letters_4]
 
 
-def score(model, items, *, intervention: ivs.Intervention | None = None, positions: str = "all",
-          batch_size: int = 16) -> np.ndarray:
+def score(
+    model,
+    items,
+    *,
+    intervention: ivs.Intervention | None = None,
+    positions: str = "all",
+    batch_size: int = 16,
+) -> np.ndarray:
     """Letter log-probabilities `[S, N, 4]` of every item under every setting: `intervention` has
     batch S (one row per setting) or is None (S = 1, unsteered). Steering applies on `positions`
     (`all`, `prompt`: every prompt token, `response`: the last prompt token only, where the letter
@@ -148,25 +178,40 @@ def score(model, items, *, intervention: ivs.Intervention | None = None, positio
     iv = ivs.empty(L, D) if intervention is None else intervention
     S = iv.steer_vectors.shape[1]
     letters = jnp.asarray(letter_ids(model))
-    seqs = [model.tokenizer(prompt_text(model, it), add_special_tokens=False)["input_ids"] for it in items]
+    seqs = [
+        model.tokenizer(prompt_text(model, it), add_special_tokens=False)["input_ids"]
+        for it in items
+    ]
     ctx = model.config.max_position_embeddings
     for it, s in zip(items, seqs):
         if len(s) > ctx:
-            raise MCError(f"item on line {it.line} holds {len(s)} tokens, past the context of "
-                          f"{model.model_id} ({ctx})")
+            raise MCError(
+                f"item on line {it.line} holds {len(s)} tokens, past the context of "
+                f"{model.model_id} ({ctx})"
+            )
     # Rows (setting, item), longest items first so that each batch pads to its own longest prompt.
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     rows = [(s, i) for i in order for s in range(S)]
     out = np.zeros((S, len(seqs), len(LETTERS)), np.float32)
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         T = -(-max(len(seqs[i]) for _, i in chunk) // 32) * 32
         tokens, mask = left_pad([seqs[i] for _, i in chunk], T, batch_size)
         setting = np.array([s for s, _ in chunk] + [0] * (batch_size - len(chunk)))
-        row_iv = take(iv, setting).with_masks(ivs.position_mask(positions, mask, T),
-                                              jnp.asarray(mask, jnp.float32))
-        lp = np.asarray(_letter_logprobs(model.params, model.config, jnp.asarray(tokens), jnp.asarray(mask),
-                                         default_positions(mask), row_iv, letters))
+        row_iv = take(iv, setting).with_masks(
+            ivs.position_mask(positions, mask, T), jnp.asarray(mask, jnp.float32)
+        )
+        lp = np.asarray(
+            _letter_logprobs(
+                model.params,
+                model.config,
+                jnp.asarray(tokens),
+                jnp.asarray(mask),
+                default_positions(mask),
+                row_iv,
+                letters,
+            )
+        )
         for b, (s, i) in enumerate(chunk):
             out[s, i] = lp[b]
     return out
@@ -179,7 +224,8 @@ def accuracy(logprobs_SN4: np.ndarray, items) -> np.ndarray:
 
 
 def p_correct(logprobs_SN4: np.ndarray, items) -> np.ndarray:
-    """Mean probability of the right letter, renormalised over the four letters, per setting `[S]`."""
+    """Mean probability of the right letter, renormalised over the four letters, per setting
+    `[S]`."""
     answers = np.asarray([it.answer for it in items])
     p = np.exp(logprobs_SN4 - logprobs_SN4.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)

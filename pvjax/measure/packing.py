@@ -58,8 +58,9 @@ def _batch_rows(n_rows: int, rows_per_batch: int) -> list[int]:
     return [rows_per_batch] * full + ([1 << (rest - 1).bit_length()] if rest else [])
 
 
-def choose_width(lengths: Sequence[int], rows_per_batch: int, *, step: int = 32,
-                 widest: int = 512) -> int:
+def choose_width(
+    lengths: Sequence[int], rows_per_batch: int, *, step: int = 32, widest: int = 512
+) -> int:
     """The row width that wastes least: fewest computed slots, each weighted by its attention
     cost, which grows with the width (about a seventh of a slot's work at 256 on CPU). Candidates
     are multiples of `step` from the longest sequence up to `widest` (or twice the longest)."""
@@ -78,8 +79,14 @@ def _least_waste(lengths, rows_per_batch, step=32, widest=512):
     return best[1:]
 
 
-def pack(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, width: int | None = None,
-         rows_per_batch: int = 8, max_segments: int | None = None) -> list[PackedBatch]:
+def pack(
+    seqs: Sequence[Sequence[int]],
+    prompt_lens: Sequence[int],
+    *,
+    width: int | None = None,
+    rows_per_batch: int = 8,
+    max_segments: int | None = None,
+) -> list[PackedBatch]:
     """Pack token sequences (prompt then response) into batches of `rows_per_batch` rows.
 
     `width` None picks the least wasteful one (`choose_width`); a given width grows to the longest
@@ -109,15 +116,15 @@ def pack(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, width: in
         pos = np.zeros((R, width), np.int32)
         w = np.zeros((R, 3 * S, width), np.float32)
         members = []
-        for r, row in enumerate(rows[b:b + rows_per_batch]):
+        for r, row in enumerate(rows[b : b + rows_per_batch]):
             start = 0
             for slot, i in enumerate(row):
                 n, p = lengths[i], prompt_lens[i]
                 sl = slice(start, start + n)
                 tokens[r, sl], seg[r, sl], pos[r, sl] = seqs[i], slot + 1, np.arange(n)
                 if n > p:
-                    w[r, 3 * slot, start + p:start + n] = 1.0 / (n - p)
-                w[r, 3 * slot + 1, start:start + p] = 1.0 / p
+                    w[r, 3 * slot, start + p : start + n] = 1.0 / (n - p)
+                w[r, 3 * slot + 1, start : start + p] = 1.0 / p
                 w[r, 3 * slot + 2, start + p - 1] = 1.0
                 members.append((i, r, slot))
                 start += n
@@ -125,39 +132,60 @@ def pack(seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int], *, width: in
     return batches
 
 
-def pooled_activations(model, seqs, prompt_lens, *, width: int | None = None, rows_per_batch: int = 8,
-                       progress=None, mesh=None) -> np.ndarray:
+def pooled_activations(
+    model,
+    seqs,
+    prompt_lens,
+    *,
+    width: int | None = None,
+    rows_per_batch: int = 8,
+    progress=None,
+    mesh=None,
+) -> np.ndarray:
     """Per-sequence pooled activations `[N, L, 3, D]` (poolings in `POOLINGS` order), float32.
 
     A sequence with no response tokens gets a zero response mean. `progress(n_done)` is called after
-    each batch, for progress bars. On a `mesh` (`pvjax.parallel.sharding.make_mesh`) the packed rows of each
-    batch are split over "data" (padded with empty rows to a multiple of it) and the parameters laid
-    out by `pvjax.parallel.sharding`'s rule table; the pooling stays inside the sharded program, so only
+    each batch, for progress bars. On a `mesh` (`pvjax.parallel.sharding.make_mesh`) the packed rows
+    of each batch are split over "data" (padded with empty rows to a multiple of it) and the
+    parameters laid out by `pvjax.parallel.sharding`'s rule table; the pooling stays inside the
+    sharded program, so only
     `[L, R, 3S, D]` comes back. The numbers equal one device's up to float summation order.
     """
-    from pvjax.parallel import sharding
     from pvjax.model import activations
+    from pvjax.parallel import sharding
 
     seqs = inputs.token_lists(seqs, model.config.vocab_size)
     longest = max(map(len, seqs), default=0)
     if longest > model.config.max_position_embeddings:
-        raise InputError(f"sequence {max(range(len(seqs)), key=lambda i: len(seqs[i]))} has {longest} "
-                         f"tokens, past the context window of {model.model_id} "
-                         f"({model.config.max_position_embeddings})")
+        raise InputError(
+            f"sequence {max(range(len(seqs)), key=lambda i: len(seqs[i]))} has {longest} "
+            f"tokens, past the context window of {model.model_id} "
+            f"({model.config.max_position_embeddings})"
+        )
     if mesh is not None:
         model = sharding.on_mesh(model, mesh)
     out = None
     for batch in pack(seqs, prompt_lens, width=width, rows_per_batch=rows_per_batch):
-        rows = [_pad_rows(x, sharding.pad_batch(len(x), mesh)) for x in
-                (batch.tokens, batch.positions, batch.segment_ids, batch.pool_weights)]
+        rows = [
+            _pad_rows(x, sharding.pad_batch(len(x), mesh))
+            for x in (batch.tokens, batch.positions, batch.segment_ids, batch.pool_weights)
+        ]
         tokens, positions, segment_ids, weights = (sharding.put_rows(x, mesh) for x in rows)
-        pooled = activations(model, tokens, positions=positions, segment_ids=segment_ids,
-                             pool_weights=weights, hidden=False).pooled  # [L, R, 3S, D]
+        pooled = activations(
+            model,
+            tokens,
+            positions=positions,
+            segment_ids=segment_ids,
+            pool_weights=weights,
+            hidden=False,
+        ).pooled  # [L, R, 3S, D]
         pooled = np.asarray(jax.device_get(pooled))
         if out is None:
-            out = np.zeros((len(seqs), pooled.shape[0], len(POOLINGS), pooled.shape[-1]), np.float32)
+            out = np.zeros(
+                (len(seqs), pooled.shape[0], len(POOLINGS), pooled.shape[-1]), np.float32
+            )
         for i, r, slot in batch.members:
-            out[i] = pooled[:, r, 3 * slot:3 * slot + 3]
+            out[i] = pooled[:, r, 3 * slot : 3 * slot + 3]
         if progress is not None:
             progress(len(batch.members))
     return out

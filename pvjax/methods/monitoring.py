@@ -6,13 +6,14 @@ resamples.
 The paper's monitoring signal is the residual at the last prompt token (the position whose logits
 start the answer), projected onto the unit persona vector of each layer, read before any token is
 generated. This module computes it with the engine's packed, pooled forward
-(`pvjax.measure.packing.pooled_activations`, the `prompt_last` pooling), measures how well it predicts a
-trait score (Pearson r with a seeded percentile bootstrap interval; AUROC), and calibrates a
-monitor: one layer, one threshold chosen by a stated rule, saved as JSON beside the vector file
-(`monitor_path`) with the model's and the vector's identity, so it is never read against another.
+(`pvjax.measure.packing.pooled_activations`, the `prompt_last` pooling), measures how well it
+predicts a trait score (Pearson r with a seeded percentile bootstrap interval; AUROC), and
+calibrates a monitor: one layer, one threshold chosen by a stated rule, saved as JSON beside the
+vector file (`monitor_path`) with the model's and the vector's identity, so it is never read against
+another.
 
-Undefined statistics are errors that say why (`UndefinedStatistic`): r of fewer than 3 points or of a
-constant side (the embeddings row, layer 0, is constant whenever every prompt ends on the same
+Undefined statistics are errors that say why (`UndefinedStatistic`): r of fewer than 3 points or of
+a constant side (the embeddings row, layer 0, is constant whenever every prompt ends on the same
 token, as chat templates make them), AUROC with one class empty.
 """
 
@@ -27,7 +28,6 @@ from typing import Sequence
 
 import numpy as np
 
-from pvjax.errors import UserError
 from pvjax.measure.stats import (  # noqa: F401  (monitoring's statistics, under their old names)
     Correlation,
     StatisticError,
@@ -53,34 +53,43 @@ class MonitorError(StatisticError):
 # The signal
 
 
-def prompt_ids(model, prompts: Sequence, *, system: str | None = None, chat: bool = True) -> list[list[int]]:
-    """Token ids of prompts exactly as `pvjax.engine.generate.generate` feeds them (same template, same
-    special-token rule), so a projection computed here is the one generation starts from."""
+def prompt_ids(
+    model, prompts: Sequence, *, system: str | None = None, chat: bool = True
+) -> list[list[int]]:
+    """Token ids of prompts exactly as `pvjax.engine.generate.generate` feeds them (same template,
+    same special-token rule), so a projection computed here is the one generation starts from."""
     from pvjax.engine.generate import render_prompts
 
     texts = render_prompts(model, prompts, system=system, chat=chat)
     return [model.tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
 
 
-def last_prompt_projections(model, ids: Sequence[Sequence[int]], vector_LD, *, rows_per_batch: int = 8,
-                            chunk: int = 256) -> np.ndarray:
-    """`[N, L]`: the hidden state of each prompt's last token at every layer (row 0 embeddings, row l
-    the output of block l, the last after the final norm), projected onto the unit vector of that
+def last_prompt_projections(
+    model, ids: Sequence[Sequence[int]], vector_LD, *, rows_per_batch: int = 8, chunk: int = 256
+) -> np.ndarray:
+    """`[N, L]`: the hidden state of each prompt's last token at every layer (row 0 embeddings, row
+    l the output of block l, the last after the final norm), projected onto the unit vector of that
     layer. One packed forward per `chunk` prompts, no LM head, no generation."""
     from pvjax.capture import POOLINGS
     from pvjax.measure.packing import pooled_activations
 
     L, D = model.n_layers + 1, model.hidden_size
     if np.shape(vector_LD) != (L, D):
-        raise MonitorError(f"vector has shape {np.shape(vector_LD)}; {model.model_id} needs "
-                           f"[n_layers+1, D] = [{L}, {D}]")
+        raise MonitorError(
+            f"vector has shape {np.shape(vector_LD)}; {model.model_id} needs "
+            f"[n_layers+1, D] = [{L}, {D}]"
+        )
     u_LD = unit_rows(vector_LD)
     last = POOLINGS.index("prompt_last")
     out = []
     for s in range(0, len(ids), chunk):
-        part = [list(x) for x in ids[s:s + chunk]]
-        pooled = pooled_activations(model, part, [len(x) for x in part], rows_per_batch=rows_per_batch)
-        out.append(np.einsum("nld,ld->nl", pooled[:, :, last].astype(np.float64), u_LD.astype(np.float64)))
+        part = [list(x) for x in ids[s : s + chunk]]
+        pooled = pooled_activations(
+            model, part, [len(x) for x in part], rows_per_batch=rows_per_batch
+        )
+        out.append(
+            np.einsum("nld,ld->nl", pooled[:, :, last].astype(np.float64), u_LD.astype(np.float64))
+        )
     if not out:
         raise MonitorError("no prompts to project")
     return np.concatenate(out).astype(np.float32)
@@ -90,8 +99,9 @@ def last_prompt_projections(model, ids: Sequence[Sequence[int]], vector_LD, *, r
 # Statistics
 
 
-def correlation_by_layer(proj_NL, scores_N, *, n_boot: int = 1000, level: float = 0.95,
-                         seed: int = 0) -> list[dict]:
+def correlation_by_layer(
+    proj_NL, scores_N, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> list[dict]:
     """One row per layer: `layer, r, r_low, r_high, n, note`; r and its interval are None, and
     `note` says why, where they are undefined (every layer is resampled with the same indices)."""
     proj_NL = np.asarray(proj_NL, np.float64)
@@ -102,12 +112,16 @@ def correlation_by_layer(proj_NL, scores_N, *, n_boot: int = 1000, level: float 
             c = bootstrap_pearson(proj_NL[:, l], scores_N, n_boot=n_boot, level=level, seed=seed)
             row.update(r=c.r, r_low=c.low, r_high=c.high)
         except UndefinedStatistic as e:
-            row["note"] = str(e).replace(": x is", ": the projection is").replace(": y is", ": the score is")
+            row["note"] = (
+                str(e).replace(": x is", ": the projection is").replace(": y is", ": the score is")
+            )
         rows.append(row)
     return rows
 
 
-def choose_threshold(scores, labels, rule: str = "youden", target_fpr: float = 0.1) -> tuple[float, float, float]:
+def choose_threshold(
+    scores, labels, rule: str = "youden", target_fpr: float = 0.1
+) -> tuple[float, float, float]:
     """`(threshold, tpr, fpr)` of the decision `score >= threshold` picked by `rule`:
 
     - `youden`: the largest Youden's J = TPR - FPR;
@@ -130,18 +144,22 @@ def choose_threshold(scores, labels, rule: str = "youden", target_fpr: float = 0
 
 
 def vector_sha256(vector_LD) -> str:
-    """A hash of the whole vector (shape and float32 bytes): a monitor knows which vector it read."""
+    """A hash of the whole vector (shape and float32 bytes): a monitor knows which vector it
+    read."""
     v = np.ascontiguousarray(vector_LD, np.float32)
     return hashlib.sha256(repr(v.shape).encode() + v.tobytes()).hexdigest()
 
 
 def monitor_path(vector_spec: str) -> Path:
     """Where the monitor of `FILE[:KEY]` lives: beside FILE, `<stem>.<KEY>.monitor.json` (KEY
-    resolved as `pvjax.files.vectors.read_vector` does: `response_avg_diff`, or `vector` for a `.pt`)."""
+    resolved as `pvjax.files.vectors.read_vector` does: `response_avg_diff`, or `vector` for a
+    `.pt`)."""
     from pvjax.files.vectors import KEYS, split_spec
 
     path, key = split_spec(vector_spec)
-    return path.with_name(f"{path.stem}.{key or ('vector' if path.suffix == '.pt' else KEYS[0])}.monitor.json")
+    return path.with_name(
+        f"{path.stem}.{key or ('vector' if path.suffix == '.pt' else KEYS[0])}.monitor.json"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,16 +204,29 @@ class Monitor:
         return last_prompt_projections(model, ids, v)[:, self.layer]
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, **dataclasses.asdict(self), "direction": [float(x) for x in self.direction],
-                "flag_rule": "projection >= threshold"}
+        return {
+            "format": FORMAT,
+            **dataclasses.asdict(self),
+            "direction": [float(x) for x in self.direction],
+            "flag_rule": "projection >= threshold",
+        }
 
 
-def calibrate(proj_NL, scores_N, labels_N, *, choice: VectorChoice, model, meaning: ScoreMeaning,
-              thresholding: ThresholdRule = ThresholdRule(), bootstrap: Bootstrap = Bootstrap()) -> Monitor:
-    """The monitor of the projections `[N, L]` (onto `choice.vector`, recorded with its spec) against
-    trait scores `[N]` (for r, with its `bootstrap` interval) and labels `[N]` (trait expressed or
-    not, for AUROC and the threshold `thresholding` picks): at `choice.layer`, or, when None, at the layer with the
-    largest defined r (the stated rule; ties to the shallower layer)."""
+def calibrate(
+    proj_NL,
+    scores_N,
+    labels_N,
+    *,
+    choice: VectorChoice,
+    model,
+    meaning: ScoreMeaning,
+    thresholding: ThresholdRule = ThresholdRule(),
+    bootstrap: Bootstrap = Bootstrap(),
+) -> Monitor:
+    """The monitor of the projections `[N, L]` (onto `choice.vector`, recorded with its spec)
+    against trait scores `[N]` (for r, with its `bootstrap` interval) and labels `[N]` (trait
+    expressed or not, for AUROC and the threshold `thresholding` picks): at `choice.layer`, or, when
+    None, at the layer with the largest defined r (the stated rule; ties to the shallower layer)."""
     import pvjax
 
     vector_LD, layer, b = choice.vector, choice.layer, bootstrap
@@ -213,19 +244,39 @@ def calibrate(proj_NL, scores_N, labels_N, *, choice: VectorChoice, model, meani
             raise UndefinedStatistic("no layer has a defined r: cannot pick the monitor's layer")
         layer = -max(rs)[1]
     if not 0 <= layer < proj_NL.shape[1]:
-        raise MonitorError(f"monitor layer {layer} is not a hidden_states index in 0..{proj_NL.shape[1] - 1}")
+        raise MonitorError(
+            f"monitor layer {layer} is not a hidden_states index in 0..{proj_NL.shape[1] - 1}"
+        )
     x = proj_NL[:, layer]
     c = bootstrap_pearson(x, scores_N, n_boot=b.n, level=b.level, seed=b.seed)
     threshold, tpr, fpr = choose_threshold(x, labels_N, rule, target_fpr)
-    return Monitor(layer=int(layer), threshold=threshold, direction=tuple(map(float, unit_rows(vector_LD)[layer])),
-                   rule=rule, target_fpr=float(target_fpr), auroc=auroc(x, labels_N), r=c.r, r_low=c.low,
-                   r_high=c.high, tpr=tpr, fpr=fpr, n=len(x), n_pos=int(labels_N.sum()),
-                   n_neg=int((~labels_N).sum()), label=meaning.label, score_kind=meaning.kind, trait=meaning.trait,
-                   model_id=model.model_id, model_fingerprint=model.config.fingerprint(),
-                   n_layers=model.n_layers, hidden_size=model.hidden_size, vector=str(choice.spec),
-                   vector_sha256=vector_sha256(vector_LD),
-                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   pvjax_version=pvjax.__version__)
+    return Monitor(
+        layer=int(layer),
+        threshold=threshold,
+        direction=tuple(map(float, unit_rows(vector_LD)[layer])),
+        rule=rule,
+        target_fpr=float(target_fpr),
+        auroc=auroc(x, labels_N),
+        r=c.r,
+        r_low=c.low,
+        r_high=c.high,
+        tpr=tpr,
+        fpr=fpr,
+        n=len(x),
+        n_pos=int(labels_N.sum()),
+        n_neg=int((~labels_N).sum()),
+        label=meaning.label,
+        score_kind=meaning.kind,
+        trait=meaning.trait,
+        model_id=model.model_id,
+        model_fingerprint=model.config.fingerprint(),
+        n_layers=model.n_layers,
+        hidden_size=model.hidden_size,
+        vector=str(choice.spec),
+        vector_sha256=vector_sha256(vector_LD),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        pvjax_version=pvjax.__version__,
+    )
 
 
 def save_monitor(path, monitor: Monitor) -> Path:
@@ -241,44 +292,69 @@ def load_monitor(path, model=None, *, vector_LD=None) -> Monitor:
     if path.is_dir():
         raise MonitorError(f"monitor file {path} is a directory")
     if not path.is_file():
-        raise MonitorError(f"monitor file {path} does not exist (the monitoring study writes "
-                           "<vector stem>.<key>.monitor.json beside the vector)")
+        raise MonitorError(
+            f"monitor file {path} does not exist (the monitoring study writes "
+            "<vector stem>.<key>.monitor.json beside the vector)"
+        )
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MonitorError(f"{path}: not a JSON monitor file ({e})") from None
     if not isinstance(d, dict) or d.get("format") != FORMAT:
-        raise MonitorError(f"{path}: not a pvjax monitor file (format {d.get('format') if isinstance(d, dict) else None!r}, "
-                           f"expected {FORMAT!r})")
+        raise MonitorError(
+            f"{path}: not a pvjax monitor file (format "
+            f"{d.get('format') if isinstance(d, dict) else None!r}, "
+            f"expected {FORMAT!r})"
+        )
     fields = {f.name: f for f in dataclasses.fields(Monitor)}
     missing = [k for k, f in fields.items() if k not in d and f.default is dataclasses.MISSING]
     if missing:
         raise MonitorError(f"{path}: lacks the fields {missing}")
     try:
         m = Monitor(**{k: d[k] for k in fields if k in d})
-        m = dataclasses.replace(m, direction=tuple(float(x) for x in m.direction), layer=int(m.layer),
-                                threshold=float(m.threshold))
+        m = dataclasses.replace(
+            m,
+            direction=tuple(float(x) for x in m.direction),
+            layer=int(m.layer),
+            threshold=float(m.threshold),
+        )
     except (TypeError, ValueError) as e:
         raise MonitorError(f"{path}: malformed field ({e})") from None
-    if len(m.direction) != m.hidden_size or not np.all(np.isfinite(m.direction)) or not np.isfinite(m.threshold):
-        raise MonitorError(f"{path}: direction must hold {m.hidden_size} finite numbers and the threshold be finite")
+    if (
+        len(m.direction) != m.hidden_size
+        or not np.all(np.isfinite(m.direction))
+        or not np.isfinite(m.threshold)
+    ):
+        raise MonitorError(
+            f"{path}: direction must hold {m.hidden_size} finite numbers and the threshold be "
+            "finite"
+        )
     if not 0 <= m.layer <= m.n_layers:
-        raise MonitorError(f"{path}: layer {m.layer} is not a hidden_states index in 0..{m.n_layers}")
+        raise MonitorError(
+            f"{path}: layer {m.layer} is not a hidden_states index in 0..{m.n_layers}"
+        )
     if model is not None:
         check_fits(m, model, path)
     if vector_LD is not None and vector_sha256(vector_LD) != m.vector_sha256:
-        raise MonitorError(f"{path} was calibrated on another vector ({m.vector}, sha256 {m.vector_sha256[:12]}), "
-                           f"not this one (sha256 {vector_sha256(vector_LD)[:12]}); rerun the monitoring study "
-                           "for this vector")
+        raise MonitorError(
+            f"{path} was calibrated on another vector ({m.vector}, sha256 {m.vector_sha256[:12]}), "
+            f"not this one (sha256 {vector_sha256(vector_LD)[:12]}); rerun the monitoring study "
+            "for this vector"
+        )
     return m
 
 
 def check_fits(m: Monitor, model, path="monitor") -> None:
     """Refuse a monitor calibrated on a model of another shape, naming both."""
-    if m.model_fingerprint != model.config.fingerprint() or m.n_layers != model.n_layers \
-            or m.hidden_size != model.hidden_size:
-        raise MonitorError(f"{path} was calibrated on {m.model_id} ({m.n_layers} layers, width {m.hidden_size}); "
-                           f"it does not fit {model.model_id} ({model.n_layers} layers, width {model.hidden_size})")
+    if (
+        m.model_fingerprint != model.config.fingerprint()
+        or m.n_layers != model.n_layers
+        or m.hidden_size != model.hidden_size
+    ):
+        raise MonitorError(
+            f"{path} was calibrated on {m.model_id} ({m.n_layers} layers, width {m.hidden_size}); "
+            f"it does not fit {model.model_id} ({model.n_layers} layers, width {model.hidden_size})"
+        )
 
 
 def attach_monitor(file=None, vector_spec=None, model=None, vector_LD=None):

@@ -12,8 +12,8 @@ import json
 import re
 from typing import Sequence
 
-from pvjax.llm.base import ChatBackend, ChatRequest
 from pvjax.files.traits import Trait, TraitError, check_disjoint
+from pvjax.llm.base import ChatBackend, ChatRequest
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n(.*?)```", re.DOTALL)
 
@@ -53,7 +53,9 @@ class TraitGenError(RuntimeError):
     def __init__(self, name: str, errors: Sequence[str]):
         self.errors = list(errors)
         lines = "\n".join(f"  attempt {i + 1}: {e}" for i, e in enumerate(self.errors))
-        super().__init__(f"could not generate trait {name!r} in {len(self.errors)} attempts:\n{lines}")
+        super().__init__(
+            f"could not generate trait {name!r} in {len(self.errors)} attempts:\n{lines}"
+        )
 
 
 def extract_json(text: str) -> object:
@@ -63,7 +65,7 @@ def extract_json(text: str) -> object:
     candidates += [m.group(1).strip() for m in _FENCE.finditer(text)]
     start, end = text.find("{"), text.rfind("}")
     if 0 <= start < end:
-        candidates.append(text[start:end + 1])
+        candidates.append(text[start : end + 1])
     first_error = None
     for c in candidates:
         try:
@@ -72,16 +74,19 @@ def extract_json(text: str) -> object:
             first_error = first_error or e
     if first_error is None or not text.strip():
         raise ValueError("the reply was empty")
-    raise ValueError(f"the reply is not valid JSON ({first_error.msg} at line {first_error.lineno} "
-                     f"column {first_error.colno})")
+    raise ValueError(
+        f"the reply is not valid JSON ({first_error.msg} at line {first_error.lineno} "
+        f"column {first_error.colno})"
+    )
 
 
-def parse_trait(text: str, name: str, description: str, n_pairs: int,
-                n_questions: int) -> tuple[Trait, Trait]:
+def parse_trait(
+    text: str, name: str, description: str, n_pairs: int, n_questions: int
+) -> tuple[Trait, Trait]:
     """(extract, eval) traits from a model reply, or ValueError/TraitError saying what is wrong.
 
-    Fewer items than asked is an error; extra items are dropped (the reply is otherwise usable, and a
-    retry costs a full generation). The questions are split in half, first half for extraction.
+    Fewer items than asked is an error; extra items are dropped (the reply is otherwise usable, and
+    a retry costs a full generation). The questions are split in half, first half for extraction.
     """
     data = extract_json(text)
     trait = Trait.from_dict(data, name, "generated trait")
@@ -91,11 +96,20 @@ def parse_trait(text: str, name: str, description: str, n_pairs: int,
         raise TraitError(f"questions has {len(trait.questions)} entries, expected {n_questions}")
     for ph in ("{question}", "{answer}"):
         if trait.eval_prompt.count(ph) != 1:
-            raise TraitError(f"eval_prompt must contain {ph} exactly once, "
-                             f"found it {trait.eval_prompt.count(ph)} times")
-    trait = Trait(name, trait.instruction[:n_pairs], trait.questions[:n_questions], trait.eval_prompt,
-                  description)
-    trait.validate(min_pairs=n_pairs, min_questions=n_questions)  # empties, duplicates, placeholders
+            raise TraitError(
+                f"eval_prompt must contain {ph} exactly once, "
+                f"found it {trait.eval_prompt.count(ph)} times"
+            )
+    trait = Trait(
+        name,
+        trait.instruction[:n_pairs],
+        trait.questions[:n_questions],
+        trait.eval_prompt,
+        description,
+    )
+    trait.validate(
+        min_pairs=n_pairs, min_questions=n_questions
+    )  # empties, duplicates, placeholders
     half = n_questions // 2
     extract = Trait(name, trait.instruction, trait.questions[:half], trait.eval_prompt, description)
     eval_ = Trait(name, trait.instruction, trait.questions[half:], trait.eval_prompt, description)
@@ -103,9 +117,17 @@ def parse_trait(text: str, name: str, description: str, n_pairs: int,
     return extract, eval_
 
 
-def generate_trait(backend: ChatBackend, name: str, description: str, *, n_pairs: int = 5,
-                   n_questions: int = 40, max_attempts: int = 3, temperature: float = 1.0,
-                   max_tokens: int = 4000) -> tuple[Trait, Trait]:
+def generate_trait(
+    backend: ChatBackend,
+    name: str,
+    description: str,
+    *,
+    n_pairs: int = 5,
+    n_questions: int = 40,
+    max_attempts: int = 3,
+    temperature: float = 1.0,
+    max_tokens: int = 4000,
+) -> tuple[Trait, Trait]:
     """Generate the (extract, eval) splits of a new trait, each holding all `n_pairs` instruction
     pairs and half of the `n_questions` questions (disjoint), both passing `Trait.validate`.
 
@@ -117,12 +139,15 @@ def generate_trait(backend: ChatBackend, name: str, description: str, *, n_pairs
         raise ValueError("need at least 1 pair and 2 questions (one per split)")
     if not description.strip():
         raise ValueError("the trait description is empty; it is all the model has to go on")
-    prompt = GENERATION_PROMPT.format(name=name, description=description.strip(), n_pairs=n_pairs,
-                                      n_questions=n_questions)
+    prompt = GENERATION_PROMPT.format(
+        name=name, description=description.strip(), n_pairs=n_pairs, n_questions=n_questions
+    )
     messages: list[tuple[str, str]] = [("user", prompt)]
     errors: list[str] = []
     for _ in range(max_attempts):
-        request = ChatRequest(messages=tuple(messages), max_tokens=max_tokens, temperature=temperature)
+        request = ChatRequest(
+            messages=tuple(messages), max_tokens=max_tokens, temperature=temperature
+        )
         reply = backend.chat_many([request])[0].text
         try:
             return parse_trait(reply, name, description.strip(), n_pairs, n_questions)

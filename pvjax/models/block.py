@@ -14,7 +14,9 @@ from pvjax.models.config import ModelConfig
 from pvjax.models.low_rank import LowRank
 from pvjax.models.rope import apply_rope
 
-_MASKED = -1e30  # finite, so fully padded query rows give garbage, not NaN that could leak into sums
+_MASKED = (
+    -1e30
+)  # finite, so fully padded query rows give garbage, not NaN that could leak into sums
 
 
 def rms_norm(x, w, eps):
@@ -32,7 +34,9 @@ def attention(q_BTHE, k_BKES, v_BKSE, mask_BTS):
     K, S = k_BKES.shape[1], k_BKES.shape[3]
     G = H // K
     q = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
-    s = jnp.einsum("bkqe,bkes->bkqs", q, k_BKES).astype(jnp.float32).reshape(B, K, G, T, S) * (E ** -0.5)
+    s = jnp.einsum("bkqe,bkes->bkqs", q, k_BKES).astype(jnp.float32).reshape(B, K, G, T, S) * (
+        E**-0.5
+    )
     s = jnp.where(mask_BTS[:, None, None], s, _MASKED)
     e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     o = jnp.einsum("bkqs,bkse->bkqe", e.reshape(B, K, G * T, S).astype(v_BKSE.dtype), v_BKSE)
@@ -59,7 +63,7 @@ def one_token_attention(q_BTHE, k_NES, v_NSE, mask_BTS):
     N = k_NES.shape[0]
     K = N // B
     q = q_BTHE.reshape(N, H // K, E)
-    s = jnp.einsum("nge,nes->ngs", q, k_NES).astype(jnp.float32) * (E ** -0.5)
+    s = jnp.einsum("nge,nes->ngs", q, k_NES).astype(jnp.float32) * (E**-0.5)
     mask = jnp.repeat(mask_BTS, K, axis=0)  # [N, 1, S]
     s = jnp.where(mask, s, _MASKED)
     p = jax.nn.softmax(s, axis=-1).astype(v_NSE.dtype)
@@ -73,7 +77,9 @@ def matmul(x, w_IO):
     if isinstance(w_IO, PackedWeight):
         return (x @ w_IO).astype(x.dtype)
     if isinstance(w_IO, LowRank):  # LoRA in training: x @ W + s (x @ A) @ B, W never updated
-        return matmul(x, w_IO.base) + (matmul(matmul(x, w_IO.a), w_IO.b) * w_IO.scale).astype(x.dtype)
+        return matmul(x, w_IO.base) + (matmul(matmul(x, w_IO.a), w_IO.b) * w_IO.scale).astype(
+            x.dtype
+        )
     y = x.reshape(-1, x.shape[-1]) @ w_IO
     return y.reshape(x.shape[:-1] + y.shape[-1:])
 
@@ -88,7 +94,7 @@ def block(cfg: ModelConfig, fused: bool, lp, h, cos, sin, attend):
     if fused:
         qkv = matmul(x, lp["wqkv"]) + (lp["bqkv"] if cfg.qkv_bias else 0)
         nq, nk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+        q, k, v = qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
     else:
         q, k, v = matmul(x, lp["wq"]), matmul(x, lp["wk"]), matmul(x, lp["wv"])
         if cfg.qkv_bias:
@@ -101,7 +107,7 @@ def block(cfg: ModelConfig, fused: bool, lp, h, cos, sin, attend):
     x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
     if fused:
         gu = matmul(x, lp["w_gate_up"])
-        gate, up = gu[..., :cfg.intermediate_size], gu[..., cfg.intermediate_size:]
+        gate, up = gu[..., : cfg.intermediate_size], gu[..., cfg.intermediate_size :]
         h = h + matmul(jax.nn.silu(gate) * up, lp["w_down"])
     else:
         h = h + matmul(jax.nn.silu(matmul(x, lp["w_gate"])) * matmul(x, lp["w_up"]), lp["w_down"])

@@ -49,13 +49,19 @@ class ModelConfig:
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
-                f"unknown architecture {self.architecture!r}; pvjax supports {SUPPORTED_ARCHITECTURES}")
+                f"unknown architecture {self.architecture!r}; pvjax supports "
+                f"{SUPPORTED_ARCHITECTURES}"
+            )
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(f"unsupported rope_scaling type {self.rope_type!r}; "
-                              f"supported: {SUPPORTED_ROPE_TYPES}")
+            raise ConfigError(
+                f"unsupported rope_scaling type {self.rope_type!r}; "
+                f"supported: {SUPPORTED_ROPE_TYPES}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
-                              f"num_key_value_heads={self.num_kv_heads}")
+            raise ConfigError(
+                f"num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}"
+            )
 
     @property
     def rope_params(self) -> dict[str, float]:
@@ -67,8 +73,16 @@ class ModelConfig:
         Two checkpoints with the same fingerprint have the same shapes and layer count; vector files
         carry it so a vector is not silently applied to another model.
         """
-        keys = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                "num_heads", "num_kv_heads", "head_dim")
+        keys = (
+            "architecture",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        )
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -83,8 +97,10 @@ class ModelConfig:
             archs = cfg.get("architectures") or []
             raise ConfigError(f"config.json has no 'model_type' (architectures={archs})")
         if model_type not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(f"unknown architecture model_type={model_type!r} in config.json; "
-                              f"pvjax supports {SUPPORTED_ARCHITECTURES}")
+            raise ConfigError(
+                f"unknown architecture model_type={model_type!r} in config.json; "
+                f"pvjax supports {SUPPORTED_ARCHITECTURES}"
+            )
 
         def need(key):
             if key not in cfg:
@@ -108,8 +124,13 @@ class ModelConfig:
             raise ConfigError(f"hidden_act={cfg.get('hidden_act')!r} is not supported (only silu)")
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-        scaling_items = tuple(sorted((k, float(v)) for k, v in rope.items()
-                                     if isinstance(v, (int, float)) and not isinstance(v, bool)))
+        scaling_items = tuple(
+            sorted(
+                (k, float(v))
+                for k, v in rope.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            )
+        )
         return cls(
             architecture=model_type,
             vocab_size=need("vocab_size"),

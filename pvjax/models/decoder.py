@@ -40,8 +40,9 @@ class KVCache:
     split: bool = struct.field(pytree_node=False, default=False)
 
 
-def init_cache(cfg: ModelConfig, layout: Layout, batch: int, slots: int, dtype, *,
-               split: bool = False) -> KVCache:
+def init_cache(
+    cfg: ModelConfig, layout: Layout, batch: int, slots: int, dtype, *, split: bool = False
+) -> KVCache:
     """An empty cache for blocks in `layout`. `split` keeps batch and kv heads on two axes
     (`[.., B, K, E, S]` and `[.., B, K, S, E]`), so that a mesh can lay the batch over "data" and
     the kv heads over "model"; the merged default is the faster single-device layout."""
@@ -59,43 +60,97 @@ def init_cache(cfg: ModelConfig, layout: Layout, batch: int, slots: int, dtype, 
             return jnp.zeros((cfg.num_layers,) + shape, dtype)
         return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
 
-    return KVCache(zeros(k_shape), zeros(v_shape), jnp.zeros((batch, slots), bool),
-                   jnp.zeros((), jnp.int32), split)
+    return KVCache(
+        zeros(k_shape),
+        zeros(v_shape),
+        jnp.zeros((batch, slots), bool),
+        jnp.zeros((), jnp.int32),
+        split,
+    )
 
 
-def forward(params, cfg: ModelConfig, layout: Layout, tokens_BT, positions_BT, attention_mask_BT, *,
-            intervention: Intervention | None = None, capture: Capture = Capture(),
-            segment_ids_BT=None) -> ForwardOutput:
+def forward(
+    params,
+    cfg: ModelConfig,
+    layout: Layout,
+    tokens_BT,
+    positions_BT,
+    attention_mask_BT,
+    *,
+    intervention: Intervention | None = None,
+    capture: Capture = Capture(),
+    segment_ids_BT=None,
+) -> ForwardOutput:
     """The decoder over a whole sequence, no cache: attention is causal over `tokens` masked by
     `attention_mask`; with `segment_ids` (packed rows, 0 = padding) a token also attends only
     within its own segment. Returns what `capture` asks for (`cache` None)."""
     mask_BTS = _causal_mask(tokens_BT.shape[1], attention_mask_BT, segment_ids_BT)
 
     def attend(q_BTHE, k_BTKE, v_BTKE, i, kv):
-        return attention(q_BTHE, k_BTKE.transpose(0, 2, 3, 1), v_BTKE.transpose(0, 2, 1, 3), mask_BTS), kv
+        return attention(
+            q_BTHE, k_BTKE.transpose(0, 2, 3, 1), v_BTKE.transpose(0, 2, 1, 3), mask_BTS
+        ), kv
 
     out, _ = _run(params, cfg, layout, tokens_BT, positions_BT, intervention, capture, attend, None)
     return out
 
 
-def prefill(params, cfg: ModelConfig, layout: Layout, tokens_BT, positions_BT, attention_mask_BT,
-            cache: KVCache, *, intervention: Intervention | None = None,
-            capture: Capture = Capture()) -> ForwardOutput:
+def prefill(
+    params,
+    cfg: ModelConfig,
+    layout: Layout,
+    tokens_BT,
+    positions_BT,
+    attention_mask_BT,
+    cache: KVCache,
+    *,
+    intervention: Intervention | None = None,
+    capture: Capture = Capture(),
+) -> ForwardOutput:
     """`tokens` into an empty `cache` (index 0, as `init_cache` makes it), returned updated in the
     output: the tokens attend among themselves only, not over the cache's empty slots (a prompt
     of P tokens in a cache of P + new slots), so a prompt costs what its own length costs."""
-    return _cached(params, cfg, layout, tokens_BT, positions_BT, attention_mask_BT, cache,
-                   intervention, capture, fresh=True)
+    return _cached(
+        params,
+        cfg,
+        layout,
+        tokens_BT,
+        positions_BT,
+        attention_mask_BT,
+        cache,
+        intervention,
+        capture,
+        fresh=True,
+    )
 
 
-def decode_step(params, cfg: ModelConfig, layout: Layout, tokens_BT, positions_BT, attention_mask_BT,
-                cache: KVCache, *, intervention: Intervention | None = None,
-                capture: Capture = Capture()) -> ForwardOutput:
+def decode_step(
+    params,
+    cfg: ModelConfig,
+    layout: Layout,
+    tokens_BT,
+    positions_BT,
+    attention_mask_BT,
+    cache: KVCache,
+    *,
+    intervention: Intervention | None = None,
+    capture: Capture = Capture(),
+) -> ForwardOutput:
     """`tokens` written into `cache` at `cache.index`, attending to every valid earlier slot; the
     updated cache is returned in the output. One token per row in a decode loop (the CPU kernel's
     attention with a `PerLayer(packed=True)` layout), or a prompt's tail after a shared prefix."""
-    return _cached(params, cfg, layout, tokens_BT, positions_BT, attention_mask_BT, cache,
-                   intervention, capture, fresh=False)
+    return _cached(
+        params,
+        cfg,
+        layout,
+        tokens_BT,
+        positions_BT,
+        attention_mask_BT,
+        cache,
+        intervention,
+        capture,
+        fresh=False,
+    )
 
 
 def _causal_mask(T: int, attention_mask_BT, segment_ids_BT=None):
@@ -108,8 +163,19 @@ def _causal_mask(T: int, attention_mask_BT, segment_ids_BT=None):
     return mask_BTS
 
 
-def _cached(params, cfg, layout: Layout, tokens_BT, positions_BT, attention_mask_BT, cache: KVCache,
-            intervention, capture, *, fresh: bool) -> ForwardOutput:
+def _cached(
+    params,
+    cfg,
+    layout: Layout,
+    tokens_BT,
+    positions_BT,
+    attention_mask_BT,
+    cache: KVCache,
+    intervention,
+    capture,
+    *,
+    fresh: bool,
+) -> ForwardOutput:
     """`prefill` (`fresh`: the cache is empty) and `decode_step`: each block writes its keys and
     values at the cache's index, then attends."""
     T = tokens_BT.shape[1]
@@ -145,16 +211,33 @@ def _cached(params, cfg, layout: Layout, tokens_BT, positions_BT, attention_mask
             return decode_attention(q_BTHE, keys, values, kv_valid, cache.index + 1), (ck, cv)
         return merged_attention(q_BTHE, keys, values, mask_BTS), (ck, cv)
 
-    out, (ck, cv) = _run(params, cfg, layout, tokens_BT, positions_BT, intervention, capture, attend,
-                         (cache.k, cache.v))
+    out, (ck, cv) = _run(
+        params,
+        cfg,
+        layout,
+        tokens_BT,
+        positions_BT,
+        intervention,
+        capture,
+        attend,
+        (cache.k, cache.v),
+    )
     return out._replace(cache=cache.replace(k=ck, v=cv, valid=slots, index=cache.index + T))
 
 
 def _row_intervention(iv: Intervention | None, row):
     if iv is None:
         return None
-    closed = None if iv.closed_loop is None else jax.tree_util.tree_map(lambda x: x[row], iv.closed_loop)
-    return (iv.steer_vectors[row], iv.steer_coefs[row], iv.ablate_dirs[row], iv.ablate_coefs[row], closed)
+    closed = (
+        None if iv.closed_loop is None else jax.tree_util.tree_map(lambda x: x[row], iv.closed_loop)
+    )
+    return (
+        iv.steer_vectors[row],
+        iv.steer_coefs[row],
+        iv.ablate_dirs[row],
+        iv.ablate_coefs[row],
+        closed,
+    )
 
 
 def _edit(h, iv: Intervention | None, row_iv):
@@ -164,8 +247,17 @@ def _edit(h, iv: Intervention | None, row_iv):
     return apply_row(h, *edits, iv.steer_mask, iv.ablate_mask, closed)
 
 
-def _run(params, cfg: ModelConfig, layout: Layout, tokens_BT, positions_BT, intervention, capture,
-         attend, kv):
+def _run(
+    params,
+    cfg: ModelConfig,
+    layout: Layout,
+    tokens_BT,
+    positions_BT,
+    intervention,
+    capture,
+    attend,
+    kv,
+):
     """What `forward` and the cached step share: embeddings, the blocks (`attend(q, k, v, block
     index, kv) -> (output, kv)` threading `kv` through them), the final norm, the per-row edits
     and captures, the head. Returns `(ForwardOutput without cache, the final kv)`."""
@@ -179,7 +271,9 @@ def _run(params, cfg: ModelConfig, layout: Layout, tokens_BT, positions_BT, inte
     h = params["embed"][tokens_BT]
     # Materialised once: left to fusion, XLA recomputes the cosines and sines inside every
     # layer's rotary fusion, for every head (measured: 3 ms of a 50 ms batch-16 CPU decode step).
-    cos, sin = jax.lax.optimization_barrier(rope_tables(jnp.asarray(inverse_frequencies(cfg)), positions_BT))
+    cos, sin = jax.lax.optimization_barrier(
+        rope_tables(jnp.asarray(inverse_frequencies(cfg)), positions_BT)
+    )
     h = _edit(h, intervention, _row_intervention(intervention, 0))
     first = row_capture(h, capture, None if probes is None else probes[0])
 
@@ -192,27 +286,35 @@ def _run(params, cfg: ModelConfig, layout: Layout, tokens_BT, positions_BT, inte
 
     row_ivs = None
     if intervention is not None:
-        row_ivs = jax.tree_util.tree_map(lambda x: x[1:], _row_intervention(intervention, slice(None)))
+        row_ivs = jax.tree_util.tree_map(
+            lambda x: x[1:], _row_intervention(intervention, slice(None))
+        )
     xs = (row_ivs, None if probes is None else probes[1:])
     (h, kv), rows = layout.run_blocks(body, (h, kv), params["layers"], xs, n_blocks)
 
     normed = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
     last = row_capture(normed, capture, None if probes is None else probes[-1])
-    # Rows 1..N-1 come from the blocks; row N is replaced by its normed version (see module docstring).
+    # Rows 1..N-1 come from the blocks; row N is replaced by its normed version (see module
+    # docstring).
     stacked = jax.tree_util.tree_map(
-        lambda a, mid, z: jnp.concatenate([a[None], mid[:-1], z[None]]), first, rows, last)
+        lambda a, mid, z: jnp.concatenate([a[None], mid[:-1], z[None]]), first, rows, last
+    )
 
     logits = None
     if capture.logits != "none":
         x = {"last": normed[:, -1:], "all": normed}.get(capture.logits)
         if x is None:  # "tail:N": the last N positions (left-padded answers end the row)
-            x = normed[:, -int(capture.logits.split(":")[1]):]
+            x = normed[:, -int(capture.logits.split(":")[1]) :]
         if layout.packed:  # the head packed for the CPU kernel (`unstack_layers`)
             head = params["head"]
         else:
             head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
         logits = matmul(x, head).astype(jnp.float32)
 
-    out = ForwardOutput(logits=logits, hidden_states=stacked.get("hidden"),
-                        pooled=stacked.get("pooled"), projections=stacked.get("projections"))
+    out = ForwardOutput(
+        logits=logits,
+        hidden_states=stacked.get("hidden"),
+        pooled=stacked.get("pooled"),
+        projections=stacked.get("projections"),
+    )
     return out, kv

@@ -129,5 +129,7 @@ def unstack_layers(params, cfg: ModelConfig, pack: bool = False, fuse: bool = Tr
         out.append(lp)
     extra = {}
     if pack:
-        extra["head"] = PackedWeight.pack(params["embed"].T if cfg.tie_embeddings else params["lm_head"])
+        extra["head"] = PackedWeight.pack(
+            params["embed"].T if cfg.tie_embeddings else params["lm_head"]
+        )
     return {**params, **extra, "layers": tuple(out)}

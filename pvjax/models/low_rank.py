@@ -35,6 +35,8 @@ class LowRank:
         """`W + scale * A @ B`, computed in float32 and returned in W's dtype."""
         import jax.numpy as jnp
 
-        delta = jnp.einsum("...ir,...ro->...io", self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+        delta = jnp.einsum(
+            "...ir,...ro->...io", self.a.astype(jnp.float32), self.b.astype(jnp.float32)
+        )
         s = self.scale.astype(jnp.float32)[..., None, None]
         return (self.base.astype(jnp.float32) + s * delta).astype(self.base.dtype)

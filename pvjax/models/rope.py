@@ -1,4 +1,5 @@
-"""Rotary position embeddings in transformers' "rotate half" layout, with llama3 and linear scaling."""
+"""Rotary position embeddings in transformers' "rotate half" layout, with llama3 and linear
+scaling."""
 
 from __future__ import annotations
 
@@ -40,5 +41,8 @@ def rope_tables(inv_freq: jnp.ndarray, positions_BT: jnp.ndarray):
 def apply_rope(x_BTNH: jnp.ndarray, cos_BTH: jnp.ndarray, sin_BTH: jnp.ndarray) -> jnp.ndarray:
     half = x_BTNH.shape[-1] // 2
     rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
-    cos, sin = cos_BTH[:, :, None, :].astype(x_BTNH.dtype), sin_BTH[:, :, None, :].astype(x_BTNH.dtype)
+    cos, sin = (
+        cos_BTH[:, :, None, :].astype(x_BTNH.dtype),
+        sin_BTH[:, :, None, :].astype(x_BTNH.dtype),
+    )
     return x_BTNH * cos + rotated * sin

@@ -10,8 +10,8 @@ process takes the same decisions and nothing is computed twice.
 
 Everything travels as bytes (JSON, CSV text, safetensors) in one all-gather: lengths first, then
 the bytes padded to a power of two (few distinct shapes, few compiled programs). An error raised
-inside `each` or `from_writer` reaches every process, so no process is left waiting in a collective for
-one that gave up; a process that dies outright is noticed by the coordinator (heartbeats), which
+inside `each` or `from_writer` reaches every process, so no process is left waiting in a collective
+for one that gave up; a process that dies outright is noticed by the coordinator (heartbeats), which
 stops the others; the writer's files are whole (`pvjax.files.atomic`), so a rerun resumes.
 
 Joining: with `HOST:PORT`, the processes first meet at the coordinator's port (`rendezvous`): a
@@ -45,8 +45,9 @@ class JobError(UserError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """This process's place in the job: `index` of `count` processes, and the mesh of its own devices
-    (None: one device). `Job()` is a single process, for which every method is a plain call."""
+    """This process's place in the job: `index` of `count` processes, and the mesh of its own
+    devices (None: one device). `Job()` is a single process, for which every method is a plain
+    call."""
 
     index: int = 0
     count: int = 1
@@ -61,8 +62,12 @@ class Job:
         """What ran a result, for its provenance: this process's index, the process count, and the
         mesh shape (`data` x `model`, 1 x 1 without a mesh) and device count of this process."""
         shape = dict(self.mesh.shape) if self.mesh is not None else {"data": 1, "model": 1}
-        return {"process": self.index, "processes": self.count, "mesh": shape,
-                "devices": int(self.mesh.devices.size) if self.mesh is not None else 1}
+        return {
+            "process": self.index,
+            "processes": self.count,
+            "mesh": shape,
+            "devices": int(self.mesh.devices.size) if self.mesh is not None else 1,
+        }
 
     def mine(self, n: int) -> list[int]:
         """The indices of `n` work items this process does: every `count`-th, from `index`."""
@@ -74,12 +79,14 @@ class Job:
             return [data]
         from jax.experimental import multihost_utils
 
-        lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int32)))[:, 0]
+        lengths = np.asarray(multihost_utils.process_allgather(np.asarray([len(data)], np.int32)))[
+            :, 0
+        ]
         width = 1 << max(int(lengths.max()) - 1, 0).bit_length()
         buf = np.zeros(width, np.uint8)
-        buf[:len(data)] = np.frombuffer(data, np.uint8)
+        buf[: len(data)] = np.frombuffer(data, np.uint8)
         got = np.asarray(multihost_utils.process_allgather(buf))
-        return [got[i, :int(n)].tobytes() for i, n in enumerate(lengths)]
+        return [got[i, : int(n)].tobytes() for i, n in enumerate(lengths)]
 
     def gather(self, obj) -> list:
         """Every process's JSON-able `obj`, in process order."""
@@ -95,8 +102,14 @@ class Job:
         value, error, raised = b"" if raw else None, "", None
         try:
             value = fn()
-        except Exception as e:  # any error, not only a UserError: the others would wait for this process
-            error, raised = f"process {self.index}: {e if isinstance(e, UserError) else f'{type(e).__name__}: {e}'}", e
+        except (
+            Exception
+        ) as e:  # any error, not only a UserError: the others would wait for this process
+            error, raised = (
+                f"process {self.index}: "
+                f"{e if isinstance(e, UserError) else f'{type(e).__name__}: {e}'}",
+                e,
+            )
         head = json.dumps({"error": error}).encode()  # one line: json escapes newlines
         got = self.gather_bytes(head + b"\n" + (value if raw else json.dumps(value).encode()))
         heads = [json.loads(b.split(b"\n", 1)[0])["error"] for b in got]
@@ -113,8 +126,8 @@ class Job:
         return self.each(fn if self.writer else (lambda: b"" if raw else None), raw=raw)[0]
 
     def unshare(self, n: int, values: list) -> list:
-        """The `n` results of work split by `mine`, back in item order, from `values[p]` (the list of
-        results of process p's items)."""
+        """The `n` results of work split by `mine`, back in item order, from `values[p]` (the list
+        of results of process p's items)."""
         out = [None] * n
         for p, vals in enumerate(values):
             for i, v in zip(range(p, n, self.count), vals):
@@ -130,15 +143,26 @@ class Job:
         odd = [i for i, v in enumerate(values) if v != values[0]]
         if odd:
             a, b = values[0], values[odd[0]]
-            diff = ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                             if a.get(k) != b.get(k)) if isinstance(a, dict) and isinstance(b, dict) else f"{b!r}"
-            raise UsageError(f"process(es) {odd} run with another {what} than process 0 ({diff}): start "
-                             "every process with the same command (only distributed.process_id may differ)")
+            diff = (
+                ", ".join(
+                    f"{k}: {a.get(k)!r} vs {b.get(k)!r}"
+                    for k in sorted(set(a) | set(b))
+                    if a.get(k) != b.get(k)
+                )
+                if isinstance(a, dict) and isinstance(b, dict)
+                else f"{b!r}"
+            )
+            raise UsageError(
+                f"process(es) {odd} run with another {what} than process 0 ({diff}): start "
+                "every process with the same command (only distributed.process_id may differ)"
+            )
 
 
 SINGLE = Job()
 
-_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar("pvjax_multihost_alone", default=False)
+_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "pvjax_multihost_alone", default=False
+)
 
 
 @contextlib.contextmanager
@@ -161,37 +185,53 @@ def _flat(value, prefix: str = ""):
         return json.loads(json.dumps(value))
     out = {}
     for k, v in value.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": json.loads(json.dumps(v))})
+        out.update(
+            _flat(v, f"{prefix}{k}.")
+            if isinstance(v, dict)
+            else {f"{prefix}{k}": json.loads(json.dumps(v))}
+        )
     return out
+
 
 _ADDRESS = re.compile(r"^[\w.\-\[\]:]+:\d{1,5}$")
 
 
 def check_distributed(d: dict) -> list[str]:
     """The problems of a `distributed` config section (empty when fine); pure Python, no JAX."""
-    coord, n, pid, timeout = d.get("coordinator"), d.get("num_processes"), d.get("process_id"), d.get("timeout")
+    coord, n, pid, timeout = (
+        d.get("coordinator"),
+        d.get("num_processes"),
+        d.get("process_id"),
+        d.get("timeout"),
+    )
     problems = []
     if not isinstance(coord, str) or not (coord in ("", "auto") or _ADDRESS.match(coord)):
-        problems.append(f"distributed.coordinator must be '' (one process), 'auto' (detect a TPU slice, "
-                        f"SLURM or Open MPI job) or HOST:PORT of process 0, got {coord!r}")
+        problems.append(
+            f"distributed.coordinator must be '' (one process), 'auto' (detect a TPU slice, "
+            f"SLURM or Open MPI job) or HOST:PORT of process 0, got {coord!r}"
+        )
     for key, v, lo in (("num_processes", n, 0), ("process_id", pid, -1), ("timeout", timeout, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             problems.append(f"distributed.{key} must be an integer >= {lo}, got {v!r}")
     if problems:
         return problems
     if coord == "" and (n > 1 or pid > 0):
-        problems.append(f"distributed.num_processes={n}, process_id={pid} need distributed.coordinator "
-                        "(HOST:PORT of process 0, or 'auto')")
+        problems.append(
+            f"distributed.num_processes={n}, process_id={pid} need distributed.coordinator "
+            "(HOST:PORT of process 0, or 'auto')"
+        )
     if n and pid >= n:
-        problems.append(f"distributed.process_id={pid} is not in 0..{n - 1} (distributed.num_processes={n})")
+        problems.append(
+            f"distributed.process_id={pid} is not in 0..{n - 1} (distributed.num_processes={n})"
+        )
     return problems
 
 
 def join(d: dict, mesh_data: int = 1, mesh_model: int = 1) -> Job:
     """This process's `Job`: joins the multi-process job that `d` (a config's `distributed`
     section) describes, unless it is already joined or `d` names none, and builds the mesh
-    `mesh_data` x `mesh_model` over this process's devices (`pvjax.parallel.sharding.local_mesh`). Must run
-    before anything touches a JAX device. Errors say what to change (`UsageError`)."""
+    `mesh_data` x `mesh_model` over this process's devices (`pvjax.parallel.sharding.local_mesh`).
+    Must run before anything touches a JAX device. Errors say what to change (`UsageError`)."""
     import jax
 
     from pvjax.parallel.sharding import local_mesh
@@ -204,11 +244,17 @@ def join(d: dict, mesh_data: int = 1, mesh_model: int = 1) -> Job:
     coord, n, pid = d["coordinator"], d["num_processes"], d["process_id"]
     if coord and not jax.distributed.is_initialized():
         if coord != "auto" and n > 0 and pid >= 0:
-            # JAX aborts the process when another does not come in time; meet them first, with an error.
+            # JAX aborts the process when another does not come in time; meet them first, with an
+            # error.
             rendezvous(coord, n, pid, d["timeout"])
         kw = {} if coord == "auto" else {"coordinator_address": coord}
-        kw.update({k: v for k, v in (("num_processes", n or None), ("process_id", None if pid < 0 else pid))
-                   if v is not None})
+        kw.update(
+            {
+                k: v
+                for k, v in (("num_processes", n or None), ("process_id", None if pid < 0 else pid))
+                if v is not None
+            }
+        )
         who = f"process {pid if pid >= 0 else '?'} of {n or '?'} at coordinator {coord}"
         log.info("joining the job as %s", who)
         try:
@@ -216,20 +262,27 @@ def join(d: dict, mesh_data: int = 1, mesh_model: int = 1) -> Job:
         except Exception as e:  # jax raises RuntimeError / ValueError / XlaRuntimeError here
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if "before any JAX" in str(e):
-                raise UsageError(f"cannot join as {who}: JAX already started in this process; join first "
-                                 "(pvjax extract does, in a fresh process)") from None
-            raise UsageError(f"could not join the job as {who} within {d['timeout']} s ({first}). Start "
-                             "every process with the same coordinator and num_processes, and the ids "
-                             "0..num_processes-1 once each") from None
+                raise UsageError(
+                    f"cannot join as {who}: JAX already started in this process; join first "
+                    "(pvjax extract does, in a fresh process)"
+                ) from None
+            raise UsageError(
+                f"could not join the job as {who} within {d['timeout']} s ({first}). Start "
+                "every process with the same coordinator and num_processes, and the ids "
+                "0..num_processes-1 once each"
+            ) from None
     job = Job(jax.process_index(), jax.process_count(), None)
     if n and job.count != n:
         raise UsageError(f"distributed.num_processes={n}, but the job has {job.count} processes")
     if job.count > 1:
-        log.info("process %d of %d, %d local devices", job.index, job.count, jax.local_device_count())
+        log.info(
+            "process %d of %d, %d local devices", job.index, job.count, jax.local_device_count()
+        )
     return dataclasses.replace(job, mesh=local_mesh(mesh_data, mesh_model))
 
 
 # --- meeting before JAX does: a process that never comes, or counts differently, is an error ---
+
 
 def _hello(n: int, pid: int) -> bytes:
     return (json.dumps({"process_id": pid, "num_processes": n}) + "\n").encode()
@@ -262,22 +315,31 @@ def rendezvous(coord: str, n: int, pid: int, timeout: float) -> None:
         reply = None
         while reply is None:
             try:
-                with socket.create_connection((host, int(port)), timeout=max(deadline - time.monotonic(), 0.01)) as c:
+                with socket.create_connection(
+                    (host, int(port)), timeout=max(deadline - time.monotonic(), 0.01)
+                ) as c:
                     c.sendall(_hello(n, pid))
                     reply = _line(c, deadline + 30)  # process 0 answers by its own deadline
             except (ConnectionError, OSError, json.JSONDecodeError):
                 if time.monotonic() >= deadline:
-                    raise JobError(f"{who}: process 0 did not answer within {timeout:g} s (distributed.timeout); "
-                                   "start process 0 with the same distributed.coordinator, reachable from here") from None
+                    raise JobError(
+                        f"{who}: process 0 did not answer within {timeout:g} s "
+                        "(distributed.timeout); "
+                        "start process 0 with the same distributed.coordinator, reachable from here"
+                    ) from None
                 time.sleep(0.2)
         if reply.get("error"):
             raise JobError(f"{who}: {reply['error']}")
         return
     family = socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET
     try:
-        server = socket.create_server(("", int(port)), family=family, dualstack_ipv6=family == socket.AF_INET6)
+        server = socket.create_server(
+            ("", int(port)), family=family, dualstack_ipv6=family == socket.AF_INET6
+        )
     except OSError as e:
-        raise JobError(f"{who}: cannot listen on port {port} ({e.strerror}); pick a free port") from None
+        raise JobError(
+            f"{who}: cannot listen on port {port} ({e.strerror}); pick a free port"
+        ) from None
     came: set[int] = set()
     conns: list[socket.socket] = []
     problems: list[str] = []
@@ -292,17 +354,23 @@ def rendezvous(coord: str, n: int, pid: int, timeout: float) -> None:
             conns.append(conn)
             other, count = hello.get("process_id"), hello.get("num_processes")
             if count != n:
-                problems.append(f"process {other} was started with distributed.num_processes={count}, "
-                                f"process 0 with {n}")
+                problems.append(
+                    f"process {other} was started with distributed.num_processes={count}, "
+                    f"process 0 with {n}"
+                )
             elif not isinstance(other, int) or not 0 < other < n or other in came:
-                problems.append(f"a process came with distributed.process_id={other}"
-                                + (" twice" if other in came else f", not in 1..{n - 1}"))
+                problems.append(
+                    f"a process came with distributed.process_id={other}"
+                    + (" twice" if other in came else f", not in 1..{n - 1}")
+                )
             else:
                 came.add(other)
         missing = [i for i in range(1, n) if i not in came]
         if not problems and missing:
-            problems.append(f"process(es) {missing} did not join within {timeout:g} s (distributed.timeout): "
-                            f"start all {n} processes, with ids 0..{n - 1} once each and the same coordinator")
+            problems.append(
+                f"process(es) {missing} did not join within {timeout:g} s (distributed.timeout): "
+                f"start all {n} processes, with ids 0..{n - 1} once each and the same coordinator"
+            )
         error = "; ".join(problems)
         for conn in conns:
             with conn:

@@ -22,7 +22,8 @@ import weakref
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,13 @@ def parse_mesh(text: str) -> tuple[int, int]:
     sizes = {}
     for part in text.split(","):
         key, eq, value = part.strip().partition("=")
-        if key not in ("data", "model") or not eq or not value.strip().isdigit() or int(value) < 1 \
-                or key in sizes:
+        if (
+            key not in ("data", "model")
+            or not eq
+            or not value.strip().isdigit()
+            or int(value) < 1
+            or key in sizes
+        ):
             raise UsageError(f"--mesh {text!r}: expected data=D,model=M with positive integers")
         sizes[key] = int(value)
     return sizes.get("data", 0), sizes.get("model", 1)
@@ -68,8 +74,9 @@ def mesh_from_flag(text: str) -> Mesh:
     data, model = parse_mesh(text)
     n = len(jax.devices())
     if (data or n // model) * model != n or n % model:
-        raise UsageError(f"--mesh {text!r} does not cover the {n} devices here "
-                         f"(data x model must equal {n})")
+        raise UsageError(
+            f"--mesh {text!r} does not cover the {n} devices here (data x model must equal {n})"
+        )
     return make_mesh(model=model, data=data or None)
 
 
@@ -98,25 +105,33 @@ def spec_for(path: str, shape, axis_sizes) -> P:
 
 
 def param_specs(params, mesh: Mesh):
-    return jax.tree_util.tree_map_with_path(lambda keys, leaf: spec_for(_path(keys), leaf.shape, mesh.shape),
-                                            params)
+    return jax.tree_util.tree_map_with_path(
+        lambda keys, leaf: spec_for(_path(keys), leaf.shape, mesh.shape), params
+    )
 
 
 def shard_params(params, mesh: Mesh):
     specs = param_specs(params, mesh)
-    return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs
+    )
 
 
 def shard_batch(x, mesh: Mesh):
-    """Place a `[B, ...]` array with its batch split over "data" (replicated if B does not divide)."""
+    """Place a `[B, ...]` array with its batch split over "data" (replicated if B does not
+    divide)."""
     spec = _fit(P("data"), np.shape(x), mesh.shape)
     return jax.device_put(x, NamedSharding(mesh, spec))
 
 
 def initialize_distributed(coordinator_address: str, num_processes: int, process_id: int, **kw):
     """Join a multi-process JAX job; call once per process before touching any device."""
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id, **kw)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        **kw,
+    )
 
 
 def shard_model(model, mesh: Mesh):
@@ -135,8 +150,10 @@ def check_mesh(mesh) -> Mesh:
     from pvjax.errors import InputError
 
     if not isinstance(mesh, Mesh):
-        raise InputError(f"mesh must be a jax.sharding.Mesh (see pvjax.parallel.sharding.make_mesh), "
-                         f"got a {type(mesh).__name__}")
+        raise InputError(
+            f"mesh must be a jax.sharding.Mesh (see pvjax.parallel.sharding.make_mesh), "
+            f"got a {type(mesh).__name__}"
+        )
     if tuple(mesh.axis_names) != ("data", "model"):
         raise InputError(f"mesh axes must be ('data', 'model'), got {tuple(mesh.axis_names)}")
     return mesh
@@ -165,8 +182,15 @@ def placed_params(model, mesh: Mesh):
             key = (model.model_id, path, tuple(mesh.shape.items()))
             if pad(spec) != pad(want) and key not in _NOTED:
                 _NOTED.add(key)
-                log.info("%s: %s %s does not divide over mesh %s: replicated along 'model' (%s, not %s)",
-                         model.model_id, path, tuple(leaf.shape), dict(mesh.shape), spec, want)
+                log.info(
+                    "%s: %s %s does not divide over mesh %s: replicated along 'model' (%s, not %s)",
+                    model.model_id,
+                    path,
+                    tuple(leaf.shape),
+                    dict(mesh.shape),
+                    spec,
+                    want,
+                )
             return jax.device_put(leaf, NamedSharding(mesh, spec))
 
         per_model[mesh] = jax.tree_util.tree_map_with_path(note, model.params, specs)
@@ -174,7 +198,8 @@ def placed_params(model, mesh: Mesh):
 
 
 def on_mesh(model, mesh: Mesh | None):
-    """The model with its parameters on `mesh` (`placed_params`), or the model itself without one."""
+    """The model with its parameters on `mesh` (`placed_params`), or the model itself without
+    one."""
     return model if mesh is None else model.replace(params=placed_params(model, mesh))
 
 
@@ -189,15 +214,19 @@ def put_rows(x, mesh: Mesh | None):
 def local_mesh(data: int = 1, model: int = 1) -> Mesh | None:
     """The mesh of config keys `mesh.data` x `mesh.model` over this process's devices; None for
     1 x 1 (no mesh: one device, as without the keys). In a multi-process job each process has its
-    own mesh over its own devices and the processes split the work between them (`pvjax.parallel.multihost`).
-    Refused, naming the counts, when data x model is not the number of devices here."""
+    own mesh over its own devices and the processes split the work between them
+    (`pvjax.parallel.multihost`). Refused, naming the counts, when data x model is not the number of
+    devices here."""
     from pvjax.errors import UsageError
 
     if data * model == 1:
         return None
     devices = jax.local_devices()
     if data * model != len(devices):
-        raise UsageError(f"mesh data={data} x model={model} = {data * model} devices, but this process has "
-                         f"{len(devices)} ({devices[0].platform}); set mesh.data x mesh.model to {len(devices)}, "
-                         "or 1 x 1 for one device")
+        raise UsageError(
+            f"mesh data={data} x model={model} = {data * model} devices, but this process has "
+            f"{len(devices)} ({devices[0].platform}); set mesh.data x mesh.model to "
+            f"{len(devices)}, "
+            "or 1 x 1 for one device"
+        )
     return make_mesh(model=model, data=data, devices=devices)

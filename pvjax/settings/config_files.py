@@ -2,10 +2,11 @@
 
 One loader for every config-driven command and the study runner (`load_config`), one for a config
 file as a module (its `sweep(add)`: `config_module`), and one for what a config loads from its own
-folder (`beside`, `sibling`: `configs/*.py` nest each other and share `study_parts.py`). A config file is loaded by path, never imported as a
-package, so it runs from any working directory and never picks up another checkout's `configs`.
-Every mistake (a missing file, a folder, a file that fails to run, an unknown field, a value of the
-wrong type) is a `UsageError` naming it; nothing here loads a model.
+folder (`beside`, `sibling`: `configs/*.py` nest each other and share `study_parts.py`). A config
+file is loaded by path, never imported as a package, so it runs from any working directory and never
+picks up another checkout's `configs`. Every mistake (a missing file, a folder, a file that fails to
+run, an unknown field, a value of the wrong type) is a `UsageError` naming it; nothing here loads a
+model.
 """
 
 from __future__ import annotations

@@ -25,12 +25,14 @@ from pvjax.settings.fields import (
     flatten,
     integer,
     integers,
-    model_config as read_config,
     number,
     numbers,
     spread_layers,
     string,
     workdir_problem,
+)
+from pvjax.settings.fields import (
+    model_config as read_config,
 )
 from pvjax.settings.types import Judging, Sampling
 
@@ -40,19 +42,43 @@ FILTER_MODES = ("threshold", "margin", "contrast", "none")
 
 
 FIELDS: dict[str, Validator] = {
-    "trait": string(nonempty=True), "workdir": string(nonempty=True), "model": string(nonempty=True),
-    "dtype": choice(*DTYPES), "n_questions": integer(0), "n_pairs": integer(0), "n_per_question": integer(1),
-    "max_new_tokens": integer(1), "temperature": number(0.0), "top_p": number(0.0, 1.0, lo_open=True),
-    "seed": integer(0), "batch_size": integer(1), "unroll": boolean, "pos_name": string(), "neg_name": string(), "plot": boolean,
-    "judge.backend": choice(*JUDGE_BACKENDS), "judge.model": string(), "judge.base_url": string(),
-    "judge.concurrency": integer(1), "judge.batch_size": integer(1), "judge.coherence": boolean,
+    "trait": string(nonempty=True),
+    "workdir": string(nonempty=True),
+    "model": string(nonempty=True),
+    "dtype": choice(*DTYPES),
+    "n_questions": integer(0),
+    "n_pairs": integer(0),
+    "n_per_question": integer(1),
+    "max_new_tokens": integer(1),
+    "temperature": number(0.0),
+    "top_p": number(0.0, 1.0, lo_open=True),
+    "seed": integer(0),
+    "batch_size": integer(1),
+    "unroll": boolean,
+    "pos_name": string(),
+    "neg_name": string(),
+    "plot": boolean,
+    "judge.backend": choice(*JUDGE_BACKENDS),
+    "judge.model": string(),
+    "judge.base_url": string(),
+    "judge.concurrency": integer(1),
+    "judge.batch_size": integer(1),
+    "judge.coherence": boolean,
     "judge.numeric_only": boolean,
-    "filter.mode": choice(*FILTER_MODES), "filter.threshold": number(0.0, 100.0),
-    "filter.coherence": number(0.0, 100.0), "filter.margin": number(0.0, 100.0), "filter.min_pairs": integer(1),
+    "filter.mode": choice(*FILTER_MODES),
+    "filter.threshold": number(0.0, 100.0),
+    "filter.coherence": number(0.0, 100.0),
+    "filter.margin": number(0.0, 100.0),
+    "filter.min_pairs": integer(1),
     "filter.contrast_margin": number(0.0),
-    "causality.layers": integers, "causality.coefs": numbers, "causality.max_pairs": integer(1),
-    "mesh.data": integer(1), "mesh.model": integer(1),
-    "distributed.coordinator": string(), "distributed.num_processes": integer(0), "distributed.process_id": integer(-1),
+    "causality.layers": integers,
+    "causality.coefs": numbers,
+    "causality.max_pairs": integer(1),
+    "mesh.data": integer(1),
+    "mesh.model": integer(1),
+    "distributed.coordinator": string(),
+    "distributed.num_processes": integer(0),
+    "distributed.process_id": integer(-1),
     "distributed.timeout": integer(1),
 }
 
@@ -75,14 +101,22 @@ class Answering:
 
     @classmethod
     def of(cls, cfg) -> "Answering":
-        return cls(n_questions=cfg["n_questions"], n_pairs=cfg["n_pairs"], n_per_question=cfg["n_per_question"],
-                   sampling=Sampling.of(cfg), batch_size=cfg["batch_size"], pos_name=cfg.get("pos_name", ""),
-                   neg_name=cfg.get("neg_name", "helpful"), unroll=cfg.get("unroll", True))
+        return cls(
+            n_questions=cfg["n_questions"],
+            n_pairs=cfg["n_pairs"],
+            n_per_question=cfg["n_per_question"],
+            sampling=Sampling.of(cfg),
+            batch_size=cfg["batch_size"],
+            pos_name=cfg.get("pos_name", ""),
+            neg_name=cfg.get("neg_name", "helpful"),
+            unroll=cfg.get("unroll", True),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class PairFilter:
-    """Which answer pairs are kept (`filter.*`; the rules are `pvjax.methods.pair_filter.filter_pairs`'s)."""
+    """Which answer pairs are kept (`filter.*`; the rules are
+    `pvjax.methods.pair_filter.filter_pairs`'s)."""
 
     mode: str = "threshold"
     threshold: float = 50.0
@@ -155,9 +189,9 @@ CheckedConfig = ExtractionSettings  # the name before the settings were typed
 
 def validate_config(cfg) -> ExtractionSettings:
     """Check every field of an extraction config (an ml_collections ConfigDict or a plain dict) and
-    what it names: the trait loads and validates, the model's metadata reads, causality layers lie in
-    1..n_layers, the workdir is (or can become) a directory, the filter can be met by the number of
-    pairs the config produces. Returns the typed settings; raises `InvalidConfig` listing every
+    what it names: the trait loads and validates, the model's metadata reads, causality layers lie
+    in 1..n_layers, the workdir is (or can become) a directory, the filter can be met by the number
+    of pairs the config produces. Returns the typed settings; raises `InvalidConfig` listing every
     problem found; writes nothing, loads no weights."""
     from pvjax.files.traits import TraitError, load_trait
 
@@ -178,42 +212,72 @@ def validate_config(cfg) -> ExtractionSettings:
         except TraitError as e:
             problems.append(f"trait: {e}")
     if trait is not None:
-        for key, have, what in (("n_pairs", len(trait.instruction), "instruction pairs"),
-                                ("n_questions", len(trait.questions), "questions")):
+        for key, have, what in (
+            ("n_pairs", len(trait.instruction), "instruction pairs"),
+            ("n_questions", len(trait.questions), "questions"),
+        ):
             if ok(key) and flat[key] > have:
-                problems.append(f"{key}={flat[key]} but trait {trait.name!r} has only {have} {what}")
+                problems.append(
+                    f"{key}={flat[key]} but trait {trait.name!r} has only {have} {what}"
+                )
         if ok("n_pairs", "n_questions", "n_per_question", "filter.min_pairs"):
-            n = ((flat["n_pairs"] or len(trait.instruction)) * (flat["n_questions"] or len(trait.questions))
-                 * flat["n_per_question"])
+            n = (
+                (flat["n_pairs"] or len(trait.instruction))
+                * (flat["n_questions"] or len(trait.questions))
+                * flat["n_per_question"]
+            )
             if flat["filter.min_pairs"] > n:
-                problems.append(f"filter.min_pairs={flat['filter.min_pairs']} exceeds the {n} answer pairs "
-                                "this config produces (n_pairs x n_questions x n_per_question)")
+                problems.append(
+                    f"filter.min_pairs={flat['filter.min_pairs']} exceeds the {n} answer pairs "
+                    "this config produces (n_pairs x n_questions x n_per_question)"
+                )
 
     if ok("filter.coherence", "judge.coherence", "judge.backend") and flat["filter.coherence"] > 0:
         if flat["judge.backend"] == "none":
-            problems.append(f"filter.coherence={flat['filter.coherence']:g} needs coherence scores, but "
-                            "judge.backend is 'none' (set filter.coherence=0 or configure a judge)")
+            problems.append(
+                f"filter.coherence={flat['filter.coherence']:g} needs coherence scores, but "
+                "judge.backend is 'none' (set filter.coherence=0 or configure a judge)"
+            )
         elif not flat["judge.coherence"]:
-            problems.append(f"filter.coherence={flat['filter.coherence']:g} needs coherence scores, but "
-                            "judge.coherence is False (set filter.coherence=0 or judge.coherence=True)")
-    if ok("filter.mode", "judge.backend") and flat["judge.backend"] == "none" \
-            and flat["filter.mode"] in ("threshold", "margin"):
-        problems.append(f"filter.mode={flat['filter.mode']!r} reads judge scores, but judge.backend is 'none' "
-                        "(use filter.mode='contrast' or 'none', or configure a judge)")
-    if ok("n_per_question", "temperature") and flat["n_per_question"] > 1 and flat["temperature"] == 0:
-        problems.append(f"n_per_question={flat['n_per_question']} with temperature=0 repeats one greedy answer "
-                        "(set temperature > 0 to sample, or n_per_question=1)")
+            problems.append(
+                f"filter.coherence={flat['filter.coherence']:g} needs coherence scores, but "
+                "judge.coherence is False (set filter.coherence=0 or judge.coherence=True)"
+            )
+    if (
+        ok("filter.mode", "judge.backend")
+        and flat["judge.backend"] == "none"
+        and flat["filter.mode"] in ("threshold", "margin")
+    ):
+        problems.append(
+            f"filter.mode={flat['filter.mode']!r} reads judge scores, but judge.backend is 'none' "
+            "(use filter.mode='contrast' or 'none', or configure a judge)"
+        )
+    if (
+        ok("n_per_question", "temperature")
+        and flat["n_per_question"] > 1
+        and flat["temperature"] == 0
+    ):
+        problems.append(
+            f"n_per_question={flat['n_per_question']} with temperature=0 repeats one greedy answer "
+            "(set temperature > 0 to sample, or n_per_question=1)"
+        )
     if ok("judge.backend", "judge.model"):
         if flat["judge.backend"] == "openai" and not flat["judge.model"].strip():
             problems.append("judge.model must name the served model for judge.backend='openai'")
         if flat["judge.backend"] == "local" and flat["judge.model"] not in ("", "same"):
             read_config(flat["judge.model"], "judge.model", problems)
 
-    if ok("distributed.coordinator", "distributed.num_processes", "distributed.process_id", "distributed.timeout"):
+    if ok(
+        "distributed.coordinator",
+        "distributed.num_processes",
+        "distributed.process_id",
+        "distributed.timeout",
+    ):
         from pvjax.parallel.multihost import check_distributed
 
-        problems += check_distributed({k.split(".", 1)[1]: v for k, v in flat.items()
-                                       if k.startswith("distributed.")})
+        problems += check_distributed(
+            {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith("distributed.")}
+        )
 
     model_config = read_config(flat["model"], "model", problems) if ok("model") else None
     layers: tuple[int, ...] = ()
@@ -222,8 +286,10 @@ def validate_config(cfg) -> ExtractionSettings:
         layers = tuple(flat["causality.layers"]) or tuple(spread_layers(n_layers, k=4))
         outside = [l for l in layers if not 1 <= l <= n_layers]
         if outside:
-            problems.append(f"causality.layers {outside} outside 1..{n_layers} "
-                            f"({model_config.name or flat['model']} has {n_layers} layers)")
+            problems.append(
+                f"causality.layers {outside} outside 1..{n_layers} "
+                f"({model_config.name or flat['model']} has {n_layers} layers)"
+            )
         if len(set(layers)) != len(layers):
             problems.append(f"causality.layers {list(layers)} repeats a layer")
 
@@ -231,10 +297,20 @@ def validate_config(cfg) -> ExtractionSettings:
         raise InvalidConfig("bad extraction config: " + "; ".join(problems))
     c = cfg["causality"]
     return ExtractionSettings(
-        cfg=cfg, work=work, trait=trait, model_config=model_config, dtype=_resolved_dtype(flat["dtype"]),
-        model=cfg["model"], answering=Answering.of(cfg), judging=Judging.of(cfg["judge"]),
-        filter=PairFilter(**cfg["filter"]), causality=Causality(layers, tuple(c["coefs"]), c["max_pairs"]),
-        mesh=MeshShape(**cfg["mesh"]), distributed=Distributed(**cfg["distributed"]), plot=cfg["plot"])
+        cfg=cfg,
+        work=work,
+        trait=trait,
+        model_config=model_config,
+        dtype=_resolved_dtype(flat["dtype"]),
+        model=cfg["model"],
+        answering=Answering.of(cfg),
+        judging=Judging.of(cfg["judge"]),
+        filter=PairFilter(**cfg["filter"]),
+        causality=Causality(layers, tuple(c["coefs"]), c["max_pairs"]),
+        mesh=MeshShape(**cfg["mesh"]),
+        distributed=Distributed(**cfg["distributed"]),
+        plot=cfg["plot"],
+    )
 
 
 def settings_for_run(cfg) -> ExtractionSettings:
@@ -246,8 +322,13 @@ def settings_for_run(cfg) -> ExtractionSettings:
 
     plain = as_dict(cfg)
     dist = plain.get("distributed")
-    joined = (multihost.join(dist) if isinstance(dist, dict) and dist.get("coordinator")
-              and not multihost.check_distributed(dist) else multihost.SINGLE)
+    joined = (
+        multihost.join(dist)
+        if isinstance(dist, dict)
+        and dist.get("coordinator")
+        and not multihost.check_distributed(dist)
+        else multihost.SINGLE
+    )
     box = []
     joined.each(lambda: box.append(validate_config(plain)))
     return box[0]

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pvjax.files import atomic
 from pvjax import interventions as ivs
+from pvjax.files import atomic
 from pvjax.settings import fields as F
 from pvjax.settings.types import Judging
 from pvjax.studies import checks as C
@@ -36,14 +36,31 @@ from pvjax.studies import grid
 from pvjax.studies.steer import distinct2
 
 FIELDS = {**C.COMMON_FIELDS, **C.JUDGE_FIELDS, "layers": F.integers, "window": F.integer(1)}
-COLUMNS = ("variant", "layer", "layers", "margin", "margin_change", "trait_score", "coherence", "trait_change",
-           "accuracy", "accuracy_change", "distinct2", "direction_norm")
+COLUMNS = (
+    "variant",
+    "layer",
+    "layers",
+    "margin",
+    "margin_change",
+    "trait_score",
+    "coherence",
+    "trait_change",
+    "accuracy",
+    "accuracy_change",
+    "distinct2",
+    "direction_norm",
+)
 
 
 def validate(cfg, work: Path) -> C.Checked:
     checked = C.check_study(cfg, FIELDS, work, "ablate")
     if checked.model_config is not None and not F.integers(checked.flat.get("layers")):
-        F.check_layers(list(checked.flat["layers"]), checked.model_config.num_layers, "layers", checked.problems)
+        F.check_layers(
+            list(checked.flat["layers"]),
+            checked.model_config.num_layers,
+            "layers",
+            checked.problems,
+        )
     checked.raise_if("ablate")
     return checked
 
@@ -66,19 +83,30 @@ def variants(vector_LD, random_LD, mu_L, layers, window: int, n_layers: int) -> 
         return ivs.build(L, D, ablate=[(direction, rows)])
 
     def mean_ablation(rows):
-        return ivs.build(L, D, ablate=[(vector_LD, rows)], steer=[(unit, [l], float(mu_L[l])) for l in rows])
+        return ivs.build(
+            L, D, ablate=[(vector_LD, rows)], steer=[(unit, [l], float(mu_L[l])) for l in rows]
+        )
 
     out = [{"variant": "baseline", "layer": "", "layers": "", "iv": ivs.build(L, D)}]
     for l in layers:
         lo, hi = max(1, l - window // 2), min(n_layers, l + window // 2)
-        out += [{"variant": "ablate", "layer": l, "layers": str(l), "iv": ablation([l])},
-                {"variant": "window", "layer": l, "layers": f"{lo}-{hi}", "iv": ablation(list(range(lo, hi + 1)))},
-                {"variant": "mean", "layer": l, "layers": str(l), "iv": mean_ablation([l])},
-                {"variant": "random", "layer": l, "layers": str(l), "iv": ablation([l], random_LD)}]
+        out += [
+            {"variant": "ablate", "layer": l, "layers": str(l), "iv": ablation([l])},
+            {
+                "variant": "window",
+                "layer": l,
+                "layers": f"{lo}-{hi}",
+                "iv": ablation(list(range(lo, hi + 1))),
+            },
+            {"variant": "mean", "layer": l, "layers": str(l), "iv": mean_ablation([l])},
+            {"variant": "random", "layer": l, "layers": str(l), "iv": ablation([l], random_LD)},
+        ]
     span = f"1-{n_layers}"
-    out += [{"variant": "ablate_all", "layer": "all", "layers": span, "iv": ablation(every)},
-            {"variant": "mean_all", "layer": "all", "layers": span, "iv": mean_ablation(every)},
-            {"variant": "random_all", "layer": "all", "layers": span, "iv": ablation(every, random_LD)}]
+    out += [
+        {"variant": "ablate_all", "layer": "all", "layers": span, "iv": ablation(every)},
+        {"variant": "mean_all", "layer": "all", "layers": span, "iv": mean_ablation(every)},
+        {"variant": "random_all", "layer": "all", "layers": span, "iv": ablation(every, random_LD)},
+    ]
     return out
 
 
@@ -91,7 +119,12 @@ def mean_projections(model, vector_LD, refs, work: Path) -> np.ndarray:
 
         tok = model.tokenizer
         prompts = [model.chat_text([{"role": "user", "content": r["question"]}]) for r in refs]
-        texts = [(p, r[k]) for p, r in zip(prompts, refs) for k in ("pos_answer", "neg_answer") if r[k].strip()]
+        texts = [
+            (p, r[k])
+            for p, r in zip(prompts, refs)
+            for k in ("pos_answer", "neg_answer")
+            if r[k].strip()
+        ]
         seqs = [tok(p + a, add_special_tokens=False)["input_ids"] for p, a in texts]
         starts = [len(tok(p, add_special_tokens=False)["input_ids"]) for p, _ in texts]
         m_LD = pooled_activations(model, seqs, starts)[:, :, 0].mean(axis=0)
@@ -112,8 +145,9 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     checked = validate(cfg, work)
     trait = checked.trait
     model, vector, layers, questions = grid.study_inputs(cfg, checked, work, progress=progress)
-    refs = grid.reference_answers(model, trait, questions, work, max_new_tokens=cfg.max_new_tokens,
-                                  batch_size=cfg.batch_size)
+    refs = grid.reference_answers(
+        model, trait, questions, work, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+    )
     mu = mean_projections(model, vector, refs, work)
     rnd = random_like(vector, cfg.seed)
     vs = variants(vector, rnd, mu, layers, cfg.window, model.n_layers)
@@ -122,18 +156,41 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
 
     if not (work / "margins.csv").exists():
         m = grid.margins(model, iv, refs, positions="all", batch_size=cfg.forward_batch_size)
-        atomic.write_csv(work / "margins.csv", [{"setting": s, "variant": vs[s]["variant"], "layer": vs[s]["layer"],
-                                                 "margin": float(m[s])} for s in range(S)],
-                         ("setting", "variant", "layer", "margin"))
+        atomic.write_csv(
+            work / "margins.csv",
+            [
+                {
+                    "setting": s,
+                    "variant": vs[s]["variant"],
+                    "layer": vs[s]["layer"],
+                    "margin": float(m[s]),
+                }
+                for s in range(S)
+            ],
+            ("setting", "variant", "layer", "margin"),
+        )
     margin = {int(r["setting"]): float(r["margin"]) for r in atomic.read_csv(work / "margins.csv")}
 
     judged, answers = None, []
     if cfg.judge.backend != "none":
-        prompt_ids = [model.tokenizer(model.chat_text([{"role": "user", "content": q}]),
-                                      add_special_tokens=False)["input_ids"] for q in questions]
+        prompt_ids = [
+            model.tokenizer(
+                model.chat_text([{"role": "user", "content": q}]), add_special_tokens=False
+            )["input_ids"]
+            for q in questions
+        ]
         sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-        answers = grid.generate_grid(model, iv, prompt_ids, sampling, work=work, positions="all",
-                                     seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+        answers = grid.generate_grid(
+            model,
+            iv,
+            prompt_ids,
+            sampling,
+            work=work,
+            positions="all",
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            progress=progress,
+        )
         for a in answers:
             a["question"] = questions[a["prompt"]]
         judged = grid.judged_scores(Judging.of(cfg.judge), model, work, trait, answers, progress)
@@ -142,9 +199,19 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     rows = []
     for s, v in enumerate(vs):
         layer = v["layer"]
-        norm = "" if layer in ("", "all") else float(np.linalg.norm((rnd if v["variant"] == "random" else vector)[layer]))
-        row = {"variant": v["variant"], "layer": layer, "layers": v["layers"], "margin": margin[s],
-               "margin_change": margin[s] - margin[0], "direction_norm": norm}
+        norm = (
+            ""
+            if layer in ("", "all")
+            else float(np.linalg.norm((rnd if v["variant"] == "random" else vector)[layer]))
+        )
+        row = {
+            "variant": v["variant"],
+            "layer": layer,
+            "layers": v["layers"],
+            "margin": margin[s],
+            "margin_change": margin[s] - margin[0],
+            "direction_norm": norm,
+        }
         mine = [a for a in answers if a["setting"] == s]
         if mine:
             row["distinct2"] = grid.mean_or_none(distinct2(a["text"]) for a in mine)
@@ -155,12 +222,18 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
             row["accuracy"] = mc[s][0]
         rows.append(row)
     for r in rows:
-        if judged is not None and r["trait_score"] is not None and rows[0]["trait_score"] is not None:
+        if (
+            judged is not None
+            and r["trait_score"] is not None
+            and rows[0]["trait_score"] is not None
+        ):
             r["trait_change"] = r["trait_score"] - rows[0]["trait_score"]
         if mc is not None:
             r["accuracy_change"] = r["accuracy"] - rows[0]["accuracy"]
     if cfg.plot:
         from pvjax.studies.plots import ablation_plot
 
-        ablation_plot(work / "ablation.png", rows, "trait_score" if judged is not None else "margin")
+        ablation_plot(
+            work / "ablation.png", rows, "trait_score" if judged is not None else "margin"
+        )
     return [{k: r.get(k) for k in COLUMNS if k in r} for r in rows]

@@ -1,11 +1,11 @@
 """Checking a study config whole, before any model loads or any file is written.
 
 A sweep runs many points; a bad value found at the tenth costs the nine before it. Each study lists
-its fields (`FIELDS`, checked like extraction's, `pvjax.settings.extraction`), and `check_study` looks at
-everything a study names: the model's metadata (layer count, without the weights), the trait's eval
-split, the vector file (does it fit the model: width, depth, config fingerprint), the nested
-extraction config when the vector is to be extracted, the multiple-choice file (every line). Every
-problem found is reported in one `StudyConfigError`.
+its fields (`FIELDS`, checked like extraction's, `pvjax.settings.extraction`), and `check_study`
+looks at everything a study names: the model's metadata (layer count, without the weights), the
+trait's eval split, the vector file (does it fit the model: width, depth, config fingerprint), the
+nested extraction config when the vector is to be extracted, the multiple-choice file (every line).
+Every problem found is reported in one `StudyConfigError`.
 """
 
 from __future__ import annotations
@@ -24,26 +24,41 @@ from pvjax.settings.fields import (
     choice,
     flatten,
     integer,
-    model_config as read_config,
     number,
     string,
     workdir_problem,
 )
-from pvjax.interventions import POSITION_MODES
-
+from pvjax.settings.fields import (
+    model_config as read_config,
+)
 
 # The name studies' callers caught before there was one error class for every config.
 StudyConfigError = InvalidConfig
 
 
 COMMON_FIELDS: dict[str, Validator] = {
-    "model": string(nonempty=True), "dtype": choice(*DTYPES), "trait": string(nonempty=True), "vector": string(),
-    "workdir": string(), "n_questions": integer(0), "max_new_tokens": integer(1), "temperature": number(0.0),
-    "seed": integer(0), "batch_size": integer(1), "forward_batch_size": integer(1), "plot": boolean, "mc.path": string(), "mc.n_items": integer(0),
+    "model": string(nonempty=True),
+    "dtype": choice(*DTYPES),
+    "trait": string(nonempty=True),
+    "vector": string(),
+    "workdir": string(),
+    "n_questions": integer(0),
+    "max_new_tokens": integer(1),
+    "temperature": number(0.0),
+    "seed": integer(0),
+    "batch_size": integer(1),
+    "forward_batch_size": integer(1),
+    "plot": boolean,
+    "mc.path": string(),
+    "mc.n_items": integer(0),
 }
 JUDGE_FIELDS = {
-    "judge.backend": choice(*JUDGE_BACKENDS), "judge.model": string(), "judge.base_url": string(),
-    "judge.concurrency": integer(1), "judge.batch_size": integer(1), "judge.numeric_only": boolean,
+    "judge.backend": choice(*JUDGE_BACKENDS),
+    "judge.model": string(),
+    "judge.base_url": string(),
+    "judge.concurrency": integer(1),
+    "judge.batch_size": integer(1),
+    "judge.numeric_only": boolean,
 }
 
 
@@ -66,16 +81,17 @@ class Checked:
 
 def check_study(cfg, fields: dict, work: Path, study: str) -> Checked:
     """Check types and ranges of `fields`, unknown fields (the nested `extract` config aside), the
-    model, trait (eval split), vector and multiple-choice file. Collects problems; loads no weights."""
-    from pvjax.measure.mc import MCError, read_items
+    model, trait (eval split), vector and multiple-choice file. Collects problems; loads no
+    weights."""
     from pvjax.files.traits import TraitError, load_trait
+    from pvjax.measure.mc import MCError, read_items
 
     d = as_dict(cfg)
     flat = flatten({k: v for k, v in d.items() if k != "extract"})
     problems: list[str] = []
     bad = check_fields(flat, fields, problems, known=("study",))
     ok = lambda *keys: not bad.intersection(keys)
-    if (msg := workdir_problem(work)):
+    if msg := workdir_problem(work):
         problems.append(msg)
 
     trait = None
@@ -85,8 +101,10 @@ def check_study(cfg, fields: dict, work: Path, study: str) -> Checked:
         except TraitError as e:
             problems.append(f"trait: {e}")
     if trait is not None and ok("n_questions") and flat["n_questions"] > len(trait.questions):
-        problems.append(f"n_questions={flat['n_questions']} but the eval split of {trait.name!r} has "
-                        f"only {len(trait.questions)} questions")
+        problems.append(
+            f"n_questions={flat['n_questions']} but the eval split of {trait.name!r} has "
+            f"only {len(trait.questions)} questions"
+        )
 
     model_config = read_config(flat["model"], "model", problems) if ok("model") else None
     if model_config is not None and ok("vector"):
@@ -98,7 +116,11 @@ def check_study(cfg, fields: dict, work: Path, study: str) -> Checked:
             items = read_items(flat["mc.path"], flat["mc.n_items"])
         except MCError as e:
             problems.append(f"mc.path: {e}")
-    if ok("judge.backend", "judge.model") and flat.get("judge.backend") == "openai" and not flat["judge.model"].strip():
+    if (
+        ok("judge.backend", "judge.model")
+        and flat.get("judge.backend") == "openai"
+        and not flat["judge.model"].strip()
+    ):
         problems.append("judge.model must name the served model for judge.backend='openai'")
     return Checked(flat, model_config, trait, items, problems)
 
@@ -109,14 +131,18 @@ def _check_vector(cfg, flat, model_config, work: Path, problems: list) -> None:
     import warnings
 
     import pvjax
+    from pvjax.files.vectors import VectorError, read_vector
     from pvjax.settings.extraction import InvalidConfig, validate_config
     from pvjax.studies.vector_source import MissingVector, extraction_config
-    from pvjax.files.vectors import VectorError, read_vector
 
     if flat["vector"]:
-        shim = pvjax.Model(config=model_config, params=None, tokenizer=None, source=str(flat["model"]))
+        shim = pvjax.Model(
+            config=model_config, params=None, tokenizer=None, source=str(flat["model"])
+        )
         try:
-            with warnings.catch_warnings():  # the same shape under another name only warns, at load time
+            with (
+                warnings.catch_warnings()
+            ):  # the same shape under another name only warns, at load time
                 warnings.simplefilter("ignore")
                 read_vector(flat["vector"], shim)
         except VectorError as e:

@@ -11,19 +11,17 @@ Shape legend: L hidden-state rows, S settings, N prompts, B rows, T positions, D
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pvjax.files import atomic
-from pvjax.settings.types import Judging
 from pvjax import interventions as ivs
-from pvjax.engine.rows import stack, take
+from pvjax.engine.rows import take
+from pvjax.files import atomic
 from pvjax.model import default_positions, left_pad
+from pvjax.settings.types import Judging
 
 
 def study_inputs(cfg, checked, work: Path, *, progress: bool = True):
@@ -38,20 +36,31 @@ def study_inputs(cfg, checked, work: Path, *, progress: bool = True):
     model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
     vector, _ = study_vector(cfg, model, work, progress=progress)
     layers = list(cfg.layers) or spread_layers(model.n_layers)
-    return model, vector, layers, list(checked.trait.questions[:cfg.n_questions or None])
+    return model, vector, layers, list(checked.trait.questions[: cfg.n_questions or None])
 
 
 ANSWER_COLUMNS = ("setting", "prompt", "text", "n_tokens", "finish")
 
 
-def generate_grid(model, iv_S: ivs.Intervention, prompt_ids: Sequence[Sequence[int]], sampling, *,
-                  work: Path | None = None, positions: str = "response", ablate_positions: str = "all",
-                  seed: int = 0, batch_size: int = 32, part_rows: int = 0, progress: bool = False) -> list[dict]:
-    """Answers for every (setting, prompt) row, setting-major: `S x N` dicts with `setting`, `prompt`
-    (indices), `text`, `n_tokens`, `finish`.
+def generate_grid(
+    model,
+    iv_S: ivs.Intervention,
+    prompt_ids: Sequence[Sequence[int]],
+    sampling,
+    *,
+    work: Path | None = None,
+    positions: str = "response",
+    ablate_positions: str = "all",
+    seed: int = 0,
+    batch_size: int = 32,
+    part_rows: int = 0,
+    progress: bool = False,
+) -> list[dict]:
+    """Answers for every (setting, prompt) row, setting-major: `S x N` dicts with `setting`,
+    `prompt` (indices), `text`, `n_tokens`, `finish`.
 
-    Rows go through `pvjax.engine.generate.generate_ids` in parts of `part_rows` (default: 4 batches),
-    each with an intervention of one row per prompt. With `work`, each part is written to
+    Rows go through `pvjax.engine.generate.generate_ids` in parts of `part_rows` (default: 4
+    batches), each with an intervention of one row per prompt. With `work`, each part is written to
     `work/answers/part_<k>.csv` as it finishes and read back instead of recomputed, so a killed
     study loses at most one part. Sampling (temperature > 0) draws row k of a part from the key of
     `seed + the part's first row` folded with k, so the same config repeats the same texts."""
@@ -62,27 +71,50 @@ def generate_grid(model, iv_S: ivs.Intervention, prompt_ids: Sequence[Sequence[i
     part_rows = part_rows or 4 * batch_size
     out = []
     for k, start in enumerate(range(0, len(rows), part_rows)):
-        chunk = rows[start:start + part_rows]
+        chunk = rows[start : start + part_rows]
         path = None if work is None else Path(work) / "answers" / f"part_{k:04d}.csv"
         if path is not None and path.exists():
-            out += [{**r, "setting": int(r["setting"]), "prompt": int(r["prompt"]),
-                     "n_tokens": int(r["n_tokens"])} for r in atomic.read_csv(path)]
+            out += [
+                {
+                    **r,
+                    "setting": int(r["setting"]),
+                    "prompt": int(r["prompt"]),
+                    "n_tokens": int(r["n_tokens"]),
+                }
+                for r in atomic.read_csv(path)
+            ]
             continue
-        g = generate_ids(model, [prompt_ids[i] for _, i in chunk], sampling=sampling,
-                         seed=seed + start, intervention=take(iv_S, [s for s, _ in chunk]),
-                         positions=positions, ablate_positions=ablate_positions, batch_size=batch_size,
-                         progress=progress)
-        part = [{"setting": s, "prompt": i, "text": t, "n_tokens": len(toks), "finish": f}
-                for (s, i), t, toks, f in zip(chunk, g.texts, g.tokens, g.finish_reasons)]
+        g = generate_ids(
+            model,
+            [prompt_ids[i] for _, i in chunk],
+            sampling=sampling,
+            seed=seed + start,
+            intervention=take(iv_S, [s for s, _ in chunk]),
+            positions=positions,
+            ablate_positions=ablate_positions,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        part = [
+            {"setting": s, "prompt": i, "text": t, "n_tokens": len(toks), "finish": f}
+            for (s, i), t, toks, f in zip(chunk, g.texts, g.tokens, g.finish_reasons)
+        ]
         if path is not None:
             atomic.write_csv(path, part, ANSWER_COLUMNS)
         out += part
     return out
 
 
-def answer_logprobs(model, iv_S: ivs.Intervention, prompts: Sequence[str], answers: Sequence[str], *,
-                    positions: str = "response", ablate_positions: str = "all",
-                    batch_size: int = 16) -> np.ndarray:
+def answer_logprobs(
+    model,
+    iv_S: ivs.Intervention,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    *,
+    positions: str = "response",
+    ablate_positions: str = "all",
+    batch_size: int = 16,
+) -> np.ndarray:
     """Mean per-token log-probability `[S, N]` of answer n after (chat-templated) prompt n under
     setting s, every (setting, answer) pair a row of batched forwards. Steering applies on
     `positions` (`response`: the last prompt token and the answer, as in generation), ablation on
@@ -100,68 +132,128 @@ def answer_logprobs(model, iv_S: ivs.Intervention, prompts: Sequence[str], answe
     rows = [(s, i) for i in order for s in range(S)]
     out = np.zeros((S, len(seqs)), np.float32)
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         T = -(-max(len(seqs[i]) for _, i in chunk) // 64) * 64
         tokens, mask = left_pad([seqs[i] for _, i in chunk], T, batch_size)
         answer = np.zeros((batch_size, T), np.int32)
         end = np.full(batch_size, T)
         for b, (_, i) in enumerate(chunk):
             end[b] = T - len(seqs[i]) + starts[i]
-            answer[b, end[b]:] = 1
+            answer[b, end[b] :] = 1
         setting = [s for s, _ in chunk] + [0] * (batch_size - len(chunk))
-        iv = take(iv_S, setting).with_masks(ivs.position_mask(positions, mask, end),
-                                           ivs.position_mask(ablate_positions, mask, end))
-        # The head runs on the answer tail only (`answer_logprob`); 32-token steps bound the compiles.
+        iv = take(iv_S, setting).with_masks(
+            ivs.position_mask(positions, mask, end), ivs.position_mask(ablate_positions, mask, end)
+        )
+        # The head runs on the answer tail only (`answer_logprob`); 32-token steps bound the
+        # compiles.
         tail = min(T - 1, -(-max(len(seqs[i]) - starts[i] for _, i in chunk) // 32) * 32)
-        lp = np.asarray(answer_logprob(model.params, model.config, jnp.asarray(tokens), jnp.asarray(mask),
-                                        default_positions(mask), iv, jnp.asarray(answer), tail=tail))
+        lp = np.asarray(
+            answer_logprob(
+                model.params,
+                model.config,
+                jnp.asarray(tokens),
+                jnp.asarray(mask),
+                default_positions(mask),
+                iv,
+                jnp.asarray(answer),
+                tail=tail,
+            )
+        )
         for b, (s, i) in enumerate(chunk):
             out[s, i] = lp[b]
     return out
 
 
-def reference_answers(model, trait_eval, questions: Sequence[str], work: Path, *, max_new_tokens: int,
-                      batch_size: int, unroll: bool = True) -> list[dict]:
+def reference_answers(
+    model,
+    trait_eval,
+    questions: Sequence[str],
+    work: Path,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    unroll: bool = True,
+) -> list[dict]:
     """Greedy unsteered answers to `questions` under the trait's first instruction pair (pos: "You
     are a(n) <trait> assistant. ...", neg: "You are a helpful assistant. ..."), written to
     `work/reference_answers.csv` once: the answers the judge-free likelihood margin compares.
     `unroll` is generation's layer layout (`pvjax.engine.generate.decode_params`)."""
     path = work / "reference_answers.csv"
     if not path.exists():
-        from pvjax.methods.extraction import system_prompt
         from pvjax.engine.generate import SamplingParams, generate
+        from pvjax.methods.extraction import system_prompt
 
         pair = trait_eval.instruction[0]
         sp = SamplingParams(max_new_tokens=max_new_tokens)
-        pos = generate(model, list(questions), system=system_prompt(trait_eval.name, pair.pos), sampling=sp,
-                       batch_size=batch_size, unroll=unroll).texts
-        neg = generate(model, list(questions), system=system_prompt("helpful", pair.neg), sampling=sp,
-                       batch_size=batch_size, unroll=unroll).texts
-        atomic.write_csv(path, [{"question": q, "pos_answer": p, "neg_answer": n}
-                                for q, p, n in zip(questions, pos, neg)], ("question", "pos_answer", "neg_answer"))
+        pos = generate(
+            model,
+            list(questions),
+            system=system_prompt(trait_eval.name, pair.pos),
+            sampling=sp,
+            batch_size=batch_size,
+            unroll=unroll,
+        ).texts
+        neg = generate(
+            model,
+            list(questions),
+            system=system_prompt("helpful", pair.neg),
+            sampling=sp,
+            batch_size=batch_size,
+            unroll=unroll,
+        ).texts
+        atomic.write_csv(
+            path,
+            [
+                {"question": q, "pos_answer": p, "neg_answer": n}
+                for q, p, n in zip(questions, pos, neg)
+            ],
+            ("question", "pos_answer", "neg_answer"),
+        )
     return atomic.read_csv(path)
 
 
-def margins(model, iv_S, refs: Sequence[dict], *, positions: str, ablate_positions: str = "all",
-            batch_size: int) -> np.ndarray:
+def margins(
+    model,
+    iv_S,
+    refs: Sequence[dict],
+    *,
+    positions: str,
+    ablate_positions: str = "all",
+    batch_size: int,
+) -> np.ndarray:
     """The judge-free likelihood margin per setting `[S]`: mean over questions of the mean
     per-token log-likelihood of the pos reference answer minus the neg one, with no system prompt
-    (the intervention alone must carry the trait), as `pvjax.measure.causality.likelihood_margins`."""
+    (the intervention alone must carry the trait), as
+    `pvjax.measure.causality.likelihood_margins`."""
     prompts = [model.chat_text([{"role": "user", "content": r["question"]}]) for r in refs]
-    lp = answer_logprobs(model, iv_S, prompts * 2, [r["pos_answer"] for r in refs] + [r["neg_answer"] for r in refs],
-                         positions=positions, ablate_positions=ablate_positions, batch_size=batch_size)
+    lp = answer_logprobs(
+        model,
+        iv_S,
+        prompts * 2,
+        [r["pos_answer"] for r in refs] + [r["neg_answer"] for r in refs],
+        positions=positions,
+        ablate_positions=ablate_positions,
+        batch_size=batch_size,
+    )
     n = len(refs)
     return (lp[:, :n] - lp[:, n:]).mean(axis=1)
 
 
-def judge(judging: Judging, model, work: Path, trait_eval, pairs: Sequence[tuple[str, str]], *,
-          progress: bool = False) -> tuple[list, list] | None:
+def judge(
+    judging: Judging,
+    model,
+    work: Path,
+    trait_eval,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    progress: bool = False,
+) -> tuple[list, list] | None:
     """Trait scores and coherence (0-100, None where the judge gave no number) for (question,
     answer) pairs with the study's judge (`judging` as in extraction; its calls are cached in
     `work/judge_cache.sqlite`, so a resumed study never pays twice); None when no judge is
     configured. Empty answers are not sent and score None."""
-    from pvjax.methods.extraction import make_judge_backend
     from pvjax.measure.judges import COHERENCE_RUBRIC, Judge
+    from pvjax.methods.extraction import make_judge_backend
 
     if judging.backend == "none":
         return None
@@ -171,7 +263,9 @@ def judge(judging: Judging, model, work: Path, trait_eval, pairs: Sequence[tuple
     trait = [None] * len(pairs)
     coh = [None] * len(pairs)
     if sent:
-        for k, s in zip(live, Judge(backend, trait_eval.eval_prompt).score(sent, progress=progress)):
+        for k, s in zip(
+            live, Judge(backend, trait_eval.eval_prompt).score(sent, progress=progress)
+        ):
             trait[k] = s
         for k, s in zip(live, Judge(backend, COHERENCE_RUBRIC).score(sent, progress=progress)):
             coh[k] = s
@@ -184,15 +278,28 @@ def mean_or_none(values) -> float | None:
 
 
 def judged_scores(judging: Judging, model, work: Path, trait, answers, progress) -> dict | None:
-    """Per setting, the trait scores and coherence of its answers (`judged.csv`); None without a judge."""
+    """Per setting, the trait scores and coherence of its answers (`judged.csv`); None without a
+    judge."""
     path = work / "judged.csv"
     if judging.backend == "none":
         return None
     if not path.exists():
-        scores = judge(judging, model, work, trait, [(a["question"], a["text"]) for a in answers],
-                            progress=progress)
-        atomic.write_csv(path, [{"setting": a["setting"], "prompt": a["prompt"], "trait": t, "coherence": c}
-                                for a, t, c in zip(answers, *scores)], ("setting", "prompt", "trait", "coherence"))
+        scores = judge(
+            judging,
+            model,
+            work,
+            trait,
+            [(a["question"], a["text"]) for a in answers],
+            progress=progress,
+        )
+        atomic.write_csv(
+            path,
+            [
+                {"setting": a["setting"], "prompt": a["prompt"], "trait": t, "coherence": c}
+                for a, t, c in zip(answers, *scores)
+            ],
+            ("setting", "prompt", "trait", "coherence"),
+        )
     out: dict[int, dict] = {}
     for r in atomic.read_csv(path):
         d = out.setdefault(int(r["setting"]), {"trait": [], "coherence": []})
@@ -212,7 +319,20 @@ def mc_scores(model, work: Path, items, iv, positions: str, batch_size: int) -> 
     if not path.exists():
         lp = mc.score(model, items, intervention=iv, positions=positions, batch_size=batch_size)
         acc, pc = mc.accuracy(lp, items), mc.p_correct(lp, items)
-        atomic.write_csv(path, [{"setting": s, "accuracy": float(acc[s]), "p_correct": float(pc[s]),
-                                 "n_items": len(items)} for s in range(len(acc))],
-                         ("setting", "accuracy", "p_correct", "n_items"))
-    return {int(r["setting"]): (float(r["accuracy"]), float(r["p_correct"])) for r in atomic.read_csv(path)}
+        atomic.write_csv(
+            path,
+            [
+                {
+                    "setting": s,
+                    "accuracy": float(acc[s]),
+                    "p_correct": float(pc[s]),
+                    "n_items": len(items),
+                }
+                for s in range(len(acc))
+            ],
+            ("setting", "accuracy", "p_correct", "n_items"),
+        )
+    return {
+        int(r["setting"]): (float(r["accuracy"]), float(r["p_correct"]))
+        for r in atomic.read_csv(path)
+    }

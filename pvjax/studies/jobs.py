@@ -4,12 +4,11 @@ which job a sweep joins, and the vectors its points share.
 Every process runs the same `pvjax run` / `pvjax sweep` command. The job comes from the config's
 `distributed` section, or from its `extract` config's (every study config carries one there), as
 for `pvjax extract`. The points are split by process (`Job.mine`) and each runs alone
-(`pvjax.parallel.multihost.alone`); a vector that unfinished points share is extracted once, before them.
+(`pvjax.parallel.multihost.alone`); a vector that unfinished points share is extracted once, before
+them.
 """
 
 from __future__ import annotations
-
-from pvjax.settings.fields import as_dict
 
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from pvjax.files import atomic
 from pvjax.parallel import multihost
 from pvjax.parallel.multihost import SINGLE, Job
+from pvjax.settings.fields import as_dict
 
 
 def share_vectors(job: Job, shared: dict, done: dict[int, bool], progress: bool, log) -> None:
@@ -31,7 +31,9 @@ def share_vectors(job: Job, shared: dict, done: dict[int, bool], progress: bool,
         if i in shared:
             owner.setdefault(shared[i][0], (i % job.count, shared[i][1]))
     for where, (proc, cfg) in owner.items():
-        path = where / "vector" / "vectors.safetensors"  # what `shared_vectors` points the points at
+        path = (
+            where / "vector" / "vectors.safetensors"
+        )  # what `shared_vectors` points the points at
         if proc == job.index and not path.exists():
             log(f"extracting the shared vector into {where} (process {job.index})")
             with multihost.alone():
@@ -46,7 +48,8 @@ def share_vectors(job: Job, shared: dict, done: dict[int, bool], progress: bool,
 def join_job(points) -> Job:
     """The job the points run in: one process, unless their config's `distributed` section (its
     own, or its `extract` config's: every study config carries one there) names a coordinator;
-    then this process joins it (`pvjax.parallel.multihost.join`), before anything touches a JAX device."""
+    then this process joins it (`pvjax.parallel.multihost.join`), before anything touches a JAX
+    device."""
     d = distributed_section(points[0].cfg)
     return multihost.join(d) if d and d.get("coordinator") else SINGLE
 

@@ -7,11 +7,16 @@ import numpy as np
 from pvjax.files.plots import pyplot as _pyplot
 from pvjax.files.plots import save as _save
 
-TITLES = {"system_prompts": "system prompts (encouraging -> discouraging)", "many_shot": "many-shot examples",
-          "combined": "both experiments"}
+TITLES = {
+    "system_prompts": "system prompts (encouraging -> discouraging)",
+    "many_shot": "many-shot examples",
+    "combined": "both experiments",
+}
 
 
-def scatter(path, points: dict, corr: dict, layer: int, score_label: str, trait: str, threshold=None):
+def scatter(
+    path, points: dict, corr: dict, layer: int, score_label: str, trait: str, threshold=None
+):
     """Projection at `layer` against the trait score, one panel per experiment, coloured by the
     condition's strength. `points[exp]` is a list of dicts with `strength`, `score`, `proj` [L];
     `corr[exp]` the rows of `correlation_by_layer`."""
@@ -20,17 +25,32 @@ def scatter(path, points: dict, corr: dict, layer: int, score_label: str, trait:
     fig, axes = plt.subplots(1, len(exps), figsize=(5.5 * len(exps), 4.2), squeeze=False)
     for ax, exp in zip(axes[0], exps):
         pts = points[exp]
-        sc = ax.scatter([p["proj"][layer] for p in pts], [p["score"] for p in pts],
-                        c=[p["strength"] for p in pts], cmap="coolwarm", vmin=-1 if exp == "system_prompts" else 0,
-                        vmax=1, s=22, edgecolors="black", linewidths=0.3)
+        sc = ax.scatter(
+            [p["proj"][layer] for p in pts],
+            [p["score"] for p in pts],
+            c=[p["strength"] for p in pts],
+            cmap="coolwarm",
+            vmin=-1 if exp == "system_prompts" else 0,
+            vmax=1,
+            s=22,
+            edgecolors="black",
+            linewidths=0.3,
+        )
         c = corr[exp][layer]
         r = "undefined" if c["r"] is None else f"{c['r']:.2f} [{c['r_low']:.2f}, {c['r_high']:.2f}]"
         if threshold is not None:
             ax.axvline(threshold, color="gray", ls="--", lw=0.8, label="monitor threshold")
             ax.legend(loc="lower right", fontsize=8)
-        ax.set(xlabel=f"last-prompt-token projection, layer {layer}", ylabel=score_label,
-               title=f"{trait}: {TITLES[exp]}\nr = {r}, n = {c['n']}")
-        fig.colorbar(sc, ax=ax, label="trait encouragement" if exp == "system_prompts" else "shots / max shots")
+        ax.set(
+            xlabel=f"last-prompt-token projection, layer {layer}",
+            ylabel=score_label,
+            title=f"{trait}: {TITLES[exp]}\nr = {r}, n = {c['n']}",
+        )
+        fig.colorbar(
+            sc,
+            ax=ax,
+            label="trait encouragement" if exp == "system_prompts" else "shots / max shots",
+        )
     return _save(fig, path)
 
 
@@ -43,13 +63,25 @@ def r_by_layer(path, corr: dict, trait: str, monitor_layer=None):
         if not ok:
             continue
         x = [r["layer"] for r in ok]
-        line, = ax.plot(x, [r["r"] for r in ok], marker=".", label=TITLES[exp])
-        ax.fill_between(x, [r["r_low"] for r in ok], [r["r_high"] for r in ok], color=line.get_color(), alpha=0.15)
+        (line,) = ax.plot(x, [r["r"] for r in ok], marker=".", label=TITLES[exp])
+        ax.fill_between(
+            x,
+            [r["r_low"] for r in ok],
+            [r["r_high"] for r in ok],
+            color=line.get_color(),
+            alpha=0.15,
+        )
     if monitor_layer is not None:
-        ax.axvline(monitor_layer, color="gray", ls="--", lw=0.8, label=f"monitor layer {monitor_layer}")
+        ax.axvline(
+            monitor_layer, color="gray", ls="--", lw=0.8, label=f"monitor layer {monitor_layer}"
+        )
     ax.axhline(0, color="black", lw=0.5)
-    ax.set(xlabel="layer (hidden_states index)", ylabel="Pearson r (bootstrap interval)", ylim=(-1.05, 1.05),
-           title=f"{trait}: last-prompt-token projection vs trait score")
+    ax.set(
+        xlabel="layer (hidden_states index)",
+        ylabel="Pearson r (bootstrap interval)",
+        ylim=(-1.05, 1.05),
+        title=f"{trait}: last-prompt-token projection vs trait score",
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -77,7 +109,11 @@ def trace(path, tr: dict, layers, trait: str):
         lo, hi = float(rest.min()), float(rest.max())
         pad = 0.08 * (hi - lo or 1.0)
         ax.set_ylim(lo - pad, hi + pad)
-    ax.set(xlabel="token position (user turns shaded; token 0 off scale)", ylabel="projection onto unit vector",
-           title=f"{trait}: per-token projection over a {tr['n_turns']}-exchange conversation, then a question")
+    ax.set(
+        xlabel="token position (user turns shaded; token 0 off scale)",
+        ylabel="projection onto unit vector",
+        title=f"{trait}: per-token projection over a {tr['n_turns']}-exchange conversation, then a "
+        "question",
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)

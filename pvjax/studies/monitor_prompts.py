@@ -39,26 +39,42 @@ def system_ladder(trait, pos_name: str = "", neg_name: str = "helpful") -> list[
 def system_conditions(trait, pos_name: str = "", neg_name: str = "helpful"):
     ladder = system_ladder(trait, pos_name, neg_name)
     n = len(ladder)
-    return [(name, 1 - 2 * i / (n - 1), (lambda q, s=text: [{"role": "system", "content": s},
-                                                              {"role": "user", "content": q}]))
-            for i, (name, text) in enumerate(ladder)]
+    return [
+        (
+            name,
+            1 - 2 * i / (n - 1),
+            (lambda q, s=text: [{"role": "system", "content": s}, {"role": "user", "content": q}]),
+        )
+        for i, (name, text) in enumerate(ladder)
+    ]
 
 
 def exchanges(shots: Sequence[dict], k: int) -> Messages:
     """The first k shots as alternating user / assistant turns."""
     out = []
     for s in shots[:k]:
-        out += [{"role": "user", "content": s["question"]}, {"role": "assistant", "content": s["answer"]}]
+        out += [
+            {"role": "user", "content": s["question"]},
+            {"role": "assistant", "content": s["answer"]},
+        ]
     return out
 
 
 def many_shot_conditions(shots: Sequence[dict], counts: Sequence[int]):
     top = max(max(counts), 1)
-    return [(f"shots_{k}", k / top, (lambda q, k=k: exchanges(shots, k) + [{"role": "user", "content": q}]))
-            for k in counts]
+    return [
+        (
+            f"shots_{k}",
+            k / top,
+            (lambda q, k=k: exchanges(shots, k) + [{"role": "user", "content": q}]),
+        )
+        for k in counts
+    ]
 
 
-def conditions(experiment: str, trait, cfg, shots: Sequence[dict]) -> list[tuple[str, float, Callable]]:
+def conditions(
+    experiment: str, trait, cfg, shots: Sequence[dict]
+) -> list[tuple[str, float, Callable]]:
     if experiment == "system_prompts":
         return system_conditions(trait, cfg.pos_name, cfg.neg_name)
     return many_shot_conditions(shots, list(cfg.shots))

@@ -15,8 +15,16 @@ COLUMNS = ("experiment", "layer", "r", "r_low", "r_high", "n", "score", "note")
 log = logging.getLogger(__name__)
 
 
-def report(cfg, work, model, trait, results: dict, kind: str, trace, vector, spec: str, progress: bool) -> list[dict]:
-    from pvjax.methods.monitoring import UndefinedStatistic, calibrate, correlation_by_layer, monitor_path, save_monitor
+def report(
+    cfg, work, model, trait, results: dict, kind: str, trace, vector, spec: str, progress: bool
+) -> list[dict]:
+    from pvjax.methods.monitoring import (
+        UndefinedStatistic,
+        calibrate,
+        correlation_by_layer,
+        monitor_path,
+        save_monitor,
+    )
     from pvjax.studies import monitor_plots as plots
 
     L = model.n_layers + 1
@@ -27,22 +35,53 @@ def report(cfg, work, model, trait, results: dict, kind: str, trace, vector, spe
     corr, rows = {}, []
     for exp, pts in groups.items():
         if len(pts) < 3:
-            corr[exp] = [{"layer": l, "r": None, "r_low": None, "r_high": None, "n": len(pts),
-                          "note": f"r undefined: {len(pts)} scored points, a correlation needs at least 3"}
-                         for l in range(L)]
+            corr[exp] = [
+                {
+                    "layer": l,
+                    "r": None,
+                    "r_low": None,
+                    "r_high": None,
+                    "n": len(pts),
+                    "note": (
+                        f"r undefined: {len(pts)} scored points, a correlation needs at least 3"
+                    ),
+                }
+                for l in range(L)
+            ]
         else:
-            corr[exp] = correlation_by_layer(np.stack([p["proj"] for p in pts]), [p["score"] for p in pts],
-                                             n_boot=b.n, level=b.level, seed=b.seed)
+            corr[exp] = correlation_by_layer(
+                np.stack([p["proj"] for p in pts]),
+                [p["score"] for p in pts],
+                n_boot=b.n,
+                level=b.level,
+                seed=b.seed,
+            )
         rows += [{"experiment": exp, **r, "score": kind} for r in corr[exp]]
     atomic.write_csv(work / "correlations.csv", rows, COLUMNS)
-    atomic.write_csv(work / "points.csv", [{**{k: v for k, v in p.items() if k != "proj"},
-                                             **{f"layer_{l}": float(p["proj"][l]) for l in range(L)}}
-                                            for pts in results.values() for p in pts],
-                     ("experiment", "condition", "strength", "question", "n_scored", "score",
-                      *(f"layer_{l}" for l in range(L))))
+    atomic.write_csv(
+        work / "points.csv",
+        [
+            {
+                **{k: v for k, v in p.items() if k != "proj"},
+                **{f"layer_{l}": float(p["proj"][l]) for l in range(L)},
+            }
+            for pts in results.values()
+            for p in pts
+        ],
+        (
+            "experiment",
+            "condition",
+            "strength",
+            "question",
+            "n_scored",
+            "score",
+            *(f"layer_{l}" for l in range(L)),
+        ),
+    )
 
     label_at = cfg.monitor.judge_label if kind == "judge" else cfg.monitor.contrast_label
-    label = f"{'judge score (0-100)' if kind == 'judge' else 'contrast score (nats/token)'} >= {label_at:g}"
+    scale = "judge score (0-100)" if kind == "judge" else "contrast score (nats/token)"
+    label = f"{scale} >= {label_at:g}"
     pts = groups["combined" if "combined" in groups else next(iter(results))]
     mon, mon_error, mon_path = None, None, None
     try:
@@ -50,9 +89,16 @@ def report(cfg, work, model, trait, results: dict, kind: str, trace, vector, spe
             raise UndefinedStatistic(f"{len(pts)} scored points; calibration needs at least 3")
         scores = np.array([p["score"] for p in pts])
         choice = VectorChoice(vector, None if cfg.monitor.layer < 0 else cfg.monitor.layer, spec)
-        mon = calibrate(np.stack([p["proj"] for p in pts]), scores, scores >= label_at, choice=choice, model=model,
-                        meaning=ScoreMeaning(trait.name, kind, label), bootstrap=b,
-                        thresholding=ThresholdRule(cfg.monitor.rule, cfg.monitor.target_fpr))
+        mon = calibrate(
+            np.stack([p["proj"] for p in pts]),
+            scores,
+            scores >= label_at,
+            choice=choice,
+            model=model,
+            meaning=ScoreMeaning(trait.name, kind, label),
+            bootstrap=b,
+            thresholding=ThresholdRule(cfg.monitor.rule, cfg.monitor.target_fpr),
+        )
         save_monitor(work / "monitor.json", mon)
         if cfg.monitor.save_beside_vector:
             mon_path = str(save_monitor(monitor_path(spec), mon))
@@ -62,9 +108,18 @@ def report(cfg, work, model, trait, results: dict, kind: str, trace, vector, spe
 
     layer = mon.layer if mon else _best_layer(corr[next(iter(corr))], L)
     if cfg.plot:
-        score_label = "judge trait score (0-100)" if kind == "judge" else "contrast score (nats/token)"
-        plots.scatter(work / "scatter.png", results, corr, layer, score_label, trait.name,
-                      threshold=mon.threshold if mon else None)
+        score_label = (
+            "judge trait score (0-100)" if kind == "judge" else "contrast score (nats/token)"
+        )
+        plots.scatter(
+            work / "scatter.png",
+            results,
+            corr,
+            layer,
+            score_label,
+            trait.name,
+            threshold=mon.threshold if mon else None,
+        )
         plots.r_by_layer(work / "r_by_layer.png", corr, trait.name, monitor_layer=layer)
         if trace is not None:
             plots.trace(work / "trace.png", trace, sorted({L // 3, layer, 2 * L // 3}), trait.name)
@@ -75,21 +130,55 @@ def report(cfg, work, model, trait, results: dict, kind: str, trace, vector, spe
 
     from pvjax.methods.monitoring import vector_sha256
 
-    summary = {"trait": trait.name, "model": model.model_id, "vector": spec, "vector_sha256": vector_sha256(vector),
-               "score": kind,
-               "score_meaning": label.split(" >=")[0], "experiments": list(results),
-               "points": {e: len(p) for e, p in groups.items()},
-               "best_layer": {e: best(e) for e in corr}, "plot_layer": layer,
-               "monitor": None if mon is None else {k: getattr(mon, k) for k in (
-                   "layer", "threshold", "rule", "target_fpr", "auroc", "r", "r_low", "r_high", "tpr", "fpr",
-                   "n", "n_pos", "n_neg", "label")},
-               "monitor_file": mon_path, "monitor_error": mon_error}
+    summary = {
+        "trait": trait.name,
+        "model": model.model_id,
+        "vector": spec,
+        "vector_sha256": vector_sha256(vector),
+        "score": kind,
+        "score_meaning": label.split(" >=")[0],
+        "experiments": list(results),
+        "points": {e: len(p) for e, p in groups.items()},
+        "best_layer": {e: best(e) for e in corr},
+        "plot_layer": layer,
+        "monitor": None
+        if mon is None
+        else {
+            k: getattr(mon, k)
+            for k in (
+                "layer",
+                "threshold",
+                "rule",
+                "target_fpr",
+                "auroc",
+                "r",
+                "r_low",
+                "r_high",
+                "tpr",
+                "fpr",
+                "n",
+                "n_pos",
+                "n_neg",
+                "label",
+            )
+        },
+        "monitor_file": mon_path,
+        "monitor_error": mon_error,
+    }
     atomic.write_json(work / "summary.json", summary)
     if progress:
         m = summary["monitor"]
-        print(f"monitor ({kind} score): " + (mon_error or f"layer {m['layer']}, threshold {m['threshold']:.3f} "
-              f"({m['rule']}), AUROC {m['auroc']:.3f}, r {m['r']:.3f} [{m['r_low']:.3f}, {m['r_high']:.3f}], "
-              f"n {m['n']}" + (f"; saved to {mon_path}" if mon_path else "")))
+        print(
+            f"monitor ({kind} score): "
+            + (
+                mon_error
+                or f"layer {m['layer']}, threshold {m['threshold']:.3f} "
+                f"({m['rule']}), AUROC {m['auroc']:.3f}, r {m['r']:.3f} [{m['r_low']:.3f}, "
+                f"{m['r_high']:.3f}], "
+                f"n {m['n']}"
+                + (f"; saved to {mon_path}" if mon_path else "")
+            )
+        )
     return rows
 
 

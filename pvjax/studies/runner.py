@@ -34,8 +34,6 @@ a config without that field (`configs/extract.py`) is named by its file: `extrac
 
 from __future__ import annotations
 
-from pvjax.settings.fields import as_dict
-
 import dataclasses
 import datetime
 import hashlib
@@ -49,12 +47,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from pvjax.errors import UsageError
 from pvjax.files import atomic
 from pvjax.files.ledger import Ledger, RunMismatch, Stage
 from pvjax.parallel import multihost
-from pvjax.errors import UsageError
-from pvjax.settings.config_files import config_module, flat_keys, load_config
 from pvjax.parallel.multihost import SINGLE, Job
+from pvjax.settings.config_files import config_module, flat_keys, load_config
+from pvjax.settings.fields import as_dict
 
 # Fields that name where a point runs, or how it shows progress: not part of what it computes.
 UNCOMPARED = ("workdir",)
@@ -73,8 +72,10 @@ class Point:
 
 # --- sweep declarations ---
 
+
 def product(**axes) -> list[dict]:
-    """Every combination of the axes' values: `product(layers=[(10,), (20,)], coefs=[(1.0,), (2.0,)])`."""
+    """Every combination of the axes' values: `product(layers=[(10,), (20,)], coefs=[(1.0,),
+    (2.0,)])`."""
     for k, v in axes.items():
         if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
             raise UsageError(f"sweep axis {k!r} must be a list of values, got {v!r}")
@@ -102,12 +103,14 @@ def sweep_points(config_path: str) -> list[dict]:
     module = config_module(config_path)
     fn = getattr(module, "sweep", None)
     if fn is None:
-        raise UsageError(f"{config_path.split(':', 1)[0]} declares no sweep(add); use `pvjax run` for one point")
+        raise UsageError(
+            f"{config_path.split(':', 1)[0]} declares no sweep(add); use `pvjax run` for one point"
+        )
     points: list[dict] = []
 
     def add(*many, **values):
         for group in many:
-            for p in ([group] if isinstance(group, dict) else group):
+            for p in [group] if isinstance(group, dict) else group:
                 points.append(dict(p))
         if values or not many:
             points.append(values)
@@ -135,6 +138,7 @@ def sweep_points(config_path: str) -> list[dict]:
 def point_name(values: dict) -> str:
     """A directory name from the point's values: `key=value` pairs, readable when they are short
     and plain, with a hash of the values when anything had to be shortened or replaced."""
+
     def text(v):
         if isinstance(v, (list, tuple)):
             return "_".join(text(x) for x in v)
@@ -144,15 +148,20 @@ def point_name(values: dict) -> str:
     clean = re.sub(r"[^A-Za-z0-9=,._+-]", "_", raw)
     if clean == raw and len(raw) <= 80:
         return raw or "default"
-    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[
+        :8
+    ]
     return f"{clean[:60]}-{digest}"
 
 
 def _set(cfg, key: str, value, known: list[str]):
     if key not in known:
         close = [k for k in known if k.split(".")[-1] == key.split(".")[-1]]
-        raise UsageError(f"sweep key {key!r} is not a config field" + (f" (did you mean {close[0]!r}?)" if close else "")
-                         + f"; known: {', '.join(known)}")
+        raise UsageError(
+            f"sweep key {key!r} is not a config field"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; known: {', '.join(known)}"
+        )
     *parents, leaf = key.split(".")
     node = cfg
     for p in parents:
@@ -167,7 +176,10 @@ def _set(cfg, key: str, value, known: list[str]):
 
 # --- points and their directories ---
 
-def load(config_path: str, overrides: list[str], workdir: str, *, sweep: bool) -> tuple[str, Path, list[Point]]:
+
+def load(
+    config_path: str, overrides: list[str], workdir: str, *, sweep: bool
+) -> tuple[str, Path, list[Point]]:
     """(study name, root directory, points), everything checked that can be without a model."""
     base = load_config(config_path, overrides)
     study = base.get("study", "") or Path(config_path.split(":", 1)[0]).stem
@@ -179,19 +191,24 @@ def load(config_path: str, overrides: list[str], workdir: str, *, sweep: bool) -
         cfg = base.copy_and_resolve_references()
         return study, root, [Point("", {}, cfg)]
     known = flat_keys(base.to_dict())
-    overridden = {o[len("--config."):].split("=", 1)[0] for o in overrides}
+    overridden = {o[len("--config.") :].split("=", 1)[0] for o in overrides}
     points = []
     for values in sweep_points(config_path):
         clash = overridden.intersection(values)
         if clash:
-            raise UsageError(f"--config.{sorted(clash)[0]} is also set by the sweep; drop one of them")
+            raise UsageError(
+                f"--config.{sorted(clash)[0]} is also set by the sweep; drop one of them"
+            )
         cfg = base.copy_and_resolve_references()
         for k, v in values.items():
             _set(cfg, k, v, known)
         points.append(Point(point_name(values), values, cfg))
     dirs = [str(point_dir(root, p)) for p in points]
     if len(set(dirs)) != len(dirs):
-        raise UsageError(f"two sweep points share the directory {sorted(d for d in dirs if dirs.count(d) > 1)[0]}")
+        raise UsageError(
+            "two sweep points share the directory "
+            f"{sorted(d for d in dirs if dirs.count(d) > 1)[0]}"
+        )
     return study, root, points
 
 
@@ -214,11 +231,18 @@ def git_revision() -> str:
     "unknown" outside a git checkout."""
     here = Path(__file__).resolve().parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
         if rev.returncode:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return rev.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -237,8 +261,19 @@ def point_ledger(work: Path, cfg, module) -> Ledger:
     tracks its own provenance (`OWN_PROVENANCE`): then only the runner's results are redone."""
     own = getattr(module, "OWN_PROVENANCE", False)
     settings = {k: v for k, v in _comparable(_snapshot(cfg)).items() if k not in REDRAWN}
-    return Ledger(work, [Stage("point", settings, outputs=("results.json", "results.csv") if own else ("**/*",),
-                               keep=not own)], record="point.json", error=PointMismatch)
+    return Ledger(
+        work,
+        [
+            Stage(
+                "point",
+                settings,
+                outputs=("results.json", "results.csv") if own else ("**/*",),
+                keep=not own,
+            )
+        ],
+        record="point.json",
+        error=PointMismatch,
+    )
 
 
 class PointMismatch(RunMismatch, UsageError):
@@ -247,17 +282,27 @@ class PointMismatch(RunMismatch, UsageError):
 
 def check_directory(work: Path, cfg, module) -> bool:
     """Whether `work` holds this point finished (`DONE` under the same config). Refuses a directory
-    that holds the point under another config, unless the study tracks its own provenance. Reads only."""
+    that holds the point under another config, unless the study tracks its own provenance. Reads
+    only."""
     ledger = point_ledger(work, cfg, module)
     ledger.stale()
     old = ledger.extra.get("config") or {}
     if any(_snapshot(cfg).get(k) and not old.get(k) for k in REDRAWN):
-        return False  # run again: the study reuses its finished stages and draws what was switched on
+        return (
+            False  # run again: the study reuses its finished stages and draws what was switched on
+        )
     return ledger.done and (work / "results.json").exists()
 
 
-def run_points(study: str, root: Path, points: list[Point], *, progress: bool = True,
-               log: Callable[[str], None] = print, job: Job = SINGLE) -> list[dict]:
+def run_points(
+    study: str,
+    root: Path,
+    points: list[Point],
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    job: Job = SINGLE,
+) -> list[dict]:
     """Run (or skip, or resume) every point; returns the summary rows (with `point` in a sweep) and
     writes `root/summary.csv`. In a multi-process `job` (`join_job`) process p runs the points
     i with i mod P = p (a study that splits its own work between processes, `JOINT`, runs every
@@ -266,9 +311,13 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
     module = study_module(study)
     works = [point_dir(root, p) for p in points]
     joint = job.count > 1 and getattr(module, "JOINT", False)
-    job.check_same("sweep", {"study": study, **{str(w): _comparable(_snapshot(p.cfg)) for p, w in zip(points, works)}})
+    job.check_same(
+        "sweep",
+        {"study": study, **{str(w): _comparable(_snapshot(p.cfg)) for p, w in zip(points, works)}},
+    )
 
-    def validate():  # everything checked before anything runs, on every process (a refusal reaches all)
+    # everything checked before anything runs, on every process (a refusal reaches all)
+    def validate():
         for p, work in zip(points, works):
             _cfg_with_workdir(p.cfg, work)
             if hasattr(module, "validate"):
@@ -276,7 +325,13 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
 
     job.each(validate)
     shared = shared_vectors(root, points) if any(p.name for p in points) else {}
-    job.each(lambda: [check_directory(w, p.cfg, module) for p, w in zip(points, works) if job.writer or not joint])
+    job.each(
+        lambda: [
+            check_directory(w, p.cfg, module)
+            for p, w in zip(points, works)
+            if job.writer or not joint
+        ]
+    )
     where = {"process": "every" if joint else job.index, "processes": job.count}
 
     def one(i: int, p: Point, work: Path, done: bool, writes: bool) -> list[dict]:
@@ -285,7 +340,10 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
             log(f"[{i + 1}/{len(points)}] {label}: done before, skipped")
             read = lambda: json.loads((work / "results.json").read_text())
             return job.from_writer(read) if joint else read()  # hosts of a pod share no filesystem
-        log(f"[{i + 1}/{len(points)}] {label}: running {study}" + (f" (process {job.index})" if job.count > 1 else ""))
+        log(
+            f"[{i + 1}/{len(points)}] {label}: running {study}"
+            + (f" (process {job.index})" if job.count > 1 else "")
+        )
         if i in shared and not Path(p.cfg.vector).exists():
             from pvjax.studies.vector_source import vector_spec
 
@@ -294,13 +352,24 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
         import pvjax
 
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        mesh = p.cfg.mesh.to_dict() if "mesh" in p.cfg and hasattr(p.cfg.mesh, "to_dict") else job.describe()["mesh"]
+        mesh = (
+            p.cfg.mesh.to_dict()
+            if "mesh" in p.cfg and hasattr(p.cfg.mesh, "to_dict")
+            else job.describe()["mesh"]
+        )
         ledger = point_ledger(work, p.cfg, module)
         if writes:
             work.mkdir(parents=True, exist_ok=True)
-            ledger.open(study=study, values=p.values, config=_snapshot(p.cfg), git_revision=git_revision(),
-                        pvjax_version=pvjax.__version__, python=sys.version.split()[0], started=started,
-                        job={**where, "mesh": mesh})
+            ledger.open(
+                study=study,
+                values=p.values,
+                config=_snapshot(p.cfg),
+                git_revision=git_revision(),
+                pvjax_version=pvjax.__version__,
+                python=sys.version.split()[0],
+                started=started,
+                job={**where, "mesh": mesh},
+            )
         rows = [dict(r) for r in module.run(p.cfg, work, progress=progress)]
         if writes:
             atomic.write_json(work / "results.json", rows)
@@ -310,25 +379,44 @@ def run_points(study: str, root: Path, points: list[Point], *, progress: bool = 
         return rows
 
     if job.count == 1 or joint:
-        done = job.from_writer(lambda: [check_directory(w, p.cfg, module) for p, w in zip(points, works)])
+        done = job.from_writer(
+            lambda: [check_directory(w, p.cfg, module) for p, w in zip(points, works)]
+        )
         got = [one(i, p, w, done[i], job.writer) for i, (p, w) in enumerate(zip(points, works))]
     else:
         mine = job.mine(len(points))
         from pvjax.studies.jobs import share_vectors
 
-        share_vectors(job, shared, {i: check_directory(works[i], points[i].cfg, module) for i in mine},
-                       progress, log)
+        share_vectors(
+            job,
+            shared,
+            {i: check_directory(works[i], points[i].cfg, module) for i in mine},
+            progress,
+            log,
+        )
 
         def my_points():
             with multihost.alone():  # a point runs whole in one process (its extraction too)
-                return [one(i, points[i], works[i], check_directory(works[i], points[i].cfg, module), True)
-                        for i in mine]
+                return [
+                    one(
+                        i,
+                        points[i],
+                        works[i],
+                        check_directory(works[i], points[i].cfg, module),
+                        True,
+                    )
+                    for i in mine
+                ]
 
         got = job.unshare(len(points), job.each(my_points))
-    summary = [({**r, "point": p.name} if p.name else r) for p, rows in zip(points, got) for r in rows]
+    summary = [
+        ({**r, "point": p.name} if p.name else r) for p, rows in zip(points, got) for r in rows
+    ]
     text = atomic.csv_text(summary, columns(summary)).encode()
     path = root / "summary.csv"
-    if job.writer and not (path.is_file() and path.read_bytes() == text):  # a no-op rerun rewrites nothing
+    if job.writer and not (
+        path.is_file() and path.read_bytes() == text
+    ):  # a no-op rerun rewrites nothing
         atomic.write_bytes(path, text)
     return summary
 
@@ -337,7 +425,11 @@ def _comparable(snapshot: dict) -> dict:
     """The snapshot without its `distributed` sections, at any depth (a study nests extraction and
     finetuning configs): where a point ran is not what it computed (process ids differ between
     processes; a rerun with another process count resumes)."""
-    return {k: _comparable(v) if isinstance(v, dict) else v for k, v in snapshot.items() if k != "distributed"}
+    return {
+        k: _comparable(v) if isinstance(v, dict) else v
+        for k, v in snapshot.items()
+        if k != "distributed"
+    }
 
 
 def point_dir(root: Path, p: Point) -> Path:
@@ -364,8 +456,14 @@ def shared_vectors(root: Path, points: list[Point]) -> dict[int, tuple[Path, Any
         ext = as_dict(ext)
         ext.pop("workdir")
         ext.pop("distributed", None)  # where it runs, not what it computes: one vector for any job
-        digest = hashlib.sha256(json.dumps(ext, sort_keys=True, default=str).encode()).hexdigest()[:8]
-        where = root / "vectors" / f"{re.sub(r'[^A-Za-z0-9._-]', '_', Path(str(p.cfg.trait)).stem)}-{digest}"
+        digest = hashlib.sha256(json.dumps(ext, sort_keys=True, default=str).encode()).hexdigest()[
+            :8
+        ]
+        where = (
+            root
+            / "vectors"
+            / f"{re.sub(r'[^A-Za-z0-9._-]', '_', Path(str(p.cfg.trait)).stem)}-{digest}"
+        )
         out[i] = (where, p.cfg.copy_and_resolve_references())
         p.cfg.vector = str(where / "vector" / "vectors.safetensors")
     return out
@@ -393,7 +491,7 @@ def table(rows: list[dict], max_width: int = 24) -> str:
         if v is None:
             return ""
         s = f"{v:.4g}" if isinstance(v, float) else str(v)
-        return s if len(s) <= max_width else s[:max_width - 1] + "~"
+        return s if len(s) <= max_width else s[: max_width - 1] + "~"
 
     cells = [[cell(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[j]) for row in cells)) for j, c in enumerate(cols)]

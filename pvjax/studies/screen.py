@@ -24,7 +24,9 @@ def datasets_of(cfg) -> list[str]:
     paths = [p.strip() for p in d.split(",")] if isinstance(d, str) else [str(p) for p in d]
     paths = [p for p in paths if p]
     if not paths:
-        raise InputError("the config names no dataset to screen (--config.datasets=FILE.jsonl[,FILE.csv])")
+        raise InputError(
+            "the config names no dataset to screen (--config.datasets=FILE.jsonl[,FILE.csv])"
+        )
     return paths
 
 
@@ -34,8 +36,10 @@ def check_layer(source, layer: int) -> None:
 
     n = read_model_config(source).num_layers
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
-        raise InputError(f"layer {layer!r} is not a hidden_states index of {source} (0..{n}; row 0 is the "
-                         "embeddings, row l the output of block l)")
+        raise InputError(
+            f"layer {layer!r} is not a hidden_states index of {source} (0..{n}; row 0 is the "
+            "embeddings, row l the output of block l)"
+        )
 
 
 def study_ledger(work: Path, cfg, files=()) -> Ledger:
@@ -66,8 +70,12 @@ def validate(cfg, work: Path = Path(".")) -> tuple:
     from pvjax.settings.types import Sampling
 
     paths = datasets_of(cfg)
-    datasets = [read_dataset(p, cfg.format, prompt_column=cfg.prompt_column, answer_column=cfg.answer_column)
-                for p in paths]
+    datasets = [
+        read_dataset(
+            p, cfg.format, prompt_column=cfg.prompt_column, answer_column=cfg.answer_column
+        )
+        for p in paths
+    ]
     flagging = Flagging(cfg.flag.mode, float(cfg.flag.threshold), float(cfg.flag.top_fraction))
     sampling = Sampling.of(cfg)  # checked now: before anything loads
     check_layer(cfg.model, cfg.layer)
@@ -78,7 +86,8 @@ def validate(cfg, work: Path = Path(".")) -> tuple:
 
 
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
-    """Screen the config's datasets into `work`; one summary row per dataset (see pvjax.methods.screening)."""
+    """Screen the config's datasets into `work`; one summary row per dataset (see
+    pvjax.methods.screening)."""
     import pvjax
     from pvjax.methods.screening import screen
     from pvjax.settings.types import VectorChoice, Workspace
@@ -93,8 +102,16 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     ledger.open()
     model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
     vector, spec = study_vector(cfg, model, work, progress=progress)
-    space = Workspace(work, cfg.cache_dir or None, batch_size=cfg.batch_size, plot=cfg.plot,
-                      progress=progress)
-    rows = screen(model, VectorChoice(vector, cfg.layer, spec), datasets, space, sampling, flagging=flagging,
-                  max_len=cfg.max_len)
+    space = Workspace(
+        work, cfg.cache_dir or None, batch_size=cfg.batch_size, plot=cfg.plot, progress=progress
+    )
+    rows = screen(
+        model,
+        VectorChoice(vector, cfg.layer, spec),
+        datasets,
+        space,
+        sampling,
+        flagging=flagging,
+        max_len=cfg.max_len,
+    )
     return finish(ledger, rows)

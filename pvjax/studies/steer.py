@@ -50,13 +50,39 @@ from pvjax.studies import checks as C
 from pvjax.studies import grid
 
 _maybe_floats = lambda v: None if isinstance(v, (list, tuple)) and not v else F.numbers(v)  # noqa: E731
-FIELDS = {**C.COMMON_FIELDS, **C.JUDGE_FIELDS, "layers": F.integers, "coefs": F.numbers,
-          "caps": _maybe_floats, "targets": _maybe_floats, "gain": F.number(0.0, lo_open=True),
-          "max_step": lambda v: None if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
-          else f"must be a number > 0 (inf: no limit), got {v!r}",
-          "positions": F.choice(*C.POSITION_MODES), "best.min_coherence": F.number(0.0, 100.0)}
-COLUMNS = ("layer", "coef", "positions", "margin", "trait_score", "coherence", "accuracy", "p_correct",
-           "distinct2", "answer_tokens", "best", "control", "value", "gain", "max_step")
+FIELDS = {
+    **C.COMMON_FIELDS,
+    **C.JUDGE_FIELDS,
+    "layers": F.integers,
+    "coefs": F.numbers,
+    "caps": _maybe_floats,
+    "targets": _maybe_floats,
+    "gain": F.number(0.0, lo_open=True),
+    "max_step": lambda v: (
+        None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+        else f"must be a number > 0 (inf: no limit), got {v!r}"
+    ),
+    "positions": F.choice(*C.POSITION_MODES),
+    "best.min_coherence": F.number(0.0, 100.0),
+}
+COLUMNS = (
+    "layer",
+    "coef",
+    "positions",
+    "margin",
+    "trait_score",
+    "coherence",
+    "accuracy",
+    "p_correct",
+    "distinct2",
+    "answer_tokens",
+    "best",
+    "control",
+    "value",
+    "gain",
+    "max_step",
+)
 
 
 def validate(cfg, work: Path) -> C.Checked:
@@ -74,8 +100,18 @@ def validate(cfg, work: Path) -> C.Checked:
     return checked
 
 
-def settings(vector_LD, layers, coefs, L: int, D: int, caps=(), targets=(), *, gain: float = 1.0,
-             max_step: float = float("inf")):
+def settings(
+    vector_LD,
+    layers,
+    coefs,
+    L: int,
+    D: int,
+    caps=(),
+    targets=(),
+    *,
+    gain: float = 1.0,
+    max_step: float = float("inf"),
+):
     """(stacked intervention of batch S, index of setting per (layer, coef)): setting 0 is the
     unsteered model, shared by every coefficient 0. Each ceiling in `caps` and each value in
     `targets` adds a closed-loop row per layer (`interventions.cap` / `interventions.target`, with
@@ -83,7 +119,9 @@ def settings(vector_LD, layers, coefs, L: int, D: int, caps=(), targets=(), *, g
     fixed and closed-loop rows share one batch and one compiled program (the rule is data)."""
     from pvjax import interventions as ivs
 
-    rules = [("cap", float(x), ivs.cap) for x in caps] + [("target", float(x), ivs.target) for x in targets]
+    rules = [("cap", float(x), ivs.cap) for x in caps] + [
+        ("target", float(x), ivs.target) for x in targets
+    ]
     items, index = [ivs.build(L, D)], {}
     for layer in layers:
         for c in coefs:
@@ -94,14 +132,24 @@ def settings(vector_LD, layers, coefs, L: int, D: int, caps=(), targets=(), *, g
             items.append(ivs.build(L, D, steer=[(vector_LD, layer, float(c))]))
         for mode, value, rule in rules:
             index[(layer, (mode, value))] = len(items)
-            items.append(ivs.build(L, D, steer=[(vector_LD, layer, [rule(value, gain=gain, max_step=max_step)])]))
+            items.append(
+                ivs.build(
+                    L, D, steer=[(vector_LD, layer, [rule(value, gain=gain, max_step=max_step)])]
+                )
+            )
     return grid.stack(items), index
 
 
 def _control(key, gain: float = 1.0, max_step: float = float("inf")) -> dict:
     """The summary columns of a setting key's coefficient: fixed `coef`, or a closed-loop rule."""
     if isinstance(key, tuple):
-        return {"coef": None, "control": key[0], "value": key[1], "gain": gain, "max_step": max_step}
+        return {
+            "coef": None,
+            "control": key[0],
+            "value": key[1],
+            "gain": gain,
+            "max_step": max_step,
+        }
     return {"coef": key, "control": "fixed", "value": None, "gain": None, "max_step": None}
 
 
@@ -115,15 +163,30 @@ def best_layer(rows: list[dict], metric: str, min_coherence: float) -> dict:
     """The rule in the module docstring, with each layer's slope."""
     slopes = {}
     for layer in sorted({r["layer"] for r in rows}):
-        mine = [r for r in rows if r["layer"] == layer and r.get(metric) is not None
-                and (r.get("coherence") is None or r["coherence"] >= min_coherence)]
+        mine = [
+            r
+            for r in rows
+            if r["layer"] == layer
+            and r.get(metric) is not None
+            and (r.get("coherence") is None or r["coherence"] >= min_coherence)
+        ]
         if len({r["coef"] for r in mine}) >= 2:
-            slopes[layer] = float(np.polyfit([r["coef"] for r in mine], [r[metric] for r in mine], 1)[0])
+            slopes[layer] = float(
+                np.polyfit([r["coef"] for r in mine], [r[metric] for r in mine], 1)[0]
+            )
     best = max(slopes, key=lambda l: (slopes[l], -l)) if slopes else None
-    return {"layer": best, "metric": metric, "slopes": slopes, "min_coherence": min_coherence,
-            "rule": f"largest least-squares slope of {metric} over the coefficients"
-                    + (f", counting coefficients with mean coherence >= {min_coherence:g}"
-                       if metric == "trait_score" else "")}
+    return {
+        "layer": best,
+        "metric": metric,
+        "slopes": slopes,
+        "min_coherence": min_coherence,
+        "rule": f"largest least-squares slope of {metric} over the coefficients"
+        + (
+            f", counting coefficients with mean coherence >= {min_coherence:g}"
+            if metric == "trait_score"
+            else ""
+        ),
+    }
 
 
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
@@ -138,42 +201,93 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     L, D = model.n_layers + 1, model.hidden_size
     coefs = [float(c) for c in cfg.coefs]
     loop = dict(gain=float(cfg.gain), max_step=float(cfg.max_step))
-    iv, index = settings(vector, layers, coefs, L, D, [float(c) for c in cfg.caps],
-                         [float(c) for c in cfg.targets], **loop)
+    iv, index = settings(
+        vector,
+        layers,
+        coefs,
+        L,
+        D,
+        [float(c) for c in cfg.caps],
+        [float(c) for c in cfg.targets],
+        **loop,
+    )
     S = iv.steer_vectors.shape[1]
 
-    refs = grid.reference_answers(model, trait, questions, work, max_new_tokens=cfg.max_new_tokens,
-                                  batch_size=cfg.batch_size)
+    refs = grid.reference_answers(
+        model, trait, questions, work, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+    )
     if not (work / "margins.csv").exists():
-        m = grid.margins(model, iv, refs, positions=cfg.positions, batch_size=cfg.forward_batch_size)
-        atomic.write_csv(work / "margins.csv", [{"setting": s, "margin": float(m[s])} for s in range(S)],
-                         ("setting", "margin"))
+        m = grid.margins(
+            model, iv, refs, positions=cfg.positions, batch_size=cfg.forward_batch_size
+        )
+        atomic.write_csv(
+            work / "margins.csv",
+            [{"setting": s, "margin": float(m[s])} for s in range(S)],
+            ("setting", "margin"),
+        )
     margin = {int(r["setting"]): float(r["margin"]) for r in atomic.read_csv(work / "margins.csv")}
 
-    prompt_ids = [model.tokenizer(model.chat_text([{"role": "user", "content": q}]),
-                                  add_special_tokens=False)["input_ids"] for q in questions]
+    prompt_ids = [
+        model.tokenizer(
+            model.chat_text([{"role": "user", "content": q}]), add_special_tokens=False
+        )["input_ids"]
+        for q in questions
+    ]
     sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-    answers = grid.generate_grid(model, iv, prompt_ids, sampling, work=work, positions=cfg.positions,
-                                 seed=cfg.seed, batch_size=cfg.batch_size, progress=progress)
+    answers = grid.generate_grid(
+        model,
+        iv,
+        prompt_ids,
+        sampling,
+        work=work,
+        positions=cfg.positions,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        progress=progress,
+    )
     layer_coef = {s: lc for lc, s in index.items()}
     for a in answers:
         a["question"] = questions[a["prompt"]]
     if not (work / "answers.csv").exists():
-        atomic.write_csv(work / "answers.csv",
-                         [{"setting": a["setting"], "layer": layer_coef[a["setting"]][0] if a["setting"] else "",
-                           **_control(layer_coef[a["setting"]][1] if a["setting"] else 0.0, **loop), **a}
-                          for a in answers],
-                         ("setting", "layer", "coef", "control", "value", "gain", "max_step", "question", "text",
-                          "n_tokens", "finish"))
+        atomic.write_csv(
+            work / "answers.csv",
+            [
+                {
+                    "setting": a["setting"],
+                    "layer": layer_coef[a["setting"]][0] if a["setting"] else "",
+                    **_control(layer_coef[a["setting"]][1] if a["setting"] else 0.0, **loop),
+                    **a,
+                }
+                for a in answers
+            ],
+            (
+                "setting",
+                "layer",
+                "coef",
+                "control",
+                "value",
+                "gain",
+                "max_step",
+                "question",
+                "text",
+                "n_tokens",
+                "finish",
+            ),
+        )
     judged = grid.judged_scores(Judging.of(cfg.judge), model, work, trait, answers, progress)
     mc = grid.mc_scores(model, work, checked.mc_items, iv, cfg.positions, cfg.forward_batch_size)
 
     rows = []
     for (layer, c), s in index.items():
         mine = [a for a in answers if a["setting"] == s]
-        row = {"layer": layer, **_control(c, **loop), "positions": cfg.positions, "margin": margin[s],
-               "distinct2": grid.mean_or_none(distinct2(a["text"]) for a in mine),
-               "answer_tokens": float(np.mean([a["n_tokens"] for a in mine]))}
+        row = {
+            "layer": layer,
+            **_control(c, **loop),
+            "positions": cfg.positions,
+            "margin": margin[s],
+            "distinct2": grid.mean_or_none(distinct2(a["text"]) for a in mine),
+            "answer_tokens": float(np.mean([a["n_tokens"] for a in mine])),
+        }
         if judged is not None:
             row["trait_score"] = grid.mean_or_none(judged[s]["trait"])
             row["coherence"] = grid.mean_or_none(judged[s]["coherence"])
@@ -181,7 +295,9 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
             row["accuracy"], row["p_correct"] = mc[s]
         rows.append(row)
     metric = "trait_score" if judged is not None else "margin"
-    fixed = [r for r in rows if r["control"] == "fixed"]  # the rule and the plots are over coefficients
+    fixed = [
+        r for r in rows if r["control"] == "fixed"
+    ]  # the rule and the plots are over coefficients
     best = best_layer(fixed, metric, cfg.best.min_coherence)
     atomic.write_json(work / "best.json", best)
     for r in rows:

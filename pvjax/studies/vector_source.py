@@ -22,9 +22,14 @@ class MissingVector(InputError):
 def extraction_config(cfg, work: Path):
     """The study's `extract` config pointed at `work/vector`, with the study's trait and model."""
     if "extract" not in cfg or not cfg.extract:
-        raise MissingVector("the config sets no `vector` (FILE[:KEY]) and has no `extract` config to make one")
-    ext = cfg.extract.copy_and_resolve_references() if hasattr(cfg.extract, "copy_and_resolve_references") \
+        raise MissingVector(
+            "the config sets no `vector` (FILE[:KEY]) and has no `extract` config to make one"
+        )
+    ext = (
+        cfg.extract.copy_and_resolve_references()
+        if hasattr(cfg.extract, "copy_and_resolve_references")
         else dict(cfg.extract)
+    )
     if hasattr(ext, "unlock"):
         ext.unlock()
     ext["trait"], ext["model"], ext["workdir"] = cfg.trait, cfg.model, str(work / "vector")
@@ -33,7 +38,8 @@ def extraction_config(cfg, work: Path):
 
 def check_vector(cfg, work: Path) -> None:
     """Before anything is written or loaded: a named vector file is readable (present, its key
-    there, finite), or, with no file named, the `extract` config that will make one is valid whole."""
+    there, finite), or, with no file named, the `extract` config that will make one is valid
+    whole."""
     if cfg.get("vector", ""):
         from pvjax.files.vectors import read_vector
 
@@ -57,7 +63,8 @@ def vector_spec(cfg, work: Path, *, progress: bool = True) -> str:
 
 
 def study_vector(cfg, model, work: Path, *, progress: bool = True) -> tuple[np.ndarray, str]:
-    """The vector `[n_layers+1, D]` (checked against `model`: width, depth, model id) and its spec."""
+    """The vector `[n_layers+1, D]` (checked against `model`: width, depth, model id) and its
+    spec."""
     from pvjax.files.vectors import read_vector
 
     spec = vector_spec(cfg, work, progress=progress)
