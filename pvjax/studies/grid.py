@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pvjax import interventions as ivs
-from pvjax.engine.rows import take
+from pvjax.engine.rows import stack, take  # noqa: F401  (stack: the grid's rows, for its studies)
 from pvjax.files import atomic
 from pvjax.model import default_positions, left_pad
 from pvjax.settings.types import Judging

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from pvjax.files import atomic
+from pvjax.interventions import POSITION_MODES
 from pvjax.settings import fields as F
 from pvjax.settings.types import Judging
 from pvjax.studies import checks as C
@@ -63,7 +64,7 @@ FIELDS = {
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
         else f"must be a number > 0 (inf: no limit), got {v!r}"
     ),
-    "positions": F.choice(*C.POSITION_MODES),
+    "positions": F.choice(*POSITION_MODES),
     "best.min_coherence": F.number(0.0, 100.0),
 }
 COLUMNS = (
