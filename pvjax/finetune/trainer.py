@@ -101,24 +101,17 @@ def _datasets(c, chk, tokenizer):
         order = np.random.default_rng([c["seed"], 7]).permutation(len(samples))
         eval_samples = [samples[i] for i in sorted(order[:n_eval])]
         samples = [samples[i] for i in sorted(order[n_eval:])]
-    ex, rep = data.build_examples(
-        tokenizer,
-        samples,
-        max_length=d["max_length"],
-        too_long=d["too_long"],
-        source=f"{chk.train_file.name} (train)",
-    )
-    rows = data.pack_rows(ex, d["max_length"], rep)
+
+    def pack(some, source):
+        ex, rep = data.build_examples(
+            tokenizer, some, max_length=d["max_length"], too_long=d["too_long"], source=source
+        )
+        return data.pack_rows(ex, d["max_length"], rep), rep
+
+    rows, rep = pack(samples, f"{chk.train_file.name} (train)")
     reports, eval_rows = [rep], None
     if eval_samples:
-        eex, erep = data.build_examples(
-            tokenizer,
-            eval_samples,
-            max_length=d["max_length"],
-            too_long=d["too_long"],
-            source=f"{(chk.eval_file or chk.train_file).name} (eval)",
-        )
-        eval_rows = data.pack_rows(eex, d["max_length"], erep)
+        eval_rows, erep = pack(eval_samples, f"{(chk.eval_file or chk.train_file).name} (eval)")
         reports.append(erep)
     return rows, eval_rows, reports
 

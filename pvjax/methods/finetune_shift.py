@@ -195,17 +195,9 @@ def finetuning_shift(
     generated = {"base": a_base.generated, "finetuned": a_ft.generated}
     margin = contrast = judged = None
     if trait is not None:
+        answers = (a_base.texts, a_ft.texts)
         margin, contrast, generated["reference"] = _likelihood_measures(
-            base,
-            finetuned,
-            trait,
-            n_pairs,
-            questions,
-            prompts,
-            (a_base.texts, a_ft.texts),
-            per_q,
-            sampling,
-            space,
+            base, finetuned, trait, n_pairs, questions, prompts, answers, per_q, sampling, space
         )
     if judge is not None:
         s_base = judge.score(list(zip(questions, a_base.texts)), progress=space.progress)

@@ -22,6 +22,21 @@ from pvjax.parallel.sharding import spec_for
 
 GIB = 2**30
 
+
+def _llama31(name: str, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int):
+    return ModelConfig(
+        architecture="llama",
+        vocab_size=128256,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=8,
+        head_dim=128,
+        name=name,
+    )
+
+
 # Public config.json values of the checkpoints researchers run (num_key_value_heads, etc.).
 KNOWN = {
     "qwen2.5-7b": ModelConfig(
@@ -36,28 +51,8 @@ KNOWN = {
         qkv_bias=True,
         name="Qwen2.5-7B-Instruct",
     ),
-    "llama-3.1-8b": ModelConfig(
-        architecture="llama",
-        vocab_size=128256,
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        head_dim=128,
-        name="Llama-3.1-8B-Instruct",
-    ),
-    "llama-3.1-70b": ModelConfig(
-        architecture="llama",
-        vocab_size=128256,
-        hidden_size=8192,
-        intermediate_size=28672,
-        num_layers=80,
-        num_heads=64,
-        num_kv_heads=8,
-        head_dim=128,
-        name="Llama-3.1-70B-Instruct",
-    ),
+    "llama-3.1-8b": _llama31("Llama-3.1-8B-Instruct", 4096, 14336, 32, 32),
+    "llama-3.1-70b": _llama31("Llama-3.1-70B-Instruct", 8192, 28672, 80, 64),
 }
 
 # Bytes per parameter of each use: inference in bf16; full finetuning keeps fp32 master weights,
