@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from pvjax.interventions import POSITION_MODES as POSITION_MODES  # the studies' `positions`
 from pvjax.settings import fields as F
 from pvjax.settings.extraction import DTYPES, JUDGE_BACKENDS
 
