@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 
 class LLMError(RuntimeError):
@@ -71,6 +71,12 @@ class ChatResult:
     def from_json(cls, blob: str) -> "ChatResult":
         d = json.loads(blob)
         return cls(text=d["text"], top_logprobs=d.get("top_logprobs"))
+
+
+# `chat_many`'s parameter types: a batch of requests, and the optional `on_result(index, result)`
+# a backend calls as each result arrives (e.g. to cache it at once).
+Requests = Sequence[ChatRequest]
+OnResult = Callable[[int, ChatResult], None] | None
 
 
 @runtime_checkable

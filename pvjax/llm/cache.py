@@ -11,9 +11,8 @@ import os
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
 
-from pvjax.llm.base import ChatBackend, ChatRequest, ChatResult
+from pvjax.llm.base import ChatBackend, ChatResult, OnResult, Requests
 
 
 class ChatCache:
@@ -92,11 +91,7 @@ class CachedBackend:
         self.misses = 0
 
     def chat_many(
-        self,
-        requests: Sequence[ChatRequest],
-        *,
-        progress: bool = False,
-        on_result: Callable[[int, ChatResult], None] | None = None,
+        self, requests: Requests, *, progress: bool = False, on_result: OnResult = None
     ) -> list[ChatResult]:
         """Results in request order; only cache misses reach the inner backend."""
         results: list[ChatResult | None] = [None] * len(requests)

@@ -23,12 +23,12 @@ quarter that makes a score count. The price is that a refusal can no longer be s
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import numpy as np
 
-from pvjax.llm.base import ChatRequest, ChatResult, LLMError
+from pvjax.llm.base import ChatRequest, ChatResult, LLMError, OnResult, Requests
 
 
 def _splits_numbers(tokenizer) -> bool:
@@ -79,11 +79,7 @@ class LocalChat:
         return self.model.chat_text([{"role": r, "content": c} for r, c in request.messages])
 
     def chat_many(
-        self,
-        requests: Sequence[ChatRequest],
-        *,
-        progress: bool = False,
-        on_result: Callable[[int, ChatResult], None] | None = None,
+        self, requests: Requests, *, progress: bool = False, on_result: OnResult = None
     ) -> list[ChatResult]:
         results: list[ChatResult | None] = [None] * len(requests)
         judge = [i for i, r in enumerate(requests) if r.max_tokens == 1]

@@ -19,10 +19,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from typing import Callable, Sequence
 
 from pvjax.errors import UserError
-from pvjax.llm.base import ChatRequest, ChatResult, LLMError
+from pvjax.llm.base import ChatRequest, ChatResult, LLMError, OnResult, Requests
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -210,11 +209,7 @@ class OpenAIChat:
         )
 
     def chat_many(
-        self,
-        requests: Sequence[ChatRequest],
-        *,
-        progress: bool = False,
-        on_result: Callable[[int, ChatResult], None] | None = None,
+        self, requests: Requests, *, progress: bool = False, on_result: OnResult = None
     ) -> list[ChatResult]:
         """All `requests`, at most `concurrency` in flight; results in request order. `on_result(i,
         result)` is called (from the calling thread) as each one finishes, e.g. to cache it at

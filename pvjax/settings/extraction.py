@@ -21,6 +21,7 @@ from pvjax.settings.fields import (
     as_dict,
     boolean,
     check_fields,
+    check_layers,
     choice,
     flatten,
     integer,
@@ -29,6 +30,7 @@ from pvjax.settings.fields import (
     numbers,
     spread_layers,
     string,
+    trait_split,
     workdir_problem,
 )
 from pvjax.settings.fields import (
@@ -193,8 +195,6 @@ def validate_config(cfg) -> ExtractionSettings:
     in 1..n_layers, the workdir is (or can become) a directory, the filter can be met by the number
     of pairs the config produces. Returns the typed settings; raises `InvalidConfig` listing every
     problem found; writes nothing, loads no weights."""
-    from pvjax.files.traits import TraitError, load_trait
-
     cfg = as_dict(cfg)
     flat = flatten(cfg)
     problems = []
@@ -205,12 +205,7 @@ def validate_config(cfg) -> ExtractionSettings:
     if work is not None and (msg := workdir_problem(work)):
         problems.append(msg)
 
-    trait = None
-    if ok("trait"):
-        try:
-            trait = load_trait(flat["trait"], "extract").validate()
-        except TraitError as e:
-            problems.append(f"trait: {e}")
+    trait = trait_split(flat["trait"], "extract", problems) if ok("trait") else None
     if trait is not None:
         for key, have, what in (
             ("n_pairs", len(trait.instruction), "instruction pairs"),
@@ -284,14 +279,10 @@ def validate_config(cfg) -> ExtractionSettings:
     if model_config is not None and ok("causality.layers"):
         n_layers = model_config.num_layers
         layers = tuple(flat["causality.layers"]) or tuple(spread_layers(n_layers, k=4))
-        outside = [l for l in layers if not 1 <= l <= n_layers]
-        if outside:
-            problems.append(
-                f"causality.layers {outside} outside 1..{n_layers} "
-                f"({model_config.name or flat['model']} has {n_layers} layers)"
-            )
-        if len(set(layers)) != len(layers):
-            problems.append(f"causality.layers {list(layers)} repeats a layer")
+        who = model_config.name or flat["model"]
+        check_layers(
+            layers, n_layers, "causality.layers", problems, note=f"{who} has {n_layers} layers"
+        )
 
     if problems:
         raise InvalidConfig("bad extraction config: " + "; ".join(problems))

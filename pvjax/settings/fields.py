@@ -143,14 +143,26 @@ def model_config(source: str, what: str, problems: list[str]):
         return None
 
 
-def check_layers(layers, n_layers: int, what: str, problems: list, *, lo: int = 1) -> None:
-    """Layers are hidden_states rows `lo..n_layers`, without repeats."""
+def trait_split(name: str, split: str, problems: list[str]):
+    """The trait's `split` loaded and validated, or None with the problem added."""
+    from pvjax.files.traits import TraitError, load_trait
+
+    try:
+        return load_trait(name, split).validate()
+    except TraitError as e:
+        problems.append(f"trait: {e}")
+        return None
+
+
+def check_layers(
+    layers, n_layers: int, what: str, problems: list, *, lo: int = 1, note: str = ""
+) -> None:
+    """Layers are hidden_states rows `lo..n_layers`, without repeats. `note` replaces the
+    parenthesis after a layer out of range."""
     outside = [la for la in layers if not lo <= la <= n_layers]
     if outside:
-        problems.append(
-            f"{what} {outside} outside {lo}..{n_layers} (hidden_states rows; the model has "
-            f"{n_layers} layers)"
-        )
+        note = note or f"hidden_states rows; the model has {n_layers} layers"
+        problems.append(f"{what} {outside} outside {lo}..{n_layers} ({note})")
     if len(set(layers)) != len(layers):
         problems.append(f"{what} {list(layers)} repeats a layer")
 

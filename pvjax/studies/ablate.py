@@ -33,7 +33,7 @@ from pvjax.settings import fields as F
 from pvjax.settings.types import Judging
 from pvjax.studies import checks as C
 from pvjax.studies import grid
-from pvjax.studies.steer import distinct2
+from pvjax.studies.steer import answer_questions, distinct2
 
 FIELDS = {**C.COMMON_FIELDS, **C.JUDGE_FIELDS, "layers": F.integers, "window": F.integer(1)}
 COLUMNS = (
@@ -139,8 +139,6 @@ def mean_projections(model, vector_LD, refs, work: Path) -> np.ndarray:
 
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     """Run (or resume) the study into `work`; returns one summary row per variant."""
-    from pvjax.engine.generate import SamplingParams
-
     work = Path(work)
     checked = validate(cfg, work)
     trait = checked.trait
@@ -173,26 +171,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
 
     judged, answers = None, []
     if cfg.judge.backend != "none":
-        prompt_ids = [
-            model.tokenizer(
-                model.chat_text([{"role": "user", "content": q}]), add_special_tokens=False
-            )["input_ids"]
-            for q in questions
-        ]
-        sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-        answers = grid.generate_grid(
-            model,
-            iv,
-            prompt_ids,
-            sampling,
-            work=work,
-            positions="all",
-            seed=cfg.seed,
-            batch_size=cfg.batch_size,
-            progress=progress,
-        )
-        for a in answers:
-            a["question"] = questions[a["prompt"]]
+        answers = answer_questions(model, iv, questions, cfg, work, "all", progress)
         judged = grid.judged_scores(Judging.of(cfg.judge), model, work, trait, answers, progress)
     mc = grid.mc_scores(model, work, checked.mc_items, iv, "all", cfg.forward_batch_size)
 

@@ -14,51 +14,37 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from pvjax.interventions import POSITION_MODES as POSITION_MODES  # the studies' `positions`
+from pvjax.settings import fields as F
 from pvjax.settings.extraction import DTYPES, JUDGE_BACKENDS
-from pvjax.settings.fields import (
-    InvalidConfig,
-    Validator,
-    as_dict,
-    boolean,
-    check_fields,
-    choice,
-    flatten,
-    integer,
-    number,
-    string,
-    workdir_problem,
-)
-from pvjax.settings.fields import (
-    model_config as read_config,
-)
 
 # The name studies' callers caught before there was one error class for every config.
-StudyConfigError = InvalidConfig
+StudyConfigError = F.InvalidConfig
 
 
-COMMON_FIELDS: dict[str, Validator] = {
-    "model": string(nonempty=True),
-    "dtype": choice(*DTYPES),
-    "trait": string(nonempty=True),
-    "vector": string(),
-    "workdir": string(),
-    "n_questions": integer(0),
-    "max_new_tokens": integer(1),
-    "temperature": number(0.0),
-    "seed": integer(0),
-    "batch_size": integer(1),
-    "forward_batch_size": integer(1),
-    "plot": boolean,
-    "mc.path": string(),
-    "mc.n_items": integer(0),
+COMMON_FIELDS: dict[str, F.Validator] = {
+    "model": F.string(nonempty=True),
+    "dtype": F.choice(*DTYPES),
+    "trait": F.string(nonempty=True),
+    "vector": F.string(),
+    "workdir": F.string(),
+    "n_questions": F.integer(0),
+    "max_new_tokens": F.integer(1),
+    "temperature": F.number(0.0),
+    "seed": F.integer(0),
+    "batch_size": F.integer(1),
+    "forward_batch_size": F.integer(1),
+    "plot": F.boolean,
+    "mc.path": F.string(),
+    "mc.n_items": F.integer(0),
 }
 JUDGE_FIELDS = {
-    "judge.backend": choice(*JUDGE_BACKENDS),
-    "judge.model": string(),
-    "judge.base_url": string(),
-    "judge.concurrency": integer(1),
-    "judge.batch_size": integer(1),
-    "judge.numeric_only": boolean,
+    "judge.backend": F.choice(*JUDGE_BACKENDS),
+    "judge.model": F.string(),
+    "judge.base_url": F.string(),
+    "judge.concurrency": F.integer(1),
+    "judge.batch_size": F.integer(1),
+    "judge.numeric_only": F.boolean,
 }
 
 
@@ -83,30 +69,24 @@ def check_study(cfg, fields: dict, work: Path, study: str) -> Checked:
     """Check types and ranges of `fields`, unknown fields (the nested `extract` config aside), the
     model, trait (eval split), vector and multiple-choice file. Collects problems; loads no
     weights."""
-    from pvjax.files.traits import TraitError, load_trait
     from pvjax.measure.mc import MCError, read_items
 
-    d = as_dict(cfg)
-    flat = flatten({k: v for k, v in d.items() if k != "extract"})
+    d = F.as_dict(cfg)
+    flat = F.flatten({k: v for k, v in d.items() if k != "extract"})
     problems: list[str] = []
-    bad = check_fields(flat, fields, problems, known=("study",))
+    bad = F.check_fields(flat, fields, problems, known=("study",))
     ok = lambda *keys: not bad.intersection(keys)
-    if msg := workdir_problem(work):
+    if msg := F.workdir_problem(work):
         problems.append(msg)
 
-    trait = None
-    if ok("trait"):
-        try:
-            trait = load_trait(flat["trait"], "eval").validate()
-        except TraitError as e:
-            problems.append(f"trait: {e}")
+    trait = F.trait_split(flat["trait"], "eval", problems) if ok("trait") else None
     if trait is not None and ok("n_questions") and flat["n_questions"] > len(trait.questions):
         problems.append(
             f"n_questions={flat['n_questions']} but the eval split of {trait.name!r} has "
             f"only {len(trait.questions)} questions"
         )
 
-    model_config = read_config(flat["model"], "model", problems) if ok("model") else None
+    model_config = F.model_config(flat["model"], "model", problems) if ok("model") else None
     if model_config is not None and ok("vector"):
         _check_vector(cfg, flat, model_config, work, problems)
 
@@ -132,7 +112,7 @@ def _check_vector(cfg, flat, model_config, work: Path, problems: list) -> None:
 
     import pvjax
     from pvjax.files.vectors import VectorError, read_vector
-    from pvjax.settings.extraction import InvalidConfig, validate_config
+    from pvjax.settings.extraction import validate_config
     from pvjax.studies.vector_source import MissingVector, extraction_config
 
     if flat["vector"]:
@@ -150,5 +130,5 @@ def _check_vector(cfg, flat, model_config, work: Path, problems: list) -> None:
         return
     try:
         validate_config(extraction_config(cfg, work))
-    except (InvalidConfig, MissingVector) as e:
+    except (F.InvalidConfig, MissingVector) as e:
         problems.append(f"vector is empty, so the trait's vector is extracted first, but: {e}")

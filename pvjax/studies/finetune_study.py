@@ -296,6 +296,16 @@ def make_datasets(
     return out
 
 
+def stage_space(cfg, work: Path, folder: Path, batch_size: int, progress: bool):
+    """The `Workspace` of a stage writing into `folder`: answers cached in the study's shared
+    `work/answer_cache`."""
+    from pvjax.settings.types import Workspace
+
+    return Workspace(
+        folder, work / "answer_cache", batch_size=batch_size, plot=cfg.plot, progress=progress
+    )
+
+
 def screen_datasets(
     cfg,
     model,
@@ -311,17 +321,11 @@ def screen_datasets(
     mean difference (a mixture's from its samples)."""
     from pvjax.measure.stats import separation
     from pvjax.methods.screening import Flagging, sample_diffs, screen
-    from pvjax.settings.types import Sampling, VectorChoice, Workspace
+    from pvjax.settings.types import Sampling, VectorChoice
 
     folder = work / "screen"
     if ledger is None or not ledger.finished("screen"):
-        space = Workspace(
-            folder,
-            work / "answer_cache",
-            batch_size=cfg.screen.batch_size,
-            plot=cfg.plot,
-            progress=progress,
-        )
+        space = stage_space(cfg, work, folder, cfg.screen.batch_size, progress)
         screen(
             model,
             VectorChoice(vector, cfg.layer, spec),
@@ -352,7 +356,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     from pvjax.files.vectors import read_vector
     from pvjax.finetune import train
     from pvjax.methods.finetune_shift import finetuning_shift
-    from pvjax.settings.types import Sampling, VectorChoice, Workspace
+    from pvjax.settings.types import Sampling, VectorChoice
     from pvjax.studies import finetune_study_report as report
     from pvjax.studies.vector_source import vector_spec
 
@@ -384,13 +388,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
         folder = work / "shift" / name
         if not ledger.finished(f"shift/{name}"):
             tuned = pvjax.load(trained[name]["export"]["merged"], dtype=cfg.dtype or None)
-            space = Workspace(
-                folder,
-                work / "answer_cache",
-                batch_size=cfg.shift.batch_size,
-                plot=cfg.plot,
-                progress=progress,
-            )
+            space = stage_space(cfg, work, folder, cfg.shift.batch_size, progress)
             finetuning_shift(
                 base,
                 tuned,

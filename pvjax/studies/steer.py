@@ -160,6 +160,36 @@ def distinct2(text: str) -> float | None:
     return len(set(pairs)) / len(pairs) if pairs else None
 
 
+def answer_questions(
+    model, iv, questions, cfg, work: Path, positions: str, progress: bool
+) -> list[dict]:
+    """Every question answered under every setting of `iv` (`grid.generate_grid`, resumed from
+    `work`; sampling, seed and batch size from `cfg`), each answer given its "question"."""
+    from pvjax.engine.generate import SamplingParams
+
+    prompt_ids = [
+        model.tokenizer(
+            model.chat_text([{"role": "user", "content": q}]), add_special_tokens=False
+        )["input_ids"]
+        for q in questions
+    ]
+    sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    answers = grid.generate_grid(
+        model,
+        iv,
+        prompt_ids,
+        sampling,
+        work=work,
+        positions=positions,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        progress=progress,
+    )
+    for a in answers:
+        a["question"] = questions[a["prompt"]]
+    return answers
+
+
 def best_layer(rows: list[dict], metric: str, min_coherence: float) -> dict:
     """The rule in the module docstring, with each layer's slope."""
     slopes = {}
@@ -193,8 +223,6 @@ def best_layer(rows: list[dict], metric: str, min_coherence: float) -> dict:
 def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     """Run (or resume) the study into `work`; returns one summary row per (layer, coefficient or
     closed-loop rule)."""
-    from pvjax.engine.generate import SamplingParams
-
     work = Path(work)
     checked = validate(cfg, work)
     trait = checked.trait
@@ -228,27 +256,8 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
         )
     margin = {int(r["setting"]): float(r["margin"]) for r in atomic.read_csv(work / "margins.csv")}
 
-    prompt_ids = [
-        model.tokenizer(
-            model.chat_text([{"role": "user", "content": q}]), add_special_tokens=False
-        )["input_ids"]
-        for q in questions
-    ]
-    sampling = SamplingParams(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
-    answers = grid.generate_grid(
-        model,
-        iv,
-        prompt_ids,
-        sampling,
-        work=work,
-        positions=cfg.positions,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        progress=progress,
-    )
+    answers = answer_questions(model, iv, questions, cfg, work, cfg.positions, progress)
     layer_coef = {s: lc for lc, s in index.items()}
-    for a in answers:
-        a["question"] = questions[a["prompt"]]
     if not (work / "answers.csv").exists():
         atomic.write_csv(
             work / "answers.csv",
