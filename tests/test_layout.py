@@ -41,6 +41,7 @@ APART = {("pvjax.methods", "pvjax.finetune"), ("pvjax.finetune", "pvjax.methods"
 # The map's stated exceptions: memory per device is computed from a model's config.
 ALLOWED_UP = {
     ("pvjax.parallel.memory", "pvjax.models.config"),
+    ("pvjax.parallel.memory", "pvjax.models.known"),
     ("pvjax.parallel.memory", "pvjax.loading.layout"),
 }
 

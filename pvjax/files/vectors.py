@@ -128,6 +128,16 @@ def vectors_from_bytes(
     return tensors, meta
 
 
+def check_rows(vector_LD, model, what: str = "vector", error=VectorError) -> None:
+    """`vector_LD` is `[n_layers+1, D]` for `model`, else `error` naming `what` and both shapes."""
+    L, D = model.n_layers + 1, model.hidden_size
+    if np.shape(vector_LD) != (L, D):
+        raise error(
+            f"{what} has shape {np.shape(vector_LD)}; {model.model_id} needs "
+            f"[n_layers+1, D] = [{L}, {D}]"
+        )
+
+
 def _check_fits(path, tensors, meta, model, strict):
     L, D = model.n_layers + 1, model.hidden_size
     fp = meta.get("model_fingerprint")

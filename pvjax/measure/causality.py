@@ -25,9 +25,20 @@ import numpy as np
 from pvjax import interventions as ivs
 from pvjax.capture import Capture
 from pvjax.errors import InputError
+from pvjax.files.vectors import check_rows
 from pvjax.model import left_pad
 from pvjax.models import decoder
 from pvjax.models.layout import Scanned
+
+
+def logits_at(params, cfg, tokens_BT, mask_BT, positions_BT, iv, where: str):
+    """The logits alone (no hidden rows) at `where` (`Capture.logits`: "last", "tail:N") under
+    `iv`, stacked weights: what the likelihood and multiple-choice scores read (traceable)."""
+    capture = Capture(logits=where, hidden=False)
+    out = decoder.forward(
+        params, cfg, Scanned(), tokens_BT, positions_BT, mask_BT, intervention=iv, capture=capture
+    )
+    return out.logits
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tail"))
@@ -35,20 +46,42 @@ def answer_logprob(params, cfg, tokens_BT, mask_BT, positions_BT, iv, answer_BT,
     """Rows are left-padded, so every answer lies in the last `tail` columns: the head and the
     softmax run there only (measured on SmolLM2: the head is a fifth of the forward's FLOPs at
     T=128 and the [B, T, V] softmax as much again)."""
-    out = decoder.forward(
-        params,
-        cfg,
-        Scanned(),
-        tokens_BT,
-        positions_BT,
-        mask_BT,
-        intervention=iv,
-        capture=Capture(logits=f"tail:{tail + 1}", hidden=False),
-    )
-    logp = jax.nn.log_softmax(out.logits[:, :-1], axis=-1)
+    logits = logits_at(params, cfg, tokens_BT, mask_BT, positions_BT, iv, f"tail:{tail + 1}")
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     lp = jnp.take_along_axis(logp, tokens_BT[:, -tail:, None], axis=-1)[..., 0]
     w = answer_BT[:, -tail:].astype(jnp.float32)
     return (lp * w).sum(-1) / jnp.maximum(w.sum(-1), 1.0)
+
+
+def tokenize_answers(tok, prompts, answers) -> tuple[list[list[int]], list[int]]:
+    """The ids of each `prompt + answer` and where its answer starts (the prompt's own length)."""
+    seqs = [tok(p + a, add_special_tokens=False)["input_ids"] for p, a in zip(prompts, answers)]
+    starts = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    return seqs, starts
+
+
+def answer_batch(seqs, starts, idx, T: int, B: int):
+    """Rows `idx` of `seqs` left-padded into `[B, T]`: tokens, mask, the answer mask (1 from each
+    row's answer on) and each row's first answer column (`T` for filler rows)."""
+    tokens, mask = left_pad([seqs[i] for i in idx], T, B)
+    answer = np.zeros((B, T), np.int32)
+    end = np.full(B, T)
+    for b, i in enumerate(idx):
+        end[b] = T - len(seqs[i]) + starts[i]
+        answer[b, end[b] :] = 1
+    return tokens, mask, answer, end
+
+
+def logprob_rows(params, cfg, batch, iv, *, tail, out, cells, put=jnp.asarray) -> None:
+    """`answer_logprob` of a host `batch` (`answer_batch`'s tokens, mask, answer mask) written to
+    `out` at `cells` (one `(setting, answer)` index per real row); `put` places each array (on a
+    mesh, `sharding.put_rows`)."""
+    tokens_BT, mask_BT, answer_BT = batch
+    positions = put(_positions(mask_BT))
+    lp = answer_logprob(
+        params, cfg, put(tokens_BT), put(mask_BT), positions, iv, put(answer_BT), tail=tail
+    )
+    out[tuple(np.transpose(cells))] = np.asarray(lp)[: len(cells)]
 
 
 def answer_logprobs(
@@ -86,11 +119,7 @@ def answer_logprobs(
         or batch_size < 1
     ):
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    seqs, starts = [], []
-    for p, a in zip(prompts, answers):
-        head = tok(p, add_special_tokens=False)["input_ids"]
-        seqs.append(tok(p + a, add_special_tokens=False)["input_ids"])
-        starts.append(len(head))
+    seqs, starts = tokenize_answers(tok, prompts, answers)
     rows = [(c, i) for c in range(len(coefs)) for i in range(len(seqs))]
     # 32-token buckets: a compile per width, but less padding, which costs full forwards.
     T = -(-max(map(len, seqs)) // 32) * 32
@@ -107,30 +136,14 @@ def answer_logprobs(
     out = np.zeros((len(coefs), len(seqs)), np.float32)
     for s in range(0, len(rows), batch_size):
         chunk = rows[s : s + batch_size]
-        tokens, mask = left_pad([seqs[i] for _, i in chunk], T, B)
-        answer = np.zeros((B, T), np.int32)
+        tokens, mask, answer, end = answer_batch(seqs, starts, [i for _, i in chunk], T, B)
         row_coefs = np.zeros(B, np.float32)
-        for b, (c, i) in enumerate(chunk):
-            answer[b, T - len(seqs[i]) + starts[i] :] = 1
-            row_coefs[b] = coefs[c]
+        row_coefs[: len(chunk)] = [coefs[c] for c, _ in chunk]
         iv = ivs.build(L, D, steer=[(v, layer, row_coefs)], batch=B)
-        end = np.array([T - len(seqs[i]) + starts[i] for _, i in chunk] + [T] * (B - len(chunk)))
         iv = iv.with_masks(ivs.position_mask(positions, mask, end))
-        put = lambda x: sharding.put_rows(x, mesh) if mesh is not None else jnp.asarray(x)
-        lp = np.asarray(
-            answer_logprob(
-                params,
-                model.config,
-                put(tokens),
-                put(mask),
-                put(_positions(mask)),
-                iv,
-                put(answer),
-                tail=tail,
-            )
-        )
-        for b, (c, i) in enumerate(chunk):
-            out[c, i] = lp[b]
+        put = (lambda x: sharding.put_rows(x, mesh)) if mesh is not None else jnp.asarray
+        batch = (tokens, mask, answer)
+        logprob_rows(params, model.config, batch, iv, tail=tail, out=out, cells=chunk, put=put)
     return out
 
 
@@ -156,12 +169,8 @@ def likelihood_margins(
             f"{len(neg_answers)} neg answers: every question needs one of each"
         )
     _check_coefs(coefs)
-    L, D = model.n_layers + 1, model.hidden_size
-    if np.shape(vectors_LD) != (L, D):
-        raise InputError(
-            f"vectors_LD has shape {np.shape(vectors_LD)}; {model.model_id} needs "
-            f"[n_layers+1, D] = [{L}, {D}]"
-        )
+    check_rows(vectors_LD, model, "vectors_LD", InputError)
+    L = model.n_layers + 1
     layers = list(layers)
     for l in layers:
         if isinstance(l, bool) or not isinstance(l, (int, np.integer)) or not 0 <= l < L:

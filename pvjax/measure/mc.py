@@ -31,11 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pvjax import interventions as ivs
-from pvjax.capture import Capture
 from pvjax.errors import InputError
+from pvjax.measure.causality import logits_at
 from pvjax.model import default_positions, left_pad
-from pvjax.models import decoder
-from pvjax.models.layout import Scanned
 
 LETTERS = ("A", "B", "C", "D")
 INSTRUCTION = "Answer the following multiple-choice question with the letter of the correct choice."
@@ -147,17 +145,8 @@ def letter_ids(model) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _letter_logprobs(params, cfg, tokens_BT, mask_BT, positions_BT, iv, letters_4):
-    out = decoder.forward(
-        params,
-        cfg,
-        Scanned(),
-        tokens_BT,
-        positions_BT,
-        mask_BT,
-        intervention=iv,
-        capture=Capture(logits="last", hidden=False),
-    )
-    return jax.nn.log_softmax(out.logits[:, -1], axis=-1)[:, letters_4]
+    logits = logits_at(params, cfg, tokens_BT, mask_BT, positions_BT, iv, "last")
+    return jax.nn.log_softmax(logits[:, -1], axis=-1)[:, letters_4]
 
 
 def score(

@@ -28,6 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pvjax.files.vectors import check_rows
 from pvjax.measure.stats import (  # noqa: F401  (monitoring's statistics, under their old names)
     Correlation,
     StatisticError,
@@ -73,12 +74,7 @@ def last_prompt_projections(
     from pvjax.capture import POOLINGS
     from pvjax.measure.packing import pooled_activations
 
-    L, D = model.n_layers + 1, model.hidden_size
-    if np.shape(vector_LD) != (L, D):
-        raise MonitorError(
-            f"vector has shape {np.shape(vector_LD)}; {model.model_id} needs "
-            f"[n_layers+1, D] = [{L}, {D}]"
-        )
+    check_rows(vector_LD, model, "vector", MonitorError)
     u_LD = unit_rows(vector_LD)
     last = POOLINGS.index("prompt_last")
     out = []

@@ -95,33 +95,21 @@ def forward(
     return out
 
 
-def prefill(
-    params,
-    cfg: ModelConfig,
-    layout: Layout,
-    tokens_BT,
-    positions_BT,
-    attention_mask_BT,
-    cache: KVCache,
-    *,
-    intervention: Intervention | None = None,
-    capture: Capture = Capture(),
-) -> ForwardOutput:
-    """`tokens` into an empty `cache` (index 0, as `init_cache` makes it), returned updated in the
-    output: the tokens attend among themselves only, not over the cache's empty slots (a prompt
-    of P tokens in a cache of P + new slots), so a prompt costs what its own length costs."""
-    return _cached(
-        params,
-        cfg,
-        layout,
-        tokens_BT,
-        positions_BT,
-        attention_mask_BT,
-        cache,
-        intervention,
-        capture,
-        fresh=True,
-    )
+def prefill(*args, **kwargs) -> ForwardOutput:
+    """`decode_step(..., fresh=True)`: tokens into an empty cache (index 0, as `init_cache` makes
+    it), attending among themselves only, not over the cache's empty slots (a prompt of P tokens
+    in a cache of P + new slots), so a prompt costs what its own length costs."""
+    return decode_step(*args, fresh=True, **kwargs)
+
+
+def _causal_mask(T: int, attention_mask_BT, segment_ids_BT=None):
+    """`[B, T, T]`: causal, over real tokens, within a segment when rows are packed."""
+    valid_BT = jnp.asarray(attention_mask_BT).astype(bool)
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    mask_BTS = causal[None] & valid_BT[:, None, :]
+    if segment_ids_BT is not None:
+        mask_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    return mask_BTS
 
 
 def decode_step(
@@ -135,49 +123,12 @@ def decode_step(
     *,
     intervention: Intervention | None = None,
     capture: Capture = Capture(),
+    fresh: bool = False,
 ) -> ForwardOutput:
     """`tokens` written into `cache` at `cache.index`, attending to every valid earlier slot; the
     updated cache is returned in the output. One token per row in a decode loop (the CPU kernel's
-    attention with a `PerLayer(packed=True)` layout), or a prompt's tail after a shared prefix."""
-    return _cached(
-        params,
-        cfg,
-        layout,
-        tokens_BT,
-        positions_BT,
-        attention_mask_BT,
-        cache,
-        intervention,
-        capture,
-        fresh=False,
-    )
-
-
-def _causal_mask(T: int, attention_mask_BT, segment_ids_BT=None):
-    """`[B, T, T]`: causal, over real tokens, within a segment when rows are packed."""
-    valid_BT = jnp.asarray(attention_mask_BT).astype(bool)
-    causal = jnp.tril(jnp.ones((T, T), bool))
-    mask_BTS = causal[None] & valid_BT[:, None, :]
-    if segment_ids_BT is not None:
-        mask_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    return mask_BTS
-
-
-def _cached(
-    params,
-    cfg,
-    layout: Layout,
-    tokens_BT,
-    positions_BT,
-    attention_mask_BT,
-    cache: KVCache,
-    intervention,
-    capture,
-    *,
-    fresh: bool,
-) -> ForwardOutput:
-    """`prefill` (`fresh`: the cache is empty) and `decode_step`: each block writes its keys and
-    values at the cache's index, then attends."""
+    attention with a `PerLayer(packed=True)` layout), or a prompt's tail after a shared prefix.
+    `fresh` (static; `prefill`): the cache is empty and the tokens attend among themselves only."""
     T = tokens_BT.shape[1]
     valid_BT = jnp.asarray(attention_mask_BT).astype(bool)
     if fresh:

@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from pvjax.loading.layout import expected_shapes
 from pvjax.models.config import ModelConfig
+from pvjax.models.known import KNOWN
 
 # Qwen2.5-7B-Instruct's shapes (config.json of the public checkpoint).
-QWEN25_7B = ModelConfig(
-    architecture="qwen2",
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_layers=28,
-    num_heads=28,
-    num_kv_heads=4,
-    head_dim=128,
-    rms_norm_eps=1e-6,
-    rope_theta=1e6,
-    qkv_bias=True,
-    max_position_embeddings=32768,
-    name="random-qwen2.5-7b-shape",
-)
+QWEN25_7B = dataclasses.replace(KNOWN["qwen2.5-7b"], name="random-qwen2.5-7b-shape")
 
 
 def random_params(cfg: ModelConfig, key, dtype=jnp.bfloat16, scale: float = 0.02):

@@ -18,42 +18,11 @@ import math
 
 from pvjax.loading.layout import expected_shapes
 from pvjax.models.config import ModelConfig
+from pvjax.models.known import KNOWN
 from pvjax.parallel.sharding import spec_for
 
 GIB = 2**30
 
-
-def _llama31(name: str, hidden_size: int, intermediate_size: int, num_layers: int, num_heads: int):
-    return ModelConfig(
-        architecture="llama",
-        vocab_size=128256,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=8,
-        head_dim=128,
-        name=name,
-    )
-
-
-# Public config.json values of the checkpoints researchers run (num_key_value_heads, etc.).
-KNOWN = {
-    "qwen2.5-7b": ModelConfig(
-        architecture="qwen2",
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_layers=28,
-        num_heads=28,
-        num_kv_heads=4,
-        head_dim=128,
-        qkv_bias=True,
-        name="Qwen2.5-7B-Instruct",
-    ),
-    "llama-3.1-8b": _llama31("Llama-3.1-8B-Instruct", 4096, 14336, 32, 32),
-    "llama-3.1-70b": _llama31("Llama-3.1-70B-Instruct", 8192, 28672, 80, 64),
-}
 
 # Bytes per parameter of each use: inference in bf16; full finetuning keeps fp32 master weights,
 # fp32 gradients and AdamW's two fp32 moments (16 bytes), all laid out like the parameters.

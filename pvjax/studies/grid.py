@@ -14,13 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
 from pvjax import interventions as ivs
 from pvjax.engine.rows import stack, take  # noqa: F401  (stack: the grid's rows, for its studies)
 from pvjax.files import atomic
-from pvjax.model import default_positions, left_pad
 from pvjax.settings.types import Judging
 
 
@@ -120,13 +118,10 @@ def answer_logprobs(
     `positions` (`response`: the last prompt token and the answer, as in generation), ablation on
     `ablate_positions`. Rows are sorted by length, each batch padded to its own longest (in steps
     of 64 tokens, which bounds the compiles)."""
-    from pvjax.measure.causality import answer_logprob
+    from pvjax.measure.causality import answer_batch, logprob_rows, tokenize_answers
 
     tok = model.tokenizer
-    seqs, starts = [], []
-    for p, a in zip(prompts, answers):
-        seqs.append(tok(p + a, add_special_tokens=False)["input_ids"])
-        starts.append(len(tok(p, add_special_tokens=False)["input_ids"]))
+    seqs, starts = tokenize_answers(tok, prompts, answers)
     S = iv_S.steer_vectors.shape[1]
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     rows = [(s, i) for i in order for s in range(S)]
@@ -134,12 +129,8 @@ def answer_logprobs(
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         T = -(-max(len(seqs[i]) for _, i in chunk) // 64) * 64
-        tokens, mask = left_pad([seqs[i] for _, i in chunk], T, batch_size)
-        answer = np.zeros((batch_size, T), np.int32)
-        end = np.full(batch_size, T)
-        for b, (_, i) in enumerate(chunk):
-            end[b] = T - len(seqs[i]) + starts[i]
-            answer[b, end[b] :] = 1
+        idx = [i for _, i in chunk]
+        tokens, mask, answer, end = answer_batch(seqs, starts, idx, T, batch_size)
         setting = [s for s, _ in chunk] + [0] * (batch_size - len(chunk))
         iv = take(iv_S, setting).with_masks(
             ivs.position_mask(positions, mask, end), ivs.position_mask(ablate_positions, mask, end)
@@ -147,20 +138,8 @@ def answer_logprobs(
         # The head runs on the answer tail only (`answer_logprob`); 32-token steps bound the
         # compiles.
         tail = min(T - 1, -(-max(len(seqs[i]) - starts[i] for _, i in chunk) // 32) * 32)
-        lp = np.asarray(
-            answer_logprob(
-                model.params,
-                model.config,
-                jnp.asarray(tokens),
-                jnp.asarray(mask),
-                default_positions(mask),
-                iv,
-                jnp.asarray(answer),
-                tail=tail,
-            )
-        )
-        for b, (s, i) in enumerate(chunk):
-            out[s, i] = lp[b]
+        batch = (tokens, mask, answer)
+        logprob_rows(model.params, model.config, batch, iv, tail=tail, out=out, cells=chunk)
     return out
 
 

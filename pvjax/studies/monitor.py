@@ -52,6 +52,7 @@ from pvjax.errors import InputError
 from pvjax.files import atomic
 from pvjax.files.ledger import Ledger, Stage
 from pvjax.settings.fields import as_dict
+from pvjax.settings.types import VectorChoice, Workspace
 from pvjax.studies import monitor_prompts as mp
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,9 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
         if trace_row
         else None
     )
-    rows = report(cfg, work, model, trait, results, kind, trace, vector, spec, progress)
+    layer = None if cfg.monitor.layer < 0 else cfg.monitor.layer
+    space = Workspace(work, plot=bool(cfg.plot), progress=progress)
+    rows = report(cfg, space, model, trait, results, kind, trace, VectorChoice(vector, layer, spec))
     ledger.finish("config")
     ledger.complete()
     return rows

@@ -8,7 +8,13 @@ import logging
 import numpy as np
 
 from pvjax.files import atomic
-from pvjax.settings.types import Bootstrap, ScoreMeaning, ThresholdRule, VectorChoice
+from pvjax.settings.types import (
+    Bootstrap,
+    ScoreMeaning,
+    ThresholdRule,
+    VectorChoice,
+    Workspace,
+)
 
 COLUMNS = ("experiment", "layer", "r", "r_low", "r_high", "n", "score", "note")
 
@@ -16,8 +22,12 @@ log = logging.getLogger(__name__)
 
 
 def report(
-    cfg, work, model, trait, results: dict, kind: str, trace, vector, spec: str, progress: bool
+    cfg, space: Workspace, model, trait, results: dict, kind: str, trace, choice: VectorChoice
 ) -> list[dict]:
+    """Correlations, the calibrated monitor, plots and `summary.json` in `space.work`, from the
+    scored `results` (`kind`: judge or contrast) and the per-token `trace` of `choice`'s vector
+    (its `layer` None: the monitor picks it)."""
+    work, vector, spec = space.work, choice.vector, choice.spec
     from pvjax.methods.monitoring import (
         UndefinedStatistic,
         calibrate,
@@ -88,7 +98,6 @@ def report(
         if len(pts) < 3:
             raise UndefinedStatistic(f"{len(pts)} scored points; calibration needs at least 3")
         scores = np.array([p["score"] for p in pts])
-        choice = VectorChoice(vector, None if cfg.monitor.layer < 0 else cfg.monitor.layer, spec)
         mon = calibrate(
             np.stack([p["proj"] for p in pts]),
             scores,
@@ -107,7 +116,7 @@ def report(
         log.warning("%s", mon_error)
 
     layer = mon.layer if mon else _best_layer(corr[next(iter(corr))], L)
-    if cfg.plot:
+    if space.plot:
         score_label = (
             "judge trait score (0-100)" if kind == "judge" else "contrast score (nats/token)"
         )
@@ -166,7 +175,7 @@ def report(
         "monitor_error": mon_error,
     }
     atomic.write_json(work / "summary.json", summary)
-    if progress:
+    if space.progress:
         m = summary["monitor"]
         print(
             f"monitor ({kind} score): "
