@@ -32,11 +32,12 @@ VOCAB = 512
 LAYER = 2  # steered: hidden_states[2], the output of block 2
 TIE = 2e-3  # logit gap under which two tokens count as tied
 N_NEW = 24
-# Unrolled for these (per-layer weights: each block's window and rope picked while tracing; in
-# generation, packed for the CPU decode kernel, windowed by a mask), scanned for the others (a
-# select per block on device). Generation compiles in seconds per program, so only one unrolls.
+# The forward runs unrolled for these (per-layer weights: each block's window and rope picked while
+# tracing), scanned for the others (a select per block on device). Generation runs scanned; a
+# generation program compiles in seconds, so only one family also generates unrolled (packed
+# for the CPU decode kernel, its window a mask), with a shared prefix.
 FORWARD_UNROLLED = {"mistral_window", "gemma3", "qwen3_window"}
-GENERATE_UNROLLED = {"qwen3_window"}
+SHARED_PREFIX_UNROLLED = "qwen3_window"
 # Generation runs for the families with a window (Qwen3 without one is Qwen3 with one, minus it).
 GENERATE = sorted(set(FAMILY_CONFIGS) - {"qwen3_tied"})
 
@@ -154,14 +155,15 @@ def test_greedy_and_steered_generation_match_transformers(family):
         intervention=iv,
         positions="response",
         sampling=SamplingParams(max_new_tokens=N_NEW),
-        unroll=kind in GENERATE_UNROLLED,
+        unroll=False,
     )
     ref, scores = _hf_generate(hf, seqs * 2, _response_hook(coefs, v))
     assert not np.array_equal(ref[:2], ref[2:]), "the steering vector changed nothing"
     _assert_greedy_match(g.tokens[:2], ref[:2], scores[:2], f"{kind} unsteered")
     _assert_greedy_match(g.tokens[2:], ref[2:], scores[2:], f"{kind} steered")
-    if kind == "gemma2":  # no intervention: the shared 16 tokens run once, the tails after a gap
-        g = generate_ids(model, seqs, sampling=SamplingParams(max_new_tokens=N_NEW))
+    if kind == SHARED_PREFIX_UNROLLED:  # no intervention: the 16 shared tokens run once, then
+        # each row's tail after its padding, blocks unrolled and packed for the CPU kernel
+        g = generate_ids(model, seqs, sampling=SamplingParams(max_new_tokens=N_NEW), unroll=True)
         _assert_greedy_match(g.tokens, ref[:2], scores[:2], f"{kind} shared prefix")
 
 

@@ -195,6 +195,8 @@ class ModelConfig:
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 if key in cfg and text.get(key) is None:
                     text[key] = cfg[key]
+            if "tie_word_embeddings" in cfg:  # the composite model ties (or not) its head
+                text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
             model_type = text["model_type"] = _TEXT_TOWERS[model_type]
             cfg = text
         if model_type not in SUPPORTED_ARCHITECTURES:
