@@ -453,3 +453,33 @@ def test_multimodal_gemma3_folder_loads_its_text_tower(tmp_path):
     out = pvjax.forward(model, ids)
     mask = np.ones(ids.shape, np.int64)
     assert_close(out.logits, ref, mask, "gemma3 text tower logits")
+
+
+def test_family_defaults_and_patterns_as_transformers_derives_them():
+    """Fields a config.json may leave out take the config class's default; Ministral's window
+    follows `layer_types`, Qwen3-MoE's covers every block, Gemma 3's pattern is every 6th global."""
+    ministral = ModelConfig.from_hf(
+        _base_config(
+            model_type="ministral",
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        )
+    )
+    assert ministral.sliding == (True, False) and ministral.sliding_window == 4
+    gemma2 = ModelConfig.from_hf(_base_config(model_type="gemma2"))
+    assert (gemma2.attn_softcap, gemma2.final_softcap, gemma2.head_dim) == (50.0, 30.0, 256)
+    assert gemma2.sliding == (True, False) and gemma2.tie_embeddings
+    moe = ModelConfig.from_hf(
+        _base_config(
+            model_type="qwen3_moe", use_sliding_window=True, num_experts=4, num_experts_per_tok=2
+        )
+    )
+    assert moe.sliding == (True, True) and moe.sliding_window == 4096
+    assert (moe.num_experts, moe.experts_per_token, moe.norm_topk_prob) == (4, 2, False)
+    gemma3 = ModelConfig.from_hf(
+        _base_config(model_type="gemma3_text", num_hidden_layers=7, num_key_value_heads=1)
+    )
+    assert gemma3.sliding == (True,) * 5 + (False, True)
+    assert gemma3.local_rope == gemma3.sliding and gemma3.local_rope_theta == 10_000.0
+    with pytest.raises(ConfigError, match="mlp_only_layers"):
+        ModelConfig.from_hf(_base_config(model_type="qwen3_moe", mlp_only_layers=[0]))
