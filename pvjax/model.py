@@ -49,7 +49,12 @@ class Model:
     def model_id(self) -> str:
         return self.config.name or Path(self.source).name
 
-    def chat_text(self, messages, *, add_generation_prompt: bool = True) -> str:
+    def chat_text(
+        self, messages, *, add_generation_prompt: bool = True, enable_thinking: bool = False
+    ) -> str:
+        """The chat-templated prompt (`pvjax.loading.tokenizer.render_chat`): Qwen3's thinking
+        off unless `enable_thinking`, a system prompt folded into the first user turn where the
+        template has no system role (Gemma 2); `chat_conventions()` says which applied."""
         from pvjax.loading.tokenizer import render_chat
 
         return render_chat(
@@ -57,7 +62,14 @@ class Model:
             messages,
             add_generation_prompt=add_generation_prompt,
             model_name=self.model_id,
+            enable_thinking=enable_thinking,
         )
+
+    def chat_conventions(self, *, enable_thinking: bool = False) -> dict:
+        """What the chat rendering changes for this model's template, for provenance."""
+        from pvjax.loading.tokenizer import chat_conventions
+
+        return chat_conventions(self.tokenizer, enable_thinking=enable_thinking)
 
     def replace(self, **kw) -> "Model":
         return dataclasses.replace(self, **kw)

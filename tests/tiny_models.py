@@ -79,7 +79,7 @@ def save_tiny(kind: str, folder, tokenizer=None, vocab_size: int = 49152, seed: 
     """Write a random model of config `kind` as safetensors (+ tokenizer) into `folder`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(CONFIGS[kind])
+    spec = dict(CONFIGS[kind] if kind in CONFIGS else FAMILY_CONFIGS[kind])
     model_type = spec.pop("model_type")
     cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, initializer_range=0.1, **spec)
     torch.manual_seed(seed)
@@ -95,3 +95,80 @@ def save_tiny(kind: str, folder, tokenizer=None, vocab_size: int = 49152, seed: 
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     return model
+
+
+# The families past Llama and Qwen2 (tests/test_families.py): tiny, with windows shorter than the
+# test sequences, explicit head_dims unlike hidden / heads, and caps small enough to matter.
+# No EOS, so that greedy generation runs its whole budget in both implementations.
+_FAMILY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=0,
+)
+QWEN3_TIED = dict(
+    _FAMILY, model_type="qwen3", num_hidden_layers=3, head_dim=32, tie_word_embeddings=True
+)
+QWEN3_WINDOW = dict(
+    QWEN3_TIED,
+    tie_word_embeddings=False,
+    use_sliding_window=True,
+    sliding_window=6,
+    max_window_layers=1,
+)
+MISTRAL_WINDOW = dict(
+    _FAMILY,
+    model_type="mistral",
+    num_hidden_layers=2,
+    num_key_value_heads=1,
+    head_dim=24,
+    sliding_window=8,
+    tie_word_embeddings=False,
+)
+GEMMA2 = dict(
+    _FAMILY,
+    model_type="gemma2",
+    num_hidden_layers=3,
+    head_dim=16,
+    query_pre_attn_scalar=24,
+    sliding_window=8,
+    attn_logit_softcapping=2.0,
+    final_logit_softcapping=3.0,
+    tie_word_embeddings=True,
+)
+GEMMA3 = dict(
+    _FAMILY,
+    model_type="gemma3_text",
+    num_hidden_layers=4,
+    head_dim=16,
+    query_pre_attn_scalar=16,
+    sliding_window=8,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+    rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+    },
+    tie_word_embeddings=False,
+)
+QWEN3_MOE = dict(
+    QWEN3_WINDOW,
+    model_type="qwen3_moe",
+    num_hidden_layers=2,
+    head_dim=16,
+    num_experts=16,  # decoding 4 rows x 2 experts gathers; a prompt groups by expert
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    norm_topk_prob=True,
+)
+FAMILY_CONFIGS = {
+    "qwen3_moe": QWEN3_MOE,
+    "qwen3_tied": QWEN3_TIED,
+    "qwen3_window": QWEN3_WINDOW,
+    "mistral_window": MISTRAL_WINDOW,
+    "gemma2": GEMMA2,
+    "gemma3": GEMMA3,
+}

@@ -38,6 +38,11 @@ class ExportError(UserError, ValueError):
 def hf_config(cfg: ModelConfig, dtype) -> dict:
     """A transformers `config.json` for a pvjax `ModelConfig` (the inverse of
     `ModelConfig.from_hf`)."""
+    if cfg.architecture not in _ARCHITECTURES:
+        raise ExportError(
+            f"exporting a {cfg.architecture} model as a Hugging Face folder is not supported yet "
+            f"(only {sorted(_ARCHITECTURES)}); save the LoRA adapters instead"
+        )
     eos = list(cfg.eos_token_ids)
     d = {
         "architectures": [_ARCHITECTURES[cfg.architecture]],

@@ -1,8 +1,10 @@
 """Load a `.gguf` file (llama.cpp format), dequantizing every tensor to the requested dtype.
 
 llama.cpp's converter reorders the rows of Llama's q and k projections for its own rotary layout;
-`_unpermute` undoes that so the weights match transformers' "rotate half" convention. Qwen2 files
-are written without that reordering.
+`_unpermute` undoes that so the weights match transformers' "rotate half" convention. Qwen2, Qwen3
+and Gemma files are written without that reordering. The converter stores Gemma's norm weights
+with the 1 of `1 + w` already added; it is taken off here, so a GGUF and its Hugging Face folder
+load to the same parameters.
 """
 
 from __future__ import annotations
@@ -30,7 +32,33 @@ _GGUF_NAMES = {
     "w_gate": "ffn_gate.weight",
     "w_up": "ffn_up.weight",
     "w_down": "ffn_down.weight",
+    "q_norm": "attn_q_norm.weight",
+    "k_norm": "attn_k_norm.weight",
+    "post_attn_norm": "post_attention_norm.weight",
+    "post_mlp_norm": "post_ffw_norm.weight",
+    "router": "ffn_gate_inp.weight",
+    "w_gate_e": "ffn_gate_exps.weight",
+    "w_up_e": "ffn_up_exps.weight",
+    "w_down_e": "ffn_down_exps.weight",
 }
+
+
+# general.architecture -> pvjax's architecture. Mistral files say "llama" (llama.cpp runs them as
+# Llama, without a window); a Gemma 3 file holds the text tower.
+_ARCHITECTURES = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3moe": "qwen3_moe",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3_text",
+}
+# llama.cpp's fixed Gemma conventions, which its converter does not store: the local/global
+# pattern (every 2nd block global in Gemma 2, every 6th in Gemma 3), Gemma 3's local rope base,
+# and the query scale, 1/sqrt(hidden / heads) for the 27B shapes (46 and 62 blocks) and
+# 1/sqrt(head_dim) otherwise.
+_GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
 
 
 def _field(reader, key, default=None, required=True):
@@ -42,15 +70,56 @@ def _field(reader, key, default=None, required=True):
     return f.contents()
 
 
+def _gemma_fields(reader, arch: str, n_layers: int, hidden: int, heads: int, head_dim: int):
+    """The Gemma flags of a `gemma2` / `gemma3` file, as llama.cpp reads it."""
+    pattern = _field(reader, f"{arch}.attention.sliding_window_pattern", required=False)
+    if isinstance(pattern, (list, tuple)):  # one bool per block: True slides
+        sliding = [bool(x) for x in pattern]
+    else:
+        every = int(pattern or _GEMMA_PATTERN[arch])
+        sliding = [bool((i + 1) % every) for i in range(n_layers)]
+    window = _field(reader, f"{arch}.attention.sliding_window", required=False)
+    scalar = hidden // heads if n_layers == _GEMMA_27B_BLOCKS[arch] else head_dim
+    caps = {}
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        v = _field(reader, f"{arch}.{key}", required=False)
+        caps[key] = None if v is None or (arch == "gemma3" and key.startswith("attn")) else float(v)
+    types = tuple("sliding_attention" if s else "full_attention" for s in sliding)
+    out = dict(
+        norm_plus_one=True,
+        embed_scale=True,
+        sandwich_norms=True,
+        activation="gelu_tanh",
+        query_scale=None if scalar == head_dim else float(scalar) ** -0.5,
+        attn_softcap=caps["attn_logit_softcapping"],
+        final_softcap=caps["final_logit_softcapping"],
+        sliding_window=None if window is None or not any(sliding) else int(window),
+        layer_types=types if any(sliding) else (),
+    )
+    if arch == "gemma3":
+        out.update(qk_norm=True, local_rope_theta=10_000.0)
+        kind = _field(reader, f"{arch}.rope.scaling.type", required=False)
+        factor = _field(reader, f"{arch}.rope.scaling.factor", required=False)
+        if kind not in (None, "none") or factor is not None:
+            if kind not in (None, "linear"):
+                raise ConfigError(
+                    f"GGUF metadata {arch}.rope.scaling.type={kind!r} is not supported (linear)"
+                )
+            out.update(rope_type="linear", rope_scaling=(("factor", float(factor)),))
+    return out
+
+
 def gguf_config(reader, name: str) -> ModelConfig:
     arch = _field(reader, "general.architecture")
-    if arch not in ("llama", "qwen2"):
+    if arch not in _ARCHITECTURES:
         raise ConfigError(
             f"unknown architecture general.architecture={arch!r} in GGUF; "
-            "pvjax supports llama and qwen2"
+            f"pvjax supports {sorted(_ARCHITECTURES)}"
         )
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
+    n_layers = int(_field(reader, f"{arch}.block_count"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
     names = {t.name for t in reader.tensors}
     if "rope_freqs.weight" in names:
         raise ConfigError(
@@ -65,15 +134,28 @@ def gguf_config(reader, name: str) -> ModelConfig:
             )
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
     eos = _field(reader, "tokenizer.ggml.eos_token_id", required=False)
+    family = {}
+    if arch == "qwen3":
+        family = dict(qk_norm=True)
+    elif arch == "qwen3moe":  # llama.cpp always renormalises the top-k router weights
+        family = dict(
+            qk_norm=True,
+            num_experts=int(_field(reader, f"{arch}.expert_count")),
+            experts_per_token=int(_field(reader, f"{arch}.expert_used_count")),
+            moe_intermediate_size=int(_field(reader, f"{arch}.expert_feed_forward_length")),
+            norm_topk_prob=True,
+        )
+    elif arch in _GEMMA_PATTERN:
+        family = _gemma_fields(reader, arch, n_layers, hidden, heads, head_dim)
     return ModelConfig(
-        architecture=arch,
+        architecture=_ARCHITECTURES[arch],
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
-        num_layers=int(_field(reader, f"{arch}.block_count")),
+        num_layers=n_layers,
         num_heads=heads,
         num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        head_dim=head_dim,
         rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon")),
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 8192)),
@@ -83,6 +165,7 @@ def gguf_config(reader, name: str) -> ModelConfig:
         eos_token_ids=() if eos is None else (int(eos),),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", required=False),
         name=name,
+        **family,
     )
 
 
@@ -152,6 +235,10 @@ def load_gguf(path: str | os.PathLike, dtype) -> tuple[ModelConfig, dict, object
     def transform(key, arr):
         if cfg.architecture == "llama" and key in ("wq", "wk"):
             arr = _unpermute(arr, cfg.num_heads if key == "wq" else cfg.num_kv_heads)
+        if cfg.norm_plus_one and key.endswith("norm"):  # stored as 1 + w by the converter
+            arr = arr - np.float32(1)
+        if arr.ndim == 3:  # experts: [X, out, in] -> [X, in, out]
+            return arr.swapaxes(1, 2)
         return arr.T if arr.ndim == 2 and key != "embed" else arr
 
     params = assemble(cfg, by_name, fetch, name_of, transform, lambda n: False, path, dtype)

@@ -3,7 +3,8 @@
 `gguf.GGUFReader` builds a numpy view for every element of every metadata array, which for a 49k-
 token vocabulary and its merges takes seconds; checking a config (layer count, fingerprint) needs
 none of them. This reader walks the header (little-endian GGUF v2/v3), keeps scalar values, and
-keeps only the length of arrays. It offers the two things `gguf_file.gguf_config` reads from a
+keeps only the length of arrays (but the values of short scalar arrays, such as a per-layer
+sliding-window pattern). It offers the two things `gguf_file.gguf_config` reads from a
 reader, `fields[key].contents()` (and `.data` for an array's length) and `tensors[i].name`, so the
 config comes out of the same code as a real load.
 """
@@ -32,11 +33,12 @@ _SCALARS = {
     12: "<d",
 }
 _STRING, _ARRAY = 8, 9
+_SHORT = 1024  # scalar arrays up to this length keep their values (per-layer settings)
 
 
 @dataclass(frozen=True)
 class Field:
-    value: Any  # a scalar or str; None for an array
+    value: Any  # a scalar or str; a list for a short scalar array, None for another array
     length: int = 0  # an array's element count
 
     def contents(self):
@@ -123,8 +125,11 @@ def _parse(buf, path: Path) -> GGUFHeader:
             fields[key] = Field(string())
         elif kind == _ARRAY:
             elem, n = take("<I"), take("<Q")
-            skip_array(elem, n)
-            fields[key] = Field(None, n)
+            if elem in _SCALARS and n <= _SHORT:  # per-layer settings (a sliding-window pattern)
+                fields[key] = Field([take(_SCALARS[elem]) for _ in range(n)], n)
+            else:
+                skip_array(elem, n)
+                fields[key] = Field(None, n)
         elif kind in _SCALARS:
             fields[key] = Field(take(_SCALARS[kind]))
         else:

@@ -5,7 +5,11 @@ Layout (kernels are stored `[in, out]` so the forward is `x @ W`; N = number of 
     embed [V, D], final_norm [D], lm_head [D, V] (untied models only)
     layers: attn_norm [N, D], wq [N, D, H*E], wk/wv [N, D, K*E], bq [N, H*E], bk/bv [N, K*E]
             (qkv_bias models only), wo [N, H*E, D], mlp_norm [N, D], w_gate/w_up [N, D, F],
-            w_down [N, F, D]
+            w_down [N, F, D]; q_norm/k_norm [N, E] (qk_norm models: Qwen3, Gemma 3),
+            post_attn_norm/post_mlp_norm [N, D] (sandwich_norms models: Gemma). Norm weights are
+            kept as the checkpoint holds them (Gemma's applied as 1 + w). Expert models
+            (Qwen3-MoE) hold router [N, D, X], w_gate_e/w_up_e [N, X, D, I] and w_down_e
+            [N, X, I, D] in place of w_gate/w_up/w_down.
 """
 
 from __future__ import annotations
@@ -38,6 +42,15 @@ def expected_shapes(cfg: ModelConfig) -> dict:
     }
     if cfg.qkv_bias:
         layer.update(bq=(q,), bk=(kv,), bv=(kv,))
+    if cfg.qk_norm:
+        layer.update(q_norm=(cfg.head_dim,), k_norm=(cfg.head_dim,))
+    if cfg.sandwich_norms:
+        layer.update(post_attn_norm=(D,), post_mlp_norm=(D,))
+    if cfg.num_experts:  # the MLP is routed experts (Qwen3-MoE)
+        X, I = cfg.num_experts, cfg.moe_intermediate_size
+        for key in ("w_gate", "w_up", "w_down"):
+            del layer[key]
+        layer.update(router=(D, X), w_gate_e=(X, D, I), w_up_e=(X, D, I), w_down_e=(X, I, D))
     top = {"embed": (V, D), "final_norm": (D,)}
     if not cfg.tie_embeddings:
         top["lm_head"] = (D, V)

@@ -45,7 +45,26 @@ HF_NAMES = {
     "w_gate": "mlp.gate_proj.weight",
     "w_up": "mlp.up_proj.weight",
     "w_down": "mlp.down_proj.weight",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+    "router": "mlp.gate.weight",
+    "w_gate_e": "mlp.experts.gate_proj",  # [X, I, D], stacked by `_stack_experts`
+    "w_up_e": "mlp.experts.up_proj",
+    "w_down_e": "mlp.experts.down_proj",
 }
+# Gemma names its four norms by place: the MLP's input norm is `pre_feedforward_layernorm`, and
+# `post_attention_layernorm` normalises the attention output (Llama's MLP input norm).
+GEMMA_NAMES = {
+    **HF_NAMES,
+    "mlp_norm": "pre_feedforward_layernorm.weight",
+    "post_attn_norm": "post_attention_layernorm.weight",
+    "post_mlp_norm": "post_feedforward_layernorm.weight",
+}
+
+
+def hf_names(cfg: ModelConfig) -> dict[str, str]:
+    """pvjax parameter key -> transformers tensor name (inside `model.layers.i.` for a block's)."""
+    return GEMMA_NAMES if cfg.sandwich_norms else HF_NAMES
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -140,19 +159,69 @@ def load_folder(folder: str | os.PathLike, dtype) -> tuple[ModelConfig, dict]:
     tensors: dict[str, np.ndarray] = {}
     for f in files:
         tensors.update(read_safetensors(f))
+    tensors = _stack_experts(tensors, cfg)
+
+    names = hf_names(cfg)
+    prefix, head = _text_tower(tensors)
 
     def name_of(key, layer):
-        return HF_NAMES[key] if layer is None else f"model.layers.{layer}.{HF_NAMES[key]}"
+        if layer is not None:
+            return f"{prefix}layers.{layer}.{names[key]}"
+        return head if key == "lm_head" else prefix + names[key].removeprefix("model.")
 
     def transform(key, arr):
+        if arr.ndim == 3:  # experts: [X, out, in] -> [X, in, out]
+            return arr.swapaxes(1, 2)
         return arr.T if arr.ndim == 2 and key != "embed" else arr
 
     def ignore(name):
-        return name.endswith("rotary_emb.inv_freq") or (
-            cfg.tie_embeddings and name == "lm_head.weight"
+        return (
+            name.endswith("rotary_emb.inv_freq")
+            or (cfg.tie_embeddings and name == head)
+            or name.startswith(_OTHER_TOWERS)
         )
 
     params = assemble(
         cfg, tensors, tensors.__getitem__, name_of, transform, ignore, str(folder), dtype
     )
     return cfg, params
+
+
+# A multimodal folder's text tower, by the name of its embeddings (transformers 5's layout, then the
+# hub's older one), and its output head. Other towers are not read.
+_TEXT_TOWERS = ("model.language_model.", "language_model.model.")
+_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
+_OTHER_TOWERS = (
+    "model.vision_tower.",
+    "vision_tower.",
+    "model.multi_modal_projector.",
+    "multi_modal_projector.",
+)
+
+
+def _text_tower(tensors) -> tuple[str, str]:
+    """`(prefix of the decoder's tensors, name of the output head)`."""
+    prefix = next((p for p in _TEXT_TOWERS if p + "embed_tokens.weight" in tensors), "model.")
+    return prefix, next((h for h in _HEADS if h in tensors), _HEADS[0])
+
+
+def _stack_experts(tensors: dict, cfg: ModelConfig) -> dict:
+    """An expert model's tensors with each block's experts as one `[X, out, in]` tensor per weight
+    (`mlp.experts.gate_proj`, `up_proj`, `down_proj`): from the hub's per-expert tensors
+    (`mlp.experts.{j}.gate_proj.weight`) or from transformers 5's fused `mlp.experts.gate_up_proj`
+    `[X, 2I, D]` (its `down_proj` is already `[X, D, I]`). Other models' tensors pass unchanged."""
+    if not cfg.num_experts:
+        return tensors
+    out = dict(tensors)
+    n, width = cfg.num_experts, cfg.moe_intermediate_size
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}.mlp.experts."
+        fused = out.pop(p + "gate_up_proj", None)
+        if fused is not None:
+            out[p + "gate_proj"], out[p + "up_proj"] = fused[:, :width], fused[:, width:]
+            continue
+        for w in ("gate_proj", "up_proj", "down_proj"):
+            names = [f"{p}{j}.{w}.weight" for j in range(n)]
+            if all(name in out for name in names):
+                out[p + w] = np.stack([out.pop(name) for name in names])
+    return out

@@ -125,14 +125,61 @@ def _check_vocab(tok, source):
     return tok
 
 
-def render_chat(tokenizer, messages, *, add_generation_prompt=True, model_name="model") -> str:
-    """The chat-templated text, exactly as transformers' `apply_chat_template` renders it."""
+def chat_conventions(tokenizer, *, enable_thinking: bool = False) -> dict:
+    """What pvjax changes about a chat template's rendering, for a run's provenance:
+    `system_folded` (the template has no system role, so a system prompt is folded into the
+    first user turn, as Gemma 3's own template does) and `enable_thinking` (the value passed to a
+    template with a thinking switch, Qwen3's; None when the template has none)."""
+    template = str(getattr(tokenizer, "chat_template", "") or "")
+    return {
+        "system_folded": _no_system_role(template),
+        "enable_thinking": enable_thinking if "enable_thinking" in template else None,
+    }
+
+
+def _no_system_role(template: str) -> bool:
+    """Gemma 2's template raises on a system message ("System role not supported")."""
+    return "system role not supported" in template.lower()
+
+
+def fold_system(messages) -> list:
+    """A system message folded into the first user turn (`system + "\\n\\n" + user`), the
+    rendering Gemma 3's template gives a system prompt, for templates without a system role."""
+    messages = list(messages)
+    if not messages or messages[0].get("role") != "system":
+        return messages
+    system, rest = messages[0], messages[1:]
+    if rest and rest[0].get("role") == "user":
+        first = {**rest[0], "content": f"{system['content']}\n\n{rest[0]['content']}"}
+        return [first] + rest[1:]
+    return [{"role": "user", "content": system["content"]}] + rest
+
+
+def render_chat(
+    tokenizer,
+    messages,
+    *,
+    add_generation_prompt=True,
+    model_name="model",
+    enable_thinking: bool = False,
+) -> str:
+    """The chat-templated text, exactly as transformers' `apply_chat_template` renders it, with
+    two conventions for persona work (`chat_conventions` says which apply): a template with a
+    thinking switch (Qwen3) gets `enable_thinking` (off by default: answers without a reasoning
+    block), and a template without a system role (Gemma 2) gets the system prompt folded into the
+    first user turn (`fold_system`) instead of raising."""
     if isinstance(tokenizer, MissingTokenizer):
         tokenizer()
-    if not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
         raise ValueError(
             f"the tokenizer of {model_name} has no chat template; pass raw text instead"
         )
+    extra = {}
+    if "enable_thinking" in str(template):
+        extra["enable_thinking"] = enable_thinking
+    if _no_system_role(str(template)):
+        messages = fold_system(messages)
     return tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, **extra
     )

@@ -2,6 +2,11 @@
 
 Shape legend: B batch, T new positions, S key slots, D hidden, H query heads, K kv heads,
 G = H / K query heads per kv head, E head dim, F mlp width.
+
+The block is Llama's; the families past it switch parts on with static config flags
+(`pvjax.models.config.ModelConfig`): q/k norms (Qwen3, Gemma 3), `1 + w` norms, norms after
+attention and MLP, a GeGLU MLP and soft-capped scores (Gemma), routed experts (Qwen3-MoE,
+`pvjax.models.moe`). A family that leaves a flag off compiles exactly the Llama program.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import jax.numpy as jnp
 from pvjax.kernels import PackedWeight
 from pvjax.models.config import ModelConfig
 from pvjax.models.low_rank import LowRank
+from pvjax.models.moe import moe_mlp
 from pvjax.models.rope import apply_rope
 
 _MASKED = (
@@ -19,13 +25,27 @@ _MASKED = (
 )  # finite, so fully padded query rows give garbage, not NaN that could leak into sums
 
 
-def rms_norm(x, w, eps):
+def rms_norm(x, w, eps, plus_one: bool = False):
+    """RMSNorm over the last axis, statistics in float32. `plus_one` (Gemma) scales by `1 + w`
+    in float32 before the cast back, as transformers' Gemma norms do; otherwise `w` scales the
+    normalised value after the cast, as Llama's do."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if plus_one:
+        return (x32 * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
     return w * x32.astype(x.dtype)
 
 
-def attention(q_BTHE, k_BKES, v_BKSE, mask_BTS):
+def _scores(s, E, scale, softcap):
+    """Raw float32 scores scaled (`scale`, default `E ** -0.5`) and soft-capped
+    (`softcap * tanh(s / softcap)`, Gemma 2) as transformers orders it."""
+    s = s * (E**-0.5 if scale is None else scale)
+    if softcap is not None:
+        s = jnp.tanh(s / softcap) * softcap
+    return s
+
+
+def attention(q_BTHE, k_BKES, v_BKSE, mask_BTS, scale=None, softcap=None):
     """Grouped-query attention as two batched matmuls over (batch, kv head), queries of a group
     stacked on the rows. Scores and the softmax are float32 (as transformers); the probabilities
     are normalised after the value product, which saves a pass over the [.., T, S] tensor (a
@@ -34,9 +54,8 @@ def attention(q_BTHE, k_BKES, v_BKSE, mask_BTS):
     K, S = k_BKES.shape[1], k_BKES.shape[3]
     G = H // K
     q = q_BTHE.reshape(B, T, K, G, E).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, E)
-    s = jnp.einsum("bkqe,bkes->bkqs", q, k_BKES).astype(jnp.float32).reshape(B, K, G, T, S) * (
-        E**-0.5
-    )
+    s = jnp.einsum("bkqe,bkes->bkqs", q, k_BKES).astype(jnp.float32).reshape(B, K, G, T, S)
+    s = _scores(s, E, scale, softcap)
     s = jnp.where(mask_BTS[:, None, None], s, _MASKED)
     e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
     o = jnp.einsum("bkqs,bkse->bkqe", e.reshape(B, K, G * T, S).astype(v_BKSE.dtype), v_BKSE)
@@ -44,17 +63,19 @@ def attention(q_BTHE, k_BKES, v_BKSE, mask_BTS):
     return o.reshape(B, K, G, T, E).transpose(0, 3, 1, 2, 4).reshape(B, T, H * E)
 
 
-def merged_attention(q_BTHE, k_NES, v_NSE, mask_BTS):
+def merged_attention(q_BTHE, k_NES, v_NSE, mask_BTS, scale=None, softcap=None):
     """`attention` against keys and values in the cache's merged layout (N = B*K rows of kv
     heads, `[N, E, S]` and `[N, S, E]`)."""
     B, T, H, E = q_BTHE.shape
     if T == 1:
-        return one_token_attention(q_BTHE, k_NES, v_NSE, mask_BTS)
+        return one_token_attention(q_BTHE, k_NES, v_NSE, mask_BTS, scale, softcap)
     K = k_NES.shape[0] // B
-    return attention(q_BTHE, k_NES.reshape(B, K, E, -1), v_NSE.reshape(B, K, -1, E), mask_BTS)
+    return attention(
+        q_BTHE, k_NES.reshape(B, K, E, -1), v_NSE.reshape(B, K, -1, E), mask_BTS, scale, softcap
+    )
 
 
-def one_token_attention(q_BTHE, k_NES, v_NSE, mask_BTS):
+def one_token_attention(q_BTHE, k_NES, v_NSE, mask_BTS, scale=None, softcap=None):
     """One new token against the merged cache (N = B*K rows of kv heads): a batched matmul per
     kv head over its contiguous block, the group's queries on the rows. The cache is read in its
     own shape: a reshape here would make XLA duplicate the cache update into a second fusion and
@@ -63,7 +84,7 @@ def one_token_attention(q_BTHE, k_NES, v_NSE, mask_BTS):
     N = k_NES.shape[0]
     K = N // B
     q = q_BTHE.reshape(N, H // K, E)
-    s = jnp.einsum("nge,nes->ngs", q, k_NES).astype(jnp.float32) * (E**-0.5)
+    s = _scores(jnp.einsum("nge,nes->ngs", q, k_NES).astype(jnp.float32), E, scale, softcap)
     mask = jnp.repeat(mask_BTS, K, axis=0)  # [N, 1, S]
     s = jnp.where(mask, s, _MASKED)
     p = jax.nn.softmax(s, axis=-1).astype(v_NSE.dtype)
@@ -84,13 +105,20 @@ def matmul(x, w_IO):
     return y.reshape(x.shape[:-1] + y.shape[-1:])
 
 
+def _gate(cfg: ModelConfig, g):
+    if cfg.activation == "gelu_tanh":  # transformers' gelu_pytorch_tanh
+        return jax.nn.gelu(g, approximate=True)
+    return jax.nn.silu(g)
+
+
 def block(cfg: ModelConfig, fused: bool, lp, h, cos, sin, attend):
     """One decoder block on the residual `h` `[B, T, D]`: `(new residual, what attend returned
     beside its output)`. `attend(q [B, T, H, E], k, v [B, T, K, E]) -> (output [B, T, H*E],
     carry)` is where the forward and the cached step differ (a cache written or not). `fused`:
     the block's weights hold q/k/v and gate/up as single matrices (`PerLayer(fused=True)`)."""
     B, T, _ = h.shape
-    x = rms_norm(h, lp["attn_norm"], cfg.rms_norm_eps)
+    eps, one = cfg.rms_norm_eps, cfg.norm_plus_one
+    x = rms_norm(h, lp["attn_norm"], eps, one)
     if fused:
         qkv = matmul(x, lp["wqkv"]) + (lp["bqkv"] if cfg.qkv_bias else 0)
         nq, nk = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -99,16 +127,26 @@ def block(cfg: ModelConfig, fused: bool, lp, h, cos, sin, attend):
         q, k, v = matmul(x, lp["wq"]), matmul(x, lp["wk"]), matmul(x, lp["wv"])
         if cfg.qkv_bias:
             q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    q = apply_rope(q.reshape(B, T, cfg.num_heads, cfg.head_dim), cos, sin)
-    k = apply_rope(k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim), cos, sin)
+    q = q.reshape(B, T, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:  # per head, before rope (Qwen3, Gemma 3)
+        q, k = rms_norm(q, lp["q_norm"], eps, one), rms_norm(k, lp["k_norm"], eps, one)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     v = v.reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
     o, carry = attend(q, k, v)
-    h = h + matmul(o, lp["wo"])
-    x = rms_norm(h, lp["mlp_norm"], cfg.rms_norm_eps)
-    if fused:
+    if cfg.sandwich_norms:  # Gemma: the attention output is normed before the residual add
+        h = h + rms_norm(matmul(o, lp["wo"]), lp["post_attn_norm"], eps, one)
+    else:
+        h = h + matmul(o, lp["wo"])
+    x = rms_norm(h, lp["mlp_norm"], eps, one)
+    if cfg.num_experts:  # Qwen3-MoE: routed experts
+        m = moe_mlp(cfg, lp, x, matmul)
+    elif fused:
         gu = matmul(x, lp["w_gate_up"])
         gate, up = gu[..., : cfg.intermediate_size], gu[..., cfg.intermediate_size :]
-        h = h + matmul(jax.nn.silu(gate) * up, lp["w_down"])
+        m = matmul(_gate(cfg, gate) * up, lp["w_down"])
     else:
-        h = h + matmul(jax.nn.silu(matmul(x, lp["w_gate"])) * matmul(x, lp["w_up"]), lp["w_down"])
-    return h, carry
+        m = matmul(_gate(cfg, matmul(x, lp["w_gate"])) * matmul(x, lp["w_up"]), lp["w_down"])
+    if cfg.sandwich_norms:
+        m = rms_norm(m, lp["post_mlp_norm"], eps, one)
+    return h + m, carry

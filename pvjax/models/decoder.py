@@ -1,4 +1,5 @@
-"""One Llama-like decoder (Llama 2/3/3.1, SmolLM2, Qwen2/2.5) as pure functions of a param pytree:
+"""One Llama-like decoder (Llama 2/3/3.1, SmolLM2, Qwen2/2.5, Qwen3, Mistral, Gemma 2/3) as pure
+functions of a param pytree:
 `forward` (a full sequence, no cache) and `prefill` / `decode_step` (with a KV cache), one block
 function under both (`pvjax.models.block`).
 
@@ -11,6 +12,13 @@ transformers reports as `hidden_states[l]`: row 0 the embeddings, row l < N the 
 l, row N the output of the last block *after the final norm* (transformers' convention; the raw
 block-N output is never reported). Interventions at row N act on the raw block output, before the
 final norm.
+
+Sliding-window blocks (Mistral, Qwen3 with a window, Gemma's local blocks) attend to the last
+`cfg.sliding_window` tokens, themselves included: a mask over the same cache (the cache keeps every
+slot; a masked cache, not a ring). The distance counts real tokens, so it is transformers' slot
+distance on a left-padded row, and stays right across the padding gap a shared prefix leaves in a
+cache. Which blocks slide (and which rotate with a local rope) is static: unrolled layouts pick
+per block while tracing, a scan selects per block on device.
 """
 
 from __future__ import annotations
@@ -85,11 +93,12 @@ def forward(
     `attention_mask`; with `segment_ids` (packed rows, 0 = padding) a token also attends only
     within its own segment. Returns what `capture` asks for (`cache` None)."""
     mask_BTS = _causal_mask(tokens_BT.shape[1], attention_mask_BT, segment_ids_BT)
+    local_BTS = _slot_window(cfg, mask_BTS)
 
     def attend(q_BTHE, k_BTKE, v_BTKE, i, kv):
-        return attention(
-            q_BTHE, k_BTKE.transpose(0, 2, 3, 1), v_BTKE.transpose(0, 2, 1, 3), mask_BTS
-        ), kv
+        m = _per_block(cfg.sliding, i, local_BTS, mask_BTS)
+        k, v = k_BTKE.transpose(0, 2, 3, 1), v_BTKE.transpose(0, 2, 1, 3)
+        return attention(q_BTHE, k, v, m, cfg.query_scale, cfg.attn_softcap), kv
 
     out, _ = _run(params, cfg, layout, tokens_BT, positions_BT, intervention, capture, attend, None)
     return out
@@ -112,6 +121,30 @@ def _causal_mask(T: int, attention_mask_BT, segment_ids_BT=None):
     return mask_BTS
 
 
+def _slot_window(cfg: ModelConfig, mask_BTS):
+    """`mask_BTS` narrowed to the sliding window, for rows whose real tokens are contiguous
+    (a left-padded or packed row, a prompt into an empty cache); None without sliding blocks."""
+    if not any(cfg.sliding):
+        return None
+    T, S = mask_BTS.shape[1], mask_BTS.shape[2]
+    near = (jnp.arange(T)[:, None] - jnp.arange(S)[None, :]) < cfg.sliding_window
+    return mask_BTS & near[None]
+
+
+def _per_block(flags: tuple[bool, ...], i, when_set, otherwise):
+    """`when_set` for a block whose flag is set, else `otherwise` (pytrees alike). Chosen while
+    tracing when every flag agrees or `i` is a Python int (unrolled layouts); a select on device
+    under a scan."""
+    if not any(flags):
+        return otherwise
+    if all(flags):
+        return when_set
+    if isinstance(i, int):
+        return when_set if flags[i] else otherwise
+    pick = jnp.asarray(flags)[i]
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(pick, a, b), when_set, otherwise)
+
+
 def decode_step(
     params,
     cfg: ModelConfig,
@@ -131,8 +164,10 @@ def decode_step(
     `fresh` (static; `prefill`): the cache is empty and the tokens attend among themselves only."""
     T = tokens_BT.shape[1]
     valid_BT = jnp.asarray(attention_mask_BT).astype(bool)
+    local_valid = None
     if fresh:
         mask_BTS = _causal_mask(T, attention_mask_BT)
+        local_BTS = _slot_window(cfg, mask_BTS)
         slots = jnp.zeros_like(cache.valid).at[:, :T].set(valid_BT)
         kv_valid = None
     else:
@@ -141,26 +176,42 @@ def decode_step(
         q_slot = cache.index + jnp.arange(T)
         mask_BTS = (jnp.arange(S)[None, :] <= q_slot[:, None])[None] & kv_valid[:, None, :]
         slots = kv_valid
-    # The CPU kernel's one-token attention reads the merged float32 cache (`pvjax.kernels`).
-    native = layout.packed and params["embed"].dtype == jnp.float32
+        local_BTS = None
+        if any(cfg.sliding):  # distance in real tokens: the cache may hold a padding gap
+            count_BS = jnp.cumsum(kv_valid, axis=1)
+            count_BT = jnp.take(count_BS, q_slot, axis=1)
+            near = (count_BT[:, :, None] - count_BS[:, None, :]) < cfg.sliding_window
+            local_BTS = mask_BTS & near
+            local_valid = kv_valid & near[:, -1]  # the kernel's one query (T == 1)
+    # The CPU kernel's one-token attention reads the merged float32 cache (`pvjax.kernels`), with
+    # Llama's score scale and no soft-capping.
+    native = (
+        layout.packed
+        and params["embed"].dtype == jnp.float32
+        and cfg.query_scale is None
+        and cfg.attn_softcap is None
+    )
+    scale, cap = cfg.query_scale, cfg.attn_softcap
 
     def attend(q_BTHE, k_BTKE, v_BTKE, i, kv):
         ck, cv = kv
         k, v = k_BTKE.transpose(0, 2, 3, 1), v_BTKE.transpose(0, 2, 1, 3)
         Bk, K, E = k.shape[0], k.shape[1], k.shape[2]
-        local = (k, v)
+        new = (k, v)
         if not cache.split:
             k, v = k.reshape(Bk * K, E, T), v.reshape(Bk * K, T, E)
         start = 0 if fresh else cache.index
         keys, ck = layout.write(ck, i, k, (0,) * (k.ndim - 1) + (start,))
         values, cv = layout.write(cv, i, v, (0,) * (v.ndim - 2) + (start, 0))
+        m = _per_block(cfg.sliding, i, local_BTS, mask_BTS)
         if fresh:  # an empty cache: the new tokens attend among themselves only
-            return attention(q_BTHE, *local, mask_BTS), (ck, cv)
+            return attention(q_BTHE, *new, m, scale, cap), (ck, cv)
         if cache.split:  # already [B, K, E, S] and [B, K, S, E]
-            return attention(q_BTHE, keys, values, mask_BTS), (ck, cv)
+            return attention(q_BTHE, keys, values, m, scale, cap), (ck, cv)
         if native and T == 1:
-            return decode_attention(q_BTHE, keys, values, kv_valid, cache.index + 1), (ck, cv)
-        return merged_attention(q_BTHE, keys, values, mask_BTS), (ck, cv)
+            valid = _per_block(cfg.sliding, i, local_valid, kv_valid)
+            return decode_attention(q_BTHE, keys, values, valid, cache.index + 1), (ck, cv)
+        return merged_attention(q_BTHE, keys, values, m, scale, cap), (ck, cv)
 
     out, (ck, cv) = _run(
         params,
@@ -220,17 +271,22 @@ def _run(
         probes = jnp.broadcast_to(probes, (n_blocks + 1,) + probes.shape)
 
     h = params["embed"][tokens_BT]
+    if cfg.embed_scale:  # Gemma: sqrt(hidden_size) rounded to the compute dtype, as transformers
+        h = h * jnp.asarray(cfg.hidden_size**0.5, h.dtype)
     # Materialised once: left to fusion, XLA recomputes the cosines and sines inside every
     # layer's rotary fusion, for every head (measured: 3 ms of a 50 ms batch-16 CPU decode step).
-    cos, sin = jax.lax.optimization_barrier(
-        rope_tables(jnp.asarray(inverse_frequencies(cfg)), positions_BT)
-    )
+    tables = rope_tables(jnp.asarray(inverse_frequencies(cfg)), positions_BT)
+    local_tables = None
+    if any(cfg.local_rope):  # Gemma 3's sliding blocks rotate with their own base
+        local_tables = rope_tables(jnp.asarray(inverse_frequencies(cfg, local=True)), positions_BT)
+    tables, local_tables = jax.lax.optimization_barrier((tables, local_tables))
     h = _edit(h, intervention, _row_intervention(intervention, 0))
     first = row_capture(h, capture, None if probes is None else probes[0])
 
     def body(carry, xs):
         h, kv = carry
         lp, i, row_iv, probe = xs
+        cos, sin = _per_block(cfg.local_rope, i, local_tables, tables)
         h, kv = block(cfg, layout.fused, lp, h, cos, sin, lambda q, k, v: attend(q, k, v, i, kv))
         h = _edit(h, intervention, row_iv)
         return (h, kv), row_capture(h, capture, probe)
@@ -243,7 +299,7 @@ def _run(
     xs = (row_ivs, None if probes is None else probes[1:])
     (h, kv), rows = layout.run_blocks(body, (h, kv), params["layers"], xs, n_blocks)
 
-    normed = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+    normed = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
     last = row_capture(normed, capture, None if probes is None else probes[-1])
     # Rows 1..N-1 come from the blocks; row N is replaced by its normed version (see module
     # docstring).
@@ -261,6 +317,8 @@ def _run(
         else:
             head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
         logits = matmul(x, head).astype(jnp.float32)
+        if cfg.final_softcap is not None:  # Gemma: c tanh(logits / c)
+            logits = jnp.tanh(logits / cfg.final_softcap) * cfg.final_softcap
 
     out = ForwardOutput(
         logits=logits,

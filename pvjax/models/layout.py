@@ -123,7 +123,8 @@ def unstack_layers(params, cfg: ModelConfig, pack: bool = False, fuse: bool = Tr
         lp["wqkv"] = jnp.concatenate([lp.pop("wq"), lp.pop("wk"), lp.pop("wv")], axis=-1)
         if cfg.qkv_bias:
             lp["bqkv"] = jnp.concatenate([lp.pop("bq"), lp.pop("bk"), lp.pop("bv")], axis=-1)
-        lp["w_gate_up"] = jnp.concatenate([lp.pop("w_gate"), lp.pop("w_up")], axis=-1)
+        if not cfg.num_experts:  # expert weights stay per expert
+            lp["w_gate_up"] = jnp.concatenate([lp.pop("w_gate"), lp.pop("w_up")], axis=-1)
         if pack:
             lp = {k: PackedWeight.pack(v) if v.ndim == 2 else v for k, v in lp.items()}
         out.append(lp)

@@ -16,7 +16,8 @@ QWEN25_7B = dataclasses.replace(KNOWN["qwen2.5-7b"], name="random-qwen2.5-7b-sha
 
 
 def random_params(cfg: ModelConfig, key, dtype=jnp.bfloat16, scale: float = 0.02):
-    """Normal(0, scale) weights, ones for norms; created inside jit so they can be born sharded."""
+    """Normal(0, scale) weights, unit norms (ones, or zeros where the config applies norm weights
+    as 1 + w); created inside jit so they can be born sharded."""
     shapes = expected_shapes(cfg)
     n = cfg.num_layers
 
@@ -25,7 +26,7 @@ def random_params(cfg: ModelConfig, key, dtype=jnp.bfloat16, scale: float = 0.02
 
         def leaf(shape, norm):
             return (
-                jnp.ones(shape, dtype)
+                jnp.full(shape, 0.0 if cfg.norm_plus_one else 1.0, dtype)
                 if norm
                 else (scale * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
             )

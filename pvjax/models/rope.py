@@ -11,10 +11,14 @@ import numpy as np
 from pvjax.models.config import ModelConfig
 
 
-def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-    """Per-pair rotation frequencies `[head_dim // 2]`, scaled as the config's rope type asks."""
+def inverse_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """Per-pair rotation frequencies `[head_dim // 2]`, scaled as the config's rope type asks;
+    `local`: the sliding blocks' unscaled rope of base `cfg.local_rope_theta` (Gemma 3)."""
     dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    if local:
+        return inv.astype(np.float32)
     p = cfg.rope_params
     if cfg.rope_type == "linear":
         inv = inv / p["factor"]

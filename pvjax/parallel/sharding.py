@@ -34,6 +34,7 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"^layers/(wq|wk|wv|w_gate|w_up)$", P(None, None, "model")),
     (r"^layers/(bq|bk|bv)$", P(None, "model")),
     (r"^layers/(wo|w_down)$", P(None, "model", None)),
+    (r"^layers/(w_gate_e|w_up_e|w_down_e)$", P(None, "model")),  # experts over "model"
     (r".*", P()),
 )
 
