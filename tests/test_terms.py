@@ -254,15 +254,13 @@ def test_each_mode_generates_what_a_transformers_hook_does(tiny, prompts):
     settings = [("add", 6.0), ("rescale", 6.0), ("rotate", 0.8)]
     rows = [
         [term(v, mode=m, **({"angle": s} if m == "rotate" else {"coef": s}))] for m, s in settings
-    ]
-    ids = [prompts[0]] * 3
+    ] + [[]]
+    ids = [prompts[0]] * 4
     sp = SamplingParams(max_new_tokens=8, min_new_tokens=8)
-    g = generate_ids(
-        model, ids, sampling=sp, intervention=T.build_intervention(rows, model), positions="all"
-    )
-    plain = generate_ids(model, ids[:1], sampling=sp, positions="all")
-    assert sum(t != plain.tokens[0] for t in g.tokens) >= 2, "the edits should change answers"
-    for (mode, s), toks in zip(settings, g.tokens):
+    iv = T.build_intervention(rows, model)
+    g = generate_ids(model, ids, sampling=sp, intervention=iv, positions="all", unroll=False)
+    assert sum(t != g.tokens[3] for t in g.tokens[:3]) >= 2, "the edits should change answers"
+    for (mode, s), toks in zip(settings, g.tokens[:3]):
         seq = ids[0] + toks
         handle = hf.model.layers[LAYER - 1].register_forward_hook(torch_edit(mode, v, s))
         try:
@@ -335,12 +333,11 @@ def test_condition_false_rows_are_unsteered_and_true_rows_steered(tiny, prompts,
         np.testing.assert_array_equal(out.projections[x], out.projections[y])
         np.testing.assert_array_equal(out.prompt_projections[x], out.prompt_projections[y])
     assert not np.array_equal(out.projections[0], out.projections[4]), "steering should show"
-    # and against programs without any condition
-    alone = generate_ids(
-        model, [pa, pb], intervention=T.build_intervention([[plain]] * 2, model), **kw
-    )
-    none = generate_ids(model, [pa, pb], **kw)
-    assert out.tokens[0] == alone.tokens[0] and out.tokens[1] == none.tokens[1]
+    if positions == "response":  # and against programs without any condition
+        alone = T.build_intervention([[plain]] * 2, model)
+        alone = generate_ids(model, [pa, pb], intervention=alone, **kw)
+        none = generate_ids(model, [pa, pb], **kw)
+        assert out.tokens[0] == alone.tokens[0] and out.tokens[1] == none.tokens[1]
 
 
 def test_condition_thresholds_fit_best_f1_or_a_false_positive_rate(tiny, prompts):
