@@ -17,7 +17,10 @@ docstring; plots steer.png (metric vs coefficient per layer, coherence vs coeffi
 coefficient heat map) and capability.png (metric vs accuracy). Closed loop, beside the fixed
 coefficients in the same grid: `caps` (per layer, a row whose projection onto the unit vector is
 held under each ceiling, token by token) and `targets` (moved toward each set point), with `gain`
-and `max_step`, e.g. `--config.caps='(-20.0,)' --config.targets='(20.0,)'`.
+and `max_step`, e.g. `--config.caps='(-20.0,)' --config.targets='(20.0,)'`. Modes (`modes`: add,
+rescale, rotate with `angles`), composed points (`terms`, lists of term dicts) and sampling seeds
+(`seeds`, mean and 95% interval per point) join the same grid; the `modes` variant
+(`configs/steer.py:runlocal,modes`) is the docs' mode comparison.
 
 runlocal: the embedded SmolLM2, 6 eval questions, layers 10/15/20 x coefficients -4..4, 48 new
 tokens, no judge (the margin is the metric), 16 multiple-choice items: a few minutes on a 2-core
@@ -48,6 +51,17 @@ def get_config(arg: str = ""):
     c.gain = 1.0
     c.max_step = float("inf")
     c.positions = "response"  # response (the paper's), prompt or all
+    # Steering modes of the layer grid (pvjax.engine.terms): add (the paper's), rescale (the
+    # coefficients again, each steered position kept at its norm), rotate (by each angle in
+    # `angles`, radians, toward the vector); all in one compiled program.
+    c.modes = ("add",)
+    c.angles = ()
+    # Composed grid points: each a list of term dicts {vector (default: the study's), layer,
+    # coef | angle | cap | target, mode, without, when: {vector, layer, threshold, on}}.
+    c.terms = ()
+    # Sampling seeds (temperature > 0): every question answered once per seed, distinct2 and
+    # shift reported as the mean over seeds with a 95% interval.
+    c.seeds = ()
 
     c.best = ml_collections.ConfigDict()
     c.best.min_coherence = 50.0
@@ -55,6 +69,11 @@ def get_config(arg: str = ""):
     if parts.runlocal(arg):
         c.layers = (10, 15, 20)
         c.coefs = (-4.0, -2.0, 0.0, 2.0, 4.0)
+    if "modes" in arg.split(","):  # the docs' mode comparison: add, rescale, rotate, three seeds
+        c.modes = ("add", "rescale", "rotate")
+        c.angles = (0.0, 0.1, 0.2, 0.4, 0.8)
+        c.seeds = (0, 1, 2)
+        c.temperature = 0.7
     return c
 
 

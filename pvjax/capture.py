@@ -47,6 +47,7 @@ class ForwardOutput(NamedTuple):
     pooled: jax.Array | None  # [L, B, K, D], float32
     projections: jax.Array | None  # [L, B, T, K], float32
     cache: object | None = None
+    gate: jax.Array | None = None  # [B] float32: a conditional intervention's gate (1 steered)
 
 
 def pooling_weights(attention_mask_BT, prompt_end) -> jax.Array:

@@ -128,10 +128,15 @@ def check_intervention_batch(
             for k in ("mode", "value", "gain", "max_step")
         }
     )
+    for part in ("modes", "condition"):
+        tree = getattr(iv, part, None)
+        if tree is not None:
+            closed.update({f"{part}.{k}": x for k, x in vars(tree).items()})
     for name, x in [
         (n, getattr(iv, n)) for n in ("steer_vectors", "steer_coefs", "ablate_dirs", "ablate_coefs")
     ] + list(closed.items()):
-        if name.startswith("closed_loop") and x.shape[0] != n_rows:
+        per_layer = name.startswith(("closed_loop", "modes")) or name == "condition.gated"
+        if per_layer and x.shape[0] != n_rows:
             raise InputError(
                 f"intervention {name} has {x.shape[0]} rows but {model_id} has "
                 f"n_layers+1 = {n_rows}"

@@ -28,6 +28,28 @@ not recomputed), so fixed, cap and target rows share one batch and one compiled 
 position is edited from its own projection only, so the rule is causal: in generation it acts per
 new token (and on the prompt tokens where the position mask covers them), and a plain forward over
 prompt and answer reproduces what generation did.
+
+Modes (optional `modes` field, `Modes`): per layer and row, how the steering vector edits the
+residual. `ADD` is the addition above (bit for bit: the selected result is the same sum).
+`RESCALE` adds, then scales each steered position back to the norm it had before the edit.
+`ROTATE` reads the coefficient as an angle `theta` (radians) and turns each steered position
+toward the vector within the plane of the two, keeping its norm:
+
+    w = v / |v|,  p = h . w,  h_perp = h - p w,  phi = atan2(|h_perp|, p)
+    psi = clip(phi - theta, 0, pi);   h <- |h| (cos(psi) w + sin(psi) h_perp / |h_perp|)
+
+so `theta = 0` is the identity (the input is selected, not recomputed), `theta > 0` raises the
+projection on `w` monotonically (never past the vector itself) and `theta < 0` lowers it. Modes
+are data: add, rescale and rotate rows share one compiled program.
+
+Conditions (optional `condition` field, `Condition`): a row's steering at the layers marked
+`gated` applies only when the last prompt token's residual at the condition's layer, projected on
+the unit condition vector (or its cosine with it), is `>= threshold` (CAST, arXiv 2409.05907). The
+decoder reads it once the scan reaches that layer, before that layer's edit, and carries the gate
+through the later layers; generation evaluates it in the prompt pass and hands the result to
+every decode step (`known`, `state`). A false gate zeroes the row's steering mask at the gated
+layers (bit for bit unsteered there), a true one leaves it as it is (bit for bit the
+unconditional steering); so a condition may gate only layers at or after its own.
 """
 
 from __future__ import annotations
@@ -50,6 +72,7 @@ class InterventionError(UserError, ValueError):
 
 
 FIXED, CAP, TARGET = 0, 1, 2  # ClosedLoop.mode values
+ADD, RESCALE, ROTATE = 0, 1, 2  # Modes.mode values
 
 
 @struct.dataclass
@@ -69,6 +92,46 @@ class ClosedLoop:
             value=jnp.zeros((n_rows, batch), jnp.float32),
             gain=jnp.ones((n_rows, batch), jnp.float32),
             max_step=jnp.full((n_rows, batch), jnp.inf, jnp.float32),
+        )
+
+
+@struct.dataclass
+class Modes:
+    """Per-layer, per-row steering mode (see the module docstring)."""
+
+    mode: jax.Array  # [L, B|1] int32: ADD, RESCALE or ROTATE (then the coefficient is an angle)
+
+    @classmethod
+    def add(cls, n_rows: int, batch: int = 1) -> "Modes":
+        return cls(mode=jnp.zeros((n_rows, batch), jnp.int32))
+
+
+@struct.dataclass
+class Condition:
+    """Per-row condition on the prompt (see the module docstring). The batch is axis 1 of every
+    leaf, as in the rest of the intervention, so rows are taken and stacked alike."""
+
+    vector: jax.Array  # [1, B|1, D] float32 unit vector
+    layer: jax.Array  # [1, B|1] int32: the row read (-1: no condition)
+    threshold: jax.Array  # [1, B|1] float32: steer where score >= threshold
+    cosine: jax.Array  # [1, B|1] float32: 1 scores the cosine, 0 the projection
+    gated: jax.Array  # [L, B|1] float32: 1 where the row's steering waits for the condition
+    known: jax.Array  # [1, B|1] float32: 1 where `state` holds the gate (decode steps)
+    state: jax.Array  # [1, B|1] float32: the gate where known (1 steer, 0 not)
+    column: jax.Array  # [1, B|1] int32: the last prompt token's column (-1: the last column)
+
+    @classmethod
+    def none(cls, n_rows: int, width: int, batch: int = 1) -> "Condition":
+        """No row conditioned: every gate open, nothing gated."""
+        return cls(
+            vector=jnp.zeros((1, batch, width), jnp.float32),
+            layer=jnp.full((1, batch), -1, jnp.int32),
+            threshold=jnp.zeros((1, batch), jnp.float32),
+            cosine=jnp.zeros((1, batch), jnp.float32),
+            gated=jnp.zeros((n_rows, batch), jnp.float32),
+            known=jnp.zeros((1, batch), jnp.float32),
+            state=jnp.ones((1, batch), jnp.float32),
+            column=jnp.full((1, batch), -1, jnp.int32),
         )
 
 
@@ -126,6 +189,8 @@ class Intervention:
     steer_mask: jax.Array  # [B|1, T] 1 where steering applies
     ablate_mask: jax.Array  # [B|1, T]
     closed_loop: ClosedLoop | None = None  # None: every row fixed (and no projection computed)
+    modes: Modes | None = None  # None: every row ADD (and no norms computed)
+    condition: Condition | None = None  # None: nothing gated (and no gate computed)
 
     @property
     def n_rows(self) -> int:
@@ -142,6 +207,33 @@ class Intervention:
         if self.closed_loop is not None:
             return self
         return self.replace(closed_loop=ClosedLoop.fixed(self.n_rows))
+
+    def with_modes(self) -> "Intervention":
+        """The same edits, with a `modes` field in any case (all ADD when absent)."""
+        if self.modes is not None:
+            return self
+        return self.replace(modes=Modes.add(self.n_rows))
+
+    def with_condition(self) -> "Intervention":
+        """The same edits, with a `condition` field in any case (nothing gated when absent)."""
+        if self.condition is not None:
+            return self
+        return self.replace(condition=Condition.none(self.n_rows, self.steer_vectors.shape[-1]))
+
+    def with_condition_column(self, column_B) -> "Intervention":
+        """The condition read at column `column_B[b]` of row b (a plain forward over prompt and
+        answer: the last prompt token's column), instead of the last column."""
+        if self.condition is None:
+            return self
+        col = jnp.asarray(column_B, jnp.int32).reshape(1, -1)
+        return self.replace(condition=self.condition.replace(column=col))
+
+    def with_gate(self, gate_B) -> "Intervention":
+        """The condition's gate fixed to `gate_B` (from the prompt pass): decode steps."""
+        if self.condition is None:
+            return self
+        gate = jnp.asarray(gate_B, jnp.float32).reshape(1, -1)
+        return self.replace(condition=self.condition.replace(known=jnp.ones_like(gate), state=gate))
 
     def take_rows(self, rows, n_total: int, pad_to: int) -> "Intervention":
         """The intervention for a chunk of `n_total` inputs: per-input leaves (batch `n_total` on
@@ -176,9 +268,11 @@ def apply_row(
     steer_m_BT,
     abl_m_BT,
     closed: ClosedLoop | None = None,
+    mode_B=None,
 ):
     """Edit one residual row; the edit is computed in float32 whatever the activation dtype.
-    `closed` holds this row's `ClosedLoop` leaves (`[B]` each), or None (all fixed)."""
+    `closed` holds this row's `ClosedLoop` leaves (`[B]` each), or None (all fixed); `mode_B`
+    this row's `Modes.mode`, or None (all ADD)."""
     h = h_BTD.astype(jnp.float32)
     u = abl_u_BD.astype(jnp.float32)[:, None, :]
     proj_BT = jnp.sum(h * u, axis=-1)
@@ -193,11 +287,62 @@ def apply_row(
         step_B1 = closed.max_step[:, None]
         delta_BT = jnp.clip(closed.gain[:, None] * delta_BT, -step_B1, step_B1)
         closed_c_BT = jnp.where(closed.mode[:, None] == FIXED, 0.0, delta_BT * inv_B1)
-    h = h + (steer_c_B[:, None] * steer_m_BT)[..., None] * v
+    h_in = h
+    coef_B = steer_c_B
+    if mode_B is not None:  # a rotation's coefficient is its angle, not an added amount
+        coef_B = jnp.where(mode_B == ROTATE, 0.0, steer_c_B)
+    h = h + (coef_B[:, None] * steer_m_BT)[..., None] * v
     if closed is not None:
         # A second, separate edit: on fixed rows it adds exact zeros.
         h = h + (closed_c_BT * steer_m_BT)[..., None] * v
+    if mode_B is not None:
+        h = _norm_keeping(h_in, h, v, steer_c_B, steer_m_BT, mode_B)
     return h.astype(h_BTD.dtype)
+
+
+def _norm_keeping(h0_BTD, h1_BTD, v_B1D, angle_B, m_BT, mode_B):
+    """RESCALE and ROTATE rows of `apply_row` (the module docstring's formulas); ADD rows, and
+    positions the mask leaves out, keep `h1` (the addition) as it is."""
+    on_BT = m_BT > 0
+    n0_BT = jnp.sqrt(jnp.sum(h0_BTD * h0_BTD, axis=-1))
+    n1_BT = jnp.sqrt(jnp.sum(h1_BTD * h1_BTD, axis=-1))
+    rescaled = h1_BTD * (n0_BT / jnp.where(n1_BT > 0, n1_BT, 1))[..., None]
+    vn_B1 = jnp.sqrt(jnp.sum(v_B1D * v_B1D, axis=-1))
+    w_B1D = v_B1D / jnp.where(vn_B1 > 0, vn_B1, 1)[..., None]
+    p_BT = jnp.sum(h0_BTD * w_B1D, axis=-1)
+    perp_BTD = h0_BTD - p_BT[..., None] * w_B1D
+    s_BT = jnp.sqrt(jnp.sum(perp_BTD * perp_BTD, axis=-1))
+    theta_B1 = angle_B[:, None]
+    psi_BT = jnp.clip(jnp.arctan2(s_BT, p_BT) - theta_B1, 0.0, jnp.pi)
+    rotated = (n0_BT * jnp.cos(psi_BT))[..., None] * w_B1D + (
+        n0_BT * jnp.sin(psi_BT) / jnp.where(s_BT > 0, s_BT, 1)
+    )[..., None] * perp_BTD
+    mode_B1 = mode_B[:, None]
+    rescale_BT = (mode_B1 == RESCALE) & on_BT
+    rotate_BT = (mode_B1 == ROTATE) & on_BT & (theta_B1 != 0) & (s_BT > 0) & (vn_B1 > 0)
+    h = jnp.where(rescale_BT[..., None], rescaled, h1_BTD)
+    return jnp.where(rotate_BT[..., None], rotated, h)
+
+
+def condition_gate(h_BTD, cond: Condition, row, gate_B):
+    """The gate `[B]` after the scan reaches hidden-state row `row` with residual `h`: rows whose
+    condition reads this row (and is not `known`) score the residual at their column."""
+    B, T = h_BTD.shape[:2]
+    col_B = jnp.broadcast_to(cond.column[0], (B,))
+    col_B = jnp.where(col_B < 0, T + col_B, col_B)
+    x_BD = h_BTD[jnp.arange(B), col_B].astype(jnp.float32)
+    w_BD = cond.vector[0].astype(jnp.float32)
+    dot_B = jnp.sum(x_BD * w_BD, axis=-1)
+    norm_B = jnp.sqrt(jnp.sum(x_BD * x_BD, axis=-1))
+    score_B = jnp.where(cond.cosine[0] > 0, dot_B / jnp.maximum(norm_B, 1e-30), dot_B)
+    fire_B = (cond.layer[0] == row) & (cond.known[0] == 0)
+    return jnp.where(fire_B, (score_B >= cond.threshold[0]).astype(jnp.float32), gate_B)
+
+
+def gated_mask(steer_m_BT, gated_B, gate_B):
+    """The steering mask of a row under its gate: zero where the row is gated and the gate shut,
+    unchanged (multiplied by exactly 1) elsewhere."""
+    return steer_m_BT * (1.0 - gated_B * (1.0 - gate_B))[:, None]
 
 
 def _check_vector(v: np.ndarray, n_rows: int, width: int, what: str) -> np.ndarray:

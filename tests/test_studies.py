@@ -535,3 +535,97 @@ def test_closed_loop_rows_of_the_study_edit_the_residual_as_computed_by_hand(tin
         np.testing.assert_allclose(h[layer, s], w, atol=2e-5 * np.abs(w).max(), err_msg=str(key))
         np.testing.assert_allclose(h[:layer, s], h0[:layer], atol=1e-5 * np.abs(h0[:layer]).max())
     np.testing.assert_allclose(h[layer, 0], h0[layer], atol=1e-6 * np.abs(h0[layer]).max())
+
+
+def test_modes_and_composed_terms_join_the_grid_in_one_program(tiny):
+    """Add, rescale and rotate rows and a composed point are rows of one grid: another grid of
+    the same size with other layers, strengths and modes compiles nothing new."""
+    from pvjax.engine import terms as T
+    from pvjax.engine.generate import SamplingParams, compile_count
+
+    model, v = tiny["model"], tiny["vector"]
+    L, D = model.n_layers + 1, model.hidden_size
+    ids = [
+        model.tokenizer(
+            model.chat_text([{"role": "user", "content": q}]), add_special_tokens=False
+        )["input_ids"]
+        for q in QUESTIONS
+    ]
+    sp = SamplingParams(max_new_tokens=6)
+    modes = ("add", "rescale", "rotate")
+    point = [T.SteerTerm(v, (1,), coef=1.0), T.SteerTerm(v, (2,), angle=0.3)]
+    iv, index = steer.settings(
+        v, [1, 2], [0.0, 2.0], L, D, modes=modes, angles=(0.0, 0.5), points=[point]
+    )
+    assert iv.steer_vectors.shape[1] == 8 and index[(1, ("rotate", 0.0))] == 0
+    a = grid.generate_grid(model, iv, ids, sp, batch_size=8)
+    before = compile_count()
+    other = [T.SteerTerm(v, (3,), coef=-1.0, mode="rescale")]
+    iv2, _ = steer.settings(
+        v * 0.5, [2, 3], [0.0, -1.0], L, D, modes=modes, angles=(0.0, -0.4), points=[other]
+    )
+    grid.generate_grid(model, iv2, ids, sp, batch_size=8)
+    assert compile_count() == before, "a grid of other modes compiled a program of its own"
+    texts = lambda rows, s: [r["text"] for r in rows if r["setting"] == s]  # noqa: E731
+    assert texts(a, index[(2, ("rotate", 0.5))]) != texts(a, 0)
+    assert texts(a, index[(2, ("rescale", 2.0))]) != texts(a, index[(2, 2.0)])
+
+
+def test_steer_study_with_modes_terms_and_seeds(tiny, tmp_path):
+    from pvjax.settings.config_files import load_config
+
+    cfg = load_config(
+        STEER + ":runlocal",
+        [
+            f"--config.model={tiny['folder']}",
+            f"--config.vector={tiny['vfile']}",
+            "--config.layers=(2,)",
+            "--config.coefs=(0.0,2.0)",
+            "--config.modes=('add','rescale','rotate')",
+            "--config.angles=(0.4,)",
+            "--config.seeds=(0,1)",
+            "--config.temperature=0.8",
+            "--config.n_questions=2",
+            "--config.max_new_tokens=8",
+            "--config.mc.path=",
+        ],
+    )
+    cfg.terms = ([{"layer": 1, "coef": 1.0}, {"layer": 2, "angle": 0.2}],)
+    rows = steer.run(cfg, tmp_path, progress=False)
+    assert [(r["control"], r["coef"], r["angle"]) for r in rows] == [
+        ("fixed", 0.0, None),
+        ("fixed", 2.0, None),
+        ("rescale", 0.0, None),
+        ("rescale", 2.0, None),
+        ("rotate", None, 0.4),
+        ("terms", None, None),
+    ]
+    assert rows[0]["shift"] == 0.0 and all(isinstance(r["shift"], float) for r in rows)
+    assert rows[-1]["terms"].count("@") == 2 and rows[-1]["layer"] == 1
+    for r in rows:
+        assert r["n_seeds"] == 2 and r["shift_low"] <= r["shift"] <= r["shift_high"]
+        if r["distinct2_low"] is not None:
+            assert r["distinct2_low"] <= r["distinct2"] <= r["distinct2_high"]
+    assert (tmp_path / "seeds" / "1" / "answers").is_dir()
+
+
+def test_bad_terms_in_a_steer_config_are_refused_before_loading(tiny, tmp_path, monkeypatch):
+    from pvjax.settings.config_files import load_config
+    from pvjax.studies.checks import StudyConfigError
+
+    cfg = load_config(
+        STEER + ":runlocal",
+        [
+            f"--config.model={tiny['folder']}",
+            f"--config.vector={tiny['vfile']}",
+            "--config.modes=('add','rotate')",
+            "--config.seeds=(1,)",
+        ],
+    )
+    cfg.terms = ([{"layer": 9, "coef": 1.0}],)
+    monkeypatch.setattr(pvjax, "load", lambda *a, **k: pytest.fail("pvjax.load was called"))
+    with pytest.raises(StudyConfigError) as e:
+        steer.run(cfg, tmp_path, progress=False)
+    msg = str(e.value)
+    for part in ("give the rotation angles", "temperature > 0", "layer 9 is outside 0..3"):
+        assert part in msg, msg

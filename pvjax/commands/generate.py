@@ -10,6 +10,12 @@ held under CEIL, or moved toward VALUE, at every steered token; `pvjax.intervent
 each answer reports the projection of the last prompt token onto it (unit-normalised) at each
 `--layer`: the paper's monitoring signal, read from the same (steered) run.
 
+`--steer VECTOR,layer=L,coef=C[,positions=P][,mode=add|rescale|rotate][,without=W]` (repeatable)
+composes steering terms in every row (`pvjax.engine.terms`; `angle=RAD` rotates, `cap=`/`target=`
+are closed loop), and `--when VECTOR,layer=L,threshold=X[,on=cosine]` gates them on the prompt;
+`--vector/--layer/--coef` is the shorthand for one term per coefficient. A bad term fails as one
+line naming it, before the model loads.
+
 `--monitor FILE.monitor.json` (written by the monitoring study, `configs/monitor.py`) adds its flag
 per answer: the projection at the monitor's layer and last prompt token, its threshold, and
 `flagged` (projection >= threshold). A monitor beside `--vector` (`<stem>.<key>.monitor.json`) is
@@ -90,6 +96,22 @@ def add_parser(sub):
         type=float,
         default=float("inf"),
         help="largest projection change --cap/--target make per token",
+    )
+    p.add_argument(
+        "--steer",
+        action="append",
+        default=[],
+        metavar="VECTOR,layer=L,coef=C",
+        help="a steering term, repeatable, composed in every row: VECTOR (FILE[:KEY]) then "
+        "layer=L (or A-B, A+B), one strength coef=C | angle=RAD | cap=X | target=X, and "
+        "optionally positions=P, mode=add|rescale|rotate, without=FILE[:KEY] (projected out "
+        "of the vector first), gain=, max_step= (docs/generation.md, steering terms)",
+    )
+    p.add_argument(
+        "--when",
+        metavar="VECTOR,layer=L,threshold=X",
+        help="steer only prompts whose last token, at layer L, projects on the unit VECTOR at "
+        "or above X (on=cosine: its cosine); gates every term, which must steer layers >= L",
     )
     p.add_argument(
         "--mesh", help="run on a device mesh: data=D,model=M (batch over data, heads over model)"
@@ -194,6 +216,8 @@ def check_args(args) -> None:
     """Every argument that can be judged without the model, so a typo costs no model load."""
     from pvjax.loading.embedded import EMBEDDED_NAME
 
+    if args.when and not (args.vector or args.steer):
+        raise UsageError("--when gates steering: pass --steer or --vector")
     if not args.vector:
         given = [
             f
@@ -206,8 +230,13 @@ def check_args(args) -> None:
             )
             if v
         ]
+        if args.steer:  # the request's position mode, for the --steer terms
+            given = [f for f in given if f != "--positions"]
         if given:
-            raise UsageError(f"{', '.join(given)} steer along a vector: pass --vector FILE[:KEY]")
+            raise UsageError(
+                f"{', '.join(given)} steer along a vector: pass --vector FILE[:KEY]"
+                + (" (--steer terms carry their own layer and strength)" if args.steer else "")
+            )
     elif not args.layer:
         raise UsageError("--vector needs --layer (a hidden_states index)")
     if args.ablate_layer and not args.ablate:
@@ -249,6 +278,40 @@ def check_args(args) -> None:
             )
 
 
+def steering_rows(args, coefs) -> list[list]:
+    """The steering terms of every batch-row set (one per `--coef`/`--cap`/`--target`, or one):
+    the `--vector` shorthand's term at that strength, plus every `--steer` term; `--when` gates
+    them all. Parsing only, no file is read (`pvjax.engine.terms`)."""
+    from pvjax.engine import terms as T
+
+    when = T.parse_condition(args.when) if args.when else None
+    extra = [T.parse_cli(x, when=when) for x in args.steer]
+    if not args.vector:
+        return [extra]
+    label = f"--vector {args.vector}"
+    rows = []
+    for c in coefs:
+        strength = (
+            {"coef": float(c)}
+            if not isinstance(c, (tuple, list))
+            else {c[0]: float(c[1]), "gain": args.gain, "max_step": args.max_step}
+        )
+        rows.append(
+            [T.SteerTerm(args.vector, tuple(args.layer), when=when, label=label, **strength)]
+            + extra
+        )
+    return rows
+
+
+def _shape_of(source: str):
+    """A model with a config and no weights: the checks of depth, width and vector files, in
+    milliseconds, before the load."""
+    from pvjax.loading import read_model_config
+    from pvjax.model import Model
+
+    return Model(config=read_model_config(source), params=None, tokenizer=None, source=str(source))
+
+
 def run(args) -> int:
     from pvjax.engine.generate import SamplingParams
     from pvjax.files.vectors import read_vector
@@ -266,6 +329,18 @@ def run(args) -> int:
     for spec in (args.vector, args.ablate):  # readable, finite, holding the key: before the load
         if spec:
             read_vector(spec)
+    # One row set per coefficient, fixed or closed loop (a closed-loop one as ("cap", x)).
+    coefs = (
+        (args.coef or ([] if args.cap or args.target else [1.0] if args.vector else [0.0]))
+        + [("cap", x) for x in args.cap]
+        + [("target", x) for x in args.target]
+    )
+    rows = steering_rows(args, coefs) if (args.vector or args.steer) else [[]]
+    from pvjax.engine import terms as T
+
+    positions = T.request_positions(rows, default=args.positions) or "response"
+    if args.vector or args.steer:  # every term against the model's shape, before the load
+        T.check_terms(rows, _shape_of(args.model))
     from pvjax.methods.monitoring import attach_monitor
 
     monitor, monitor_file = attach_monitor(
@@ -273,7 +348,6 @@ def run(args) -> int:
     )  # the file checked before the load
 
     import pvjax
-    from pvjax import interventions as ivs
     from pvjax.engine.generate import generate
 
     mesh = None
@@ -283,18 +357,12 @@ def run(args) -> int:
         mesh = mesh_from_flag(args.mesh)
     model = pvjax.load(args.model, dtype=args.dtype)
     L, D = model.n_layers + 1, model.hidden_size
-    positions = args.positions or "response"
-    loop = [ivs.cap(x, gain=args.gain, max_step=args.max_step) for x in args.cap] + [
-        ivs.target(x, gain=args.gain, max_step=args.max_step) for x in args.target
-    ]
-    coefs = args.coef or ([] if loop else [1.0] if args.vector else [0.0])
-    coefs = coefs + loop  # one batch-row set per coefficient, fixed or closed loop
-    steer, ablate, probes, vector = [], [], None, None
+    ablate, probes, vector = [], None, None
     if args.vector:
         vector = read_vector(args.vector, model)
-        steer = [(vector, args.layer, [c for c in coefs for _ in prompts])]
-        rows = vector if vector.ndim == 2 else np.broadcast_to(vector, (L, D))
-        probes = (rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12))[:, None]
+        per_layer = vector if vector.ndim == 2 else np.broadcast_to(vector, (L, D))
+        norms = np.maximum(np.linalg.norm(per_layer, axis=-1, keepdims=True), 1e-12)
+        probes = (per_layer / norms)[:, None]
     if monitor is not None:
         monitor, monitor_file = attach_monitor(args.monitor, args.vector, model, vector)
     if monitor is not None:  # one more probe column: the monitor's direction at its layer
@@ -303,8 +371,9 @@ def run(args) -> int:
         probes = m if probes is None else np.concatenate([probes, m], axis=1)
     if args.ablate:
         ablate = [(read_vector(args.ablate, model), args.ablate_layer or args.layer)]
-    batch = len(prompts) * len(coefs)
-    iv = ivs.build(L, D, steer=steer, ablate=ablate, batch=batch) if (steer or ablate) else None
+    iv = None
+    if args.vector or args.steer or ablate:
+        iv = T.build_intervention([r for r in rows for _ in prompts], model, ablate=ablate)
     g = generate(
         model,
         prompts * len(coefs),
@@ -328,11 +397,11 @@ def run(args) -> int:
             "tokens": g.tokens[i],
             "finish_reason": g.finish_reasons[i],
         }
-        setting = (
-            {"coef": c}
-            if not isinstance(c, ivs.Feedback)
-            else {("cap" if c.mode == ivs.CAP else "target"): c.value, "gain": c.gain}
-        )
+        setting = {"coef": c} if not isinstance(c, tuple) else {c[0]: c[1], "gain": args.gain}
+        terms = rows[i // len(prompts)]
+        if args.steer or args.when:
+            row["terms"] = [T.to_dict(t) for t in terms]
+            row["positions"] = positions
         if args.vector:
             row.update(
                 **setting,
@@ -362,6 +431,8 @@ def run(args) -> int:
                 if args.vector
                 else ""
             )
+            if args.steer or args.when:
+                tag = f"  [{T.describe(terms)}, {positions}]"
             if monitor is not None:
                 verdict = "FLAGGED" if row["monitor"]["flagged"] else "ok"
                 tag += f"  [monitor: {verdict}, {x:.2f} vs {monitor.threshold:.2f}]"

@@ -283,7 +283,8 @@ def _generate(
     n_probes = 0 if probes is None else probes.shape[-2]
     proj_LBNK = jnp.zeros((L, B, n_new, n_probes), jnp.float32)
     next_pos = batch.positions_BP[:, -1] + 1
-    decode_iv = iv.with_masks(*decode_masks)
+    # A condition is read on the prompt; every decode step keeps the gate the prompt pass found.
+    decode_iv = iv.with_masks(*decode_masks).with_gate(out.gate)
     ones = jnp.ones((B, 1), jnp.int32)
 
     def feed(toks_BN, i, cache, proj):

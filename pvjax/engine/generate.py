@@ -377,7 +377,11 @@ def generate_ids(
 def prefixes_shareable(intervention: Intervention, positions: str, ablate_positions: str) -> bool:
     """Whether rows with the same prompt tokens before the last may share them (see
     `pvjax.engine.prompt_split`): true when one intervention serves every row, or when none acts
-    before a prompt's last token (`response` steering, and ablation zero or on `response` too)."""
+    before a prompt's last token (`response` steering, and ablation zero or on `response` too).
+    A condition is read at each prompt's own last token, so under another position mode it tells
+    every row's prompt apart."""
+    if intervention.condition is not None and positions != "response":
+        return False
     rows = dataclasses.replace(intervention, steer_mask=None, ablate_mask=None)
     if all(x.shape[1] == 1 for x in jax.tree_util.tree_leaves(rows)):
         return True

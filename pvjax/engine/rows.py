@@ -14,36 +14,26 @@ from pvjax import interventions as ivs
 
 
 def stack(settings: Sequence[ivs.Intervention]) -> ivs.Intervention:
-    """S batch-1 interventions (`interventions.build`) as one intervention of batch S. When any
-    setting is closed loop (`cap`/`target`), every setting carries a `closed_loop` (fixed where it
-    had none), so the grid stays one pytree structure: one program for all its rows."""
-    cat = lambda name: jnp.concatenate([getattr(s, name) for s in settings], axis=1)
+    """S batch-1 interventions (`interventions.build`, `pvjax.engine.terms.build_intervention`)
+    as one intervention of batch S. When any setting is closed loop (`cap`/`target`), has a mode
+    other than add or a condition, every setting carries that field (fixed, add or ungated where
+    it had none), so the grid stays one pytree structure: one program for all its rows."""
     first = settings[0]
-    closed = None
     if any(s.closed_loop is not None for s in settings):
-        loops = [s.with_closed_loop().closed_loop for s in settings]
-        closed = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *loops)
-    return dataclasses.replace(
-        first,
-        steer_vectors=cat("steer_vectors"),
-        steer_coefs=cat("steer_coefs"),
-        ablate_dirs=cat("ablate_dirs"),
-        ablate_coefs=cat("ablate_coefs"),
-        closed_loop=closed,
-    )
+        settings = [s.with_closed_loop() for s in settings]
+    if any(s.modes is not None for s in settings):
+        settings = [s.with_modes() for s in settings]
+    if any(s.condition is not None for s in settings):
+        settings = [s.with_condition() for s in settings]
+    rows = [dataclasses.replace(s, steer_mask=None, ablate_mask=None) for s in settings]
+    out = jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs, axis=1), *rows)
+    return out.with_masks(first.steer_mask, first.ablate_mask)
 
 
 def take(iv: ivs.Intervention, rows) -> ivs.Intervention:
     """The intervention of batch `len(rows)` whose row b is setting `rows[b]` of `iv` (batch S, or
-    1: then every row gets it); closed-loop rules travel with their rows."""
+    1: then every row gets it); closed-loop rules, modes and conditions travel with their rows."""
     rows = jnp.asarray(rows)
     pick = lambda x: x[:, jnp.zeros_like(rows)] if x.shape[1] == 1 else x[:, rows]
-    closed = None if iv.closed_loop is None else jax.tree_util.tree_map(pick, iv.closed_loop)
-    return dataclasses.replace(
-        iv,
-        steer_vectors=pick(iv.steer_vectors),
-        steer_coefs=pick(iv.steer_coefs),
-        ablate_dirs=pick(iv.ablate_dirs),
-        ablate_coefs=pick(iv.ablate_coefs),
-        closed_loop=closed,
-    )
+    out = jax.tree_util.tree_map(pick, dataclasses.replace(iv, steer_mask=None, ablate_mask=None))
+    return out.with_masks(iv.steer_mask, iv.ablate_mask)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from pvjax.capture import Capture, ForwardOutput, row_capture
-from pvjax.interventions import Intervention, apply_row
+from pvjax.interventions import Intervention, apply_row, condition_gate, gated_mask
 from pvjax.kernels import decode_attention
 from pvjax.models.block import attention, block, matmul, merged_attention, rms_norm
 from pvjax.models.config import ModelConfig
@@ -230,23 +230,30 @@ def decode_step(
 def _row_intervention(iv: Intervention | None, row):
     if iv is None:
         return None
-    closed = (
-        None if iv.closed_loop is None else jax.tree_util.tree_map(lambda x: x[row], iv.closed_loop)
-    )
+    at = lambda tree: None if tree is None else jax.tree_util.tree_map(lambda x: x[row], tree)
     return (
         iv.steer_vectors[row],
         iv.steer_coefs[row],
         iv.ablate_dirs[row],
         iv.ablate_coefs[row],
-        closed,
+        at(iv.closed_loop),
+        at(iv.modes),
+        None if iv.condition is None else iv.condition.gated[row],
     )
 
 
-def _edit(h, iv: Intervention | None, row_iv):
+def _edit(h, iv: Intervention | None, row_iv, row, gate):
+    """Row `row`'s edit: `(h, gate)`. With a condition, the gate is updated from this row's
+    residual (before its edit) and shuts the row's steering mask where it is gated."""
     if iv is None:
-        return h
-    *edits, closed = row_iv
-    return apply_row(h, *edits, iv.steer_mask, iv.ablate_mask, closed)
+        return h, gate
+    *edits, closed, modes, gated = row_iv
+    steer_m = iv.steer_mask
+    if iv.condition is not None:
+        gate = condition_gate(h, iv.condition, row, gate)
+        steer_m = gated_mask(steer_m, gated, gate)
+    mode = None if modes is None else modes.mode
+    return apply_row(h, *edits, steer_m, iv.ablate_mask, closed, mode), gate
 
 
 def _run(
@@ -280,16 +287,19 @@ def _run(
     if any(cfg.local_rope):  # Gemma 3's sliding blocks rotate with their own base
         local_tables = rope_tables(jnp.asarray(inverse_frequencies(cfg, local=True)), positions_BT)
     tables, local_tables = jax.lax.optimization_barrier((tables, local_tables))
-    h = _edit(h, intervention, _row_intervention(intervention, 0))
+    gate = None  # the condition's gate per batch row, carried from its layer to the later ones
+    if intervention is not None and intervention.condition is not None:
+        gate = jnp.broadcast_to(intervention.condition.state[0], h.shape[:1]).astype(jnp.float32)
+    h, gate = _edit(h, intervention, _row_intervention(intervention, 0), 0, gate)
     first = row_capture(h, capture, None if probes is None else probes[0])
 
     def body(carry, xs):
-        h, kv = carry
+        h, kv, gate = carry
         lp, i, row_iv, probe = xs
         cos, sin = _per_block(cfg.local_rope, i, local_tables, tables)
         h, kv = block(cfg, layout.fused, lp, h, cos, sin, lambda q, k, v: attend(q, k, v, i, kv))
-        h = _edit(h, intervention, row_iv)
-        return (h, kv), row_capture(h, capture, probe)
+        h, gate = _edit(h, intervention, row_iv, i + 1, gate)
+        return (h, kv, gate), row_capture(h, capture, probe)
 
     row_ivs = None
     if intervention is not None:
@@ -297,7 +307,7 @@ def _run(
             lambda x: x[1:], _row_intervention(intervention, slice(None))
         )
     xs = (row_ivs, None if probes is None else probes[1:])
-    (h, kv), rows = layout.run_blocks(body, (h, kv), params["layers"], xs, n_blocks)
+    (h, kv, gate), rows = layout.run_blocks(body, (h, kv, gate), params["layers"], xs, n_blocks)
 
     normed = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
     last = row_capture(normed, capture, None if probes is None else probes[-1])
@@ -325,5 +335,6 @@ def _run(
         hidden_states=stacked.get("hidden"),
         pooled=stacked.get("pooled"),
         projections=stacked.get("projections"),
+        gate=gate,
     )
     return out, kv

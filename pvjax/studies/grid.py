@@ -11,6 +11,7 @@ Shape legend: L hidden-state rows, S settings, N prompts, B rows, T positions, D
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -53,9 +54,12 @@ def generate_grid(
     batch_size: int = 32,
     part_rows: int = 0,
     progress: bool = False,
+    probes=None,
 ) -> list[dict]:
     """Answers for every (setting, prompt) row, setting-major: `S x N` dicts with `setting`,
-    `prompt` (indices), `text`, `n_tokens`, `finish`.
+    `prompt` (indices), `text`, `n_tokens`, `finish`; with `probes` (`[L, 1, D]`, one unit vector
+    per hidden-state row) also `projection`, the answer's mean projection at every row (a list of
+    L floats, None for an empty answer).
 
     Rows go through `pvjax.engine.generate.generate_ids` in parts of `part_rows` (default: 4
     batches), each with an intervention of one row per prompt. With `work`, each part is written to
@@ -67,20 +71,22 @@ def generate_grid(
     S, N = iv_S.steer_vectors.shape[1], len(prompt_ids)
     rows = [(s, i) for s in range(S) for i in range(N)]
     part_rows = part_rows or 4 * batch_size
+    columns = ANSWER_COLUMNS + (("projection",) if probes is not None else ())
     out = []
     for k, start in enumerate(range(0, len(rows), part_rows)):
         chunk = rows[start : start + part_rows]
         path = None if work is None else Path(work) / "answers" / f"part_{k:04d}.csv"
         if path is not None and path.exists():
-            out += [
-                {
+            for r in atomic.read_csv(path):
+                r = {
                     **r,
                     "setting": int(r["setting"]),
                     "prompt": int(r["prompt"]),
                     "n_tokens": int(r["n_tokens"]),
                 }
-                for r in atomic.read_csv(path)
-            ]
+                if "projection" in r:
+                    r["projection"] = json.loads(r["projection"] or "null")
+                out.append(r)
             continue
         g = generate_ids(
             model,
@@ -92,13 +98,18 @@ def generate_grid(
             ablate_positions=ablate_positions,
             batch_size=batch_size,
             progress=progress,
+            probes=probes,
         )
         part = [
             {"setting": s, "prompt": i, "text": t, "n_tokens": len(toks), "finish": f}
             for (s, i), t, toks, f in zip(chunk, g.texts, g.tokens, g.finish_reasons)
         ]
+        if probes is not None:
+            for r, p in zip(part, g.projections):  # p: [L, new tokens, 1]
+                r["projection"] = p[:, :, 0].mean(axis=1).round(5).tolist() if p.size else None
         if path is not None:
-            atomic.write_csv(path, part, ANSWER_COLUMNS)
+            written = [{**r, "projection": json.dumps(r.get("projection"))} for r in part]
+            atomic.write_csv(path, written if probes is not None else part, columns)
         out += part
     return out
 
@@ -132,9 +143,14 @@ def answer_logprobs(
         idx = [i for _, i in chunk]
         tokens, mask, answer, end = answer_batch(seqs, starts, idx, T, batch_size)
         setting = [s for s, _ in chunk] + [0] * (batch_size - len(chunk))
-        iv = take(iv_S, setting).with_masks(
-            ivs.position_mask(positions, mask, end), ivs.position_mask(ablate_positions, mask, end)
-        )
+        iv = (
+            take(iv_S, setting)
+            .with_masks(
+                ivs.position_mask(positions, mask, end),
+                ivs.position_mask(ablate_positions, mask, end),
+            )
+            .with_condition_column(end - 1)
+        )  # a condition reads the last prompt token, not the answer
         # The head runs on the answer tail only (`answer_logprob`); 32-token steps bound the
         # compiles.
         tail = min(T - 1, -(-max(len(seqs[i]) - starts[i] for _, i in chunk) // 32) * 32)
