@@ -473,3 +473,17 @@ def smollm2_shape():
         tokenizer=None,
         source="smollm2-135m-instruct",
     )
+
+
+def test_fit_condition_separates_two_prompt_sets_and_builds_a_term(tiny):
+    from pvjax.methods.conditions import fit_condition, hit_rate
+
+    model, _ = tiny
+    c = rand(model, 5)
+    pos = ["Tell me about the sea.", "Describe a storm at sea."]
+    neg = ["How do I bake bread?", "What is a good cake?"]
+    fit = fit_condition(model, pos, neg, c, COND, rule="f1")
+    assert fit.n_pos == fit.n_neg == 2 and fit.condition.layer == COND and fit.f1 > 0
+    assert hit_rate(model, pos, fit.condition, c) == fit.tpr
+    assert hit_rate(model, neg, fit.condition, c) == fit.fpr
+    T.build_intervention([[term(rand(model, 1), coef=1.0, when=fit.condition)]], model)
