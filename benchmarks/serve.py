@@ -12,7 +12,8 @@ vectors at layers 10, 15 and 20, coefficients -8..8, position modes `response`, 
 `prompt`, one request in eight unsteered.
 
 - server: tokens/s = all new tokens / wall time from the first request sent to the last answer;
-  time to first token (TTFT) per request, p50 and p99. Warm-up (the compiles) is reported apart.
+  time to first token (TTFT) per request, p50 and p99. Warm-up (the compiles) is reported apart;
+  the server compiles prompt widths 32, 48 and 64 (the chat prompts here are 30-45 tokens).
 - reference: for each request in turn, a hook on block `layer - 1` adds `coef * v` where its
   position mode says (the prompt pass: every position, or the last for `response`; each new
   token: unless `prompt`), `generate`, remove the hook.
@@ -67,7 +68,13 @@ def start_server(model, vectors, new: int, batch: int):
     from pvjax.serve.service import ServeSettings, Service
     from pvjax.serve.terms import Catalog
 
-    settings = ServeSettings(model_name="smollm2", max_batch=batch, max_prompt=64, max_new=new)
+    settings = ServeSettings(
+        model_name="smollm2",
+        max_batch=batch,
+        max_prompt=64,
+        max_new=new,
+        prompt_widths=(32, 48, 64),
+    )
     service = Service(model, Catalog({str(i): v for i, v in enumerate(vectors)}, {}), settings)
     with Timer() as warm:
         service.start()
