@@ -81,10 +81,14 @@ class Scheduler:
         *,
         max_queue: int = 64,
         max_tokens_in_flight: int = 1 << 20,
+        max_admit: int = 4,
     ):
         self.engine, self.tokenizer, self.metrics = engine, tokenizer, metrics
         self.eos = set(int(i) for i in eos_ids)
         self.max_queue, self.max_tokens_in_flight = max_queue, max_tokens_in_flight
+        # Prompts admitted per step boundary: the rows already running decode between them, so
+        # a burst of newcomers does not hold every first token until the last prompt has run.
+        self.max_admit = max_admit
         self.waiting: collections.deque[Job] = collections.deque()
         self.running: dict[int, Job] = {}
         self.cv = threading.Condition()
@@ -168,7 +172,7 @@ class Scheduler:
                     break
                 admits = []
                 free = self.engine.free_slots()
-                while free and self.waiting:
+                while free and self.waiting and len(admits) < self.max_admit:
                     job = self.waiting.popleft()
                     if job.cancelled:
                         self.metrics.add("cancelled")
