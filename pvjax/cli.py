@@ -27,6 +27,7 @@ COMMANDS = (
     "shift",
     "finetune",
     "vectors",
+    "serve",
 )
 EXIT_USER_ERROR = 2
 

@@ -16,6 +16,7 @@ RANKS = {
     "pvjax.cli": 9,
     "pvjax.commands": 9,
     "pvjax.studies": 8,
+    "pvjax.serve": 8,
     "pvjax.methods": 7,
     "pvjax.finetune": 7,
     "pvjax.measure": 6,
@@ -37,7 +38,12 @@ RANKS = {
     "pvjax.version": 0,
 }
 # Peers of one rank that must not know each other (the map's "not finetune", "not methods").
-APART = {("pvjax.methods", "pvjax.finetune"), ("pvjax.finetune", "pvjax.methods")}
+APART = {
+    ("pvjax.methods", "pvjax.finetune"),
+    ("pvjax.finetune", "pvjax.methods"),
+    ("pvjax.serve", "pvjax.studies"),
+    ("pvjax.studies", "pvjax.serve"),
+}
 # The map's stated exceptions: memory per device is computed from a model's config.
 ALLOWED_UP = {
     ("pvjax.parallel.memory", "pvjax.models.config"),

@@ -1,0 +1,211 @@
+"""The compiled programs of the slot engine (`pvjax.engine.slots`): a running batch of B rows
+("slots") over one KV cache, each row its own request.
+
+Shape legend: B slots, P prompt columns (a bucket), S cache columns, V vocabulary, L = n_layers + 1
+hidden-state rows, K probe vectors, D hidden size.
+
+Three programs, compiled once per shape and reused for every request:
+- `admit`: one newcomer's prompt through the prefill, its keys and values written into its slot
+  at columns `[column - P, column)`, its last-position logits and its intervention row stored;
+  returns the prompt's last-token projections (the monitoring signal).
+- `step`: every slot draws its next token from its stored logits (its own sampling settings and
+  PRNG key, folded with its own token count, as `pvjax.engine.generate` does), then the tokens
+  run through one `decode_step` at cache column `column`; the logits it returns are stored for
+  the next step. Rows that are free run along and are ignored.
+- `shift`: the cache moved left by `m` columns, when the oldest rows have left.
+
+Every row writes the same cache column at a step (the cache's `index`); which columns a row
+attends to is its `valid` mask. A row's columns are in the order `generate` puts them (prompt,
+then its answer), and masked columns add exact zeros in the CPU kernel's attention, so a row's
+numbers do not depend on the rows beside it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from pvjax.capture import Capture
+from pvjax.interventions import Intervention
+from pvjax.model import default_positions
+from pvjax.models.decoder import KVCache, decode_step, init_cache, prefill
+
+_NEG = -1e30
+MODES = ("greedy", "sample", "filter")
+
+
+@struct.dataclass
+class Slots:
+    """The running batch on the device: cache, each row's next-token logits, each row's
+    intervention (batch B, a `closed_loop` always present, masks given per call)."""
+
+    cache: KVCache
+    logits_BV: jax.Array  # [B, V] float32
+    iv: Intervention
+
+
+@struct.dataclass
+class Feed:
+    """What the host says each step: which rows run, their positions, sampling, masks."""
+
+    active_B: jax.Array  # [B] int32, 1 for a row holding a request
+    positions_B: jax.Array  # [B] int32, the position id of the token fed
+    count_B: jax.Array  # [B] int32, tokens drawn so far (the PRNG fold-in step)
+    keys_B2: jax.Array  # [B, 2] uint32
+    temperature_B: jax.Array  # [B] float32 (0: greedy)
+    top_p_B: jax.Array  # [B] float32
+    top_k_B: jax.Array  # [B] int32 (0: off)
+    min_new_B: jax.Array  # [B] int32: stop tokens are forbidden until this many are drawn
+    steer_B1: jax.Array  # [B, 1] float32, steering mask of the token fed
+    ablate_B1: jax.Array  # [B, 1] float32
+    column: jax.Array  # [] int32, the cache column written
+    stop_ids: jax.Array  # [n_stop] int32
+
+
+@struct.dataclass
+class Newcomer:
+    """One request entering slot `slot`: its prompt left-padded to a bucket, its masks and its
+    intervention row (batch 1, with a `closed_loop`)."""
+
+    tokens_1P: jax.Array
+    mask_1P: jax.Array
+    steer_1P: jax.Array
+    ablate_1P: jax.Array
+    iv: Intervention
+    slot: jax.Array  # [] int32
+    column: jax.Array  # [] int32, the prompt ends just before this column
+
+
+def empty_slots(cfg, layout, iv: Intervention, batch: int, columns: int, dtype) -> Slots:
+    return Slots(
+        cache=init_cache(cfg, layout, batch, columns, dtype),
+        logits_BV=jnp.zeros((batch, cfg.vocab_size), jnp.float32),
+        iv=iv,
+    )
+
+
+def _draw(logits_BV, feed: Feed, mode: str):
+    """Each row's next token. A row's draw depends only on its own logits, settings, key and
+    count, so the program's mode (the most general any row needs) never changes a row's text."""
+    stop_cols = jnp.zeros(logits_BV.shape[-1], bool).at[feed.stop_ids].set(True)
+    early = (feed.count_B < feed.min_new_B)[:, None]
+    logits_BV = jnp.where(stop_cols[None] & early, _NEG, logits_BV)
+    greedy = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    if mode == "greedy":
+        return greedy
+    V = logits_BV.shape[-1]
+    t = feed.temperature_B[:, None]
+    x = logits_BV / jnp.where(t > 0, t, 1.0)
+    if mode == "filter":  # as `decode_loop._sample`, with per-row top-k and top-p
+        srt = -jnp.sort(-x, axis=-1)
+        k = jnp.where(feed.top_k_B > 0, jnp.minimum(feed.top_k_B, V), V)[:, None]
+        srt = jnp.where(jnp.arange(V) < k, srt, _NEG)
+        p = jax.nn.softmax(srt, axis=-1)
+        keep = (jnp.cumsum(p, axis=-1) - p) < feed.top_p_B[:, None]
+        n_keep = jnp.sum(keep, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(srt, n_keep - 1, axis=-1)
+        filters = (feed.top_k_B > 0) | (feed.top_p_B < 1)
+        x = jnp.where(filters[:, None] & (x < cutoff), _NEG, x)
+    keys = jax.vmap(jax.random.fold_in)(feed.keys_B2, feed.count_B)
+    drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+    return jnp.where(feed.temperature_B > 0, drawn, greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "layout", "mode"), donate_argnames=("slots",))
+def step(params, slots: Slots, feed: Feed, probes, *, cfg, layout, mode: str):
+    """`(slots, tokens [B], their log-probabilities [B], their projections [L, B, K] or None)`:
+    one token drawn and fed for every row."""
+    logits = slots.logits_BV
+    tok_B = _draw(logits, feed, mode)
+    lse_B = jax.nn.logsumexp(logits, axis=-1)
+    logprob_B = jnp.take_along_axis(logits, tok_B[:, None], axis=-1)[:, 0] - lse_B
+    tok_B = jnp.where(feed.active_B > 0, tok_B, 0)
+    out = decode_step(
+        params,
+        cfg,
+        layout,
+        tok_B[:, None],
+        feed.positions_B[:, None],
+        feed.active_B[:, None],
+        slots.cache.replace(index=feed.column),
+        intervention=slots.iv.with_masks(feed.steer_B1, feed.ablate_B1),
+        capture=Capture(probes=probes, logits="last", hidden=False),
+    )
+    proj = None if probes is None else out.projections[:, :, 0]
+    return slots.replace(cache=out.cache, logits_BV=out.logits[:, -1]), tok_B, logprob_B, proj
+
+
+def _put(dst, src, idx):
+    return jax.lax.dynamic_update_slice(dst, src.astype(dst.dtype), idx)
+
+
+def _write_layers(dst, src, idx):
+    """`src` (one row's blocks, stacked `[N, ...]` or a tuple of N) written at `idx` of every block
+    of `dst` (stacked or a tuple, as the decode layout keeps its cache)."""
+    if isinstance(dst, tuple):
+        return tuple(_put(d, src[i], idx) for i, d in enumerate(dst))
+    stacked = jnp.stack(src) if isinstance(src, tuple) else src
+    return _put(dst, stacked, (0,) + idx)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "prefill_layout"), donate_argnames=("slots",))
+def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_layout):
+    """`(slots, the prompt's last-token projections [L, K] or None)` with `new` in its slot."""
+    P = new.tokens_1P.shape[1]
+    dtype = prefill_params["embed"].dtype
+    pre = prefill(
+        prefill_params,
+        cfg,
+        prefill_layout,
+        new.tokens_1P,
+        default_positions(new.mask_1P),
+        new.mask_1P,
+        init_cache(cfg, prefill_layout, 1, P, dtype),
+        intervention=new.iv.with_masks(new.steer_1P, new.ablate_1P),
+        capture=Capture(probes=probes, logits="last", hidden=False),
+    )
+    K = cfg.num_kv_heads
+    row, col = new.slot * K, new.column - P
+    cache = slots.cache
+    k = _write_layers(cache.k, pre.cache.k, (row, 0, col))
+    v = _write_layers(cache.v, pre.cache.v, (row, col, 0))
+    valid = cache.valid.at[new.slot].set(False)
+    valid = jax.lax.dynamic_update_slice(valid, new.mask_1P.astype(bool), (new.slot, col))
+    strip = lambda iv: iv.replace(steer_mask=None, ablate_mask=None)
+    put_row = lambda a, b: a.at[:, new.slot].set(b[:, 0].astype(a.dtype))
+    iv = jax.tree_util.tree_map(put_row, strip(slots.iv), strip(new.iv))
+    iv = iv.with_masks(slots.iv.steer_mask, slots.iv.ablate_mask)
+    slots = Slots(
+        cache=cache.replace(k=k, v=v, valid=valid),
+        logits_BV=slots.logits_BV.at[new.slot].set(pre.logits[0, -1]),
+        iv=iv,
+    )
+    proj = None if probes is None else pre.projections[:, 0, -1]
+    return slots, proj
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def shift(slots: Slots, m):
+    """The cache moved `m` columns to the left; the columns that come in are empty."""
+
+    def left(x, axis):
+        S = x.shape[axis]
+        both = jnp.concatenate([x, jnp.zeros_like(x)], axis=axis)
+        return jax.lax.dynamic_slice_in_dim(both, m, S, axis=axis)
+
+    c = slots.cache
+    return slots.replace(
+        cache=c.replace(
+            k=jax.tree_util.tree_map(lambda x: left(x, x.ndim - 1), c.k),
+            v=jax.tree_util.tree_map(lambda x: left(x, x.ndim - 2), c.v),
+            valid=left(c.valid, 1),
+        )
+    )
+
+
+def compile_count() -> int:
+    """Programs the slot engine has compiled in this process (for the no-recompile checks)."""
+    return step._cache_size() + admit._cache_size() + shift._cache_size()
