@@ -203,7 +203,9 @@ def test_page_in_a_browser(served):
     try:
         wait = WebDriverWait(browser, 240)
         browser.get(f"{url}/")
-        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "yes")
+        wait.until(
+            lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "yes"
+        )
         find = browser.find_element
 
         def fill(el, value):
@@ -254,9 +256,10 @@ def test_page_in_a_browser(served):
             verdict = box.find_element(By.CSS_SELECTOR, ".verdict")
             assert verdict.is_displayed()
             assert verdict.get_attribute("data-source") == "server"
-            assert abs(
-                float(verdict.get_attribute("data-projection")) - px["monitor"]["projection"]
-            ) < TOL
+            assert (
+                abs(float(verdict.get_attribute("data-projection")) - px["monitor"]["projection"])
+                < TOL
+            )
             assert verdict.get_attribute("data-flagged") == str(px["monitor"]["flagged"]).lower()
             prompt = box.find_elements(By.CSS_SELECTOR, ".prompt-tokens .tok")
             assert len(prompt) == resp["usage"]["prompt_tokens"]
@@ -271,16 +274,31 @@ def test_page_in_a_browser(served):
         assert "-" in find(By.ID, "scale-lo").text and "+" in find(By.ID, "scale-hi").text
 
         if os.environ.get("PVJAX_SCREENSHOT"):
+            browser.execute_script(
+                "document.querySelectorAll('.answer details').forEach(d => d.open = true)"
+            )
             out = ROOT / "docs" / "img" / "serve_page.png"
             out.parent.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(str(out))
 
+        browser.execute_script("document.getElementById('export').click()")
+        exported = browser.execute_script("return S.lastExport")
+        assert [t["user"] for t in exported["turns"]] == [QUESTION]
+        variant = exported["turns"][0]["variants"][1]
+        assert variant["label"] == "steered" and variant["request"]["steer"] == [term()]
+        assert variant["response"]["pvjax"]["monitor"] == steered["pvjax"]["monitor"]
+        assert variant["response"]["text"] == steered["choices"][0]["message"]["content"]
+        assert len(variant["answer"]["tokens"]) == steered["usage"]["completion_tokens"]
+
         # a layer out of range: the server's own message, and the page goes on working
-        want = api(url, "hi", [term(layer=99)])
+        find(By.ID, "clear").click()  # a new conversation: the next prompts stand alone
+        question = "Why is the sky blue?"
+        want = api(url, question, [term(layer=99)])
         assert want.status_code == 400
         message = want.json()["error"]["message"]
+        assert "layer" in message
         fill(row.find_element(By.CSS_SELECTOR, ".t-layer"), 99)
-        fill(find(By.ID, "user"), "Why is the sky blue?")
+        fill(find(By.ID, "user"), question)
         find(By.ID, "send").click()
         wait.until(lambda b: b.find_element(By.ID, "error").text)
         assert find(By.ID, "error").text == message
@@ -289,26 +307,9 @@ def test_page_in_a_browser(served):
         find(By.ID, "send").click()
         wait.until(finished)
         assert not find(By.ID, "error").text
-        # the failed turn left no trace in the history: the conversation is the first turn, then
-        # this question
-        first = steered["choices"][0]["message"]["content"]
-        history = [
-            {"role": "user", "content": QUESTION},
-            {"role": "assistant", "content": first},
-            {"role": "user", "content": "Why is the sky blue?"},
-        ]
-        want = api(url, None, [term()], messages=history).json()
         box = find(By.CSS_SELECTOR, '.turn:last-child .answer[data-label="steered"]')
         spans = box.find_elements(By.CSS_SELECTOR, ".answer-text .tok:not(.special)")
-        assert "".join(s.get_attribute("textContent") for s in spans) == (
-            want["choices"][0]["message"]["content"]
-        )
-        browser.execute_script("document.getElementById('export').click()")
-        exported = browser.execute_script("return S.lastExport")
-        assert [t["user"] for t in exported["turns"]] == [QUESTION, "Why is the sky blue?"]
-        variant = exported["turns"][0]["variants"][1]
-        assert variant["label"] == "steered" and variant["request"]["steer"] == [term()]
-        assert variant["response"]["pvjax"]["monitor"] == steered["pvjax"]["monitor"]
-        assert len(variant["answer"]["tokens"]) == steered["usage"]["completion_tokens"]
+        want = api(url, question, [term()]).json()["choices"][0]["message"]["content"]
+        assert "".join(s.get_attribute("textContent") for s in spans) == want
     finally:
         browser.quit()
