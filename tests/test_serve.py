@@ -94,6 +94,7 @@ def served(smollm2):
         model_name=MODEL,
         max_batch=8,
         max_prompt=48,
+        prompt_widths=(16, 48),  # the prompts here: two compiles instead of four
         max_new=NEW,
         max_queue=64,
         request_timeout=120.0,
@@ -364,6 +365,7 @@ def test_load_loses_nothing_and_compiles_nothing(served):
         assert ("monitor" in extra(r)) == body["monitor"]
         return i, r.choices[0].message.content, r.id, time.monotonic() - t
 
+    rss0 = _rss_mb()
     t0 = time.monotonic()
     with cf.ThreadPoolExecutor(16) as pool:
         results = list(pool.map(one, range(48)))
@@ -384,8 +386,14 @@ def test_load_loses_nothing_and_compiles_nothing(served):
     assert sch.compiles_since_ready() == compiles == 0
     print(
         f"load: {len(done)} answers + 8 cancelled in {wall:.1f} s, p50 {p50:.2f} s, "
-        f"p99 {p99:.2f} s, cache shifts {served.service.engine.shifts - shifts}"
+        f"p99 {p99:.2f} s, cache shifts {served.service.engine.shifts - shifts}, "
+        f"resident memory {rss0:.0f} -> {_rss_mb():.0f} MB"
     )
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
 
 
 def test_metrics_page(served):

@@ -56,6 +56,13 @@ def add_parser(sub):
     p.add_argument("--max-batch", type=int, default=16, help="rows of the running batch")
     p.add_argument("--max-new-tokens", type=int, default=256, help="cap on a request's max_tokens")
     p.add_argument("--max-prompt-tokens", type=int, default=1024, help="longest prompt taken")
+    p.add_argument(
+        "--prompt-buckets",
+        default=None,
+        metavar="W,W,...",
+        help="prompt widths to compile (default: every bucket up to --max-prompt-tokens; fewer "
+        "compile faster, a prompt runs at the next wider)",
+    )
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot")
     p.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, help="largest request body (bytes)"
@@ -102,6 +109,18 @@ def check_args(args) -> None:
     ):
         if v < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {v}")
+    if args.prompt_buckets is not None:
+        try:
+            widths = [int(w) for w in args.prompt_buckets.split(",")]
+        except ValueError:
+            raise UsageError(
+                f"--prompt-buckets takes W,W,... integers, got {args.prompt_buckets!r}"
+            )
+        if min(widths) < 1 or max(widths) < args.max_prompt_tokens:
+            raise UsageError(
+                f"--prompt-buckets must be positive and reach --max-prompt-tokens "
+                f"({args.max_prompt_tokens}), got {args.prompt_buckets}"
+            )
     if not args.request_timeout > 0:
         raise UsageError(f"--request-timeout must be > 0, got {args.request_timeout}")
     for spec in args.vector + args.monitor:
@@ -159,6 +178,11 @@ def run(args) -> int:
         request_timeout=args.request_timeout,
         api_key=args.api_key,
         unroll=not args.scanned,
+        prompt_widths=(
+            None
+            if args.prompt_buckets is None
+            else tuple(int(w) for w in args.prompt_buckets.split(","))
+        ),
     )
     service = Service(model, Catalog(vectors, monitors), settings)
     log.info(

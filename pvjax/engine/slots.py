@@ -83,7 +83,8 @@ class StepOutput:
 
 
 def bucket_widths(max_prompt: int) -> list[int]:
-    """The prompt widths programs are compiled for: every bucket up to `max_prompt` tokens."""
+    """The prompt widths programs are compiled for by default: every bucket of `generate` up to
+    `max_prompt` tokens (fewer widths compile faster; a prompt then runs at the next wider)."""
     out, n = [], 1
     while n <= max_prompt:
         b = prompt_bucket(n)
@@ -106,6 +107,7 @@ class SlotEngine:
         unroll: bool = True,
         pad_id: int = 0,
         stop_ids=(),
+        widths=None,
     ):
         for name, v in (("max_batch", max_batch), ("max_prompt", max_prompt), ("max_new", max_new)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -115,7 +117,11 @@ class SlotEngine:
         self.L, self.D = model.n_layers + 1, model.hidden_size
         self.B, self.max_new, self.pad_id = max_batch, max_new, pad_id
         self.stop_ids = np.asarray(sorted(set(int(i) for i in stop_ids)) or [pad_id], np.int32)
-        self.widths = bucket_widths(max_prompt)
+        self.widths = bucket_widths(max_prompt) if widths is None else sorted(set(widths))
+        if any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) for w in self.widths):
+            raise SlotError(f"prompt widths must be integers, got {widths!r}")
+        if not self.widths or self.widths[0] < 1 or self.widths[-1] < max_prompt:
+            raise SlotError(f"prompt widths {widths!r} must reach max_prompt = {max_prompt}")
         self.max_prompt = max_prompt
         if max_new >= cfg.max_position_embeddings:
             raise SlotError(
@@ -194,7 +200,7 @@ class SlotEngine:
         ids = self.check(ids, row, self.max_new if max_new is None else max_new)
         if self.active[slot]:
             raise SlotError(f"slot {slot} is taken")
-        P = prompt_bucket(len(ids))
+        P = self.width(len(ids))
         if self.column >= self.S:
             self._compact(force=True)
         self.column = max(self.column, P)
@@ -238,6 +244,12 @@ class SlotEngine:
         self.steer_dec[slot] = 0.0 if row.positions == "prompt" else 1.0
         self.modes[slot] = row.mode
         return None if proj is None else np.asarray(proj)
+
+    def width(self, n: int) -> int:
+        """The compiled prompt width a prompt of `n` tokens runs at: `generate`'s bucket when it
+        is compiled here (the same numbers as `generate`), else the next wider one."""
+        b = prompt_bucket(n)
+        return min([w for w in self.widths if w >= b] or [w for w in self.widths if w >= n])
 
     def release(self, slot: int) -> None:
         """Free `slot` at once (a finished, cancelled or timed-out request)."""

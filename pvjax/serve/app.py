@@ -154,6 +154,8 @@ def build_app(service: Service, *, ui: bool = True) -> Starlette:
         service.metrics.request(request.url.path, e.status)
         if e.status >= 500:
             log.error("request failed: %s", e.message)
+        else:  # the parameter at fault, never the message (it may quote the request)
+            log.info("refused %s %d param=%s code=%s", request.url.path, e.status, e.param, e.code)
         return JSONResponse(e.body(), status_code=e.status)
 
     async def on_http_error(request: HttpRequest, e: HTTPException) -> Response:

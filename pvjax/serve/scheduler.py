@@ -119,7 +119,7 @@ class Scheduler:
                     code="queue_full",
                 )
             in_flight = sum(j.budget for j in self.waiting) + sum(
-                j.budget for j in self.running.values()
+                j.budget for j in list(self.running.values())
             )
             if in_flight + job.budget > self.max_tokens_in_flight:
                 raise ApiError(
@@ -222,20 +222,22 @@ class Scheduler:
         job.logprobs.append(logprob)
         if proj is not None and job.request.steering.projections:
             job.projections.append(proj)
-        reason = None
-        body = job.tokens
-        if tok in self.eos:
-            reason, body = "stop", job.tokens[:-1]
+        req = job.request
+        reason = "stop" if tok in self.eos else None
+        last = len(job.tokens) >= req.max_tokens
+        if reason is None and not (last or req.stream or req.stop):
+            return  # nothing to decide or send: the text is decoded once, at the end
+        body = job.tokens[:-1] if reason else job.tokens
         text = self.tokenizer.decode(body, skip_special_tokens=True)
-        hits = [(text.find(s), s) for s in job.request.stop if s in text]
+        hits = [(text.find(s), s) for s in req.stop if s in text]
         if hits:
             reason, text = "stop", text[: min(hits)[0]]
-        if reason is None and len(job.tokens) >= job.request.max_tokens:
+        if reason is None and last:
             reason = "length"
         if reason is not None:
             self._finish(job, text, reason, now)
-        elif job.request.stream:
-            safe = _streamable(text, job.request.stop)
+        elif req.stream:
+            safe = _streamable(text, req.stop)
             if len(safe) > len(job.sent) and safe.startswith(job.sent):
                 self._delta(job, safe[len(job.sent) :])
 

@@ -24,6 +24,7 @@ class ApiError(Exception):
         401: "invalid_request_error",
         404: "invalid_request_error",
         408: "timeout_error",
+        405: "invalid_request_error",
         413: "invalid_request_error",
         429: "rate_limit_error",
         503: "server_error",

@@ -36,6 +36,7 @@ class ServeSettings:
     request_timeout: float = 600.0  # seconds
     api_key: str | None = None
     unroll: bool = True
+    prompt_widths: tuple[int, ...] | None = None  # compiled prompt widths (None: every bucket)
 
 
 class Service:
@@ -52,6 +53,7 @@ class Service:
             unroll=settings.unroll,
             pad_id=eos[0] if eos else 0,
             stop_ids=eos,
+            widths=settings.prompt_widths,
         )
         self.metrics = Metrics()
         self.scheduler = Scheduler(
