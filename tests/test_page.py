@@ -82,7 +82,12 @@ def served(smollm2):
     rng = np.random.default_rng(0)
     vectors = {"a": unit_rows(rng, L, D), "b": unit_rows(rng, L, D)}
     settings = ServeSettings(
-        model_name=MODEL, max_batch=2, max_prompt=64, max_new=NEW, request_timeout=300.0
+        model_name=MODEL,
+        max_batch=2,
+        max_prompt=64,
+        prompt_widths=(64,),  # one prefill program: a shorter warm-up
+        max_new=NEW,
+        request_timeout=300.0,
     )
     service = Service(model, Catalog(vectors, {"evil": _monitor(model, vectors["a"])}), settings)
     service.start()

@@ -84,7 +84,7 @@ def _read(service, probes_LKD, job, answer: list[int]) -> dict:
     L, D = model.n_layers + 1, model.hidden_size
     ids = list(job.ids) + list(answer)
     n, P = len(ids), len(job.ids)
-    T = -(-n // _WIDTH) * _WIDTH
+    T = max(n, min(-(-n // _WIDTH) * _WIDTH, model.config.max_position_embeddings))
     pad = T - n
     tokens_1T = np.zeros((1, T), np.int32)
     mask_1T = np.zeros((1, T), np.int32)
