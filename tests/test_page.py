@@ -116,6 +116,16 @@ def served(smollm2):
     service.stop()
 
 
+ANSWERS: dict = {}  # (question, layer of the term or None) -> the API's answer, asked once
+
+
+def answer(url, question, layer=None):
+    key = (question, layer)
+    if key not in ANSWERS:
+        ANSWERS[key] = api(url, question, [] if layer is None else [term(layer)]).json()
+    return ANSWERS[key]
+
+
 def api(url, question, steer, **kw):
     body = {
         "model": MODEL,
@@ -151,7 +161,7 @@ def test_page_tokens_agree_with_the_api(served):
     """The page's forward over prompt + answer reads what generation read: the API's per-token
     series and its last-prompt-token projection, within `TOL`."""
     _, url = served
-    resp = api(url, QUESTION, [term()]).json()
+    resp = answer(url, QUESTION, LAYER)
     px = resp["pvjax"]
     got = httpx.post(
         f"{url}/page/tokens",
@@ -237,7 +247,7 @@ def test_page_in_a_browser(served):
             return len(boxes) == 2 and all(s == "done" for s in states)
 
         wait.until(finished)
-        steered, unsteered = api(url, QUESTION, [term()]).json(), api(url, QUESTION, []).json()
+        steered, unsteered = answer(url, QUESTION, LAYER), answer(url, QUESTION)
         for label, resp in (("steered", steered), ("unsteered", unsteered)):
             box = find(By.CSS_SELECTOR, f'.turn:last-child .answer[data-label="{label}"]')
             spans = box.find_elements(By.CSS_SELECTOR, ".answer-text .tok")
@@ -314,7 +324,7 @@ def test_page_in_a_browser(served):
         assert not find(By.ID, "error").text
         box = find(By.CSS_SELECTOR, '.turn:last-child .answer[data-label="steered"]')
         spans = box.find_elements(By.CSS_SELECTOR, ".answer-text .tok:not(.special)")
-        want = api(url, question, [term()]).json()["choices"][0]["message"]["content"]
+        want = answer(url, question, LAYER)["choices"][0]["message"]["content"]
         assert "".join(s.get_attribute("textContent") for s in spans) == want
     finally:
         browser.quit()

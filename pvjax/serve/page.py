@@ -16,8 +16,8 @@ Shape legend: L = n_layers + 1 hidden-state rows, T tokens, K probe columns (the
 then the monitors, as `pvjax.serve.terms.Catalog.probes`).
 
 The forward is padded on the left to a multiple of `_WIDTH` tokens, so each width compiles once,
-on first use (the server's own programs are untouched: its no-compile guarantee is for
-`/v1`).
+on first use, whatever the request's terms (the server's own programs are untouched: its
+no-compile guarantee is for `/v1`).
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def _read(service, probes_LKD, job, answer: list[int]) -> dict:
     if iv is None:
         iv = ivs.empty(L, D)
     steer_1T = ivs.position_mask(job.row.positions, mask_1T, pad + P)
-    iv = iv.with_masks(steer_1T, mask_1T.astype(np.float32))
+    # with a closed-loop field in any case: steered, unsteered and capped share one program
+    iv = iv.with_closed_loop().with_masks(steer_1T, mask_1T.astype(np.float32))
     names = list(cat.vectors) + [f"monitor:{m}" for m in cat.monitors]
     out = {
         "prompt_tokens": P,
