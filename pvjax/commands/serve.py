@@ -76,6 +76,9 @@ def add_parser(sub):
     p.add_argument(
         "--request-timeout", type=float, default=600.0, help="seconds before a request is stopped"
     )
+    p.add_argument(
+        "--no-ui", action="store_true", help="serve the API only, without the page at GET /"
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument(
         "--scanned", action="store_true", help="scan the layers (faster startup, slower decode)"
@@ -194,7 +197,7 @@ def run(args) -> int:
     service.start()
     try:
         uvicorn.run(
-            build_app(service),
+            build_app(service, ui=not args.no_ui),
             host=args.host,
             port=args.port,
             log_level="warning",

@@ -36,7 +36,8 @@ log = logging.getLogger("pvjax.serve")
 _POLL = 0.25  # seconds between checks for a client that left, while a request waits
 
 
-def build_app(service: Service) -> Starlette:
+def build_app(service: Service, *, ui: bool = True) -> Starlette:
+    """The API's routes, and the page at `GET /` unless `ui` is False (`pvjax.serve.page`)."""
     created = int(time.time())
 
     def authorize(request: HttpRequest) -> None:
@@ -167,6 +168,10 @@ def build_app(service: Service) -> Starlette:
         Route("/v1/chat/completions", chat, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
+    if ui:
+        from pvjax.serve import page
+
+        routes += page.routes(service, authorize, _read_json)
     return Starlette(
         routes=routes,
         exception_handlers={ApiError: on_api_error, HTTPException: on_http_error},

@@ -158,4 +158,5 @@ class Service:
                 }
                 for kind, name, layer, col in series
             ]
+            out["token_ids"] = list(result.tokens)  # the page's /page/tokens reads them back
         return out
