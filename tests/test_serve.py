@@ -23,6 +23,7 @@ httpx = pytest.importorskip("httpx")
 from loopback import free_port  # noqa: E402
 
 from pvjax import interventions as ivs  # noqa: E402
+from pvjax.engine import terms as T  # noqa: E402
 from pvjax.engine.generate import SamplingParams, generate  # noqa: E402
 from pvjax.methods import monitoring as mon  # noqa: E402
 from pvjax.serve.app import build_app  # noqa: E402
@@ -184,6 +185,32 @@ def test_greedy_answers_equal_generate(served):
     assert unsteered.choices[0].message.content == texts[0.0]
 
 
+def test_engine_terms_composed_equal_generate(served):
+    """A request's terms are `pvjax.engine.terms` terms: several layers, two terms meeting at a
+    layer (summed) and `without` (a startup vector's name) give `generate`'s greedy answer."""
+    model, client = served.model, served.client()
+    items = [
+        {"vector": "a", "layers": [LAYER - 1, LAYER], "coef": COEF / 2, "without": "b"},
+        {"vector": "b", "layer": LAYER, "coef": -COEF / 2, "mode": "add"},
+    ]
+    resp = ask(client, extra_body={"steer": items})
+    arrays = {"a": served.vectors["a"], "b": served.vectors["b"]}
+    rows = [[T.from_dict({**x, "vector": arrays[x["vector"]]}) for x in items]]
+    rows[0][0] = dataclasses.replace(rows[0][0], without=arrays["b"])
+    want = generate(
+        model,
+        [QUESTION],
+        intervention=T.build_intervention(rows, model),
+        positions="response",
+        sampling=SamplingParams(max_new_tokens=NEW),
+    )
+    assert resp.choices[0].message.content == want.texts[0]
+    first, second = extra(resp)["steer"]
+    assert first["layers"] == [LAYER - 1, LAYER] and first["without"] == "b"
+    assert len(first["prompt_last_projection"]) == 2
+    assert second["layer"] == LAYER and math.isfinite(second["prompt_last_projection"])
+
+
 def test_eight_settings_batched_equal_their_solo_answers(served):
     client = served.client()
     settings = [("a", c) for c in (-8.0, -4.0, 4.0, 8.0)] + [
@@ -261,13 +288,21 @@ def test_monitor_readings_equal_the_librarys(served):
     assert extra(resp)["steer"][0]["prompt_last_projection"] == pytest.approx(want, abs=1e-4)
 
 
+WHEN = {"vector": "a", "layer": 1, "threshold": 0.0}
 BAD = [
     ({"steer": [{"vector": "nope", "layer": LAYER, "coef": 1}]}, 400, "unknown vector"),
-    ({"steer": [{"vector": "a", "layer": 99, "coef": 1}]}, 400, "steer[0].layer"),
+    ({"steer": [{"vector": "a", "layer": 99, "coef": 1}]}, 400, "steer[0]: layer 99"),
     ({"steer": [{"vector": "a", "layer": LAYER, "coef": math.nan}]}, 400, "finite"),
     ({"steer": [{"vector": "a", "layer": LAYER, "coef": math.inf}]}, 400, "finite"),
     ({"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "positions": "x"}]}, 400, "positions"),
-    ({"steer": [{"vector": "a", "layer": LAYER}]}, 400, "exactly one of"),
+    ({"steer": [{"vector": "a", "layer": LAYER}]}, 400, "no strength"),
+    ({"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "mode": "rescale"}]}, 400, ".mode"),
+    ({"steer": [{"vector": "a", "layer": LAYER, "angle": 0.5}]}, 400, "steer[0].angle"),
+    (
+        {"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "when": WHEN}]},
+        400,
+        "steer[0].when",
+    ),
     ({"ablate": [{"vector": "a", "layers": [-1]}]}, 400, "layers[0]"),
     ({"max_tokens": NEW + 1}, 400, "cap"),
     ({"n": 2}, 400, "n = 1"),

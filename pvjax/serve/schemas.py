@@ -1,10 +1,12 @@
 """Requests as the OpenAI API defines them, checked whole before admission, and the error object
 every refusal carries.
 
-A request body becomes a frozen `Request` (its steering as `pvjax.serve.terms.Steering`) or an
-`ApiError` with the status, the message, and the parameter at fault (`steer[1].layer`), in the
-OpenAI error shape: `{"error": {"message", "type", "param", "code"}}`. The checks need no model:
-the model's depth, the names of the server's vectors and monitors and its limits come in `Limits`.
+A request body becomes a frozen `Request` (its steering as `pvjax.serve.terms.Steering`, each
+`steer` item read by `pvjax.engine.terms.from_dict`) or an `ApiError` with the status, the
+message, and the parameter at fault (`steer[1].vector`), in the OpenAI error shape:
+`{"error": {"message", "type", "param", "code"}}`. The checks need no model: the model's depth,
+the names of the server's vectors and monitors and its limits come in `Limits`; the checks
+against the model's shape (`check_terms`) run when the request becomes a job.
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from pvjax.interventions import POSITION_MODES
-from pvjax.serve.terms import AblateTerm, Steering, SteerTerm
+from pvjax.engine.terms import SteerTerm, TermError, from_dict, request_positions
+from pvjax.serve.terms import AblateTerm, Steering
 
 
 class ApiError(Exception):
@@ -173,43 +175,47 @@ def _messages(x) -> tuple:
     return tuple(out)
 
 
-def _steer(x, limits: Limits) -> tuple[SteerTerm, ...]:
+def _steer(x, limits: Limits) -> tuple[tuple[SteerTerm, ...], str]:
+    """The terms (`pvjax.engine.terms.from_dict`, vectors by startup name) and the request's one
+    position mode. A `TermError` becomes a 400 with its one-line message."""
     if not isinstance(x, list):
         raise ApiError(400, "steer must be a list of terms", param="steer")
-    allowed = {"vector", "layer", "coef", "cap", "target", "gain", "max_step", "positions"}
     terms = []
-    for i, t in enumerate(x):
+    for i, item in enumerate(x):
         p = f"steer[{i}]"
-        t = _object(t, p, allowed)
-        name = _vector(t.get("vector"), f"{p}.vector", limits)
-        layer = _integer(t.get("layer"), f"{p}.layer", lo=0, hi=limits.n_rows - 1)
-        given = [k for k in ("coef", "cap", "target") if t.get(k) is not None]
-        if len(given) != 1:
-            raise ApiError(400, f"{p} needs exactly one of coef, cap, target", param=p)
-        value = _number(t[given[0]], f"{p}.{given[0]}")
-        if given[0] == "coef" and ({"gain", "max_step"} & set(t)):
-            raise ApiError(400, f"{p}: gain and max_step go with cap or target", param=p)
-        gain = _number(t.get("gain", 1.0), f"{p}.gain", lo=0, lo_open=True)
-        step = t.get("max_step")
-        step = math.inf if step is None else _number(step, f"{p}.max_step", lo=0, lo_open=True)
-        positions = t.get("positions", "response")
-        if positions not in POSITION_MODES:
-            raise ApiError(
-                400,
-                f"{p}.positions must be one of {list(POSITION_MODES)}, got {positions!r}",
-                param=f"{p}.positions",
-            )
-        terms.append(
-            SteerTerm(
-                name, layer, **{given[0]: value}, gain=gain, max_step=step, positions=positions
-            )
+        try:
+            t = from_dict(item, label=p)
+        except TermError as e:
+            raise ApiError(400, str(e), param=p) from None
+        _vector(t.vector, f"{p}.vector", limits)
+        if t.without is not None:
+            _vector(t.without, f"{p}.without", limits)
+        _slot_engine_can_carry(t, item, p)
+        terms.append(t)
+    try:
+        positions = request_positions([terms]) or "response"
+    except TermError as e:
+        raise ApiError(400, str(e), param="steer") from None
+    return tuple(terms), positions
+
+
+def _slot_engine_can_carry(t: SteerTerm, item: dict, p: str) -> None:
+    """The slot engine's rows carry added vectors (fixed or closed-loop) only: no `rescale` or
+    `rotate` mode and no condition yet, refused rather than run as something else."""
+    if t.when is not None:
+        raise ApiError(
+            400,
+            f"{p}.when: conditional steering is not served yet (terms steer always)",
+            param=f"{p}.when",
         )
-    if len({t.positions for t in terms}) > 1:
-        raise ApiError(400, "all steer terms of a request take the same positions", param="steer")
-    layers = [t.layer for t in terms]
-    if len(set(layers)) < len(layers):
-        raise ApiError(400, "two steer terms act on one layer; add their vectors", param="steer")
-    return tuple(terms)
+    if t.mode != "add":
+        key = "angle" if "angle" in item else "mode"
+        raise ApiError(
+            400,
+            f"{p}.{key}: mode {t.mode} is not served yet; this server steers by addition "
+            "(coef, cap or target)",
+            param=f"{p}.{key}",
+        )
 
 
 def _ablate(x, limits: Limits) -> tuple[AblateTerm, ...]:
@@ -335,11 +341,13 @@ def parse(body, kind: str, limits: Limits) -> Request:
     projections = body.get("projections", False)
     if not isinstance(projections, bool):
         raise ApiError(400, "projections must be a boolean", param="projections")
+    steer, positions = _steer(body.get("steer") or [], limits)
     steering = Steering(
-        steer=_steer(body.get("steer") or [], limits),
+        steer=steer,
         ablate=_ablate(body.get("ablate") or [], limits),
         monitors=_monitors(body.get("monitor"), limits),
         projections=projections,
+        positions=positions,
     )
     return Request(
         kind=kind,

@@ -14,11 +14,12 @@ import uuid
 
 from pvjax.engine.generate import stop_token_ids
 from pvjax.engine.slots import Row, SlotEngine, SlotError
+from pvjax.engine.terms import TermError
 from pvjax.errors import UserError
 from pvjax.serve.metrics import Metrics
 from pvjax.serve.scheduler import Job, Result, Scheduler
 from pvjax.serve.schemas import ApiError, Limits, Request
-from pvjax.serve.terms import Catalog, intervention_for
+from pvjax.serve.terms import Catalog, applied, intervention_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,13 +98,11 @@ class Service:
                 param="messages" if req.kind == "chat" else "prompt",
                 code="context_length_exceeded",
             )
-        L, D = self.model.n_layers + 1, self.model.hidden_size
         seed = secrets.randbelow(2**32) if req.seed is None else req.seed
         try:
-            iv, positions = intervention_for(req.steering, self.catalog, L, D)
             row = Row(
-                intervention=iv,
-                positions=positions,
+                intervention=intervention_for(req.steering, self.catalog, self.model),
+                positions=req.steering.positions,
                 temperature=req.temperature,
                 top_p=req.top_p,
                 top_k=req.top_k,
@@ -111,6 +110,8 @@ class Service:
                 min_new=req.min_tokens,
             )
             ids = self.engine.check(ids, row, req.max_tokens)
+        except TermError as e:  # a term the model's shape refuses (check_terms)
+            raise ApiError(400, str(e), param="steer") from None
         except (UserError, SlotError) as e:
             raise ApiError(400, str(e)) from None
         kind = "chatcmpl" if req.kind == "chat" else "cmpl"
@@ -123,9 +124,11 @@ class Service:
         pp = result.prompt_projections
         steer = []
         for t in s.steer:
-            d = t.applied()
+            d = applied(t, s.positions)
             if pp is not None:
-                d["prompt_last_projection"] = float(pp[t.layer, cat.vector_column(t.vector)])
+                col = cat.vector_column(t.vector)
+                last = [float(pp[layer, col]) for layer in t.layers]
+                d["prompt_last_projection"] = last[0] if len(last) == 1 else last
             steer.append(d)
         out = {"seed": job.row.seed, "steer": steer, "ablate": [a.applied() for a in s.ablate]}
         readings = []
@@ -146,7 +149,11 @@ class Service:
             out["monitor"] = readings[0]
             out["monitors"] = readings
         if s.projections and result.projections is not None:
-            series = [("vector", t.vector, t.layer, cat.vector_column(t.vector)) for t in s.steer]
+            series = [
+                ("vector", t.vector, layer, cat.vector_column(t.vector))
+                for t in s.steer
+                for layer in t.layers
+            ]
             series += [
                 ("monitor", n, cat.monitors[n].layer, cat.monitor_column(n)) for n in s.monitors
             ]

@@ -1,16 +1,18 @@
-"""What a request asks of the residual stream: steering terms, ablation terms, monitors and
-per-token projections, as frozen data, and the one function that turns them into an
-intervention row (`intervention_for`).
+"""What a request asks of the residual stream beyond its text, and the one function that turns it
+into an intervention row (`intervention_for`).
 
 Shape legend: L = n_layers + 1 hidden-state rows, D hidden size, K probe columns.
+
+Steering terms are `pvjax.engine.terms.SteerTerm`s, the format the CLI, configs and studies
+share (`from_dict` reads each request item); only two things are the server's own. A term's
+`vector` (and `without`) is the name of a vector the server was started with, resolved to its
+`[L, D]` rows here (`resolved`) before `check_terms` and `build_intervention` see it. Ablation
+terms (`AblateTerm`) are `build_intervention`'s `ablate` items by name.
 
 Vectors and monitors are named when the server starts; a request only names them. The probes the
 engine reads on every token are fixed at startup too (`Catalog.probes`): one column per vector
 (its unit row at every layer) and one per monitor (its direction at its layer, zero elsewhere), so
 any request's readings come from the same compiled program.
-
-`intervention_for` is the only place where the request's terms meet `pvjax.interventions`; a
-shared steering-term format can replace these classes without touching the server around them.
 """
 
 from __future__ import annotations
@@ -20,35 +22,7 @@ import math
 
 import numpy as np
 
-from pvjax import interventions as ivs
-
-
-@dataclasses.dataclass(frozen=True)
-class SteerTerm:
-    """`coef` (fixed), or `cap` / `target` (closed loop, with `gain` and `max_step`)."""
-
-    vector: str
-    layer: int
-    coef: float | None = None
-    cap: float | None = None
-    target: float | None = None
-    gain: float = 1.0
-    max_step: float = math.inf
-    positions: str = "response"
-
-    def applied(self) -> dict:
-        """The term as the response reports it."""
-        out = {"vector": self.vector, "layer": self.layer}
-        if self.coef is not None:
-            out["coef"] = self.coef
-        else:
-            out["cap" if self.cap is not None else "target"] = (
-                self.cap if self.cap is not None else self.target
-            )
-            out["gain"] = self.gain
-            out["max_step"] = None if math.isinf(self.max_step) else self.max_step
-        out["positions"] = self.positions
-        return out
+from pvjax.engine import terms as T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,31 +35,38 @@ class AblateTerm:
         return {"vector": self.vector, "layers": list(self.layers), "strength": self.strength}
 
 
+def applied(t: T.SteerTerm, positions: str) -> dict:
+    """A steering term as the response reports it: `layer` for one layer, `layers` for several."""
+    out: dict = {"vector": t.vector}
+    if len(t.layers) == 1:
+        out["layer"] = t.layers[0]
+    else:
+        out["layers"] = list(t.layers)
+    which, value = t.strength
+    out[which] = value
+    if which in ("cap", "target"):
+        out["gain"] = t.gain
+        out["max_step"] = None if math.isinf(t.max_step) else t.max_step
+    if t.without is not None:
+        out["without"] = t.without
+    out["positions"] = positions
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class Steering:
-    """Everything a request asks beside its text: edits, monitors to read, projections."""
+    """Everything a request asks beside its text: steering terms (vectors by name), ablations,
+    monitors to read, projections, and the request's one position mode."""
 
-    steer: tuple[SteerTerm, ...] = ()
+    steer: tuple[T.SteerTerm, ...] = ()
     ablate: tuple[AblateTerm, ...] = ()
     monitors: tuple[str, ...] = ()
     projections: bool = False
-
-    @property
-    def positions(self) -> str:
-        return self.steer[0].positions if self.steer else "response"
+    positions: str = "response"
 
     def summary(self) -> str:
         """One short line for the request log (names and numbers, never text)."""
-        parts = []
-        for t in self.steer:
-            how = (
-                f"coef={t.coef:g}"
-                if t.coef is not None
-                else f"cap={t.cap:g}"
-                if t.cap is not None
-                else f"target={t.target:g}"
-            )
-            parts.append(f"{t.vector}@{t.layer}:{how}:{t.positions}")
+        parts = [f"{T.describe(self.steer)}:{self.positions}"] if self.steer else []
         parts += [f"ablate:{a.vector}@{','.join(map(str, a.layers))}" for a in self.ablate]
         return " ".join(parts) or "-"
 
@@ -116,20 +97,18 @@ class Catalog:
     def monitor_column(self, name: str) -> int:
         return len(self.vectors) + list(self.monitors).index(name)
 
+    def resolved(self, t: T.SteerTerm) -> T.SteerTerm:
+        """The term with its vector names replaced by the startup vectors' `[L, D]` rows."""
+        without = None if t.without is None else self.vectors[t.without]
+        return dataclasses.replace(t, vector=self.vectors[t.vector], without=without)
 
-def intervention_for(steering: Steering, catalog: Catalog, L: int, D: int):
-    """`(intervention of batch 1 or None, steering position mode)` for one request. Raises
-    `pvjax.interventions.InterventionError` for terms the model cannot take."""
-    steer = []
-    for t in steering.steer:
-        if t.coef is not None:
-            coef = t.coef
-        elif t.cap is not None:
-            coef = ivs.cap(t.cap, gain=t.gain, max_step=t.max_step)
-        else:
-            coef = ivs.target(t.target, gain=t.gain, max_step=t.max_step)
-        steer.append((catalog.vectors[t.vector], t.layer, coef))
+
+def intervention_for(steering: Steering, catalog: Catalog, model):
+    """The intervention of batch 1 for one request (None: the identity row), through
+    `pvjax.engine.terms`. Raises `TermError` for terms the model cannot take."""
+    if not steering.steer and not steering.ablate:
+        return None
+    rows = [[catalog.resolved(t) for t in steering.steer]]
     ablate = [(catalog.vectors[a.vector], list(a.layers), a.strength) for a in steering.ablate]
-    if not steer and not ablate:
-        return None, steering.positions
-    return ivs.build(L, D, steer=steer, ablate=ablate, batch=1), steering.positions
+    T.check_terms(rows, model)
+    return T.build_intervention(rows, model, ablate=ablate)
