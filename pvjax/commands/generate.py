@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pvjax.commands.model_args import add_model_arguments, check_model
 from pvjax.errors import UsageError
 
 
@@ -41,12 +42,7 @@ def add_parser(sub):
         help="answer prompts, optionally steered or ablated",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument(
-        "--model",
-        default="smollm2-135m-instruct",
-        help="HF folder, .gguf file, or smollm2-135m-instruct (default)",
-    )
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    add_model_arguments(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--prompt", action="append", default=[], help="user prompt (repeatable)")
     p.add_argument(
@@ -214,7 +210,6 @@ def _jsonl_prompt(line: str, where: str):
 
 def check_args(args) -> None:
     """Every argument that can be judged without the model, so a typo costs no model load."""
-    from pvjax.loading.embedded import EMBEDDED_NAME
 
     if args.when and not (args.vector or args.steer):
         raise UsageError("--when gates steering: pass --steer or --vector")
@@ -264,18 +259,7 @@ def check_args(args) -> None:
         raise UsageError(f"--seed must be in 0..2**32-1, got {args.seed}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.model != EMBEDDED_NAME:
-        path = Path(args.model)
-        if not path.exists():
-            raise UsageError(
-                f"--model {args.model}: no such folder or .gguf file (nor the embedded "
-                f"model name {EMBEDDED_NAME!r})"
-            )
-        if path.is_file() and path.suffix != ".gguf":
-            raise UsageError(
-                f"--model {args.model}: a file must be a .gguf; otherwise pass a "
-                f"Hugging Face folder (config.json and *.safetensors)"
-            )
+    check_model(args.model)
 
 
 def steering_rows(args, coefs) -> list[list]:

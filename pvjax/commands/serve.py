@@ -16,6 +16,7 @@ import logging
 import os
 from pathlib import Path
 
+from pvjax.commands.model_args import add_model_arguments, check_model
 from pvjax.errors import UsageError
 
 
@@ -25,11 +26,7 @@ def add_parser(sub):
         help="an OpenAI-compatible server that steers and monitors each request",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument(
-        "--model",
-        default="smollm2-135m-instruct",
-        help="HF folder, .gguf file, or smollm2-135m-instruct (default)",
-    )
+    add_model_arguments(p)
     p.add_argument(
         "--vector",
         action="append",
@@ -79,7 +76,6 @@ def add_parser(sub):
     p.add_argument(
         "--no-ui", action="store_true", help="serve the API only, without the page at GET /"
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     p.add_argument(
         "--scanned", action="store_true", help="scan the layers (faster startup, slower decode)"
     )
@@ -98,6 +94,7 @@ def _named(spec: str, flag: str) -> tuple[str | None, str]:
 
 def check_args(args) -> None:
     """Everything that can be judged before the model loads."""
+    check_model(args.model)
     for flag, v, lo in (
         ("--port", args.port, 0),
         ("--max-batch", args.max_batch, 1),

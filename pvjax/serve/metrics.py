@@ -10,6 +10,21 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+# (metric, attribute, help): a number, or a `monitor -> n` dict labelled by monitor.
+COUNTERS = (
+    ("prompt_tokens_total", "prompt_tokens", "Prompt tokens of finished requests."),
+    ("generation_tokens_total", "generation_tokens", "New tokens of finished requests."),
+    ("monitored_total", "monitored", "Answers read by each monitor."),
+    ("flagged_total", "flagged", "Answers flagged by each monitor (projection >= threshold)."),
+    ("cancelled_total", "cancelled", "Requests whose client left before the end."),
+    ("timeouts_total", "timeouts", "Requests stopped by the request timeout."),
+)
+# (metric, attribute prefix of its `_sum` and `_count`, help)
+SUMMARIES = (
+    ("request_seconds", "latency", "Time from admission request to the last token."),
+    ("time_to_first_token_seconds", "ttft", "Time to the first new token."),
+)
+
 
 class Metrics:
     def __init__(self):
@@ -72,53 +87,22 @@ class Metrics:
                     for (e, s), n in sorted(self.requests.items())
                 ],
             )
-            metric(
-                "prompt_tokens_total",
-                "counter",
-                "Prompt tokens of finished requests.",
-                [({}, self.prompt_tokens)],
-            )
-            metric(
-                "generation_tokens_total",
-                "counter",
-                "New tokens of finished requests.",
-                [({}, self.generation_tokens)],
-            )
-            metric(
-                "monitored_total",
-                "counter",
-                "Answers read by each monitor.",
-                [({"monitor": m}, n) for m, n in sorted(self.monitored.items())],
-            )
-            metric(
-                "flagged_total",
-                "counter",
-                "Answers flagged by each monitor (projection >= threshold).",
-                [({"monitor": m}, n) for m, n in sorted(self.flagged.items())],
-            )
-            metric(
-                "cancelled_total",
-                "counter",
-                "Requests whose client left before the end.",
-                [({}, self.cancelled)],
-            )
-            metric(
-                "timeouts_total",
-                "counter",
-                "Requests stopped by the request timeout.",
-                [({}, self.timeouts)],
-            )
-            metric(
-                "request_seconds", "summary", "Time from admission request to the last token.", []
-            )
-            lines.append(f"pvjax_request_seconds_sum {self.latency_sum:g}")
-            lines.append(f"pvjax_request_seconds_count {self.latency_count}")
-            metric("time_to_first_token_seconds", "summary", "Time to the first new token.", [])
-            lines.append(f"pvjax_time_to_first_token_seconds_sum {self.ttft_sum:g}")
-            lines.append(f"pvjax_time_to_first_token_seconds_count {self.ttft_count}")
+            for name, attr, help_ in COUNTERS:
+                metric(name, "counter", help_, _samples(getattr(self, attr)))
+            for name, attr, help_ in SUMMARIES:
+                metric(name, "summary", help_, [])
+                lines.append(f"pvjax_{name}_sum {getattr(self, attr + '_sum'):g}")
+                lines.append(f"pvjax_{name}_count {getattr(self, attr + '_count')}")
         for name, (help_, value) in gauges.items():
             metric(name, "gauge", help_, [({}, value)])
         return "\n".join(lines) + "\n"
+
+
+def _samples(x) -> list:
+    """A counter's samples: one unlabelled number, or one per monitor of a `monitor -> n` dict."""
+    if isinstance(x, dict):
+        return [({"monitor": m}, n) for m, n in sorted(x.items())]
+    return [({}, x)]
 
 
 def _escape(v) -> str:
