@@ -184,7 +184,7 @@ def test_page_tokens_agree_with_the_api(served):
         json={"messages": [{"role": "user", "content": "hi"}], "steer": [term(layer=99)]},
         timeout=30,
     )
-    assert bad.status_code == 400 and "steer[0].layer" in bad.json()["error"]["message"]
+    assert bad.status_code == 400 and "steer[0]: layer 99" in bad.json()["error"]["message"]
 
 
 def _browser():
