@@ -1,11 +1,15 @@
-"""Multi-process jobs on loopback for the tests: a free port, the subprocess environment, and N
-processes started together and waited for (a job's processes block until all of them joined)."""
+"""Loopback for the tests: a free port, a `pvjax serve` app served in a thread, the subprocess
+environment of multi-process jobs, and N processes started together and waited for (a job's
+processes block until all of them joined)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,6 +19,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(service, app, warmup_s: float = 900):
+    """`service` started and `app` served by uvicorn on a free loopback port, in a thread; yields
+    the base URL once `/health` answers 200 (the programs compiled), stops both afterwards."""
+    import httpx
+    import uvicorn
+
+    service.start()
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + warmup_s
+    try:
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert service.scheduler.failed is None, service.scheduler.failed
+            assert time.monotonic() < deadline, "the server did not warm up"
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        service.stop()
 
 
 def env() -> dict:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import pytest
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from loopback import free_port  # noqa: E402
+from loopback import serving  # noqa: E402
 
 from pvjax.methods import monitoring as mon  # noqa: E402
 from pvjax.serve.app import build_app  # noqa: E402
@@ -90,30 +88,8 @@ def served(smollm2):
         request_timeout=300.0,
     )
     service = Service(model, Catalog(vectors, {"evil": _monitor(model, vectors["a"])}), settings)
-    service.start()
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            build_app(service), host="127.0.0.1", port=port, log_level="warning", access_log=False
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert service.scheduler.failed is None, service.scheduler.failed
-        assert time.monotonic() < deadline, "the server did not warm up"
-        time.sleep(0.5)
-    yield service, url
-    server.should_exit = True
-    thread.join(30)
-    service.stop()
+    with serving(service, build_app(service)) as url:
+        yield service, url
 
 
 ANSWERS: dict = {}  # (question, layer of the term or None) -> the API's answer, asked once

@@ -10,7 +10,6 @@ import concurrent.futures as cf
 import dataclasses
 import json
 import math
-import threading
 import time
 
 import numpy as np
@@ -20,7 +19,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from loopback import free_port  # noqa: E402
+from loopback import serving  # noqa: E402
 
 from pvjax import interventions as ivs  # noqa: E402
 from pvjax.engine import terms as T  # noqa: E402
@@ -103,31 +102,9 @@ def served(smollm2):
         api_key=KEY,
     )
     service = Service(model, Catalog(vectors, {"evil": monitor}), settings)
-    service.start()
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            build_app(service), host="127.0.0.1", port=port, log_level="warning", access_log=False
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert service.scheduler.failed is None, service.scheduler.failed
-        assert time.monotonic() < deadline, "the server did not warm up"
-        time.sleep(0.5)
-    print("warm-up:", {k: round(v, 1) for k, v in service.scheduler.warmup.items()})
-    yield Served(model, service, url, vectors, monitor)
-    server.should_exit = True
-    thread.join(30)
-    service.stop()
+    with serving(service, build_app(service)) as url:
+        print("warm-up:", {k: round(v, 1) for k, v in service.scheduler.warmup.items()})
+        yield Served(model, service, url, vectors, monitor)
 
 
 def ask(client, content=QUESTION, **kw):
