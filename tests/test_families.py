@@ -19,7 +19,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import FAMILY_CONFIGS, save_tiny
+from tiny_models import FAMILY_CONFIGS, assert_close, left_pad, save_tiny
 
 import pvjax
 from pvjax import interventions as ivs
@@ -27,7 +27,6 @@ from pvjax.engine.generate import SamplingParams, generate_ids
 from pvjax.loading.tokenizer import chat_conventions, render_chat
 from pvjax.models.config import ConfigError, ModelConfig
 
-RTOL = 1e-4
 VOCAB = 512
 LAYER = 2  # steered: hidden_states[2], the output of block 2
 TIE = 2e-3  # logit gap under which two tokens count as tied
@@ -50,28 +49,11 @@ def family(request, tmp_path_factory):
     return kind, hf, pvjax.load(folder)
 
 
-def left_pad(seqs, pad_id=0):
-    T = max(map(len, seqs))
-    ids = np.full((len(seqs), T), pad_id, np.int64)
-    mask = np.zeros((len(seqs), T), np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s) :], mask[i, T - len(s) :] = s, 1
-    return ids, mask
-
-
-def assert_close(ours, ref, mask, what):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    sel = mask.astype(bool)
-    diff = np.abs(ours[..., sel, :] - ref[..., sel, :]).max()
-    scale = np.abs(ref[..., sel, :]).max()
-    assert diff <= RTOL * scale, f"{what}: max diff {diff:.3g} vs scale {scale:.3g}"
-
-
 def test_forward_matches_transformers_left_padded(family):
     kind, hf, model = family
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, VOCAB, n).tolist() for n in (21, 13, 5)]
-    ids, mask = left_pad(seqs)
+    ids, mask = left_pad(seqs, dtype=np.int64)
     with torch.no_grad():
         ref = hf(
             input_ids=torch.tensor(ids),
@@ -88,7 +70,7 @@ def test_forward_matches_transformers_left_padded(family):
 
 
 def _hf_generate(hf, seqs, hook):
-    ids, mask = left_pad(seqs)
+    ids, mask = left_pad(seqs, dtype=np.int64)
     handle = hf.model.layers[LAYER - 1].register_forward_hook(hook)
     try:
         with torch.no_grad():

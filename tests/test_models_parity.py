@@ -6,11 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import CONFIGS, save_tiny
+from tiny_models import CONFIGS, assert_close, left_pad, save_tiny
 
 import pvjax
-
-RTOL = 1e-4
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -27,23 +25,6 @@ CHATS = [
         },
     ],
 ]
-
-
-def left_pad(seqs, pad_id):
-    T = max(map(len, seqs))
-    ids = np.full((len(seqs), T), pad_id, np.int32)
-    mask = np.zeros((len(seqs), T), np.int32)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s) :], mask[i, T - len(s) :] = s, 1
-    return ids, mask
-
-
-def assert_close(ours, ref, mask, what):
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    sel = mask.astype(bool)
-    diff = np.abs(ours[..., sel, :] - ref[..., sel, :]).max()
-    scale = np.abs(ref[..., sel, :]).max()
-    assert diff <= RTOL * scale, f"{what}: max diff {diff:.3g} vs scale {scale:.3g}"
 
 
 def hf_forward(hf_model, ids, mask):

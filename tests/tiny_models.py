@@ -3,6 +3,7 @@ decoder."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers
 
@@ -172,3 +173,23 @@ FAMILY_CONFIGS = {
     "gemma2": GEMMA2,
     "gemma3": GEMMA3,
 }
+
+
+def left_pad(seqs, pad_id=0, dtype=np.int32):
+    """Token rows left-padded to the longest, and their attention mask, as the parity tests feed
+    both sides."""
+    T = max(map(len, seqs))
+    ids = np.full((len(seqs), T), pad_id, dtype)
+    mask = np.zeros((len(seqs), T), dtype)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s) :], mask[i, T - len(s) :] = s, 1
+    return ids, mask
+
+
+def assert_close(ours, ref, mask, what, rtol=1e-4):
+    """`ours` within `rtol` of `ref`'s largest magnitude, over the real (unpadded) positions."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    sel = mask.astype(bool)
+    diff = np.abs(ours[..., sel, :] - ref[..., sel, :]).max()
+    scale = np.abs(ref[..., sel, :]).max()
+    assert diff <= rtol * scale, f"{what}: max diff {diff:.3g} vs scale {scale:.3g}"
