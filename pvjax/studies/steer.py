@@ -35,8 +35,8 @@ point, the mean over seeds of `distinct2` and `shift` with a 95% interval (`*_lo
 Student t over the seeds); the judge and the margin read the first seed's answers. `perplexity`
 is the unsteered model's perplexity of the steered answers (exp of the mean per-token NLL of each
 answer after its question, averaged over answers; `grid.unsteered_nll`), a judge-free fluency
-measure: over-steered text that the unsteered model finds unlikely scores high, with its seed
-interval like `distinct2`.
+measure beside `distinct2` (invented words score high; repetition, which `distinct2` catches, is
+easy to predict and scores low), with its seed interval like `distinct2`.
 
 A grid point is a batch row: every (setting, question) of the grid is a row of the same batched
 generation (`grid.generate_grid`) and the same batched forwards, each row carrying its own
