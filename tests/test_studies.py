@@ -606,7 +606,28 @@ def test_steer_study_with_modes_terms_and_seeds(tiny, tmp_path):
         assert r["n_seeds"] == 2 and r["shift_low"] <= r["shift"] <= r["shift_high"]
         if r["distinct2_low"] is not None:
             assert r["distinct2_low"] <= r["distinct2"] <= r["distinct2_high"]
+        assert r["perplexity_low"] <= r["perplexity"] <= r["perplexity_high"]
     assert (tmp_path / "seeds" / "1" / "answers").is_dir()
+    # perplexity: the unsteered model's NLL of each steered answer, against a plain forward
+    model = tiny["model"]
+    answers = {
+        (int(a["setting"]), int(a["prompt"])): a["text"]
+        for part in sorted((tmp_path / "seeds" / "1" / "answers").glob("part_*.csv"))
+        for a in atomic.read_csv(part)
+    }
+    scored = atomic.read_csv(tmp_path / "seeds" / "1" / "perplexity.csv")
+    questions = steer.validate(cfg, tmp_path).trait.questions
+    for r in [x for x in scored if x["nll"] not in ("", None)][:: max(1, len(scored) // 4)]:
+        prompt = model.chat_text([{"role": "user", "content": questions[int(r["prompt"])]}])
+        text = answers[(int(r["setting"]), int(r["prompt"]))]
+        ids = model.tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
+        start = len(model.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        logits = np.asarray(pvjax.forward(model, np.array([ids])).logits[0], np.float64)
+        m = logits.max(-1, keepdims=True)
+        logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        nll = -np.mean([logp[t - 1, ids[t]] for t in range(start, len(ids))])
+        assert float(r["nll"]) == pytest.approx(nll, rel=1e-4), r
+        assert int(r["answer_tokens"]) == len(ids) - start
 
 
 def test_bad_terms_in_a_steer_config_are_refused_before_loading(tiny, tmp_path, monkeypatch):

@@ -331,3 +331,59 @@ def mc_scores(model, work: Path, items, iv, positions: str, batch_size: int) -> 
         int(r["setting"]): (float(r["accuracy"]), float(r["p_correct"]))
         for r in atomic.read_csv(path)
     }
+
+
+def unsteered_nll(model, answers: Sequence[dict], work: Path | None, *, batch_size: int) -> dict:
+    """Per setting, the unsteered model's mean per-token negative log-likelihood of each of its
+    answers (a list per setting, empty answers left out), read as the answer's text after its
+    (chat-templated) question, one forward per batch of rows (`answer_logprobs` with the one
+    unsteered setting). With `work`, kept in `work/perplexity.csv` and read back there.
+    exp of a setting's mean is its perplexity: how surprising the steered answers are to the
+    model that was not steered, a fluency measure that needs no judge."""
+    from pvjax.measure.causality import tokenize_answers
+
+    path = None if work is None else Path(work) / "perplexity.csv"
+    if path is None or not path.exists():
+        prompts = [model.chat_text([{"role": "user", "content": a["question"]}]) for a in answers]
+        texts = [a["text"] for a in answers]
+        seqs, starts = tokenize_answers(model.tokenizer, prompts, texts)
+        n = [len(s) - st for s, st in zip(seqs, starts)]
+        live = [k for k in range(len(answers)) if n[k] > 0]
+        nll = np.full(len(answers), np.nan)
+        if live:
+            iv = stack([ivs.build(model.n_layers + 1, model.hidden_size)])
+            lp = answer_logprobs(
+                model,
+                iv,
+                [prompts[k] for k in live],
+                [texts[k] for k in live],
+                batch_size=batch_size,
+            )
+            nll[live] = -lp[0]
+        rows = [
+            {
+                "setting": a["setting"],
+                "prompt": a["prompt"],
+                "nll": None if np.isnan(x) else float(x),
+                "answer_tokens": k,
+            }
+            for a, x, k in zip(answers, nll, n)
+        ]
+        if path is None:
+            got = rows
+        else:
+            atomic.write_csv(path, rows, ("setting", "prompt", "nll", "answer_tokens"))
+    if path is not None:
+        got = atomic.read_csv(path)
+    out: dict[int, list] = {}
+    for r in got:
+        d = out.setdefault(int(r["setting"]), [])
+        if r["nll"] not in (None, ""):
+            d.append(float(r["nll"]))
+    return out
+
+
+def perplexity(nlls: Sequence[float]) -> float | None:
+    """exp of the mean per-token NLL over answers (`unsteered_nll`): the geometric mean of the
+    answers' perplexities; None for no answers."""
+    return float(np.exp(np.mean(nlls))) if len(nlls) else None

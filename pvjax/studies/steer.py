@@ -11,7 +11,8 @@ coefficients suppress) at one position mode, it measures
   (any backend of the extraction);
 - `distinct2`: the share of distinct word bigrams in the answers (judge-free; over-steering
   collapses into repetition);
-- `accuracy`, `p_correct` on a multiple-choice set (`mc.path`) under the same steering.
+- `accuracy`, `p_correct` on a multiple-choice set (`mc.path`) under the same steering;
+- `perplexity`: the unsteered model's perplexity of the steered answers (below).
 
 Closed loop (`caps`, `targets`, beyond the paper): each ceiling in `caps` adds a row per layer
 steered by `interventions.cap(ceiling)` (only the part of the projection onto the unit vector above
@@ -31,7 +32,11 @@ the study's). Every row reports `shift`, the mean change (against the unsteered 
 answers' projection at the steered layer onto the unit vector, so modes can be compared at matched
 shift. `seeds` (with `temperature` > 0) answers every question once per seed and reports, per
 point, the mean over seeds of `distinct2` and `shift` with a 95% interval (`*_low`, `*_high`,
-Student t over the seeds); the judge and the margin read the first seed's answers.
+Student t over the seeds); the judge and the margin read the first seed's answers. `perplexity`
+is the unsteered model's perplexity of the steered answers (exp of the mean per-token NLL of each
+answer after its question, averaged over answers; `grid.unsteered_nll`), a judge-free fluency
+measure beside `distinct2` (invented words score high; repetition, which `distinct2` catches, is
+easy to predict and scores low), with its seed interval like `distinct2`.
 
 A grid point is a batch row: every (setting, question) of the grid is a row of the same batched
 generation (`grid.generate_grid`) and the same batched forwards, each row carrying its own
@@ -44,8 +49,8 @@ counting only coefficients whose mean coherence is at least `best.min_coherence`
 coherence; ties go to the earlier layer.
 
 Work directory: `reference_answers.csv`, `margins.csv`, `answers/part_*.csv` (then `answers.csv`),
-`judged.csv`, `mc.csv`, `best.json`, `steer.png`, `capability.png`; each written atomically when
-finished and reused by a rerun.
+`perplexity.csv` (per answer, beside each seed's answers), `judged.csv`, `mc.csv`, `best.json`,
+`steer.png`, `capability.png`; each written atomically when finished and reused by a rerun.
 """
 
 from __future__ import annotations
@@ -111,6 +116,9 @@ COLUMNS = (
     "distinct2_high",
     "shift_low",
     "shift_high",
+    "perplexity",
+    "perplexity_low",
+    "perplexity_high",
 )
 
 
@@ -408,19 +416,15 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
 
     probes = unit_rows(vector)[:, None]
     seeds = [int(x) for x in cfg.seeds] or [None]
+    dirs = [work if x is None else work / "seeds" / str(x) for x in seeds]
     runs = [
-        answer_questions(
-            model,
-            iv,
-            questions,
-            cfg,
-            work if x is None else work / "seeds" / str(x),
-            positions,
-            progress,
-            seed=x,
-            probes=probes,
-        )
-        for x in seeds
+        answer_questions(model, iv, questions, cfg, d, positions, progress, seed=x, probes=probes)
+        for x, d in zip(seeds, dirs)
+    ]
+    # the unsteered model's NLL of every answer: one scoring pass, kept beside each seed's answers
+    nlls = [
+        grid.unsteered_nll(model, r, d, batch_size=cfg.forward_batch_size)
+        for r, d in zip(runs, dirs)
     ]
     answers = runs[0]
     key_of = {s: key for key, s in index.items()}
@@ -465,6 +469,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
             "distinct2": grid.mean_or_none(distinct2(a["text"]) for a in mine),
             "answer_tokens": float(np.mean([a["n_tokens"] for a in mine])),
             "shift": shifts[0][s],
+            "perplexity": grid.perplexity(nlls[0].get(s, [])),
         }
         if cfg.seeds:
             per_seed = {
@@ -473,6 +478,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
                     for r in runs
                 ],
                 "shift": [sh[s] for sh in shifts],
+                "perplexity": [grid.perplexity(n.get(s, [])) for n in nlls],
             }
             row["n_seeds"] = len(runs)
             for name, values in per_seed.items():
