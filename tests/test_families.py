@@ -535,3 +535,34 @@ def test_expert_model_without_expert_blocks_is_refused():
         ModelConfig.from_hf(
             _base_config(model_type="qwen3_moe", num_experts=4, mlp_only_layers=[0, 1])
         )
+
+
+def test_mixed_expert_model_stacks_each_mlp_over_its_blocks_only():
+    """Random parameters of a config with dense blocks 0 and 2 of 4: each MLP stacked over the
+    blocks that run it, the memory planner counting the same elements, and LoRA refusing the MLP
+    targets (not in every block) by name."""
+    import jax
+    import jax.numpy as jnp
+
+    from pvjax.finetune import lora
+    from pvjax.models.random_init import random_params
+    from pvjax.parallel.memory import n_params
+
+    cfg = ModelConfig.from_hf(
+        _base_config(
+            model_type="qwen3_moe",
+            num_hidden_layers=4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=8,
+            decoder_sparse_step=2,
+        )
+    )
+    params = random_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    layers = params["layers"]
+    assert layers["wq"].shape[0] == 4
+    assert layers["w_gate"].shape == (2, 16, 32) and layers["w_gate_e"].shape == (2, 4, 16, 8)
+    assert n_params(cfg) == sum(x.size for x in jax.tree_util.tree_leaves(params))
+    with pytest.raises(lora.LoraError, match="'gate' is not in every block"):
+        lora.init(lora.LoraSpec(targets=("q", "gate")), params, jax.random.PRNGKey(1))
+    assert set(lora.init(lora.LoraSpec(targets=("q",)), params, jax.random.PRNGKey(1))) == {"wq"}

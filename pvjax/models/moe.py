@@ -83,20 +83,32 @@ def moe_mlp(cfg: ModelConfig, lp, x_BTD, matmul):
     logits_MX, w_Mk, idx_Mk = route(cfg, lp["router"], x, matmul)
     M, k = idx_Mk.shape
     if M * k < cfg.num_experts:  # decoding: gather the routed experts only
-        gate = jnp.einsum("md,mkdi->mki", x, lp["w_gate_e"][idx_Mk])
-        up = jnp.einsum("md,mkdi->mki", x, lp["w_up_e"][idx_Mk])
-        y = jnp.einsum("mki,mkid->mkd", jax.nn.silu(gate) * up, lp["w_down_e"][idx_Mk])
-        out = jnp.einsum("mkd,mk->md", y, w_Mk)
+        out = experts_gathered(lp, x, w_Mk, idx_Mk)
     else:  # grouped by expert
-        flat = idx_Mk.reshape(-1)
-        order = jnp.argsort(flat, stable=True)
-        token = order // k
-        sizes = jnp.bincount(flat, length=cfg.num_experts).astype(jnp.int32)
-        xs = x[token]
-        gate = jax.lax.ragged_dot(xs, lp["w_gate_e"], sizes)
-        up = jax.lax.ragged_dot(xs, lp["w_up_e"], sizes)
-        y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, lp["w_down_e"], sizes)
-        y = y * w_Mk.reshape(-1)[order][:, None]
-        out = jnp.zeros_like(x).at[token].add(y)
+        out = experts_grouped(lp, x, w_Mk, idx_Mk, cfg.num_experts)
     routing = (logits_MX.reshape(B, T, -1), idx_Mk.reshape(B, T, k), w_Mk.reshape(B, T, k))
     return out.reshape(B, T, D), routing
+
+
+def experts_gathered(lp, x_MD, w_Mk, idx_Mk):
+    """The routed experts' outputs summed, each token-expert pair gathering its expert's weights
+    (`[M, k, D, I]`): reads the `M k` routed expert matrices, duplicates included."""
+    gate = jnp.einsum("md,mkdi->mki", x_MD, lp["w_gate_e"][idx_Mk])
+    up = jnp.einsum("md,mkdi->mki", x_MD, lp["w_up_e"][idx_Mk])
+    y = jnp.einsum("mki,mkid->mkd", jax.nn.silu(gate) * up, lp["w_down_e"][idx_Mk])
+    return jnp.einsum("mkd,mk->md", y, w_Mk)
+
+
+def experts_grouped(lp, x_MD, w_Mk, idx_Mk, n_experts: int):
+    """The same sum with the pairs sorted by expert and one `ragged_dot` per weight."""
+    k = idx_Mk.shape[1]
+    flat = idx_Mk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    xs = x_MD[token]
+    gate = jax.lax.ragged_dot(xs, lp["w_gate_e"], sizes)
+    up = jax.lax.ragged_dot(xs, lp["w_up_e"], sizes)
+    y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, lp["w_down_e"], sizes)
+    y = y * w_Mk.reshape(-1)[order][:, None]
+    return jnp.zeros_like(x_MD).at[token].add(y)
