@@ -479,7 +479,8 @@ def test_multimodal_gemma3_folder_loads_its_text_tower(tmp_path):
 
 def test_family_defaults_and_patterns_as_transformers_derives_them():
     """Fields a config.json may leave out take the config class's default; Ministral's window
-    follows `layer_types`, Qwen3-MoE's covers every block, Gemma 3's pattern is every 6th global."""
+    follows `layer_types`, Qwen3-MoE's covers every block (and `mlp_only_layers` keeps a block
+    dense), Gemma 3's pattern is every 6th global."""
     ministral = ModelConfig.from_hf(
         _base_config(
             model_type="ministral",
@@ -503,8 +504,8 @@ def test_family_defaults_and_patterns_as_transformers_derives_them():
     )
     assert gemma3.sliding == (True,) * 5 + (False, True)
     assert gemma3.local_rope == gemma3.sliding and gemma3.local_rope_theta == 10_000.0
-    with pytest.raises(ConfigError, match="mlp_only_layers"):
-        ModelConfig.from_hf(_base_config(model_type="qwen3_moe", mlp_only_layers=[0]))
+    mixed = ModelConfig.from_hf(_base_config(model_type="qwen3_moe", mlp_only_layers=[0]))
+    assert mixed.dense_blocks == (0,) and mixed.routed == (False, True)
 
 
 @pytest.mark.parametrize(
