@@ -36,10 +36,11 @@ TIE = 2e-3  # logit gap under which two tokens count as tied
 N_NEW = 24
 # The forward runs unrolled for these (per-layer weights: each block's window and rope picked while
 # tracing), scanned for the others (a select per block on device). Generation runs scanned; a
-# generation program compiles in seconds, so only one family also generates unrolled (packed
-# for the CPU decode kernel, its window a mask), with a shared prefix.
+# generation program compiles in seconds, so only two families also generate unrolled (packed
+# for the CPU decode kernel, the window a mask), with a shared prefix.
 FORWARD_UNROLLED = {"mistral_window", "gemma3", "qwen3_window"}
-SHARED_PREFIX_UNROLLED = "qwen3_window"
+# The mixed Qwen3-MoE too: unrolled, each block holds only its own MLP's weights.
+SHARED_PREFIX_UNROLLED = ("qwen3_window", "qwen3_moe_mixed")
 # Generation runs for the families with a window (Qwen3 without one is Qwen3 with one, minus it).
 GENERATE = sorted(set(FAMILY_CONFIGS) - {"qwen3_tied"})
 
@@ -182,7 +183,7 @@ def test_greedy_and_steered_generation_match_transformers(family):
     assert not np.array_equal(ref[:2], ref[2:]), "the steering vector changed nothing"
     _assert_greedy_match(g.tokens[:2], ref[:2], scores[:2], f"{kind} unsteered")
     _assert_greedy_match(g.tokens[2:], ref[2:], scores[2:], f"{kind} steered")
-    if kind == SHARED_PREFIX_UNROLLED:  # no intervention: the 16 shared tokens run once, then
+    if kind in SHARED_PREFIX_UNROLLED:  # no intervention: the 16 shared tokens run once, then
         # each row's tail after its padding, blocks unrolled and packed for the CPU kernel
         g = generate_ids(model, seqs, sampling=SamplingParams(max_new_tokens=N_NEW), unroll=True)
         _assert_greedy_match(g.tokens, ref[:2], scores[:2], f"{kind} shared prefix")
