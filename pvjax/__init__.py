@@ -5,7 +5,7 @@ are pure functions over parameter pytrees; interventions and captures are data p
 """
 
 from pvjax import moved  # old module paths (pvjax.generate, pvjax.vectors, ...) keep working
-from pvjax.capture import Capture, ForwardOutput, activations_only, pooling_weights
+from pvjax.capture import Capture, ForwardOutput, Routing, activations_only, pooling_weights
 from pvjax.interventions import Intervention
 from pvjax.model import Model, activations, forward, load
 from pvjax.models.config import ModelConfig
@@ -19,6 +19,7 @@ def __getattr__(name):
 __all__ = [
     "Capture",
     "ForwardOutput",
+    "Routing",
     "Intervention",
     "Model",
     "ModelConfig",

@@ -28,17 +28,33 @@ class Capture:
     hidden: return `hidden_states [L, B, T, D]`.
     pool_weights: `[B, K, T]`; returns `pooled[L, B, K, D] = sum_t w[b,k,t] * h[l,b,t]`.
     probes: `[L, K, D]` or `[K, D]`; returns `projections[L, B, T, K] = h[l,b,t] . probe[l,k]`.
+    router: an expert model's routing (`Routing`), stacked over its routed blocks in block order
+        as transformers' `output_router_logits` lists them (a dense model returns None).
     """
 
     pool_weights: jax.Array | None = None
     probes: jax.Array | None = None
     logits: str = struct.field(pytree_node=False, default="all")
     hidden: bool = struct.field(pytree_node=False, default=True)
+    router: bool = struct.field(pytree_node=False, default=False)
 
 
 def activations_only(pool_weights=None, probes=None, hidden=False) -> Capture:
     """A spec that skips the LM head: the cheap path for extraction and monitoring."""
     return Capture(pool_weights=pool_weights, probes=probes, logits="none", hidden=hidden)
+
+
+class Routing(NamedTuple):
+    """What the routers of an expert model chose, one row per routed block (R of them, in block
+    order; a dense block of a mixed model has none). `logits` are the router's raw scores over all
+    X experts, as transformers' `output_router_logits` returns them (`[R, B*T, X]` there, the
+    same numbers); `experts` and `weights` are the top-k the block ran and the weights its outputs
+    were summed with (after `norm_topk_prob`), so expert usage needs no second top-k.
+    Padded positions hold what the router made of the pad token's residual."""
+
+    logits: jax.Array  # [R, B, T, X] float32
+    experts: jax.Array  # [R, B, T, k] int32
+    weights: jax.Array  # [R, B, T, k], the compute dtype
 
 
 class ForwardOutput(NamedTuple):
@@ -48,6 +64,7 @@ class ForwardOutput(NamedTuple):
     projections: jax.Array | None  # [L, B, T, K], float32
     cache: object | None = None
     gate: jax.Array | None = None  # [B] float32: a conditional intervention's gate (1 steered)
+    router: Routing | None = None  # with `Capture(router=True)` on an expert model
 
 
 def pooling_weights(attention_mask_BT, prompt_end) -> jax.Array:

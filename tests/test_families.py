@@ -4,6 +4,8 @@ Gemma 2 with soft-capping and a window, Gemma 3 with local and global blocks. Ev
 longer than the window.
 
 - every row of `hidden_states` and the logits, left-padded, within 1e-4 of the largest magnitude;
+- an expert model's routing (`Capture(router=True)`) against `output_router_logits`, including
+  a model with dense blocks among its expert blocks;
 - greedy generation of 24 tokens, unsteered and steered at a layer (`response`, one batch), equal
   to transformers' `generate` without and with a forward hook on that block (or a near-tie where
   they part, as tests/test_generate.py allows);
@@ -23,6 +25,7 @@ from tiny_models import FAMILY_CONFIGS, assert_close, left_pad, save_tiny
 
 import pvjax
 from pvjax import interventions as ivs
+from pvjax.capture import Capture
 from pvjax.engine.generate import SamplingParams, generate_ids
 from pvjax.loading.tokenizer import chat_conventions, render_chat
 from pvjax.models.config import ConfigError, ModelConfig
@@ -33,10 +36,11 @@ TIE = 2e-3  # logit gap under which two tokens count as tied
 N_NEW = 24
 # The forward runs unrolled for these (per-layer weights: each block's window and rope picked while
 # tracing), scanned for the others (a select per block on device). Generation runs scanned; a
-# generation program compiles in seconds, so only one family also generates unrolled (packed
-# for the CPU decode kernel, its window a mask), with a shared prefix.
+# generation program compiles in seconds, so only two families also generate unrolled (packed
+# for the CPU decode kernel, the window a mask), with a shared prefix.
 FORWARD_UNROLLED = {"mistral_window", "gemma3", "qwen3_window"}
-SHARED_PREFIX_UNROLLED = "qwen3_window"
+# The mixed Qwen3-MoE too: unrolled, each block holds only its own MLP's weights.
+SHARED_PREFIX_UNROLLED = ("qwen3_window", "qwen3_moe_mixed")
 # Generation runs for the families with a window (Qwen3 without one is Qwen3 with one, minus it).
 GENERATE = sorted(set(FAMILY_CONFIGS) - {"qwen3_tied"})
 
@@ -62,11 +66,47 @@ def test_forward_matches_transformers_left_padded(family):
             output_hidden_states=True,
         )
     ref_hidden = np.stack([h.numpy() for h in ref.hidden_states])
-    out = pvjax.forward(model, ids, attention_mask=mask, scan=kind not in FORWARD_UNROLLED)
+    moe = model.config.num_experts > 0
+    out = pvjax.forward(
+        model,
+        ids,
+        attention_mask=mask,
+        scan=kind not in FORWARD_UNROLLED,
+        capture=Capture(router=moe),
+    )
     assert out.hidden_states.shape == ref_hidden.shape
     for l in range(ref_hidden.shape[0]):
         assert_close(out.hidden_states[l], ref_hidden[l], mask, f"{kind} hidden_states[{l}]")
     assert_close(out.logits, ref.logits.numpy(), mask, f"{kind} logits")
+    if moe:
+        _assert_router_matches(hf, ids, mask, out.router, kind)
+    else:
+        assert out.router is None
+
+
+def _assert_router_matches(hf, ids, mask, router, kind):
+    """The captured routing against transformers' `output_router_logits` (one `[B*T, X]` per
+    routed block): the logits within 1e-4, and the top-k experts and their weights as
+    transformers' router derives them from its logits."""
+    with torch.no_grad():
+        ref = hf(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(np.maximum(np.cumsum(mask, -1) - 1, 0)),
+            output_router_logits=True,
+        ).router_logits
+    cfg = hf.config
+    routed = [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "gate")]
+    assert len(ref) == len(routed) == router.logits.shape[0], (len(ref), routed)
+    B, T = ids.shape
+    logits = torch.stack(ref).reshape(len(ref), B, T, -1)
+    assert_close(router.logits, logits.numpy(), mask, f"{kind} router logits")
+    top_p, top_i = torch.topk(torch.softmax(logits, -1), cfg.num_experts_per_tok, dim=-1)
+    if cfg.norm_topk_prob:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    sel = mask.astype(bool)
+    np.testing.assert_array_equal(np.asarray(router.experts)[:, sel], top_i.numpy()[:, sel])
+    np.testing.assert_allclose(np.asarray(router.weights)[:, sel], top_p.numpy()[:, sel], atol=1e-5)
 
 
 def _hf_generate(hf, seqs, hook):
@@ -143,7 +183,7 @@ def test_greedy_and_steered_generation_match_transformers(family):
     assert not np.array_equal(ref[:2], ref[2:]), "the steering vector changed nothing"
     _assert_greedy_match(g.tokens[:2], ref[:2], scores[:2], f"{kind} unsteered")
     _assert_greedy_match(g.tokens[2:], ref[2:], scores[2:], f"{kind} steered")
-    if kind == SHARED_PREFIX_UNROLLED:  # no intervention: the 16 shared tokens run once, then
+    if kind in SHARED_PREFIX_UNROLLED:  # no intervention: the 16 shared tokens run once, then
         # each row's tail after its padding, blocks unrolled and packed for the CPU kernel
         g = generate_ids(model, seqs, sampling=SamplingParams(max_new_tokens=N_NEW), unroll=True)
         _assert_greedy_match(g.tokens, ref[:2], scores[:2], f"{kind} shared prefix")
@@ -158,7 +198,7 @@ def test_family_flags_read_from_config(family):
     assert cfg.qk_norm == (kind.startswith("qwen3") or kind == "gemma3")
     assert cfg.norm_plus_one == cfg.sandwich_norms == kind.startswith("gemma")
     assert any(cfg.sliding) == (kind != "qwen3_tied")
-    assert all(cfg.sliding) == (kind in ("mistral_window", "qwen3_moe"))
+    assert all(cfg.sliding) == (kind in ("mistral_window", "qwen3_moe", "qwen3_moe_mixed"))
     assert cfg.num_experts == spec.get("num_experts", 0)
 
 
@@ -224,6 +264,7 @@ def test_unknown_model_type_in_a_folder_names_the_supported_ones(tmp_path):
 
 _GGUF_ARCH = {
     "qwen3_moe": "qwen3moe",
+    "qwen3_moe_mixed": "qwen3moe",
     "qwen3_tied": "qwen3",
     "qwen3_window": "qwen3",
     "gemma2": "gemma2",
@@ -439,7 +480,8 @@ def test_multimodal_gemma3_folder_loads_its_text_tower(tmp_path):
 
 def test_family_defaults_and_patterns_as_transformers_derives_them():
     """Fields a config.json may leave out take the config class's default; Ministral's window
-    follows `layer_types`, Qwen3-MoE's covers every block, Gemma 3's pattern is every 6th global."""
+    follows `layer_types`, Qwen3-MoE's covers every block (and `mlp_only_layers` keeps a block
+    dense), Gemma 3's pattern is every 6th global."""
     ministral = ModelConfig.from_hf(
         _base_config(
             model_type="ministral",
@@ -463,5 +505,66 @@ def test_family_defaults_and_patterns_as_transformers_derives_them():
     )
     assert gemma3.sliding == (True,) * 5 + (False, True)
     assert gemma3.local_rope == gemma3.sliding and gemma3.local_rope_theta == 10_000.0
-    with pytest.raises(ConfigError, match="mlp_only_layers"):
-        ModelConfig.from_hf(_base_config(model_type="qwen3_moe", mlp_only_layers=[0]))
+    mixed = ModelConfig.from_hf(_base_config(model_type="qwen3_moe", mlp_only_layers=[0]))
+    assert mixed.dense_blocks == (0,) and mixed.routed == (False, True)
+
+
+@pytest.mark.parametrize(
+    "fields, dense",
+    [
+        ({}, ()),
+        ({"mlp_only_layers": [0, 3]}, (0, 3)),
+        ({"decoder_sparse_step": 2}, (0, 2)),  # transformers: (i + 1) % step == 0 routes
+        ({"decoder_sparse_step": 2, "mlp_only_layers": [1]}, (0, 1, 2)),
+    ],
+)
+def test_expert_blocks_follow_transformers_rule(fields, dense):
+    cfg = ModelConfig.from_hf(
+        _base_config(
+            model_type="qwen3_moe",
+            num_hidden_layers=4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **fields,
+        )
+    )
+    assert cfg.dense_blocks == dense
+    assert cfg.routed == tuple(i not in dense for i in range(4))
+
+
+def test_expert_model_without_expert_blocks_is_refused():
+    with pytest.raises(ConfigError, match=r"mlp_only_layers=\[0, 1\].*no block routes"):
+        ModelConfig.from_hf(
+            _base_config(model_type="qwen3_moe", num_experts=4, mlp_only_layers=[0, 1])
+        )
+
+
+def test_mixed_expert_model_stacks_each_mlp_over_its_blocks_only():
+    """Random parameters of a config with dense blocks 0 and 2 of 4: each MLP stacked over the
+    blocks that run it, the memory planner counting the same elements, and LoRA refusing the MLP
+    targets (not in every block) by name."""
+    import jax
+    import jax.numpy as jnp
+
+    from pvjax.finetune import lora
+    from pvjax.models.random_init import random_params
+    from pvjax.parallel.memory import n_params
+
+    cfg = ModelConfig.from_hf(
+        _base_config(
+            model_type="qwen3_moe",
+            num_hidden_layers=4,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=8,
+            decoder_sparse_step=2,
+        )
+    )
+    params = random_params(cfg, jax.random.PRNGKey(0), jnp.float32)
+    layers = params["layers"]
+    assert layers["wq"].shape[0] == 4
+    assert layers["w_gate"].shape == (2, 16, 32) and layers["w_gate_e"].shape == (2, 4, 16, 8)
+    assert n_params(cfg) == sum(x.size for x in jax.tree_util.tree_leaves(params))
+    with pytest.raises(lora.LoraError, match="'gate' is not in every block"):
+        lora.init(lora.LoraSpec(targets=("q", "gate")), params, jax.random.PRNGKey(1))
+    assert set(lora.init(lora.LoraSpec(targets=("q",)), params, jax.random.PRNGKey(1))) == {"wq"}

@@ -49,6 +49,7 @@ ALLOWED_UP = {
     ("pvjax.parallel.memory", "pvjax.models.config"),
     ("pvjax.parallel.memory", "pvjax.models.known"),
     ("pvjax.parallel.memory", "pvjax.loading.layout"),
+    ("pvjax.parallel.memory", "pvjax.models.moe"),
 }
 
 

@@ -165,8 +165,12 @@ QWEN3_MOE = dict(
     moe_intermediate_size=32,
     norm_topk_prob=True,
 )
+# Dense MLP blocks (of `intermediate_size`) among the expert blocks: 0 and 3 dense, 1, 2, 4 routed,
+# so that a scan meets both kinds in either order.
+QWEN3_MOE_MIXED = dict(QWEN3_MOE, num_hidden_layers=5, mlp_only_layers=[0, 3])
 FAMILY_CONFIGS = {
     "qwen3_moe": QWEN3_MOE,
+    "qwen3_moe_mixed": QWEN3_MOE_MIXED,
     "qwen3_tied": QWEN3_TIED,
     "qwen3_window": QWEN3_WINDOW,
     "mistral_window": MISTRAL_WINDOW,

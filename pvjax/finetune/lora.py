@@ -92,7 +92,13 @@ def init(spec: LoraSpec, base, key) -> dict:
     """Adapters `{key: {"a": [N, I, r], "b": [N, r, O]}}` in float32 (the master weights)."""
     out = {}
     for i, t in enumerate(spec.targets):
-        w = base["layers"][TARGETS[t][0]]
+        w = base["layers"].get(TARGETS[t][0])
+        n_blocks = base["layers"]["wq"].shape[0]
+        if w is None or w.shape[0] != n_blocks:  # an expert model's MLP: not adaptable yet
+            raise LoraError(
+                f"lora.targets: {t!r} is not in every block of this model (an expert model's "
+                "MLP); target q, k, v, o"
+            )
         N, I, O = w.shape
         bound = 1.0 / math.sqrt(I)
         a = jax.random.uniform(

@@ -140,6 +140,11 @@ def gguf_config(reader, name: str) -> ModelConfig:
     elif arch == "qwen3moe":  # llama.cpp always renormalises the top-k router weights
         family = dict(
             qk_norm=True,
+            # A block without a router keeps its dense MLP (ffn_gate/ffn_up/ffn_down): GGUF has no
+            # metadata field for transformers' mlp_only_layers, the tensors say it.
+            dense_blocks=tuple(
+                i for i in range(n_layers) if f"blk.{i}.ffn_gate_inp.weight" not in names
+            ),
             num_experts=int(_field(reader, f"{arch}.expert_count")),
             experts_per_token=int(_field(reader, f"{arch}.expert_used_count")),
             moe_intermediate_size=int(_field(reader, f"{arch}.expert_feed_forward_length")),

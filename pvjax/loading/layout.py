@@ -9,7 +9,9 @@ Layout (kernels are stored `[in, out]` so the forward is `x @ W`; N = number of 
             post_attn_norm/post_mlp_norm [N, D] (sandwich_norms models: Gemma). Norm weights are
             kept as the checkpoint holds them (Gemma's applied as 1 + w). Expert models
             (Qwen3-MoE) hold router [N, D, X], w_gate_e/w_up_e [N, X, D, I] and w_down_e
-            [N, X, I, D] in place of w_gate/w_up/w_down.
+            [N, X, I, D] in place of w_gate/w_up/w_down; one with dense blocks among them
+            (`ModelConfig.dense_blocks`) holds both, each stacked over only the blocks that
+            run it (`pvjax.models.moe.blocks_holding`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 
 from pvjax.errors import UserError
 from pvjax.models.config import ModelConfig
+from pvjax.models.moe import blocks_holding
 
 
 class CheckpointError(UserError, ValueError):
@@ -48,8 +51,9 @@ def expected_shapes(cfg: ModelConfig) -> dict:
         layer.update(post_attn_norm=(D,), post_mlp_norm=(D,))
     if cfg.num_experts:  # the MLP is routed experts (Qwen3-MoE)
         X, I = cfg.num_experts, cfg.moe_intermediate_size
-        for key in ("w_gate", "w_up", "w_down"):
-            del layer[key]
+        if not cfg.dense_blocks:
+            for key in ("w_gate", "w_up", "w_down"):
+                del layer[key]
         layer.update(router=(D, X), w_gate_e=(X, D, I), w_up_e=(X, D, I), w_down_e=(X, I, D))
     top = {"embed": (V, D), "final_norm": (D,)}
     if not cfg.tie_embeddings:
@@ -93,7 +97,7 @@ def assemble(
 
     params = {k: get(k) for k in shapes["top"]}
     params["layers"] = {
-        k: np.stack([get(k, i) for i in range(cfg.num_layers)]) for k in shapes["layer"]
+        k: np.stack([get(k, i) for i in blocks_holding(cfg, k)]) for k in shapes["layer"]
     }
     unused = sorted(n for n in available - used if not ignore(n))
     if unused:

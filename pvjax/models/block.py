@@ -111,11 +111,14 @@ def _gate(cfg: ModelConfig, g):
     return jax.nn.silu(g)
 
 
-def block(cfg: ModelConfig, fused: bool, lp, h, cos, sin, attend):
+def block(cfg: ModelConfig, fused: bool, lp, h, cos, sin, attend, routed=None):
     """One decoder block on the residual `h` `[B, T, D]`: `(new residual, what attend returned
-    beside its output)`. `attend(q [B, T, H, E], k, v [B, T, K, E]) -> (output [B, T, H*E],
-    carry)` is where the forward and the cached step differ (a cache written or not). `fused`:
-    the block's weights hold q/k/v and gate/up as single matrices (`PerLayer(fused=True)`)."""
+    beside its output, routing)`. `attend(q [B, T, H, E], k, v [B, T, K, E]) -> (output
+    [B, T, H*E], carry)` is where the forward and the cached step differ (a cache written or not).
+    `fused`: the block's weights hold q/k/v and gate/up as single matrices (`PerLayer(fused=True)`).
+    `routed`: whether an expert model's block runs its experts (a Python bool, or a traced one
+    under a scan over mixed blocks: `lax.cond`); routing is `moe_mlp`'s `(router logits, expert
+    ids, weights)`, zeros from a dense block of an expert model, None without experts."""
     B, T, _ = h.shape
     eps, one = cfg.rms_norm_eps, cfg.norm_plus_one
     x = rms_norm(h, lp["attn_norm"], eps, one)
@@ -139,14 +142,39 @@ def block(cfg: ModelConfig, fused: bool, lp, h, cos, sin, attend):
     else:
         h = h + matmul(o, lp["wo"])
     x = rms_norm(h, lp["mlp_norm"], eps, one)
-    if cfg.num_experts:  # Qwen3-MoE: routed experts
-        m = moe_mlp(cfg, lp, x, matmul)
-    elif fused:
-        gu = matmul(x, lp["w_gate_up"])
-        gate, up = gu[..., : cfg.intermediate_size], gu[..., cfg.intermediate_size :]
-        m = matmul(_gate(cfg, gate) * up, lp["w_down"])
-    else:
-        m = matmul(_gate(cfg, matmul(x, lp["w_gate"])) * matmul(x, lp["w_up"]), lp["w_down"])
+    routing = None
+    if not cfg.num_experts:
+        m = _dense_mlp(cfg, fused, lp, x)
+    elif routed is None or routed is True:  # Qwen3-MoE: routed experts
+        m, routing = moe_mlp(cfg, lp, x, matmul)
+    elif routed is False:  # a dense block of an expert model, known while tracing
+        m, routing = _dense_mlp(cfg, fused, lp, x), _no_routing(cfg, x)
+    else:  # traced under a scan over mixed blocks: one branch runs
+        m, routing = jax.lax.cond(
+            routed,
+            lambda: moe_mlp(cfg, lp, x, matmul),
+            lambda: (_dense_mlp(cfg, fused, lp, x), _no_routing(cfg, x)),
+        )
     if cfg.sandwich_norms:
         m = rms_norm(m, lp["post_mlp_norm"], eps, one)
-    return h + m, carry
+    return h + m, carry, routing
+
+
+def _dense_mlp(cfg: ModelConfig, fused: bool, lp, x):
+    if fused and "w_gate_up" in lp:
+        gu = matmul(x, lp["w_gate_up"])
+        gate, up = gu[..., : cfg.intermediate_size], gu[..., cfg.intermediate_size :]
+        return matmul(_gate(cfg, gate) * up, lp["w_down"])
+    return matmul(_gate(cfg, matmul(x, lp["w_gate"])) * matmul(x, lp["w_up"]), lp["w_down"])
+
+
+def _no_routing(cfg: ModelConfig, x_BTD):
+    """A dense block's routing in an expert model: zero logits, expert 0 at weight 0 (the shapes
+    and dtypes of `moe_mlp`'s, so that a scan over mixed blocks can stack them)."""
+    B, T, _ = x_BTD.shape
+    k = cfg.experts_per_token
+    return (
+        jnp.zeros((B, T, cfg.num_experts), jnp.float32),
+        jnp.zeros((B, T, k), jnp.int32),
+        jnp.zeros((B, T, k), x_BTD.dtype),
+    )

@@ -107,11 +107,14 @@ class ModelConfig:
     layer_types: tuple[str, ...] = ()
     # Rope base of the sliding blocks, unscaled (Gemma 3's local layers); None: as the full ones.
     local_rope_theta: float | None = None
-    # Routed experts in every block's MLP (Qwen3-MoE); 0 experts: the dense MLP.
+    # Routed experts in the blocks' MLPs (Qwen3-MoE); 0 experts: the dense MLP everywhere.
     num_experts: int = 0
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+    # Blocks of an expert model whose MLP is the dense one of `intermediate_size` (transformers'
+    # `mlp_only_layers` and `decoder_sparse_step`), sorted; () when every block routes.
+    dense_blocks: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -140,6 +143,15 @@ class ModelConfig:
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ConfigError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.dense_blocks and (
+            not self.num_experts
+            or list(self.dense_blocks) != sorted(set(self.dense_blocks))
+            or not all(0 <= i < self.num_layers for i in self.dense_blocks)
+        ):
+            raise ConfigError(
+                f"dense_blocks={self.dense_blocks} must be sorted distinct block indices "
+                f"below {self.num_layers} of an expert model"
+            )
 
     @property
     def rope_params(self) -> dict[str, float]:
@@ -151,6 +163,12 @@ class ModelConfig:
         if self.sliding_window is None or not self.layer_types:
             return (False,) * self.num_layers
         return tuple(t == "sliding_attention" for t in self.layer_types)
+
+    @property
+    def routed(self) -> tuple[bool, ...]:
+        """Per block: its MLP routes to experts (all False without experts)."""
+        dense = set(self.dense_blocks)
+        return tuple(bool(self.num_experts) and i not in dense for i in range(self.num_layers))
 
     @property
     def local_rope(self) -> tuple[bool, ...]:
@@ -373,8 +391,9 @@ def _windows(cfg: Mapping[str, Any], model_type: str, n_layers: int):
 
 
 def _experts(cfg: Mapping[str, Any], model_type: str, n_layers: int) -> dict:
-    """Qwen3-MoE's expert fields. This port runs routed experts in every block: a config that
-    keeps dense MLPs in some blocks (`mlp_only_layers`, `decoder_sparse_step` > 1) is refused."""
+    """Qwen3-MoE's expert fields. A block routes to experts unless it is in `mlp_only_layers` or
+    `decoder_sparse_step` skips it (transformers' `Qwen3MoeDecoderLayer`); the others keep the
+    dense MLP of `intermediate_size` (`dense_blocks`)."""
     if model_type != "qwen3_moe":
         return {}
     n = int(
@@ -382,12 +401,17 @@ def _experts(cfg: Mapping[str, Any], model_type: str, n_layers: int) -> dict:
     )  # transformers 5 saves the latter
     if n <= 0:
         raise ConfigError(f"num_experts={n}: a qwen3_moe config needs experts")
-    dense = list(cfg.get("mlp_only_layers") or [])
+    only = cfg.get("mlp_only_layers") or []
+    if not isinstance(only, (list, tuple)) or not all(isinstance(i, int) for i in only):
+        raise ConfigError(f"mlp_only_layers={only!r} must be a list of block indices")
     step = int(cfg.get("decoder_sparse_step", 1))
-    if dense or (step != 1 and any((i + 1) % step for i in range(n_layers))):
+    if step < 1:
+        raise ConfigError(f"decoder_sparse_step={step} must be >= 1")
+    dense = tuple(i for i in range(n_layers) if i in only or (i + 1) % step)
+    if len(dense) == n_layers:
         raise ConfigError(
-            f"mlp_only_layers={dense}, decoder_sparse_step={step}: dense MLP blocks among the "
-            "expert blocks are not supported (every block must route to experts)"
+            f"mlp_only_layers={list(only)}, decoder_sparse_step={step}: no block routes to "
+            "experts (a dense model: use model_type qwen3)"
         )
     k = int(cfg.get("num_experts_per_tok", 8))
     if not 1 <= k <= n:
@@ -397,4 +421,5 @@ def _experts(cfg: Mapping[str, Any], model_type: str, n_layers: int) -> dict:
         experts_per_token=k,
         moe_intermediate_size=int(cfg.get("moe_intermediate_size", 768)),
         norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        dense_blocks=dense,
     )

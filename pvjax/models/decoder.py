@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
-from pvjax.capture import Capture, ForwardOutput, row_capture
+from pvjax.capture import Capture, ForwardOutput, Routing, row_capture
 from pvjax.interventions import Intervention, apply_row, condition_gate, gated_mask
 from pvjax.kernels import decode_attention
 from pvjax.models.block import attention, block, matmul, merged_attention, rms_norm
 from pvjax.models.config import ModelConfig
 from pvjax.models.layout import Layout
+from pvjax.models.moe import blocks_holding, group_weights, grouped_keys
 from pvjax.models.rope import inverse_frequencies, rope_tables
 
 
@@ -227,6 +229,17 @@ def decode_step(
     return out._replace(cache=cache.replace(k=ck, v=cv, valid=slots, index=cache.index + T))
 
 
+def _routed(cfg: ModelConfig, i):
+    """Whether block `i` runs its experts: None without experts or when every block does (no
+    branch), else a Python bool (unrolled) or a traced one (scanned), for `block`."""
+    flags = cfg.routed
+    if not cfg.num_experts or all(flags):
+        return None
+    if isinstance(i, int):
+        return flags[i]
+    return jnp.asarray(flags)[i]
+
+
 def _row_intervention(iv: Intervention | None, row):
     if iv is None:
         return None
@@ -293,13 +306,29 @@ def _run(
     h, gate = _edit(h, intervention, _row_intervention(intervention, 0), 0, gate)
     first = row_capture(h, capture, None if probes is None else probes[0])
 
+    # An expert model with dense blocks: the MLP weights stacked per group, not per block
+    # (`pvjax.models.moe`), travel beside the scan and are picked per block in it.
+    layers, grouped = params["layers"], {}
+    if isinstance(layers, dict) and grouped_keys(cfg):
+        grouped = {k: layers[k] for k in grouped_keys(cfg)}
+        layers = {k: v for k, v in layers.items() if k not in grouped}
+    want_router = capture.router and cfg.num_experts > 0
+
     def body(carry, xs):
         h, kv, gate = carry
         lp, i, row_iv, probe = xs
+        if grouped:
+            lp = {**lp, **group_weights(cfg, grouped, i)}
         cos, sin = _per_block(cfg.local_rope, i, local_tables, tables)
-        h, kv = block(cfg, layout.fused, lp, h, cos, sin, lambda q, k, v: attend(q, k, v, i, kv))
+        routed = _routed(cfg, i)
+        h, kv, routing = block(
+            cfg, layout.fused, lp, h, cos, sin, lambda q, k, v: attend(q, k, v, i, kv), routed
+        )
         h, gate = _edit(h, intervention, row_iv, i + 1, gate)
-        return (h, kv, gate), row_capture(h, capture, probe)
+        out = row_capture(h, capture, probe)
+        if want_router:
+            out["router"] = routing
+        return (h, kv, gate), out
 
     row_ivs = None
     if intervention is not None:
@@ -307,7 +336,11 @@ def _run(
             lambda x: x[1:], _row_intervention(intervention, slice(None))
         )
     xs = (row_ivs, None if probes is None else probes[1:])
-    (h, kv, gate), rows = layout.run_blocks(body, (h, kv, gate), params["layers"], xs, n_blocks)
+    (h, kv, gate), rows = layout.run_blocks(body, (h, kv, gate), layers, xs, n_blocks)
+    router = None
+    if want_router:  # the routed blocks' rows, in block order
+        held = np.asarray(blocks_holding(cfg, "router"))
+        router = Routing(*(a[held] for a in rows.pop("router")))
 
     normed = rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.norm_plus_one)
     last = row_capture(normed, capture, None if probes is None else probes[-1])
@@ -336,5 +369,6 @@ def _run(
         pooled=stacked.get("pooled"),
         projections=stacked.get("projections"),
         gate=gate,
+        router=router,
     )
     return out, kv

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from pvjax.kernels import PackedWeight
 from pvjax.models.config import ModelConfig
+from pvjax.models.moe import blocks_holding
 
 
 def _put(c, x, idx):
@@ -114,16 +115,17 @@ def unstack_layers(params, cfg: ModelConfig, pack: bool = False, fuse: bool = Tr
     reads each weight once. Costs one extra copy of the weights while both are alive.
     """
     layers = params["layers"]
+    held = {k: blocks_holding(cfg, k) for k in layers}  # an expert model's MLPs: their blocks only
     out = []
     for i in range(cfg.num_layers):
-        lp = {k: v[i] for k, v in layers.items()}
+        lp = {k: v[held[k].index(i)] for k, v in layers.items() if i in held[k]}
         if not fuse:
             out.append(lp)
             continue
         lp["wqkv"] = jnp.concatenate([lp.pop("wq"), lp.pop("wk"), lp.pop("wv")], axis=-1)
         if cfg.qkv_bias:
             lp["bqkv"] = jnp.concatenate([lp.pop("bq"), lp.pop("bk"), lp.pop("bv")], axis=-1)
-        if not cfg.num_experts:  # expert weights stay per expert
+        if "w_gate" in lp:  # a dense MLP (expert weights stay per expert)
             lp["w_gate_up"] = jnp.concatenate([lp.pop("w_gate"), lp.pop("w_up")], axis=-1)
         if pack:
             lp = {k: PackedWeight.pack(v) if v.ndim == 2 else v for k, v in lp.items()}

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from pvjax.loading.layout import expected_shapes
 from pvjax.models.config import ModelConfig
 from pvjax.models.known import KNOWN
+from pvjax.models.moe import blocks_holding
 
 # Qwen2.5-7B-Instruct's shapes (config.json of the public checkpoint).
 QWEN25_7B = dataclasses.replace(KNOWN["qwen2.5-7b"], name="random-qwen2.5-7b-shape")
@@ -19,7 +20,6 @@ def random_params(cfg: ModelConfig, key, dtype=jnp.bfloat16, scale: float = 0.02
     """Normal(0, scale) weights, unit norms (ones, or zeros where the config applies norm weights
     as 1 + w); created inside jit so they can be born sharded."""
     shapes = expected_shapes(cfg)
-    n = cfg.num_layers
 
     def make(key):
         keys = iter(jax.random.split(key, 64))
@@ -33,7 +33,8 @@ def random_params(cfg: ModelConfig, key, dtype=jnp.bfloat16, scale: float = 0.02
 
         params = {k: leaf(s, k.endswith("norm")) for k, s in shapes["top"].items()}
         params["layers"] = {
-            k: leaf((n,) + s, k.endswith("norm")) for k, s in shapes["layer"].items()
+            k: leaf((len(blocks_holding(cfg, k)),) + s, k.endswith("norm"))
+            for k, s in shapes["layer"].items()
         }
         return params
 

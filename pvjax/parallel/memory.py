@@ -19,6 +19,7 @@ import math
 from pvjax.loading.layout import expected_shapes
 from pvjax.models.config import ModelConfig
 from pvjax.models.known import KNOWN
+from pvjax.models.moe import blocks_holding
 from pvjax.parallel.sharding import spec_for
 
 GIB = 2**30
@@ -34,7 +35,7 @@ def _leaves(cfg: ModelConfig):
     for key, shape in shapes["top"].items():
         yield key, tuple(shape)
     for key, shape in shapes["layer"].items():
-        yield f"layers/{key}", (cfg.num_layers,) + tuple(shape)
+        yield f"layers/{key}", (len(blocks_holding(cfg, key)),) + tuple(shape)
 
 
 def n_params(cfg: ModelConfig) -> int:
