@@ -22,6 +22,7 @@ httpx = pytest.importorskip("httpx")
 from loopback import serving  # noqa: E402
 
 from pvjax import interventions as ivs  # noqa: E402
+from pvjax.engine import rows  # noqa: E402
 from pvjax.engine import terms as T  # noqa: E402
 from pvjax.engine.generate import SamplingParams, generate  # noqa: E402
 from pvjax.methods import monitoring as mon  # noqa: E402
@@ -188,6 +189,64 @@ def test_engine_terms_composed_equal_generate(served):
     assert second["layer"] == LAYER and math.isfinite(second["prompt_last_projection"])
 
 
+COND_LAYER = 10
+
+
+def test_rescale_rotate_and_conditions_batched_equal_generate(served):
+    """Rescale, rotate and conditional terms (`when`) are data of a row: sent together (one
+    batch, beside a plain addition), each served greedy answer equals `generate`'s with the same
+    terms, the condition holds on one prompt and not on the other, and nothing compiles."""
+    model, client, sch = served.model, served.client(), served.service.scheduler
+    compiles = sch.compiles_since_ready()
+    # The condition reads vector b at COND_LAYER on the last prompt token: the served reading
+    # there (a coefficient-0 term) sets a threshold between two of the questions.
+    reading = {
+        q: extra(ask(client, q, max_tokens=1, extra_body=steer("b", 0.0, COND_LAYER)))["steer"][0][
+            "prompt_last_projection"
+        ]
+        for q in QUESTIONS
+    }
+    hi, lo = max(reading, key=reading.get), min(reading, key=reading.get)
+    assert reading[hi] - reading[lo] > 0.01, reading  # far above float error (1e-5)
+    when = {"vector": "b", "layer": COND_LAYER, "threshold": (reading[hi] + reading[lo]) / 2}
+    conditional = {"vector": "a", "layers": [LAYER - 4, LAYER - 2, LAYER], "coef": 2 * COEF}
+    conditional["when"] = when
+    cases = [  # (question, terms)
+        (QUESTION, [{"vector": "a", "layer": LAYER, "coef": COEF, "mode": "rescale"}]),
+        (QUESTION, [{"vector": "a", "layers": [LAYER - 2, LAYER], "angle": 1.2}]),
+        (hi, [conditional]),
+        (lo, [conditional]),
+        (QUESTION, [{"vector": "b", "layer": LAYER, "coef": -4.0}]),
+    ]
+    with cf.ThreadPoolExecutor(len(cases)) as pool:
+        got = list(pool.map(lambda c: ask(client, c[0], extra_body={"steer": c[1]}), cases))
+    arrays = {"a": served.vectors["a"], "b": served.vectors["b"]}
+
+    def arrayed(t):
+        t = T.from_dict({**t, "vector": arrays[t["vector"]]})
+        if t.when is None:
+            return t
+        return dataclasses.replace(t, when=dataclasses.replace(t.when, vector=arrays["b"]))
+
+    iv = T.build_intervention([[arrayed(t) for t in terms] for _, terms in cases], model)
+    for i, (question, terms) in enumerate(cases):
+        want = generate(
+            model,
+            [question],
+            intervention=rows.take(iv, [i]),
+            positions="response",
+            sampling=SamplingParams(max_new_tokens=NEW),
+        )
+        assert got[i].choices[0].message.content == want.texts[0], (i, terms)
+    applied = [extra(r)["steer"][0] for r in got]
+    assert applied[0]["mode"] == "rescale" and applied[1]["angle"] == 1.2
+    assert applied[2]["when"]["held"] is True and applied[3]["when"]["held"] is False
+    # the shut gate is bit for bit unsteered; the open one steers
+    assert got[3].choices[0].message.content == ask(client, lo).choices[0].message.content
+    assert got[2].choices[0].message.content != ask(client, hi).choices[0].message.content
+    assert sch.compiles_since_ready() == compiles
+
+
 def test_eight_settings_batched_equal_their_solo_answers(served):
     client = served.client()
     settings = [("a", c) for c in (-8.0, -4.0, 4.0, 8.0)] + [
@@ -273,12 +332,18 @@ BAD = [
     ({"steer": [{"vector": "a", "layer": LAYER, "coef": math.inf}]}, 400, "finite"),
     ({"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "positions": "x"}]}, 400, "positions"),
     ({"steer": [{"vector": "a", "layer": LAYER}]}, 400, "no strength"),
-    ({"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "mode": "rescale"}]}, 400, ".mode"),
-    ({"steer": [{"vector": "a", "layer": LAYER, "angle": 0.5}]}, 400, "steer[0].angle"),
+    ({"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "mode": "spin"}]}, 400, "mode"),
+    ({"steer": [{"vector": "a", "layer": LAYER, "angle": 4.0}]}, 400, "outside [-pi, pi]"),
+    ({"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "mode": "rotate"}]}, 400, "angle="),
     (
-        {"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "when": WHEN}]},
+        {"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "when": {**WHEN, "vector": "x"}}]},
         400,
-        "steer[0].when",
+        "steer[0].when.vector: unknown vector",
+    ),
+    (
+        {"steer": [{"vector": "a", "layer": 0, "coef": 1, "when": WHEN}]},
+        400,
+        "before its condition",
     ),
     ({"ablate": [{"vector": "a", "layers": [-1]}]}, 400, "layers[0]"),
     ({"max_tokens": NEW + 1}, 400, "cap"),

@@ -6,8 +6,10 @@ hidden-state rows, K probe vectors, D hidden size.
 
 Three programs, compiled once per shape and reused for every request:
 - `admit`: one newcomer's prompt through the prefill, its keys and values written into its slot
-  at columns `[column - P, column)`, its last-position logits and its intervention row stored;
-  returns the prompt's last-token projections (the monitoring signal).
+  at columns `[column - P, column)`, its last-position logits and its intervention row stored
+  (with its condition's gate, read on the prompt and kept for every step: a row's steering
+  mode, add, rescale or rotate, and its condition are data of that row); returns the prompt's
+  last-token projections (the monitoring signal) and the gate.
 - `step`: every slot draws its next token from its stored logits (its own sampling settings and
   PRNG key, folded with its own token count, as `pvjax.engine.generate` does), then the tokens
   run through one `decode_step` at cache column `column`; the logits it returns are stored for
@@ -40,7 +42,9 @@ MODES = ("greedy", "sample", "filter")
 @struct.dataclass
 class Slots:
     """The running batch on the device: cache, each row's next-token logits, each row's
-    intervention (batch B, a `closed_loop` always present, masks given per call)."""
+    intervention (batch B; `closed_loop`, `modes` and `condition` always present, so fixed,
+    closed-loop, add, rescale, rotate and conditional rows share the programs; masks given per
+    call)."""
 
     cache: KVCache
     logits_BV: jax.Array  # [B, V] float32
@@ -68,7 +72,7 @@ class Feed:
 @struct.dataclass
 class Newcomer:
     """One request entering slot `slot`: its prompt left-padded to a bucket, its masks and its
-    intervention row (batch 1, with a `closed_loop`)."""
+    intervention row (batch 1, with `closed_loop`, `modes` and `condition`)."""
 
     tokens_1P: jax.Array
     mask_1P: jax.Array
@@ -153,7 +157,8 @@ def _write_layers(dst, src, idx):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "prefill_layout"), donate_argnames=("slots",))
 def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_layout):
-    """`(slots, the prompt's last-token projections [L, K] or None)` with `new` in its slot."""
+    """`(slots, the prompt's last-token projections [L, K] or None, the condition's gate [])`
+    with `new` in its slot."""
     P = new.tokens_1P.shape[1]
     dtype = prefill_params["embed"].dtype
     pre = prefill(
@@ -177,6 +182,15 @@ def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_l
     strip = lambda iv: iv.replace(steer_mask=None, ablate_mask=None)
     put_row = lambda a, b: a.at[:, new.slot].set(b[:, 0].astype(a.dtype))
     iv = jax.tree_util.tree_map(put_row, strip(slots.iv), strip(new.iv))
+    # The condition was read on the prompt (its last token is the prefill's last column): every
+    # step keeps the gate it found, as `generate`'s decode loop does.
+    gate = pre.gate[0]
+    cond = iv.condition
+    iv = iv.replace(
+        condition=cond.replace(
+            known=cond.known.at[0, new.slot].set(1.0), state=cond.state.at[0, new.slot].set(gate)
+        )
+    )
     iv = iv.with_masks(slots.iv.steer_mask, slots.iv.ablate_mask)
     slots = Slots(
         cache=cache.replace(k=k, v=v, valid=valid),
@@ -184,7 +198,7 @@ def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_l
         iv=iv,
     )
     proj = None if probes is None else pre.projections[:, 0, -1]
-    return slots, proj
+    return slots, proj, gate
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))

@@ -39,7 +39,7 @@ from pvjax.engine import slot_programs as programs
 from pvjax.engine.decode_loop import decode_weights
 from pvjax.engine.prompt_split import prompt_bucket
 from pvjax.errors import InputError
-from pvjax.interventions import POSITION_MODES, ClosedLoop, Intervention, empty
+from pvjax.interventions import POSITION_MODES, ClosedLoop, Condition, Intervention, Modes, empty
 from pvjax.models.layout import Scanned
 
 __all__ = ["Row", "SlotEngine", "StepOutput", "bucket_widths", "compile_count"]
@@ -139,7 +139,11 @@ class SlotEngine:
             if p.ndim != 3 or p.shape[0] != self.L or p.shape[2] != self.D:
                 raise SlotError(f"probes must be [{self.L}, K, {self.D}], got {p.shape}")
             self.probes = jnp.asarray(p)
-        iv = empty(self.L, self.D, self.B).replace(closed_loop=ClosedLoop.fixed(self.L, self.B))
+        iv = empty(self.L, self.D, self.B).replace(
+            closed_loop=ClosedLoop.fixed(self.L, self.B),
+            modes=Modes.add(self.L, self.B),
+            condition=Condition.none(self.L, self.D, self.B),
+        )
         self.slots = jax.device_put(
             programs.empty_slots(cfg, self.layout, iv, self.B, self.S, model.dtype)
         )
@@ -156,6 +160,7 @@ class SlotEngine:
         self.min_new = np.zeros(B, np.int32)
         self.steer_dec = np.ones((B, 1), np.float32)
         self.modes = [""] * B
+        self.gate = np.ones(B, np.float32)  # 1: the row's condition held (or it has none)
         self.steps = 0
         self.shifts = 0
 
@@ -196,7 +201,8 @@ class SlotEngine:
 
     def admit(self, slot: int, ids, row: Row, max_new: int | None = None):
         """Put a request in the free `slot`: its prompt runs now; its first token comes with the
-        next `step`. Returns its last prompt token's projections `[L, K]` (or None)."""
+        next `step`. Returns its last prompt token's projections `[L, K]` (or None); a row with a
+        condition leaves its gate in `gate[slot]` (1: it steers, 0: it does not)."""
         ids = self.check(ids, row, self.max_new if max_new is None else max_new)
         if self.active[slot]:
             raise SlotError(f"slot {slot} is taken")
@@ -213,8 +219,9 @@ class SlotEngine:
             steer[:, -1] = 1.0
         iv = row.intervention
         iv = empty(self.L, self.D) if iv is None else iv
-        if iv.closed_loop is None:
-            iv = iv.replace(closed_loop=ClosedLoop.fixed(self.L, 1))
+        # Every optional field present (fixed, add, ungated where the request has none): one
+        # pytree structure, so every request runs the programs warm_up compiled.
+        iv = iv.with_closed_loop().with_modes().with_condition()
         new = programs.Newcomer(
             tokens_1P=tokens,
             mask_1P=mask,
@@ -224,7 +231,7 @@ class SlotEngine:
             slot=np.int32(slot),
             column=np.int32(self.column),
         )
-        self.slots, proj = programs.admit(
+        self.slots, proj, gate = programs.admit(
             self.prefill_params,
             self.slots,
             new,
@@ -243,6 +250,8 @@ class SlotEngine:
         self.min_new[slot] = row.min_new
         self.steer_dec[slot] = 0.0 if row.positions == "prompt" else 1.0
         self.modes[slot] = row.mode
+        conditional = row.intervention is not None and row.intervention.condition is not None
+        self.gate[slot] = float(gate) if conditional else 1.0  # read back only when asked
         return None if proj is None else np.asarray(proj)
 
     def width(self, n: int) -> int:

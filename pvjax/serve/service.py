@@ -125,6 +125,8 @@ class Service:
         steer = []
         for t in s.steer:
             d = applied(t, s.positions)
+            if t.when is not None:  # whether the condition held on this prompt
+                d["when"]["held"] = job.gate > 0
             if pp is not None:
                 col = cat.vector_column(t.vector)
                 last = [float(pp[layer, col]) for layer in t.layers]
