@@ -513,6 +513,7 @@ def test_warming_up_answers_503(smollm2):
         (["--prompt-buckets", "16,x"], "integers"),
         (["--vector", "=v.safetensors"], "NAME=FILE"),
         (["--request-timeout", "0"], "--request-timeout"),
+        (["--mesh", "data=x"], "expected data=D,model=M"),
     ],
 )
 def test_cli_refuses_bad_flags_before_loading(argv, words, capsys):
@@ -521,3 +522,33 @@ def test_cli_refuses_bad_flags_before_loading(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", *argv])
     assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_server_on_a_mesh_answers_as_one_device(tmp_path, tokenizer):
+    """`pvjax serve` on data=2 x model=4 (8 fake host devices, in a subprocess, a tiny model):
+    an addition, a rescale, a rotation, a condition that holds and one that does not, and an
+    unsteered request, sent together, give the single-device library's greedy texts; weights
+    and the cache are laid over the mesh, and nothing compiles after warm-up."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from loopback import env
+    from tiny_models import save_tiny
+
+    save_tiny("llama_heads8", tmp_path, tokenizer=tokenizer)
+    script = Path(__file__).with_name("sharded_serve.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["same"] == [True] * 6, res
+    assert res["held"] == [True, False], res
+    assert res["compiles_after_warmup"] == 0, res
+    assert res["wq_devices"] == 8 and "model" in res["wq_spec"], res
+    assert "data" in res["cache_spec"] and "model" in res["cache_spec"], res

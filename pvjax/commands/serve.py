@@ -79,6 +79,13 @@ def add_parser(sub):
     p.add_argument(
         "--scanned", action="store_true", help="scan the layers (faster startup, slower decode)"
     )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="data=D,model=M",
+        help="serve on a device mesh: the running batch over data (--max-batch rounded up to a "
+        "multiple of D), weights and kv heads over model",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -118,6 +125,10 @@ def check_args(args) -> None:
                 f"--prompt-buckets must be positive and reach --max-prompt-tokens "
                 f"({args.max_prompt_tokens}), got {args.prompt_buckets}"
             )
+    if args.mesh:
+        from pvjax.parallel.sharding import parse_mesh
+
+        parse_mesh(args.mesh)
     if not args.request_timeout > 0:
         raise UsageError(f"--request-timeout must be > 0, got {args.request_timeout}")
     for spec in args.vector + args.monitor:
@@ -147,6 +158,11 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     log = logging.getLogger("pvjax.serve")
+    mesh = None
+    if args.mesh:  # a mesh that does not fit the devices here is refused before the load
+        from pvjax.parallel.sharding import mesh_from_flag
+
+        mesh = mesh_from_flag(args.mesh)
     model = pvjax.load(args.model, dtype=args.dtype)
     vectors, monitors = {}, {}
     for spec in args.vector:
@@ -180,6 +196,7 @@ def run(args) -> int:
             if args.prompt_buckets is None
             else tuple(int(w) for w in args.prompt_buckets.split(","))
         ),
+        mesh=mesh,
     )
     service = Service(model, Catalog(vectors, monitors), settings)
     log.info(

@@ -16,6 +16,11 @@ Three programs, compiled once per shape and reused for every request:
   the next step. Rows that are free run along and are ignored.
 - `shift`: the cache moved left by `m` columns, when the oldest rows have left.
 
+On a `("data", "model")` mesh (`mesh`, static) the slots' state stays where `slot_shardings`
+puts it (rows over "data", the cache's kv heads over "model", in the split cache layout of
+`pvjax.engine.mesh`): every program pins its output to it, so a call's output is the next call's
+input and nothing recompiles.
+
 Every row writes the same cache column at a step (the cache's `index`); which columns a row
 attends to is its `valid` mask. A row's columns are in the order `generate` puts them (prompt,
 then its answer), and masked columns add exact zeros in the CPU kernel's attention, so a row's
@@ -29,6 +34,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pvjax.capture import Capture
 from pvjax.interventions import Intervention
@@ -83,12 +90,43 @@ class Newcomer:
     column: jax.Array  # [] int32, the prompt ends just before this column
 
 
-def empty_slots(cfg, layout, iv: Intervention, batch: int, columns: int, dtype) -> Slots:
+def empty_slots(
+    cfg, layout, iv: Intervention, batch: int, columns: int, dtype, *, split: bool = False
+) -> Slots:
     return Slots(
-        cache=init_cache(cfg, layout, batch, columns, dtype),
+        cache=init_cache(cfg, layout, batch, columns, dtype, split=split),
         logits_BV=jnp.zeros((batch, cfg.vocab_size), jnp.float32),
         iv=iv,
     )
+
+
+def slot_shardings(slots: Slots, cfg, mesh):
+    """Where each leaf of `slots` lives on `mesh`: the B rows over "data" (cache, logits, the
+    rows of the intervention), the cache's kv heads over "model" when they divide, the rest
+    replicated."""
+    B = slots.logits_BV.shape[0]
+    data = "data" if B % mesh.shape["data"] == 0 else None
+    kv = "model" if cfg.num_kv_heads % mesh.shape["model"] == 0 else None
+    at = lambda *spec: NamedSharding(mesh, P(*spec))
+    cache_spec = lambda x: at(*((None,) * (x.ndim - 4) + (data, kv, None, None)))
+    row_spec = lambda x: at(None, data) if x.ndim > 1 and x.shape[1] == B else at()
+    c = slots.cache
+    return Slots(
+        cache=c.replace(
+            k=jax.tree_util.tree_map(cache_spec, c.k),
+            v=jax.tree_util.tree_map(cache_spec, c.v),
+            valid=at(data, None),
+            index=at(),
+        ),
+        logits_BV=at(data, None),
+        iv=jax.tree_util.tree_map(row_spec, slots.iv),
+    )
+
+
+def _pinned(slots: Slots, cfg, mesh) -> Slots:
+    if mesh is None:
+        return slots
+    return jax.lax.with_sharding_constraint(slots, slot_shardings(slots, cfg, mesh))
 
 
 def _draw(logits_BV, feed: Feed, mode: str):
@@ -118,8 +156,10 @@ def _draw(logits_BV, feed: Feed, mode: str):
     return jnp.where(feed.temperature_B > 0, drawn, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout", "mode"), donate_argnames=("slots",))
-def step(params, slots: Slots, feed: Feed, probes, *, cfg, layout, mode: str):
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "layout", "mode", "mesh"), donate_argnames=("slots",)
+)
+def step(params, slots: Slots, feed: Feed, probes, *, cfg, layout, mode: str, mesh=None):
     """`(slots, tokens [B], their log-probabilities [B], their projections [L, B, K] or None)`:
     one token drawn and fed for every row."""
     logits = slots.logits_BV
@@ -139,7 +179,8 @@ def step(params, slots: Slots, feed: Feed, probes, *, cfg, layout, mode: str):
         capture=Capture(probes=probes, logits="last", hidden=False),
     )
     proj = None if probes is None else out.projections[:, :, 0]
-    return slots.replace(cache=out.cache, logits_BV=out.logits[:, -1]), tok_B, logprob_B, proj
+    slots = _pinned(slots.replace(cache=out.cache, logits_BV=out.logits[:, -1]), cfg, mesh)
+    return slots, tok_B, logprob_B, proj
 
 
 def _put(dst, src, idx):
@@ -155,8 +196,10 @@ def _write_layers(dst, src, idx):
     return _put(dst, stacked, (0,) + idx)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "prefill_layout"), donate_argnames=("slots",))
-def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_layout):
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "prefill_layout", "mesh"), donate_argnames=("slots",)
+)
+def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_layout, mesh=None):
     """`(slots, the prompt's last-token projections [L, K] or None, the condition's gate [])`
     with `new` in its slot."""
     P = new.tokens_1P.shape[1]
@@ -168,15 +211,18 @@ def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_l
         new.tokens_1P,
         default_positions(new.mask_1P),
         new.mask_1P,
-        init_cache(cfg, prefill_layout, 1, P, dtype),
+        init_cache(cfg, prefill_layout, 1, P, dtype, split=slots.cache.split),
         intervention=new.iv.with_masks(new.steer_1P, new.ablate_1P),
         capture=Capture(probes=probes, logits="last", hidden=False),
     )
     K = cfg.num_kv_heads
-    row, col = new.slot * K, new.column - P
+    col = new.column - P
     cache = slots.cache
-    k = _write_layers(cache.k, pre.cache.k, (row, 0, col))
-    v = _write_layers(cache.v, pre.cache.v, (row, col, 0))
+    # The merged layout keeps a row as K consecutive entries of its batch axis; the split one
+    # (a mesh) has the row and its kv heads on two axes.
+    row = (new.slot, 0) if cache.split else (new.slot * K,)
+    k = _write_layers(cache.k, pre.cache.k, row + (0, col))
+    v = _write_layers(cache.v, pre.cache.v, row + (col, 0))
     valid = cache.valid.at[new.slot].set(False)
     valid = jax.lax.dynamic_update_slice(valid, new.mask_1P.astype(bool), (new.slot, col))
     strip = lambda iv: iv.replace(steer_mask=None, ablate_mask=None)
@@ -197,12 +243,13 @@ def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_l
         logits_BV=slots.logits_BV.at[new.slot].set(pre.logits[0, -1]),
         iv=iv,
     )
+    slots = _pinned(slots, cfg, mesh)
     proj = None if probes is None else pre.projections[:, 0, -1]
     return slots, proj, gate
 
 
-@functools.partial(jax.jit, donate_argnames=("slots",))
-def shift(slots: Slots, m):
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("slots",))
+def shift(slots: Slots, m, *, cfg=None, mesh=None):
     """The cache moved `m` columns to the left; the columns that come in are empty."""
 
     def left(x, axis):
@@ -211,13 +258,14 @@ def shift(slots: Slots, m):
         return jax.lax.dynamic_slice_in_dim(both, m, S, axis=axis)
 
     c = slots.cache
-    return slots.replace(
+    slots = slots.replace(
         cache=c.replace(
             k=jax.tree_util.tree_map(lambda x: left(x, x.ndim - 1), c.k),
             v=jax.tree_util.tree_map(lambda x: left(x, x.ndim - 2), c.v),
             valid=left(c.valid, 1),
         )
     )
+    return _pinned(slots, cfg, mesh)
 
 
 def compile_count() -> int:

@@ -13,10 +13,15 @@ D hidden size.
     engine.release(slot)
 
 The programs are `pvjax.engine.slot_programs`; the host side here keeps each row's counters,
-places prompts in the cache and compacts it. Per-request reproducibility: a row's tokens depend
-only on its own prompt, intervention, settings and seed (its key is `fold_in(PRNGKey(seed), 0)`,
-folded with its token count, as `generate` draws a lone prompt), so the same request gives the
-same text whatever else shares the batch, and greedy rows give `generate`'s tokens.
+places prompts in the cache and compacts it. `mesh` (a `("data", "model")` mesh,
+`pvjax.parallel.sharding.make_mesh`) lays the rows over "data" (`max_batch` rounded up to a
+multiple of it) and the weights and kv heads over "model", as `generate`'s mesh does
+(`pvjax.engine.mesh`); the numbers equal one device's up to float summation order.
+
+Per-request reproducibility: a row's tokens depend only on its own prompt, intervention,
+settings and seed (its key is `fold_in(PRNGKey(seed), 0)`, folded with its token count, as
+`generate` draws a lone prompt), so the same request gives the same text whatever else shares
+the batch, and greedy rows give `generate`'s tokens.
 
 The cache: every row writes the same column each step (`column`), a newcomer's prompt fills the
 columns just before it (the column is moved on when a prompt needs more room), and when the
@@ -35,12 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from pvjax import inputs
+from pvjax.engine import mesh as slot_mesh
 from pvjax.engine import slot_programs as programs
 from pvjax.engine.decode_loop import decode_weights
 from pvjax.engine.prompt_split import prompt_bucket
 from pvjax.errors import InputError
 from pvjax.interventions import POSITION_MODES, ClosedLoop, Condition, Intervention, Modes, empty
 from pvjax.models.layout import Scanned
+from pvjax.parallel import sharding
 
 __all__ = ["Row", "SlotEngine", "StepOutput", "bucket_widths", "compile_count"]
 
@@ -108,6 +115,7 @@ class SlotEngine:
         pad_id: int = 0,
         stop_ids=(),
         widths=None,
+        mesh=None,
     ):
         for name, v in (("max_batch", max_batch), ("max_prompt", max_prompt), ("max_new", max_new)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -129,10 +137,20 @@ class SlotEngine:
                 f"{model.model_id} ({cfg.max_position_embeddings})"
             )
         self.S = max(self.widths) + max_new
-        self.params, self.layout = decode_weights(model, unroll)
-        self.prefill_params, self.prefill_layout = (
-            (self.params, self.layout) if self.layout.packed else (model.params, Scanned())
-        )
+        self.mesh = mesh
+        if (
+            mesh is not None
+        ):  # rows over "data" (B rounded up to it), weights and heads over "model"
+            sharding.check_mesh(mesh)
+            self.B = max_batch = sharding.pad_batch(max_batch, mesh)
+            self.params, self.prefill_params = slot_mesh.place_params(model, mesh, unroll)
+            self.layout, self.prefill_layout = slot_mesh.layouts(unroll)
+            slot_mesh.note_cache_layout(cfg, mesh, model.model_id)
+        else:
+            self.params, self.layout = decode_weights(model, unroll)
+            self.prefill_params, self.prefill_layout = (
+                (self.params, self.layout) if self.layout.packed else (model.params, Scanned())
+            )
         self.probes = None
         if probes is not None:
             p = np.asarray(probes, np.float32)
@@ -144,8 +162,11 @@ class SlotEngine:
             modes=Modes.add(self.L, self.B),
             condition=Condition.none(self.L, self.D, self.B),
         )
+        slots = programs.empty_slots(
+            cfg, self.layout, iv, self.B, self.S, model.dtype, split=mesh is not None
+        )
         self.slots = jax.device_put(
-            programs.empty_slots(cfg, self.layout, iv, self.B, self.S, model.dtype)
+            slots, None if mesh is None else programs.slot_shardings(slots, cfg, mesh)
         )
         self.column = 0
         B = self.B
@@ -238,6 +259,7 @@ class SlotEngine:
             self.probes,
             cfg=self.cfg,
             prefill_layout=self.prefill_layout,
+            mesh=self.mesh,
         )
         self.active[slot] = True
         self.start[slot] = self.column - P
@@ -298,6 +320,7 @@ class SlotEngine:
             cfg=self.cfg,
             layout=self.layout,
             mode=mode,
+            mesh=self.mesh,
         )
         tok, logp = np.asarray(tok), np.asarray(logp)
         proj = None if proj is None else np.asarray(proj)
@@ -339,7 +362,7 @@ class SlotEngine:
             self.release(0)
             times[f"step[{mode}]"] = time.perf_counter() - t
         t = time.perf_counter()
-        self.slots = programs.shift(self.slots, np.int32(0))
+        self.slots = programs.shift(self.slots, np.int32(0), cfg=self.cfg, mesh=self.mesh)
         jax.block_until_ready(self.slots)
         times["shift"] = time.perf_counter() - t
         self.column = 0
@@ -357,7 +380,7 @@ class SlotEngine:
             raise RuntimeError("slot engine: no free cache column (a row outgrew max_new)")
         if m <= 0 or not (force or m >= max(32, self.column - m)):
             return
-        self.slots = programs.shift(self.slots, np.int32(m))
+        self.slots = programs.shift(self.slots, np.int32(m), cfg=self.cfg, mesh=self.mesh)
         self.start[rows] -= m
         self.column -= m
         self.shifts += 1

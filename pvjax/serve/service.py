@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import uuid
+from typing import Any
 
 from pvjax.engine.generate import stop_token_ids
 from pvjax.engine.slots import Row, SlotEngine, SlotError
@@ -38,6 +39,7 @@ class ServeSettings:
     api_key: str | None = None
     unroll: bool = True
     prompt_widths: tuple[int, ...] | None = None  # compiled prompt widths (None: every bucket)
+    mesh: Any = None  # a ("data", "model") jax Mesh (`--mesh`), or None: one device
 
 
 class Service:
@@ -55,6 +57,7 @@ class Service:
             pad_id=eos[0] if eos else 0,
             stop_ids=eos,
             widths=settings.prompt_widths,
+            mesh=settings.mesh,
         )
         self.metrics = Metrics()
         self.scheduler = Scheduler(
