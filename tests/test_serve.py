@@ -97,6 +97,7 @@ def served(smollm2):
         max_batch=8,
         max_prompt=48,
         prompt_widths=(16, 48),  # the prompts here: two compiles instead of four
+        prefix_widths=(24,),  # the chat template's 24 tokens, shared by every question here
         max_new=NEW,
         max_queue=64,
         request_timeout=900.0,
@@ -245,6 +246,54 @@ def test_rescale_rotate_and_conditions_batched_equal_generate(served):
     assert got[3].choices[0].message.content == ask(client, lo).choices[0].message.content
     assert got[2].choices[0].message.content != ask(client, hi).choices[0].message.content
     assert sch.compiles_since_ready() == compiles
+
+
+def _metric(served, name) -> float:
+    r = httpx.get(f"{served.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    line = next(x for x in r.text.splitlines() if x.startswith(f"pvjax_{name} "))
+    return float(line.split()[1])
+
+
+def test_shared_prefixes_change_no_answer_and_show_in_metrics(served):
+    """The chat template's first 24 tokens (the server's `prefix_widths`) run once and are reused
+    by every later question: the same texts as with sharing off, for unsteered, `response`-
+    steered, rescaled and conditional requests sent together (an `all`-steered one runs whole),
+    and /metrics counts the prefix tokens reused."""
+    client, engine = served.client(), served.service.engine
+    when = {"vector": "b", "layer": COND_LAYER, "threshold": -100.0}
+    cases = [
+        (QUESTIONS[0], {}),
+        (QUESTIONS[1], steer("a", COEF)),
+        (
+            QUESTIONS[2],
+            {"steer": [{"vector": "a", "layer": LAYER, "coef": 4.0, "mode": "rescale"}]},
+        ),
+        (QUESTIONS[0], {"steer": [{"vector": "b", "layer": LAYER, "coef": COEF, "when": when}]}),
+        (QUESTIONS[1], steer("b", 4.0, positions="all")),
+    ]
+
+    def answers():
+        with cf.ThreadPoolExecutor(len(cases)) as pool:
+            return list(
+                pool.map(
+                    lambda c: ask(client, c[0], extra_body=c[1]).choices[0].message.content, cases
+                )
+            )
+
+    reused, hits = _metric(served, "prefix_tokens_reused_total"), engine.prefix_hits
+    shared = answers()
+    assert engine.prefix_hits - hits >= 3  # at most the first of the four shareable ones misses
+    assert _metric(served, "prefix_tokens_reused_total") - reused == 24 * (
+        engine.prefix_hits - hits
+    )
+    assert _metric(served, "prefix_cache_entries") >= 1
+    widths, engine.prefix_widths = engine.prefix_widths, ()
+    try:
+        whole = answers()
+    finally:
+        engine.prefix_widths = widths
+    assert shared == whole
+    assert len(set(shared)) > 2
 
 
 def test_eight_settings_batched_equal_their_solo_answers(served):
@@ -514,6 +563,8 @@ def test_warming_up_answers_503(smollm2):
         (["--vector", "=v.safetensors"], "NAME=FILE"),
         (["--request-timeout", "0"], "--request-timeout"),
         (["--mesh", "data=x"], "expected data=D,model=M"),
+        (["--share-prefix", "2048"], "--share-prefix widths must be in"),
+        (["--prefix-cache", "0"], "--prefix-cache must be >= 1"),
     ],
 )
 def test_cli_refuses_bad_flags_before_loading(argv, words, capsys):

@@ -4,7 +4,7 @@
 Shape legend: B slots, P prompt columns (a bucket), S cache columns, V vocabulary, L = n_layers + 1
 hidden-state rows, K probe vectors, D hidden size.
 
-Three programs, compiled once per shape and reused for every request:
+The programs, compiled once per shape and reused for every request:
 - `admit`: one newcomer's prompt through the prefill, its keys and values written into its slot
   at columns `[column - P, column)`, its last-position logits and its intervention row stored
   (with its condition's gate, read on the prompt and kept for every step: a row's steering
@@ -15,6 +15,9 @@ Three programs, compiled once per shape and reused for every request:
   run through one `decode_step` at cache column `column`; the logits it returns are stored for
   the next step. Rows that are free run along and are ignored.
 - `shift`: the cache moved left by `m` columns, when the oldest rows have left.
+- `prefix` and `admit_after`: prompt-prefix sharing. `prefix` runs a shared prefix (a system
+  prompt) once, unsteered, and returns its keys and values; `admit_after` admits a prompt that
+  opens with it by running only its tail against those keys and values.
 
 On a `("data", "model")` mesh (`mesh`, static) the slots' state stays where `slot_shardings`
 puts it (rows over "data", the cache's kv heads over "model", in the split cache layout of
@@ -215,8 +218,71 @@ def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_l
         intervention=new.iv.with_masks(new.steer_1P, new.ablate_1P),
         capture=Capture(probes=probes, logits="last", hidden=False),
     )
+    return _install(slots, new, pre, new.mask_1P.astype(bool), probes, cfg, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "prefill_layout", "split"))
+def prefix(prefill_params, tokens_1C, *, cfg, prefill_layout, split=False):
+    """`(k, v)`: the keys and values of a shared prompt prefix `[1, C]` (every column a real
+    token, run unsteered), in the prefill layout's cache form, for `admit_after`."""
+    C = tokens_1C.shape[1]
+    mask = jnp.ones_like(tokens_1C)
+    dtype = prefill_params["embed"].dtype
+    pre = prefill(
+        prefill_params,
+        cfg,
+        prefill_layout,
+        tokens_1C,
+        default_positions(mask),
+        mask,
+        init_cache(cfg, prefill_layout, 1, C, dtype, split=split),
+        capture=Capture(logits="none", hidden=False),
+    )
+    return pre.cache.k, pre.cache.v
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "prefill_layout", "mesh"), donate_argnames=("slots",)
+)
+def admit_after(
+    prefill_params, slots: Slots, new: Newcomer, kv, probes, *, cfg, prefill_layout, mesh=None
+):
+    """`admit` for a prompt whose first C tokens are a shared prefix with keys and values `kv`
+    (`prefix`): only the tail `new.tokens_1P` runs, attending to the prefix, and the slot gets
+    the prefix's C columns, then the tail's. The same numbers as `admit` on the whole prompt up
+    to the order of the attention's sums (as `generate`'s shared prefixes)."""
+    P = new.tokens_1P.shape[1]
+    C = jax.tree_util.tree_leaves(kv[0])[0].shape[-1]
+    dtype = prefill_params["embed"].dtype
+    cache = init_cache(cfg, prefill_layout, 1, C + P, dtype, split=slots.cache.split)
+    at = (0,) * (4 if cache.split else 3)
+    cache = cache.replace(
+        k=_write_layers(cache.k, kv[0], at),
+        v=_write_layers(cache.v, kv[1], at),
+        valid=cache.valid.at[:, :C].set(True),
+        index=jnp.int32(C),
+    )
+    pre = decode_step(
+        prefill_params,
+        cfg,
+        prefill_layout,
+        new.tokens_1P,
+        default_positions(new.mask_1P) + C,
+        new.mask_1P,
+        cache,
+        intervention=new.iv.with_masks(new.steer_1P, new.ablate_1P),
+        capture=Capture(probes=probes, logits="last", hidden=False),
+    )
+    valid = jnp.concatenate([jnp.ones((1, C), bool), new.mask_1P.astype(bool)], axis=1)
+    return _install(slots, new, pre, valid, probes, cfg, mesh)
+
+
+def _install(slots: Slots, new: Newcomer, pre, valid_1W, probes, cfg, mesh):
+    """The newcomer's prompt pass `pre` (its cache of W columns, `valid_1W`) written into its slot
+    at columns `[column - W, column)`, with its logits and its intervention row."""
+    W = valid_1W.shape[1]
     K = cfg.num_kv_heads
-    col = new.column - P
+    col = new.column - W
     cache = slots.cache
     # The merged layout keeps a row as K consecutive entries of its batch axis; the split one
     # (a mesh) has the row and its kv heads on two axes.
@@ -224,7 +290,7 @@ def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_l
     k = _write_layers(cache.k, pre.cache.k, row + (0, col))
     v = _write_layers(cache.v, pre.cache.v, row + (col, 0))
     valid = cache.valid.at[new.slot].set(False)
-    valid = jax.lax.dynamic_update_slice(valid, new.mask_1P.astype(bool), (new.slot, col))
+    valid = jax.lax.dynamic_update_slice(valid, valid_1W, (new.slot, col))
     strip = lambda iv: iv.replace(steer_mask=None, ablate_mask=None)
     put_row = lambda a, b: a.at[:, new.slot].set(b[:, 0].astype(a.dtype))
     iv = jax.tree_util.tree_map(put_row, strip(slots.iv), strip(new.iv))
@@ -270,4 +336,4 @@ def shift(slots: Slots, m, *, cfg=None, mesh=None):
 
 def compile_count() -> int:
     """Programs the slot engine has compiled in this process (for the no-recompile checks)."""
-    return step._cache_size() + admit._cache_size() + shift._cache_size()
+    return sum(f._cache_size() for f in (step, admit, shift, prefix, admit_after))

@@ -32,6 +32,7 @@ left by the first column still in use. A row's span is at most its prompt bucket
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 
@@ -116,6 +117,8 @@ class SlotEngine:
         stop_ids=(),
         widths=None,
         mesh=None,
+        prefix_widths=(),
+        prefix_cache: int = 8,
     ):
         for name, v in (("max_batch", max_batch), ("max_prompt", max_prompt), ("max_new", max_new)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
@@ -151,6 +154,7 @@ class SlotEngine:
             self.prefill_params, self.prefill_layout = (
                 (self.params, self.layout) if self.layout.packed else (model.params, Scanned())
             )
+        self._init_prefixes(prefix_widths, prefix_cache)
         self.probes = None
         if probes is not None:
             p = np.asarray(probes, np.float32)
@@ -220,20 +224,23 @@ class SlotEngine:
             inputs.check_intervention_batch(iv, 1, self.D, self.L, self.model.model_id)
         return ids
 
-    def admit(self, slot: int, ids, row: Row, max_new: int | None = None):
+    def admit(self, slot: int, ids, row: Row, max_new: int | None = None, *, prefix=None):
         """Put a request in the free `slot`: its prompt runs now; its first token comes with the
         next `step`. Returns its last prompt token's projections `[L, K]` (or None); a row with a
         condition leaves its gate in `gate[slot]` (1: it steers, 0: it does not)."""
         ids = self.check(ids, row, self.max_new if max_new is None else max_new)
         if self.active[slot]:
             raise SlotError(f"slot {slot} is taken")
-        P = self.width(len(ids))
+        C = self.shared_prefix(ids, row) if prefix is None else prefix
+        tail = ids[C:]
+        P = self.width(len(tail))
+        W = C + P  # the columns the prompt takes in the cache
         if self.column >= self.S:
             self._compact(force=True)
-        self.column = max(self.column, P)
+        self.column = max(self.column, W)
         tokens = np.full((1, P), self.pad_id, np.int32)
         mask = np.zeros((1, P), np.int32)
-        tokens[0, P - len(ids) :], mask[0, P - len(ids) :] = ids, 1
+        tokens[0, P - len(tail) :], mask[0, P - len(tail) :] = tail, 1
         steer = mask.astype(np.float32)
         if row.positions == "response":
             steer = np.zeros_like(steer)
@@ -252,17 +259,18 @@ class SlotEngine:
             slot=np.int32(slot),
             column=np.int32(self.column),
         )
-        self.slots, proj, gate = programs.admit(
-            self.prefill_params,
-            self.slots,
-            new,
-            self.probes,
-            cfg=self.cfg,
-            prefill_layout=self.prefill_layout,
-            mesh=self.mesh,
-        )
+        kw = dict(cfg=self.cfg, prefill_layout=self.prefill_layout, mesh=self.mesh)
+        if C:
+            kv = self._prefix_kv(ids[:C])
+            self.slots, proj, gate = programs.admit_after(
+                self.prefill_params, self.slots, new, kv, self.probes, **kw
+            )
+        else:
+            self.slots, proj, gate = programs.admit(
+                self.prefill_params, self.slots, new, self.probes, **kw
+            )
         self.active[slot] = True
-        self.start[slot] = self.column - P
+        self.start[slot] = self.column - W
         self.position[slot] = len(ids)
         self.count[slot] = 0
         self.keys[slot] = np.asarray(jax.random.fold_in(jax.random.PRNGKey(row.seed), 0))
@@ -281,6 +289,69 @@ class SlotEngine:
         is compiled here (the same numbers as `generate`), else the next wider one."""
         b = prompt_bucket(n)
         return min([w for w in self.widths if w >= b] or [w for w in self.widths if w >= n])
+
+    # -- prompt-prefix sharing ------------------------------------------------------------------
+
+    def _init_prefixes(self, widths, entries) -> None:
+        widths = tuple(sorted(set(widths or ())))
+        if any(isinstance(w, bool) or not isinstance(w, (int, np.integer)) for w in widths):
+            raise SlotError(f"prefix widths must be integers, got {widths!r}")
+        if widths and (widths[0] < 1 or widths[-1] >= self.widths[-1]):
+            raise SlotError(
+                f"prefix widths {list(widths)} must be in 1..{self.widths[-1] - 1} (a prompt "
+                f"keeps at least one token of its own within the widest bucket)"
+            )
+        if isinstance(entries, bool) or not isinstance(entries, (int, np.integer)) or entries < 1:
+            raise SlotError(f"the prefix cache must hold >= 1 entries, got {entries!r}")
+        if widths and self.mesh is not None:
+            raise SlotError("prefix sharing does not run on a mesh yet")
+        self.prefix_widths, self.prefix_entries = widths, int(entries)
+        self.prefixes: collections.OrderedDict = collections.OrderedDict()  # ids -> (k, v)
+        self.prefix_hits = self.prefix_misses = self.prefix_tokens_reused = 0
+        self._tails = {C: self.tail_widths(C) for C in widths}
+
+    def tail_widths(self, C: int) -> list[int]:
+        """The compiled widths a prompt's tail after a shared prefix of `C` runs at."""
+        top = self.widths[-1]
+        return sorted({self.width(n) for n in range(1, top - C + 1)} & set(range(1, top - C + 1)))
+
+    def shared_prefix(self, ids, row: Row) -> int:
+        """How many of the prompt's first tokens run as a shared prefix (0: none): the widest
+        prefix width that leaves the prompt a tail, when the row's intervention cannot tell the
+        prefix apart (none at all, or steering on `response` alone without ablation: then
+        nothing acts before the last prompt token, where a condition is read too)."""
+        if not self.prefix_widths:
+            return 0
+        iv = row.intervention
+        if iv is not None and (
+            row.positions != "response" or bool(np.any(np.asarray(iv.ablate_coefs)))
+        ):
+            return 0
+        for C in reversed(self.prefix_widths):
+            if C < len(ids) and self.width(len(ids) - C) in self._tails[C]:
+                return C
+        return 0
+
+    def _prefix_kv(self, prefix_ids):
+        """The prefix's keys and values: from the cache (most recently used kept), else run now
+        and kept, the least recently used entry leaving when the cache is full."""
+        key = tuple(int(i) for i in prefix_ids)
+        if key in self.prefixes:
+            self.prefixes.move_to_end(key)
+            self.prefix_hits += 1
+            self.prefix_tokens_reused += len(key)
+            return self.prefixes[key]
+        kv = programs.prefix(
+            self.prefill_params,
+            np.asarray([key], np.int32),
+            cfg=self.cfg,
+            prefill_layout=self.prefill_layout,
+        )
+        self.prefix_misses += 1
+        self.prefixes[key] = kv
+        while len(self.prefixes) > self.prefix_entries:
+            self.prefixes.popitem(last=False)
+        return kv
 
     def release(self, slot: int) -> None:
         """Free `slot` at once (a finished, cancelled or timed-out request)."""
@@ -338,9 +409,9 @@ class SlotEngine:
     # -- startup ---------------------------------------------------------------------------------
 
     def warm_up(self, modes=programs.MODES) -> dict[str, float]:
-        """Compile every program (each prompt bucket's prefill, a step per sampling mode, the
-        shift) by running it once on a throwaway request; seconds per program. Leaves every slot
-        free."""
+        """Compile every program (each prompt bucket's prefill, each shared prefix width's prefix
+        and tails, a step per sampling mode, the shift) by running it once on a throwaway
+        request; seconds per program. Leaves every slot free and the prefix cache empty."""
         if self.active.any():
             raise SlotError("warm_up runs before any request is admitted")
         times = {}
@@ -351,9 +422,18 @@ class SlotEngine:
         }
         for P in self.widths:
             t = time.perf_counter()
-            self.admit(0, [self.pad_id] * min(P, self.max_prompt), Row())
+            self.admit(0, [self.pad_id] * min(P, self.max_prompt), Row(), prefix=0)
             self.release(0)
             times[f"prefill[{P}]"] = time.perf_counter() - t
+        for C in self.prefix_widths:  # the prefix, then a tail at every width that can follow it
+            t = time.perf_counter()
+            for P in self._tails[C]:
+                n = min(n for n in range(1, P + 1) if self.width(n) == P)
+                self.admit(0, [self.pad_id] * (C + n), Row(), prefix=C)
+                self.release(0)
+            times[f"prefix[{C}]"] = time.perf_counter() - t
+        self.prefixes.clear()
+        self.prefix_hits = self.prefix_misses = self.prefix_tokens_reused = 0
         for mode in modes:
             t = time.perf_counter()
             self.admit(0, [self.pad_id], settings[mode])

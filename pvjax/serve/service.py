@@ -40,6 +40,8 @@ class ServeSettings:
     unroll: bool = True
     prompt_widths: tuple[int, ...] | None = None  # compiled prompt widths (None: every bucket)
     mesh: Any = None  # a ("data", "model") jax Mesh (`--mesh`), or None: one device
+    prefix_widths: tuple[int, ...] = ()  # shared prompt-prefix widths (`--share-prefix`)
+    prefix_cache: int = 8  # shared prefixes kept (least recently used leaves first)
 
 
 class Service:
@@ -58,6 +60,8 @@ class Service:
             stop_ids=eos,
             widths=settings.prompt_widths,
             mesh=settings.mesh,
+            prefix_widths=settings.prefix_widths,
+            prefix_cache=settings.prefix_cache,
         )
         self.metrics = Metrics()
         self.scheduler = Scheduler(
