@@ -22,6 +22,7 @@ httpx = pytest.importorskip("httpx")
 from loopback import serving  # noqa: E402
 
 from pvjax import interventions as ivs  # noqa: E402
+from pvjax.engine import rows  # noqa: E402
 from pvjax.engine import terms as T  # noqa: E402
 from pvjax.engine.generate import SamplingParams, generate  # noqa: E402
 from pvjax.methods import monitoring as mon  # noqa: E402
@@ -96,6 +97,7 @@ def served(smollm2):
         max_batch=8,
         max_prompt=48,
         prompt_widths=(16, 48),  # the prompts here: two compiles instead of four
+        prefix_widths=(24,),  # the chat template's 24 tokens, shared by every question here
         max_new=NEW,
         max_queue=64,
         request_timeout=900.0,
@@ -188,6 +190,112 @@ def test_engine_terms_composed_equal_generate(served):
     assert second["layer"] == LAYER and math.isfinite(second["prompt_last_projection"])
 
 
+COND_LAYER = 10
+
+
+def test_rescale_rotate_and_conditions_batched_equal_generate(served):
+    """Rescale, rotate and conditional terms (`when`) are data of a row: sent together (one
+    batch, beside a plain addition), each served greedy answer equals `generate`'s with the same
+    terms, the condition holds on one prompt and not on the other, and nothing compiles."""
+    model, client, sch = served.model, served.client(), served.service.scheduler
+    compiles = sch.compiles_since_ready()
+    # The condition reads vector b at COND_LAYER on the last prompt token: the served reading
+    # there (a coefficient-0 term) sets a threshold between two of the questions.
+    reading = {
+        q: extra(ask(client, q, max_tokens=1, extra_body=steer("b", 0.0, COND_LAYER)))["steer"][0][
+            "prompt_last_projection"
+        ]
+        for q in QUESTIONS
+    }
+    hi, lo = max(reading, key=reading.get), min(reading, key=reading.get)
+    assert reading[hi] - reading[lo] > 0.01, reading  # far above float error (1e-5)
+    when = {"vector": "b", "layer": COND_LAYER, "threshold": (reading[hi] + reading[lo]) / 2}
+    conditional = {"vector": "a", "layers": [LAYER - 4, LAYER - 2, LAYER], "coef": 2 * COEF}
+    conditional["when"] = when
+    cases = [  # (question, terms)
+        (QUESTION, [{"vector": "a", "layer": LAYER, "coef": COEF, "mode": "rescale"}]),
+        (QUESTION, [{"vector": "a", "layers": [LAYER - 2, LAYER], "angle": 1.2}]),
+        (hi, [conditional]),
+        (lo, [conditional]),
+        (QUESTION, [{"vector": "b", "layer": LAYER, "coef": -4.0}]),
+    ]
+    with cf.ThreadPoolExecutor(len(cases)) as pool:
+        got = list(pool.map(lambda c: ask(client, c[0], extra_body={"steer": c[1]}), cases))
+    arrays = {"a": served.vectors["a"], "b": served.vectors["b"]}
+
+    def arrayed(t):
+        t = T.from_dict({**t, "vector": arrays[t["vector"]]})
+        if t.when is None:
+            return t
+        return dataclasses.replace(t, when=dataclasses.replace(t.when, vector=arrays["b"]))
+
+    iv = T.build_intervention([[arrayed(t) for t in terms] for _, terms in cases], model)
+    for i, (question, terms) in enumerate(cases):
+        want = generate(
+            model,
+            [question],
+            intervention=rows.take(iv, [i]),
+            positions="response",
+            sampling=SamplingParams(max_new_tokens=NEW),
+        )
+        assert got[i].choices[0].message.content == want.texts[0], (i, terms)
+    applied = [extra(r)["steer"][0] for r in got]
+    assert applied[0]["mode"] == "rescale" and applied[1]["angle"] == 1.2
+    assert applied[2]["when"]["held"] is True and applied[3]["when"]["held"] is False
+    # the shut gate is bit for bit unsteered; the open one steers
+    assert got[3].choices[0].message.content == ask(client, lo).choices[0].message.content
+    assert got[2].choices[0].message.content != ask(client, hi).choices[0].message.content
+    assert sch.compiles_since_ready() == compiles
+
+
+def _metric(served, name) -> float:
+    r = httpx.get(f"{served.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
+    line = next(x for x in r.text.splitlines() if x.startswith(f"pvjax_{name} "))
+    return float(line.split()[1])
+
+
+def test_shared_prefixes_change_no_answer_and_show_in_metrics(served):
+    """The chat template's first 24 tokens (the server's `prefix_widths`) run once and are reused
+    by every later question: the same texts as with sharing off, for unsteered, `response`-
+    steered, rescaled and conditional requests sent together (an `all`-steered one runs whole),
+    and /metrics counts the prefix tokens reused."""
+    client, engine = served.client(), served.service.engine
+    when = {"vector": "b", "layer": COND_LAYER, "threshold": -100.0}
+    cases = [
+        (QUESTIONS[0], {}),
+        (QUESTIONS[1], steer("a", COEF)),
+        (
+            QUESTIONS[2],
+            {"steer": [{"vector": "a", "layer": LAYER, "coef": 4.0, "mode": "rescale"}]},
+        ),
+        (QUESTIONS[0], {"steer": [{"vector": "b", "layer": LAYER, "coef": COEF, "when": when}]}),
+        (QUESTIONS[1], steer("b", 4.0, positions="all")),
+    ]
+
+    def answers():
+        with cf.ThreadPoolExecutor(len(cases)) as pool:
+            return list(
+                pool.map(
+                    lambda c: ask(client, c[0], extra_body=c[1]).choices[0].message.content, cases
+                )
+            )
+
+    reused, hits = _metric(served, "prefix_tokens_reused_total"), engine.prefix_hits
+    shared = answers()
+    assert engine.prefix_hits - hits >= 3  # at most the first of the four shareable ones misses
+    assert _metric(served, "prefix_tokens_reused_total") - reused == 24 * (
+        engine.prefix_hits - hits
+    )
+    assert _metric(served, "prefix_cache_entries") >= 1
+    widths, engine.prefix_widths = engine.prefix_widths, ()
+    try:
+        whole = answers()
+    finally:
+        engine.prefix_widths = widths
+    assert shared == whole
+    assert len(set(shared)) > 2
+
+
 def test_eight_settings_batched_equal_their_solo_answers(served):
     client = served.client()
     settings = [("a", c) for c in (-8.0, -4.0, 4.0, 8.0)] + [
@@ -273,12 +381,18 @@ BAD = [
     ({"steer": [{"vector": "a", "layer": LAYER, "coef": math.inf}]}, 400, "finite"),
     ({"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "positions": "x"}]}, 400, "positions"),
     ({"steer": [{"vector": "a", "layer": LAYER}]}, 400, "no strength"),
-    ({"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "mode": "rescale"}]}, 400, ".mode"),
-    ({"steer": [{"vector": "a", "layer": LAYER, "angle": 0.5}]}, 400, "steer[0].angle"),
+    ({"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "mode": "spin"}]}, 400, "mode"),
+    ({"steer": [{"vector": "a", "layer": LAYER, "angle": 4.0}]}, 400, "outside [-pi, pi]"),
+    ({"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "mode": "rotate"}]}, 400, "angle="),
     (
-        {"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "when": WHEN}]},
+        {"steer": [{"vector": "a", "layer": LAYER, "coef": 1, "when": {**WHEN, "vector": "x"}}]},
         400,
-        "steer[0].when",
+        "steer[0].when.vector: unknown vector",
+    ),
+    (
+        {"steer": [{"vector": "a", "layer": 0, "coef": 1, "when": WHEN}]},
+        400,
+        "before its condition",
     ),
     ({"ablate": [{"vector": "a", "layers": [-1]}]}, 400, "layers[0]"),
     ({"max_tokens": NEW + 1}, 400, "cap"),
@@ -448,6 +562,9 @@ def test_warming_up_answers_503(smollm2):
         (["--prompt-buckets", "16,x"], "integers"),
         (["--vector", "=v.safetensors"], "NAME=FILE"),
         (["--request-timeout", "0"], "--request-timeout"),
+        (["--mesh", "data=x"], "expected data=D,model=M"),
+        (["--share-prefix", "2048"], "--share-prefix widths must be in"),
+        (["--prefix-cache", "0"], "--prefix-cache must be >= 1"),
     ],
 )
 def test_cli_refuses_bad_flags_before_loading(argv, words, capsys):
@@ -456,3 +573,33 @@ def test_cli_refuses_bad_flags_before_loading(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", *argv])
     assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_server_on_a_mesh_answers_as_one_device(tmp_path, tokenizer):
+    """`pvjax serve` on data=2 x model=4 (8 fake host devices, in a subprocess, a tiny model):
+    an addition, a rescale, a rotation, a condition that holds and one that does not, and an
+    unsteered request, sent together, give the single-device library's greedy texts; weights
+    and the cache are laid over the mesh, and nothing compiles after warm-up."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from loopback import env
+    from tiny_models import save_tiny
+
+    save_tiny("llama_heads8", tmp_path, tokenizer=tokenizer)
+    script = Path(__file__).with_name("sharded_serve.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["same"] == [True] * 6, res
+    assert res["held"] == [True, False], res
+    assert res["compiles_after_warmup"] == 0, res
+    assert res["wq_devices"] == 8 and "model" in res["wq_spec"], res
+    assert "data" in res["cache_spec"] and "model" in res["cache_spec"], res

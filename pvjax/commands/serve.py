@@ -79,6 +79,24 @@ def add_parser(sub):
     p.add_argument(
         "--scanned", action="store_true", help="scan the layers (faster startup, slower decode)"
     )
+    p.add_argument(
+        "--share-prefix",
+        default=None,
+        metavar="C[,C...]",
+        help="run the first C tokens of prompts (a system prompt) once and reuse their keys and "
+        "values across requests (the widest C that leaves a prompt a tail; compiles a prefix and "
+        "its tails per C)",
+    )
+    p.add_argument(
+        "--prefix-cache", type=int, default=8, help="shared prefixes kept (with --share-prefix)"
+    )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="data=D,model=M",
+        help="serve on a device mesh: the running batch over data (--max-batch rounded up to a "
+        "multiple of D), weights and kv heads over model",
+    )
     p.set_defaults(func=run)
     return p
 
@@ -118,6 +136,24 @@ def check_args(args) -> None:
                 f"--prompt-buckets must be positive and reach --max-prompt-tokens "
                 f"({args.max_prompt_tokens}), got {args.prompt_buckets}"
             )
+    if args.mesh:
+        from pvjax.parallel.sharding import parse_mesh
+
+        parse_mesh(args.mesh)
+        if args.share_prefix:
+            raise UsageError("--share-prefix does not run with --mesh yet")
+    if args.share_prefix is not None:
+        try:
+            prefixes = [int(w) for w in args.share_prefix.split(",")]
+        except ValueError:
+            raise UsageError(f"--share-prefix takes C,C,... integers, got {args.share_prefix!r}")
+        if min(prefixes) < 1 or max(prefixes) >= args.max_prompt_tokens:
+            raise UsageError(
+                f"--share-prefix widths must be in 1..{args.max_prompt_tokens - 1} (below "
+                f"--max-prompt-tokens), got {args.share_prefix}"
+            )
+    if args.prefix_cache < 1:
+        raise UsageError(f"--prefix-cache must be >= 1, got {args.prefix_cache}")
     if not args.request_timeout > 0:
         raise UsageError(f"--request-timeout must be > 0, got {args.request_timeout}")
     for spec in args.vector + args.monitor:
@@ -147,6 +183,11 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     log = logging.getLogger("pvjax.serve")
+    mesh = None
+    if args.mesh:  # a mesh that does not fit the devices here is refused before the load
+        from pvjax.parallel.sharding import mesh_from_flag
+
+        mesh = mesh_from_flag(args.mesh)
     model = pvjax.load(args.model, dtype=args.dtype)
     vectors, monitors = {}, {}
     for spec in args.vector:
@@ -180,6 +221,11 @@ def run(args) -> int:
             if args.prompt_buckets is None
             else tuple(int(w) for w in args.prompt_buckets.split(","))
         ),
+        mesh=mesh,
+        prefix_widths=(
+            () if args.share_prefix is None else tuple(int(w) for w in args.share_prefix.split(","))
+        ),
+        prefix_cache=args.prefix_cache,
     )
     service = Service(model, Catalog(vectors, monitors), settings)
     log.info(

@@ -4,15 +4,25 @@
 Shape legend: B slots, P prompt columns (a bucket), S cache columns, V vocabulary, L = n_layers + 1
 hidden-state rows, K probe vectors, D hidden size.
 
-Three programs, compiled once per shape and reused for every request:
+The programs, compiled once per shape and reused for every request:
 - `admit`: one newcomer's prompt through the prefill, its keys and values written into its slot
-  at columns `[column - P, column)`, its last-position logits and its intervention row stored;
-  returns the prompt's last-token projections (the monitoring signal).
+  at columns `[column - P, column)`, its last-position logits and its intervention row stored
+  (with its condition's gate, read on the prompt and kept for every step: a row's steering
+  mode, add, rescale or rotate, and its condition are data of that row); returns the prompt's
+  last-token projections (the monitoring signal) and the gate.
 - `step`: every slot draws its next token from its stored logits (its own sampling settings and
   PRNG key, folded with its own token count, as `pvjax.engine.generate` does), then the tokens
   run through one `decode_step` at cache column `column`; the logits it returns are stored for
   the next step. Rows that are free run along and are ignored.
 - `shift`: the cache moved left by `m` columns, when the oldest rows have left.
+- `prefix` and `admit_after`: prompt-prefix sharing. `prefix` runs a shared prefix (a system
+  prompt) once, unsteered, and returns its keys and values; `admit_after` admits a prompt that
+  opens with it by running only its tail against those keys and values.
+
+On a `("data", "model")` mesh (`mesh`, static) the slots' state stays where `slot_shardings`
+puts it (rows over "data", the cache's kv heads over "model", in the split cache layout of
+`pvjax.engine.mesh`): every program pins its output to it, so a call's output is the next call's
+input and nothing recompiles.
 
 Every row writes the same cache column at a step (the cache's `index`); which columns a row
 attends to is its `valid` mask. A row's columns are in the order `generate` puts them (prompt,
@@ -27,6 +37,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pvjax.capture import Capture
 from pvjax.interventions import Intervention
@@ -40,7 +52,9 @@ MODES = ("greedy", "sample", "filter")
 @struct.dataclass
 class Slots:
     """The running batch on the device: cache, each row's next-token logits, each row's
-    intervention (batch B, a `closed_loop` always present, masks given per call)."""
+    intervention (batch B; `closed_loop`, `modes` and `condition` always present, so fixed,
+    closed-loop, add, rescale, rotate and conditional rows share the programs; masks given per
+    call)."""
 
     cache: KVCache
     logits_BV: jax.Array  # [B, V] float32
@@ -68,7 +82,7 @@ class Feed:
 @struct.dataclass
 class Newcomer:
     """One request entering slot `slot`: its prompt left-padded to a bucket, its masks and its
-    intervention row (batch 1, with a `closed_loop`)."""
+    intervention row (batch 1, with `closed_loop`, `modes` and `condition`)."""
 
     tokens_1P: jax.Array
     mask_1P: jax.Array
@@ -79,12 +93,43 @@ class Newcomer:
     column: jax.Array  # [] int32, the prompt ends just before this column
 
 
-def empty_slots(cfg, layout, iv: Intervention, batch: int, columns: int, dtype) -> Slots:
+def empty_slots(
+    cfg, layout, iv: Intervention, batch: int, columns: int, dtype, *, split: bool = False
+) -> Slots:
     return Slots(
-        cache=init_cache(cfg, layout, batch, columns, dtype),
+        cache=init_cache(cfg, layout, batch, columns, dtype, split=split),
         logits_BV=jnp.zeros((batch, cfg.vocab_size), jnp.float32),
         iv=iv,
     )
+
+
+def slot_shardings(slots: Slots, cfg, mesh):
+    """Where each leaf of `slots` lives on `mesh`: the B rows over "data" (cache, logits, the
+    rows of the intervention), the cache's kv heads over "model" when they divide, the rest
+    replicated."""
+    B = slots.logits_BV.shape[0]
+    data = "data" if B % mesh.shape["data"] == 0 else None
+    kv = "model" if cfg.num_kv_heads % mesh.shape["model"] == 0 else None
+    at = lambda *spec: NamedSharding(mesh, P(*spec))
+    cache_spec = lambda x: at(*((None,) * (x.ndim - 4) + (data, kv, None, None)))
+    row_spec = lambda x: at(None, data) if x.ndim > 1 and x.shape[1] == B else at()
+    c = slots.cache
+    return Slots(
+        cache=c.replace(
+            k=jax.tree_util.tree_map(cache_spec, c.k),
+            v=jax.tree_util.tree_map(cache_spec, c.v),
+            valid=at(data, None),
+            index=at(),
+        ),
+        logits_BV=at(data, None),
+        iv=jax.tree_util.tree_map(row_spec, slots.iv),
+    )
+
+
+def _pinned(slots: Slots, cfg, mesh) -> Slots:
+    if mesh is None:
+        return slots
+    return jax.lax.with_sharding_constraint(slots, slot_shardings(slots, cfg, mesh))
 
 
 def _draw(logits_BV, feed: Feed, mode: str):
@@ -114,8 +159,10 @@ def _draw(logits_BV, feed: Feed, mode: str):
     return jnp.where(feed.temperature_B > 0, drawn, greedy)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layout", "mode"), donate_argnames=("slots",))
-def step(params, slots: Slots, feed: Feed, probes, *, cfg, layout, mode: str):
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "layout", "mode", "mesh"), donate_argnames=("slots",)
+)
+def step(params, slots: Slots, feed: Feed, probes, *, cfg, layout, mode: str, mesh=None):
     """`(slots, tokens [B], their log-probabilities [B], their projections [L, B, K] or None)`:
     one token drawn and fed for every row."""
     logits = slots.logits_BV
@@ -135,7 +182,8 @@ def step(params, slots: Slots, feed: Feed, probes, *, cfg, layout, mode: str):
         capture=Capture(probes=probes, logits="last", hidden=False),
     )
     proj = None if probes is None else out.projections[:, :, 0]
-    return slots.replace(cache=out.cache, logits_BV=out.logits[:, -1]), tok_B, logprob_B, proj
+    slots = _pinned(slots.replace(cache=out.cache, logits_BV=out.logits[:, -1]), cfg, mesh)
+    return slots, tok_B, logprob_B, proj
 
 
 def _put(dst, src, idx):
@@ -151,9 +199,12 @@ def _write_layers(dst, src, idx):
     return _put(dst, stacked, (0,) + idx)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "prefill_layout"), donate_argnames=("slots",))
-def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_layout):
-    """`(slots, the prompt's last-token projections [L, K] or None)` with `new` in its slot."""
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "prefill_layout", "mesh"), donate_argnames=("slots",)
+)
+def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_layout, mesh=None):
+    """`(slots, the prompt's last-token projections [L, K] or None, the condition's gate [])`
+    with `new` in its slot."""
     P = new.tokens_1P.shape[1]
     dtype = prefill_params["embed"].dtype
     pre = prefill(
@@ -163,32 +214,108 @@ def admit(prefill_params, slots: Slots, new: Newcomer, probes, *, cfg, prefill_l
         new.tokens_1P,
         default_positions(new.mask_1P),
         new.mask_1P,
-        init_cache(cfg, prefill_layout, 1, P, dtype),
+        init_cache(cfg, prefill_layout, 1, P, dtype, split=slots.cache.split),
         intervention=new.iv.with_masks(new.steer_1P, new.ablate_1P),
         capture=Capture(probes=probes, logits="last", hidden=False),
     )
+    return _install(slots, new, pre, new.mask_1P.astype(bool), probes, cfg, mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "prefill_layout", "split"))
+def prefix(prefill_params, tokens_1C, *, cfg, prefill_layout, split=False):
+    """`(k, v)`: the keys and values of a shared prompt prefix `[1, C]` (every column a real
+    token, run unsteered), in the prefill layout's cache form, for `admit_after`."""
+    C = tokens_1C.shape[1]
+    mask = jnp.ones_like(tokens_1C)
+    dtype = prefill_params["embed"].dtype
+    pre = prefill(
+        prefill_params,
+        cfg,
+        prefill_layout,
+        tokens_1C,
+        default_positions(mask),
+        mask,
+        init_cache(cfg, prefill_layout, 1, C, dtype, split=split),
+        capture=Capture(logits="none", hidden=False),
+    )
+    return pre.cache.k, pre.cache.v
+
+
+@functools.partial(
+    jax.jit, static_argnames=("cfg", "prefill_layout", "mesh"), donate_argnames=("slots",)
+)
+def admit_after(
+    prefill_params, slots: Slots, new: Newcomer, kv, probes, *, cfg, prefill_layout, mesh=None
+):
+    """`admit` for a prompt whose first C tokens are a shared prefix with keys and values `kv`
+    (`prefix`): only the tail `new.tokens_1P` runs, attending to the prefix, and the slot gets
+    the prefix's C columns, then the tail's. The same numbers as `admit` on the whole prompt up
+    to the order of the attention's sums (as `generate`'s shared prefixes)."""
+    P = new.tokens_1P.shape[1]
+    C = jax.tree_util.tree_leaves(kv[0])[0].shape[-1]
+    dtype = prefill_params["embed"].dtype
+    cache = init_cache(cfg, prefill_layout, 1, C + P, dtype, split=slots.cache.split)
+    at = (0,) * (4 if cache.split else 3)
+    cache = cache.replace(
+        k=_write_layers(cache.k, kv[0], at),
+        v=_write_layers(cache.v, kv[1], at),
+        valid=cache.valid.at[:, :C].set(True),
+        index=jnp.int32(C),
+    )
+    pre = decode_step(
+        prefill_params,
+        cfg,
+        prefill_layout,
+        new.tokens_1P,
+        default_positions(new.mask_1P) + C,
+        new.mask_1P,
+        cache,
+        intervention=new.iv.with_masks(new.steer_1P, new.ablate_1P),
+        capture=Capture(probes=probes, logits="last", hidden=False),
+    )
+    valid = jnp.concatenate([jnp.ones((1, C), bool), new.mask_1P.astype(bool)], axis=1)
+    return _install(slots, new, pre, valid, probes, cfg, mesh)
+
+
+def _install(slots: Slots, new: Newcomer, pre, valid_1W, probes, cfg, mesh):
+    """The newcomer's prompt pass `pre` (its cache of W columns, `valid_1W`) written into its slot
+    at columns `[column - W, column)`, with its logits and its intervention row."""
+    W = valid_1W.shape[1]
     K = cfg.num_kv_heads
-    row, col = new.slot * K, new.column - P
+    col = new.column - W
     cache = slots.cache
-    k = _write_layers(cache.k, pre.cache.k, (row, 0, col))
-    v = _write_layers(cache.v, pre.cache.v, (row, col, 0))
+    # The merged layout keeps a row as K consecutive entries of its batch axis; the split one
+    # (a mesh) has the row and its kv heads on two axes.
+    row = (new.slot, 0) if cache.split else (new.slot * K,)
+    k = _write_layers(cache.k, pre.cache.k, row + (0, col))
+    v = _write_layers(cache.v, pre.cache.v, row + (col, 0))
     valid = cache.valid.at[new.slot].set(False)
-    valid = jax.lax.dynamic_update_slice(valid, new.mask_1P.astype(bool), (new.slot, col))
+    valid = jax.lax.dynamic_update_slice(valid, valid_1W, (new.slot, col))
     strip = lambda iv: iv.replace(steer_mask=None, ablate_mask=None)
     put_row = lambda a, b: a.at[:, new.slot].set(b[:, 0].astype(a.dtype))
     iv = jax.tree_util.tree_map(put_row, strip(slots.iv), strip(new.iv))
+    # The condition was read on the prompt (its last token is the prefill's last column): every
+    # step keeps the gate it found, as `generate`'s decode loop does.
+    gate = pre.gate[0]
+    cond = iv.condition
+    iv = iv.replace(
+        condition=cond.replace(
+            known=cond.known.at[0, new.slot].set(1.0), state=cond.state.at[0, new.slot].set(gate)
+        )
+    )
     iv = iv.with_masks(slots.iv.steer_mask, slots.iv.ablate_mask)
     slots = Slots(
         cache=cache.replace(k=k, v=v, valid=valid),
         logits_BV=slots.logits_BV.at[new.slot].set(pre.logits[0, -1]),
         iv=iv,
     )
+    slots = _pinned(slots, cfg, mesh)
     proj = None if probes is None else pre.projections[:, 0, -1]
-    return slots, proj
+    return slots, proj, gate
 
 
-@functools.partial(jax.jit, donate_argnames=("slots",))
-def shift(slots: Slots, m):
+@functools.partial(jax.jit, static_argnames=("cfg", "mesh"), donate_argnames=("slots",))
+def shift(slots: Slots, m, *, cfg=None, mesh=None):
     """The cache moved `m` columns to the left; the columns that come in are empty."""
 
     def left(x, axis):
@@ -197,15 +324,16 @@ def shift(slots: Slots, m):
         return jax.lax.dynamic_slice_in_dim(both, m, S, axis=axis)
 
     c = slots.cache
-    return slots.replace(
+    slots = slots.replace(
         cache=c.replace(
             k=jax.tree_util.tree_map(lambda x: left(x, x.ndim - 1), c.k),
             v=jax.tree_util.tree_map(lambda x: left(x, x.ndim - 2), c.v),
             valid=left(c.valid, 1),
         )
     )
+    return _pinned(slots, cfg, mesh)
 
 
 def compile_count() -> int:
     """Programs the slot engine has compiled in this process (for the no-recompile checks)."""
-    return step._cache_size() + admit._cache_size() + shift._cache_size()
+    return sum(f._cache_size() for f in (step, admit, shift, prefix, admit_after))

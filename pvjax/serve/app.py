@@ -71,6 +71,16 @@ def build_app(service: Service, *, ui: bool = True) -> Starlette:
                 sch.compiles_since_ready(),
             ),
             "ready": ("1 once every program is compiled.", int(sch.ready)),
+            "prefix_tokens_reused_total": (
+                "Prompt tokens not run again: shared prefixes found in the prefix cache.",
+                eng.prefix_tokens_reused,
+            ),
+            "prefix_cache_hits_total": ("Admissions that reused a cached prefix.", eng.prefix_hits),
+            "prefix_cache_misses_total": (
+                "Admissions that ran a shared prefix and cached it.",
+                eng.prefix_misses,
+            ),
+            "prefix_cache_entries": ("Shared prefixes held.", len(eng.prefixes)),
         }
         return PlainTextResponse(
             service.metrics.render(gauges), media_type="text/plain; version=0.0.4"

@@ -58,6 +58,7 @@ class Job:
     logprobs: list = dataclasses.field(default_factory=list)
     projections: list = dataclasses.field(default_factory=list)
     prompt_projections: np.ndarray | None = None
+    gate: float = 1.0  # the condition's verdict on the prompt (1 when the request has none)
     sent: str = ""
     unsent: int = 0  # tokens not yet covered by a delta
     first_token_at: float | None = None
@@ -195,6 +196,7 @@ class Scheduler:
             job.emit(("error", ApiError(500, f"admission failed: {type(e).__name__}: {e}")))
             return
         job.slot, job.prompt_projections = slot, proj
+        job.gate = float(self.engine.gate[slot])
         self.running[slot] = job
 
     def _leave(self, job: Job) -> None:

@@ -190,32 +190,14 @@ def _steer(x, limits: Limits) -> tuple[tuple[SteerTerm, ...], str]:
         _vector(t.vector, f"{p}.vector", limits)
         if t.without is not None:
             _vector(t.without, f"{p}.without", limits)
-        _slot_engine_can_carry(t, item, p)
+        if t.when is not None:
+            _vector(t.when.vector, f"{p}.when.vector", limits)
         terms.append(t)
     try:
         positions = request_positions([terms]) or "response"
     except TermError as e:
         raise ApiError(400, str(e), param="steer") from None
     return tuple(terms), positions
-
-
-def _slot_engine_can_carry(t: SteerTerm, item: dict, p: str) -> None:
-    """The slot engine's rows carry added vectors (fixed or closed-loop) only: no `rescale` or
-    `rotate` mode and no condition yet, refused rather than run as something else."""
-    if t.when is not None:
-        raise ApiError(
-            400,
-            f"{p}.when: conditional steering is not served yet (terms steer always)",
-            param=f"{p}.when",
-        )
-    if t.mode != "add":
-        key = "angle" if "angle" in item else "mode"
-        raise ApiError(
-            400,
-            f"{p}.{key}: mode {t.mode} is not served yet; this server steers by addition "
-            "(coef, cap or target)",
-            param=f"{p}.{key}",
-        )
 
 
 def _ablate(x, limits: Limits) -> tuple[AblateTerm, ...]:

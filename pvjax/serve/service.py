@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import uuid
+from typing import Any
 
 from pvjax.engine.generate import stop_token_ids
 from pvjax.engine.slots import Row, SlotEngine, SlotError
@@ -38,6 +39,9 @@ class ServeSettings:
     api_key: str | None = None
     unroll: bool = True
     prompt_widths: tuple[int, ...] | None = None  # compiled prompt widths (None: every bucket)
+    mesh: Any = None  # a ("data", "model") jax Mesh (`--mesh`), or None: one device
+    prefix_widths: tuple[int, ...] = ()  # shared prompt-prefix widths (`--share-prefix`)
+    prefix_cache: int = 8  # shared prefixes kept (least recently used leaves first)
 
 
 class Service:
@@ -55,6 +59,9 @@ class Service:
             pad_id=eos[0] if eos else 0,
             stop_ids=eos,
             widths=settings.prompt_widths,
+            mesh=settings.mesh,
+            prefix_widths=settings.prefix_widths,
+            prefix_cache=settings.prefix_cache,
         )
         self.metrics = Metrics()
         self.scheduler = Scheduler(
@@ -125,6 +132,8 @@ class Service:
         steer = []
         for t in s.steer:
             d = applied(t, s.positions)
+            if t.when is not None:  # whether the condition held on this prompt
+                d["when"]["held"] = job.gate > 0
             if pp is not None:
                 col = cat.vector_column(t.vector)
                 last = [float(pp[layer, col]) for layer in t.layers]

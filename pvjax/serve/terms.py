@@ -44,11 +44,16 @@ def applied(t: T.SteerTerm, positions: str) -> dict:
         out["layers"] = list(t.layers)
     which, value = t.strength
     out[which] = value
+    if t.mode == "rescale":  # rotate goes with angle, add with the rest: said by the strength
+        out["mode"] = t.mode
     if which in ("cap", "target"):
         out["gain"] = t.gain
         out["max_step"] = None if math.isinf(t.max_step) else t.max_step
     if t.without is not None:
         out["without"] = t.without
+    if t.when is not None:
+        c = t.when
+        out["when"] = {"vector": c.vector, "layer": c.layer, "threshold": c.threshold, "on": c.on}
     out["positions"] = positions
     return out
 
@@ -98,9 +103,13 @@ class Catalog:
         return len(self.vectors) + list(self.monitors).index(name)
 
     def resolved(self, t: T.SteerTerm) -> T.SteerTerm:
-        """The term with its vector names replaced by the startup vectors' `[L, D]` rows."""
+        """The term with its vector names (its own, `without`'s and its condition's) replaced by
+        the startup vectors' `[L, D]` rows."""
         without = None if t.without is None else self.vectors[t.without]
-        return dataclasses.replace(t, vector=self.vectors[t.vector], without=without)
+        when = t.when
+        if when is not None:
+            when = dataclasses.replace(when, vector=self.vectors[when.vector])
+        return dataclasses.replace(t, vector=self.vectors[t.vector], without=without, when=when)
 
 
 def intervention_for(steering: Steering, catalog: Catalog, model):
