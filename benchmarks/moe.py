@@ -6,8 +6,9 @@ experts read, as a share of the memory limit.
     python benchmarks/moe.py --batch 1 4 16 --compare   # each expert path alone too
 
 The step is `pvjax.models.moe.moe_mlp` on one new token per row, as decoding runs it: the
-router, then the routed experts (gathered `[tokens, k, D, I]` when tokens x k < experts, grouped
-by expert with `ragged_dot` otherwise). `--compare` also times both expert paths on their own, so
+router, then the routed experts the way `moe.expert_path` picks: on CPU with float32 weights a scan
+over the token-expert pairs; else gathered `[tokens, k, D, I]` when tokens x k < experts, grouped
+by expert with `ragged_dot` otherwise. `--compare` also times both expert paths on their own, so
 the printout says what the other path would cost at that batch.
 
 Bytes: a step must read at least the distinct routed experts' three matrices (`distinct x 3 D I`
@@ -38,7 +39,14 @@ import numpy as np
 
 from pvjax.models.block import matmul
 from pvjax.models.config import ModelConfig
-from pvjax.models.moe import experts_gathered, experts_grouped, moe_mlp, route
+from pvjax.models.moe import (
+    expert_path,
+    experts_gathered,
+    experts_grouped,
+    experts_paired,
+    moe_mlp,
+    route,
+)
 
 # Qwen3-30B-A3B's MoE shapes (config.json of the public checkpoint): the one layer timed here.
 QWEN3_30B_A3B = ModelConfig(
@@ -102,7 +110,7 @@ def main():
     p.add_argument(
         "--compare",
         action="store_true",
-        help="also time each expert path alone (gathered and grouped), whichever the step takes",
+        help="also time each expert path alone (paired, gathered, grouped)",
     )
     args = p.parse_args()
     cfg = QWEN3_30B_A3B
@@ -119,13 +127,14 @@ def main():
     step = jax.jit(lambda lp, x: moe_mlp(cfg, lp, x, matmul))
     gathered = jax.jit(lambda lp, x, w, i: experts_gathered(lp, x, w, i))
     grouped = jax.jit(lambda lp, x, w, i: experts_grouped(lp, x, w, i, X))
+    paired = jax.jit(lambda lp, x, w, i: experts_paired(lp, x, w, i))
     for B in args.batch:
         x = jax.random.normal(jax.random.PRNGKey(B), (B, 1, D), jnp.float32).astype(dtype)
         _, w, idx = route(cfg, lp["router"], x.reshape(B, D), matmul)
         distinct = len(np.unique(np.asarray(idx)))
         need = distinct * expert_bytes + D * X * dtype.itemsize
         limit = need / bw
-        path = "gathered" if B * k < X else "grouped"
+        path = expert_path(cfg, B, dtype)
         t_step = timed(step, lp, x, reps=args.reps)
         print(
             f"batch {B}: {B * k} token-expert pairs, {distinct} distinct experts, "
@@ -136,8 +145,10 @@ def main():
         if args.compare:
             t_gather = timed(gathered, lp, x.reshape(B, D), w, idx, reps=args.reps)
             t_group = timed(grouped, lp, x.reshape(B, D), w, idx, reps=args.reps)
+            t_pair = timed(paired, lp, x.reshape(B, D), w, idx, reps=args.reps)
             print(
-                f"  experts alone: gathered {t_gather * 1e3:.2f} ms ({limit / t_gather:.1%}; "
+                f"  experts alone: paired {t_pair * 1e3:.2f} ms ({limit / t_pair:.1%}), "
+                f"gathered {t_gather * 1e3:.2f} ms ({limit / t_gather:.1%}; "
                 f"reads {B * k * expert_bytes / 1e6:.0f} MB), grouped {t_group * 1e3:.2f} ms "
                 f"({limit / t_group:.1%})",
                 flush=True,

@@ -4,11 +4,12 @@ router-weighted sum of those experts' SwiGLU outputs.
 
 Shape legend: M tokens (B * T), D hidden, X experts, k experts per token, I expert width.
 
-Two ways to run the same numbers, chosen by the static count of token-expert pairs:
+Three ways to run the same numbers. On accelerators, by the static count of token-expert pairs:
 - few pairs (decoding: one token per row): each pair gathers its expert's weights, so a step
   reads only the routed experts (`M k` expert matrices), never all `X`;
 - many pairs (a prompt, training): the pairs are sorted by expert and run as one grouped matmul
   per weight (`jax.lax.ragged_dot`), each expert's weights read once for all its tokens.
+On CPU with float32 experts, a scan over the pairs (`experts_paired`), faster there than either.
 
 A model may keep the dense MLP in some blocks (`ModelConfig.dense_blocks`). Its stacked weights
 then hold each MLP only for the blocks that run it (`blocks_holding`): the expert weights
@@ -74,6 +75,19 @@ def route(cfg: ModelConfig, router_DX, x_MD, matmul):
     return logits, top_p.astype(x_MD.dtype), top_i.astype(jnp.int32)
 
 
+def expert_path(cfg: ModelConfig, tokens: int, dtype) -> str:
+    """Which way `moe_mlp` runs the experts for `tokens` tokens: "paired", "gathered" or
+    "grouped" (the module's docstring)."""
+    if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32:
+        # XLA's CPU gather copies float32 experts element by element (0.6 GB/s at Qwen3-30B-A3B's
+        # shapes) and its ragged_dot is slower still; a scan over the pairs slices each expert
+        # whole and beat both at every size measured, 1 to 1024 tokens. Not for bf16 weights:
+        # there XLA converts the whole expert stack inside the scan, 14x slower than the gather
+        # (benchmarks/NOTES.md)
+        return "paired"
+    return "gathered" if tokens * cfg.experts_per_token < cfg.num_experts else "grouped"
+
+
 def moe_mlp(cfg: ModelConfig, lp, x_BTD, matmul):
     """The expert MLP on the normed residual `x` `[B, T, D]` (`matmul` as the block's, for the
     router): `(output [B, T, D], (router logits [B, T, X], expert ids [B, T, k], their weights
@@ -82,9 +96,12 @@ def moe_mlp(cfg: ModelConfig, lp, x_BTD, matmul):
     x = x_BTD.reshape(B * T, D)
     logits_MX, w_Mk, idx_Mk = route(cfg, lp["router"], x, matmul)
     M, k = idx_Mk.shape
-    if M * k < cfg.num_experts:  # decoding: gather the routed experts only
+    path = expert_path(cfg, M, lp["w_gate_e"].dtype)
+    if path == "paired":
+        out = experts_paired(lp, x, w_Mk, idx_Mk)
+    elif path == "gathered":
         out = experts_gathered(lp, x, w_Mk, idx_Mk)
-    else:  # grouped by expert
+    else:
         out = experts_grouped(lp, x, w_Mk, idx_Mk, cfg.num_experts)
     routing = (logits_MX.reshape(B, T, -1), idx_Mk.reshape(B, T, k), w_Mk.reshape(B, T, k))
     return out.reshape(B, T, D), routing
@@ -97,6 +114,26 @@ def experts_gathered(lp, x_MD, w_Mk, idx_Mk):
     up = jnp.einsum("md,mkdi->mki", x_MD, lp["w_up_e"][idx_Mk])
     y = jnp.einsum("mki,mkid->mkd", jax.nn.silu(gate) * up, lp["w_down_e"][idx_Mk])
     return jnp.einsum("mkd,mk->md", y, w_Mk)
+
+
+def experts_paired(lp, x_MD, w_Mk, idx_Mk):
+    """The same sum as a scan over the `M k` token-expert pairs, each slicing its expert's three
+    matrices whole: reads the routed experts only, one pair at a time."""
+    M, k = idx_Mk.shape
+
+    def pair(out_MD, p):
+        m, e, w = p
+        x_D = x_MD[m]
+        gate = x_D @ jax.lax.dynamic_index_in_dim(lp["w_gate_e"], e, keepdims=False)
+        up = x_D @ jax.lax.dynamic_index_in_dim(lp["w_up_e"], e, keepdims=False)
+        y = (jax.nn.silu(gate) * up) @ jax.lax.dynamic_index_in_dim(
+            lp["w_down_e"], e, keepdims=False
+        )
+        return out_MD.at[m].add(w * y), None
+
+    pairs = (jnp.repeat(jnp.arange(M), k), idx_Mk.reshape(-1), w_Mk.reshape(-1))
+    out, _ = jax.lax.scan(pair, jnp.zeros_like(x_MD), pairs)
+    return out
 
 
 def experts_grouped(lp, x_MD, w_Mk, idx_Mk, n_experts: int):
