@@ -54,8 +54,9 @@ _ARCHITECTURES = {
     "gemma3": "gemma3_text",
 }
 # llama.cpp's fixed Gemma conventions, which its converter does not store: the local/global
-# pattern (every 2nd block global in Gemma 2, every 6th in Gemma 3), Gemma 3's local rope base,
-# and the query scale, 1/sqrt(hidden / heads) for the 27B shapes (46 and 62 blocks) and
+# pattern (every 2nd block global in Gemma 2, every 6th in Gemma 3), Gemma 3's local rope base
+# where a file lacks `gemma3.rope.freq_base_swa` (newer converters write it), and the query
+# scale, 1/sqrt(hidden / heads) for the 27B shapes (46 and 62 blocks) and
 # 1/sqrt(head_dim) otherwise.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
 _GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
@@ -79,6 +80,10 @@ def _gemma_fields(reader, arch: str, n_layers: int, hidden: int, heads: int, hea
         every = int(pattern or _GEMMA_PATTERN[arch])
         sliding = [bool((i + 1) % every) for i in range(n_layers)]
     window = _field(reader, f"{arch}.attention.sliding_window", required=False)
+    if window is None and arch == "gemma2":  # llama.cpp's default for Gemma 2
+        window = 4096
+    if not window:  # a Gemma 3 file without a window (or window 0) runs every block global
+        sliding = [False] * n_layers
     scalar = hidden // heads if n_layers == _GEMMA_27B_BLOCKS[arch] else head_dim
     caps = {}
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -96,8 +101,9 @@ def _gemma_fields(reader, arch: str, n_layers: int, hidden: int, heads: int, hea
         sliding_window=None if window is None or not any(sliding) else int(window),
         layer_types=types if any(sliding) else (),
     )
-    if arch == "gemma3":
-        out.update(qk_norm=True, local_rope_theta=10_000.0)
+    if arch == "gemma3":  # files before llama.cpp stored the local base use its old fixed 10k
+        local = _field(reader, f"{arch}.rope.freq_base_swa", required=False)
+        out.update(qk_norm=True, local_rope_theta=10_000.0 if local is None else float(local))
         kind = _field(reader, f"{arch}.rope.scaling.type", required=False)
         factor = _field(reader, f"{arch}.rope.scaling.factor", required=False)
         if kind not in (None, "none") or factor is not None:
