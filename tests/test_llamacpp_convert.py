@@ -3,9 +3,10 @@
 tests/test_families.py writes GGUFs itself, following llama.cpp's conventions as we read them; here
 the real converter (from the llama-cpp-python sdist's `vendor/llama.cpp`, with its own `gguf-py`,
 in one subprocess for every folder) converts tiny random folders of each family
-(`tiny_models.LLAMACPP_CONFIGS`) to f32, and pvjax's forward of each GGUF must match transformers'
-forward of its folder: every row of `hidden_states` and the logits within 1e-4 of the largest
-magnitude, left-padded. Where the two disagree, pvjax's reading of the file is wrong.
+(`tiny_models.LLAMACPP_CONFIGS`, Llama 3.1's rope scaling among them) to f32, and pvjax's
+forward of each GGUF must match transformers' forward of its folder: every row of `hidden_states`
+and the logits within 1e-4 of the largest magnitude, left-padded; the header-only config reader
+must agree with the load. Where the two disagree, pvjax's reading of the file is wrong.
 
 The converter needs a tokenizer: a tiny sentencepiece model (trained here, offline) for the families
 that take one (Gemma 2 takes nothing else), and SmolLM2's byte-level BPE, rebuilt from the embedded
@@ -31,6 +32,7 @@ import torch
 from tiny_models import LLAMACPP_CONFIGS, assert_close, left_pad, save_tiny
 
 import pvjax
+from pvjax.loading import read_model_config
 
 SRC = os.environ.get("PVJAX_LLAMA_CPP_SRC")
 BPE_FAMILIES = {"qwen3_moe"}  # converted with a BPE vocabulary, the others with sentencepiece
@@ -122,6 +124,7 @@ def test_converted_gguf_matches_its_folder(converted, kind):
     tok = None if kind in BPE_FAMILIES else folder
     model = pvjax.load(gguf_path, tokenizer=tok)
     assert model.config.num_layers == hf.config.num_hidden_layers
+    assert read_model_config(gguf_path) == model.config  # the header-only reader agrees
     vocab = hf.config.vocab_size
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, vocab, n).tolist() for n in (21, 13, 5)]

@@ -203,6 +203,7 @@ def assert_close(ours, ref, mask, what, rtol=1e-4):
 # head_dim, Gemma 3 with six blocks on its default pattern and its own local rope base.
 LLAMACPP_CONFIGS = {
     "llama": LLAMA_GQA_UNTIED,
+    "llama31": LLAMA31,  # llama3 rope scaling: the converter writes per-pair divisors (rope_freqs)
     "llama_tied": LLAMA_MHA_TIED,
     "mistral": dict(MISTRAL_WINDOW, sliding_window=None),
     "qwen2": QWEN2_TIED,
