@@ -19,8 +19,17 @@ bind llama.cpp's common library), then handed to `llama_set_adapter_cvec` for bl
   cvector-generator write them) imported with `pvjax vectors import` steers pvjax as the file
   steers llama.cpp.
 
-CI does not build llama-cpp-python (about 40 minutes from source on two cores); the test skips
-without it. The figures measured are in docs/generation.md (llama.cpp control vectors).
+CI does not build llama-cpp-python (51 minutes from source on two busy cores); the test skips
+without it. To run it, build a CPU-only wheel without llama.cpp's tools and install it (with its
+dependency `diskcache`):
+
+    CMAKE_BUILD_PARALLEL_LEVEL=1 CMAKE_ARGS="-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+      -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAVA_BUILD=OFF \
+      -DLLAMA_OPENSSL=OFF -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DGGML_VULKAN=OFF -DGGML_METAL=OFF" \
+      pip wheel --no-deps --no-binary :all: -w WHEELS llama-cpp-python==0.3.36
+    pip install diskcache WHEELS/llama_cpp_python-0.3.36-*.whl
+
+The figures measured are in docs/generation.md (llama.cpp control vectors).
 """
 
 from __future__ import annotations
