@@ -3,8 +3,8 @@
 trip gives every exported row back; what cannot map or does not fit the model is one line and exit
 status 2. Sizes are the embedded model's (30 layers, width 576), read from its GGUF metadata: no
 weights load and nothing compiles. That llama.cpp's block r-1 then sees the same edit as pvjax's
-row r rests on reading llama.cpp's source (`pvjax.files.control_vectors`); running llama.cpp is
-out of scope here."""
+row r is read from llama.cpp's source (`pvjax.files.control_vectors`) and checked by running
+llama.cpp in tests/test_llamacpp_cvec.py (where llama-cpp-python is installed)."""
 
 from __future__ import annotations
 

@@ -77,10 +77,11 @@ CONFIGS = {
 
 
 def save_tiny(kind: str, folder, tokenizer=None, vocab_size: int = 49152, seed: int = 0):
-    """Write a random model of config `kind` as safetensors (+ tokenizer) into `folder`."""
+    """Write a random model of config `kind` (a name, or a config dict) as safetensors (+
+    tokenizer) into `folder`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict(CONFIGS[kind] if kind in CONFIGS else FAMILY_CONFIGS[kind])
+    spec = dict({**CONFIGS, **FAMILY_CONFIGS}[kind] if isinstance(kind, str) else kind)
     model_type = spec.pop("model_type")
     cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, initializer_range=0.1, **spec)
     torch.manual_seed(seed)
@@ -197,3 +198,28 @@ def assert_close(ours, ref, mask, what, rtol=1e-4):
     diff = np.abs(ours[..., sel, :] - ref[..., sel, :]).max()
     scale = np.abs(ref[..., sel, :]).max()
     assert diff <= rtol * scale, f"{what}: max diff {diff:.3g} vs scale {scale:.3g}"
+
+
+# The families as llama.cpp's converter can carry them (tests/test_llamacpp_convert.py): a GGUF
+# holds no window for Mistral (a "llama" file) nor Qwen3, no query_pre_attn_scalar (llama.cpp
+# scales queries by 1/sqrt(head_dim) below 27B) and no Gemma 3 layer pattern (every 6th block
+# global), so these folders keep within what the file says: no windows there, the scalar equal to
+# head_dim, Gemma 3 with six blocks on its default pattern and its own local rope base.
+LLAMACPP_CONFIGS = {
+    "llama": LLAMA_GQA_UNTIED,
+    "llama31": LLAMA31,  # llama3 rope scaling: the converter writes per-pair divisors (rope_freqs)
+    "llama_tied": LLAMA_MHA_TIED,
+    "mistral": dict(MISTRAL_WINDOW, sliding_window=None),
+    "qwen2": QWEN2_TIED,
+    "qwen3": dict(QWEN3_WINDOW, use_sliding_window=False),
+    "qwen3_moe": dict(QWEN3_MOE, use_sliding_window=False),
+    "gemma2": dict(GEMMA2, query_pre_attn_scalar=16),
+    "gemma3": {
+        **{k: v for k, v in GEMMA3.items() if k != "layer_types"},
+        "num_hidden_layers": 6,
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 2e4},
+        },
+    },
+}

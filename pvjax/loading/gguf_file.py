@@ -54,8 +54,9 @@ _ARCHITECTURES = {
     "gemma3": "gemma3_text",
 }
 # llama.cpp's fixed Gemma conventions, which its converter does not store: the local/global
-# pattern (every 2nd block global in Gemma 2, every 6th in Gemma 3), Gemma 3's local rope base,
-# and the query scale, 1/sqrt(hidden / heads) for the 27B shapes (46 and 62 blocks) and
+# pattern (every 2nd block global in Gemma 2, every 6th in Gemma 3), Gemma 3's local rope base
+# where a file lacks `gemma3.rope.freq_base_swa` (newer converters write it), and the query
+# scale, 1/sqrt(hidden / heads) for the 27B shapes (46 and 62 blocks) and
 # 1/sqrt(head_dim) otherwise.
 _GEMMA_PATTERN = {"gemma2": 2, "gemma3": 6}
 _GEMMA_27B_BLOCKS = {"gemma2": 46, "gemma3": 62}
@@ -79,6 +80,10 @@ def _gemma_fields(reader, arch: str, n_layers: int, hidden: int, heads: int, hea
         every = int(pattern or _GEMMA_PATTERN[arch])
         sliding = [bool((i + 1) % every) for i in range(n_layers)]
     window = _field(reader, f"{arch}.attention.sliding_window", required=False)
+    if window is None and arch == "gemma2":  # llama.cpp's default for Gemma 2
+        window = 4096
+    if not window:  # a Gemma 3 file without a window (or window 0) runs every block global
+        sliding = [False] * n_layers
     scalar = hidden // heads if n_layers == _GEMMA_27B_BLOCKS[arch] else head_dim
     caps = {}
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -96,8 +101,9 @@ def _gemma_fields(reader, arch: str, n_layers: int, hidden: int, heads: int, hea
         sliding_window=None if window is None or not any(sliding) else int(window),
         layer_types=types if any(sliding) else (),
     )
-    if arch == "gemma3":
-        out.update(qk_norm=True, local_rope_theta=10_000.0)
+    if arch == "gemma3":  # files before llama.cpp stored the local base use its old fixed 10k
+        local = _field(reader, f"{arch}.rope.freq_base_swa", required=False)
+        out.update(qk_norm=True, local_rope_theta=10_000.0 if local is None else float(local))
         kind = _field(reader, f"{arch}.rope.scaling.type", required=False)
         factor = _field(reader, f"{arch}.rope.scaling.factor", required=False)
         if kind not in (None, "none") or factor is not None:
@@ -121,11 +127,11 @@ def gguf_config(reader, name: str) -> ModelConfig:
     n_layers = int(_field(reader, f"{arch}.block_count"))
     head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
     names = {t.name for t in reader.tensors}
+    rope = {}
     if "rope_freqs.weight" in names:
-        raise ConfigError(
-            "this GGUF carries rope_freqs (Llama 3.1 rope scaling), which the GGUF "
-            "loader does not read; load the safetensors folder instead"
-        )
+        theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        rope = _llama3_rope(t.data, theta, head_dim)
     vocab = _field(reader, f"{arch}.vocab_size", required=False)
     if vocab is None:
         if "tokenizer.ggml.tokens" not in reader.fields:
@@ -170,7 +176,76 @@ def gguf_config(reader, name: str) -> ModelConfig:
         eos_token_ids=() if eos is None else (int(eos),),
         pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", required=False),
         name=name,
-        **family,
+        **{**rope, **family},
+    )
+
+
+def _llama3_factors(inv, factor, lo, hi, old_ctx):
+    """Per-pair divisors of llama3 rope scaling (transformers' and llama.cpp's converter's rule)."""
+    wavelen = 2 * np.pi / inv
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    mid = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < old_ctx / hi, 1.0, np.where(wavelen > old_ctx / lo, factor, mid))
+
+
+def _llama3_rope(factors, theta: float, head_dim: int) -> dict:
+    """llama3 rope parameters that give the per-pair divisors `rope_freqs` of a Llama 3.1 file.
+
+    llama.cpp's converter writes the divisors, not the parameters. They fix the parameters up to
+    what changes nothing: with s = (1/f - 1/factor) / (1 - 1/factor) on the pairs between the two
+    thresholds, s = old_ctx / (hi - lo) / wavelen - lo / (hi - lo), so lo = b and hi = b + 1 with
+    old_ctx = a reproduce them; with fewer than two such pairs any thresholds between the
+    neighbouring pairs do. The result is checked against the file's divisors."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    f = None if factors is None else np.asarray(factors, np.float64).reshape(-1)
+    if f is None or f.shape != inv.shape or not np.all(f > 0):
+        raise ConfigError(
+            f"this GGUF's rope_freqs ({None if f is None else f.shape}) are not {inv.size} "
+            "positive float32 divisors; pvjax cannot read its rope scaling"
+        )
+    factor = float(f.max())
+    if np.allclose(f, 1.0, rtol=1e-6):
+        return {}
+    wl = 2 * np.pi / inv
+    ones, big = np.isclose(f, 1.0, rtol=1e-6), np.isclose(f, factor, rtol=1e-6)
+    mid = ~(ones | big)
+    s = (1 / f - 1 / factor) / (1 - 1 / factor)
+    if mid.sum() >= 2:
+        a, minus_b = np.polyfit(1 / wl[mid], s[mid], 1)
+        b = -minus_b
+    elif mid.sum() == 1:  # b above both bounds: pairs below stay unscaled, pairs above divide
+        w, sm = wl[mid][0], s[mid][0]
+        bounds = [1e-3]
+        if big.any():
+            bounds.append(sm * w / (wl[big].min() - w))
+        if ones.any():
+            bounds.append((wl[ones].max() - sm * w) / (w - wl[ones].max()))
+        b = 2 * max(bounds)
+        a = (sm + b) * w
+    else:  # thresholds a / (1 + b) < a / b inside the gap between the last 1 and the first factor
+        w1 = wl[ones].max() if ones.any() else wl[0] / 2
+        w2 = wl[big].min() if big.any() else wl[-1] * 2
+        t_hi, t_lo = w1 * (w2 / w1) ** (1 / 3), w1 * (w2 / w1) ** (2 / 3)
+        b = t_hi / (t_lo - t_hi)
+        a = b * t_lo
+    params = dict(factor=factor, lo=float(b), hi=float(b) + 1, old_ctx=float(a))
+    if b <= 0 or not np.allclose(_llama3_factors(inv, **params), f, rtol=1e-5):
+        raise ConfigError(
+            "this GGUF's rope_freqs do not follow llama3 rope scaling; pvjax cannot read them "
+            "(load the safetensors folder instead)"
+        )
+    return dict(
+        rope_type="llama3",
+        rope_scaling=tuple(
+            sorted(
+                {
+                    "factor": factor,
+                    "low_freq_factor": params["lo"],
+                    "high_freq_factor": params["hi"],
+                    "original_max_position_embeddings": params["old_ctx"],
+                }.items()
+            )
+        ),
     )
 
 
@@ -246,5 +321,8 @@ def load_gguf(path: str | os.PathLike, dtype) -> tuple[ModelConfig, dict, object
             return arr.swapaxes(1, 2)
         return arr.T if arr.ndim == 2 and key != "embed" else arr
 
-    params = assemble(cfg, by_name, fetch, name_of, transform, lambda n: False, path, dtype)
+    # rope_freqs (Llama 3.1) were read into the config's llama3 rope scaling
+    params = assemble(
+        cfg, by_name, fetch, name_of, transform, lambda n: n == "rope_freqs.weight", path, dtype
+    )
     return cfg, params, reader

@@ -4,8 +4,9 @@
 token vocabulary and its merges takes seconds; checking a config (layer count, fingerprint) needs
 none of them. This reader walks the header (little-endian GGUF v2/v3), keeps scalar values, and
 keeps only the length of arrays (but the values of short scalar arrays, such as a per-layer
-sliding-window pattern). It offers the two things `gguf_file.gguf_config` reads from a
-reader, `fields[key].contents()` (and `.data` for an array's length) and `tensors[i].name`, so the
+sliding-window pattern, and Llama 3.1's rope factors, a 1-D float32 tensor).
+It offers what `gguf_file.gguf_config` reads from a reader, `fields[key].contents()` (and `.data`
+for an array's length) and `tensors[i].name` (and `.data` for Llama 3.1's rope factors), so the
 config comes out of the same code as a real load.
 """
 
@@ -52,6 +53,7 @@ class Field:
 @dataclass(frozen=True)
 class TensorName:
     name: str
+    data: tuple | None = None  # the values of Llama 3.1's rope_freqs (not read for others)
 
 
 @dataclass(frozen=True)
@@ -134,12 +136,21 @@ def _parse(buf, path: Path) -> GGUFHeader:
             fields[key] = Field(take(_SCALARS[kind]))
         else:
             raise CheckpointError(f"{path}: corrupt GGUF header (metadata type {kind} for {key!r})")
-    tensors = []
+    table = []
     for _ in range(n_tensors):
         name = string()
-        n_dims = take("<I")
-        pos += 8 * n_dims + 4 + 8  # dims, type, offset
-        tensors.append(TensorName(name))
+        dims = [take("<Q") for _ in range(take("<I"))]
+        table.append((name, dims, take("<I"), take("<Q")))  # name, dims, type, offset
     if pos > len(buf):
         raise IndexError("tensor table runs past the end of the file")
+    align = int(fields["general.alignment"].value) if "general.alignment" in fields else 32
+    start = -(-pos // align) * align
+    tensors = []
+    for name, dims, kind, offset in table:
+        data = None
+        end = start + offset + 4 * (dims[0] if dims else 0)
+        # F32, 1-D, whole: Llama 3.1's rope factors, which the config needs (others are not read)
+        if name == "rope_freqs.weight" and kind == 0 and len(dims) == 1 and end <= len(buf):
+            data = struct.unpack_from(f"<{dims[0]}f", buf, start + offset)
+        tensors.append(TensorName(name, data))
     return GGUFHeader(fields, tensors)
