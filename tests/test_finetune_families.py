@@ -123,4 +123,13 @@ def test_merged_export_loads_in_transformers(family, tmp_path):
     assert np.abs(base - ours).max() > 1e-3 * scale  # the adapters moved the model
     again = pvjax.load(out)  # and pvjax reads its own export as the same model
     assert again.config == model.config
-    np.testing.assert_allclose(np.asarray(pvjax.forward(again, ids).logits), ours, atol=1e-5 * scale)
+    np.testing.assert_allclose(
+        np.asarray(pvjax.forward(again, ids).logits), ours, atol=1e-5 * scale
+    )
+
+
+def test_lora_on_experts_is_refused_by_name(tmp_path):
+    save_tiny("qwen3_moe", tmp_path, vocab_size=VOCAB)
+    model = pvjax.load(tmp_path)
+    with pytest.raises(lora.LoraError, match=r"\['gate', 'up', 'down'\].*q, k, v, o"):
+        lora.split(lora.LoraSpec(rank=2), model.params, jax.random.PRNGKey(0))
