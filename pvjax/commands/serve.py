@@ -147,7 +147,7 @@ def run(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     log = logging.getLogger("pvjax.serve")
-    model = pvjax.load(args.model, dtype=args.dtype)
+    model = pvjax.load(args.model, dtype=args.dtype, enable_thinking=args.thinking)
     vectors, monitors = {}, {}
     for spec in args.vector:
         name, file = _named(spec, "--vector")
