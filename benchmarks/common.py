@@ -80,6 +80,33 @@ def samples(tokenizer, chat_text, n: int):
     return out
 
 
+def measured_bandwidth() -> float:
+    """Read bandwidth (bytes/s) over a 512 MB array, the memory roof for batch-1 decode."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones(128 * 2**20, jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(5):
+        f(a).block_until_ready()
+    return 5 * a.nbytes / (time.perf_counter() - t)
+
+
+def measured_flops() -> float:
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((1024, 1024), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(x).block_until_ready()
+    t = time.perf_counter()
+    for _ in range(20):
+        f(x).block_until_ready()
+    return 20 * 2 * 1024**3 / (time.perf_counter() - t)
+
+
 class Timer:
     def __enter__(self):
         self.t0 = time.perf_counter()

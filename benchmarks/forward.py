@@ -3,6 +3,7 @@ no logits) against what the reference implementation does (transformers, one sam
 `output_hidden_states=True`, pooled afterwards). Same run, same texts.
 
     python benchmarks/forward.py             # SmolLM2 on this machine; last line: ratio=<pvjax/ref>
+    python benchmarks/forward.py --family gemma2  # a random Gemma 2 at SmolLM2's size (families.py)
     python benchmarks/forward.py --random-7b # GPU: Qwen2.5-7B-shaped random bf16 model, tokens/s,
     MFU
 """
@@ -18,7 +19,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import Timer, hf_embedded, measured_ceilings, peak_for, samples
+from common import Timer, hf_embedded, measured_ceilings, measured_flops, peak_for, samples
+from families import active_params, add_family_argument, family_models
 
 import pvjax
 from pvjax.capture import pooling_weights
@@ -44,10 +46,9 @@ def run_pvjax(model, seqs, prompt_lens, args):
     return min(times), first.seconds - min(times), pooled
 
 
-def run_reference(seqs, prompt_lens, threads):
+def run_reference(model, seqs, prompt_lens):
     import torch
 
-    model = hf_embedded(threads).eval()
     times = []
     for _ in range(3):  # best of three, as for pvjax
         pooled = []
@@ -60,13 +61,16 @@ def run_reference(seqs, prompt_lens, threads):
 
 
 def smollm2(args):
-    model = pvjax.load("smollm2-135m-instruct")
+    if args.family:
+        model, hf = family_models(args.family, os.cpu_count(), args.layers)
+    else:
+        model, hf = pvjax.load("smollm2-135m-instruct"), hf_embedded(os.cpu_count()).eval()
     data = samples(model.tokenizer, model.chat_text, args.n)
     seqs = [model.tokenizer(p + a)["input_ids"] for p, a, _ in data]
     prompt_lens = [n for _, _, n in data]
     n_tokens = sum(map(len, seqs))
     secs, compile_s, ours = run_pvjax(model, seqs, prompt_lens, args)
-    ref_secs, ref_pooled = run_reference(seqs, prompt_lens, os.cpu_count())
+    ref_secs, ref_pooled = run_reference(hf, seqs, prompt_lens)
     err = max(
         float(np.abs(ours[i, :, 0] - r).max() / np.abs(r).max()) for i, r in enumerate(ref_pooled)
     )
@@ -77,11 +81,20 @@ def smollm2(args):
         f"texts={len(data)} tokens={n_tokens} packed into {slots} slots ({n_tokens / slots:.0%} "
         "full), "
         f"batches {[b.tokens.shape for b in batches]} "
-        f"backend={jax.default_backend()}"
+        f"backend={jax.default_backend()} model={model.model_id}"
     )
     print(f"pvjax: {ours_tps:,.0f} tokens/s (compile {compile_s:.1f} s, excluded)")
     print(f"reference (transformers, one at a time): {ref_tps:,.0f} tokens/s")
     print(f"max relative difference of pooled activations: {err:.2e}")
+    # The compute limit: 2 FLOP per active weight a token multiplies by (no output head: the
+    # forward keeps activations only; attention left out), at the measured matmul rate.
+    fl = measured_flops()
+    body = active_params(model) - model.config.vocab_size * model.hidden_size
+    limit = fl / (2 * body)
+    print(
+        f"{model.model_id}: compute_share={ours_tps / limit:.2f} of the measured "
+        f"{fl / 1e9:.0f} GFLOP/s ({limit:,.0f} tokens/s)"
+    )
     print(f"ratio={ours_tps / ref_tps:.2f}")
 
 
@@ -190,6 +203,7 @@ def main():
         action="store_true",
         help="with --random-7b: also time transformers on the same random shapes",
     )
+    add_family_argument(ap)
     args = ap.parse_args()
     random_7b(args) if args.random_7b else smollm2(args)
 

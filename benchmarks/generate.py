@@ -2,6 +2,7 @@
 (what the reference implementation does), SmolLM2, 64 new tokens, batch 1 and batch 16, same run.
 
     python benchmarks/generate.py             # last line: ratio_b1=<x> ratio_b16=<y>
+    python benchmarks/generate.py --family qwen3moe  # a random Qwen3-MoE at SmolLM2's size
     python benchmarks/generate.py --random-7b # GPU: batch 64, 7B-shaped random bf16, bandwidth
     share
 
@@ -18,14 +19,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import QUESTIONS, Timer, hf_embedded, measured_ceilings, peak_for
+from common import (
+    QUESTIONS,
+    Timer,
+    hf_embedded,
+    measured_bandwidth,
+    measured_ceilings,
+    measured_flops,
+    peak_for,
+)
+from families import active_bytes, active_params, add_family_argument, family_models
 
 import pvjax
 from pvjax import interventions
@@ -34,29 +43,8 @@ from pvjax.engine.generate import SamplingParams, generate
 LAYER, COEF, NEW = 12, 4.0, 64
 
 
-def measured_bandwidth() -> float:
-    """Read bandwidth (bytes/s) over a 512 MB array, the memory roof for batch-1 decode."""
-    a = jnp.ones(128 * 2**20, jnp.float32)
-    f = jax.jit(jnp.sum)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(5):
-        f(a).block_until_ready()
-    return 5 * a.nbytes / (time.perf_counter() - t)
-
-
-def measured_flops() -> float:
-    x = jnp.ones((1024, 1024), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(x).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(20):
-        f(x).block_until_ready()
-    return 20 * 2 * 1024**3 / (time.perf_counter() - t)
-
-
-def run_pvjax(model, prompts, vector):
-    iv = interventions.build(model.n_layers + 1, model.hidden_size, steer=[(vector, LAYER, COEF)])
+def run_pvjax(model, prompts, vector, layer=LAYER):
+    iv = interventions.build(model.n_layers + 1, model.hidden_size, steer=[(vector, layer, COEF)])
     sp = SamplingParams(max_new_tokens=NEW, min_new_tokens=NEW)
     with Timer() as first:
         generate(model, prompts, sampling=sp, intervention=iv, batch_size=len(prompts))
@@ -69,7 +57,7 @@ def run_pvjax(model, prompts, vector):
     return n / best, first.seconds - best
 
 
-def run_reference(hf, tok, prompts, vector):
+def run_reference(hf, tok, prompts, vector, layer=LAYER):
     import torch
 
     v = torch.tensor(vector)
@@ -79,7 +67,7 @@ def run_reference(hf, tok, prompts, vector):
             return (output[0] + COEF * v,) + tuple(output[1:])
         return output + COEF * v
 
-    handle = hf.model.layers[LAYER - 1].register_forward_hook(hook)
+    handle = hf.model.layers[layer - 1].register_forward_hook(hook)
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     try:
@@ -102,32 +90,38 @@ def run_reference(hf, tok, prompts, vector):
 
 
 def smollm2(args):
-    hf = hf_embedded(args.threads).eval()
-    model = pvjax.load("smollm2-135m-instruct")
+    if args.family:
+        model, hf = family_models(args.family, args.threads, args.layers)
+    else:
+        hf, model = hf_embedded(args.threads).eval(), pvjax.load("smollm2-135m-instruct")
+    layer = min(LAYER, model.n_layers // 2 or 1)
     vector = np.random.default_rng(0).standard_normal(model.hidden_size).astype(np.float32)
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.params))
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(model.params))
+    # What a token reads and multiplies by: every weight (SmolLM2's input table is its output
+    # head), a MoE's routed experts only (`families.active_bytes`).
+    weight_bytes, n_params = active_bytes(model), active_params(model)
     bw, fl = measured_bandwidth(), measured_flops()
     print(
         f"machine: copy bandwidth {bw / 1e9:.1f} GB/s, matmul {fl / 1e9:.0f} GFLOP/s; "
-        f"weights {weight_bytes / 1e9:.2f} GB, {2 * n_params / 1e9:.2f} GFLOP/token"
+        f"model {model.model_id}: weights read per token {weight_bytes / 1e9:.2f} GB, "
+        f"{2 * n_params / 1e9:.2f} GFLOP/token"
     )
-    ratios = {}
+    ratios, shares = {}, {}
     for batch in (1, 16):
         prompts = [
             model.chat_text([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}])
             for i in range(batch)
         ]
         chats = [q for q in QUESTIONS * 2][:batch]
-        ours, compile_s = run_pvjax(model, chats, vector)
-        ref = run_reference(hf, model.tokenizer, prompts, vector)
+        ours, compile_s = run_pvjax(model, chats, vector, layer)
+        ref = run_reference(hf, model.tokenizer, prompts, vector, layer)
         limit = bw / weight_bytes if batch == 1 else fl / (2 * n_params)
         print(
             f"batch {batch}: pvjax {ours:.1f} new tokens/s (compile {compile_s:.1f} s), "
             f"transformers {ref:.1f} new tokens/s; pvjax at {ours / limit:.0%} of the "
             f"{'memory' if batch == 1 else 'compute'} limit ({limit:.0f} tokens/s)"
         )
-        ratios[batch] = ours / ref
+        ratios[batch], shares[batch] = ours / ref, ours / limit
+    print(f"{model.model_id}: memory_share_b1={shares[1]:.2f} compute_share_b16={shares[16]:.2f}")
     print(f"ratio_b1={ratios[1]:.2f} ratio_b16={ratios[16]:.2f}")
 
 
@@ -229,6 +223,7 @@ def main():
         action="store_true",
         help="with --random-7b: the sharded path (generate_ids(mesh=...)) on the devices there are",
     )
+    add_family_argument(p)
     args = p.parse_args()
     (random_7b if args.random_7b else smollm2)(args)
 

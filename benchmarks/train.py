@@ -1,6 +1,7 @@
 """LoRA training step: pvjax against transformers + peft, same model, same rows, same run.
 
     python benchmarks/train.py          # SmolLM2 on this CPU; last line: ratio=<pvjax/reference>
+    python benchmarks/train.py --family gemma3  # a random Gemma 3 at SmolLM2's size
     python benchmarks/train.py --random-7b   # GPU: 7B-shaped bf16 LoRA step and full step, MFU
 
 Both sides train a rank-32 LoRA (alpha 64) on all seven linear targets of SmolLM2-135M-Instruct,
@@ -22,7 +23,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jax
 import numpy as np
-from common import ANSWER, QUESTIONS, Timer, hf_embedded
+from common import ANSWER, QUESTIONS, Timer, hf_embedded, measured_flops
+from families import active_params, add_family_argument, family_models
 
 import pvjax
 from pvjax.finetune import data, lora
@@ -46,8 +48,13 @@ def rows_for(model, width, n_rows):
     return rows.take(order)
 
 
+def targets_for(model) -> tuple[str, ...]:
+    """All seven linear targets; a MoE's attention only (its experts are not LoRA targets)."""
+    return ("q", "k", "v", "o") if model.config.num_experts else tuple(lora.TARGETS)
+
+
 def run_pvjax(model, batch, reps, remat):
-    spec = lora.LoraSpec(rank=RANK, alpha=ALPHA)
+    spec = lora.LoraSpec(rank=RANK, alpha=ALPHA, targets=targets_for(model))
     settings = st.StepSettings(model.config, spec, "float32", remat)
     mesh = sharding.make_mesh()
     key = jax.random.PRNGKey(0)
@@ -70,25 +77,16 @@ def run_pvjax(model, batch, reps, remat):
     return min(times), first.seconds - min(times), losses
 
 
-def run_reference(batch, reps, threads):
+def run_reference(model, batch, reps, targets):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    model = hf_embedded(threads)
     conf = LoraConfig(
         r=RANK,
         lora_alpha=ALPHA,
         lora_dropout=0.0,
         task_type="CAUSAL_LM",
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
+        target_modules=[lora.TARGETS[t][1].split(".")[-1] for t in targets],
     )
     model = get_peft_model(model, conf)
     model.train()
@@ -182,19 +180,24 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--random-7b", action="store_true")
     ap.add_argument("--full-layers", type=int, default=8)
+    add_family_argument(ap)
     args = ap.parse_args()
     if args.random_7b:
         return random_7b(args)
-    model = pvjax.load("smollm2-135m-instruct")
+    if args.family:
+        model, hf = family_models(args.family, os.cpu_count(), args.layers)
+    else:
+        model, hf = pvjax.load("smollm2-135m-instruct"), hf_embedded(os.cpu_count())
     batch = rows_for(model, args.width, args.rows)
     n_tokens = batch["tokens"].size
     real = int((batch["segment_ids"] > 0).sum())
     secs, compile_s, ours = run_pvjax(model, batch, args.reps, remat=False)
     remat_secs, _, _ = run_pvjax(model, batch, args.reps, remat=True)
-    ref_secs, ref = run_reference(batch, args.reps, os.cpu_count())
+    ref_secs, ref = run_reference(hf, batch, args.reps, targets_for(model))
     print(
         f"rows={args.rows}x{args.width} tokens={n_tokens} ({real / n_tokens:.0%} real) "
-        f"backend={jax.default_backend()} LoRA r={RANK} alpha={ALPHA:g} all linear targets"
+        f"backend={jax.default_backend()} model={model.model_id} LoRA r={RANK} alpha={ALPHA:g} "
+        f"targets {'/'.join(targets_for(model))}"
     )
     print(
         f"pvjax: {n_tokens / secs:,.0f} tokens/s ({secs:.2f} s/step, compile {compile_s:.1f} s); "
@@ -209,7 +212,16 @@ def main():
         "across "
         f"the packed samples of a row and can copy their repeated answers, hence lower)"
     )
-    print(f"ratio={ref_secs / secs:.2f}")
+    # The compute limit: forward + LoRA's backward (input gradients), 2 x 2 FLOP per active
+    # parameter per token (the thin adapter products and attention left out).
+    fl = measured_flops()
+    limit = fl / (4 * active_params(model))
+    print(
+        f"{model.model_id}: compute_share={n_tokens / secs / limit:.2f} of the measured "
+        f"{fl / 1e9:.0f} GFLOP/s ({limit:,.0f} tokens/s); "
+        f"with remat {n_tokens / remat_secs / limit:.2f}"
+    )
+    print(f"ratio={ref_secs / secs:.2f} ratio_remat={ref_secs / remat_secs:.2f}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ def get_config(arg: str = ""):
     c.workdir = ""
     c.model = "Qwen/Qwen2.5-7B-Instruct"  # a local folder of safetensors
     c.dtype = ""
+    # Qwen3's chat-template switch: False renders answers without a reasoning block (persona
+    # work reads the answer); other templates have no switch and ignore it. `--thinking` sets it.
+    c.enable_thinking = False
     c.n_questions = 0  # 0: all questions of the extract split
     c.n_pairs = 0  # 0: all instruction pairs
     c.n_per_question = 10

@@ -22,6 +22,9 @@ def header(name: str, arg: str):
     c.study = name
     c.model = "Qwen/Qwen2.5-7B-Instruct"  # a local folder of safetensors
     c.dtype = ""
+    # Qwen3's chat-template switch: False renders answers without a reasoning block (persona
+    # work reads the answer); other templates have no switch and ignore it. `--thinking` sets it.
+    c.enable_thinking = False
     c.trait = "evil"
     c.vector = ""  # FILE[:KEY]; empty: extract the trait's vector first (c.extract)
     c.workdir = ""

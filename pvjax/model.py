@@ -26,12 +26,15 @@ from pvjax.models.layout import Scanned, Sliced
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Model:
-    """An immutable bundle: config, parameter pytree (numpy or jax arrays) and tokenizer."""
+    """An immutable bundle: config, parameter pytree (numpy or jax arrays) and tokenizer, and how
+    its chat template is rendered: `enable_thinking`, the value given to a template with a
+    thinking switch (Qwen3's; off by default: persona work reads answers, not reasoning)."""
 
     config: ModelConfig
     params: Any
     tokenizer: Any
     source: str = ""
+    enable_thinking: bool = False
 
     @property
     def n_layers(self) -> int:
@@ -50,11 +53,16 @@ class Model:
         return self.config.name or Path(self.source).name
 
     def chat_text(
-        self, messages, *, add_generation_prompt: bool = True, enable_thinking: bool = False
+        self,
+        messages,
+        *,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool | None = None,
     ) -> str:
         """The chat-templated prompt (`pvjax.loading.tokenizer.render_chat`): Qwen3's thinking
-        off unless `enable_thinking`, a system prompt folded into the first user turn where the
-        template has no system role (Gemma 2); `chat_conventions()` says which applied."""
+        as `enable_thinking` says (None: the model's own setting, off unless loaded with it on),
+        a system prompt folded into the first user turn where the template has no system role
+        (Gemma 2); `chat_conventions()` says which applied."""
         from pvjax.loading.tokenizer import render_chat
 
         return render_chat(
@@ -62,14 +70,16 @@ class Model:
             messages,
             add_generation_prompt=add_generation_prompt,
             model_name=self.model_id,
-            enable_thinking=enable_thinking,
+            enable_thinking=self.enable_thinking if enable_thinking is None else enable_thinking,
         )
 
-    def chat_conventions(self, *, enable_thinking: bool = False) -> dict:
-        """What the chat rendering changes for this model's template, for provenance."""
+    def chat_conventions(self, *, enable_thinking: bool | None = None) -> dict:
+        """What the chat rendering changes for this model's template, for provenance:
+        `{"system_folded": bool, "enable_thinking": bool or None}` (None: no thinking switch)."""
         from pvjax.loading.tokenizer import chat_conventions
 
-        return chat_conventions(self.tokenizer, enable_thinking=enable_thinking)
+        think = self.enable_thinking if enable_thinking is None else enable_thinking
+        return chat_conventions(self.tokenizer, enable_thinking=think)
 
     def replace(self, **kw) -> "Model":
         return dataclasses.replace(self, **kw)
@@ -80,7 +90,14 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def load(source: str | os.PathLike, *, dtype=None, tokenizer=None, mesh=None) -> Model:
+def load(
+    source: str | os.PathLike,
+    *,
+    dtype=None,
+    tokenizer=None,
+    mesh=None,
+    enable_thinking: bool = False,
+) -> Model:
     """Load a model from a local Hugging Face folder (config.json + safetensors, sharded or not), a
     `.gguf` file (dequantized), or the name `smollm2-135m-instruct` (the embedded model).
 
@@ -92,7 +109,8 @@ def load(source: str | os.PathLike, *, dtype=None, tokenizer=None, mesh=None) ->
     The tokenizer comes with the source (a folder's tokenizer files, a GGUF's metadata) unless
     `tokenizer` names another source (folder, `.gguf`, embedded name) or is a tokenizer object. A
     folder of weights without tokenizer files loads with a `MissingTokenizer`: token ids work,
-    the first call that needs text says what to pass."""
+    the first call that needs text says what to pass. `enable_thinking` is what the model's
+    chat template gets for a thinking switch (Qwen3's), wherever pvjax renders a chat."""
     from pvjax.loading import resolve_source
     from pvjax.loading import tokenizer as toks
     from pvjax.loading.embedded import EMBEDDED_NAME
@@ -133,7 +151,13 @@ def load(source: str | os.PathLike, *, dtype=None, tokenizer=None, mesh=None) ->
             ),
             params,
         )
-    return Model(config=cfg, params=params, tokenizer=tok, source=str(path))
+    return Model(
+        config=cfg,
+        params=params,
+        tokenizer=tok,
+        source=str(path),
+        enable_thinking=bool(enable_thinking),
+    )
 
 
 def default_positions(attention_mask_BT) -> jax.Array:

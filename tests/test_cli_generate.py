@@ -47,9 +47,9 @@ def same_model(monkeypatch, smollm2):
     """`pvjax.load` answering with the session's embedded model; records the requests."""
     calls = []
 
-    def load(source, *, dtype=None):
+    def load(source, *, dtype=None, enable_thinking=False):
         calls.append((str(source), dtype))
-        assert str(source) == "smollm2-135m-instruct" and dtype is None
+        assert str(source) == "smollm2-135m-instruct" and dtype is None and not enable_thinking
         return smollm2
 
     monkeypatch.setattr(pvjax, "load", load)

@@ -10,6 +10,7 @@ import pytest
 
 from configs.extract import get_config
 from pvjax.settings.extraction import FIELDS, InvalidConfig, validate_config
+from pvjax.settings.fields import OPTIONAL_FIELDS
 
 
 @pytest.fixture(autouse=True)
@@ -42,8 +43,20 @@ def flat_keys(d, prefix=""):
 
 
 def test_the_schema_is_exactly_the_shipped_config():
+    """The shipped config writes every field out, the optional ones (`enable_thinking`) too."""
     for variant in ("", "runlocal"):
-        assert sorted(flat_keys(get_config(variant).to_dict())) == sorted(FIELDS)
+        assert sorted(flat_keys(get_config(variant).to_dict())) == sorted(
+            [*FIELDS, *OPTIONAL_FIELDS]
+        )
+
+
+def test_an_old_config_without_enable_thinking_still_checks_and_a_bad_one_is_named(tmp_path):
+    old = runlocal(tmp_path / "new")
+    del old["enable_thinking"]
+    assert validate_config(old).enable_thinking is False
+    assert validate_config(runlocal(tmp_path / "new", enable_thinking=True)).enable_thinking
+    with pytest.raises(InvalidConfig, match="enable_thinking must be True or False"):
+        validate_config(runlocal(tmp_path / "new", enable_thinking="yes"))
 
 
 def test_a_good_config_resolves_what_the_run_needs(tmp_path):

@@ -21,7 +21,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import FAMILY_CONFIGS, assert_close, left_pad, save_tiny
+from tiny_models import FAMILY_CONFIGS, GEMMA2_LIKE, QWEN3_LIKE, assert_close, left_pad, save_tiny
 
 import pvjax
 from pvjax import interventions as ivs
@@ -399,21 +399,6 @@ def jax_flatten(params):
 
 
 # ---- chat templates: Qwen3's thinking switch, Gemma 2's missing system role ----
-
-# The parts of Qwen3's and Gemma 2's templates that matter here.
-QWEN3_LIKE = (
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n"
-    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-    "{% endif %}{% endif %}"
-)
-GEMMA2_LIKE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
-    "{{ raise_exception('System role not supported') }}{% endif %}"
-    "{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
-    "{{ m.content | trim }}<end_of_turn>\n{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
 
 
 def _with_template(template):

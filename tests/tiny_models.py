@@ -76,12 +76,13 @@ CONFIGS = {
 }
 
 
-def save_tiny(kind: str, folder, tokenizer=None, vocab_size: int = 49152, seed: int = 0):
-    """Write a random model of config `kind` (a name, or a config dict) as safetensors (+
-    tokenizer) into `folder`."""
+def save_tiny(kind, folder, tokenizer=None, vocab_size: int = 49152, seed: int = 0, **fields):
+    """Write a random model of config `kind` (a name, or a config dict; with `fields` changed) as
+    safetensors (+ tokenizer) into `folder`."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = dict({**CONFIGS, **FAMILY_CONFIGS}[kind] if isinstance(kind, str) else kind)
+    base = {**CONFIGS, **FAMILY_CONFIGS}[kind] if isinstance(kind, str) else kind
+    spec = dict(base, **fields)
     model_type = spec.pop("model_type")
     cfg = AutoConfig.for_model(model_type, vocab_size=vocab_size, initializer_range=0.1, **spec)
     torch.manual_seed(seed)
@@ -178,6 +179,33 @@ FAMILY_CONFIGS = {
     "gemma2": GEMMA2,
     "gemma3": GEMMA3,
 }
+
+
+# The parts of Qwen3's and Gemma 2's templates that matter here.
+QWEN3_LIKE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{% endif %}{% endif %}"
+)
+GEMMA2_LIKE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m.role == 'assistant' else m.role }}\n"
+    "{{ m.content | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def save_tiny_chat(kind: str, folder, tokenizer, template: str | None = None, **kw):
+    """`save_tiny` with `tokenizer` (the embedded model's, whose vocabulary the model gets) and,
+    when given, `template` as its chat template (`QWEN3_LIKE`, `GEMMA2_LIKE`)."""
+    from pathlib import Path
+
+    model = save_tiny(kind, folder, tokenizer=tokenizer, vocab_size=len(tokenizer), **kw)
+    if template is not None:
+        Path(folder, "chat_template.jinja").write_text(template)
+    return model
 
 
 def left_pad(seqs, pad_id=0, dtype=np.int32):

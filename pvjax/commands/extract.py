@@ -10,6 +10,7 @@ import json
 import logging
 from pathlib import Path
 
+from pvjax.commands.model_args import add_thinking_argument
 from pvjax.errors import UsageError
 from pvjax.settings.config_files import load_config
 
@@ -22,8 +23,9 @@ def add_parser(sub):
 
 def add_config_command(sub, name: str, help: str, doc: str, func, *, example: str = ""):
     """A config-driven subcommand: `--config FILE[:ARG]` (e.g. `example`, default
-    configs/<name>.py:runlocal), `--quiet`, and `--config.x=y` overrides (left in `args.extra` for
-    `load_config`); its description is the first paragraph of `doc`. Returns the parser."""
+    configs/<name>.py:runlocal), `--quiet`, `--thinking` (the config's `enable_thinking`), and
+    `--config.x=y` overrides (left in `args.extra`; `overrides(args)` gives them to `load_config`
+    with `--thinking`'s); its description is the first paragraph of `doc`. Returns the parser."""
     p = sub.add_parser(name, help=help, description=doc.split("\n\n")[0])
     p.add_argument(
         "--config",
@@ -31,8 +33,17 @@ def add_config_command(sub, name: str, help: str, doc: str, func, *, example: st
         help=f"config file, e.g. {example or f'configs/{name}.py:runlocal'}",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_thinking_argument(p)
     p.set_defaults(func=func, accepts_extra=True)
     return p
+
+
+def overrides(args) -> list[str]:
+    """The `--config.x=y` overrides, with `--thinking` as `--config.enable_thinking=True`."""
+    extra = list(args.extra)
+    if getattr(args, "thinking", False):
+        extra.append("--config.enable_thinking=True")
+    return extra
 
 
 def log_setup() -> None:
@@ -46,7 +57,7 @@ def study_config(args):
     """(config, workdir) of a config-driven study command: logging on, `--config.x=y` overrides
     applied (`load_config`), and `--config.workdir` required (a `UsageError` without it)."""
     log_setup()
-    cfg = load_config(args.config, args.extra)
+    cfg = load_config(args.config, overrides(args))
     if not cfg.workdir:
         raise UsageError("set --config.workdir=DIR (where the results go)")
     return cfg, Path(cfg.workdir)
@@ -58,7 +69,7 @@ def run(args) -> int:
 
     log_setup()
     settings = settings_for_run(
-        load_config(args.config, args.extra)
+        load_config(args.config, overrides(args))
     )  # the config, checked and unpacked
     summary = extract(
         settings, progress=not args.quiet

@@ -339,7 +339,7 @@ def run(args) -> int:
         from pvjax.parallel.sharding import mesh_from_flag
 
         mesh = mesh_from_flag(args.mesh)
-    model = pvjax.load(args.model, dtype=args.dtype)
+    model = pvjax.load(args.model, dtype=args.dtype, enable_thinking=args.thinking)
     L, D = model.n_layers + 1, model.hidden_size
     ablate, probes, vector = [], None, None
     if args.vector:
@@ -373,6 +373,9 @@ def run(args) -> int:
         mesh=mesh,
         unroll=not args.scanned,
     )
+    # How the chat template rendered the prompts (thinking switch, system prompt folded), on each
+    # --json row: what a run's record needs to be read later.
+    chat = None if args.raw else model.chat_conventions()
     for i, text in enumerate(g.texts):
         p, c = prompts[i % len(prompts)], coefs[i // len(prompts)]
         row = {
@@ -381,6 +384,8 @@ def run(args) -> int:
             "tokens": g.tokens[i],
             "finish_reason": g.finish_reasons[i],
         }
+        if chat is not None:
+            row["chat"] = chat
         setting = {"coef": c} if not isinstance(c, tuple) else {c[0]: c[1], "gain": args.gain}
         terms = rows[i // len(prompts)]
         if args.steer or args.when:

@@ -30,11 +30,11 @@ def add_parser(sub, name: str = "run"):
 
 
 def run(args, *, sweep: bool = False) -> int:
-    from pvjax.commands.extract import log_setup
+    from pvjax.commands.extract import log_setup, overrides
     from pvjax.studies import jobs, runner
 
     log_setup()
-    study, root, points = runner.load(args.config, args.extra, args.workdir, sweep=sweep)
+    study, root, points = runner.load(args.config, overrides(args), args.workdir, sweep=sweep)
     job = jobs.join_job(points)  # a multi-process job: every process runs this same command
     rows = runner.run_points(study, root, points, progress=not args.quiet and job.writer, job=job)
     if not job.writer:

@@ -188,7 +188,7 @@ def run(args) -> int:
         from pvjax.parallel.sharding import mesh_from_flag
 
         mesh = mesh_from_flag(args.mesh)
-    model = pvjax.load(args.model, dtype=args.dtype)
+    model = pvjax.load(args.model, dtype=args.dtype, enable_thinking=args.thinking)
     vectors, monitors = {}, {}
     for spec in args.vector:
         name, file = _named(spec, "--vector")

@@ -62,6 +62,12 @@ def stage_provenance(checked, judge_url: str = "") -> dict[str, dict]:
     }
     if cfg["temperature"] > 0:
         answers.update(seed=cfg["seed"], top_p=float(cfg["top_p"]))
+    # How the chat template rendered the prompts (a thinking switch's value, a system prompt
+    # folded into the user turn): recorded where the template has either, so runs of models
+    # without them match the records made before the field existed.
+    chat = getattr(checked, "chat", None) or {}
+    if chat.get("system_folded") or chat.get("enable_thinking") is not None:
+        answers["chat"] = dict(chat)
     if not cfg[
         "unroll"
     ]:  # recorded only when scanned, so runs made before the field existed still match

@@ -25,10 +25,19 @@ import numpy as np
 
 from pvjax.errors import UserError
 from pvjax.finetune.lora import TARGETS, LoraSpec
-from pvjax.loading.safetensors_folder import HF_NAMES
+from pvjax.loading.safetensors_folder import hf_names
 from pvjax.models.config import ModelConfig
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "ministral": "MinistralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+}
 
 
 class ExportError(UserError, ValueError):
@@ -37,13 +46,15 @@ class ExportError(UserError, ValueError):
 
 def hf_config(cfg: ModelConfig, dtype) -> dict:
     """A transformers `config.json` for a pvjax `ModelConfig` (the inverse of
-    `ModelConfig.from_hf`)."""
+    `ModelConfig.from_hf`): every family's fields written out, the attention kind of each block
+    as `layer_types`, so that neither transformers nor `from_hf` derives anything from defaults."""
     if cfg.architecture not in _ARCHITECTURES:
         raise ExportError(
             f"exporting a {cfg.architecture} model as a Hugging Face folder is not supported yet "
             f"(only {sorted(_ARCHITECTURES)}); save the LoRA adapters instead"
         )
     eos = list(cfg.eos_token_ids)
+    gemma = cfg.architecture in ("gemma2", "gemma3_text")
     d = {
         "architectures": [_ARCHITECTURES[cfg.architecture]],
         "model_type": cfg.architecture,
@@ -54,7 +65,6 @@ def hf_config(cfg: ModelConfig, dtype) -> dict:
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
         "rms_norm_eps": cfg.rms_norm_eps,
         "rope_theta": cfg.rope_theta,
         "max_position_embeddings": cfg.max_position_embeddings,
@@ -67,13 +77,62 @@ def hf_config(cfg: ModelConfig, dtype) -> dict:
         else "float32",
         "use_cache": True,
     }
+    d["hidden_activation" if gemma else "hidden_act"] = (
+        "gelu_pytorch_tanh" if cfg.activation == "gelu_tanh" else "silu"
+    )
     if cfg.architecture == "llama":
         d.update(attention_bias=False, mlp_bias=False)
-    else:
-        d.update(use_sliding_window=False)
+    elif cfg.architecture != "qwen2":
+        d.update(attention_bias=False)
     if cfg.rope_type != "default":
         d["rope_scaling"] = {"rope_type": cfg.rope_type, **cfg.rope_params}
+    d.update(_window_fields(cfg))
+    if gemma:
+        scalar = cfg.head_dim if cfg.query_scale is None else float(cfg.query_scale) ** -2
+        # transformers' config class takes an int (the scale came from one, so this is exact)
+        d["query_pre_attn_scalar"] = round(scalar) if abs(scalar - round(scalar)) < 1e-3 else scalar
+        d["final_logit_softcapping"] = cfg.final_softcap
+        d["attn_logit_softcapping"] = cfg.attn_softcap
+    if cfg.architecture == "gemma3_text":
+        # transformers 5's layout: one rope dict per attention kind (the local one unscaled)
+        full = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta, **cfg.rope_params}
+        local = cfg.local_rope_theta if cfg.local_rope_theta is not None else cfg.rope_theta
+        d.pop("rope_theta")
+        d.pop("rope_scaling", None)
+        d["rope_parameters"] = {
+            "full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": local},
+        }
+        d["use_bidirectional_attention"] = False
+    if cfg.num_experts:
+        d.update(
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.experts_per_token,
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            norm_topk_prob=cfg.norm_topk_prob,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     return d
+
+
+def _window_fields(cfg: ModelConfig) -> dict:
+    """The sliding window and each block's attention kind, in the fields each family reads."""
+    types = list(cfg.layer_types) or ["full_attention"] * cfg.num_layers
+    window = cfg.sliding_window if any(cfg.sliding) else None
+    if cfg.architecture == "llama":
+        return {}
+    if cfg.architecture in ("qwen2", "qwen3", "qwen3_moe"):
+        out = {"use_sliding_window": window is not None, "sliding_window": window}
+        if window is not None:  # Qwen2/3 derive the kinds from max_window_layers otherwise
+            first = cfg.sliding.index(True)
+            out.update(max_window_layers=first, layer_types=types)
+        return out
+    if cfg.architecture == "mistral":  # transformers' Mistral ignores layer_types
+        return {"sliding_window": window}
+    if cfg.architecture == "gemma3_text" or window is not None:
+        return {"sliding_window": cfg.sliding_window or window, "layer_types": types}
+    return {"sliding_window": None, "layer_types": types}
 
 
 def _to_numpy(x, dtype):
@@ -81,17 +140,27 @@ def _to_numpy(x, dtype):
 
 
 def _hf_tensors(cfg: ModelConfig, params, dtype):
-    """`(name, array)` pairs in transformers' names and `[out, in]` layout, one at a time."""
+    """`(name, array)` pairs in transformers' names and `[out, in]` layout, one at a time. Gemma's
+    norms are stored as transformers stores them (`w`, applied as `1 + w`: pvjax keeps the same);
+    experts go out one tensor per expert (`mlp.experts.{j}.gate_proj.weight`), the hub's layout,
+    which transformers 4 reads as it is and 5 fuses on load."""
+    names = hf_names(cfg)
     for key in ("embed", "final_norm", "lm_head"):
         if key in params:
             a = _to_numpy(params[key], dtype)
-            yield HF_NAMES[key], a.T.copy() if key == "lm_head" else a
+            yield names[key], a.T.copy() if key == "lm_head" else a
     for key, stacked in params["layers"].items():
         arr = _to_numpy(stacked, dtype)
         for i in range(cfg.num_layers):
             a = arr[i]
+            if a.ndim == 3:  # [X, in, out] experts: "mlp.experts.gate_proj" -> one per expert
+                where, what = names[key].rsplit(".", 1)
+                for j in range(a.shape[0]):
+                    name = f"model.layers.{i}.{where}.{j}.{what}.weight"
+                    yield name, np.ascontiguousarray(a[j].T)
+                continue
             yield (
-                f"model.layers.{i}.{HF_NAMES[key]}",
+                f"model.layers.{i}.{names[key]}",
                 np.ascontiguousarray(a.T) if a.ndim == 2 else a,
             )
 

@@ -91,6 +91,12 @@ class LoraSpec:
 def init(spec: LoraSpec, base, key) -> dict:
     """Adapters `{key: {"a": [N, I, r], "b": [N, r, O]}}` in float32 (the master weights)."""
     out = {}
+    routed = [t for t in spec.targets if TARGETS[t][0] not in base["layers"]]
+    if routed:  # an expert model (Qwen3-MoE): its MLP is routed experts, not one matrix
+        raise LoraError(
+            f"lora.targets {routed}: this model's blocks route their MLP to experts, which LoRA "
+            "does not adapt here; use the attention targets (q, k, v, o)"
+        )
     for i, t in enumerate(spec.targets):
         w = base["layers"].get(TARGETS[t][0])
         n_blocks = base["layers"]["wq"].shape[0]

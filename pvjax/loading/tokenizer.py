@@ -137,6 +137,37 @@ def chat_conventions(tokenizer, *, enable_thinking: bool = False) -> dict:
     }
 
 
+def source_chat_conventions(source, *, enable_thinking: bool = False) -> dict:
+    """`chat_conventions` of a model source's chat template, read from its files without building
+    the tokenizer (`chat_template.jinja` or `tokenizer_config.json` in a folder, the metadata of a
+    `.gguf`): what a run records before its model loads. A source without a template gives the
+    conventions of none (nothing folded, no thinking switch)."""
+    import json
+
+    from pvjax.loading import resolve_source
+
+    kind, path = resolve_source(source)
+    template = ""
+    if kind == "gguf":
+        from pvjax.loading.gguf_header import read_header
+
+        field = read_header(path).fields.get("tokenizer.chat_template")
+        template = field.value if field is not None and isinstance(field.value, str) else ""
+    elif (Path(path) / "chat_template.jinja").is_file():
+        template = (Path(path) / "chat_template.jinja").read_text()
+    elif (Path(path) / "tokenizer_config.json").is_file():
+        try:
+            conf = json.loads((Path(path) / "tokenizer_config.json").read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            conf = {}
+        template = conf.get("chat_template") or "" if isinstance(conf, dict) else ""
+
+    class _Template:  # what `chat_conventions` reads of a tokenizer
+        chat_template = template
+
+    return chat_conventions(_Template, enable_thinking=enable_thinking)
+
+
 def _no_system_role(template: str) -> bool:
     """Gemma 2's template raises on a system message ("System role not supported")."""
     return "system role not supported" in template.lower()

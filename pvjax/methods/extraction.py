@@ -346,7 +346,7 @@ def run(settings, *, progress: bool = True) -> dict:
     finish = lambda *stages: [ledgers[0].finish(s) for s in stages] if job.writer else None
     if finished is not None:
         return {**finished, "workdir": str(work)}
-    model = pvjax.load(s.model, dtype=s.dtype)
+    model = pvjax.load(s.model, dtype=s.dtype, enable_thinking=s.enable_thinking)
 
     answers = generate_answers(model, trait, a, work, progress, job)
     finish("answers")
@@ -509,6 +509,7 @@ def run(settings, *, progress: bool = True) -> dict:
         "vector_norms": norms,
         "causality": causality,
         "workdir": str(work),
+        "chat": model.chat_conventions(),
         # What ran it (provenance, not part of the result: a resume may change it).
         "job": {k: v for k, v in job.describe().items() if k != "process"},
     }

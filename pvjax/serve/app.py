@@ -107,6 +107,8 @@ def build_app(service: Service, *, ui: bool = True) -> Starlette:
                             "layers": service.model.n_layers + 1,
                             "max_tokens": service.settings.max_new,
                             "max_prompt_tokens": service.settings.max_prompt,
+                            # how prompts are rendered: thinking switch, system prompt folded
+                            "chat": service.model.chat_conventions(),
                         },
                     }
                 ],

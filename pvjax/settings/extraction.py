@@ -180,6 +180,10 @@ class ExtractionSettings:
     mesh: MeshShape
     distributed: Distributed
     plot: bool = True
+    # What a chat template with a thinking switch (Qwen3's) is given, and the conventions the
+    # model's template gets (`pvjax.loading.tokenizer.chat_conventions`), for provenance.
+    enable_thinking: bool = False
+    chat: dict = dataclasses.field(default_factory=dict)
 
     @property
     def causality_layers(self) -> tuple[int, ...]:
@@ -286,6 +290,9 @@ def validate_config(cfg) -> ExtractionSettings:
 
     if problems:
         raise InvalidConfig("bad extraction config: " + "; ".join(problems))
+    from pvjax.loading.tokenizer import source_chat_conventions
+
+    thinking = bool(cfg.get("enable_thinking", False))
     c = cfg["causality"]
     return ExtractionSettings(
         cfg=cfg,
@@ -301,6 +308,8 @@ def validate_config(cfg) -> ExtractionSettings:
         mesh=MeshShape(**cfg["mesh"]),
         distributed=Distributed(**cfg["distributed"]),
         plot=cfg["plot"],
+        enable_thinking=thinking,
+        chat=source_chat_conventions(flat["model"], enable_thinking=thinking),
     )
 
 

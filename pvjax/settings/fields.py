@@ -99,12 +99,22 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Fields a config may leave out (configs written before they existed), checked when present:
+# `enable_thinking`, what a chat template with a thinking switch (Qwen3's) is given.
+OPTIONAL_FIELDS: dict[str, Validator] = {"enable_thinking": boolean}
+
+
 def check_fields(
     flat: dict, fields: dict[str, Validator], problems: list[str], *, known=()
 ) -> set[str]:
-    """Append a problem for every unknown field (not in `fields` or `known`), missing field and
-    bad value; return the keys that are missing or bad, so later checks can skip them."""
+    """Append a problem for every unknown field (not in `fields`, `known` or `OPTIONAL_FIELDS`),
+    missing field and bad value; return the keys that are missing or bad, so later checks can
+    skip them."""
+    for key, check in OPTIONAL_FIELDS.items():
+        if key in flat and (msg := check(flat[key])):
+            problems.append(f"{key} {msg}")
     allowed = [*known, *(k for k in fields if k not in known)]
+    allowed += [k for k in OPTIONAL_FIELDS if k not in allowed]
     unknown = sorted(set(flat) - set(allowed))
     if unknown:
         problems.append(
@@ -173,3 +183,9 @@ def spread_layers(n_layers: int, k: int = 5) -> list[int]:
     import numpy as np
 
     return sorted({int(round(x)) for x in np.linspace(n_layers / 4, 3 * n_layers / 4, k)})
+
+
+def enable_thinking(cfg) -> bool:
+    """A config's `enable_thinking` (`OPTIONAL_FIELDS`; False where it has none): what
+    `pvjax.load(..., enable_thinking=)` takes for the models the config names."""
+    return bool(cfg.get("enable_thinking", False))

@@ -356,6 +356,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     from pvjax.files.vectors import read_vector
     from pvjax.finetune import train
     from pvjax.methods.finetune_shift import finetuning_shift
+    from pvjax.settings.fields import enable_thinking
     from pvjax.settings.types import Sampling, VectorChoice
     from pvjax.studies import finetune_study_report as report
     from pvjax.studies.vector_source import vector_spec
@@ -369,7 +370,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     ):  # finished: nothing loaded, nothing rewritten
         return report.rows_of(json.loads((work / "summary.json").read_text()))
     ledger.open()
-    base = pvjax.load(cfg.model, dtype=cfg.dtype or None)
+    base = pvjax.load(cfg.model, dtype=cfg.dtype or None, enable_thinking=enable_thinking(cfg))
     vector = read_vector(spec, base)
     datasets = make_datasets(cfg, base, work, progress=progress, ledger=ledger)
     screened = screen_datasets(
@@ -387,7 +388,11 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
         trained[name] = train(ft, work / "train" / name, model=base, progress=progress)
         folder = work / "shift" / name
         if not ledger.finished(f"shift/{name}"):
-            tuned = pvjax.load(trained[name]["export"]["merged"], dtype=cfg.dtype or None)
+            tuned = pvjax.load(
+                trained[name]["export"]["merged"],
+                dtype=cfg.dtype or None,
+                enable_thinking=enable_thinking(cfg),
+            )
             space = stage_space(cfg, work, folder, cfg.shift.batch_size, progress)
             finetuning_shift(
                 base,

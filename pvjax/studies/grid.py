@@ -29,10 +29,10 @@ def study_inputs(cfg, checked, work: Path, *, progress: bool = True):
     (`vector_source.study_vector`), `layers` or five spread over the middle half, and the first
     `n_questions` eval questions (all when 0)."""
     import pvjax
-    from pvjax.settings.fields import spread_layers
+    from pvjax.settings.fields import enable_thinking, spread_layers
     from pvjax.studies.vector_source import study_vector
 
-    model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
+    model = pvjax.load(cfg.model, dtype=cfg.dtype or None, enable_thinking=enable_thinking(cfg))
     vector, _ = study_vector(cfg, model, work, progress=progress)
     layers = list(cfg.layers) or spread_layers(model.n_layers)
     return model, vector, layers, list(checked.trait.questions[: cfg.n_questions or None])

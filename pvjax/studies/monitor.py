@@ -207,6 +207,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     import pvjax
     from pvjax.files.vectors import read_vector
     from pvjax.methods.monitoring import vector_sha256
+    from pvjax.settings.fields import enable_thinking
     from pvjax.studies.monitor_report import report
     from pvjax.studies.vector_source import study_vector
 
@@ -237,7 +238,9 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
         or json.loads((work / "config.json").read_text()) != snapshot
     ):
         atomic.write_json(work / "config.json", snapshot)
-    model = pvjax.load(cfg.model, dtype=cfg.get("dtype") or None)
+    model = pvjax.load(
+        cfg.model, dtype=cfg.get("dtype") or None, enable_thinking=enable_thinking(cfg)
+    )
     vector, spec = study_vector(cfg, model, work, progress=progress)
 
     base = {

@@ -369,6 +369,7 @@ def run_points(
                 python=sys.version.split()[0],
                 started=started,
                 job={**where, "mesh": mesh},
+                **_chat(p.cfg),
             )
         rows = [dict(r) for r in module.run(p.cfg, work, progress=progress)]
         if writes:
@@ -421,14 +422,27 @@ def run_points(
     return summary
 
 
+def _chat(cfg) -> dict:
+    """`{"chat": conventions}`: how the model's chat template renders the point's prompts
+    (`pvjax.loading.tokenizer.chat_conventions`: Qwen3's thinking switch, a system prompt folded
+    into the first user turn), read from the model's files; {} for a config without a model."""
+    if not cfg.get("model"):
+        return {}
+    from pvjax.loading.tokenizer import source_chat_conventions
+    from pvjax.settings.fields import enable_thinking
+
+    return {"chat": source_chat_conventions(cfg.model, enable_thinking=enable_thinking(cfg))}
+
+
 def _comparable(snapshot: dict) -> dict:
     """The snapshot without its `distributed` sections, at any depth (a study nests extraction and
     finetuning configs): where a point ran is not what it computed (process ids differ between
-    processes; a rerun with another process count resumes)."""
+    processes; a rerun with another process count resumes). `enable_thinking` is left out where
+    it is off, its value before the field existed, so points recorded then still match."""
     return {
         k: _comparable(v) if isinstance(v, dict) else v
         for k, v in snapshot.items()
-        if k != "distributed"
+        if k != "distributed" and not (k == "enable_thinking" and v is False)
     }
 
 
@@ -456,6 +470,8 @@ def shared_vectors(root: Path, points: list[Point]) -> dict[int, tuple[Path, Any
         ext = as_dict(ext)
         ext.pop("workdir")
         ext.pop("distributed", None)  # where it runs, not what it computes: one vector for any job
+        if not ext.get("enable_thinking"):  # off: the directory of vectors made before the field
+            ext.pop("enable_thinking", None)
         digest = hashlib.sha256(json.dumps(ext, sort_keys=True, default=str).encode()).hexdigest()[
             :8
         ]

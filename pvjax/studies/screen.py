@@ -90,6 +90,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     pvjax.methods.screening)."""
     import pvjax
     from pvjax.methods.screening import screen
+    from pvjax.settings.fields import enable_thinking
     from pvjax.settings.types import VectorChoice, Workspace
     from pvjax.studies.vector_source import study_vector
 
@@ -100,7 +101,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     if done is not None:
         return done
     ledger.open()
-    model = pvjax.load(cfg.model, dtype=cfg.dtype or None)
+    model = pvjax.load(cfg.model, dtype=cfg.dtype or None, enable_thinking=enable_thinking(cfg))
     vector, spec = study_vector(cfg, model, work, progress=progress)
     space = Workspace(
         work, cfg.cache_dir or None, batch_size=cfg.batch_size, plot=cfg.plot, progress=progress

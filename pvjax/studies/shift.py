@@ -55,6 +55,7 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     import pvjax
     from pvjax.measure.judges import Judge
     from pvjax.methods.finetune_shift import finetuning_shift
+    from pvjax.settings.fields import enable_thinking
     from pvjax.studies.vector_source import study_vector
 
     work = Path(work)
@@ -67,9 +68,13 @@ def run(cfg, work: Path, *, progress: bool = True) -> list[dict]:
     if done is not None:
         return done
     ledger.open()
-    base = pvjax.load(cfg.model, dtype=cfg.dtype or None)
+    base = pvjax.load(cfg.model, dtype=cfg.dtype or None, enable_thinking=enable_thinking(cfg))
     finetuned = (
-        base if cfg.finetuned == cfg.model else pvjax.load(cfg.finetuned, dtype=cfg.dtype or None)
+        base
+        if cfg.finetuned == cfg.model
+        else pvjax.load(
+            cfg.finetuned, dtype=cfg.dtype or None, enable_thinking=enable_thinking(cfg)
+        )
     )
     vector, spec = study_vector(cfg, base, work, progress=progress)
     judge = None

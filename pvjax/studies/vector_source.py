@@ -20,7 +20,8 @@ class MissingVector(InputError):
 
 
 def extraction_config(cfg, work: Path):
-    """The study's `extract` config pointed at `work/vector`, with the study's trait and model."""
+    """The study's `extract` config pointed at `work/vector`, with the study's trait, model and
+    `enable_thinking`."""
     if "extract" not in cfg or not cfg.extract:
         raise MissingVector(
             "the config sets no `vector` (FILE[:KEY]) and has no `extract` config to make one"
@@ -33,6 +34,10 @@ def extraction_config(cfg, work: Path):
     if hasattr(ext, "unlock"):
         ext.unlock()
     ext["trait"], ext["model"], ext["workdir"] = cfg.trait, cfg.model, str(work / "vector")
+    if "enable_thinking" in cfg or "enable_thinking" in ext:  # the study's chat rendering too
+        from pvjax.settings.fields import enable_thinking
+
+        ext["enable_thinking"] = enable_thinking(cfg)
     return ext
 
 
