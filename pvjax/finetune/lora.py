@@ -91,20 +91,21 @@ class LoraSpec:
 def init(spec: LoraSpec, base, key) -> dict:
     """Adapters `{key: {"a": [N, I, r], "b": [N, r, O]}}` in float32 (the master weights)."""
     out = {}
-    routed = [t for t in spec.targets if TARGETS[t][0] not in base["layers"]]
-    if routed:  # an expert model (Qwen3-MoE): its MLP is routed experts, not one matrix
+    n_blocks = base["layers"]["wq"].shape[0]
+    # an expert model (Qwen3-MoE) routes its MLP to experts in every block or in some: there the
+    # MLP is not one matrix per block, and LoRA does not adapt experts here
+    routed = [
+        t
+        for t in spec.targets
+        if TARGETS[t][0] not in base["layers"] or base["layers"][TARGETS[t][0]].shape[0] != n_blocks
+    ]
+    if routed:
         raise LoraError(
-            f"lora.targets {routed}: this model's blocks route their MLP to experts, which LoRA "
-            "does not adapt here; use the attention targets (q, k, v, o)"
+            f"lora.targets {routed}: this model's blocks route their MLP to experts (all blocks or "
+            "some), which LoRA does not adapt here; use the attention targets (q, k, v, o)"
         )
     for i, t in enumerate(spec.targets):
-        w = base["layers"].get(TARGETS[t][0])
-        n_blocks = base["layers"]["wq"].shape[0]
-        if w is None or w.shape[0] != n_blocks:  # an expert model's MLP: not adaptable yet
-            raise LoraError(
-                f"lora.targets: {t!r} is not in every block of this model (an expert model's "
-                "MLP); target q, k, v, o"
-            )
+        w = base["layers"][TARGETS[t][0]]
         N, I, O = w.shape
         bound = 1.0 / math.sqrt(I)
         a = jax.random.uniform(
