@@ -2,15 +2,19 @@
 (what the reference implementation does), SmolLM2, 64 new tokens, batch 1 and batch 16, same run.
 
     python benchmarks/generate.py             # last line: ratio_b1=<x> ratio_b16=<y>
+    python benchmarks/generate.py --dtype bfloat16  # bf16 weights (half the bytes per step)
     python benchmarks/generate.py --random-7b # GPU: batch 64, 7B-shaped random bf16, bandwidth
     share
 
 Both engines are forced to produce exactly 64 tokens (`min_new_tokens`), greedy, with the same
 vector added at the same block on every position. Compile time is reported apart.
 
-Limits printed beside the rates: batch 1 decode reads every fp32 weight once per step
-(`weight_bytes / bandwidth`, bandwidth measured here with a large array copy); batch 16 is compute
-bound (`2 * params` FLOP per token at the measured matmul rate).
+Limits printed beside the rates: batch 1 decode reads every weight once per step
+(`bytes read / bandwidth`, bandwidth measured here with a large array copy; the bytes are those of
+the weights generation actually runs on, so half for `--dtype bfloat16`); batch 16 is compute
+bound (`2 * params` FLOP per token at the measured float32 matmul rate, for both dtypes: the
+kernel widens bf16 weights and multiplies in float32). With `--dtype bfloat16` the reference
+(transformers) runs in bfloat16 too.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from common import QUESTIONS, Timer, hf_embedded, measured_ceilings, peak_for
 
 import pvjax
 from pvjax import interventions
-from pvjax.engine.generate import SamplingParams, generate
+from pvjax.engine.generate import SamplingParams, decode_params, generate
 
 LAYER, COEF, NEW = 12, 4.0, 64
 
@@ -72,7 +76,7 @@ def run_pvjax(model, prompts, vector):
 def run_reference(hf, tok, prompts, vector):
     import torch
 
-    v = torch.tensor(vector)
+    v = torch.tensor(vector).to(hf.dtype)
 
     def hook(module, inputs, output):
         if isinstance(output, tuple):
@@ -101,16 +105,31 @@ def run_reference(hf, tok, prompts, vector):
     return (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts) / best
 
 
+def bytes_read(model) -> int:
+    """Bytes of weights one decode step reads: every leaf of the parameters generation runs on
+    (`decode_params`: packed, in the model's dtype), except the input embedding, of which a step
+    gathers a row per sequence; a tied model without a packed head reads it as its output head."""
+    dp = decode_params(model)
+    size = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(t))
+    read = size({k: v for k, v in dp.items() if k != "embed"})
+    if "head" not in dp and model.config.tie_embeddings:
+        read += size(dp["embed"])
+    return read
+
+
 def smollm2(args):
-    hf = hf_embedded(args.threads).eval()
-    model = pvjax.load("smollm2-135m-instruct")
+    import torch
+
+    hf = hf_embedded(args.threads).eval().to(getattr(torch, args.dtype))
+    model = pvjax.load("smollm2-135m-instruct", dtype=args.dtype)
     vector = np.random.default_rng(0).standard_normal(model.hidden_size).astype(np.float32)
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(model.params))
+    weight_bytes = bytes_read(model)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(model.params))
     bw, fl = measured_bandwidth(), measured_flops()
     print(
         f"machine: copy bandwidth {bw / 1e9:.1f} GB/s, matmul {fl / 1e9:.0f} GFLOP/s; "
-        f"weights {weight_bytes / 1e9:.2f} GB, {2 * n_params / 1e9:.2f} GFLOP/token"
+        f"{args.dtype} weights read per step {weight_bytes / 1e9:.3f} GB, "
+        f"{2 * n_params / 1e9:.2f} GFLOP/token"
     )
     ratios = {}
     for batch in (1, 16):
@@ -123,7 +142,8 @@ def smollm2(args):
         ref = run_reference(hf, model.tokenizer, prompts, vector)
         limit = bw / weight_bytes if batch == 1 else fl / (2 * n_params)
         print(
-            f"batch {batch}: pvjax {ours:.1f} new tokens/s (compile {compile_s:.1f} s), "
+            f"{args.dtype} batch {batch}: pvjax {ours:.1f} new tokens/s "
+            f"(compile {compile_s:.1f} s), "
             f"transformers {ref:.1f} new tokens/s; pvjax at {ours / limit:.0%} of the "
             f"{'memory' if batch == 1 else 'compute'} limit ({limit:.0f} tokens/s)"
         )
@@ -214,6 +234,12 @@ def random_7b(args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the SmolLM2 run's weights (and the reference's)",
+    )
     p.add_argument("--random-7b", action="store_true")
     p.add_argument(
         "--tiny", action="store_true", help="tiny random shapes for --random-7b on a CPU"
