@@ -3,15 +3,19 @@
 
     python benchmarks/generate.py             # last line: ratio_b1=<x> ratio_b16=<y>
     python benchmarks/generate.py --family qwen3moe  # a random Qwen3-MoE at SmolLM2's size
+    python benchmarks/generate.py --dtype bfloat16  # bf16 weights (half the bytes per step)
     python benchmarks/generate.py --random-7b # GPU: batch 64, 7B-shaped random bf16, bandwidth
     share
 
 Both engines are forced to produce exactly 64 tokens (`min_new_tokens`), greedy, with the same
 vector added at the same block on every position. Compile time is reported apart.
 
-Limits printed beside the rates: batch 1 decode reads every fp32 weight once per step
-(`weight_bytes / bandwidth`, bandwidth measured here with a large array copy); batch 16 is compute
-bound (`2 * params` FLOP per token at the measured matmul rate).
+Limits printed beside the rates: batch 1 decode reads every weight once per step
+(`bytes read / bandwidth`, bandwidth measured here with a large array copy; the bytes are those of
+the weights generation actually runs on, so half for `--dtype bfloat16`); batch 16 is compute
+bound (`2 * params` FLOP per token at the measured float32 matmul rate, for both dtypes: the
+kernel widens bf16 weights and multiplies in float32). With `--dtype bfloat16` the reference
+(transformers) runs in bfloat16 too.
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def run_pvjax(model, prompts, vector, layer=LAYER):
 def run_reference(hf, tok, prompts, vector, layer=LAYER):
     import torch
 
-    v = torch.tensor(vector)
+    v = torch.tensor(vector).to(hf.dtype)
 
     def hook(module, inputs, output):
         if isinstance(output, tuple):
@@ -90,19 +94,23 @@ def run_reference(hf, tok, prompts, vector, layer=LAYER):
 
 
 def smollm2(args):
+    import torch
+
     if args.family:
         model, hf = family_models(args.family, args.threads, args.layers)
     else:
-        hf, model = hf_embedded(args.threads).eval(), pvjax.load("smollm2-135m-instruct")
+        hf = hf_embedded(args.threads).eval().to(getattr(torch, args.dtype))
+        model = pvjax.load("smollm2-135m-instruct", dtype=args.dtype)
     layer = min(LAYER, model.n_layers // 2 or 1)
     vector = np.random.default_rng(0).standard_normal(model.hidden_size).astype(np.float32)
-    # What a token reads and multiplies by: every weight (SmolLM2's input table is its output
-    # head), a MoE's routed experts only (`families.active_bytes`).
+    # What a token reads and multiplies by: every weight in the dtype generation runs on (half for
+    # bfloat16; SmolLM2's input table is its output head), a MoE's routed experts only
+    # (`families.active_bytes`).
     weight_bytes, n_params = active_bytes(model), active_params(model)
     bw, fl = measured_bandwidth(), measured_flops()
     print(
         f"machine: copy bandwidth {bw / 1e9:.1f} GB/s, matmul {fl / 1e9:.0f} GFLOP/s; "
-        f"model {model.model_id}: weights read per token {weight_bytes / 1e9:.2f} GB, "
+        f"model {model.model_id}: {args.dtype} weights read per token {weight_bytes / 1e9:.3f} GB, "
         f"{2 * n_params / 1e9:.2f} GFLOP/token"
     )
     ratios, shares = {}, {}
@@ -116,7 +124,8 @@ def smollm2(args):
         ref = run_reference(hf, model.tokenizer, prompts, vector, layer)
         limit = bw / weight_bytes if batch == 1 else fl / (2 * n_params)
         print(
-            f"batch {batch}: pvjax {ours:.1f} new tokens/s (compile {compile_s:.1f} s), "
+            f"{args.dtype} batch {batch}: pvjax {ours:.1f} new tokens/s "
+            f"(compile {compile_s:.1f} s), "
             f"transformers {ref:.1f} new tokens/s; pvjax at {ours / limit:.0%} of the "
             f"{'memory' if batch == 1 else 'compute'} limit ({limit:.0f} tokens/s)"
         )
@@ -208,6 +217,12 @@ def random_7b(args):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="the SmolLM2 run's weights (and the reference's)",
+    )
     p.add_argument("--random-7b", action="store_true")
     p.add_argument(
         "--tiny", action="store_true", help="tiny random shapes for --random-7b on a CPU"

@@ -86,10 +86,59 @@ def test_packed_decoder_equals_xla_dots(kind, tmp_path):
     assert a.tokens == b.tokens
 
 
-def test_bf16_and_disabled_kernels_keep_xla_dots(tmp_path):
-    save_tiny("qwen2_tied", tmp_path, vocab_size=300)
+# SmolLM2's decode shapes (q/k/v fused, o, gate/up fused, down, a slice of the output head) and
+# odd ones: K odd (the kernel's pairs padded), N past a panel's edge.
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize(
+    "K, N", [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 4813), (7, 5), (101, 97)]
+)
+def test_bf16_products_equal_xla_float32_of_the_rounded_weights(M, K, N):
+    """bfloat16 panels: x @ w equals XLA's float32 product of the bf16 weights widened, within
+    float32 accumulation order. x is bf16-valued, as in a bfloat16 model's decode (and what
+    AVX-512-BF16's vdpbf16ps, which rounds x to bf16, takes exactly)."""
+    rng = np.random.default_rng(M * 1000 + K + N)
+    x = jnp.asarray(rng.standard_normal((M, K), np.float32)).astype(jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((K, N), np.float32)).astype(jnp.bfloat16)
+    p = PackedWeight.pack(w)
+    assert p.panels.dtype == jnp.bfloat16 and p.shape == (K, N)
+    assert p.panels.nbytes == -(-N // 48) * (K + K % 2) * 48 * 2  # half a float32 panel's bytes
+    np.testing.assert_array_equal(np.asarray(p.unpack()), np.asarray(w))
+    y = np.asarray(jax.jit(lambda x, w: x @ w)(x, p))
+    want = np.asarray(jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest"))
+    assert y.shape == (M, N) and y.dtype == np.float32
+    # Two float32 sums of K terms in different orders: measured apart by up to 2.2e-6 of the
+    # largest output at K = 1536 (a wrong weight or pair would be ~1e-2 off).
+    np.testing.assert_allclose(y, want, rtol=0, atol=4e-6 * np.abs(want).max())
+    # float32 activations (not bf16-valued) take the same weights
+    xf = jnp.asarray(rng.standard_normal((2, K), np.float32))
+    want = np.asarray(jnp.dot(xf, w.astype(jnp.float32), precision="highest"))
+    np.testing.assert_allclose(
+        np.asarray(xf @ p), want, rtol=0, atol=(1e-2 if _DOT_BF16 else 4e-6) * np.abs(want).max()
+    )
+
+
+_DOT_BF16 = "avx512_bf16" in kernels._cpu_flags()  # vdpbf16ps rounds x to bf16
+
+
+@pytest.mark.parametrize("kind", ["llama31_gqa_llama3rope", "qwen2_tied"])
+def test_bf16_generation_on_the_kernel_equals_xla_dots(kind, tmp_path):
+    """A bfloat16 model decodes on bf16 panels (half the bytes) and gives the greedy tokens of
+    XLA's bf16 dots (the scanned layout). Not exact by construction: the kernel accumulates in
+    float32 and rounds once, XLA's bf16 dot may round differently, and the attention kernel keeps
+    float32 scores; on these models the tokens agree, as they do for float32."""
+    save_tiny(kind, tmp_path, vocab_size=300)
     m16 = pvjax.load(tmp_path, dtype="bfloat16")
-    assert not isinstance(decode_params(m16)["layers"][0]["wqkv"], PackedWeight)
+    w = decode_params(m16)["layers"][0]["wqkv"]
+    assert isinstance(w, PackedWeight) and w.dtype == jnp.bfloat16
+    ids = [[5, 17, 2, 99, 42, 7, 8], [3, 250, 11]]
+    sp = SamplingParams(max_new_tokens=16, min_new_tokens=16)
+    a = generate_ids(m16, ids, sampling=sp, batch_size=2)
+    b = generate_ids(m16, ids, sampling=sp, batch_size=2, unroll=False)
+    assert a.tokens == b.tokens
+
+
+def test_disabled_kernels_keep_xla_dots(tmp_path):
+    save_tiny("qwen2_tied", tmp_path, vocab_size=300)
     code = (
         "import pvjax, sys; from pvjax.engine.generate import decode_params, generate_ids; "
         "from pvjax.kernels import PackedWeight, available; m = pvjax.load(sys.argv[1]); "

@@ -1,6 +1,7 @@
 """Native CPU kernels for decoding, called by XLA through its FFI (source: `packed_matmul.cc`):
-float32 matmuls against weights packed in 48-column panels (`PackedWeight`), and one-token
-attention over the KV cache (`decode_attention`).
+matmuls against float32 or bfloat16 weights packed in 48-column panels (`PackedWeight`; float32
+activations and accumulation either way), and one-token attention over the KV cache
+(`decode_attention`).
 
 Why: XLA's CPU dots run a batch-16 decode step's matmuls (M = 16 rows against SmolLM2's weights)
 at 35-48 GFLOP/s on a 2-core AVX-512 machine, and these take most of the step; the panel kernel
@@ -35,6 +36,7 @@ from pvjax.files import atomic
 
 PANEL = 48  # columns per panel; must match kNR in packed_matmul.cc
 _TARGET = "pvjax_packed_matmul"
+_TARGET_BF16 = "pvjax_packed_matmul_bf16"
 _ATTENTION = "pvjax_decode_attention"
 _SOURCE = Path(__file__).with_name("packed_matmul.cc")
 _lock = threading.Lock()
@@ -119,6 +121,9 @@ def _register() -> bool:
             _TARGET, jax.ffi.pycapsule(lib.PvjaxPackedMatmul), platform="cpu"
         )
         jax.ffi.register_ffi_target(
+            _TARGET_BF16, jax.ffi.pycapsule(lib.PvjaxPackedMatmulBF16), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
             _ATTENTION, jax.ffi.pycapsule(lib.PvjaxDecodeAttention), platform="cpu"
         )
         _state["lib"] = lib  # keep the library loaded for the life of the process
@@ -132,33 +137,51 @@ def _register() -> bool:
 
 @jax.tree_util.register_pytree_node_class
 class PackedWeight:
-    """A `[K, N]` float32 weight stored as `[ceil(N / 48), K, 48]` column panels (zero padded).
-    `N` travels as static pytree data, so jitted code knows the output width."""
+    """A `[K, N]` weight stored as `[ceil(N / 48), K', 48]` column panels (zero padded), float32,
+    or bfloat16 when the weight is bfloat16 (half the bytes to stream; products still float32).
+    bfloat16 panels hold their rows in pairs, each column's (k, k+1) weights side by side (`K'` is
+    `K` rounded up to even), which the kernel widens to float32 with a shift and a mask. `K` and
+    `N` travel as static pytree data, so jitted code knows the shapes."""
 
-    def __init__(self, panels, n: int):
+    def __init__(self, panels, n: int, k: int | None = None):
         self.panels, self.n = panels, n
+        self.k = panels.shape[1] if k is None else k
 
     @classmethod
     def pack(cls, w_KN) -> "PackedWeight":
-        K, N = w_KN.shape
+        w = jnp.asarray(w_KN)
+        K, N = w.shape
         P = -(-N // PANEL)
-        w = jnp.pad(jnp.asarray(w_KN, jnp.float32), ((0, 0), (0, P * PANEL - N)))
-        return cls(w.reshape(K, P, PANEL).transpose(1, 0, 2), N)
+        if w.dtype != jnp.bfloat16:
+            w = jnp.pad(w.astype(jnp.float32), ((0, 0), (0, P * PANEL - N)))
+            return cls(w.reshape(K, P, PANEL).transpose(1, 0, 2), N, K)
+        K2 = K + K % 2
+        w = jnp.pad(w, ((0, K2 - K), (0, P * PANEL - N)))
+        pairs = w.reshape(K2 // 2, 2, P, PANEL).transpose(2, 0, 3, 1)  # [P, K2/2, 48, (k, k+1)]
+        return cls(pairs.reshape(P, K2, PANEL), N, K)
+
+    @property
+    def dtype(self):
+        return self.panels.dtype
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.panels.shape[1], self.n)
+        return (self.k, self.n)
 
     def unpack(self) -> jax.Array:
-        P, K, R = self.panels.shape
-        return self.panels.transpose(1, 0, 2).reshape(K, P * R)[:, : self.n]
+        P, K2, R = self.panels.shape
+        if self.panels.dtype == jnp.bfloat16:
+            w = self.panels.reshape(P, K2 // 2, R, 2).transpose(1, 3, 0, 2)
+        else:
+            w = self.panels.transpose(1, 0, 2)
+        return w.reshape(K2, P * R)[: self.k, : self.n]
 
     def tree_flatten(self):
-        return (self.panels,), self.n
+        return (self.panels,), (self.n, self.k)
 
     @classmethod
-    def tree_unflatten(cls, n, leaves):
-        return cls(leaves[0], n)
+    def tree_unflatten(cls, aux, leaves):
+        return cls(leaves[0], *aux)
 
     def __rmatmul__(self, x):
         """`x @ w` for any leading axes of `x`; the result is float32."""
@@ -168,9 +191,14 @@ class PackedWeight:
                 "(see the warning above, or PVJAX_CPU_KERNELS)"
             )
         x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        if x2.shape[1] != self.panels.shape[1]:
-            raise ValueError(f"packed weight has K={self.panels.shape[1]}, input has {x2.shape[1]}")
-        call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x2.shape[0], self.n), jnp.float32))
+        if x2.shape[1] != self.k:
+            raise ValueError(f"packed weight has K={self.k}, input has {x2.shape[1]}")
+        target = _TARGET
+        if self.panels.dtype == jnp.bfloat16:
+            target = _TARGET_BF16
+            if self.k % 2:  # the panels' last row pair is half zeros; x gets the matching column
+                x2 = jnp.pad(x2, ((0, 0), (0, 1)))
+        call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], self.n), jnp.float32))
         return call(x2, self.panels).reshape(x.shape[:-1] + (self.n,))
 
 
