@@ -141,9 +141,8 @@ class SlotEngine:
             )
         self.S = max(self.widths) + max_new
         self.mesh = mesh
-        if (
-            mesh is not None
-        ):  # rows over "data" (B rounded up to it), weights and heads over "model"
+        if mesh is not None:
+            # rows over "data" (B rounded up to it), weights and heads over "model"
             sharding.check_mesh(mesh)
             self.B = max_batch = sharding.pad_batch(max_batch, mesh)
             self.params, self.prefill_params = slot_mesh.place_params(model, mesh, unroll)
