@@ -83,3 +83,43 @@ def run_together(
         for p in procs:
             p.kill()
     return [(p.returncode, *o) for p, o in zip(procs, outs)]
+
+
+def monitor_on(model, vector, layer: int):
+    """A monitor on `vector[layer]` with threshold 0 and placeholder fit statistics, as the served
+    app's tests name it ("evil"): only its direction, threshold and model identity matter there."""
+    from pvjax.methods import monitoring as mon
+
+    return mon.Monitor(
+        layer=layer,
+        threshold=0.0,
+        direction=tuple(float(x) for x in vector[layer]),
+        rule="youden",
+        target_fpr=0.1,
+        auroc=0.5,
+        r=0.0,
+        r_low=0.0,
+        r_high=0.0,
+        tpr=0.0,
+        fpr=0.0,
+        n=0,
+        n_pos=0,
+        n_neg=0,
+        label="test",
+        score_kind="contrast",
+        trait="evil",
+        model_id=model.model_id,
+        model_fingerprint=model.config.fingerprint(),
+        n_layers=model.n_layers,
+        hidden_size=model.hidden_size,
+        vector="test",
+        vector_sha256=mon.vector_sha256(vector),
+    )
+
+
+def random_unit_rows(rng, L, D):
+    """`[L, D]` random rows of unit norm (`pvjax.measure.stats.unit_rows`): the served app's
+    tests' vectors."""
+    from pvjax.measure.stats import unit_rows
+
+    return unit_rows(rng.standard_normal((L, D)).astype("float32"))

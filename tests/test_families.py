@@ -21,7 +21,15 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import FAMILY_CONFIGS, GEMMA2_LIKE, QWEN3_LIKE, assert_close, left_pad, save_tiny
+from tiny_models import (
+    FAMILY_CONFIGS,
+    GEMMA2_LIKE,
+    QWEN3_LIKE,
+    assert_close,
+    hf_left_padded,
+    left_pad,
+    save_tiny,
+)
 
 import pvjax
 from pvjax import interventions as ivs
@@ -58,13 +66,7 @@ def test_forward_matches_transformers_left_padded(family):
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, VOCAB, n).tolist() for n in (21, 13, 5)]
     ids, mask = left_pad(seqs, dtype=np.int64)
-    with torch.no_grad():
-        ref = hf(
-            input_ids=torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(np.maximum(np.cumsum(mask, -1) - 1, 0)),
-            output_hidden_states=True,
-        )
+    ref = hf_left_padded(hf, ids, mask, output_hidden_states=True)
     ref_hidden = np.stack([h.numpy() for h in ref.hidden_states])
     moe = model.config.num_experts > 0
     out = pvjax.forward(
@@ -88,13 +90,7 @@ def _assert_router_matches(hf, ids, mask, router, kind):
     """The captured routing against transformers' `output_router_logits` (one `[B*T, X]` per
     routed block): the logits within 1e-4, and the top-k experts and their weights as
     transformers' router derives them from its logits."""
-    with torch.no_grad():
-        ref = hf(
-            input_ids=torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(np.maximum(np.cumsum(mask, -1) - 1, 0)),
-            output_router_logits=True,
-        ).router_logits
+    ref = hf_left_padded(hf, ids, mask, output_router_logits=True).router_logits
     cfg = hf.config
     routed = [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "gate")]
     assert len(ref) == len(routed) == router.logits.shape[0], (len(ref), routed)

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from tiny_models import LLAMACPP_CONFIGS, assert_close, left_pad, save_tiny
+from tiny_models import LLAMACPP_CONFIGS, assert_close, hf_left_padded, left_pad, save_tiny
 
 import pvjax
 from pvjax.loading import read_model_config
@@ -129,13 +128,7 @@ def test_converted_gguf_matches_its_folder(converted, kind):
     rng = np.random.default_rng(0)
     seqs = [rng.integers(1, vocab, n).tolist() for n in (21, 13, 5)]
     ids, mask = left_pad(seqs, dtype=np.int64)
-    with torch.no_grad():
-        ref = hf(
-            input_ids=torch.tensor(ids),
-            attention_mask=torch.tensor(mask),
-            position_ids=torch.tensor(np.maximum(np.cumsum(mask, -1) - 1, 0)),
-            output_hidden_states=True,
-        )
+    ref = hf_left_padded(hf, ids, mask, output_hidden_states=True)
     out = pvjax.forward(model, ids, attention_mask=mask)
     for l, h in enumerate(ref.hidden_states):
         assert_close(out.hidden_states[l], h.numpy(), mask, f"{kind} hidden_states[{l}]")

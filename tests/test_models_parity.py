@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from tiny_models import CONFIGS, assert_close, left_pad, save_tiny
+from tiny_models import CONFIGS, assert_close, hf_left_padded, left_pad, save_tiny
 
 import pvjax
 
@@ -28,14 +27,7 @@ CHATS = [
 
 
 def hf_forward(hf_model, ids, mask):
-    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
-    with torch.no_grad():
-        out = hf_model(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            position_ids=torch.tensor(positions, dtype=torch.long),
-            output_hidden_states=True,
-        )
+    out = hf_left_padded(hf_model, ids, mask, output_hidden_states=True)
     return out.logits.numpy(), np.stack([h.numpy() for h in out.hidden_states])
 
 

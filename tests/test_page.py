@@ -19,9 +19,8 @@ import pytest
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from loopback import serving  # noqa: E402
+from loopback import monitor_on, random_unit_rows, serving  # noqa: E402
 
-from pvjax.methods import monitoring as mon  # noqa: E402
 from pvjax.serve.app import build_app  # noqa: E402
 from pvjax.serve.service import ServeSettings, Service  # noqa: E402
 from pvjax.serve.terms import Catalog  # noqa: E402
@@ -37,40 +36,6 @@ QUESTION = "What should I do on a rainy afternoon?"
 TOL = 1e-4
 
 
-def unit_rows(rng, L, D):
-    v = rng.standard_normal((L, D)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
-def _monitor(model, vector):
-    D = model.hidden_size
-    return mon.Monitor(
-        layer=LAYER,
-        threshold=0.0,
-        direction=tuple(float(x) for x in vector[LAYER]),
-        rule="youden",
-        target_fpr=0.1,
-        auroc=0.5,
-        r=0.0,
-        r_low=0.0,
-        r_high=0.0,
-        tpr=0.0,
-        fpr=0.0,
-        n=0,
-        n_pos=0,
-        n_neg=0,
-        label="test",
-        score_kind="contrast",
-        trait="evil",
-        model_id=model.model_id,
-        model_fingerprint=model.config.fingerprint(),
-        n_layers=model.n_layers,
-        hidden_size=D,
-        vector="test",
-        vector_sha256=mon.vector_sha256(vector),
-    )
-
-
 @pytest.fixture(scope="module")
 def served(smollm2):
     """`(service, url)`: vectors `a` and `b`, and a monitor `evil` reading `a` at `LAYER` (so the
@@ -78,7 +43,7 @@ def served(smollm2):
     model = smollm2
     L, D = model.n_layers + 1, model.hidden_size
     rng = np.random.default_rng(0)
-    vectors = {"a": unit_rows(rng, L, D), "b": unit_rows(rng, L, D)}
+    vectors = {"a": random_unit_rows(rng, L, D), "b": random_unit_rows(rng, L, D)}
     settings = ServeSettings(
         model_name=MODEL,
         max_batch=2,
@@ -87,7 +52,9 @@ def served(smollm2):
         max_new=NEW,
         request_timeout=300.0,
     )
-    service = Service(model, Catalog(vectors, {"evil": _monitor(model, vectors["a"])}), settings)
+    service = Service(
+        model, Catalog(vectors, {"evil": monitor_on(model, vectors["a"], LAYER)}), settings
+    )
     with serving(service, build_app(service)) as url:
         yield service, url
 

@@ -19,7 +19,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from loopback import serving  # noqa: E402
+from loopback import monitor_on, random_unit_rows, serving  # noqa: E402
 
 from pvjax import interventions as ivs  # noqa: E402
 from pvjax.engine import rows  # noqa: E402
@@ -42,11 +42,6 @@ QUESTION = "What should I do on a rainy afternoon?"
 QUESTIONS = [QUESTION, "Why is the sky blue?", "Give me advice on asking for a raise."]
 
 
-def unit_rows(rng, L, D):
-    v = rng.standard_normal((L, D)).astype(np.float32)
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
 @dataclasses.dataclass
 class Served:
     model: object
@@ -66,32 +61,8 @@ def served(smollm2):
     model = smollm2
     L, D = model.n_layers + 1, model.hidden_size
     rng = np.random.default_rng(0)
-    vectors = {"a": unit_rows(rng, L, D), "b": unit_rows(rng, L, D)}
-    monitor = mon.Monitor(
-        layer=LAYER,
-        threshold=0.0,
-        direction=tuple(float(x) for x in vectors["a"][LAYER]),
-        rule="youden",
-        target_fpr=0.1,
-        auroc=0.5,
-        r=0.0,
-        r_low=0.0,
-        r_high=0.0,
-        tpr=0.0,
-        fpr=0.0,
-        n=0,
-        n_pos=0,
-        n_neg=0,
-        label="test",
-        score_kind="contrast",
-        trait="evil",
-        model_id=model.model_id,
-        model_fingerprint=model.config.fingerprint(),
-        n_layers=model.n_layers,
-        hidden_size=D,
-        vector="test",
-        vector_sha256=mon.vector_sha256(vectors["a"]),
-    )
+    vectors = {"a": random_unit_rows(rng, L, D), "b": random_unit_rows(rng, L, D)}
+    monitor = monitor_on(model, vectors["a"], LAYER)
     settings = ServeSettings(
         model_name=MODEL,
         max_batch=8,

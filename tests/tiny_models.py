@@ -219,6 +219,20 @@ def left_pad(seqs, pad_id=0, dtype=np.int32):
     return ids, mask
 
 
+def hf_left_padded(hf, ids, mask, **outputs):
+    """transformers' forward of left-padded rows, positions counted from each row's first real
+    token as pvjax counts them; `outputs` are its `output_*` switches."""
+    import torch
+
+    with torch.no_grad():
+        return hf(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            position_ids=torch.tensor(np.maximum(np.cumsum(mask, -1) - 1, 0), dtype=torch.long),
+            **outputs,
+        )
+
+
 def assert_close(ours, ref, mask, what, rtol=1e-4):
     """`ours` within `rtol` of `ref`'s largest magnitude, over the real (unpadded) positions."""
     ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
