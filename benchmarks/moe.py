@@ -7,9 +7,10 @@ experts read, as a share of the memory limit.
 
 The step is `pvjax.models.moe.moe_mlp` on one new token per row, as decoding runs it: the
 router, then the routed experts the way `moe.expert_path` picks: on CPU with float32 weights a scan
-over the token-expert pairs; else gathered `[tokens, k, D, I]` when tokens x k < experts, grouped
-by expert with `ragged_dot` otherwise. `--compare` also times both expert paths on their own, so
-the printout says what the other path would cost at that batch.
+over the token-expert pairs (tiles of pairs sorted by expert from two pairs per expert up); else
+gathered `[tokens, k, D, I]` when tokens x k < experts, grouped by expert with `ragged_dot`
+otherwise. `--compare` also times each expert path on its own, so the printout says what the
+others would cost at that batch.
 
 Bytes: a step must read at least the distinct routed experts' three matrices (`distinct x 3 D I`
 elements), plus the router; the gathered path reads `tokens x k` expert matrices (an expert two
@@ -41,6 +42,7 @@ from pvjax.models.block import matmul
 from pvjax.models.config import ModelConfig
 from pvjax.models.moe import (
     expert_path,
+    experts_blocked,
     experts_gathered,
     experts_grouped,
     experts_paired,
@@ -128,6 +130,7 @@ def main():
     gathered = jax.jit(lambda lp, x, w, i: experts_gathered(lp, x, w, i))
     grouped = jax.jit(lambda lp, x, w, i: experts_grouped(lp, x, w, i, X))
     paired = jax.jit(lambda lp, x, w, i: experts_paired(lp, x, w, i))
+    blocked = jax.jit(lambda lp, x, w, i: experts_blocked(lp, x, w, i, X))
     for B in args.batch:
         x = jax.random.normal(jax.random.PRNGKey(B), (B, 1, D), jnp.float32).astype(dtype)
         _, w, idx = route(cfg, lp["router"], x.reshape(B, D), matmul)
@@ -146,8 +149,10 @@ def main():
             t_gather = timed(gathered, lp, x.reshape(B, D), w, idx, reps=args.reps)
             t_group = timed(grouped, lp, x.reshape(B, D), w, idx, reps=args.reps)
             t_pair = timed(paired, lp, x.reshape(B, D), w, idx, reps=args.reps)
+            t_tile = timed(blocked, lp, x.reshape(B, D), w, idx, reps=args.reps)
             print(
                 f"  experts alone: paired {t_pair * 1e3:.2f} ms ({limit / t_pair:.1%}), "
+                f"tiles {t_tile * 1e3:.2f} ms ({limit / t_tile:.1%}), "
                 f"gathered {t_gather * 1e3:.2f} ms ({limit / t_gather:.1%}; "
                 f"reads {B * k * expert_bytes / 1e6:.0f} MB), grouped {t_group * 1e3:.2f} ms "
                 f"({limit / t_group:.1%})",

@@ -47,8 +47,9 @@ N_NEW = 24
 # generation program compiles in seconds, so only two families also generate unrolled (packed
 # for the CPU decode kernel, the window a mask), with a shared prefix.
 FORWARD_UNROLLED = {"mistral_window", "gemma3", "qwen3_window"}
-# The mixed Qwen3-MoE too: unrolled, each block holds only its own MLP's weights.
-SHARED_PREFIX_UNROLLED = ("qwen3_window", "qwen3_moe_mixed")
+# The mixed Qwen3-MoE too: unrolled, each block holds only its own MLP's weights. Gemma 2: the
+# attention kernel with its query scale and soft-capping.
+SHARED_PREFIX_UNROLLED = ("qwen3_window", "qwen3_moe_mixed", "gemma2")
 # Generation runs for the families with a window (Qwen3 without one is Qwen3 with one, minus it).
 GENERATE = sorted(set(FAMILY_CONFIGS) - {"qwen3_tied"})
 
@@ -549,3 +550,45 @@ def test_mixed_expert_model_stacks_each_mlp_over_its_blocks_only():
     with pytest.raises(lora.LoraError, match=r"\['gate'.*route their MLP to experts"):
         lora.init(lora.LoraSpec(targets=("q", "gate")), params, jax.random.PRNGKey(1))
     assert set(lora.init(lora.LoraSpec(targets=("q",)), params, jax.random.PRNGKey(1))) == {"wq"}
+
+
+def test_expert_paths_agree_and_cpu_picks_tiles_for_many_tokens():
+    """The four ways `moe_mlp` runs routed experts give the same sums and input gradients, with
+    experts that no token picks and experts spread over several tiles (tiles of 4 pairs here);
+    on CPU float32 a decode step scans its pairs and a prompt scans tiles."""
+    import jax
+    import jax.numpy as jnp
+
+    from pvjax.models import moe
+
+    X, D, I, k, M = 5, 16, 8, 2, 23
+    ks = jax.random.split(jax.random.PRNGKey(0), 5)
+    lp = {
+        "w_gate_e": jax.random.normal(ks[0], (X, D, I)),
+        "w_up_e": jax.random.normal(ks[1], (X, D, I)),
+        "w_down_e": jax.random.normal(ks[2], (X, I, D)),
+    }
+    x = jax.random.normal(ks[3], (M, D))
+    logits = jax.random.normal(ks[4], (M, X)).at[:, 4].set(-1e9)  # expert 4: never picked
+    w, idx = jax.lax.top_k(jax.nn.softmax(logits), k)
+    assert np.bincount(np.asarray(idx).ravel(), minlength=X).tolist()[4] == 0
+    paths = {
+        "paired": moe.experts_paired,
+        "blocked": lambda lp, x, w, i: moe.experts_blocked(lp, x, w, i, X, block=4),
+        "gathered": moe.experts_gathered,
+        "grouped": lambda lp, x, w, i: moe.experts_grouped(lp, x, w, i, X),
+    }
+    ref = np.asarray(paths["gathered"](lp, x, w, idx))
+    ref_grad = np.asarray(jax.grad(lambda x: jnp.sum(moe.experts_gathered(lp, x, w, idx) ** 2))(x))
+    for name, f in paths.items():
+        out = np.asarray(f(lp, x, w, idx))
+        assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max(), name
+        g = np.asarray(jax.grad(lambda x, f=f: jnp.sum(f(lp, x, w, idx) ** 2))(x))
+        assert np.abs(g - ref_grad).max() <= 1e-5 * np.abs(ref_grad).max(), f"{name} gradient"
+    cfg = ModelConfig.from_hf(
+        _base_config(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2)
+    )
+    if jax.default_backend() == "cpu":
+        assert moe.expert_path(cfg, 4, jnp.float32) == "paired"
+        assert moe.expert_path(cfg, 64, jnp.float32) == "blocked"
+        assert moe.expert_path(cfg, 512, jnp.bfloat16) == "grouped"

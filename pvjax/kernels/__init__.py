@@ -31,6 +31,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pvjax.files import atomic
 
@@ -202,9 +203,11 @@ class PackedWeight:
         return call(x2, self.panels).reshape(x.shape[:-1] + (self.n,))
 
 
-def decode_attention(q_BTHE, k_RES, v_RSE, valid_BS, upto):
+def decode_attention(q_BTHE, k_RES, v_RSE, valid_BS, upto, scale=None, softcap=None):
     """One new token's grouped-query attention over the merged cache (`R = B * kv heads` rows;
-    see `pvjax.models.decoder.init_cache`), reading only the `upto` filled slots. float32."""
+    see `pvjax.models.decoder.init_cache`), reading only the `upto` filled slots. float32.
+    Scores are scaled by `scale` (default `E ** -0.5`), then soft-capped
+    (`softcap * tanh(s / softcap)`, Gemma 2) when `softcap` is given, as `pvjax.models.block`."""
     if not available():
         raise RuntimeError("the CPU decode kernels are unavailable here (see PVJAX_CPU_KERNELS)")
     B, T, H, E = q_BTHE.shape
@@ -222,5 +225,7 @@ def decode_attention(q_BTHE, k_RES, v_RSE, valid_BS, upto):
         v_RSE.astype(jnp.float32),
         valid_BS.astype(bool),
         jnp.asarray(upto, jnp.int32).reshape(1),
+        scale=np.float32(0.0 if scale is None else scale),
+        softcap=np.float32(0.0 if softcap is None else softcap),
     )
     return o.reshape(B, T, H * E).astype(q_BTHE.dtype)

@@ -335,7 +335,7 @@ ffi::Error PackedMatmulBF16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // Scores, softmax and the value sum are float32; masked slots get -1e30 (as in the XLA path).
 void AttendRows(const float* q, const float* k, const float* v, const bool* valid, float* out,
                 int64_t r0, int64_t r1, int64_t R, int64_t B, int64_t G, int64_t E, int64_t S,
-                int64_t upto, float scale) {
+                int64_t upto, float scale, float softcap) {
   const int64_t kv_heads = R / B;
   std::unique_ptr<float[]> p(new float[G * upto]);
   for (int64_t r = r0; r < r1; ++r) {
@@ -353,7 +353,9 @@ void AttendRows(const float* q, const float* k, const float* v, const bool* vali
       }
       float mx = -3.0e38f;
       for (int64_t s = 0; s < upto; ++s) {
-        pg[s] = ok[s] ? pg[s] * scale : -1e30f;
+        float x = pg[s] * scale;
+        if (softcap > 0.f) x = std::tanh(x / softcap) * softcap;  // Gemma 2, after the scale
+        pg[s] = ok[s] ? x : -1e30f;
         mx = std::max(mx, pg[s]);
       }
       float sum = 0.f;
@@ -374,7 +376,8 @@ void AttendRows(const float* q, const float* k, const float* v, const bool* vali
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> valid,
-                           ffi::Buffer<ffi::S32> upto, ffi::ResultBuffer<ffi::F32> out) {
+                           ffi::Buffer<ffi::S32> upto, float scale, float softcap,
+                           ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = valid.dimensions();
   if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 2 || kd[0] != qd[0] ||
       kd[1] != qd[2] || vd[0] != qd[0] || vd[1] != kd[2] || vd[2] != qd[2] || md[1] != kd[2] ||
@@ -384,14 +387,14 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   }
   const int64_t R = qd[0], G = qd[1], E = qd[2], S = kd[2], B = md[0];
   const int64_t n = std::min<int64_t>(S, std::max<int64_t>(1, upto.typed_data()[0]));
-  const float scale = 1.0f / std::sqrt(static_cast<float>(E));
+  if (!(scale > 0.f)) scale = 1.0f / std::sqrt(static_cast<float>(E));  // 0: Llama's
   const float* qp = q.typed_data();
   const float* kp = k.typed_data();
   const float* vp = v.typed_data();
   const bool* mp = valid.typed_data();
   float* op = out->typed_data();
   ParallelFor(pool, R, 4 * R * G * E * n, [=](int64_t r0, int64_t r1) {
-    AttendRows(qp, kp, vp, mp, op, r0, r1, R, B, G, E, S, n, scale);
+    AttendRows(qp, kp, vp, mp, op, r0, r1, R, B, G, E, S, n, scale, softcap);
   });
   return ffi::Error::Success();
 }
@@ -406,6 +409,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PvjaxDecodeAttention, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PvjaxPackedMatmul, PackedMatmul,

@@ -9,7 +9,10 @@ Three ways to run the same numbers. On accelerators, by the static count of toke
   reads only the routed experts (`M k` expert matrices), never all `X`;
 - many pairs (a prompt, training): the pairs are sorted by expert and run as one grouped matmul
   per weight (`jax.lax.ragged_dot`), each expert's weights read once for all its tokens.
-On CPU with float32 experts, a scan over the pairs (`experts_paired`), faster there than either.
+On CPU with float32 experts, XLA's gather and `ragged_dot` are slow (copies element by element),
+so two scans take their place there: over the pairs for a few tokens (`experts_paired`, a decode
+step), over blocks of pairs sorted by expert for many (`experts_blocked`, a prompt or training
+rows: each block multiplies a whole tile of tokens by its expert's weights).
 
 A model may keep the dense MLP in some blocks (`ModelConfig.dense_blocks`). Its stacked weights
 then hold each MLP only for the blocks that run it (`blocks_holding`): the expert weights
@@ -76,16 +79,19 @@ def route(cfg: ModelConfig, router_DX, x_MD, matmul):
 
 
 def expert_path(cfg: ModelConfig, tokens: int, dtype) -> str:
-    """Which way `moe_mlp` runs the experts for `tokens` tokens: "paired", "gathered" or
-    "grouped" (the module's docstring)."""
+    """Which way `moe_mlp` runs the experts for `tokens` tokens: "paired", "blocked",
+    "gathered" or "grouped" (the module's docstring)."""
+    pairs = tokens * cfg.experts_per_token
     if jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32:
         # XLA's CPU gather copies float32 experts element by element (0.6 GB/s at Qwen3-30B-A3B's
-        # shapes) and its ragged_dot is slower still; a scan over the pairs slices each expert
-        # whole and beat both at every size measured, 1 to 1024 tokens. Not for bf16 weights:
-        # there XLA converts the whole expert stack inside the scan, 14x slower than the gather
-        # (benchmarks/NOTES.md)
-        return "paired"
-    return "gathered" if tokens * cfg.experts_per_token < cfg.num_experts else "grouped"
+        # shapes) and its ragged_dot is slower still; scans slice each expert whole. Not for bf16
+        # weights: there XLA converts the whole expert stack inside a scan, 14x slower than the
+        # gather (benchmarks/NOTES.md). Pairs one at a time read an expert per pair; tiles read
+        # each routed expert once but multiply whole tiles, mostly padding while an expert has
+        # few pairs. Measured at 8 experts (D 576, I 768): equal at 2 pairs per expert, tiles
+        # 1.8x faster at 4 and 8.6x at 224 (a 224-token prompt row).
+        return "paired" if pairs < 2 * cfg.num_experts else "blocked"
+    return "gathered" if pairs < cfg.num_experts else "grouped"
 
 
 def moe_mlp(cfg: ModelConfig, lp, x_BTD, matmul):
@@ -99,6 +105,8 @@ def moe_mlp(cfg: ModelConfig, lp, x_BTD, matmul):
     path = expert_path(cfg, M, lp["w_gate_e"].dtype)
     if path == "paired":
         out = experts_paired(lp, x, w_Mk, idx_Mk)
+    elif path == "blocked":
+        out = experts_blocked(lp, x, w_Mk, idx_Mk, cfg.num_experts)
     elif path == "gathered":
         out = experts_gathered(lp, x, w_Mk, idx_Mk)
     else:
@@ -149,3 +157,49 @@ def experts_grouped(lp, x_MD, w_Mk, idx_Mk, n_experts: int):
     y = jax.lax.ragged_dot(jax.nn.silu(gate) * up, lp["w_down_e"], sizes)
     y = y * w_Mk.reshape(-1)[order][:, None]
     return jnp.zeros_like(x_MD).at[token].add(y)
+
+
+def experts_blocked(lp, x_MD, w_Mk, idx_Mk, n_experts: int, block: int | None = None):
+    """The same sum with the pairs sorted by expert and each expert's run padded to whole tiles
+    of `block` pairs: a scan over the tiles multiplies `[block, D]` tokens by the tile's expert.
+    Every expert's pairs fill `ceil(pairs / block)` tiles, so there are at most
+    `ceil(M k / block) + X` of them; tiles past the last filled one skip their products.
+    `block` by default: 64 pairs where experts average 32 or more, else 32 (measured at 8
+    experts, D 576, I 768: 896 tokens 46 against 54 ms, their gradient 203 against 278; 16
+    tokens 8 against 12 ms)."""
+    M, k = idx_Mk.shape
+    if block is None:
+        block = 64 if M * k >= 32 * n_experts else 32
+    flat = idx_Mk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    expert_s = flat[order]
+    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    tiles = (sizes + block - 1) // block
+    tile_end = jnp.cumsum(tiles)  # [X] tiles up to and including each expert's
+    group_start = jnp.cumsum(sizes) - sizes
+    slot_start = (tile_end - tiles) * block
+    # Pair j of the sorted order goes to its expert's slot run, in order.
+    slot = slot_start[expert_s] + jnp.arange(M * k, dtype=jnp.int32) - group_start[expert_s]
+    n_tiles = -(-(M * k) // block) + n_experts
+    rows = jnp.zeros((n_tiles * block,), jnp.int32).at[slot].set((order // k).astype(jnp.int32))
+    tile_expert = jnp.minimum(
+        jnp.searchsorted(tile_end, jnp.arange(n_tiles), side="right"), n_experts - 1
+    )
+    used = jnp.arange(n_tiles) < tile_end[-1]
+    xs = x_MD[rows].reshape(n_tiles, block, -1)
+
+    def tile(_, t):
+        x_TD, e, on = t
+
+        def run():
+            w = lambda name: jax.lax.dynamic_index_in_dim(lp[name], e, keepdims=False)
+            return (jax.nn.silu(x_TD @ w("w_gate_e")) * (x_TD @ w("w_up_e"))) @ w("w_down_e")
+
+        return None, jax.lax.cond(on, run, lambda: jnp.zeros_like(x_TD))
+
+    _, y = jax.lax.scan(tile, None, (xs, tile_expert.astype(jnp.int32), used))
+    # Back to token order by a gather (each token's k slots), not a scatter-add over the tiles:
+    # XLA's CPU scatter runs element by element.
+    pair_slot = jnp.zeros((M * k,), jnp.int32).at[order].set(slot)
+    y_MkD = y.reshape(n_tiles * block, -1)[pair_slot].reshape(M, k, -1)
+    return jnp.einsum("mkd,mk->md", y_MkD, w_Mk)
