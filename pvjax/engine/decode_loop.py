@@ -28,7 +28,7 @@ from pvjax import kernels
 from pvjax.capture import Capture
 from pvjax.interventions import Intervention
 from pvjax.model import default_positions
-from pvjax.models.decoder import KVCache, decode_step, init_cache, prefill
+from pvjax.models.decoder import KVCache, decode_step, init_cache, prefill, rope_for
 from pvjax.models.layout import Layout, PerLayer, Scanned, unstack_layers
 
 _NEG = -1e30
@@ -290,6 +290,11 @@ def _generate(
     # A condition is read on the prompt; every decode step keeps the gate the prompt pass found.
     decode_iv = iv.with_masks(*decode_masks).with_gate(out.gate)
     ones = jnp.ones((B, 1), jnp.int32)
+    # Every step's rotary tables, before the loop: computed inside it, XLA's CPU compiler puts
+    # the cosines and sines into each layer's rotary fusion (measured on SmolLM2 at batch 16:
+    # 30 fusions of 70 us, 2-3 ms of a 45 ms step).
+    positions_BN = next_pos[:, None] + jnp.arange(n_new)[None]
+    rope_BN = rope_for(cfg, positions_BN)
 
     def feed(toks_BN, i, cache, proj):
         """Run token i of every row through the model: next logits and its projections."""
@@ -303,6 +308,9 @@ def _generate(
             cache,
             intervention=decode_iv,
             capture=capture,
+            rope=jax.tree_util.tree_map(
+                lambda x: jax.lax.dynamic_slice_in_dim(x, i, 1, axis=1), rope_BN
+            ),
         )
         if probes is not None:
             proj = jax.lax.dynamic_update_slice_in_dim(proj, o.projections, i, axis=2)

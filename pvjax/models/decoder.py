@@ -165,11 +165,13 @@ def decode_step(
     intervention: Intervention | None = None,
     capture: Capture = Capture(),
     fresh: bool = False,
+    rope=None,
 ) -> ForwardOutput:
     """`tokens` written into `cache` at `cache.index`, attending to every valid earlier slot; the
     updated cache is returned in the output. One token per row in a decode loop (the CPU kernel's
     attention with a `PerLayer(packed=True)` layout), or a prompt's tail after a shared prefix.
-    `fresh` (static; `prefill`): the cache is empty and the tokens attend among themselves only."""
+    `fresh` (static; `prefill`): the cache is empty and the tokens attend among themselves only.
+    `rope`: `rope_for(cfg, positions)`, computed by the caller (default: here)."""
     T = tokens_BT.shape[1]
     valid_BT = jnp.asarray(attention_mask_BT).astype(bool)
     local_valid = None
@@ -226,6 +228,7 @@ def decode_step(
         capture,
         attend,
         (cache.k, cache.v),
+        rope,
     )
     return out._replace(cache=cache.replace(k=ck, v=cv, valid=slots, index=cache.index + T))
 
@@ -270,6 +273,17 @@ def _edit(h, iv: Intervention | None, row_iv, row, gate):
     return apply_row(h, *edits, steer_m, iv.ablate_mask, closed, mode), gate
 
 
+def rope_for(cfg: ModelConfig, positions_BT):
+    """`((cos, sin), local (cos, sin) or None)`, each `[B, T, head_dim]` float32: the rotary
+    tables for `positions`, and those of Gemma 3's sliding blocks, which rotate with their own
+    base."""
+    tables = rope_tables(jnp.asarray(inverse_frequencies(cfg)), positions_BT)
+    local = None
+    if any(cfg.local_rope):
+        local = rope_tables(jnp.asarray(inverse_frequencies(cfg, local=True)), positions_BT)
+    return tables, local
+
+
 def _run(
     params,
     cfg: ModelConfig,
@@ -280,6 +294,7 @@ def _run(
     capture,
     attend,
     kv,
+    rope=None,
 ):
     """What `forward` and the cached step share: embeddings, the blocks (`attend(q, k, v, block
     index, kv) -> (output, kv)` threading `kv` through them), the final norm, the per-row edits
@@ -294,13 +309,12 @@ def _run(
     h = params["embed"][tokens_BT]
     if cfg.embed_scale:  # Gemma: sqrt(hidden_size) rounded to the compute dtype, as transformers
         h = h * jnp.asarray(cfg.hidden_size**0.5, h.dtype)
-    # Materialised once: left to fusion, XLA recomputes the cosines and sines inside every
-    # layer's rotary fusion, for every head (measured: 3 ms of a 50 ms batch-16 CPU decode step).
-    tables = rope_tables(jnp.asarray(inverse_frequencies(cfg)), positions_BT)
-    local_tables = None
-    if any(cfg.local_rope):  # Gemma 3's sliding blocks rotate with their own base
-        local_tables = rope_tables(jnp.asarray(inverse_frequencies(cfg, local=True)), positions_BT)
-    tables, local_tables = jax.lax.optimization_barrier((tables, local_tables))
+    if rope is None:
+        # Meant to be materialised once; XLA's CPU compiler drops the barrier, though, and
+        # recomputes the cosines and sines inside every layer's rotary fusion (a decode loop
+        # passes tables it computed before the loop: `rope`).
+        rope = jax.lax.optimization_barrier(rope_for(cfg, positions_BT))
+    tables, local_tables = rope
     gate = None  # the condition's gate per batch row, carried from its layer to the later ones
     if intervention is not None and intervention.condition is not None:
         gate = jnp.broadcast_to(intervention.condition.state[0], h.shape[:1]).astype(jnp.float32)
