@@ -4,7 +4,7 @@ router-weighted sum of those experts' SwiGLU outputs.
 
 Shape legend: M tokens (B * T), D hidden, X experts, k experts per token, I expert width.
 
-Three ways to run the same numbers. On accelerators, by the static count of token-expert pairs:
+Four ways to run the same numbers. On accelerators, by the static count of token-expert pairs:
 - few pairs (decoding: one token per row): each pair gathers its expert's weights, so a step
   reads only the routed experts (`M k` expert matrices), never all `X`;
 - many pairs (a prompt, training): the pairs are sorted by expert and run as one grouped matmul
